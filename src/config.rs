@@ -1,0 +1,202 @@
+//! The command line and its settings: `fileflow --help` is the configuration reference.
+//! Every flag can also be set through the environment variable shown beside it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use url::Url;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fileflow",
+    version,
+    about = "Fetch files from URLs into object storage, asynchronously and safely."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// API and workers in one process (the embedded default needs nothing else).
+    Serve,
+    /// The HTTP API only.
+    Api,
+    /// Workers only: they take jobs from the queue; no public API.
+    Worker,
+    /// Create or upgrade the database schema, then exit.
+    Migrate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StorageKind {
+    /// A local directory: `<data-dir>/objects/<bucket>/<key>`.
+    Fs,
+    /// An S3-compatible store.
+    S3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// JSON lines when standard error is not a terminal, readable text when it is.
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Address the HTTP API listens on.
+    #[arg(
+        long,
+        env = "FILEFLOW_LISTEN",
+        default_value = "127.0.0.1:8000",
+        global = true
+    )]
+    pub listen: SocketAddr,
+
+    /// Directory for the embedded database, the local object store and the link-signing key.
+    #[arg(
+        long,
+        env = "FILEFLOW_DATA_DIR",
+        default_value = "./fileflow-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+
+    /// Metadata database: `sqlite://PATH` (default: `<data-dir>/fileflow.db`) or `postgres://…`.
+    #[arg(long, env = "FILEFLOW_DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+
+    /// Kafka bootstrap servers (`host:port,…`); when set, Kafka is the queue instead of the embedded one.
+    #[arg(long, env = "FILEFLOW_KAFKA_BROKERS", global = true)]
+    pub kafka_brokers: Option<String>,
+
+    /// Where objects are stored.
+    #[arg(long, env = "FILEFLOW_STORAGE", value_enum, default_value_t = StorageKind::Fs, global = true)]
+    pub storage: StorageKind,
+
+    /// S3 endpoint URL (path-style addressing is used when set); credentials come from
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION.
+    #[arg(long, env = "FILEFLOW_S3_ENDPOINT", global = true)]
+    pub s3_endpoint: Option<Url>,
+
+    /// Base URL that fileflow's own download links point at (default: `http://<listen>`).
+    #[arg(long, env = "FILEFLOW_PUBLIC_URL", global = true)]
+    pub public_url: Option<Url>,
+
+    /// Allow fetching from loopback, private and other non-public addresses.
+    #[arg(long, env = "FILEFLOW_FETCH_ALLOW_PRIVATE", global = true)]
+    pub fetch_allow_private: bool,
+
+    /// Retries after a transient failure (so at most this + 1 attempts).
+    #[arg(long, env = "FILEFLOW_MAX_RETRIES", default_value_t = 3, global = true)]
+    pub max_retries: u32,
+
+    /// First retry delay; later ones double, with jitter, up to --retry-max-delay.
+    #[arg(long, env = "FILEFLOW_RETRY_BASE_DELAY", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
+    pub retry_base_delay: Duration,
+
+    /// Longest retry delay, also the cap on an origin's Retry-After.
+    #[arg(long, env = "FILEFLOW_RETRY_MAX_DELAY", default_value = "5m", value_parser = humantime::parse_duration, global = true)]
+    pub retry_max_delay: Duration,
+
+    /// Largest file fileflow stores (e.g. `500MiB`, `5GiB`); larger ones fail permanently.
+    #[arg(
+        long,
+        env = "FILEFLOW_MAX_FILE_SIZE",
+        default_value = "5GiB",
+        global = true
+    )]
+    pub max_file_size: bytesize::ByteSize,
+
+    /// Jobs one process works on at once.
+    #[arg(
+        long,
+        env = "FILEFLOW_WORKER_CONCURRENCY",
+        default_value_t = 8,
+        global = true
+    )]
+    pub worker_concurrency: usize,
+
+    /// How long a worker's claim on a job lasts without renewal; a crashed worker's jobs are
+    /// picked up again after this.
+    #[arg(long, env = "FILEFLOW_JOB_LEASE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub job_lease: Duration,
+
+    /// Longest wait for a connection to an origin.
+    #[arg(long, env = "FILEFLOW_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub connect_timeout: Duration,
+
+    /// Longest wait for the next bytes from an origin.
+    #[arg(long, env = "FILEFLOW_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub read_timeout: Duration,
+
+    /// Longest one attempt at a job may take, however slowly the origin sends.
+    #[arg(long, env = "FILEFLOW_TRANSFER_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration, global = true)]
+    pub transfer_timeout: Duration,
+
+    /// Redirects followed per fetch.
+    #[arg(
+        long,
+        env = "FILEFLOW_MAX_REDIRECTS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub max_redirects: usize,
+
+    /// On SIGINT/SIGTERM, how long jobs in flight may run on before they are handed back.
+    #[arg(long, env = "FILEFLOW_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_grace: Duration,
+
+    /// Log format.
+    #[arg(long, env = "FILEFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto, global = true)]
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    /// The settings a bare `fileflow serve` runs with, rooted at `data_dir`.
+    pub fn defaults(data_dir: PathBuf) -> Self {
+        let mut cli = Cli::parse_from(["fileflow", "serve"]);
+        cli.settings.data_dir = data_dir;
+        cli.settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_with_units() {
+        let cli = Cli::parse_from([
+            "fileflow",
+            "worker",
+            "--max-file-size",
+            "500MiB",
+            "--retry-base-delay",
+            "50ms",
+            "--fetch-allow-private",
+        ]);
+        assert_eq!(cli.command, Command::Worker);
+        assert_eq!(cli.settings.max_file_size.as_u64(), 500 * 1024 * 1024);
+        assert_eq!(cli.settings.retry_base_delay, Duration::from_millis(50));
+        assert!(cli.settings.fetch_allow_private);
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::defaults(PathBuf::from("./fileflow-data"));
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(s.max_retries, 3);
+        assert_eq!(s.max_file_size.as_u64(), 5 << 30);
+        assert_eq!(s.retry_base_delay, Duration::from_secs(1));
+        assert!(!s.fetch_allow_private);
+        assert_eq!(s.storage, StorageKind::Fs);
+    }
+}

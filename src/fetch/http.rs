@@ -1,0 +1,233 @@
+//! The HTTP fetcher: reqwest with the destination guard on every lookup and redirect.
+
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{StatusCode, redirect};
+use url::Url;
+
+use super::{DestinationGuard, Fetched, Fetcher, Refused};
+use crate::lifecycle::JobError;
+
+/// Limits on talking to origins.
+#[derive(Debug, Clone)]
+pub struct FetchSettings {
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of a response.
+    pub read_timeout: Duration,
+    pub max_redirects: usize,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            max_redirects: 5,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("more than {0} redirects")]
+struct TooManyRedirects(usize);
+
+pub struct HttpFetcher {
+    client: reqwest::Client,
+    guard: DestinationGuard,
+}
+
+impl HttpFetcher {
+    pub fn new(guard: DestinationGuard, settings: &FetchSettings) -> Result<Self, reqwest::Error> {
+        let redirect_guard = guard.clone();
+        let max_redirects = settings.max_redirects;
+        let policy = redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() > max_redirects {
+                return attempt.error(TooManyRedirects(max_redirects));
+            }
+            match redirect_guard.check_url(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(refused) => attempt.error(refused),
+            }
+        });
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("fileflow/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .connect_timeout(settings.connect_timeout)
+            .read_timeout(settings.read_timeout)
+            .redirect(policy)
+            .dns_resolver(Arc::new(GuardedResolver {
+                guard: guard.clone(),
+            }))
+            .build()?;
+        Ok(Self { client, guard })
+    }
+}
+
+/// Resolves names itself and hands reqwest only checked addresses, so the connection goes
+/// to an address that was checked (no second lookup for DNS rebinding to exploit).
+struct GuardedResolver {
+    guard: DestinationGuard,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            guard.check_name(name.as_str())?;
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            if addrs.is_empty() {
+                return Err(format!("{} has no addresses", name.as_str()).into());
+            }
+            for addr in &addrs {
+                guard.check_ip(addr.ip()).map_err(|Refused(why)| {
+                    Refused(format!("{} resolves to {why}", name.as_str()))
+                })?;
+            }
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Find an error of type `T` anywhere in `err`'s source chain.
+fn find_cause<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn describe(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut current = err.source();
+    while let Some(e) = current {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        current = e.source();
+    }
+    text
+}
+
+/// Classify a failed request or body read.
+fn classify(err: reqwest::Error) -> JobError {
+    if let Some(refused) = find_cause::<Refused>(&err) {
+        return JobError::permanent(refused.to_string());
+    }
+    if let Some(too_many) = find_cause::<TooManyRedirects>(&err) {
+        return JobError::permanent(format!("origin redirected {too_many}"));
+    }
+    let what = if err.is_timeout() {
+        "origin timed out"
+    } else if err.is_connect() {
+        "cannot connect to origin"
+    } else if err.is_body() || err.is_decode() {
+        "origin body interrupted"
+    } else {
+        "origin request failed"
+    };
+    // Strip the URL: it may carry tokens in its query string.
+    let err = err.without_url();
+    JobError::transient(format!("{what}: {}", describe(&err)))
+}
+
+/// `Retry-After` as a delay: either seconds or an HTTP date.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> JobError {
+    let message = format!("origin answered HTTP {status}");
+    let transient = status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS;
+    if transient {
+        JobError::transient(message).with_retry_after(retry_after(headers))
+    } else {
+        JobError::permanent(message)
+    }
+}
+
+#[async_trait]
+impl Fetcher for HttpFetcher {
+    async fn fetch(&self, url: &Url) -> Result<Fetched, JobError> {
+        self.guard
+            .check_url(url)
+            .map_err(|r| JobError::permanent(r.to_string()))?;
+        let response = self
+            .client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(classify)?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(status_error(status, response.headers()));
+        }
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok(Fetched {
+            content_length: response.content_length(),
+            content_type,
+            body: response.bytes_stream().map_err(classify).boxed(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_origin_statuses() {
+        let none = reqwest::header::HeaderMap::new();
+        for code in [500, 502, 503, 504, 408, 429] {
+            let e = status_error(StatusCode::from_u16(code).unwrap(), &none);
+            assert!(e.is_transient(), "{code} should be transient");
+        }
+        for code in [400, 401, 403, 404, 410, 451] {
+            let e = status_error(StatusCode::from_u16(code).unwrap(), &none);
+            assert!(!e.is_transient(), "{code} should be permanent");
+        }
+    }
+
+    #[test]
+    fn reads_retry_after_in_seconds_and_as_a_date() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(RETRY_AFTER, "7".parse().unwrap());
+        let e = status_error(StatusCode::TOO_MANY_REQUESTS, &headers);
+        assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
+
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        headers.insert(RETRY_AFTER, httpdate::fmt_http_date(later).parse().unwrap());
+        let delay = retry_after(&headers).unwrap();
+        assert!(delay > Duration::from_secs(100) && delay <= Duration::from_secs(120));
+
+        headers.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&headers), None);
+    }
+}

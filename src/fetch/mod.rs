@@ -1,0 +1,26 @@
+//! The fetcher port: how bytes are pulled from an origin.
+
+mod guard;
+mod http;
+
+use async_trait::async_trait;
+use url::Url;
+
+use crate::lifecycle::JobError;
+use crate::storage::ByteStream;
+
+pub use guard::{DestinationGuard, Refused};
+pub use http::{FetchSettings, HttpFetcher};
+
+/// An origin's answer, body not yet read.
+pub struct Fetched {
+    pub content_length: Option<u64>,
+    pub content_type: Option<String>,
+    pub body: ByteStream,
+}
+
+#[async_trait]
+pub trait Fetcher: Send + Sync + 'static {
+    /// Start fetching `url`; errors are classified transient or permanent.
+    async fn fetch(&self, url: &Url) -> Result<Fetched, JobError>;
+}

@@ -1,0 +1,34 @@
+//! Liveness and readiness.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use super::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+/// The process is up.
+async fn healthz() -> axum::Json<Value> {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+/// The process can serve requests: its database answers.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Value>) {
+    match state.repo.ping().await {
+        Ok(()) => (StatusCode::OK, axum::Json(json!({ "status": "ready" }))),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({ "status": "unavailable" })),
+            )
+        }
+    }
+}

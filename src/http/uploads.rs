@@ -1,0 +1,247 @@
+//! `/api/v1/upload` and `/api/v1/uploads…`: submit jobs and follow them.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::json;
+
+use super::extract::JsonObject;
+use super::{ApiError, AppState};
+use crate::domain::{BucketName, Md5Hex, ObjectKey, Sha256Hex, SourceUrl};
+use crate::lifecycle::{Job, JobId, JobStatus, NewJob};
+use crate::metadata::{ListFilter, Requeue};
+
+/// Default and longest lifetimes of a download link (the longest is S3's presign limit).
+const DEFAULT_LINK_SECS: i64 = 3600;
+const MAX_LINK_SECS: i64 = 7 * 24 * 3600;
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 1000;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/upload", post(create_upload))
+        .route("/api/v1/uploads", get(list_uploads))
+        .route("/api/v1/uploads/{id}", get(get_upload))
+        .route("/api/v1/uploads/{id}/url", get(download_url))
+        .route("/api/v1/uploads/{id}/retry", post(retry_upload))
+}
+
+/// A job as the API shows it.
+#[derive(Serialize)]
+struct JobView {
+    id: JobId,
+    file_url: String,
+    bucket_name: String,
+    object_name: String,
+    status: JobStatus,
+    retry_count: u32,
+    last_error: Option<String>,
+    etag: Option<String>,
+    size: Option<u64>,
+    sha256: Option<String>,
+    md5: Option<String>,
+    content_type: Option<String>,
+    created_at: String,
+    updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_attempt_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    download_url: Option<String>,
+}
+
+fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl AppState {
+    async fn view(&self, job: Job) -> Result<JobView, ApiError> {
+        let download_url = if job.status == JobStatus::Completed {
+            let expires_at = Utc::now() + chrono::Duration::seconds(DEFAULT_LINK_SECS);
+            Some(self.links.link(&job, expires_at).await?.to_string())
+        } else {
+            None
+        };
+        Ok(JobView {
+            id: job.id,
+            file_url: job.file_url,
+            bucket_name: job.bucket_name,
+            object_name: job.object_name,
+            status: job.status,
+            retry_count: job.retry_count,
+            last_error: job.last_error,
+            etag: job.etag,
+            size: job.size,
+            sha256: job.sha256,
+            md5: job.md5,
+            content_type: job.content_type,
+            created_at: timestamp(job.created_at),
+            updated_at: timestamp(job.updated_at),
+            next_attempt_at: job.next_attempt_at.map(timestamp),
+            download_url,
+        })
+    }
+
+    async fn find(&self, raw_id: &str) -> Result<Job, ApiError> {
+        let not_found = || ApiError::NotFound(format!("no upload with id {raw_id:?}"));
+        let id: JobId = raw_id.parse().map_err(|_| not_found())?;
+        self.repo.get(id).await?.ok_or_else(not_found)
+    }
+}
+
+fn parse_new_job(body: &JsonObject, state: &AppState) -> Result<NewJob, ApiError> {
+    let source = SourceUrl::parse(body.required_str("file_url")?)
+        .map_err(|e| ApiError::invalid("file_url", e))?;
+    // Refused names and IP-literal hosts are known now; names are checked again when resolved.
+    state
+        .guard
+        .check_url(source.as_url())
+        .map_err(|e| ApiError::invalid("file_url", e))?;
+    let bucket = BucketName::parse(body.required_str("bucket_name")?)
+        .map_err(|e| ApiError::invalid("bucket_name", e))?;
+    let key = ObjectKey::parse(body.required_str("object_name")?)
+        .map_err(|e| ApiError::invalid("object_name", e))?;
+    let expected_sha256 = body
+        .optional_str("sha256")?
+        .map(Sha256Hex::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid("sha256", e))?;
+    let expected_md5 = body
+        .optional_str("md5")?
+        .map(Md5Hex::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid("md5", e))?;
+    Ok(NewJob {
+        source,
+        bucket,
+        key,
+        expected_sha256,
+        expected_md5,
+    })
+}
+
+async fn create_upload(
+    State(state): State<AppState>,
+    body: JsonObject,
+) -> Result<Response, ApiError> {
+    let new_job = parse_new_job(&body, &state)?;
+    let job = state.repo.create(&new_job, Utc::now()).await?;
+    tracing::info!(job_id = %job.id, bucket = %job.bucket_name, key = %job.object_name, "job accepted");
+    let location = format!("/api/v1/uploads/{}", job.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(json!({ "id": job.id.to_string(), "message": "file upload initiated successfully" })),
+    )
+        .into_response())
+}
+
+async fn get_upload(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let job = state.find(&id).await?;
+    Ok(Json(state.view(job).await?))
+}
+
+async fn list_uploads(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let status = query
+        .get("status")
+        .map(|s| s.parse::<JobStatus>())
+        .transpose()
+        .map_err(|e| ApiError::invalid("status", e))?;
+    let limit = match query.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "limit",
+                    format!("must be a whole number from 1 to {MAX_PAGE}"),
+                )
+            })?,
+    };
+    let before = query
+        .get("before")
+        .map(|raw| raw.parse::<JobId>())
+        .transpose()
+        .map_err(|_| ApiError::invalid("before", "must be an upload id"))?;
+    let jobs = state
+        .repo
+        .list(&ListFilter {
+            status,
+            before,
+            limit,
+        })
+        .await?;
+    let next = if jobs.len() == limit as usize {
+        jobs.last().map(|j| j.id.to_string())
+    } else {
+        None
+    };
+    let mut uploads = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        uploads.push(state.view(job).await?);
+    }
+    Ok(Json(json!({ "uploads": uploads, "next_before": next })))
+}
+
+async fn download_url(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let expires_in = match query.get("expires_in") {
+        None => DEFAULT_LINK_SECS,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|s| (1..=MAX_LINK_SECS).contains(s))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "expires_in",
+                    format!("must be a number of seconds from 1 to {MAX_LINK_SECS}"),
+                )
+            })?,
+    };
+    let job = state.find(&id).await?;
+    if job.status != JobStatus::Completed {
+        return Err(ApiError::Conflict(format!(
+            "upload {} is {}, not completed",
+            job.id, job.status
+        )));
+    }
+    let expires_at = Utc::now() + chrono::Duration::seconds(expires_in);
+    let url = state.links.link(&job, expires_at).await?;
+    Ok(Json(
+        json!({ "url": url.to_string(), "expires_at": timestamp(expires_at) }),
+    ))
+}
+
+async fn retry_upload(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = state.find(&id).await?;
+    match state.repo.requeue_failed(job.id, Utc::now()).await? {
+        Requeue::Requeued(job) => {
+            tracing::info!(job_id = %job.id, "failed job re-queued");
+            Ok((StatusCode::ACCEPTED, Json(state.view(job).await?)).into_response())
+        }
+        Requeue::NotFailed(status) => Err(ApiError::Conflict(format!(
+            "upload {} is {status}; only failed uploads can be retried",
+            job.id
+        ))),
+        Requeue::NotFound => Err(ApiError::NotFound(format!("no upload with id {id:?}"))),
+    }
+}

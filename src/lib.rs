@@ -1,0 +1,23 @@
+//! fileflow: copy files from URLs into object storage, asynchronously, safely and without
+//! losing work.
+//!
+//! - [`domain`]: validated input values (bucket names, keys, URLs, checksums);
+//! - [`lifecycle`]: job states and the retry decision, free of I/O;
+//! - ports and their adapters: [`metadata`] (jobs), [`queue`] (deliveries),
+//!   [`storage`] (objects), [`fetch`] (origins, behind the destination guard);
+//! - [`worker`]: one job through the pipeline; [`http`]: the API;
+//! - [`config`], [`backends`], [`startup`]: settings and wiring.
+
+pub mod backends;
+pub mod config;
+pub mod domain;
+pub mod fetch;
+pub mod http;
+pub mod lifecycle;
+pub mod links;
+pub mod metadata;
+pub mod queue;
+pub mod startup;
+pub mod storage;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,270 @@
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Decision, JobError, RetryPolicy};
+use crate::domain::{BucketName, Md5Hex, ObjectKey, Sha256Hex, SourceUrl};
+
+/// A job's identifier: the `files` row id, shown as a string as in the seed (`"21"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub i64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(JobId)
+    }
+}
+
+impl Serialize for JobId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Where a job is in its life.
+///
+/// `pending → processing → completed`; `processing → pending` when a retry is scheduled or
+/// a worker hands the job back; `processing → failed` when it gives up; `failed → pending`
+/// when a caller asks for a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Processing,
+    Completed,
+    Failed,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 4] = [
+        Self::Pending,
+        Self::Processing,
+        Self::Completed,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether the lifecycle allows going from `self` to `next`.
+    pub fn can_become(self, next: JobStatus) -> bool {
+        use JobStatus::*;
+        matches!(
+            (self, next),
+            (Pending, Processing)
+                | (Processing, Pending)
+                | (Processing, Completed)
+                | (Processing, Failed)
+                | (Failed, Pending)
+        )
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown status {s:?}: expected pending, processing, completed or failed")
+            })
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated request to copy a URL into a bucket.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub source: SourceUrl,
+    pub bucket: BucketName,
+    pub key: ObjectKey,
+    pub expected_sha256: Option<Sha256Hex>,
+    pub expected_md5: Option<Md5Hex>,
+}
+
+/// A job as recorded by the metadata repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: JobId,
+    pub file_url: String,
+    pub bucket_name: String,
+    pub object_name: String,
+    pub status: JobStatus,
+    pub retry_count: u32,
+    pub last_error: Option<String>,
+    pub etag: Option<String>,
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+    pub md5: Option<String>,
+    pub content_type: Option<String>,
+    pub expected_sha256: Option<String>,
+    pub expected_md5: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// When the next attempt is due, while a retry is scheduled.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// What a successful attempt stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub etag: String,
+    pub size: u64,
+    pub sha256: String,
+    pub md5: String,
+    pub content_type: String,
+}
+
+/// The new state of a job after an attempt, ready to be persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    Completed(StoredObject),
+    RetryScheduled {
+        retry_count: u32,
+        last_error: String,
+        due_at: DateTime<Utc>,
+    },
+    Failed {
+        last_error: String,
+    },
+}
+
+impl Settlement {
+    pub fn status(&self) -> JobStatus {
+        match self {
+            Self::Completed(_) => JobStatus::Completed,
+            Self::RetryScheduled { .. } => JobStatus::Pending,
+            Self::Failed { .. } => JobStatus::Failed,
+        }
+    }
+}
+
+/// Decide what an attempt's outcome means for a job that had `retries_so_far` retries.
+pub fn settle(
+    retries_so_far: u32,
+    outcome: Result<StoredObject, JobError>,
+    policy: &RetryPolicy,
+    now: DateTime<Utc>,
+    jitter: f64,
+) -> Settlement {
+    match outcome {
+        Ok(stored) => Settlement::Completed(stored),
+        Err(error) => match policy.decide(retries_so_far, &error, jitter) {
+            Decision::Retry { retry_count, delay } => Settlement::RetryScheduled {
+                retry_count,
+                last_error: error.message,
+                due_at: now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX),
+            },
+            Decision::GiveUp => Settlement::Failed {
+                last_error: error.message,
+            },
+        },
+    }
+}
+
+/// How often a held lease is renewed: a third of its length, so one late renewal does not lose it.
+pub const fn lease_renew_interval(lease: Duration) -> Duration {
+    Duration::from_millis(lease.as_millis() as u64 / 3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored() -> StoredObject {
+        StoredObject {
+            etag: "1c08478abf509b7b0dcb32d625151d2b".into(),
+            size: 43410,
+            sha256: "00".repeat(32),
+            md5: "1c08478abf509b7b0dcb32d625151d2b".into(),
+            content_type: "image/jpeg".into(),
+        }
+    }
+
+    #[test]
+    fn transitions_follow_the_lifecycle() {
+        use JobStatus::*;
+        assert!(Pending.can_become(Processing));
+        assert!(Processing.can_become(Completed));
+        assert!(Processing.can_become(Pending));
+        assert!(Processing.can_become(Failed));
+        assert!(Failed.can_become(Pending));
+        assert!(!Pending.can_become(Completed));
+        assert!(!Completed.can_become(Pending));
+        assert!(!Completed.can_become(Processing));
+        assert!(!Failed.can_become(Completed));
+        for status in JobStatus::ALL {
+            assert_eq!(status.as_str().parse::<JobStatus>().unwrap(), status);
+        }
+        assert!("done".parse::<JobStatus>().is_err());
+    }
+
+    #[test]
+    fn a_stored_object_completes_the_job() {
+        let now = Utc::now();
+        let s = settle(2, Ok(stored()), &RetryPolicy::default(), now, 0.5);
+        assert_eq!(s, Settlement::Completed(stored()));
+        assert_eq!(s.status(), JobStatus::Completed);
+    }
+
+    #[test]
+    fn a_transient_error_schedules_a_retry_in_the_future() {
+        let now = Utc::now();
+        let s = settle(
+            0,
+            Err(JobError::transient("HTTP 503")),
+            &RetryPolicy::default(),
+            now,
+            0.0,
+        );
+        assert_eq!(
+            s,
+            Settlement::RetryScheduled {
+                retry_count: 1,
+                last_error: "HTTP 503".into(),
+                due_at: now + chrono::Duration::milliseconds(500),
+            }
+        );
+        assert_eq!(s.status(), JobStatus::Pending);
+    }
+
+    #[test]
+    fn the_last_transient_error_and_any_permanent_one_fail_the_job() {
+        let now = Utc::now();
+        let policy = RetryPolicy::default();
+        assert_eq!(
+            settle(3, Err(JobError::transient("HTTP 503")), &policy, now, 0.0),
+            Settlement::Failed {
+                last_error: "HTTP 503".into()
+            }
+        );
+        assert_eq!(
+            settle(0, Err(JobError::permanent("HTTP 404")), &policy, now, 0.0),
+            Settlement::Failed {
+                last_error: "HTTP 404".into()
+            }
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! Time-limited download links.
+//!
+//! The embedded mode signs links itself (HMAC-SHA256 with a key kept in the data dir) and
+//! serves them from `GET /api/v1/downloads/{id}`; an S3 store presigns instead.
+
+use std::io::Write;
+use std::path::Path;
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use url::Url;
+
+use crate::lifecycle::Job;
+
+/// Makes a link through which anyone holding it can read a completed job's object until
+/// `expires_at`.
+#[async_trait]
+pub trait DownloadLinks: Send + Sync + 'static {
+    async fn link(&self, job: &Job, expires_at: DateTime<Utc>) -> anyhow::Result<Url>;
+}
+
+/// Why a signed link was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("this download link has expired")]
+    Expired,
+    #[error("this download link is not valid")]
+    BadSignature,
+}
+
+const KEY_FILE: &str = "signing.key";
+
+/// Signs and checks fileflow's own download links.
+#[derive(Clone)]
+pub struct LinkSigner {
+    key: Vec<u8>,
+    /// Where fileflow is reachable by the link's users, e.g. `http://127.0.0.1:8000`.
+    base: Url,
+}
+
+impl std::fmt::Debug for LinkSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSigner")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkSigner {
+    pub fn new(key: Vec<u8>, base: Url) -> Self {
+        Self { key, base }
+    }
+
+    /// Load the key from `<data_dir>/signing.key`, generating it on first start. Links keep
+    /// working across restarts because the key does.
+    pub fn load_or_create(data_dir: &Path, base: Url) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let path = data_dir.join(KEY_FILE);
+        let key = match std::fs::read_to_string(&path) {
+            Ok(text) => hex::decode(text.trim())
+                .with_context(|| format!("{} is not hex", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; 32] = rand::random();
+                write_private(&path, hex::encode(key).as_bytes())
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                // Another process may have won the race to create it: use whichever landed.
+                let text = std::fs::read_to_string(&path)?;
+                hex::decode(text.trim())?
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        anyhow::ensure!(
+            key.len() >= 32,
+            "{} holds a key shorter than 32 bytes",
+            path.display()
+        );
+        Ok(Self::new(key, base))
+    }
+
+    fn signature(&self, job: &Job, expires: i64) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        // Bound to the object, not only the job id, so a link never reads another object.
+        mac.update(
+            format!(
+                "{}\n{}\n{}\n{expires}",
+                job.id, job.bucket_name, job.object_name
+            )
+            .as_bytes(),
+        );
+        mac
+    }
+
+    pub fn sign(&self, job: &Job, expires_at: DateTime<Utc>) -> Url {
+        let expires = expires_at.timestamp();
+        let signature =
+            URL_SAFE_NO_PAD.encode(self.signature(job, expires).finalize().into_bytes());
+        let mut url = self.base.clone();
+        url.set_path(&format!("/api/v1/downloads/{}", job.id));
+        url.query_pairs_mut()
+            .append_pair("expires", &expires.to_string())
+            .append_pair("signature", &signature);
+        url
+    }
+
+    pub fn verify(
+        &self,
+        job: &Job,
+        expires: i64,
+        signature: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), LinkError> {
+        let given = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| LinkError::BadSignature)?;
+        self.signature(job, expires)
+            .verify_slice(&given)
+            .map_err(|_| LinkError::BadSignature)?;
+        if now.timestamp() >= expires {
+            return Err(LinkError::Expired);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DownloadLinks for LinkSigner {
+    async fn link(&self, job: &Job, expires_at: DateTime<Utc>) -> anyhow::Result<Url> {
+        Ok(self.sign(job, expires_at))
+    }
+}
+
+/// Create `path` readable by its owner only, failing if it exists.
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(mut file) => {
+            file.write_all(contents)?;
+            file.sync_all()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{JobId, JobStatus};
+
+    fn job(id: i64, key: &str) -> Job {
+        let now = Utc::now();
+        Job {
+            id: JobId(id),
+            file_url: "https://example.com/a".into(),
+            bucket_name: "file-bucket".into(),
+            object_name: key.into(),
+            status: JobStatus::Completed,
+            retry_count: 0,
+            last_error: None,
+            etag: None,
+            size: None,
+            sha256: None,
+            md5: None,
+            content_type: None,
+            expected_sha256: None,
+            expected_md5: None,
+            created_at: now,
+            updated_at: now,
+            next_attempt_at: None,
+        }
+    }
+
+    fn params(url: &Url) -> (i64, String) {
+        let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+        (q["expires"].parse().unwrap(), q["signature"].clone())
+    }
+
+    #[test]
+    fn a_signed_link_verifies_until_it_expires() {
+        let signer = LinkSigner::new(vec![7; 32], Url::parse("http://127.0.0.1:8000").unwrap());
+        let now = Utc::now();
+        let url = signer.sign(&job(21, "kitty2.jpg"), now + chrono::Duration::seconds(60));
+        assert_eq!(url.path(), "/api/v1/downloads/21");
+        let (expires, sig) = params(&url);
+        assert_eq!(
+            signer.verify(&job(21, "kitty2.jpg"), expires, &sig, now),
+            Ok(())
+        );
+        let later = now + chrono::Duration::seconds(61);
+        assert_eq!(
+            signer.verify(&job(21, "kitty2.jpg"), expires, &sig, later),
+            Err(LinkError::Expired)
+        );
+    }
+
+    #[test]
+    fn tampering_with_any_part_breaks_the_link() {
+        let signer = LinkSigner::new(vec![7; 32], Url::parse("http://127.0.0.1:8000").unwrap());
+        let now = Utc::now();
+        let url = signer.sign(&job(21, "kitty2.jpg"), now + chrono::Duration::seconds(60));
+        let (expires, sig) = params(&url);
+        let bad = Err(LinkError::BadSignature);
+        assert_eq!(
+            signer.verify(&job(21, "kitty2.jpg"), expires + 3600, &sig, now),
+            bad
+        );
+        assert_eq!(
+            signer.verify(&job(22, "kitty2.jpg"), expires, &sig, now),
+            bad
+        );
+        assert_eq!(
+            signer.verify(&job(21, "other.jpg"), expires, &sig, now),
+            bad
+        );
+        assert_eq!(
+            signer.verify(&job(21, "kitty2.jpg"), expires, "AAAA", now),
+            bad
+        );
+        assert_eq!(
+            signer.verify(&job(21, "kitty2.jpg"), expires, "not base64!", now),
+            bad
+        );
+        let other_key = LinkSigner::new(vec![8; 32], Url::parse("http://127.0.0.1:8000").unwrap());
+        assert_eq!(
+            other_key.verify(&job(21, "kitty2.jpg"), expires, &sig, now),
+            bad
+        );
+    }
+
+    #[test]
+    fn the_key_is_generated_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = Url::parse("http://127.0.0.1:8000").unwrap();
+        let first = LinkSigner::load_or_create(dir.path(), base.clone()).unwrap();
+        let second = LinkSigner::load_or_create(dir.path(), base).unwrap();
+        assert_eq!(first.key, second.key);
+        assert_eq!(first.key.len(), 32);
+    }
+}

@@ -1,0 +1,20 @@
+use anyhow::Context;
+use clap::Parser;
+use fileflow::backends::open_database;
+use fileflow::config::{Cli, Command};
+use fileflow::startup::{Application, shutdown_signal};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    fileflow::telemetry::init(cli.settings.log_format);
+    if cli.command == Command::Migrate {
+        std::fs::create_dir_all(&cli.settings.data_dir)
+            .with_context(|| format!("cannot create {}", cli.settings.data_dir.display()))?;
+        open_database(&cli.settings).await?;
+        tracing::info!("database is up to date");
+        return Ok(());
+    }
+    let app = Application::build(cli.settings, cli.command).await?;
+    app.run_until_stopped(shutdown_signal()).await
+}

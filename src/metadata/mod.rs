@@ -1,0 +1,98 @@
+//! The metadata repository port: where jobs are recorded.
+//!
+//! Creating a job and making it deliverable happen in one transaction, so an accepted
+//! job can never be lost between the database and the queue.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
+
+pub use sqlite::{SqliteDb, SqliteRepository};
+pub(crate) use sqlite::{from_millis, to_millis};
+
+/// A failure of the metadata store itself (not of a job).
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt job row {id}: {reason}")]
+    Corrupt { id: i64, reason: String },
+}
+
+/// Which jobs to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    /// Only jobs with an id below this one (the previous page's last id).
+    pub before: Option<JobId>,
+    pub limit: u32,
+}
+
+/// A worker's hold on a job while it works on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What asking to retry a job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requeue {
+    Requeued(Job),
+    NotFailed(JobStatus),
+    NotFound,
+}
+
+/// Whether a worker may start on a job it was handed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The job is now `processing` under the given lease.
+    Claimed(Job),
+    /// Another worker holds a live lease until this time.
+    Busy {
+        until: DateTime<Utc>,
+    },
+    /// The job is already completed or failed: nothing to do.
+    Finished(JobStatus),
+    NotFound,
+}
+
+#[async_trait]
+pub trait JobRepository: Send + Sync + 'static {
+    /// Record a new `pending` job and queue it for delivery, atomically.
+    async fn create(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Job, RepoError>;
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError>;
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError>;
+
+    /// Take a `pending` job, or one whose lease has lapsed, into `processing`.
+    async fn claim(&self, id: JobId, lease: &Lease, now: DateTime<Utc>)
+    -> Result<Claim, RepoError>;
+
+    /// Extend a held lease; `false` when the lease was lost to another worker.
+    async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError>;
+
+    /// Persist an attempt's outcome; `false` when the lease was lost meanwhile.
+    async fn settle(
+        &self,
+        id: JobId,
+        owner: &str,
+        settlement: &Settlement,
+        now: DateTime<Utc>,
+    ) -> Result<bool, RepoError>;
+
+    /// Hand a `processing` job back as `pending` without counting an attempt (shutdown).
+    async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError>;
+
+    /// Move a `failed` job back to `pending` with a fresh retry budget, and queue it, atomically.
+    async fn requeue_failed(&self, id: JobId, now: DateTime<Utc>) -> Result<Requeue, RepoError>;
+
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), RepoError>;
+}

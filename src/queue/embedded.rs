@@ -1,0 +1,146 @@
+//! The embedded queue: rows in the `queue` table of the SQLite database.
+//!
+//! A receive locks a due row for a while (the lock is the delivery); a worker that dies
+//! leaves its lock to lapse, and the row is delivered again.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+use super::{Delivery, Queue, QueueError};
+use crate::lifecycle::JobId;
+use crate::metadata::{SqliteDb, from_millis, to_millis};
+
+/// How long an idle receiver sleeps before looking again when nothing is due and no
+/// wake-up came (a job written by another process, say).
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Clone, Debug)]
+pub struct EmbeddedQueue {
+    db: SqliteDb,
+    /// How long a delivery stays locked unless kept alive.
+    lock_for: Duration,
+    consumer: String,
+}
+
+impl EmbeddedQueue {
+    pub fn new(db: SqliteDb, lock_for: Duration, consumer: impl Into<String>) -> Self {
+        Self {
+            db,
+            lock_for,
+            consumer: consumer.into(),
+        }
+    }
+
+    fn lock_until(&self, now: DateTime<Utc>) -> i64 {
+        to_millis(now) + i64::try_from(self.lock_for.as_millis()).unwrap_or(i64::MAX / 2)
+    }
+
+    async fn try_receive(&self, now: DateTime<Utc>) -> Result<Option<Delivery>, QueueError> {
+        let token = format!("{}:{:016x}", self.consumer, rand::random::<u64>());
+        let row = sqlx::query(
+            "UPDATE queue SET locked_by = ?1, locked_until = ?2 \
+             WHERE job_id = (SELECT job_id FROM queue \
+                             WHERE due_at <= ?3 AND (locked_until IS NULL OR locked_until <= ?3) \
+                             ORDER BY due_at, job_id LIMIT 1) \
+             RETURNING job_id, attempt",
+        )
+        .bind(&token)
+        .bind(self.lock_until(now))
+        .bind(to_millis(now))
+        .fetch_optional(&self.db.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let attempt: i64 = row.try_get("attempt")?;
+        Ok(Some(Delivery {
+            job_id: JobId(row.try_get("job_id")?),
+            attempt: u32::try_from(attempt).unwrap_or(1),
+            token,
+        }))
+    }
+
+    /// When the next row becomes deliverable (due, or its lock lapses), if any.
+    async fn next_ready_at(&self) -> Result<Option<DateTime<Utc>>, QueueError> {
+        let next: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(MAX(due_at, COALESCE(locked_until, 0))) FROM queue")
+                .fetch_one(&self.db.pool)
+                .await?;
+        Ok(next.map(from_millis))
+    }
+}
+
+#[async_trait]
+impl Queue for EmbeddedQueue {
+    async fn receive(&self) -> Result<Delivery, QueueError> {
+        loop {
+            // Register for wake-ups before looking, so a job queued in between is not missed.
+            let woken = self.db.queued.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+
+            let now = Utc::now();
+            if let Some(delivery) = self.try_receive(now).await? {
+                return Ok(delivery);
+            }
+            let wait = match self.next_ready_at().await? {
+                Some(at) => (at - now).to_std().unwrap_or(Duration::ZERO).min(IDLE_POLL),
+                None => IDLE_POLL,
+            };
+            tokio::select! {
+                () = &mut woken => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {
+        sqlx::query("DELETE FROM queue WHERE job_id = ?1 AND locked_by = ?2")
+            .bind(delivery.job_id.0)
+            .bind(&delivery.token)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn retry(
+        &self,
+        delivery: &Delivery,
+        attempt: u32,
+        due_at: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        sqlx::query(
+            "UPDATE queue SET attempt = ?3, due_at = ?4, locked_by = NULL, locked_until = NULL \
+             WHERE job_id = ?1 AND locked_by = ?2",
+        )
+        .bind(delivery.job_id.0)
+        .bind(&delivery.token)
+        .bind(i64::from(attempt))
+        .bind(to_millis(due_at))
+        .execute(&self.db.pool)
+        .await?;
+        self.db.queued.notify_waiters();
+        Ok(())
+    }
+
+    async fn release(&self, delivery: &Delivery) -> Result<(), QueueError> {
+        sqlx::query("UPDATE queue SET locked_by = NULL, locked_until = NULL WHERE job_id = ?1 AND locked_by = ?2")
+            .bind(delivery.job_id.0)
+            .bind(&delivery.token)
+            .execute(&self.db.pool)
+            .await?;
+        self.db.queued.notify_waiters();
+        Ok(())
+    }
+
+    async fn keep_alive(&self, delivery: &Delivery) -> Result<(), QueueError> {
+        sqlx::query("UPDATE queue SET locked_until = ?3 WHERE job_id = ?1 AND locked_by = ?2")
+            .bind(delivery.job_id.0)
+            .bind(&delivery.token)
+            .bind(self.lock_until(Utc::now()))
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
+    }
+}

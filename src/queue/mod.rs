@@ -1,0 +1,60 @@
+//! The queue port: how workers are handed jobs.
+//!
+//! Messages are put on the queue by the metadata repository (in the same transaction as the
+//! job row); workers receive them, and acknowledge only once the job's outcome is durable.
+//! Delivery is at-least-once: a worker that dies without acknowledging leaves its message to
+//! be delivered again once its lock lapses.
+
+mod embedded;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::lifecycle::JobId;
+
+pub use embedded::EmbeddedQueue;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue backend error: {0}")]
+    Backend(String),
+}
+
+impl From<sqlx::Error> for QueueError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Backend(e.to_string())
+    }
+}
+
+/// One message handed to one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub job_id: JobId,
+    /// 1 for the first attempt, then one more per retry.
+    pub attempt: u32,
+    /// Identifies this hand-over to the backend (lock owner, offset, …).
+    pub token: String,
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Wait for the next message that is due. Cancel-safe.
+    async fn receive(&self) -> Result<Delivery, QueueError>;
+
+    /// The job's outcome is durable: forget the message.
+    async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError>;
+
+    /// Deliver the job again at `due_at` as attempt `attempt`, then forget this message.
+    async fn retry(
+        &self,
+        delivery: &Delivery,
+        attempt: u32,
+        due_at: DateTime<Utc>,
+    ) -> Result<(), QueueError>;
+
+    /// Give the message back untouched, to be delivered again at once (shutdown).
+    async fn release(&self, delivery: &Delivery) -> Result<(), QueueError>;
+
+    /// Keep a long-running delivery from being handed to another worker.
+    async fn keep_alive(&self, delivery: &Delivery) -> Result<(), QueueError>;
+}

@@ -1,0 +1,177 @@
+//! Wiring: build the adapters, bind the API, run API and workers until told to stop.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::backends::{self, Backends};
+use crate::config::{Command, Settings};
+use crate::fetch::{DestinationGuard, FetchSettings, HttpFetcher};
+use crate::http::{self, AppState};
+use crate::lifecycle::RetryPolicy;
+use crate::worker::{Worker, WorkerSettings, run_pool};
+
+/// How long workers get, after the grace period, to hand their jobs back.
+const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Application {
+    listener: Option<TcpListener>,
+    port: u16,
+    backends: Backends,
+    guard: DestinationGuard,
+    worker: Option<Worker>,
+    settings: Settings,
+}
+
+impl Application {
+    /// Build the process for `role` (`serve`, `api` or `worker`); binds the listener at once.
+    pub async fn build(settings: Settings, role: Command) -> anyhow::Result<Self> {
+        let runs_api = matches!(role, Command::Serve | Command::Api);
+        let runs_workers = matches!(role, Command::Serve | Command::Worker);
+        let listener = if runs_api {
+            let listener = TcpListener::bind(settings.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", settings.listen))?;
+            Some(listener)
+        } else {
+            None
+        };
+        let port = match &listener {
+            Some(l) => l.local_addr()?.port(),
+            None => settings.listen.port(),
+        };
+        let public_url = match &settings.public_url {
+            Some(url) => url.clone(),
+            None => Url::parse(&format!("http://{}:{port}", settings.listen.ip()))?,
+        };
+        let backends = backends::build(&settings, public_url).await?;
+        let guard = DestinationGuard::new(settings.fetch_allow_private);
+        let worker = if runs_workers {
+            let fetch = FetchSettings {
+                connect_timeout: settings.connect_timeout,
+                read_timeout: settings.read_timeout,
+                max_redirects: settings.max_redirects,
+            };
+            let fetcher =
+                HttpFetcher::new(guard.clone(), &fetch).context("cannot build the HTTP client")?;
+            Some(Worker {
+                repo: backends.repo.clone(),
+                queue: backends.queue.clone(),
+                store: backends.store.clone(),
+                fetcher: std::sync::Arc::new(fetcher),
+                settings: WorkerSettings {
+                    policy: RetryPolicy {
+                        max_retries: settings.max_retries,
+                        base_delay: settings.retry_base_delay,
+                        max_delay: settings.retry_max_delay,
+                    },
+                    lease: settings.job_lease,
+                    max_file_size: settings.max_file_size.as_u64(),
+                    transfer_timeout: settings.transfer_timeout,
+                },
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            listener,
+            port,
+            backends,
+            guard,
+            worker,
+            settings,
+        })
+    }
+
+    /// The port the API listens on (the real one when the settings asked for port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Run until `shutdown` resolves or a part stops; then stop taking work, let jobs in
+    /// flight finish within the grace period, and hand back whatever is still running.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let abort = CancellationToken::new();
+
+        let mut api: Option<JoinHandle<std::io::Result<()>>> = self.listener.map(|listener| {
+            let state = AppState {
+                repo: self.backends.repo.clone(),
+                store: self.backends.store.clone(),
+                links: self.backends.links.clone(),
+                signer: self.backends.signer.clone(),
+                guard: self.guard.clone(),
+            };
+            let stopped = stop.clone().cancelled_owned();
+            tracing::info!(port = self.port, "API listening");
+            tokio::spawn(async move {
+                axum::serve(listener, http::router(state))
+                    .with_graceful_shutdown(stopped)
+                    .await
+            })
+        });
+        let mut workers: Option<JoinHandle<()>> = self.worker.map(|worker| {
+            let concurrency = self.settings.worker_concurrency;
+            tracing::info!(concurrency, "workers started");
+            tokio::spawn(run_pool(worker, concurrency, stop.clone(), abort.clone()))
+        });
+
+        let mut failure = None;
+        tokio::select! {
+            () = shutdown => tracing::info!("shutdown requested"),
+            result = async { api.as_mut().expect("guarded").await }, if api.is_some() => {
+                api = None;
+                tracing::error!(?result, "API stopped");
+                failure = Some(anyhow::anyhow!("the API stopped: {result:?}"));
+            }
+            result = async { workers.as_mut().expect("guarded").await }, if workers.is_some() => {
+                workers = None;
+                tracing::error!(?result, "workers stopped");
+                failure = Some(anyhow::anyhow!("the workers stopped: {result:?}"));
+            }
+        }
+        stop.cancel();
+        if let Some(api) = api {
+            let _ = api.await;
+        }
+        if let Some(mut workers) = workers {
+            let grace = self.settings.shutdown_grace;
+            if tokio::time::timeout(grace, &mut workers).await.is_err() {
+                tracing::warn!(grace = %humantime::format_duration(grace), "jobs still running after the grace period; handing them back");
+                abort.cancel();
+                if tokio::time::timeout(HAND_BACK_TIMEOUT, workers)
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(
+                        "workers did not hand their jobs back in time; their leases will lapse"
+                    );
+                }
+            }
+        }
+        tracing::info!("stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("can install a SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

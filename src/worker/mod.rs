@@ -1,0 +1,303 @@
+//! Workers: take a delivery, claim its job, stream origin → store, record the outcome.
+//!
+//! [`Worker::run_once`] is one step (receive one message and see it through), so tests
+//! can drive a worker without sleeping; [`run_pool`] runs steps concurrently until told
+//! to stop.
+
+mod verify;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::domain::{BucketName, ObjectKey};
+use crate::fetch::Fetcher;
+use crate::lifecycle::{
+    Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle,
+};
+use crate::metadata::{Claim, JobRepository, Lease, RepoError};
+use crate::queue::{Delivery, Queue, QueueError};
+use crate::storage::ObjectStore;
+
+pub use verify::{Digests, Expectations, verified};
+
+/// How workers behave.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub policy: RetryPolicy,
+    /// How long a claim lasts without renewal; a dead worker's job waits this long.
+    pub lease: Duration,
+    pub max_file_size: u64,
+    /// Longest one attempt may take, however the origin trickles.
+    pub transfer_timeout: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            policy: RetryPolicy::default(),
+            lease: Duration::from_secs(30),
+            max_file_size: 5 << 30,
+            transfer_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkOutcome {
+    Completed(JobId),
+    RetryScheduled {
+        id: JobId,
+        retry_count: u32,
+        due_at: DateTime<Utc>,
+    },
+    Failed {
+        id: JobId,
+        error: String,
+    },
+    /// The message named a job that needs no work (finished or unknown); it was acknowledged.
+    Skipped(JobId),
+    /// Another worker holds the job; the message will come back when that lease ends.
+    Deferred(JobId),
+    /// Shutdown: the job and its message were handed back untouched.
+    HandedBack(JobId),
+    /// The lease was lost mid-way (this worker stalled); the new holder owns the job.
+    LeaseLost(JobId),
+}
+
+/// A failure of fileflow's own infrastructure (database, queue), not of a job.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+#[derive(Clone)]
+pub struct Worker {
+    pub repo: Arc<dyn JobRepository>,
+    pub queue: Arc<dyn Queue>,
+    pub store: Arc<dyn ObjectStore>,
+    pub fetcher: Arc<dyn Fetcher>,
+    pub settings: WorkerSettings,
+}
+
+impl Worker {
+    /// Receive one message and see it through. `abort` hands the job back unfinished.
+    pub async fn run_once(&self, abort: &CancellationToken) -> Result<WorkOutcome, WorkerError> {
+        let delivery = self.queue.receive().await?;
+        self.handle(delivery, abort).await
+    }
+
+    pub async fn handle(
+        &self,
+        delivery: Delivery,
+        abort: &CancellationToken,
+    ) -> Result<WorkOutcome, WorkerError> {
+        let id = delivery.job_id;
+        let lease = self.lease_from(&delivery.token, Utc::now());
+        let job = match self.repo.claim(id, &lease, Utc::now()).await? {
+            Claim::Claimed(job) => job,
+            Claim::Busy { until } => {
+                self.queue.retry(&delivery, delivery.attempt, until).await?;
+                return Ok(WorkOutcome::Deferred(id));
+            }
+            Claim::Finished(status) => {
+                tracing::info!(job_id = %id, %status, "duplicate delivery of a finished job ignored");
+                self.queue.ack(&delivery).await?;
+                return Ok(WorkOutcome::Skipped(id));
+            }
+            Claim::NotFound => {
+                tracing::warn!(job_id = %id, "delivery names an unknown job; dropped");
+                self.queue.ack(&delivery).await?;
+                return Ok(WorkOutcome::Skipped(id));
+            }
+        };
+        let attempt = job.retry_count + 1;
+        tracing::info!(job_id = %id, attempt, bucket = %job.bucket_name, key = %job.object_name, "job started");
+        let started = Instant::now();
+
+        let transfer = tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job));
+        let outcome = tokio::select! {
+            result = transfer => result.unwrap_or_else(|_| Err(JobError::transient(format!(
+                "transfer did not finish within {}", humantime::format_duration(self.settings.transfer_timeout)
+            )))),
+            () = self.hold_lease(id, &lease, &delivery) => {
+                tracing::warn!(job_id = %id, attempt, "lease lost; abandoning this attempt");
+                return Ok(WorkOutcome::LeaseLost(id));
+            }
+            () = abort.cancelled() => {
+                self.repo.release(id, &lease.owner, Utc::now()).await?;
+                self.queue.release(&delivery).await?;
+                tracing::info!(job_id = %id, attempt, "job handed back at shutdown");
+                return Ok(WorkOutcome::HandedBack(id));
+            }
+        };
+
+        let now = Utc::now();
+        let settlement = settle(
+            job.retry_count,
+            outcome,
+            &self.settings.policy,
+            now,
+            rand::random(),
+        );
+        if !self.repo.settle(id, &lease.owner, &settlement, now).await? {
+            tracing::warn!(job_id = %id, attempt, "lease lost before the outcome was recorded");
+            return Ok(WorkOutcome::LeaseLost(id));
+        }
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        Ok(match settlement {
+            Settlement::Completed(stored) => {
+                self.queue.ack(&delivery).await?;
+                tracing::info!(job_id = %id, attempt, outcome = "completed", size = stored.size,
+                    etag = %stored.etag, elapsed_ms, "job completed");
+                WorkOutcome::Completed(id)
+            }
+            Settlement::RetryScheduled {
+                retry_count,
+                last_error,
+                due_at,
+            } => {
+                self.queue.retry(&delivery, retry_count + 1, due_at).await?;
+                tracing::warn!(job_id = %id, attempt, outcome = "retry", error = %last_error,
+                    due_at = %due_at.to_rfc3339(), elapsed_ms, "job attempt failed; retry scheduled");
+                WorkOutcome::RetryScheduled {
+                    id,
+                    retry_count,
+                    due_at,
+                }
+            }
+            Settlement::Failed { last_error } => {
+                self.queue.ack(&delivery).await?;
+                tracing::error!(job_id = %id, attempt, outcome = "failed", error = %last_error,
+                    elapsed_ms, "job failed");
+                WorkOutcome::Failed {
+                    id,
+                    error: last_error,
+                }
+            }
+        })
+    }
+
+    fn lease_from(&self, owner: &str, now: DateTime<Utc>) -> Lease {
+        let length =
+            chrono::Duration::from_std(self.settings.lease).unwrap_or(chrono::Duration::MAX);
+        Lease {
+            owner: owner.to_owned(),
+            expires_at: now + length,
+        }
+    }
+
+    /// Renew the job's lease and the message's lock until the lease is lost (never returns
+    /// while it is held).
+    async fn hold_lease(&self, id: JobId, lease: &Lease, delivery: &Delivery) {
+        let mut tick = tokio::time::interval(lease_renew_interval(self.settings.lease));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match self
+                .repo
+                .renew(id, &self.lease_from(&lease.owner, Utc::now()))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => tracing::warn!(job_id = %id, error = %e, "could not renew lease"),
+            }
+            if let Err(e) = self.queue.keep_alive(delivery).await {
+                tracing::warn!(job_id = %id, error = %e, "could not keep the delivery alive");
+            }
+        }
+    }
+
+    /// One attempt: origin → verify → store.
+    async fn transfer(&self, job: &Job) -> Result<StoredObject, JobError> {
+        // The row was validated on the way in; a row that no longer parses is corrupt.
+        let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+            JobError::permanent(format!("stored {what} is invalid: {e}"))
+        };
+        let url = Url::parse(&job.file_url).map_err(|e| corrupt("file_url", &e))?;
+        let bucket = BucketName::parse(&job.bucket_name).map_err(|e| corrupt("bucket_name", &e))?;
+        let key = ObjectKey::parse(&job.object_name).map_err(|e| corrupt("object_name", &e))?;
+
+        let fetched = self.fetcher.fetch(&url).await?;
+        let max_size = self.settings.max_file_size;
+        if let Some(length) = fetched.content_length
+            && length > max_size
+        {
+            return Err(JobError::permanent(format!(
+                "file too large: origin declares {length} bytes, the limit is {max_size}"
+            )));
+        }
+        let content_type = fetched
+            .content_type
+            .filter(|t| !t.trim().is_empty())
+            .unwrap_or_else(|| "application/octet-stream".to_owned());
+        let expect = Expectations {
+            max_size,
+            declared_length: fetched.content_length,
+            sha256: job.expected_sha256.clone(),
+            md5: job.expected_md5.clone(),
+        };
+        let (body, digests) = verified(fetched.body, expect);
+        let put = self.store.put(&bucket, &key, &content_type, body).await?;
+        let digests = digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| JobError::transient("store finished before the body ended"))?;
+        Ok(StoredObject {
+            etag: put.etag.unwrap_or_else(|| digests.md5.clone()),
+            size: digests.size,
+            sha256: digests.sha256,
+            md5: digests.md5,
+            content_type,
+        })
+    }
+}
+
+/// Run `concurrency` workers until `stop` is cancelled; jobs in flight then run to their
+/// end unless `abort` is cancelled too, in which case they are handed back.
+pub async fn run_pool(
+    worker: Worker,
+    concurrency: usize,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (worker, stop, abort) = (worker.clone(), stop.clone(), abort.clone());
+        tasks.spawn(async move {
+            loop {
+                let delivery = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    delivery = worker.queue.receive() => delivery,
+                };
+                let result = match delivery {
+                    Ok(delivery) => worker.handle(delivery, &abort).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = result {
+                    // The message stays unacknowledged and comes back once its lock lapses.
+                    tracing::error!(error = %e, "worker step failed; backing off");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(error = %e, "worker task panicked");
+        }
+    }
+}
