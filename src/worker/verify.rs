@@ -127,7 +127,9 @@ mod tests {
     use super::*;
 
     fn body(parts: &[&'static [u8]]) -> ByteStream {
-        futures::stream::iter(parts.iter().map(|p| Ok(Bytes::from_static(p)))).boxed()
+        let parts: Vec<Result<Bytes, JobError>> =
+            parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        futures::stream::iter(parts).boxed()
     }
 
     fn expect() -> Expectations {

@@ -1,0 +1,304 @@
+//! An origin that misbehaves, files that are too large or not what was promised.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::{Origin, content, md5_hex, sha256_hex, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn origin_4xx_fails_at_once_without_retries() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    for code in [404, 403, 410] {
+        let path = format!("/status/{code}");
+        let id = app
+            .submit(
+                &origin.url(&path),
+                "file-bucket",
+                &format!("missing-{code}"),
+            )
+            .await;
+        let job = app.finished(&id).await;
+        assert_eq!(job["status"], "failed", "{job}");
+        assert_eq!(job["retry_count"], 0, "{job}");
+        assert!(
+            job["last_error"]
+                .as_str()
+                .unwrap()
+                .contains(&code.to_string()),
+            "{job}"
+        );
+        assert_eq!(origin.hits(&path), 1);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn throttling_and_timeouts_statuses_are_retried() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| {
+        s.max_retries = 1;
+        // Retry-After: 1 is honoured but capped here.
+        s.retry_max_delay = Duration::from_millis(100);
+    })
+    .await;
+    for code in [408, 429, 502] {
+        let path = format!("/status/{code}");
+        let id = app
+            .submit(&origin.url(&path), "file-bucket", &format!("t-{code}"))
+            .await;
+        let job = app.finished(&id).await;
+        assert_eq!(job["status"], "failed", "{job}");
+        assert_eq!(job["retry_count"], 1, "{code} is transient: {job}");
+        assert_eq!(origin.hits(&path), 2);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_reset_mid_body_is_transient_and_leaves_no_object() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.max_retries = 1).await;
+    let id = app
+        .submit(&origin.url("/reset/3000000"), "file-bucket", "reset.bin")
+        .await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["retry_count"], 1, "{job}");
+    assert!(
+        job["last_error"].as_str().unwrap().contains("interrupted"),
+        "{job}"
+    );
+    assert_eq!(origin.hits("/reset/3000000"), 2);
+    assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
+
+    // The same through a real TCP reset after the head and half the body.
+    let id = app
+        .submit(&origin.raw_url("/reset/3000000"), "file-bucket", "rst.bin")
+        .await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["retry_count"], 1, "{job}");
+    assert!(
+        job["last_error"].as_str().unwrap().contains("interrupted"),
+        "{job}"
+    );
+    assert_eq!(origin.hits("/reset/3000000"), 4);
+    assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_shorter_than_its_content_length_is_transient_and_leaves_no_object() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.max_retries = 1).await;
+    let id = app
+        .submit(&origin.raw_url("/short/100000"), "file-bucket", "short.bin")
+        .await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["retry_count"], 1, "{job}");
+    assert!(
+        job["last_error"].as_str().unwrap().contains("interrupted"),
+        "{job}"
+    );
+    assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_origin_hits_the_idle_read_timeout() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| {
+        s.max_retries = 0;
+        s.read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let id = app
+        .submit(
+            &origin.url("/trickle/10?every_ms=1000"),
+            "file-bucket",
+            "stalled",
+        )
+        .await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["last_error"].as_str().unwrap().contains("timed out"),
+        "{job}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_trickling_origin_cannot_hold_a_worker_past_the_transfer_deadline() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| {
+        s.max_retries = 0;
+        s.read_timeout = Duration::from_secs(5);
+        s.transfer_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    // 200 bytes at one per 50 ms would take 10 s: each read is quick, the whole is not.
+    let id = app
+        .submit(
+            &origin.url("/trickle/200?every_ms=50"),
+            "file-bucket",
+            "trickle",
+        )
+        .await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("did not finish within 1s"),
+        "{job}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_but_steady_origin_completes() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.read_timeout = Duration::from_secs(2)).await;
+    let id = app
+        .submit(
+            &origin.url("/trickle/20?every_ms=50"),
+            "file-bucket",
+            "steady",
+        )
+        .await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(
+        std::fs::read(app.object_path("file-bucket", "steady")).unwrap(),
+        content(1, 20)
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn files_over_the_size_limit_fail_permanently() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.max_file_size = bytesize::ByteSize::b(10_000)).await;
+    let id = app
+        .submit(&origin.url("/file/10001"), "file-bucket", "big")
+        .await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["retry_count"], 0);
+    assert!(
+        job["last_error"].as_str().unwrap().contains("too large"),
+        "{job}"
+    );
+    let id = app
+        .submit(&origin.url("/file/10000"), "file-bucket", "fits")
+        .await;
+    assert_eq!(app.finished(&id).await["status"], "completed");
+    assert_eq!(app.stored_files().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn checksums_given_at_submit_are_verified() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    let bytes = content(5, 65_536);
+    let url = origin.url("/file/65536?seed=5");
+
+    let good = app
+        .submit_body(&json!({
+            "file_url": url, "bucket_name": "file-bucket", "object_name": "good.bin",
+            "sha256": sha256_hex(&bytes).to_uppercase(), "md5": md5_hex(&bytes),
+        }))
+        .await;
+    assert_eq!(app.finished(&good).await["status"], "completed");
+
+    for (field, wrong) in [("sha256", "0".repeat(64)), ("md5", "0".repeat(32))] {
+        let id = app
+            .submit_body(&json!({
+                "file_url": url, "bucket_name": "file-bucket", "object_name": format!("bad-{field}.bin"),
+                field: wrong,
+            }))
+            .await;
+        let job = app.finished(&id).await;
+        assert_eq!(job["status"], "failed", "{job}");
+        assert_eq!(job["retry_count"], 0, "a mismatch is permanent");
+        assert!(
+            job["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("checksum mismatch"),
+            "{job}"
+        );
+        assert!(
+            !app.object_path("file-bucket", &format!("bad-{field}.bin"))
+                .exists()
+        );
+    }
+    assert_eq!(app.stored_files().len(), 1, "{:?}", app.stored_files());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn redirects_are_followed_up_to_the_limit() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.max_redirects = 3).await;
+    let ok = app
+        .submit(&origin.url("/redirect/3/1000"), "file-bucket", "redirected")
+        .await;
+    assert_eq!(app.finished(&ok).await["status"], "completed");
+    let too_many = app
+        .submit(&origin.url("/redirect/4/1000"), "file-bucket", "loop")
+        .await;
+    let job = app.finished(&too_many).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["retry_count"], 0);
+    assert!(
+        job["last_error"].as_str().unwrap().contains("redirect"),
+        "{job}"
+    );
+    app.stop().await;
+}
+
+/// A name that resolves to loopback is refused when fetched, before any connection.
+#[tokio::test]
+async fn a_name_resolving_to_loopback_fails_permanently_when_fetched() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.fetch_allow_private = false).await;
+    // The machine's own name resolves to a loopback address here (see /etc/hosts).
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let resolved: Vec<_> = tokio::net::lookup_host((host.as_str(), 0))
+        .await
+        .unwrap()
+        .collect();
+    assert!(
+        resolved.iter().any(|a| a.ip().is_loopback()),
+        "{host} should resolve to loopback: {resolved:?}"
+    );
+
+    let url = format!("http://{host}:{}/file/10", origin.addr.port());
+    let id = app.submit(&url, "file-bucket", "sneaky").await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["retry_count"], 0);
+    assert!(
+        job["last_error"].as_str().unwrap().contains("refused"),
+        "{job}"
+    );
+    assert_eq!(
+        origin.hits("/file/10"),
+        0,
+        "no connection reached the origin"
+    );
+    app.stop().await;
+}

@@ -1,0 +1,190 @@
+//! `spawn_app`: a real fileflow (embedded backends) on port 0 with a fresh data dir.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use fileflow::config::{Command, Settings};
+use fileflow::startup::Application;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub use crate::origin::{Origin, content};
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    _data_dir: Option<tempfile::TempDir>,
+    shutdown: Option<oneshot::Sender<()>>,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Settings for tests: private origins allowed, fast retries, short leases.
+pub fn test_settings(data_dir: PathBuf) -> Settings {
+    let mut s = Settings::defaults(data_dir);
+    s.listen = "127.0.0.1:0".parse().unwrap();
+    s.fetch_allow_private = true;
+    s.retry_base_delay = Duration::from_millis(20);
+    s.retry_max_delay = Duration::from_millis(200);
+    s.job_lease = Duration::from_secs(3);
+    s.shutdown_grace = Duration::from_secs(5);
+    s
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(dir.path().to_owned());
+    adjust(&mut settings);
+    start(settings, Some(dir)).await
+}
+
+/// Start fileflow on settings whose data dir the caller keeps (for restarts).
+pub async fn start(settings: Settings, data_dir: Option<tempfile::TempDir>) -> TestApp {
+    let app = Application::build(settings.clone(), Command::Serve)
+        .await
+        .expect("fileflow builds");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let (tx, rx) = oneshot::channel::<()>();
+    let running = tokio::spawn(app.run_until_stopped(async {
+        let _ = rx.await;
+    }));
+    TestApp {
+        base,
+        client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        settings,
+        _data_dir: data_dir,
+        shutdown: Some(tx),
+        running,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post_upload(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/v1/upload"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Submit a job and return its id, asserting it was accepted.
+    pub async fn submit(&self, file_url: &str, bucket: &str, key: &str) -> String {
+        self.submit_body(
+            &json!({ "file_url": file_url, "bucket_name": bucket, "object_name": key }),
+        )
+        .await
+    }
+
+    pub async fn submit_body(&self, body: &Value) -> String {
+        let response = self.post_upload(body).await;
+        assert_eq!(
+            response.status(),
+            202,
+            "upload refused: {:?}",
+            response.text().await
+        );
+        let body: Value = response.json().await.unwrap();
+        body["id"].as_str().expect("id is a string").to_owned()
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.client.get(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/v1/uploads/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Poll until the job satisfies `done`; panic with its last state after `limit`.
+    pub async fn wait_until(
+        &self,
+        id: &str,
+        limit: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let job = self.job(id).await;
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not get there in {limit:?}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Wait for `completed` or `failed`.
+    pub async fn finished(&self, id: &str) -> Value {
+        self.wait_until(id, Duration::from_secs(30), |j| {
+            j["status"] == "completed" || j["status"] == "failed"
+        })
+        .await
+    }
+
+    pub fn object_path(&self, bucket: &str, key: &str) -> PathBuf {
+        self.settings
+            .data_dir
+            .join("objects")
+            .join(bucket)
+            .join(key)
+    }
+
+    /// Every file under the object store (objects and any leftover staging files).
+    pub fn stored_files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.settings.data_dir.join("objects"), &mut out);
+        out.sort();
+        out
+    }
+
+    /// Stop gracefully and wait for the process to finish.
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.running)
+            .await
+            .unwrap()
+            .expect("fileflow stops cleanly");
+        self._data_dir.take()
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+pub fn md5_hex(bytes: &[u8]) -> String {
+    use md5::Digest;
+    hex::encode(md5::Md5::digest(bytes))
+}

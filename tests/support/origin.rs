@@ -1,0 +1,312 @@
+//! A local origin server for tests and benchmarks: serves generated files and misbehaves
+//! on demand.
+//!
+//! Routes (sizes in bytes; every body is the deterministic stream `content(seed, size)`):
+//! - `/file/{size}?seed=S` — 200 with Content-Length;
+//! - `/flaky/{name}/{failures}/{size}` — 500 for the first `failures` requests to `name`, then 200;
+//! - `/status/{code}` — always that status (with `Retry-After: 1` on 429 and 503);
+//! - `/reset/{size}` — declares `size`, sends half, then breaks the connection;
+//! - `/short/{size}` — declares `size`, sends half, then ends the body;
+//!
+//! `/reset/…` and `/short/…` are also served at [`Origin::raw_url`] by a bare TCP server
+//! that writes the head and half the body itself, then resets (`/reset`, with SO_LINGER 0)
+//! or closes cleanly (`/short`): the exact failures a real origin produces.
+//! - `/trickle/{size}?every_ms=N` — one byte every N ms;
+//! - `/redirect/{hops}/{size}` — `hops` redirects, then the file;
+//! - `/delay/{ms}/{size}` — waits, then serves the file.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use futures::StreamExt;
+
+const CHUNK: usize = 64 * 1024;
+
+/// The bytes of generated file `seed`, from offset `start`, `len` long.
+pub fn content_range(seed: u64, start: u64, len: usize) -> Vec<u8> {
+    // A keyed hash of each 8-byte word's position: any range can be made without the
+    // bytes before it.
+    let word = |i: u64| {
+        let mut x = i.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x.to_le_bytes()
+    };
+    let mut out = Vec::with_capacity(len + 16);
+    let first = start / 8;
+    let last = (start + len as u64).div_ceil(8);
+    for w in first..last {
+        out.extend_from_slice(&word(w));
+    }
+    let skip = (start % 8) as usize;
+    out.drain(..skip);
+    out.truncate(len);
+    out
+}
+
+pub fn content(seed: u64, size: u64) -> Vec<u8> {
+    content_range(seed, 0, size as usize)
+}
+
+/// The generated body as a stream of chunks, never all in memory.
+pub fn content_stream(
+    seed: u64,
+    size: u64,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    futures::stream::unfold(0u64, move |offset| async move {
+        if offset >= size {
+            return None;
+        }
+        let len = CHUNK.min((size - offset) as usize);
+        Some((
+            Ok(Bytes::from(content_range(seed, offset, len))),
+            offset + len as u64,
+        ))
+    })
+}
+
+#[derive(Clone, Default)]
+struct Counters(Arc<Mutex<HashMap<String, u32>>>);
+
+impl Counters {
+    fn hit(&self, name: &str) -> u32 {
+        let mut map = self.0.lock().unwrap();
+        let n = map.entry(name.to_owned()).or_default();
+        *n += 1;
+        *n
+    }
+}
+
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub raw_addr: SocketAddr,
+    _raw: tokio::task::JoinHandle<()>,
+    counters: Counters,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    pub async fn start() -> Self {
+        let counters = Counters::default();
+        let app = Router::new()
+            .route("/file/{size}", get(file))
+            .route("/flaky/{name}/{failures}/{size}", get(flaky))
+            .route("/status/{code}", get(status))
+            .route("/reset/{size}", get(reset))
+            .route("/short/{size}", get(short))
+            .route("/trickle/{size}", get(trickle))
+            .route("/redirect/{hops}/{size}", get(redirect))
+            .route("/delay/{ms}/{size}", get(delay))
+            .layer(axum::middleware::from_fn_with_state(
+                counters.clone(),
+                count,
+            ))
+            .with_state(counters.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let raw_addr = raw.local_addr().unwrap();
+        let raw_counters = counters.clone();
+        let raw_server = tokio::spawn(async move {
+            while let Ok((socket, _)) = raw.accept().await {
+                tokio::spawn(serve_raw(socket, raw_counters.clone()));
+            }
+        });
+        Self {
+            addr,
+            raw_addr,
+            _raw: raw_server,
+            counters,
+            _server: server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// A URL on the bare TCP server (`/reset/{size}`, `/short/{size}`).
+    pub fn raw_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.raw_addr, path)
+    }
+
+    /// How many requests reached `path` (without its query).
+    pub fn hits(&self, path: &str) -> u32 {
+        self.counters
+            .0
+            .lock()
+            .unwrap()
+            .get(&format!("path:{path}"))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+async fn count(
+    State(c): State<Counters>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    c.hit(&format!("path:{}", req.uri().path()));
+    next.run(req).await
+}
+
+fn seed_of(q: &HashMap<String, String>) -> u64 {
+    q.get("seed").and_then(|s| s.parse().ok()).unwrap_or(1)
+}
+
+fn streamed(seed: u64, size: u64, content_type: &str) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_LENGTH, size.into());
+    headers.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+    (headers, Body::from_stream(content_stream(seed, size))).into_response()
+}
+
+async fn file(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let ct = q
+        .get("type")
+        .cloned()
+        .unwrap_or_else(|| "application/octet-stream".into());
+    streamed(seed_of(&q), size, &ct)
+}
+
+async fn flaky(
+    State(c): State<Counters>,
+    Path((name, failures, size)): Path<(String, u32, u64)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if c.hit(&format!("flaky:{name}")) <= failures {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "try again").into_response();
+    }
+    streamed(seed_of(&q), size, "application/octet-stream")
+}
+
+async fn status(Path(code): Path<u16>) -> Response {
+    let code = StatusCode::from_u16(code).unwrap();
+    let mut headers = HeaderMap::new();
+    if code == StatusCode::TOO_MANY_REQUESTS || code == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, "1".parse().unwrap());
+    }
+    (code, headers, format!("status {code}")).into_response()
+}
+
+async fn reset(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let half = content_stream(seed_of(&q), size / 2);
+    let broken = half.chain(futures::stream::once(async {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "origin breaks the connection",
+        ))
+    }));
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_LENGTH, size.into());
+    (headers, Body::from_stream(broken)).into_response()
+}
+
+async fn short(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_LENGTH, size.into());
+    (
+        headers,
+        Body::from_stream(content_stream(seed_of(&q), size / 2)),
+    )
+        .into_response()
+}
+
+async fn trickle(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let every = Duration::from_millis(
+        q.get("every_ms")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1000),
+    );
+    let bytes = content(seed_of(&q), size);
+    let stream = futures::stream::iter(bytes).then(move |b| async move {
+        tokio::time::sleep(every).await;
+        Ok::<_, std::io::Error>(Bytes::from(vec![b]))
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_LENGTH, size.into());
+    (headers, Body::from_stream(stream)).into_response()
+}
+
+async fn redirect(
+    Path((hops, size)): Path<(u32, u64)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let seed = seed_of(&q);
+    if hops == 0 {
+        return streamed(seed, size, "application/octet-stream");
+    }
+    let next = format!("/redirect/{}/{size}?seed={seed}", hops - 1);
+    (StatusCode::FOUND, [(header::LOCATION, next)]).into_response()
+}
+
+async fn delay(
+    Path((ms, size)): Path<(u64, u64)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    streamed(seed_of(&q), size, "application/octet-stream")
+}
+
+/// Answer one request by hand: a correct head, half the declared body, then a reset or
+/// a clean close.
+async fn serve_raw(mut socket: tokio::net::TcpStream, counters: Counters) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut reader = BufReader::new(&mut socket);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).await.is_err() {
+        return;
+    }
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line == "\r\n" => break,
+            Ok(_) => {}
+        }
+    }
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_owned();
+    counters.hit(&format!("path:{path}"));
+    let mut parts = path.trim_start_matches('/').split('/');
+    let (kind, size) = (
+        parts.next().unwrap_or(""),
+        parts
+            .next()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0),
+    );
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {size}\r\ncontent-type: application/octet-stream\r\n\r\n"
+    );
+    if socket.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let _ = socket.write_all(&content(1, size / 2)).await;
+    let _ = socket.flush().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    if kind == "reset" {
+        let _ = socket.set_linger(Some(Duration::ZERO));
+        drop(socket);
+    } else {
+        let _ = socket.shutdown().await;
+    }
+}
