@@ -236,7 +236,7 @@ async fn retry_upload(
     match state.repo.requeue_failed(job.id, Utc::now()).await? {
         Requeue::Requeued(job) => {
             tracing::info!(job_id = %job.id, "failed job re-queued");
-            Ok((StatusCode::ACCEPTED, Json(state.view(job).await?)).into_response())
+            Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
         }
         Requeue::NotFailed(status) => Err(ApiError::Conflict(format!(
             "upload {} is {status}; only failed uploads can be retried",

@@ -43,7 +43,7 @@ pub struct Lease {
 /// What asking to retry a job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requeue {
-    Requeued(Job),
+    Requeued(Box<Job>),
     NotFailed(JobStatus),
     NotFound,
 }
@@ -52,7 +52,7 @@ pub enum Requeue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// The job is now `processing` under the given lease.
-    Claimed(Job),
+    Claimed(Box<Job>),
     /// Another worker holds a live lease until this time.
     Busy {
         until: DateTime<Utc>,

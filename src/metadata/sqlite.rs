@@ -194,7 +194,7 @@ impl JobRepository for SqliteRepository {
         .fetch_optional(&self.db.pool)
         .await?;
         if let Some(row) = claimed {
-            return Ok(Claim::Claimed(job_from_row(&row)?));
+            return Ok(Claim::Claimed(Box::new(job_from_row(&row)?)));
         }
         let current = sqlx::query("SELECT status, lease_expires_at FROM files WHERE id = ?1")
             .bind(id.0)
@@ -322,7 +322,7 @@ impl JobRepository for SqliteRepository {
         .await?;
         tx.commit().await?;
         self.db.queued.notify_waiters();
-        Ok(Requeue::Requeued(job))
+        Ok(Requeue::Requeued(Box::new(job)))
     }
 
     async fn ping(&self) -> Result<(), RepoError> {

@@ -304,7 +304,7 @@ async fn serve_raw(mut socket: tokio::net::TcpStream, counters: Counters) {
     let _ = socket.flush().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     if kind == "reset" {
-        let _ = socket.set_linger(Some(Duration::ZERO));
+        let _ = socket.set_zero_linger();
         drop(socket);
     } else {
         let _ = socket.shutdown().await;
