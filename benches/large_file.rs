@@ -22,15 +22,10 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 
 #[tokio::main]
 async fn main() {
-    let size: u64 = std::env::var("FILEFLOW_BENCH_SIZE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1 << 30);
+    let size: u64 = std::env::var("FILEFLOW_BENCH_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 30);
     let origin = origin::Origin::start().await;
     let url = origin.url(&format!("/file/{size}?seed=11"));
-    let dir =
-        tempfile::tempdir_in(std::env::var("FILEFLOW_BENCH_DIR").unwrap_or_else(|_| ".".into()))
-            .unwrap();
+    let dir = tempfile::tempdir_in(std::env::var("FILEFLOW_BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
 
     // Ceiling: the same bytes through curl to the same disk.
     let started = Instant::now();
@@ -71,25 +66,11 @@ async fn main() {
 
     let started = Instant::now();
     let body = json!({ "file_url": url, "bucket_name": "bench", "object_name": "large.bin" });
-    let accepted: Value = client
-        .post(format!("{base}/api/v1/upload"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let accepted: Value =
+        client.post(format!("{base}/api/v1/upload")).json(&body).send().await.unwrap().json().await.unwrap();
     let id = accepted["id"].as_str().unwrap().to_owned();
     let job = loop {
-        let job: Value = client
-            .get(format!("{base}/api/v1/uploads/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job: Value = client.get(format!("{base}/api/v1/uploads/{id}")).send().await.unwrap().json().await.unwrap();
         if job["status"] == "completed" || job["status"] == "failed" {
             break job;
         }
@@ -103,29 +84,14 @@ async fn main() {
     println!("| figure | value |");
     println!("|---|---|");
     println!("| file size | {mib:.0} MiB |");
-    println!(
-        "| fileflow job status | {} |",
-        job["status"].as_str().unwrap_or("?")
-    );
-    println!(
-        "| fileflow throughput | {:.1} MiB/s ({secs:.2} s) |",
-        mib / secs
-    );
+    println!("| fileflow job status | {} |", job["status"].as_str().unwrap_or("?"));
+    println!("| fileflow throughput | {:.1} MiB/s ({secs:.2} s) |", mib / secs);
     if curl_ok {
-        println!(
-            "| curl -o throughput (ceiling) | {:.1} MiB/s ({curl_secs:.2} s) |",
-            mib / curl_secs
-        );
+        println!("| curl -o throughput (ceiling) | {:.1} MiB/s ({curl_secs:.2} s) |", mib / curl_secs);
         println!("| fileflow / curl | {:.2} |", curl_secs / secs);
     } else {
         println!("| curl -o throughput (ceiling) | curl not available |");
     }
-    println!(
-        "| fileflow peak RSS, idle | {:.1} MiB |",
-        idle_hwm as f64 / 1024.0
-    );
-    println!(
-        "| fileflow peak RSS (VmHWM) | {:.1} MiB |",
-        peak_hwm as f64 / 1024.0
-    );
+    println!("| fileflow peak RSS, idle | {:.1} MiB |", idle_hwm as f64 / 1024.0);
+    println!("| fileflow peak RSS (VmHWM) | {:.1} MiB |", peak_hwm as f64 / 1024.0);
 }

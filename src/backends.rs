@@ -29,12 +29,8 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<SqliteDb> {
     };
     match url.split_once(':').map(|(scheme, _)| scheme) {
         Some("sqlite") => {
-            let db = SqliteDb::connect(&url)
-                .await
-                .with_context(|| format!("cannot open {url}"))?;
-            db.migrate()
-                .await
-                .context("cannot migrate the SQLite database")?;
+            let db = SqliteDb::connect(&url).await.with_context(|| format!("cannot open {url}"))?;
+            db.migrate().await.context("cannot migrate the SQLite database")?;
             Ok(db)
         }
         Some("postgres" | "postgresql") => {
@@ -49,9 +45,7 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
     if settings.kafka_brokers.is_some() {
-        bail!(
-            "the Kafka queue is not available in this build yet; unset --kafka-brokers to use the embedded queue"
-        );
+        bail!("the Kafka queue is not available in this build yet; unset --kafka-brokers to use the embedded queue");
     }
     let db = open_database(settings).await?;
     let consumer = format!("{}-{}", hostname(), std::process::id());
@@ -61,8 +55,8 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
     let (store, signer): (Arc<dyn ObjectStore>, Arc<LinkSigner>) = match settings.storage {
         StorageKind::Fs => {
             let root = settings.data_dir.join("objects");
-            let store = LocalStore::new(&root)
-                .with_context(|| format!("cannot open object store {}", root.display()))?;
+            let store =
+                LocalStore::new(&root).with_context(|| format!("cannot open object store {}", root.display()))?;
             let signer = LinkSigner::load_or_create(&settings.data_dir, public_url)?;
             (Arc::new(store), Arc::new(signer))
         }
@@ -70,13 +64,7 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
             bail!("the S3 store is not available in this build yet; use --storage fs")
         }
     };
-    Ok(Backends {
-        repo: Arc::new(repo),
-        queue: Arc::new(queue),
-        store,
-        links: signer.clone(),
-        signer: Some(signer),
-    })
+    Ok(Backends { repo: Arc::new(repo), queue: Arc::new(queue), store, links: signer.clone(), signer: Some(signer) })
 }
 
 fn hostname() -> String {

@@ -9,11 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use url::Url;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "fileflow",
-    version,
-    about = "Fetch files from URLs into object storage, asynchronously and safely."
-)]
+#[command(name = "fileflow", version, about = "Fetch files from URLs into object storage, asynchronously and safely.")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -52,21 +48,11 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     /// Address the HTTP API listens on.
-    #[arg(
-        long,
-        env = "FILEFLOW_LISTEN",
-        default_value = "127.0.0.1:8000",
-        global = true
-    )]
+    #[arg(long, env = "FILEFLOW_LISTEN", default_value = "127.0.0.1:8000", global = true)]
     pub listen: SocketAddr,
 
     /// Directory for the embedded database, the local object store and the link-signing key.
-    #[arg(
-        long,
-        env = "FILEFLOW_DATA_DIR",
-        default_value = "./fileflow-data",
-        global = true
-    )]
+    #[arg(long, env = "FILEFLOW_DATA_DIR", default_value = "./fileflow-data", global = true)]
     pub data_dir: PathBuf,
 
     /// Metadata database: `sqlite://PATH` (default: `<data-dir>/fileflow.db`) or `postgres://…`.
@@ -94,6 +80,18 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_FETCH_ALLOW_PRIVATE", global = true)]
     pub fetch_allow_private: bool,
 
+    /// Hosts, IP addresses or CIDRs fetched from although non-public (comma-separated).
+    #[arg(long, env = "FILEFLOW_FETCH_ALLOW", value_delimiter = ',', global = true)]
+    pub fetch_allow: Vec<String>,
+
+    /// Hosts, IP addresses or CIDRs never fetched from, even if public (comma-separated).
+    #[arg(long, env = "FILEFLOW_FETCH_DENY", value_delimiter = ',', global = true)]
+    pub fetch_deny: Vec<String>,
+
+    /// Proxy for origin requests (`http://…`); proxy environment variables are ignored.
+    #[arg(long, env = "FILEFLOW_FETCH_PROXY", global = true)]
+    pub fetch_proxy: Option<Url>,
+
     /// Retries after a transient failure (so at most this + 1 attempts).
     #[arg(long, env = "FILEFLOW_MAX_RETRIES", default_value_t = 3, global = true)]
     pub max_retries: u32,
@@ -107,21 +105,11 @@ pub struct Settings {
     pub retry_max_delay: Duration,
 
     /// Largest file fileflow stores (e.g. `500MiB`, `5GiB`); larger ones fail permanently.
-    #[arg(
-        long,
-        env = "FILEFLOW_MAX_FILE_SIZE",
-        default_value = "5GiB",
-        global = true
-    )]
+    #[arg(long, env = "FILEFLOW_MAX_FILE_SIZE", default_value = "5GiB", global = true)]
     pub max_file_size: bytesize::ByteSize,
 
     /// Jobs one process works on at once.
-    #[arg(
-        long,
-        env = "FILEFLOW_WORKER_CONCURRENCY",
-        default_value_t = 8,
-        global = true
-    )]
+    #[arg(long, env = "FILEFLOW_WORKER_CONCURRENCY", default_value_t = 8, global = true)]
     pub worker_concurrency: usize,
 
     /// How long a worker's claim on a job lasts without renewal; a crashed worker's jobs are
@@ -142,12 +130,7 @@ pub struct Settings {
     pub transfer_timeout: Duration,
 
     /// Redirects followed per fetch.
-    #[arg(
-        long,
-        env = "FILEFLOW_MAX_REDIRECTS",
-        default_value_t = 5,
-        global = true
-    )]
+    #[arg(long, env = "FILEFLOW_MAX_REDIRECTS", default_value_t = 5, global = true)]
     pub max_redirects: usize,
 
     /// On SIGINT/SIGTERM, how long jobs in flight may run on before they are handed back.

@@ -44,9 +44,7 @@ pub struct LinkSigner {
 
 impl std::fmt::Debug for LinkSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkSigner")
-            .field("base", &self.base)
-            .finish_non_exhaustive()
+        f.debug_struct("LinkSigner").field("base", &self.base).finish_non_exhaustive()
     }
 }
 
@@ -61,8 +59,7 @@ impl LinkSigner {
         use anyhow::Context;
         let path = data_dir.join(KEY_FILE);
         let key = match std::fs::read_to_string(&path) {
-            Ok(text) => hex::decode(text.trim())
-                .with_context(|| format!("{} is not hex", path.display()))?,
+            Ok(text) => hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key: [u8; 32] = rand::random();
                 write_private(&path, hex::encode(key).as_bytes())
@@ -73,52 +70,29 @@ impl LinkSigner {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        anyhow::ensure!(
-            key.len() >= 32,
-            "{} holds a key shorter than 32 bytes",
-            path.display()
-        );
+        anyhow::ensure!(key.len() >= 32, "{} holds a key shorter than 32 bytes", path.display());
         Ok(Self::new(key, base))
     }
 
     fn signature(&self, job: &Job, expires: i64) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
         // Bound to the object, not only the job id, so a link never reads another object.
-        mac.update(
-            format!(
-                "{}\n{}\n{}\n{expires}",
-                job.id, job.bucket_name, job.object_name
-            )
-            .as_bytes(),
-        );
+        mac.update(format!("{}\n{}\n{}\n{expires}", job.id, job.bucket_name, job.object_name).as_bytes());
         mac
     }
 
     pub fn sign(&self, job: &Job, expires_at: DateTime<Utc>) -> Url {
         let expires = expires_at.timestamp();
-        let signature =
-            URL_SAFE_NO_PAD.encode(self.signature(job, expires).finalize().into_bytes());
+        let signature = URL_SAFE_NO_PAD.encode(self.signature(job, expires).finalize().into_bytes());
         let mut url = self.base.clone();
         url.set_path(&format!("/api/v1/downloads/{}", job.id));
-        url.query_pairs_mut()
-            .append_pair("expires", &expires.to_string())
-            .append_pair("signature", &signature);
+        url.query_pairs_mut().append_pair("expires", &expires.to_string()).append_pair("signature", &signature);
         url
     }
 
-    pub fn verify(
-        &self,
-        job: &Job,
-        expires: i64,
-        signature: &str,
-        now: DateTime<Utc>,
-    ) -> Result<(), LinkError> {
-        let given = URL_SAFE_NO_PAD
-            .decode(signature)
-            .map_err(|_| LinkError::BadSignature)?;
-        self.signature(job, expires)
-            .verify_slice(&given)
-            .map_err(|_| LinkError::BadSignature)?;
+    pub fn verify(&self, job: &Job, expires: i64, signature: &str, now: DateTime<Utc>) -> Result<(), LinkError> {
+        let given = URL_SAFE_NO_PAD.decode(signature).map_err(|_| LinkError::BadSignature)?;
+        self.signature(job, expires).verify_slice(&given).map_err(|_| LinkError::BadSignature)?;
         if now.timestamp() >= expires {
             return Err(LinkError::Expired);
         }
@@ -171,6 +145,7 @@ mod tests {
             content_type: None,
             expected_sha256: None,
             expected_md5: None,
+            request_headers: Default::default(),
             created_at: now,
             updated_at: now,
             next_attempt_at: None,
@@ -189,15 +164,9 @@ mod tests {
         let url = signer.sign(&job(21, "kitty2.jpg"), now + chrono::Duration::seconds(60));
         assert_eq!(url.path(), "/api/v1/downloads/21");
         let (expires, sig) = params(&url);
-        assert_eq!(
-            signer.verify(&job(21, "kitty2.jpg"), expires, &sig, now),
-            Ok(())
-        );
+        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, &sig, now), Ok(()));
         let later = now + chrono::Duration::seconds(61);
-        assert_eq!(
-            signer.verify(&job(21, "kitty2.jpg"), expires, &sig, later),
-            Err(LinkError::Expired)
-        );
+        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, &sig, later), Err(LinkError::Expired));
     }
 
     #[test]
@@ -207,31 +176,13 @@ mod tests {
         let url = signer.sign(&job(21, "kitty2.jpg"), now + chrono::Duration::seconds(60));
         let (expires, sig) = params(&url);
         let bad = Err(LinkError::BadSignature);
-        assert_eq!(
-            signer.verify(&job(21, "kitty2.jpg"), expires + 3600, &sig, now),
-            bad
-        );
-        assert_eq!(
-            signer.verify(&job(22, "kitty2.jpg"), expires, &sig, now),
-            bad
-        );
-        assert_eq!(
-            signer.verify(&job(21, "other.jpg"), expires, &sig, now),
-            bad
-        );
-        assert_eq!(
-            signer.verify(&job(21, "kitty2.jpg"), expires, "AAAA", now),
-            bad
-        );
-        assert_eq!(
-            signer.verify(&job(21, "kitty2.jpg"), expires, "not base64!", now),
-            bad
-        );
+        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires + 3600, &sig, now), bad);
+        assert_eq!(signer.verify(&job(22, "kitty2.jpg"), expires, &sig, now), bad);
+        assert_eq!(signer.verify(&job(21, "other.jpg"), expires, &sig, now), bad);
+        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, "AAAA", now), bad);
+        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, "not base64!", now), bad);
         let other_key = LinkSigner::new(vec![8; 32], Url::parse("http://127.0.0.1:8000").unwrap());
-        assert_eq!(
-            other_key.verify(&job(21, "kitty2.jpg"), expires, &sig, now),
-            bad
-        );
+        assert_eq!(other_key.verify(&job(21, "kitty2.jpg"), expires, &sig, now), bad);
     }
 
     #[test]

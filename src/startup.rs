@@ -1,6 +1,7 @@
 //! Wiring: build the adapters, bind the API, run API and workers until told to stop.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,13 +12,20 @@ use url::Url;
 
 use crate::backends::{self, Backends};
 use crate::config::{Command, Settings};
-use crate::fetch::{DestinationGuard, FetchSettings, HttpFetcher};
+use crate::fetch::{DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, SystemLookup};
 use crate::http::{self, AppState};
 use crate::lifecycle::RetryPolicy;
 use crate::worker::{Worker, WorkerSettings, run_pool};
 
 /// How long workers get, after the grace period, to hand their jobs back.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Parts of the application that tests may replace.
+#[derive(Default)]
+pub struct Hooks {
+    /// Name resolution for origin fetches (default: the system resolver).
+    pub lookup: Option<Arc<dyn Lookup>>,
+}
 
 pub struct Application {
     listener: Option<TcpListener>,
@@ -31,6 +39,11 @@ pub struct Application {
 impl Application {
     /// Build the process for `role` (`serve`, `api` or `worker`); binds the listener at once.
     pub async fn build(settings: Settings, role: Command) -> anyhow::Result<Self> {
+        Self::build_with(settings, role, Hooks::default()).await
+    }
+
+    /// [`Application::build`] with parts replaced (tests).
+    pub async fn build_with(settings: Settings, role: Command, hooks: Hooks) -> anyhow::Result<Self> {
         let runs_api = matches!(role, Command::Serve | Command::Api);
         let runs_workers = matches!(role, Command::Serve | Command::Worker);
         let listener = if runs_api {
@@ -50,20 +63,24 @@ impl Application {
             None => Url::parse(&format!("http://{}:{port}", settings.listen.ip()))?,
         };
         let backends = backends::build(&settings, public_url).await?;
-        let guard = DestinationGuard::new(settings.fetch_allow_private);
+        let allow = HostList::parse(&settings.fetch_allow).map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
+        let deny = HostList::parse(&settings.fetch_deny).map_err(|e| anyhow::anyhow!("--fetch-deny: {e}"))?;
+        let guard = DestinationGuard::with_lists(settings.fetch_allow_private, allow, deny);
         let worker = if runs_workers {
             let fetch = FetchSettings {
                 connect_timeout: settings.connect_timeout,
                 read_timeout: settings.read_timeout,
                 max_redirects: settings.max_redirects,
+                proxy: settings.fetch_proxy.clone(),
             };
+            let lookup = hooks.lookup.unwrap_or_else(|| Arc::new(SystemLookup));
             let fetcher =
-                HttpFetcher::new(guard.clone(), &fetch).context("cannot build the HTTP client")?;
+                HttpFetcher::with_lookup(guard.clone(), &fetch, lookup).context("cannot build the HTTP client")?;
             Some(Worker {
                 repo: backends.repo.clone(),
                 queue: backends.queue.clone(),
                 store: backends.store.clone(),
-                fetcher: std::sync::Arc::new(fetcher),
+                fetcher: Arc::new(fetcher),
                 settings: WorkerSettings {
                     policy: RetryPolicy {
                         max_retries: settings.max_retries,
@@ -78,14 +95,7 @@ impl Application {
         } else {
             None
         };
-        Ok(Self {
-            listener,
-            port,
-            backends,
-            guard,
-            worker,
-            settings,
-        })
+        Ok(Self { listener, port, backends, guard, worker, settings })
     }
 
     /// The port the API listens on (the real one when the settings asked for port 0).
@@ -109,11 +119,9 @@ impl Application {
             };
             let stopped = stop.clone().cancelled_owned();
             tracing::info!(port = self.port, "API listening");
-            tokio::spawn(async move {
-                axum::serve(listener, http::router(state))
-                    .with_graceful_shutdown(stopped)
-                    .await
-            })
+            tokio::spawn(
+                async move { axum::serve(listener, http::router(state)).with_graceful_shutdown(stopped).await },
+            )
         });
         let mut workers: Option<JoinHandle<()>> = self.worker.map(|worker| {
             let concurrency = self.settings.worker_concurrency;
@@ -144,13 +152,8 @@ impl Application {
             if tokio::time::timeout(grace, &mut workers).await.is_err() {
                 tracing::warn!(grace = %humantime::format_duration(grace), "jobs still running after the grace period; handing them back");
                 abort.cancel();
-                if tokio::time::timeout(HAND_BACK_TIMEOUT, workers)
-                    .await
-                    .is_err()
-                {
-                    tracing::error!(
-                        "workers did not hand their jobs back in time; their leases will lapse"
-                    );
+                if tokio::time::timeout(HAND_BACK_TIMEOUT, workers).await.is_err() {
+                    tracing::error!("workers did not hand their jobs back in time; their leases will lapse");
                 }
             }
         }
@@ -164,9 +167,8 @@ pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("can install a SIGTERM handler");
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("can install a SIGTERM handler");
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}

@@ -58,18 +58,9 @@ async fn start(data_dir: &Path, env: &[(&str, &str)]) -> Fileflow {
 impl Fileflow {
     async fn submit(&self, url: &str, key: &str) -> String {
         let body = json!({ "file_url": url, "bucket_name": "file-bucket", "object_name": key });
-        let response = self
-            .client
-            .post(format!("{}/api/v1/upload", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = self.client.post(format!("{}/api/v1/upload", self.base)).json(&body).send().await.unwrap();
         assert_eq!(response.status(), 202);
-        response.json::<Value>().await.unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
     }
 
     async fn statuses(&self) -> Vec<(String, String)> {
@@ -86,24 +77,12 @@ impl Fileflow {
             .as_array()
             .unwrap()
             .iter()
-            .map(|j| {
-                (
-                    j["id"].as_str().unwrap().to_owned(),
-                    j["status"].as_str().unwrap().to_owned(),
-                )
-            })
+            .map(|j| (j["id"].as_str().unwrap().to_owned(), j["status"].as_str().unwrap().to_owned()))
             .collect()
     }
 
     async fn job(&self, id: &str) -> Value {
-        self.client
-            .get(format!("{}/api/v1/uploads/{id}", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.client.get(format!("{}/api/v1/uploads/{id}", self.base)).send().await.unwrap().json().await.unwrap()
     }
 
     async fn wait_all_completed(&self, expected: usize, limit: Duration) -> Vec<(String, String)> {
@@ -113,20 +92,14 @@ impl Fileflow {
             if statuses.len() == expected && statuses.iter().all(|(_, s)| s == "completed") {
                 return statuses;
             }
-            assert!(
-                Instant::now() < deadline,
-                "not all jobs completed: {statuses:?}"
-            );
+            assert!(Instant::now() < deadline, "not all jobs completed: {statuses:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     fn signal(&self, signal: &str) {
         let pid = self.child.id().unwrap().to_string();
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .unwrap();
+        let status = std::process::Command::new("kill").args([signal, &pid]).status().unwrap();
         assert!(status.success());
     }
 }
@@ -135,10 +108,7 @@ impl Fileflow {
 async fn kill_9_with_jobs_waiting_and_in_flight_loses_nothing() {
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let env = [
-        ("FILEFLOW_WORKER_CONCURRENCY", "2"),
-        ("FILEFLOW_JOB_LEASE", "1s"),
-    ];
+    let env = [("FILEFLOW_WORKER_CONCURRENCY", "2"), ("FILEFLOW_JOB_LEASE", "1s")];
     let first = start(dir.path(), &env).await;
     let mut ids = Vec::new();
     for i in 0..12u64 {
@@ -152,10 +122,7 @@ async fn kill_9_with_jobs_waiting_and_in_flight_loses_nothing() {
         if statuses.iter().filter(|(_, s)| s == "processing").count() == 2 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "jobs never started: {statuses:?}"
-        );
+        assert!(Instant::now() < deadline, "jobs never started: {statuses:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut first = first;
@@ -172,16 +139,8 @@ async fn kill_9_with_jobs_waiting_and_in_flight_loses_nothing() {
     for (i, id) in ids {
         let job = second.job(&id).await;
         assert_eq!(job["size"], 10_000 + i, "{job}");
-        let stored = std::fs::read(
-            dir.path()
-                .join("objects/file-bucket/crash")
-                .join(i.to_string()),
-        )
-        .unwrap();
-        assert!(
-            stored == content(i, 10_000 + i),
-            "job {id} stored wrong bytes"
-        );
+        let stored = std::fs::read(dir.path().join("objects/file-bucket/crash").join(i.to_string())).unwrap();
+        assert!(stored == content(i, 10_000 + i), "job {id} stored wrong bytes");
     }
 }
 
@@ -189,37 +148,19 @@ async fn kill_9_with_jobs_waiting_and_in_flight_loses_nothing() {
 async fn sigterm_lets_jobs_in_flight_finish_within_the_grace_period() {
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let env = [
-        ("FILEFLOW_WORKER_CONCURRENCY", "4"),
-        ("FILEFLOW_SHUTDOWN_GRACE", "20s"),
-    ];
+    let env = [("FILEFLOW_WORKER_CONCURRENCY", "4"), ("FILEFLOW_SHUTDOWN_GRACE", "20s")];
     for signal in ["-TERM", "-INT"] {
         let mut app = start(dir.path(), &env).await;
-        let a = app
-            .submit(
-                &origin.url("/delay/1000/2000?seed=1"),
-                &format!("{signal}/a"),
-            )
-            .await;
-        let b = app
-            .submit(
-                &origin.url("/delay/1000/3000?seed=2"),
-                &format!("{signal}/b"),
-            )
-            .await;
+        let a = app.submit(&origin.url("/delay/1000/2000?seed=1"), &format!("{signal}/a")).await;
+        let b = app.submit(&origin.url("/delay/1000/3000?seed=2"), &format!("{signal}/b")).await;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while app.job(&a).await["status"] != "processing"
-            || app.job(&b).await["status"] != "processing"
-        {
+        while app.job(&a).await["status"] != "processing" || app.job(&b).await["status"] != "processing" {
             assert!(Instant::now() < deadline, "jobs never started");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let stopping = Instant::now();
         app.signal(signal);
-        let exit = tokio::time::timeout(Duration::from_secs(15), app.child.wait())
-            .await
-            .unwrap()
-            .unwrap();
+        let exit = tokio::time::timeout(Duration::from_secs(15), app.child.wait()).await.unwrap().unwrap();
         assert!(exit.success(), "{signal}: {exit:?}");
         assert!(stopping.elapsed() < Duration::from_secs(10));
 

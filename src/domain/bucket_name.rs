@@ -11,13 +11,10 @@ impl BucketName {
     pub fn parse(name: &str) -> Result<Self, InvalidValue> {
         let len = name.len();
         if !(3..=63).contains(&len) {
-            return Err(InvalidValue::new(format!(
-                "must be 3 to 63 characters long, got {len}"
-            )));
+            return Err(InvalidValue::new(format!("must be 3 to 63 characters long, got {len}")));
         }
-        if let Some(c) = name
-            .chars()
-            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '.' || *c == '-'))
+        if let Some(c) =
+            name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '.' || *c == '-'))
         {
             return Err(InvalidValue::new(format!(
                 "may contain only lowercase letters, digits, dots and hyphens, found {c:?}"
@@ -25,9 +22,7 @@ impl BucketName {
         }
         let bytes = name.as_bytes();
         if !bytes[0].is_ascii_alphanumeric() || !bytes[len - 1].is_ascii_alphanumeric() {
-            return Err(InvalidValue::new(
-                "must start and end with a letter or digit",
-            ));
+            return Err(InvalidValue::new("must start and end with a letter or digit"));
         }
         if name.contains("..") {
             return Err(InvalidValue::new("must not contain two adjacent dots"));
@@ -58,13 +53,7 @@ mod tests {
 
     #[test]
     fn accepts_the_seeds_bucket_and_other_valid_names() {
-        for name in [
-            "file-bucket",
-            "abc",
-            "my.bucket.2024",
-            "a1b",
-            &"a".repeat(63),
-        ] {
+        for name in ["file-bucket", "abc", "my.bucket.2024", "a1b", &"a".repeat(63)] {
             assert_eq!(BucketName::parse(name).unwrap().as_str(), name);
         }
     }

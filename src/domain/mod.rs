@@ -6,11 +6,13 @@
 mod bucket_name;
 mod checksum;
 mod object_key;
+mod request_headers;
 mod source_url;
 
 pub use bucket_name::BucketName;
 pub use checksum::{Md5Hex, Sha256Hex};
 pub use object_key::ObjectKey;
+pub use request_headers::RequestHeaders;
 pub use source_url::SourceUrl;
 
 /// Why a value was refused; the message is meant for the API caller.

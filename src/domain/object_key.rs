@@ -15,11 +15,7 @@ impl ObjectKey {
             return Err(InvalidValue::new("must not be empty"));
         }
         if key.len() > Self::MAX_LEN {
-            return Err(InvalidValue::new(format!(
-                "must be at most {} bytes, got {}",
-                Self::MAX_LEN,
-                key.len()
-            )));
+            return Err(InvalidValue::new(format!("must be at most {} bytes, got {}", Self::MAX_LEN, key.len())));
         }
         if key.chars().any(char::is_control) {
             return Err(InvalidValue::new("must not contain control characters"));
@@ -33,14 +29,10 @@ impl ObjectKey {
         for segment in key.split('/') {
             match segment {
                 "" if !key.ends_with('/') => {
-                    return Err(InvalidValue::new(
-                        "must not contain empty path segments ('//')",
-                    ));
+                    return Err(InvalidValue::new("must not contain empty path segments ('//')"));
                 }
                 "." | ".." => {
-                    return Err(InvalidValue::new(
-                        "must not contain '.' or '..' path segments",
-                    ));
+                    return Err(InvalidValue::new("must not contain '.' or '..' path segments"));
                 }
                 _ => {}
             }
@@ -68,14 +60,7 @@ mod tests {
 
     #[test]
     fn accepts_plain_and_nested_keys() {
-        for key in [
-            "kitty2.jpg",
-            "photos/2024/cat.jpg",
-            "ünïcødé ☃.txt",
-            "a..b",
-            ".hidden",
-            &"k".repeat(1024),
-        ] {
+        for key in ["kitty2.jpg", "photos/2024/cat.jpg", "ünïcødé ☃.txt", "a..b", ".hidden", &"k".repeat(1024)] {
             assert_eq!(ObjectKey::parse(key).unwrap().as_str(), key);
         }
     }

@@ -13,14 +13,9 @@ impl SourceUrl {
 
     pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
         if raw.len() > Self::MAX_LEN {
-            return Err(InvalidValue::new(format!(
-                "must be at most {} bytes, got {}",
-                Self::MAX_LEN,
-                raw.len()
-            )));
+            return Err(InvalidValue::new(format!("must be at most {} bytes, got {}", Self::MAX_LEN, raw.len())));
         }
-        let url = Url::parse(raw)
-            .map_err(|e| InvalidValue::new(format!("is not an absolute URL: {e}")))?;
+        let url = Url::parse(raw).map_err(|e| InvalidValue::new(format!("is not an absolute URL: {e}")))?;
         Self::from_url(url)
     }
 
@@ -28,18 +23,14 @@ impl SourceUrl {
         match url.scheme() {
             "http" | "https" => {}
             other => {
-                return Err(InvalidValue::new(format!(
-                    "must use http or https, not {other:?}"
-                )));
+                return Err(InvalidValue::new(format!("must use http or https, not {other:?}")));
             }
         }
         if url.host().is_none() {
             return Err(InvalidValue::new("must name a host"));
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(InvalidValue::new(
-                "must not carry credentials (user:password@)",
-            ));
+            return Err(InvalidValue::new("must not carry credentials (user:password@)"));
         }
         Ok(Self(url))
     }

@@ -1,7 +1,7 @@
 //! The HTTP fetcher: reqwest with the destination guard on every lookup and redirect.
 
 use std::error::Error as StdError;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,9 @@ pub struct FetchSettings {
     /// Longest wait for the next bytes of a response.
     pub read_timeout: Duration,
     pub max_redirects: usize,
+    /// An explicitly configured proxy; proxy environment variables are never read. The
+    /// proxy resolves names itself, so only names and IP literals are checked then.
+    pub proxy: Option<Url>,
 }
 
 impl Default for FetchSettings {
@@ -30,7 +33,24 @@ impl Default for FetchSettings {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
             max_redirects: 5,
+            proxy: None,
         }
+    }
+}
+
+/// Name resolution, replaceable so tests can answer as a hostile DNS server would.
+#[async_trait]
+pub trait Lookup: Send + Sync + 'static {
+    async fn lookup(&self, host: &str) -> std::io::Result<Vec<IpAddr>>;
+}
+
+/// The system resolver.
+pub struct SystemLookup;
+
+#[async_trait]
+impl Lookup for SystemLookup {
+    async fn lookup(&self, host: &str) -> std::io::Result<Vec<IpAddr>> {
+        Ok(tokio::net::lookup_host((host, 0)).await?.map(|a| a.ip()).collect())
     }
 }
 
@@ -45,6 +65,14 @@ pub struct HttpFetcher {
 
 impl HttpFetcher {
     pub fn new(guard: DestinationGuard, settings: &FetchSettings) -> Result<Self, reqwest::Error> {
+        Self::with_lookup(guard, settings, Arc::new(SystemLookup))
+    }
+
+    pub fn with_lookup(
+        guard: DestinationGuard,
+        settings: &FetchSettings,
+        lookup: Arc<dyn Lookup>,
+    ) -> Result<Self, reqwest::Error> {
         let redirect_guard = guard.clone();
         let max_redirects = settings.max_redirects;
         let policy = redirect::Policy::custom(move |attempt| {
@@ -56,41 +84,43 @@ impl HttpFetcher {
                 Err(refused) => attempt.error(refused),
             }
         });
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("fileflow/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
             .connect_timeout(settings.connect_timeout)
             .read_timeout(settings.read_timeout)
             .redirect(policy)
-            .dns_resolver(Arc::new(GuardedResolver {
-                guard: guard.clone(),
-            }))
-            .build()?;
-        Ok(Self { client, guard })
+            .dns_resolver(Arc::new(GuardedResolver { guard: guard.clone(), lookup }));
+        if let Some(proxy) = &settings.proxy {
+            builder = builder.proxy(reqwest::Proxy::all(proxy.clone())?);
+        }
+        Ok(Self { client: builder.build()?, guard })
     }
 }
 
 /// Resolves names itself and hands reqwest only checked addresses, so the connection goes
-/// to an address that was checked (no second lookup for DNS rebinding to exploit).
+/// to an address that was checked (no second lookup for DNS rebinding to exploit). A name
+/// with any refused address is refused whole.
 struct GuardedResolver {
     guard: DestinationGuard,
+    lookup: Arc<dyn Lookup>,
 }
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let guard = self.guard.clone();
+        let lookup = self.lookup.clone();
         Box::pin(async move {
-            guard.check_name(name.as_str())?;
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            if addrs.is_empty() {
-                return Err(format!("{} has no addresses", name.as_str()).into());
+            let host = name.as_str();
+            guard.check_name(host)?;
+            let ips = lookup.lookup(host).await?;
+            if ips.is_empty() {
+                return Err(format!("{host} has no addresses").into());
             }
-            for addr in &addrs {
-                guard.check_ip(addr.ip()).map_err(|Refused(why)| {
-                    Refused(format!("{} resolves to {why}", name.as_str()))
-                })?;
+            for ip in &ips {
+                guard.check_resolved(host, *ip)?;
             }
+            let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect();
             Ok(Box::new(addrs.into_iter()) as Addrs)
         })
     }
@@ -151,17 +181,13 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> JobError {
     let message = format!("origin answered HTTP {status}");
-    let transient = status.is_server_error()
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS;
+    let transient =
+        status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS;
     if transient {
         JobError::transient(message).with_retry_after(retry_after(headers))
     } else {
@@ -171,25 +197,27 @@ fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> Job
 
 #[async_trait]
 impl Fetcher for HttpFetcher {
-    async fn fetch(&self, url: &Url) -> Result<Fetched, JobError> {
-        self.guard
-            .check_url(url)
-            .map_err(|r| JobError::permanent(r.to_string()))?;
-        let response = self
-            .client
-            .get(url.clone())
-            .send()
-            .await
-            .map_err(classify)?;
+    async fn fetch(&self, url: &Url, headers: &[(String, String)]) -> Result<Fetched, JobError> {
+        self.guard.check_url(url).map_err(|r| JobError::permanent(r.to_string()))?;
+        let mut request = self.client.get(url.clone());
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let response = request.send().await.map_err(classify)?;
         let status = response.status();
+        if status.is_redirection() {
+            // reqwest hands back redirects it will not follow (to another scheme, say).
+            let target = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
+            let refused = target.and_then(|t| response.url().join(t).ok()).and_then(|t| self.guard.check_url(&t).err());
+            return Err(JobError::permanent(match refused {
+                Some(refused) => format!("redirect {refused}"),
+                None => format!("origin answered HTTP {status} without a redirect that can be followed"),
+            }));
+        }
         if !status.is_success() {
             return Err(status_error(status, response.headers()));
         }
-        let content_type = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         Ok(Fetched {
             content_length: response.content_length(),
             content_type,

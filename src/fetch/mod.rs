@@ -9,8 +9,8 @@ use url::Url;
 use crate::lifecycle::JobError;
 use crate::storage::ByteStream;
 
-pub use guard::{DestinationGuard, Refused};
-pub use http::{FetchSettings, HttpFetcher};
+pub use guard::{DestinationGuard, HostList, Refused};
+pub use http::{FetchSettings, HttpFetcher, Lookup, SystemLookup};
 
 /// An origin's answer, body not yet read.
 pub struct Fetched {
@@ -21,6 +21,7 @@ pub struct Fetched {
 
 #[async_trait]
 pub trait Fetcher: Send + Sync + 'static {
-    /// Start fetching `url`; errors are classified transient or permanent.
-    async fn fetch(&self, url: &Url) -> Result<Fetched, JobError>;
+    /// Start fetching `url` with the caller's extra request `headers`; errors are
+    /// classified transient or permanent.
+    async fn fetch(&self, url: &Url, headers: &[(String, String)]) -> Result<Fetched, JobError>;
 }

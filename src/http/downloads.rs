@@ -27,31 +27,19 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let refused = || ApiError::Forbidden("this download link is not valid".into());
     let Some(signer) = &state.signer else {
-        return Err(ApiError::NotFound(
-            "this store serves downloads through its own links".into(),
-        ));
+        return Err(ApiError::NotFound("this store serves downloads through its own links".into()));
     };
-    let expires = query
-        .get("expires")
-        .and_then(|e| e.parse::<i64>().ok())
-        .ok_or_else(refused)?;
+    let expires = query.get("expires").and_then(|e| e.parse::<i64>().ok()).ok_or_else(refused)?;
     let signature = query.get("signature").ok_or_else(refused)?;
     let id: JobId = id.parse().map_err(|_| refused())?;
     // An unknown id answers like a bad signature: links reveal nothing about other jobs.
     let job = state.repo.get(id).await?.ok_or_else(refused)?;
-    signer
-        .verify(&job, expires, signature, Utc::now())
-        .map_err(|e| ApiError::Forbidden(e.to_string()))?;
+    signer.verify(&job, expires, signature, Utc::now()).map_err(|e| ApiError::Forbidden(e.to_string()))?;
     if job.status != JobStatus::Completed {
-        return Err(ApiError::NotFound(format!(
-            "upload {} has no stored object",
-            job.id
-        )));
+        return Err(ApiError::NotFound(format!("upload {} has no stored object", job.id)));
     }
-    let bucket =
-        BucketName::parse(&job.bucket_name).map_err(|e| anyhow::anyhow!("job {}: {e}", job.id))?;
-    let key =
-        ObjectKey::parse(&job.object_name).map_err(|e| anyhow::anyhow!("job {}: {e}", job.id))?;
+    let bucket = BucketName::parse(&job.bucket_name).map_err(|e| anyhow::anyhow!("job {}: {e}", job.id))?;
+    let key = ObjectKey::parse(&job.object_name).map_err(|e| anyhow::anyhow!("job {}: {e}", job.id))?;
     let object = match state.store.get(&bucket, &key).await {
         Ok(object) => object,
         Err(ReadError::NotFound) => {
@@ -59,9 +47,7 @@ async fn download(
         }
         Err(e) => return Err(ApiError::Internal(e.into())),
     };
-    let content_type = job
-        .content_type
-        .unwrap_or_else(|| "application/octet-stream".into());
+    let content_type = job.content_type.unwrap_or_else(|| "application/octet-stream".into());
     Ok((
         [
             (header::CONTENT_TYPE, content_type),

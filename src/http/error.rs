@@ -14,10 +14,7 @@ pub enum ApiError {
     #[error("request body is too large")]
     PayloadTooLarge,
     #[error("{field}: {message}")]
-    InvalidField {
-        field: &'static str,
-        message: String,
-    },
+    InvalidField { field: &'static str, message: String },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -31,10 +28,7 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(field: &'static str, message: impl std::fmt::Display) -> Self {
-        Self::InvalidField {
-            field,
-            message: message.to_string(),
-        }
+        Self::InvalidField { field, message: message.to_string() }
     }
 
     pub fn status_code(&self) -> StatusCode {

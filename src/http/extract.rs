@@ -16,13 +16,9 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match axum::Json::<Value>::from_request(req, state).await {
             Ok(axum::Json(Value::Object(map))) => Ok(Self(map)),
-            Ok(_) => Err(ApiError::MalformedJson(
-                "request body must be a JSON object".into(),
-            )),
+            Ok(_) => Err(ApiError::MalformedJson("request body must be a JSON object".into())),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::PayloadTooLarge)
-            }
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::PayloadTooLarge),
             Err(rejection) => Err(ApiError::MalformedJson(rejection.body_text())),
         }
     }
@@ -39,7 +35,6 @@ impl JsonObject {
     }
 
     pub fn required_str(&self, field: &'static str) -> Result<&str, ApiError> {
-        self.optional_str(field)?
-            .ok_or_else(|| ApiError::invalid(field, "is required"))
+        self.optional_str(field)?.ok_or_else(|| ApiError::invalid(field, "is required"))
     }
 }

@@ -9,9 +9,7 @@ use serde_json::{Value, json};
 use super::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
 }
 
 /// The process is up.
@@ -25,10 +23,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Value>
         Ok(()) => (StatusCode::OK, axum::Json(json!({ "status": "ready" }))),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(json!({ "status": "unavailable" })),
-            )
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "unavailable" })))
         }
     }
 }

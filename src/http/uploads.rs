@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::extract::JsonObject;
 use super::{ApiError, AppState};
-use crate::domain::{BucketName, Md5Hex, ObjectKey, Sha256Hex, SourceUrl};
+use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, SourceUrl};
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob};
 use crate::metadata::{ListFilter, Requeue};
 
@@ -95,40 +95,34 @@ impl AppState {
 }
 
 fn parse_new_job(body: &JsonObject, state: &AppState) -> Result<NewJob, ApiError> {
-    let source = SourceUrl::parse(body.required_str("file_url")?)
-        .map_err(|e| ApiError::invalid("file_url", e))?;
+    let source = SourceUrl::parse(body.required_str("file_url")?).map_err(|e| ApiError::invalid("file_url", e))?;
     // Refused names and IP-literal hosts are known now; names are checked again when resolved.
-    state
-        .guard
-        .check_url(source.as_url())
-        .map_err(|e| ApiError::invalid("file_url", e))?;
-    let bucket = BucketName::parse(body.required_str("bucket_name")?)
-        .map_err(|e| ApiError::invalid("bucket_name", e))?;
-    let key = ObjectKey::parse(body.required_str("object_name")?)
-        .map_err(|e| ApiError::invalid("object_name", e))?;
-    let expected_sha256 = body
-        .optional_str("sha256")?
-        .map(Sha256Hex::parse)
-        .transpose()
-        .map_err(|e| ApiError::invalid("sha256", e))?;
-    let expected_md5 = body
-        .optional_str("md5")?
-        .map(Md5Hex::parse)
-        .transpose()
-        .map_err(|e| ApiError::invalid("md5", e))?;
-    Ok(NewJob {
-        source,
-        bucket,
-        key,
-        expected_sha256,
-        expected_md5,
-    })
+    state.guard.check_url(source.as_url()).map_err(|e| ApiError::invalid("file_url", e))?;
+    let bucket =
+        BucketName::parse(body.required_str("bucket_name")?).map_err(|e| ApiError::invalid("bucket_name", e))?;
+    let key = ObjectKey::parse(body.required_str("object_name")?).map_err(|e| ApiError::invalid("object_name", e))?;
+    let expected_sha256 =
+        body.optional_str("sha256")?.map(Sha256Hex::parse).transpose().map_err(|e| ApiError::invalid("sha256", e))?;
+    let expected_md5 =
+        body.optional_str("md5")?.map(Md5Hex::parse).transpose().map_err(|e| ApiError::invalid("md5", e))?;
+    let headers = match body.0.get("headers") {
+        None | Some(serde_json::Value::Null) => RequestHeaders::default(),
+        Some(serde_json::Value::Object(map)) => {
+            let mut pairs = Vec::with_capacity(map.len());
+            for (name, value) in map {
+                let value = value
+                    .as_str()
+                    .ok_or_else(|| ApiError::invalid("headers", format!("the value of {name:?} must be a string")))?;
+                pairs.push((name.as_str(), value));
+            }
+            RequestHeaders::parse(pairs).map_err(|e| ApiError::invalid("headers", e))?
+        }
+        Some(_) => return Err(ApiError::invalid("headers", "must be an object of header names to values")),
+    };
+    Ok(NewJob { source, bucket, key, expected_sha256, expected_md5, headers })
 }
 
-async fn create_upload(
-    State(state): State<AppState>,
-    body: JsonObject,
-) -> Result<Response, ApiError> {
+async fn create_upload(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
     let new_job = parse_new_job(&body, &state)?;
     let job = state.repo.create(&new_job, Utc::now()).await?;
     tracing::info!(job_id = %job.id, bucket = %job.bucket_name, key = %job.object_name, "job accepted");
@@ -141,10 +135,7 @@ async fn create_upload(
         .into_response())
 }
 
-async fn get_upload(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<JobView>, ApiError> {
+async fn get_upload(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
     let job = state.find(&id).await?;
     Ok(Json(state.view(job).await?))
 }
@@ -153,42 +144,23 @@ async fn list_uploads(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let status = query
-        .get("status")
-        .map(|s| s.parse::<JobStatus>())
-        .transpose()
-        .map_err(|e| ApiError::invalid("status", e))?;
+    let status =
+        query.get("status").map(|s| s.parse::<JobStatus>()).transpose().map_err(|e| ApiError::invalid("status", e))?;
     let limit = match query.get("limit") {
         None => DEFAULT_PAGE,
         Some(raw) => raw
             .parse::<u32>()
             .ok()
             .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    "limit",
-                    format!("must be a whole number from 1 to {MAX_PAGE}"),
-                )
-            })?,
+            .ok_or_else(|| ApiError::invalid("limit", format!("must be a whole number from 1 to {MAX_PAGE}")))?,
     };
     let before = query
         .get("before")
         .map(|raw| raw.parse::<JobId>())
         .transpose()
         .map_err(|_| ApiError::invalid("before", "must be an upload id"))?;
-    let jobs = state
-        .repo
-        .list(&ListFilter {
-            status,
-            before,
-            limit,
-        })
-        .await?;
-    let next = if jobs.len() == limit as usize {
-        jobs.last().map(|j| j.id.to_string())
-    } else {
-        None
-    };
+    let jobs = state.repo.list(&ListFilter { status, before, limit }).await?;
+    let next = if jobs.len() == limit as usize { jobs.last().map(|j| j.id.to_string()) } else { None };
     let mut uploads = Vec::with_capacity(jobs.len());
     for job in jobs {
         uploads.push(state.view(job).await?);
@@ -203,45 +175,29 @@ async fn download_url(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let expires_in = match query.get("expires_in") {
         None => DEFAULT_LINK_SECS,
-        Some(raw) => raw
-            .parse::<i64>()
-            .ok()
-            .filter(|s| (1..=MAX_LINK_SECS).contains(s))
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    "expires_in",
-                    format!("must be a number of seconds from 1 to {MAX_LINK_SECS}"),
-                )
-            })?,
+        Some(raw) => raw.parse::<i64>().ok().filter(|s| (1..=MAX_LINK_SECS).contains(s)).ok_or_else(|| {
+            ApiError::invalid("expires_in", format!("must be a number of seconds from 1 to {MAX_LINK_SECS}"))
+        })?,
     };
     let job = state.find(&id).await?;
     if job.status != JobStatus::Completed {
-        return Err(ApiError::Conflict(format!(
-            "upload {} is {}, not completed",
-            job.id, job.status
-        )));
+        return Err(ApiError::Conflict(format!("upload {} is {}, not completed", job.id, job.status)));
     }
     let expires_at = Utc::now() + chrono::Duration::seconds(expires_in);
     let url = state.links.link(&job, expires_at).await?;
-    Ok(Json(
-        json!({ "url": url.to_string(), "expires_at": timestamp(expires_at) }),
-    ))
+    Ok(Json(json!({ "url": url.to_string(), "expires_at": timestamp(expires_at) })))
 }
 
-async fn retry_upload(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+async fn retry_upload(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let job = state.find(&id).await?;
     match state.repo.requeue_failed(job.id, Utc::now()).await? {
         Requeue::Requeued(job) => {
             tracing::info!(job_id = %job.id, "failed job re-queued");
             Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
         }
-        Requeue::NotFailed(status) => Err(ApiError::Conflict(format!(
-            "upload {} is {status}; only failed uploads can be retried",
-            job.id
-        ))),
+        Requeue::NotFailed(status) => {
+            Err(ApiError::Conflict(format!("upload {} is {status}; only failed uploads can be retried", job.id)))
+        }
         Requeue::NotFound => Err(ApiError::NotFound(format!("no upload with id {id:?}"))),
     }
 }

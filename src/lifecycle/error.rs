@@ -21,19 +21,11 @@ pub struct JobError {
 
 impl JobError {
     pub fn transient(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::Transient,
-            message: message.into(),
-            retry_after: None,
-        }
+        Self { kind: ErrorKind::Transient, message: message.into(), retry_after: None }
     }
 
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::Permanent,
-            message: message.into(),
-            retry_after: None,
-        }
+        Self { kind: ErrorKind::Permanent, message: message.into(), retry_after: None }
     }
 
     pub fn with_retry_after(mut self, delay: Option<Duration>) -> Self {

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Decision, JobError, RetryPolicy};
-use crate::domain::{BucketName, Md5Hex, ObjectKey, Sha256Hex, SourceUrl};
+use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, SourceUrl};
 
 /// A job's identifier: the `files` row id, shown as a string as in the seed (`"21"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,12 +46,7 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 4] = [
-        Self::Pending,
-        Self::Processing,
-        Self::Completed,
-        Self::Failed,
-    ];
+    pub const ALL: [JobStatus; 4] = [Self::Pending, Self::Processing, Self::Completed, Self::Failed];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -82,9 +77,7 @@ impl FromStr for JobStatus {
         Self::ALL
             .into_iter()
             .find(|status| status.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown status {s:?}: expected pending, processing, completed or failed")
-            })
+            .ok_or_else(|| format!("unknown status {s:?}: expected pending, processing, completed or failed"))
     }
 }
 
@@ -102,6 +95,8 @@ pub struct NewJob {
     pub key: ObjectKey,
     pub expected_sha256: Option<Sha256Hex>,
     pub expected_md5: Option<Md5Hex>,
+    /// Extra headers for the origin request.
+    pub headers: RequestHeaders,
 }
 
 /// A job as recorded by the metadata repository.
@@ -121,6 +116,8 @@ pub struct Job {
     pub content_type: Option<String>,
     pub expected_sha256: Option<String>,
     pub expected_md5: Option<String>,
+    /// Extra headers for the origin request (secret: never shown by the API).
+    pub request_headers: RequestHeaders,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// When the next attempt is due, while a retry is scheduled.
@@ -141,14 +138,8 @@ pub struct StoredObject {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
     Completed(StoredObject),
-    RetryScheduled {
-        retry_count: u32,
-        last_error: String,
-        due_at: DateTime<Utc>,
-    },
-    Failed {
-        last_error: String,
-    },
+    RetryScheduled { retry_count: u32, last_error: String, due_at: DateTime<Utc> },
+    Failed { last_error: String },
 }
 
 impl Settlement {
@@ -177,9 +168,7 @@ pub fn settle(
                 last_error: error.message,
                 due_at: now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX),
             },
-            Decision::GiveUp => Settlement::Failed {
-                last_error: error.message,
-            },
+            Decision::GiveUp => Settlement::Failed { last_error: error.message },
         },
     }
 }
@@ -232,13 +221,7 @@ mod tests {
     #[test]
     fn a_transient_error_schedules_a_retry_in_the_future() {
         let now = Utc::now();
-        let s = settle(
-            0,
-            Err(JobError::transient("HTTP 503")),
-            &RetryPolicy::default(),
-            now,
-            0.0,
-        );
+        let s = settle(0, Err(JobError::transient("HTTP 503")), &RetryPolicy::default(), now, 0.0);
         assert_eq!(
             s,
             Settlement::RetryScheduled {
@@ -256,15 +239,11 @@ mod tests {
         let policy = RetryPolicy::default();
         assert_eq!(
             settle(3, Err(JobError::transient("HTTP 503")), &policy, now, 0.0),
-            Settlement::Failed {
-                last_error: "HTTP 503".into()
-            }
+            Settlement::Failed { last_error: "HTTP 503".into() }
         );
         assert_eq!(
             settle(0, Err(JobError::permanent("HTTP 404")), &policy, now, 0.0),
-            Settlement::Failed {
-                last_error: "HTTP 404".into()
-            }
+            Settlement::Failed { last_error: "HTTP 404".into() }
         );
     }
 }

@@ -15,11 +15,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            max_retries: 3,
-            base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(300),
-        }
+        Self { max_retries: 3, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(300) }
     }
 }
 
@@ -53,10 +49,7 @@ impl RetryPolicy {
             Some(asked) => asked.max(backoff).min(self.max_delay),
             None => backoff,
         };
-        Decision::Retry {
-            retry_count: retries_so_far + 1,
-            delay,
-        }
+        Decision::Retry { retry_count: retries_so_far + 1, delay }
     }
 }
 
@@ -65,11 +58,7 @@ mod tests {
     use super::*;
 
     fn policy() -> RetryPolicy {
-        RetryPolicy {
-            max_retries: 3,
-            base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(60),
-        }
+        RetryPolicy { max_retries: 3, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(60) }
     }
 
     #[test]
@@ -80,13 +69,7 @@ mod tests {
             let full = Duration::from_secs(full_secs);
             let low = policy().decide(retries, &err, 0.0);
             let high = policy().decide(retries, &err, 0.999_999);
-            assert_eq!(
-                low,
-                Decision::Retry {
-                    retry_count: retries + 1,
-                    delay: full / 2
-                }
-            );
+            assert_eq!(low, Decision::Retry { retry_count: retries + 1, delay: full / 2 });
             match high {
                 Decision::Retry { delay, .. } => {
                     assert!(delay < full && delay > full.mul_f64(0.99))
@@ -99,32 +82,20 @@ mod tests {
     #[test]
     fn gives_up_when_the_budget_is_spent() {
         let err = JobError::transient("reset");
-        assert!(matches!(
-            policy().decide(2, &err, 0.5),
-            Decision::Retry { retry_count: 3, .. }
-        ));
+        assert!(matches!(policy().decide(2, &err, 0.5), Decision::Retry { retry_count: 3, .. }));
         assert_eq!(policy().decide(3, &err, 0.5), Decision::GiveUp);
-        let none = RetryPolicy {
-            max_retries: 0,
-            ..policy()
-        };
+        let none = RetryPolicy { max_retries: 0, ..policy() };
         assert_eq!(none.decide(0, &err, 0.5), Decision::GiveUp);
     }
 
     #[test]
     fn permanent_errors_are_never_retried() {
-        assert_eq!(
-            policy().decide(0, &JobError::permanent("HTTP 404"), 0.5),
-            Decision::GiveUp
-        );
+        assert_eq!(policy().decide(0, &JobError::permanent("HTTP 404"), 0.5), Decision::GiveUp);
     }
 
     #[test]
     fn backoff_is_capped() {
-        let many = RetryPolicy {
-            max_retries: 100,
-            ..policy()
-        };
+        let many = RetryPolicy { max_retries: 100, ..policy() };
         let err = JobError::transient("HTTP 500");
         for retries in [10, 31, 32, 60, 99] {
             match many.decide(retries, &err, 0.999) {
@@ -136,30 +107,19 @@ mod tests {
 
     #[test]
     fn retry_after_is_honoured_up_to_the_cap() {
-        let asked = |secs| {
-            JobError::transient("HTTP 429").with_retry_after(Some(Duration::from_secs(secs)))
-        };
+        let asked = |secs| JobError::transient("HTTP 429").with_retry_after(Some(Duration::from_secs(secs)));
         assert_eq!(
             policy().decide(0, &asked(30), 0.0),
-            Decision::Retry {
-                retry_count: 1,
-                delay: Duration::from_secs(30)
-            }
+            Decision::Retry { retry_count: 1, delay: Duration::from_secs(30) }
         );
         assert_eq!(
             policy().decide(0, &asked(3600), 0.0),
-            Decision::Retry {
-                retry_count: 1,
-                delay: Duration::from_secs(60)
-            }
+            Decision::Retry { retry_count: 1, delay: Duration::from_secs(60) }
         );
         // A Retry-After shorter than the backoff does not make the retry come sooner.
         assert_eq!(
             policy().decide(2, &asked(0), 0.0),
-            Decision::Retry {
-                retry_count: 3,
-                delay: Duration::from_secs(2)
-            }
+            Decision::Retry { retry_count: 3, delay: Duration::from_secs(2) }
         );
     }
 }

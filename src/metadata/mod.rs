@@ -72,8 +72,7 @@ pub trait JobRepository: Send + Sync + 'static {
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError>;
 
     /// Take a `pending` job, or one whose lease has lapsed, into `processing`.
-    async fn claim(&self, id: JobId, lease: &Lease, now: DateTime<Utc>)
-    -> Result<Claim, RepoError>;
+    async fn claim(&self, id: JobId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, RepoError>;
 
     /// Extend a held lease; `false` when the lease was lost to another worker.
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError>;

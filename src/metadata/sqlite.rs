@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use tokio::sync::Notify;
 
 use super::{Claim, JobRepository, Lease, ListFilter, RepoError, Requeue};
+use crate::domain::RequestHeaders;
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -38,14 +37,8 @@ impl SqliteDb {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await?;
-        Ok(Self {
-            pool,
-            queued: Arc::new(Notify::new()),
-        })
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        Ok(Self { pool, queued: Arc::new(Notify::new()) })
     }
 
     /// The default database inside a data directory.
@@ -64,9 +57,7 @@ pub(crate) fn to_millis(t: DateTime<Utc>) -> i64 {
 }
 
 pub(crate) fn from_millis(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms)
-        .single()
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    Utc.timestamp_millis_opt(ms).single().unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 /// The SQLite implementation of [`JobRepository`].
@@ -82,19 +73,14 @@ impl SqliteRepository {
 }
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
-    etag, size, sha256, md5, content_type, expected_sha256, expected_md5, created_at, updated_at, \
-    next_attempt_at";
+    etag, size, sha256, md5, content_type, expected_sha256, expected_md5, request_headers, \
+    created_at, updated_at, next_attempt_at";
 
 fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
     let status: String = row.try_get("status")?;
-    let status = status
-        .parse::<JobStatus>()
-        .map_err(|reason| RepoError::Corrupt { id, reason })?;
-    let corrupt = |reason: &str| RepoError::Corrupt {
-        id,
-        reason: reason.to_owned(),
-    };
+    let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id, reason })?;
+    let corrupt = |reason: &str| RepoError::Corrupt { id, reason: reason.to_owned() };
     let retry_count: i64 = row.try_get("retry_count")?;
     let size: Option<i64> = row.try_get("size")?;
     Ok(Job {
@@ -106,20 +92,19 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         retry_count: u32::try_from(retry_count).map_err(|_| corrupt("negative retry_count"))?,
         last_error: row.try_get("last_error")?,
         etag: row.try_get("etag")?,
-        size: size
-            .map(u64::try_from)
-            .transpose()
-            .map_err(|_| corrupt("negative size"))?,
+        size: size.map(u64::try_from).transpose().map_err(|_| corrupt("negative size"))?,
         sha256: row.try_get("sha256")?,
         md5: row.try_get("md5")?,
         content_type: row.try_get("content_type")?,
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
+        request_headers: match row.try_get::<Option<String>, _>("request_headers")? {
+            Some(text) => RequestHeaders::from_json(&text).map_err(|e| corrupt(&e.0))?,
+            None => RequestHeaders::default(),
+        },
         created_at: from_millis(row.try_get("created_at")?),
         updated_at: from_millis(row.try_get("updated_at")?),
-        next_attempt_at: row
-            .try_get::<Option<i64>, _>("next_attempt_at")?
-            .map(from_millis),
+        next_attempt_at: row.try_get::<Option<i64>, _>("next_attempt_at")?.map(from_millis),
     })
 }
 
@@ -130,8 +115,8 @@ impl JobRepository for SqliteRepository {
         let mut tx = self.db.pool.begin().await?;
         let row = sqlx::query(&format!(
             "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, \
-             status, retry_count, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?6) RETURNING {COLUMNS}"
+             request_headers, status, retry_count, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?7, 'pending', 0, ?6, ?6) RETURNING {COLUMNS}"
         ))
         .bind(job.source.as_str())
         .bind(job.bucket.as_str())
@@ -139,6 +124,7 @@ impl JobRepository for SqliteRepository {
         .bind(job.expected_sha256.as_ref().map(|s| s.as_str()))
         .bind(job.expected_md5.as_ref().map(|s| s.as_str()))
         .bind(now_ms)
+        .bind((!job.headers.is_empty()).then(|| job.headers.to_json()))
         .fetch_one(&mut *tx)
         .await?;
         let created = job_from_row(&row)?;
@@ -174,12 +160,7 @@ impl JobRepository for SqliteRepository {
         rows.iter().map(job_from_row).collect()
     }
 
-    async fn claim(
-        &self,
-        id: JobId,
-        lease: &Lease,
-        now: DateTime<Utc>,
-    ) -> Result<Claim, RepoError> {
+    async fn claim(&self, id: JobId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, RepoError> {
         let now_ms = to_millis(now);
         let claimed = sqlx::query(&format!(
             "UPDATE files SET status = 'processing', lease_owner = ?2, lease_expires_at = ?3, \
@@ -204,17 +185,13 @@ impl JobRepository for SqliteRepository {
             return Ok(Claim::NotFound);
         };
         let status: String = current.try_get("status")?;
-        let status = status
-            .parse::<JobStatus>()
-            .map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
+        let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
         Ok(match status {
             JobStatus::Completed | JobStatus::Failed => Claim::Finished(status),
             // A pending job that failed to claim was claimed concurrently a moment ago.
             JobStatus::Processing | JobStatus::Pending => {
                 let until: Option<i64> = current.try_get("lease_expires_at")?;
-                Claim::Busy {
-                    until: until.map(from_millis).unwrap_or(now),
-                }
+                Claim::Busy { until: until.map(from_millis).unwrap_or(now) }
             }
         })
     }

@@ -27,11 +27,7 @@ pub struct EmbeddedQueue {
 
 impl EmbeddedQueue {
     pub fn new(db: SqliteDb, lock_for: Duration, consumer: impl Into<String>) -> Self {
-        Self {
-            db,
-            lock_for,
-            consumer: consumer.into(),
-        }
+        Self { db, lock_for, consumer: consumer.into() }
     }
 
     fn lock_until(&self, now: DateTime<Utc>) -> i64 {
@@ -63,10 +59,9 @@ impl EmbeddedQueue {
 
     /// When the next row becomes deliverable (due, or its lock lapses), if any.
     async fn next_ready_at(&self) -> Result<Option<DateTime<Utc>>, QueueError> {
-        let next: Option<i64> =
-            sqlx::query_scalar("SELECT MIN(MAX(due_at, COALESCE(locked_until, 0))) FROM queue")
-                .fetch_one(&self.db.pool)
-                .await?;
+        let next: Option<i64> = sqlx::query_scalar("SELECT MIN(MAX(due_at, COALESCE(locked_until, 0))) FROM queue")
+            .fetch_one(&self.db.pool)
+            .await?;
         Ok(next.map(from_millis))
     }
 }
@@ -104,12 +99,7 @@ impl Queue for EmbeddedQueue {
         Ok(())
     }
 
-    async fn retry(
-        &self,
-        delivery: &Delivery,
-        attempt: u32,
-        due_at: DateTime<Utc>,
-    ) -> Result<(), QueueError> {
+    async fn retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError> {
         sqlx::query(
             "UPDATE queue SET attempt = ?3, due_at = ?4, locked_by = NULL, locked_until = NULL \
              WHERE job_id = ?1 AND locked_by = ?2",

@@ -45,12 +45,7 @@ pub trait Queue: Send + Sync + 'static {
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError>;
 
     /// Deliver the job again at `due_at` as attempt `attempt`, then forget this message.
-    async fn retry(
-        &self,
-        delivery: &Delivery,
-        attempt: u32,
-        due_at: DateTime<Utc>,
-    ) -> Result<(), QueueError>;
+    async fn retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError>;
 
     /// Give the message back untouched, to be delivered again at once (shutdown).
     async fn release(&self, delivery: &Delivery) -> Result<(), QueueError>;

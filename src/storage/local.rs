@@ -29,13 +29,8 @@ impl LocalStore {
     /// are created on first use.
     pub fn new(root: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
-        let fs = LocalFileSystem::new_with_prefix(root)
-            .map_err(std::io::Error::other)?
-            .with_fsync(true);
-        Ok(Self {
-            root: root.to_owned(),
-            fs,
-        })
+        let fs = LocalFileSystem::new_with_prefix(root).map_err(std::io::Error::other)?.with_fsync(true);
+        Ok(Self { root: root.to_owned(), fs })
     }
 
     pub fn root(&self) -> &Path {
@@ -45,9 +40,7 @@ impl LocalStore {
     fn location(bucket: &BucketName, key: &ObjectKey) -> StorePath {
         // Each segment is added as a part, so characters the file system cannot take are
         // escaped and no segment can climb out of the bucket.
-        std::iter::once(PathPart::from(bucket.as_str()))
-            .chain(key.as_str().split('/').map(PathPart::from))
-            .collect()
+        std::iter::once(PathPart::from(bucket.as_str())).chain(key.as_str().split('/').map(PathPart::from)).collect()
     }
 }
 
@@ -61,10 +54,11 @@ impl ObjectStore for LocalStore {
         mut body: ByteStream,
     ) -> Result<PutOutcome, JobError> {
         let location = Self::location(bucket, key);
-        let upload =
-            self.fs.put_multipart(&location).await.map_err(|e| {
-                JobError::transient(format!("local store: cannot start write: {e}"))
-            })?;
+        let upload = self
+            .fs
+            .put_multipart(&location)
+            .await
+            .map_err(|e| JobError::transient(format!("local store: cannot start write: {e}")))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK);
         let written: Result<(), JobError> = async {
             while let Some(chunk) = body.next().await {
@@ -80,9 +74,10 @@ impl ObjectStore for LocalStore {
         .await;
         match written {
             Ok(()) => {
-                writer.finish().await.map_err(|e| {
-                    JobError::transient(format!("local store: cannot finish write: {e}"))
-                })?;
+                writer
+                    .finish()
+                    .await
+                    .map_err(|e| JobError::transient(format!("local store: cannot finish write: {e}")))?;
                 Ok(PutOutcome { etag: None })
             }
             Err(error) => {

@@ -4,6 +4,7 @@
 //! can drive a worker without sleeping; [`run_pool`] runs steps concurrently until told
 //! to stop.
 
+mod sniff;
 mod verify;
 
 use std::sync::Arc;
@@ -15,9 +16,7 @@ use url::Url;
 
 use crate::domain::{BucketName, ObjectKey};
 use crate::fetch::Fetcher;
-use crate::lifecycle::{
-    Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle,
-};
+use crate::lifecycle::{Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle};
 use crate::metadata::{Claim, JobRepository, Lease, RepoError};
 use crate::queue::{Delivery, Queue, QueueError};
 use crate::storage::ObjectStore;
@@ -94,11 +93,7 @@ impl Worker {
         self.handle(delivery, abort).await
     }
 
-    pub async fn handle(
-        &self,
-        delivery: Delivery,
-        abort: &CancellationToken,
-    ) -> Result<WorkOutcome, WorkerError> {
+    pub async fn handle(&self, delivery: Delivery, abort: &CancellationToken) -> Result<WorkOutcome, WorkerError> {
         let id = delivery.job_id;
         let lease = self.lease_from(&delivery.token, Utc::now());
         let job = match self.repo.claim(id, &lease, Utc::now()).await? {
@@ -140,13 +135,7 @@ impl Worker {
         };
 
         let now = Utc::now();
-        let settlement = settle(
-            job.retry_count,
-            outcome,
-            &self.settings.policy,
-            now,
-            rand::random(),
-        );
+        let settlement = settle(job.retry_count, outcome, &self.settings.policy, now, rand::random());
         if !self.repo.settle(id, &lease.owner, &settlement, now).await? {
             tracing::warn!(job_id = %id, attempt, "lease lost before the outcome was recorded");
             return Ok(WorkOutcome::LeaseLost(id));
@@ -159,39 +148,24 @@ impl Worker {
                     etag = %stored.etag, elapsed_ms, "job completed");
                 WorkOutcome::Completed(id)
             }
-            Settlement::RetryScheduled {
-                retry_count,
-                last_error,
-                due_at,
-            } => {
+            Settlement::RetryScheduled { retry_count, last_error, due_at } => {
                 self.queue.retry(&delivery, retry_count + 1, due_at).await?;
                 tracing::warn!(job_id = %id, attempt, outcome = "retry", error = %last_error,
                     due_at = %due_at.to_rfc3339(), elapsed_ms, "job attempt failed; retry scheduled");
-                WorkOutcome::RetryScheduled {
-                    id,
-                    retry_count,
-                    due_at,
-                }
+                WorkOutcome::RetryScheduled { id, retry_count, due_at }
             }
             Settlement::Failed { last_error } => {
                 self.queue.ack(&delivery).await?;
                 tracing::error!(job_id = %id, attempt, outcome = "failed", error = %last_error,
                     elapsed_ms, "job failed");
-                WorkOutcome::Failed {
-                    id,
-                    error: last_error,
-                }
+                WorkOutcome::Failed { id, error: last_error }
             }
         })
     }
 
     fn lease_from(&self, owner: &str, now: DateTime<Utc>) -> Lease {
-        let length =
-            chrono::Duration::from_std(self.settings.lease).unwrap_or(chrono::Duration::MAX);
-        Lease {
-            owner: owner.to_owned(),
-            expires_at: now + length,
-        }
+        let length = chrono::Duration::from_std(self.settings.lease).unwrap_or(chrono::Duration::MAX);
+        Lease { owner: owner.to_owned(), expires_at: now + length }
     }
 
     /// Renew the job's lease and the message's lock until the lease is lost (never returns
@@ -201,11 +175,7 @@ impl Worker {
         tick.tick().await;
         loop {
             tick.tick().await;
-            match self
-                .repo
-                .renew(id, &self.lease_from(&lease.owner, Utc::now()))
-                .await
-            {
+            match self.repo.renew(id, &self.lease_from(&lease.owner, Utc::now())).await {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => tracing::warn!(job_id = %id, error = %e, "could not renew lease"),
@@ -219,14 +189,13 @@ impl Worker {
     /// One attempt: origin → verify → store.
     async fn transfer(&self, job: &Job) -> Result<StoredObject, JobError> {
         // The row was validated on the way in; a row that no longer parses is corrupt.
-        let corrupt = |what: &str, e: &dyn std::fmt::Display| {
-            JobError::permanent(format!("stored {what} is invalid: {e}"))
-        };
+        let corrupt =
+            |what: &str, e: &dyn std::fmt::Display| JobError::permanent(format!("stored {what} is invalid: {e}"));
         let url = Url::parse(&job.file_url).map_err(|e| corrupt("file_url", &e))?;
         let bucket = BucketName::parse(&job.bucket_name).map_err(|e| corrupt("bucket_name", &e))?;
         let key = ObjectKey::parse(&job.object_name).map_err(|e| corrupt("object_name", &e))?;
 
-        let fetched = self.fetcher.fetch(&url).await?;
+        let fetched = self.fetcher.fetch(&url, job.request_headers.pairs()).await?;
         let max_size = self.settings.max_file_size;
         if let Some(length) = fetched.content_length
             && length > max_size
@@ -235,17 +204,14 @@ impl Worker {
                 "file too large: origin declares {length} bytes, the limit is {max_size}"
             )));
         }
-        let content_type = fetched
-            .content_type
-            .filter(|t| !t.trim().is_empty())
-            .unwrap_or_else(|| "application/octet-stream".to_owned());
+        let (content_type, body) = sniff::content_type(fetched.content_type, fetched.body).await;
         let expect = Expectations {
             max_size,
             declared_length: fetched.content_length,
             sha256: job.expected_sha256.clone(),
             md5: job.expected_md5.clone(),
         };
-        let (body, digests) = verified(fetched.body, expect);
+        let (body, digests) = verified(body, expect);
         let put = self.store.put(&bucket, &key, &content_type, body).await?;
         let digests = digests
             .lock()
@@ -264,12 +230,7 @@ impl Worker {
 
 /// Run `concurrency` workers until `stop` is cancelled; jobs in flight then run to their
 /// end unless `abort` is cancelled too, in which case they are handed back.
-pub async fn run_pool(
-    worker: Worker,
-    concurrency: usize,
-    stop: CancellationToken,
-    abort: CancellationToken,
-) {
+pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToken, abort: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
         let (worker, stop, abort) = (worker.clone(), stop.clone(), abort.clone());

@@ -55,10 +55,7 @@ impl State {
         }
         let sha256 = hex::encode(self.sha256.finalize_reset());
         let md5 = hex::encode(self.md5.finalize_reset());
-        for (name, expected, actual) in [
-            ("sha256", &self.expect.sha256, &sha256),
-            ("md5", &self.expect.md5, &md5),
-        ] {
+        for (name, expected, actual) in [("sha256", &self.expect.sha256, &sha256), ("md5", &self.expect.md5, &md5)] {
             if let Some(expected) = expected
                 && expected != actual
             {
@@ -67,11 +64,7 @@ impl State {
                 )));
             }
         }
-        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Digests {
-            size: self.size,
-            sha256,
-            md5,
-        });
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Digests { size: self.size, sha256, md5 });
         Ok(())
     }
 }
@@ -80,15 +73,8 @@ impl State {
 /// once the stream ended without error.
 pub fn verified(body: ByteStream, expect: Expectations) -> (ByteStream, DigestSlot) {
     let slot = DigestSlot::default();
-    let state = State {
-        body,
-        expect,
-        sha256: Sha256::new(),
-        md5: Md5::new(),
-        size: 0,
-        slot: slot.clone(),
-        done: false,
-    };
+    let state =
+        State { body, expect, sha256: Sha256::new(), md5: Md5::new(), size: 0, slot: slot.clone(), done: false };
     let stream = futures::stream::unfold(state, |mut st| async move {
         if st.done {
             return None;
@@ -127,16 +113,12 @@ mod tests {
     use super::*;
 
     fn body(parts: &[&'static [u8]]) -> ByteStream {
-        let parts: Vec<Result<Bytes, JobError>> =
-            parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        let parts: Vec<Result<Bytes, JobError>> = parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
         futures::stream::iter(parts).boxed()
     }
 
     fn expect() -> Expectations {
-        Expectations {
-            max_size: 1 << 20,
-            ..Default::default()
-        }
+        Expectations { max_size: 1 << 20, ..Default::default() }
     }
 
     const HELLO_SHA256: &str = "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9";
@@ -148,30 +130,16 @@ mod tests {
         let out: Vec<Bytes> = stream.try_collect().await.unwrap();
         assert_eq!(out.concat(), b"hello world");
         let digests = slot.lock().unwrap().clone().unwrap();
-        assert_eq!(
-            digests,
-            Digests {
-                size: 11,
-                sha256: HELLO_SHA256.into(),
-                md5: HELLO_MD5.into()
-            }
-        );
+        assert_eq!(digests, Digests { size: 11, sha256: HELLO_SHA256.into(), md5: HELLO_MD5.into() });
     }
 
     #[tokio::test]
     async fn matching_checksums_pass_and_a_mismatch_is_permanent() {
-        let good = Expectations {
-            sha256: Some(HELLO_SHA256.into()),
-            md5: Some(HELLO_MD5.into()),
-            ..expect()
-        };
+        let good = Expectations { sha256: Some(HELLO_SHA256.into()), md5: Some(HELLO_MD5.into()), ..expect() };
         let (stream, _) = verified(body(&[b"hello world"]), good);
         assert!(stream.try_collect::<Vec<_>>().await.is_ok());
 
-        let bad = Expectations {
-            sha256: Some("0".repeat(64)),
-            ..expect()
-        };
+        let bad = Expectations { sha256: Some("0".repeat(64)), ..expect() };
         let (stream, slot) = verified(body(&[b"hello world"]), bad);
         let err = stream.try_collect::<Vec<_>>().await.unwrap_err();
         assert!(!err.is_transient());
@@ -181,26 +149,17 @@ mod tests {
 
     #[tokio::test]
     async fn stops_as_soon_as_the_size_limit_is_passed() {
-        let small = Expectations {
-            max_size: 8,
-            ..expect()
-        };
+        let small = Expectations { max_size: 8, ..expect() };
         let (stream, _) = verified(body(&[b"hello", b" world", b"never read"]), small);
         let items: Vec<_> = stream.collect().await;
         assert_eq!(items.len(), 2);
         let err = items[1].clone().unwrap_err();
-        assert!(
-            !err.is_transient() && err.message.contains("too large"),
-            "{err}"
-        );
+        assert!(!err.is_transient() && err.message.contains("too large"), "{err}");
     }
 
     #[tokio::test]
     async fn a_body_shorter_than_declared_is_transient() {
-        let declared = Expectations {
-            declared_length: Some(20),
-            ..expect()
-        };
+        let declared = Expectations { declared_length: Some(20), ..expect() };
         let (stream, slot) = verified(body(&[b"hello world"]), declared);
         let err = stream.try_collect::<Vec<_>>().await.unwrap_err();
         assert!(err.is_transient(), "{err}");

@@ -12,23 +12,11 @@ async fn origin_4xx_fails_at_once_without_retries() {
     let app = spawn_app().await;
     for code in [404, 403, 410] {
         let path = format!("/status/{code}");
-        let id = app
-            .submit(
-                &origin.url(&path),
-                "file-bucket",
-                &format!("missing-{code}"),
-            )
-            .await;
+        let id = app.submit(&origin.url(&path), "file-bucket", &format!("missing-{code}")).await;
         let job = app.finished(&id).await;
         assert_eq!(job["status"], "failed", "{job}");
         assert_eq!(job["retry_count"], 0, "{job}");
-        assert!(
-            job["last_error"]
-                .as_str()
-                .unwrap()
-                .contains(&code.to_string()),
-            "{job}"
-        );
+        assert!(job["last_error"].as_str().unwrap().contains(&code.to_string()), "{job}");
         assert_eq!(origin.hits(&path), 1);
     }
     app.stop().await;
@@ -45,9 +33,7 @@ async fn throttling_and_timeouts_statuses_are_retried() {
     .await;
     for code in [408, 429, 502] {
         let path = format!("/status/{code}");
-        let id = app
-            .submit(&origin.url(&path), "file-bucket", &format!("t-{code}"))
-            .await;
+        let id = app.submit(&origin.url(&path), "file-bucket", &format!("t-{code}")).await;
         let job = app.finished(&id).await;
         assert_eq!(job["status"], "failed", "{job}");
         assert_eq!(job["retry_count"], 1, "{code} is transient: {job}");
@@ -60,30 +46,20 @@ async fn throttling_and_timeouts_statuses_are_retried() {
 async fn a_connection_reset_mid_body_is_transient_and_leaves_no_object() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.max_retries = 1).await;
-    let id = app
-        .submit(&origin.url("/reset/3000000"), "file-bucket", "reset.bin")
-        .await;
+    let id = app.submit(&origin.url("/reset/3000000"), "file-bucket", "reset.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 1, "{job}");
-    assert!(
-        job["last_error"].as_str().unwrap().contains("interrupted"),
-        "{job}"
-    );
+    assert!(job["last_error"].as_str().unwrap().contains("interrupted"), "{job}");
     assert_eq!(origin.hits("/reset/3000000"), 2);
     assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
 
     // The same through a real TCP reset after the head and half the body.
-    let id = app
-        .submit(&origin.raw_url("/reset/3000000"), "file-bucket", "rst.bin")
-        .await;
+    let id = app.submit(&origin.raw_url("/reset/3000000"), "file-bucket", "rst.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 1, "{job}");
-    assert!(
-        job["last_error"].as_str().unwrap().contains("interrupted"),
-        "{job}"
-    );
+    assert!(job["last_error"].as_str().unwrap().contains("interrupted"), "{job}");
     assert_eq!(origin.hits("/reset/3000000"), 4);
     assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
     app.stop().await;
@@ -93,16 +69,11 @@ async fn a_connection_reset_mid_body_is_transient_and_leaves_no_object() {
 async fn a_body_shorter_than_its_content_length_is_transient_and_leaves_no_object() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.max_retries = 1).await;
-    let id = app
-        .submit(&origin.raw_url("/short/100000"), "file-bucket", "short.bin")
-        .await;
+    let id = app.submit(&origin.raw_url("/short/100000"), "file-bucket", "short.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 1, "{job}");
-    assert!(
-        job["last_error"].as_str().unwrap().contains("interrupted"),
-        "{job}"
-    );
+    assert!(job["last_error"].as_str().unwrap().contains("interrupted"), "{job}");
     assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
     app.stop().await;
 }
@@ -115,19 +86,10 @@ async fn a_stalled_origin_hits_the_idle_read_timeout() {
         s.read_timeout = Duration::from_millis(300);
     })
     .await;
-    let id = app
-        .submit(
-            &origin.url("/trickle/10?every_ms=1000"),
-            "file-bucket",
-            "stalled",
-        )
-        .await;
+    let id = app.submit(&origin.url("/trickle/10?every_ms=1000"), "file-bucket", "stalled").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
-    assert!(
-        job["last_error"].as_str().unwrap().contains("timed out"),
-        "{job}"
-    );
+    assert!(job["last_error"].as_str().unwrap().contains("timed out"), "{job}");
     app.stop().await;
 }
 
@@ -142,22 +104,10 @@ async fn a_trickling_origin_cannot_hold_a_worker_past_the_transfer_deadline() {
     .await;
     let started = std::time::Instant::now();
     // 200 bytes at one per 50 ms would take 10 s: each read is quick, the whole is not.
-    let id = app
-        .submit(
-            &origin.url("/trickle/200?every_ms=50"),
-            "file-bucket",
-            "trickle",
-        )
-        .await;
+    let id = app.submit(&origin.url("/trickle/200?every_ms=50"), "file-bucket", "trickle").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
-    assert!(
-        job["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("did not finish within 1s"),
-        "{job}"
-    );
+    assert!(job["last_error"].as_str().unwrap().contains("did not finish within 1s"), "{job}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
     app.stop().await;
@@ -167,19 +117,10 @@ async fn a_trickling_origin_cannot_hold_a_worker_past_the_transfer_deadline() {
 async fn a_slow_but_steady_origin_completes() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.read_timeout = Duration::from_secs(2)).await;
-    let id = app
-        .submit(
-            &origin.url("/trickle/20?every_ms=50"),
-            "file-bucket",
-            "steady",
-        )
-        .await;
+    let id = app.submit(&origin.url("/trickle/20?every_ms=50"), "file-bucket", "steady").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "completed", "{job}");
-    assert_eq!(
-        std::fs::read(app.object_path("file-bucket", "steady")).unwrap(),
-        content(1, 20)
-    );
+    assert_eq!(std::fs::read(app.object_path("file-bucket", "steady")).unwrap(), content(1, 20));
     app.stop().await;
 }
 
@@ -187,19 +128,12 @@ async fn a_slow_but_steady_origin_completes() {
 async fn files_over_the_size_limit_fail_permanently() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.max_file_size = bytesize::ByteSize::b(10_000)).await;
-    let id = app
-        .submit(&origin.url("/file/10001"), "file-bucket", "big")
-        .await;
+    let id = app.submit(&origin.url("/file/10001"), "file-bucket", "big").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 0);
-    assert!(
-        job["last_error"].as_str().unwrap().contains("too large"),
-        "{job}"
-    );
-    let id = app
-        .submit(&origin.url("/file/10000"), "file-bucket", "fits")
-        .await;
+    assert!(job["last_error"].as_str().unwrap().contains("too large"), "{job}");
+    let id = app.submit(&origin.url("/file/10000"), "file-bucket", "fits").await;
     assert_eq!(app.finished(&id).await["status"], "completed");
     assert_eq!(app.stored_files().len(), 1);
     app.stop().await;
@@ -230,17 +164,8 @@ async fn checksums_given_at_submit_are_verified() {
         let job = app.finished(&id).await;
         assert_eq!(job["status"], "failed", "{job}");
         assert_eq!(job["retry_count"], 0, "a mismatch is permanent");
-        assert!(
-            job["last_error"]
-                .as_str()
-                .unwrap()
-                .contains("checksum mismatch"),
-            "{job}"
-        );
-        assert!(
-            !app.object_path("file-bucket", &format!("bad-{field}.bin"))
-                .exists()
-        );
+        assert!(job["last_error"].as_str().unwrap().contains("checksum mismatch"), "{job}");
+        assert!(!app.object_path("file-bucket", &format!("bad-{field}.bin")).exists());
     }
     assert_eq!(app.stored_files().len(), 1, "{:?}", app.stored_files());
     app.stop().await;
@@ -250,20 +175,13 @@ async fn checksums_given_at_submit_are_verified() {
 async fn redirects_are_followed_up_to_the_limit() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.max_redirects = 3).await;
-    let ok = app
-        .submit(&origin.url("/redirect/3/1000"), "file-bucket", "redirected")
-        .await;
+    let ok = app.submit(&origin.url("/redirect/3/1000"), "file-bucket", "redirected").await;
     assert_eq!(app.finished(&ok).await["status"], "completed");
-    let too_many = app
-        .submit(&origin.url("/redirect/4/1000"), "file-bucket", "loop")
-        .await;
+    let too_many = app.submit(&origin.url("/redirect/4/1000"), "file-bucket", "loop").await;
     let job = app.finished(&too_many).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 0);
-    assert!(
-        job["last_error"].as_str().unwrap().contains("redirect"),
-        "{job}"
-    );
+    assert!(job["last_error"].as_str().unwrap().contains("redirect"), "{job}");
     app.stop().await;
 }
 
@@ -273,32 +191,16 @@ async fn a_name_resolving_to_loopback_fails_permanently_when_fetched() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.fetch_allow_private = false).await;
     // The machine's own name resolves to a loopback address here (see /etc/hosts).
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap()
-        .trim()
-        .to_owned();
-    let resolved: Vec<_> = tokio::net::lookup_host((host.as_str(), 0))
-        .await
-        .unwrap()
-        .collect();
-    assert!(
-        resolved.iter().any(|a| a.ip().is_loopback()),
-        "{host} should resolve to loopback: {resolved:?}"
-    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned();
+    let resolved: Vec<_> = tokio::net::lookup_host((host.as_str(), 0)).await.unwrap().collect();
+    assert!(resolved.iter().any(|a| a.ip().is_loopback()), "{host} should resolve to loopback: {resolved:?}");
 
     let url = format!("http://{host}:{}/file/10", origin.addr.port());
     let id = app.submit(&url, "file-bucket", "sneaky").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 0);
-    assert!(
-        job["last_error"].as_str().unwrap().contains("refused"),
-        "{job}"
-    );
-    assert_eq!(
-        origin.hits("/file/10"),
-        0,
-        "no connection reached the origin"
-    );
+    assert!(job["last_error"].as_str().unwrap().contains("refused"), "{job}");
+    assert_eq!(origin.hits("/file/10"), 0, "no connection reached the origin");
     app.stop().await;
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fileflow::config::{Command, Settings};
-use fileflow::startup::Application;
+use fileflow::startup::{Application, Hooks};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -36,17 +36,23 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_with_hooks(adjust, Hooks::default()).await
+}
+
+pub async fn spawn_app_with_hooks(adjust: impl FnOnce(&mut Settings), hooks: Hooks) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(dir.path().to_owned());
     adjust(&mut settings);
-    start(settings, Some(dir)).await
+    start_with(settings, Some(dir), hooks).await
 }
 
 /// Start fileflow on settings whose data dir the caller keeps (for restarts).
 pub async fn start(settings: Settings, data_dir: Option<tempfile::TempDir>) -> TestApp {
-    let app = Application::build(settings.clone(), Command::Serve)
-        .await
-        .expect("fileflow builds");
+    start_with(settings, data_dir, Hooks::default()).await
+}
+
+async fn start_with(settings: Settings, data_dir: Option<tempfile::TempDir>, hooks: Hooks) -> TestApp {
+    let app = Application::build_with(settings.clone(), Command::Serve, hooks).await.expect("fileflow builds");
     let base = format!("http://127.0.0.1:{}", app.port());
     let (tx, rx) = oneshot::channel::<()>();
     let running = tokio::spawn(app.run_until_stopped(async {
@@ -68,30 +74,17 @@ impl TestApp {
     }
 
     pub async fn post_upload(&self, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url("/api/v1/upload"))
-            .json(body)
-            .send()
-            .await
-            .unwrap()
+        self.client.post(self.url("/api/v1/upload")).json(body).send().await.unwrap()
     }
 
     /// Submit a job and return its id, asserting it was accepted.
     pub async fn submit(&self, file_url: &str, bucket: &str, key: &str) -> String {
-        self.submit_body(
-            &json!({ "file_url": file_url, "bucket_name": bucket, "object_name": key }),
-        )
-        .await
+        self.submit_body(&json!({ "file_url": file_url, "bucket_name": bucket, "object_name": key })).await
     }
 
     pub async fn submit_body(&self, body: &Value) -> String {
         let response = self.post_upload(body).await;
-        assert_eq!(
-            response.status(),
-            202,
-            "upload refused: {:?}",
-            response.text().await
-        );
+        assert_eq!(response.status(), 202, "upload refused: {:?}", response.text().await);
         let body: Value = response.json().await.unwrap();
         body["id"].as_str().expect("id is a string").to_owned()
     }
@@ -109,40 +102,25 @@ impl TestApp {
     }
 
     /// Poll until the job satisfies `done`; panic with its last state after `limit`.
-    pub async fn wait_until(
-        &self,
-        id: &str,
-        limit: Duration,
-        done: impl Fn(&Value) -> bool,
-    ) -> Value {
+    pub async fn wait_until(&self, id: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + limit;
         loop {
             let job = self.job(id).await;
             if done(&job) {
                 return job;
             }
-            assert!(
-                Instant::now() < deadline,
-                "job {id} did not get there in {limit:?}: {job}"
-            );
+            assert!(Instant::now() < deadline, "job {id} did not get there in {limit:?}: {job}");
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 
     /// Wait for `completed` or `failed`.
     pub async fn finished(&self, id: &str) -> Value {
-        self.wait_until(id, Duration::from_secs(30), |j| {
-            j["status"] == "completed" || j["status"] == "failed"
-        })
-        .await
+        self.wait_until(id, Duration::from_secs(30), |j| j["status"] == "completed" || j["status"] == "failed").await
     }
 
     pub fn object_path(&self, bucket: &str, key: &str) -> PathBuf {
-        self.settings
-            .data_dir
-            .join("objects")
-            .join(bucket)
-            .join(key)
+        self.settings.data_dir.join("objects").join(bucket).join(key)
     }
 
     /// Every file under the object store (objects and any leftover staging files).
@@ -171,10 +149,7 @@ impl TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        (&mut self.running)
-            .await
-            .unwrap()
-            .expect("fileflow stops cleanly");
+        (&mut self.running).await.unwrap().expect("fileflow stops cleanly");
         self._data_dir.take()
     }
 }

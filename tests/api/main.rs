@@ -5,7 +5,9 @@ mod origin;
 
 mod helpers;
 
+mod destinations;
 mod download_links;
 mod failures;
+mod origin_requests;
 mod submit;
 mod workflow;

@@ -19,10 +19,7 @@ async fn upload_answers_202_with_the_seeds_body_and_a_location() {
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     let body: Value = response.json().await.unwrap();
     let id = body["id"].as_str().unwrap();
-    assert_eq!(
-        body,
-        json!({ "id": id, "message": "file upload initiated successfully" })
-    );
+    assert_eq!(body, json!({ "id": id, "message": "file upload initiated successfully" }));
     assert_eq!(location, format!("/api/v1/uploads/{id}"));
 
     let (status, job) = app.get(&location).await;
@@ -53,75 +50,18 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
         body
     };
     let cases: Vec<(&str, Value, u16, &str, Option<&str>)> = vec![
-        (
-            "missing file_url",
-            without("file_url"),
-            422,
-            "invalid_field",
-            Some("file_url"),
-        ),
-        (
-            "missing bucket",
-            without("bucket_name"),
-            422,
-            "invalid_field",
-            Some("bucket_name"),
-        ),
-        (
-            "missing key",
-            without("object_name"),
-            422,
-            "invalid_field",
-            Some("object_name"),
-        ),
-        (
-            "number url",
-            with("file_url", json!(42)),
-            422,
-            "invalid_field",
-            Some("file_url"),
-        ),
-        (
-            "relative url",
-            with("file_url", json!("photo.jpg")),
-            422,
-            "invalid_field",
-            Some("file_url"),
-        ),
-        (
-            "ftp url",
-            with("file_url", json!("ftp://example.com/a")),
-            422,
-            "invalid_field",
-            Some("file_url"),
-        ),
-        (
-            "file url",
-            with("file_url", json!("file:///etc/passwd")),
-            422,
-            "invalid_field",
-            Some("file_url"),
-        ),
-        (
-            "seed's local url",
-            with("file_url", json!("local://sonny.jpg")),
-            422,
-            "invalid_field",
-            Some("file_url"),
-        ),
-        (
-            "credentials",
-            with("file_url", json!("http://u:p@example.com/a")),
-            422,
-            "invalid_field",
-            Some("file_url"),
-        ),
+        ("missing file_url", without("file_url"), 422, "invalid_field", Some("file_url")),
+        ("missing bucket", without("bucket_name"), 422, "invalid_field", Some("bucket_name")),
+        ("missing key", without("object_name"), 422, "invalid_field", Some("object_name")),
+        ("number url", with("file_url", json!(42)), 422, "invalid_field", Some("file_url")),
+        ("relative url", with("file_url", json!("photo.jpg")), 422, "invalid_field", Some("file_url")),
+        ("ftp url", with("file_url", json!("ftp://example.com/a")), 422, "invalid_field", Some("file_url")),
+        ("file url", with("file_url", json!("file:///etc/passwd")), 422, "invalid_field", Some("file_url")),
+        ("seed's local url", with("file_url", json!("local://sonny.jpg")), 422, "invalid_field", Some("file_url")),
+        ("credentials", with("file_url", json!("http://u:p@example.com/a")), 422, "invalid_field", Some("file_url")),
         (
             "url too long",
-            with(
-                "file_url",
-                json!(format!("https://example.com/{}", "a".repeat(2100))),
-            ),
+            with("file_url", json!(format!("https://example.com/{}", "a".repeat(2100)))),
             422,
             "invalid_field",
             Some("file_url"),
@@ -133,139 +73,42 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
             "invalid_field",
             Some("bucket_name"),
         ),
-        (
-            "uppercase bucket",
-            with("bucket_name", json!("Bucket")),
-            422,
-            "invalid_field",
-            Some("bucket_name"),
-        ),
-        (
-            "ip bucket",
-            with("bucket_name", json!("10.0.0.1")),
-            422,
-            "invalid_field",
-            Some("bucket_name"),
-        ),
-        (
-            "short bucket",
-            with("bucket_name", json!("ab")),
-            422,
-            "invalid_field",
-            Some("bucket_name"),
-        ),
-        (
-            "escaping key",
-            with("object_name", json!("../../etc/passwd")),
-            422,
-            "invalid_field",
-            Some("object_name"),
-        ),
-        (
-            "absolute key",
-            with("object_name", json!("/etc/passwd")),
-            422,
-            "invalid_field",
-            Some("object_name"),
-        ),
-        (
-            "backslash key",
-            with("object_name", json!("..\\x")),
-            422,
-            "invalid_field",
-            Some("object_name"),
-        ),
-        (
-            "empty key",
-            with("object_name", json!("")),
-            422,
-            "invalid_field",
-            Some("object_name"),
-        ),
-        (
-            "control key",
-            with("object_name", json!("a\u{7}b")),
-            422,
-            "invalid_field",
-            Some("object_name"),
-        ),
-        (
-            "long key",
-            with("object_name", json!("k".repeat(1025))),
-            422,
-            "invalid_field",
-            Some("object_name"),
-        ),
-        (
-            "bad sha256",
-            with("sha256", json!("abc")),
-            422,
-            "invalid_field",
-            Some("sha256"),
-        ),
-        (
-            "bad md5",
-            with("md5", json!("zz".repeat(16))),
-            422,
-            "invalid_field",
-            Some("md5"),
-        ),
-        (
-            "array body",
-            json!([valid.clone()]),
-            400,
-            "malformed_json",
-            None,
-        ),
+        ("uppercase bucket", with("bucket_name", json!("Bucket")), 422, "invalid_field", Some("bucket_name")),
+        ("ip bucket", with("bucket_name", json!("10.0.0.1")), 422, "invalid_field", Some("bucket_name")),
+        ("short bucket", with("bucket_name", json!("ab")), 422, "invalid_field", Some("bucket_name")),
+        ("escaping key", with("object_name", json!("../../etc/passwd")), 422, "invalid_field", Some("object_name")),
+        ("absolute key", with("object_name", json!("/etc/passwd")), 422, "invalid_field", Some("object_name")),
+        ("backslash key", with("object_name", json!("..\\x")), 422, "invalid_field", Some("object_name")),
+        ("empty key", with("object_name", json!("")), 422, "invalid_field", Some("object_name")),
+        ("control key", with("object_name", json!("a\u{7}b")), 422, "invalid_field", Some("object_name")),
+        ("long key", with("object_name", json!("k".repeat(1025))), 422, "invalid_field", Some("object_name")),
+        ("bad sha256", with("sha256", json!("abc")), 422, "invalid_field", Some("sha256")),
+        ("bad md5", with("md5", json!("zz".repeat(16))), 422, "invalid_field", Some("md5")),
+        ("array body", json!([valid.clone()]), 400, "malformed_json", None),
     ];
     for (name, body, status, code, field) in cases {
         let response = app.post_upload(&body).await;
         assert_eq!(response.status().as_u16(), status, "{name}");
         let error: Value = response.json().await.unwrap();
         assert_eq!(error["error"]["code"], code, "{name}: {error}");
-        assert!(
-            error["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{name}"
-        );
+        assert!(error["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}");
         if let Some(field) = field {
             assert_eq!(error["error"]["field"], field, "{name}: {error}");
         }
     }
 
     let raw = |content_type: &'static str, body: String| {
-        app.client
-            .post(app.url("/api/v1/upload"))
-            .header("content-type", content_type)
-            .body(body)
-            .send()
+        app.client.post(app.url("/api/v1/upload")).header("content-type", content_type).body(body).send()
     };
-    let broken = raw("application/json", "{\"file_url\": ".into())
-        .await
-        .unwrap();
+    let broken = raw("application/json", "{\"file_url\": ".into()).await.unwrap();
     assert_eq!(broken.status(), 400);
-    assert_eq!(
-        broken.json::<Value>().await.unwrap()["error"]["code"],
-        "malformed_json"
-    );
+    assert_eq!(broken.json::<Value>().await.unwrap()["error"]["code"], "malformed_json");
     let wrong_type = raw("text/plain", valid.to_string()).await.unwrap();
     assert_eq!(wrong_type.status(), 415);
-    assert_eq!(
-        wrong_type.json::<Value>().await.unwrap()["error"]["code"],
-        "unsupported_media_type"
-    );
-    let huge = raw(
-        "application/json",
-        format!("{{\"pad\": \"{}\"}}", "x".repeat(200_000)),
-    )
-    .await
-    .unwrap();
+    assert_eq!(wrong_type.json::<Value>().await.unwrap()["error"]["code"], "unsupported_media_type");
+    let huge = raw("application/json", format!("{{\"pad\": \"{}\"}}", "x".repeat(200_000))).await.unwrap();
     assert_eq!(huge.status(), 413);
-    assert_eq!(
-        huge.json::<Value>().await.unwrap()["error"]["code"],
-        "payload_too_large"
-    );
+    assert_eq!(huge.json::<Value>().await.unwrap()["error"]["code"], "payload_too_large");
 
     // Nothing was written: no job, no object.
     let (_, list) = app.get("/api/v1/uploads").await;
@@ -286,21 +129,12 @@ async fn private_destinations_are_refused_at_submit_unless_allowed() {
         "http://localhost/x",
         "http://metadata.google.internal/x",
     ] {
-        let response = app
-            .post_upload(
-                &json!({ "file_url": url, "bucket_name": "file-bucket", "object_name": "x" }),
-            )
-            .await;
+        let response =
+            app.post_upload(&json!({ "file_url": url, "bucket_name": "file-bucket", "object_name": "x" })).await;
         assert_eq!(response.status(), 422, "{url}");
         let error: Value = response.json().await.unwrap();
         assert_eq!(error["error"]["field"], "file_url", "{url}");
-        assert!(
-            error["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("refused"),
-            "{url}: {error}"
-        );
+        assert!(error["error"]["message"].as_str().unwrap().contains("refused"), "{url}: {error}");
     }
     let (_, list) = app.get("/api/v1/uploads").await;
     assert_eq!(list["uploads"], json!([]));
@@ -310,21 +144,12 @@ async fn private_destinations_are_refused_at_submit_unless_allowed() {
 #[tokio::test]
 async fn unknown_ids_are_404_in_the_error_shape() {
     let app = spawn_app().await;
-    for path in [
-        "/api/v1/uploads/999",
-        "/api/v1/uploads/abc",
-        "/api/v1/uploads/999/url",
-    ] {
+    for path in ["/api/v1/uploads/999", "/api/v1/uploads/abc", "/api/v1/uploads/999/url"] {
         let (status, body) = app.get(path).await;
         assert_eq!(status, 404, "{path}");
         assert_eq!(body["error"]["code"], "not_found", "{path}");
     }
-    let response = app
-        .client
-        .post(app.url("/api/v1/uploads/999/retry"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.client.post(app.url("/api/v1/uploads/999/retry")).send().await.unwrap();
     assert_eq!(response.status(), 404);
     app.stop().await;
 }
@@ -335,14 +160,9 @@ async fn the_list_is_newest_first_filtered_and_paginated() {
     let app = spawn_app().await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(
-            app.submit(&origin.url("/file/100"), "file-bucket", &format!("f{i}"))
-                .await,
-        );
+        ids.push(app.submit(&origin.url("/file/100"), "file-bucket", &format!("f{i}")).await);
     }
-    let missing = app
-        .submit(&origin.url("/status/404"), "file-bucket", "missing")
-        .await;
+    let missing = app.submit(&origin.url("/status/404"), "file-bucket", "missing").await;
     for id in &ids {
         app.finished(id).await;
     }
@@ -350,17 +170,8 @@ async fn the_list_is_newest_first_filtered_and_paginated() {
 
     let (status, all) = app.get("/api/v1/uploads").await;
     assert_eq!(status, 200);
-    let listed: Vec<&str> = all["uploads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].as_str().unwrap())
-        .collect();
-    let mut expected: Vec<&str> = ids
-        .iter()
-        .map(String::as_str)
-        .chain([missing.as_str()])
-        .collect();
+    let listed: Vec<&str> = all["uploads"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).chain([missing.as_str()]).collect();
     expected.reverse();
     assert_eq!(listed, expected);
     assert_eq!(all["next_before"], Value::Null);
@@ -371,25 +182,11 @@ async fn the_list_is_newest_first_filtered_and_paginated() {
     assert_eq!(failed[0]["id"], missing.as_str());
 
     let (_, page1) = app.get("/api/v1/uploads?status=completed&limit=2").await;
-    let ids1: Vec<&str> = page1["uploads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].as_str().unwrap())
-        .collect();
+    let ids1: Vec<&str> = page1["uploads"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
     assert_eq!(ids1, [ids[4].as_str(), ids[3].as_str()]);
     let cursor = page1["next_before"].as_str().unwrap();
-    let (_, page2) = app
-        .get(&format!(
-            "/api/v1/uploads?status=completed&limit=2&before={cursor}"
-        ))
-        .await;
-    let ids2: Vec<&str> = page2["uploads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].as_str().unwrap())
-        .collect();
+    let (_, page2) = app.get(&format!("/api/v1/uploads?status=completed&limit=2&before={cursor}")).await;
+    let ids2: Vec<&str> = page2["uploads"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
     assert_eq!(ids2, [ids[2].as_str(), ids[1].as_str()]);
 
     for (query, field) in [

@@ -13,7 +13,11 @@
 //! or closes cleanly (`/short`): the exact failures a real origin produces.
 //! - `/trickle/{size}?every_ms=N` — one byte every N ms;
 //! - `/redirect/{hops}/{size}` — `hops` redirects, then the file;
-//! - `/delay/{ms}/{size}` — waits, then serves the file.
+//! - `/delay/{ms}/{size}` — waits, then serves the file;
+//! - `/to?url=U` — a redirect to any URL;
+//! - `/gzip/{size}` — the file labelled `Content-Encoding: gzip` (to check it is stored as served);
+//! - `/png` — a PNG signature and header chunk labelled `application/octet-stream`;
+//! - `/echo-header/{name}` — 200 only if the request carried header `name`, whose value is the body.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -60,19 +64,13 @@ pub fn content(seed: u64, size: u64) -> Vec<u8> {
 }
 
 /// The generated body as a stream of chunks, never all in memory.
-pub fn content_stream(
-    seed: u64,
-    size: u64,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+pub fn content_stream(seed: u64, size: u64) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
     futures::stream::unfold(0u64, move |offset| async move {
         if offset >= size {
             return None;
         }
         let len = CHUNK.min((size - offset) as usize);
-        Some((
-            Ok(Bytes::from(content_range(seed, offset, len))),
-            offset + len as u64,
-        ))
+        Some((Ok(Bytes::from(content_range(seed, offset, len))), offset + len as u64))
     })
 }
 
@@ -98,6 +96,11 @@ pub struct Origin {
 
 impl Origin {
     pub async fn start() -> Self {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// An origin listening on another loopback address (e.g. `127.0.0.2`).
+    pub async fn start_on(ip: &str) -> Self {
         let counters = Counters::default();
         let app = Router::new()
             .route("/file/{size}", get(file))
@@ -108,17 +111,18 @@ impl Origin {
             .route("/trickle/{size}", get(trickle))
             .route("/redirect/{hops}/{size}", get(redirect))
             .route("/delay/{ms}/{size}", get(delay))
-            .layer(axum::middleware::from_fn_with_state(
-                counters.clone(),
-                count,
-            ))
+            .route("/to", get(redirect_to))
+            .route("/echo-header/{name}", get(echo_header))
+            .route("/png", get(png))
+            .route("/gzip/{size}", get(gzip))
+            .layer(axum::middleware::from_fn_with_state(counters.clone(), count))
             .with_state(counters.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let raw = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let raw_addr = raw.local_addr().unwrap();
         let raw_counters = counters.clone();
         let raw_server = tokio::spawn(async move {
@@ -126,13 +130,7 @@ impl Origin {
                 tokio::spawn(serve_raw(socket, raw_counters.clone()));
             }
         });
-        Self {
-            addr,
-            raw_addr,
-            _raw: raw_server,
-            counters,
-            _server: server,
-        }
+        Self { addr, raw_addr, _raw: raw_server, counters, _server: server }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -146,21 +144,11 @@ impl Origin {
 
     /// How many requests reached `path` (without its query).
     pub fn hits(&self, path: &str) -> u32 {
-        self.counters
-            .0
-            .lock()
-            .unwrap()
-            .get(&format!("path:{path}"))
-            .copied()
-            .unwrap_or(0)
+        self.counters.0.lock().unwrap().get(&format!("path:{path}")).copied().unwrap_or(0)
     }
 }
 
-async fn count(
-    State(c): State<Counters>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+async fn count(State(c): State<Counters>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     c.hit(&format!("path:{}", req.uri().path()));
     next.run(req).await
 }
@@ -177,10 +165,7 @@ fn streamed(seed: u64, size: u64, content_type: &str) -> Response {
 }
 
 async fn file(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let ct = q
-        .get("type")
-        .cloned()
-        .unwrap_or_else(|| "application/octet-stream".into());
+    let ct = q.get("type").cloned().unwrap_or_else(|| "application/octet-stream".into());
     streamed(seed_of(&q), size, &ct)
 }
 
@@ -207,10 +192,7 @@ async fn status(Path(code): Path<u16>) -> Response {
 async fn reset(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
     let half = content_stream(seed_of(&q), size / 2);
     let broken = half.chain(futures::stream::once(async {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            "origin breaks the connection",
-        ))
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "origin breaks the connection"))
     }));
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_LENGTH, size.into());
@@ -220,19 +202,11 @@ async fn reset(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) 
 async fn short(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_LENGTH, size.into());
-    (
-        headers,
-        Body::from_stream(content_stream(seed_of(&q), size / 2)),
-    )
-        .into_response()
+    (headers, Body::from_stream(content_stream(seed_of(&q), size / 2))).into_response()
 }
 
 async fn trickle(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let every = Duration::from_millis(
-        q.get("every_ms")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1000),
-    );
+    let every = Duration::from_millis(q.get("every_ms").and_then(|s| s.parse().ok()).unwrap_or(1000));
     let bytes = content(seed_of(&q), size);
     let stream = futures::stream::iter(bytes).then(move |b| async move {
         tokio::time::sleep(every).await;
@@ -243,10 +217,7 @@ async fn trickle(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>
     (headers, Body::from_stream(stream)).into_response()
 }
 
-async fn redirect(
-    Path((hops, size)): Path<(u32, u64)>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
+async fn redirect(Path((hops, size)): Path<(u32, u64)>, Query(q): Query<HashMap<String, String>>) -> Response {
     let seed = seed_of(&q);
     if hops == 0 {
         return streamed(seed, size, "application/octet-stream");
@@ -255,10 +226,7 @@ async fn redirect(
     (StatusCode::FOUND, [(header::LOCATION, next)]).into_response()
 }
 
-async fn delay(
-    Path((ms, size)): Path<(u64, u64)>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
+async fn delay(Path((ms, size)): Path<(u64, u64)>, Query(q): Query<HashMap<String, String>>) -> Response {
     tokio::time::sleep(Duration::from_millis(ms)).await;
     streamed(seed_of(&q), size, "application/octet-stream")
 }
@@ -280,23 +248,11 @@ async fn serve_raw(mut socket: tokio::net::TcpStream, counters: Counters) {
             Ok(_) => {}
         }
     }
-    let path = request_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("/")
-        .to_owned();
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
     counters.hit(&format!("path:{path}"));
     let mut parts = path.trim_start_matches('/').split('/');
-    let (kind, size) = (
-        parts.next().unwrap_or(""),
-        parts
-            .next()
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(0),
-    );
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-length: {size}\r\ncontent-type: application/octet-stream\r\n\r\n"
-    );
+    let (kind, size) = (parts.next().unwrap_or(""), parts.next().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0));
+    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\ncontent-type: application/octet-stream\r\n\r\n");
     if socket.write_all(head.as_bytes()).await.is_err() {
         return;
     }
@@ -309,4 +265,54 @@ async fn serve_raw(mut socket: tokio::net::TcpStream, counters: Counters) {
     } else {
         let _ = socket.shutdown().await;
     }
+}
+
+async fn redirect_to(Query(q): Query<HashMap<String, String>>) -> Response {
+    (StatusCode::FOUND, [(header::LOCATION, q.get("url").cloned().unwrap_or_default())]).into_response()
+}
+
+async fn gzip(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let mut response = streamed(seed_of(&q), size, "application/gzip");
+    response.headers_mut().insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+    response
+}
+
+async fn echo_header(Path(name): Path<String>, headers: HeaderMap) -> Response {
+    match headers.get(&name) {
+        Some(value) => (StatusCode::OK, value.as_bytes().to_vec()).into_response(),
+        None => (StatusCode::UNAUTHORIZED, "missing header").into_response(),
+    }
+}
+
+/// A listener that only counts connections: proof that nothing reached an address.
+pub struct Canary {
+    pub addr: SocketAddr,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Canary {
+    pub async fn start(addr: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        Self { addr, hits }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The first bytes of a PNG file.
+pub const PNG_HEAD: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0";
+
+async fn png() -> Response {
+    ([(header::CONTENT_TYPE, "application/octet-stream")], PNG_HEAD.to_vec()).into_response()
 }

@@ -1,0 +1,70 @@
+//! What fileflow sends to origins and how it records what they send back.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Origin, content, spawn_app};
+use crate::origin::PNG_HEAD;
+
+#[tokio::test]
+async fn bad_headers_are_refused_at_submit() {
+    let app = spawn_app().await;
+    for headers in [
+        json!({ "Host": "example.com" }),
+        json!({ "Content-Length": "3" }),
+        json!({ "bad name": "x" }),
+        json!({ "X-Line": "a\nb" }),
+        json!({ "X-Number": 5 }),
+        json!(["Authorization", "x"]),
+        json!("Authorization: x"),
+    ] {
+        let body = json!({
+            "file_url": "http://127.0.0.1:9/x", "bucket_name": "file-bucket", "object_name": "x", "headers": headers,
+        });
+        let response = app.post_upload(&body).await;
+        assert_eq!(response.status(), 422, "{headers}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["field"], "headers", "{headers}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn fileflow_names_itself_to_origins() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    let id = app.submit(&origin.url("/echo-header/user-agent"), "file-bucket", "ua").await;
+    assert_eq!(app.finished(&id).await["status"], "completed");
+    let agent = std::fs::read_to_string(app.object_path("file-bucket", "ua")).unwrap();
+    assert_eq!(agent, format!("fileflow/{}", env!("CARGO_PKG_VERSION")));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn compressed_content_is_stored_as_served() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    let id = app.submit(&origin.url("/gzip/5000"), "file-bucket", "served.gz").await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["size"], 5000);
+    assert_eq!(job["content_type"], "application/gzip");
+    assert!(std::fs::read(app.object_path("file-bucket", "served.gz")).unwrap() == content(1, 5000));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_generic_content_type_is_replaced_by_a_sniffed_one() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    let id = app.submit(&origin.url("/png"), "file-bucket", "image").await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["content_type"], "image/png", "{job}");
+    assert_eq!(std::fs::read(app.object_path("file-bucket", "image")).unwrap(), PNG_HEAD);
+    let (_, link) = app.get(&format!("/api/v1/uploads/{id}/url")).await;
+    let response = app.client.get(link["url"].as_str().unwrap()).send().await.unwrap();
+    assert_eq!(response.headers()["content-type"], "image/png");
+
+    let id = app.submit(&origin.url("/file/100"), "file-bucket", "opaque").await;
+    assert_eq!(app.finished(&id).await["content_type"], "application/octet-stream");
+    app.stop().await;
+}
