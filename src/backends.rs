@@ -1,4 +1,6 @@
-//! The one place where configuration chooses adapters.
+//! The one place where configuration chooses adapters. Two stacks are supported:
+//! embedded (SQLite + embedded queue) and distributed (PostgreSQL + Kafka); either can
+//! store objects on the local disk or in S3.
 
 use std::sync::Arc;
 
@@ -7,22 +9,37 @@ use url::Url;
 
 use crate::config::{Settings, StorageKind};
 use crate::links::{DownloadLinks, LinkSigner};
-use crate::metadata::{JobRepository, SqliteDb, SqliteRepository};
-use crate::queue::{EmbeddedQueue, Queue};
-use crate::storage::{LocalStore, ObjectStore};
+use crate::metadata::{JobRepository, PgDb, PgRepository, SqliteDb, SqliteRepository};
+use crate::queue::kafka::KafkaSettings;
+use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
+
+/// The metadata database, migrated.
+pub enum Database {
+    Sqlite(SqliteDb),
+    Postgres(PgDb),
+}
+
+/// Where workers get their jobs from.
+pub enum QueueSource {
+    /// The `queue` table of the SQLite database.
+    Embedded(SqliteDb),
+    /// Kafka, fed by the outbox relay from PostgreSQL.
+    Kafka { settings: KafkaSettings, db: PgDb },
+}
 
 /// The adapters a process runs with.
 pub struct Backends {
     pub repo: Arc<dyn JobRepository>,
-    pub queue: Arc<dyn Queue>,
     pub store: Arc<dyn ObjectStore>,
     pub links: Arc<dyn DownloadLinks>,
     /// Present when fileflow serves its own signed download links.
     pub signer: Option<Arc<LinkSigner>>,
+    pub queue: QueueSource,
 }
 
-/// The metadata database named by the settings, migrated.
-pub async fn open_database(settings: &Settings) -> anyhow::Result<SqliteDb> {
+/// Open the metadata database named by the settings and apply pending migrations (every
+/// command does this on start; concurrent starts are safe: the migrator takes a lock).
+pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
     let url = match &settings.database_url {
         Some(url) => url.clone(),
         None => SqliteDb::default_url(&settings.data_dir),
@@ -31,10 +48,12 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<SqliteDb> {
         Some("sqlite") => {
             let db = SqliteDb::connect(&url).await.with_context(|| format!("cannot open {url}"))?;
             db.migrate().await.context("cannot migrate the SQLite database")?;
-            Ok(db)
+            Ok(Database::Sqlite(db))
         }
         Some("postgres" | "postgresql") => {
-            bail!("PostgreSQL metadata is not available in this build yet; use sqlite://")
+            let db = PgDb::connect(&url).await.context("cannot connect to PostgreSQL")?;
+            db.migrate().await.context("cannot migrate the PostgreSQL database")?;
+            Ok(Database::Postgres(db))
         }
         _ => bail!("unsupported --database-url {url:?}: expected sqlite://… or postgres://…"),
     }
@@ -44,31 +63,49 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<SqliteDb> {
 pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backends> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
-    if settings.kafka_brokers.is_some() {
-        bail!("the Kafka queue is not available in this build yet; unset --kafka-brokers to use the embedded queue");
-    }
-    let db = open_database(settings).await?;
-    let consumer = format!("{}-{}", hostname(), std::process::id());
-    let queue = EmbeddedQueue::new(db.clone(), settings.job_lease, consumer);
-    let repo = SqliteRepository::new(db);
+    let (repo, queue): (Arc<dyn JobRepository>, QueueSource) =
+        match (open_database(settings).await?, &settings.kafka_brokers) {
+            (Database::Sqlite(db), None) => (Arc::new(SqliteRepository::new(db.clone())), QueueSource::Embedded(db)),
+            (Database::Postgres(db), Some(brokers)) => {
+                let kafka = KafkaSettings {
+                    brokers: brokers.clone(),
+                    topic: settings.kafka_topic.clone(),
+                    group: settings.kafka_group.clone(),
+                    partitions: settings.kafka_partitions,
+                    max_poll_interval: settings.transfer_timeout + std::time::Duration::from_secs(60),
+                };
+                (Arc::new(PgRepository::new(db.clone())), QueueSource::Kafka { settings: kafka, db })
+            }
+            (Database::Sqlite(_), Some(_)) => {
+                bail!("the Kafka queue needs PostgreSQL metadata (--database-url postgres://…): its outbox lives there")
+            }
+            (Database::Postgres(_), None) => {
+                bail!("PostgreSQL metadata needs the Kafka queue (--kafka-brokers); the embedded queue lives in SQLite")
+            }
+        };
 
-    let (store, signer): (Arc<dyn ObjectStore>, Arc<LinkSigner>) = match settings.storage {
+    let (store, links, signer): (Arc<dyn ObjectStore>, Arc<dyn DownloadLinks>, _) = match settings.storage {
         StorageKind::Fs => {
             let root = settings.data_dir.join("objects");
             let store =
                 LocalStore::new(&root).with_context(|| format!("cannot open object store {}", root.display()))?;
-            let signer = LinkSigner::load_or_create(&settings.data_dir, public_url)?;
-            (Arc::new(store), Arc::new(signer))
+            let signer = Arc::new(LinkSigner::load_or_create(&settings.data_dir, public_url)?);
+            (Arc::new(store), signer.clone(), Some(signer))
         }
         StorageKind::S3 => {
-            bail!("the S3 store is not available in this build yet; use --storage fs")
+            let needed = |value: &Option<String>, name: &str| {
+                value.clone().with_context(|| format!("--storage s3 needs {name}"))
+            };
+            let store = Arc::new(S3Store::new(S3Settings {
+                endpoint: settings.s3_endpoint.clone(),
+                region: settings.s3_region.clone(),
+                access_key_id: needed(&settings.s3_access_key_id, "AWS_ACCESS_KEY_ID")?,
+                secret_access_key: needed(&settings.s3_secret_access_key, "AWS_SECRET_ACCESS_KEY")?,
+                create_buckets: settings.create_buckets,
+                max_file_size: settings.max_file_size.as_u64(),
+            }));
+            (store.clone(), store, None)
         }
     };
-    Ok(Backends { repo: Arc::new(repo), queue: Arc::new(queue), store, links: signer.clone(), signer: Some(signer) })
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "fileflow".to_owned())
+    Ok(Backends { repo, store, links, signer, queue })
 }

@@ -63,6 +63,19 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_KAFKA_BROKERS", global = true)]
     pub kafka_brokers: Option<String>,
 
+    /// The jobs topic; retries go to `<topic>-retry`, give-ups to `<topic>-dlq`.
+    #[arg(long, env = "FILEFLOW_KAFKA_TOPIC", default_value = "upload_file_topic", global = true)]
+    pub kafka_topic: String,
+
+    /// Consumer group shared by all workers.
+    #[arg(long, env = "FILEFLOW_KAFKA_GROUP", default_value = "fileflow-workers", global = true)]
+    pub kafka_group: String,
+
+    /// Partitions of the jobs and retry topics when fileflow creates them (the most workers
+    /// that can share the load).
+    #[arg(long, env = "FILEFLOW_KAFKA_PARTITIONS", default_value_t = 6, global = true)]
+    pub kafka_partitions: i32,
+
     /// Where objects are stored.
     #[arg(long, env = "FILEFLOW_STORAGE", value_enum, default_value_t = StorageKind::Fs, global = true)]
     pub storage: StorageKind,
@@ -71,6 +84,22 @@ pub struct Settings {
     /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION.
     #[arg(long, env = "FILEFLOW_S3_ENDPOINT", global = true)]
     pub s3_endpoint: Option<Url>,
+
+    /// S3 region (the standard AWS_REGION variable).
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1", global = true)]
+    pub s3_region: String,
+
+    /// S3 access key (the standard AWS_ACCESS_KEY_ID variable; prefer it to the flag).
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true, global = true)]
+    pub s3_access_key_id: Option<String>,
+
+    /// S3 secret key (the standard AWS_SECRET_ACCESS_KEY variable; prefer it to the flag).
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true, global = true)]
+    pub s3_secret_access_key: Option<String>,
+
+    /// Create a missing bucket instead of failing the job (S3).
+    #[arg(long, env = "FILEFLOW_CREATE_BUCKETS", global = true)]
+    pub create_buckets: bool,
 
     /// Base URL that fileflow's own download links point at (default: `http://<listen>`).
     #[arg(long, env = "FILEFLOW_PUBLIC_URL", global = true)]

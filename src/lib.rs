@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod links;
 pub mod metadata;
 pub mod queue;
+pub mod relay;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;

@@ -1,4 +1,4 @@
-//! Wiring: build the adapters, bind the API, run API and workers until told to stop.
+//! Wiring: build the adapters, bind the API, run API, relay and workers until told to stop.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,15 +10,20 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::backends::{self, Backends};
+use crate::backends::{self, Backends, QueueSource};
 use crate::config::{Command, Settings};
 use crate::fetch::{DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, SystemLookup};
 use crate::http::{self, AppState};
 use crate::lifecycle::RetryPolicy;
+use crate::queue::kafka::{KafkaQueue, ensure_topics};
+use crate::queue::{EmbeddedQueue, Queue};
+use crate::relay::OutboxRelay;
 use crate::worker::{Worker, WorkerSettings, run_pool};
 
 /// How long workers get, after the grace period, to hand their jobs back.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long leaving the consumer group may take.
+const KAFKA_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Parts of the application that tests may replace.
 #[derive(Default)]
@@ -33,6 +38,8 @@ pub struct Application {
     backends: Backends,
     guard: DestinationGuard,
     worker: Option<Worker>,
+    kafka_queue: Option<Arc<KafkaQueue>>,
+    relay: Option<OutboxRelay>,
     settings: Settings,
 }
 
@@ -66,36 +73,59 @@ impl Application {
         let allow = HostList::parse(&settings.fetch_allow).map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
         let deny = HostList::parse(&settings.fetch_deny).map_err(|e| anyhow::anyhow!("--fetch-deny: {e}"))?;
         let guard = DestinationGuard::with_lists(settings.fetch_allow_private, allow, deny);
-        let worker = if runs_workers {
-            let fetch = FetchSettings {
-                connect_timeout: settings.connect_timeout,
-                read_timeout: settings.read_timeout,
-                max_redirects: settings.max_redirects,
-                proxy: settings.fetch_proxy.clone(),
-            };
-            let lookup = hooks.lookup.unwrap_or_else(|| Arc::new(SystemLookup));
-            let fetcher =
-                HttpFetcher::with_lookup(guard.clone(), &fetch, lookup).context("cannot build the HTTP client")?;
-            Some(Worker {
-                repo: backends.repo.clone(),
-                queue: backends.queue.clone(),
-                store: backends.store.clone(),
-                fetcher: Arc::new(fetcher),
-                settings: WorkerSettings {
-                    policy: RetryPolicy {
-                        max_retries: settings.max_retries,
-                        base_delay: settings.retry_base_delay,
-                        max_delay: settings.retry_max_delay,
-                    },
-                    lease: settings.job_lease,
-                    max_file_size: settings.max_file_size.as_u64(),
-                    transfer_timeout: settings.transfer_timeout,
-                },
-            })
-        } else {
-            None
+
+        let mut kafka_queue = None;
+        let mut relay = None;
+        let queue: Option<Arc<dyn Queue>> = match &backends.queue {
+            QueueSource::Embedded(db) => {
+                let consumer = format!("{}-{}", hostname(), std::process::id());
+                runs_workers.then(|| Arc::new(EmbeddedQueue::new(db.clone(), settings.job_lease, consumer)) as _)
+            }
+            QueueSource::Kafka { settings: kafka, db } => {
+                if runs_api {
+                    relay = Some(OutboxRelay::new(db.clone(), kafka)?);
+                }
+                if runs_workers {
+                    ensure_topics(kafka).await.context("cannot create the Kafka topics")?;
+                    let queue = KafkaQueue::start(kafka, settings.worker_concurrency)?;
+                    kafka_queue = Some(queue.clone());
+                    Some(queue as Arc<dyn Queue>)
+                } else {
+                    None
+                }
+            }
         };
-        Ok(Self { listener, port, backends, guard, worker, settings })
+        let worker = match queue {
+            Some(queue) => {
+                let fetch = FetchSettings {
+                    connect_timeout: settings.connect_timeout,
+                    read_timeout: settings.read_timeout,
+                    max_redirects: settings.max_redirects,
+                    proxy: settings.fetch_proxy.clone(),
+                };
+                let lookup = hooks.lookup.unwrap_or_else(|| Arc::new(SystemLookup));
+                let fetcher =
+                    HttpFetcher::with_lookup(guard.clone(), &fetch, lookup).context("cannot build the HTTP client")?;
+                Some(Worker {
+                    repo: backends.repo.clone(),
+                    queue,
+                    store: backends.store.clone(),
+                    fetcher: Arc::new(fetcher),
+                    settings: WorkerSettings {
+                        policy: RetryPolicy {
+                            max_retries: settings.max_retries,
+                            base_delay: settings.retry_base_delay,
+                            max_delay: settings.retry_max_delay,
+                        },
+                        lease: settings.job_lease,
+                        max_file_size: settings.max_file_size.as_u64(),
+                        transfer_timeout: settings.transfer_timeout,
+                    },
+                })
+            }
+            None => None,
+        };
+        Ok(Self { listener, port, backends, guard, worker, kafka_queue, relay, settings })
     }
 
     /// The port the API listens on (the real one when the settings asked for port 0).
@@ -123,6 +153,10 @@ impl Application {
                 async move { axum::serve(listener, http::router(state)).with_graceful_shutdown(stopped).await },
             )
         });
+        let relay = self.relay.map(|relay| {
+            tracing::info!("outbox relay started");
+            tokio::spawn(relay.run(stop.clone()))
+        });
         let mut workers: Option<JoinHandle<()>> = self.worker.map(|worker| {
             let concurrency = self.settings.worker_concurrency;
             tracing::info!(concurrency, "workers started");
@@ -147,6 +181,9 @@ impl Application {
         if let Some(api) = api {
             let _ = api.await;
         }
+        if let Some(relay) = relay {
+            let _ = relay.await;
+        }
         if let Some(mut workers) = workers {
             let grace = self.settings.shutdown_grace;
             if tokio::time::timeout(grace, &mut workers).await.is_err() {
@@ -156,6 +193,9 @@ impl Application {
                     tracing::error!("workers did not hand their jobs back in time; their leases will lapse");
                 }
             }
+        }
+        if let Some(queue) = self.kafka_queue {
+            queue.close(KAFKA_CLOSE_TIMEOUT).await;
         }
         tracing::info!("stopped");
         failure.map_or(Ok(()), Err)
@@ -176,4 +216,10 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "fileflow".into())
 }

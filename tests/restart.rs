@@ -3,106 +3,13 @@
 #[path = "support/origin.rs"]
 mod origin;
 
-use std::path::Path;
-use std::process::Stdio;
+#[path = "support/process.rs"]
+mod process;
+
 use std::time::{Duration, Instant};
 
 use origin::{Origin, content};
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-struct Fileflow {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-}
-
-/// Start `fileflow serve` on a free port and wait until it listens.
-async fn start(data_dir: &Path, env: &[(&str, &str)]) -> Fileflow {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fileflow"))
-        .arg("serve")
-        .env("FILEFLOW_LISTEN", "127.0.0.1:0")
-        .env("FILEFLOW_DATA_DIR", data_dir)
-        .env("FILEFLOW_FETCH_ALLOW_PRIVATE", "true")
-        .env("FILEFLOW_LOG_FORMAT", "json")
-        .env("FILEFLOW_RETRY_BASE_DELAY", "20ms")
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("fileflow starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let port = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let Ok(event) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if event["message"] == "API listening" {
-                return event["port"].as_u64().unwrap();
-            }
-        }
-        panic!("fileflow exited before listening");
-    })
-    .await
-    .expect("fileflow listens within 30 s");
-    // Keep draining its log so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Fileflow {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        client: reqwest::Client::builder().no_proxy().build().unwrap(),
-    }
-}
-
-impl Fileflow {
-    async fn submit(&self, url: &str, key: &str) -> String {
-        let body = json!({ "file_url": url, "bucket_name": "file-bucket", "object_name": key });
-        let response = self.client.post(format!("{}/api/v1/upload", self.base)).json(&body).send().await.unwrap();
-        assert_eq!(response.status(), 202);
-        response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
-    }
-
-    async fn statuses(&self) -> Vec<(String, String)> {
-        let list: Value = self
-            .client
-            .get(format!("{}/api/v1/uploads?limit=1000", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        list["uploads"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|j| (j["id"].as_str().unwrap().to_owned(), j["status"].as_str().unwrap().to_owned()))
-            .collect()
-    }
-
-    async fn job(&self, id: &str) -> Value {
-        self.client.get(format!("{}/api/v1/uploads/{id}", self.base)).send().await.unwrap().json().await.unwrap()
-    }
-
-    async fn wait_all_completed(&self, expected: usize, limit: Duration) -> Vec<(String, String)> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let statuses = self.statuses().await;
-            if statuses.len() == expected && statuses.iter().all(|(_, s)| s == "completed") {
-                return statuses;
-            }
-            assert!(Instant::now() < deadline, "not all jobs completed: {statuses:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.id().unwrap().to_string();
-        let status = std::process::Command::new("kill").args([signal, &pid]).status().unwrap();
-        assert!(status.success());
-    }
-}
+use process::start;
 
 #[tokio::test]
 async fn kill_9_with_jobs_waiting_and_in_flight_loses_nothing() {
@@ -126,8 +33,7 @@ async fn kill_9_with_jobs_waiting_and_in_flight_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut first = first;
-    first.child.start_kill().unwrap();
-    first.child.wait().await.unwrap();
+    first.kill().await;
 
     let second = start(dir.path(), &env).await;
     let before: Vec<_> = second.statuses().await;

@@ -4,6 +4,9 @@
 #[path = "support/origin.rs"]
 mod origin;
 
+#[path = "support/services.rs"]
+mod services;
+
 #[path = "api/helpers.rs"]
 #[allow(dead_code, unused_imports)]
 mod helpers;
@@ -46,14 +49,14 @@ async fn per_job_headers_reach_the_origin_but_are_never_shown_or_logged() {
     let id = app
         .submit_body(&json!({
             "file_url": origin.url("/echo-header/authorization"),
-            "bucket_name": "file-bucket",
+            "bucket_name": app.bucket,
             "object_name": "private.txt",
             "headers": { "Authorization": secret },
         }))
         .await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "completed", "{job}");
-    assert_eq!(std::fs::read(app.object_path("file-bucket", "private.txt")).unwrap(), secret.as_bytes());
+    assert_eq!(app.read_object("private.txt").await, secret.as_bytes());
 
     let (_, list) = app.get("/api/v1/uploads").await;
     for shown in [job.to_string(), list.to_string()] {
@@ -66,7 +69,7 @@ async fn per_job_headers_reach_the_origin_but_are_never_shown_or_logged() {
 
     // Without the header the origin refuses: the header was what let the job through.
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/echo-header/authorization"), "file-bucket", "no-auth").await;
+    let id = app.submit(&origin.url("/echo-header/authorization"), &app.bucket, "no-auth").await;
     assert_eq!(app.finished(&id).await["status"], "failed");
     app.stop().await;
 }

@@ -3,6 +3,7 @@
 //! Creating a job and making it deliverable happen in one transaction, so an accepted
 //! job can never be lost between the database and the queue.
 
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -10,6 +11,7 @@ use chrono::{DateTime, Utc};
 
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
+pub use postgres::{PgDb, PgRepository};
 pub use sqlite::{SqliteDb, SqliteRepository};
 pub(crate) use sqlite::{from_millis, to_millis};
 

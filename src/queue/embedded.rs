@@ -114,6 +114,11 @@ impl Queue for EmbeddedQueue {
         Ok(())
     }
 
+    async fn dead_letter(&self, delivery: &Delivery, _reason: &str) -> Result<(), QueueError> {
+        // The job row records the reason; the embedded queue keeps no dead letters.
+        self.ack(delivery).await
+    }
+
     async fn release(&self, delivery: &Delivery) -> Result<(), QueueError> {
         sqlx::query("UPDATE queue SET locked_by = NULL, locked_until = NULL WHERE job_id = ?1 AND locked_by = ?2")
             .bind(delivery.job_id.0)

@@ -6,6 +6,7 @@
 //! be delivered again once its lock lapses.
 
 mod embedded;
+pub mod kafka;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -46,6 +47,10 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Deliver the job again at `due_at` as attempt `attempt`, then forget this message.
     async fn retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError>;
+
+    /// The job failed for good (or names no job): move the message aside (Kafka's DLQ)
+    /// with the reason, and forget it here.
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError>;
 
     /// Give the message back untouched, to be delivered again at once (shutdown).
     async fn release(&self, delivery: &Delivery) -> Result<(), QueueError>;

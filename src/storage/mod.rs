@@ -1,6 +1,7 @@
 //! The object store port: where fetched bytes end up.
 
 mod local;
+mod s3;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -10,6 +11,7 @@ use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::JobError;
 
 pub use local::LocalStore;
+pub use s3::{S3Settings, S3Store};
 
 /// A stream of bytes whose errors are already classified for the job lifecycle.
 pub type ByteStream = BoxStream<'static, Result<Bytes, JobError>>;

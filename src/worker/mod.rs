@@ -108,8 +108,8 @@ impl Worker {
                 return Ok(WorkOutcome::Skipped(id));
             }
             Claim::NotFound => {
-                tracing::warn!(job_id = %id, "delivery names an unknown job; dropped");
-                self.queue.ack(&delivery).await?;
+                tracing::warn!(job_id = %id, "delivery names an unknown job; dead-lettered");
+                self.queue.dead_letter(&delivery, "no such job").await?;
                 return Ok(WorkOutcome::Skipped(id));
             }
         };
@@ -155,7 +155,7 @@ impl Worker {
                 WorkOutcome::RetryScheduled { id, retry_count, due_at }
             }
             Settlement::Failed { last_error } => {
-                self.queue.ack(&delivery).await?;
+                self.queue.dead_letter(&delivery, &last_error).await?;
                 tracing::error!(job_id = %id, attempt, outcome = "failed", error = %last_error,
                     elapsed_ms, "job failed");
                 WorkOutcome::Failed { id, error: last_error }

@@ -182,7 +182,7 @@ async fn refused_at_fetch_fail_at_once_and_nothing_reached() {
     ];
     let mut ids = Vec::new();
     for (name, url) in &cases {
-        let id = h.app.submit(url, "file-bucket", "refused").await;
+        let id = h.app.submit(url, &h.app.bucket, "refused").await;
         ids.push((name, id));
     }
     for (name, id) in ids {
@@ -195,7 +195,7 @@ async fn refused_at_fetch_fail_at_once_and_nothing_reached() {
     }
     assert_eq!(h.canary.hits(), 0, "a refused destination was connected to");
     assert_eq!(h.canary_v6.as_ref().map_or(0, Canary::hits), 0);
-    assert!(h.app.stored_files().is_empty());
+    assert!(h.app.stored_objects().await.is_empty());
     h.app.stop().await;
 }
 
@@ -204,15 +204,15 @@ async fn allowed_destinations_work_and_rebinding_has_no_window() {
     let h = harness().await;
     let o = h.origin.addr.port();
     // The harness itself works: an allowed name and an allowed redirect complete.
-    let good = h.app.submit(&format!("http://good.test:{o}/file/100"), "file-bucket", "good").await;
-    let hop = h.app.submit(&format!("http://good.test:{o}/to?url=%2Ffile%2F200"), "file-bucket", "hop").await;
+    let good = h.app.submit(&format!("http://good.test:{o}/file/100"), &h.app.bucket, "good").await;
+    let hop = h.app.submit(&format!("http://good.test:{o}/to?url=%2Ffile%2F200"), &h.app.bucket, "hop").await;
     // The rebinding name answers 127.0.0.2 first, 127.0.0.1 ever after: fileflow looks it up
     // once per connection and connects to the address it checked.
-    let rebind = h.app.submit(&format!("http://rebind.test:{o}/file/300?seed=4"), "file-bucket", "rebind").await;
+    let rebind = h.app.submit(&format!("http://rebind.test:{o}/file/300?seed=4"), &h.app.bucket, "rebind").await;
     for id in [&good, &hop, &rebind] {
         assert_eq!(h.app.finished(id).await["status"], "completed");
     }
-    assert_eq!(std::fs::read(h.app.object_path("file-bucket", "rebind")).unwrap(), content(4, 300));
+    assert_eq!(h.app.read_object("rebind").await, content(4, 300));
     assert_eq!(h.rebind_canary.hits(), 0, "the rebound address was connected to");
     h.app.stop().await;
 }

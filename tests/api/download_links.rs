@@ -10,7 +10,7 @@ use crate::helpers::{Origin, content, spawn_app};
 async fn a_signed_link_serves_the_object_until_it_expires() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/file/70000?seed=9&type=image/png"), "file-bucket", "dir/pic.png").await;
+    let id = app.submit(&origin.url("/file/70000?seed=9&type=image/png"), &app.bucket, "dir/pic.png").await;
     assert_eq!(app.finished(&id).await["status"], "completed");
 
     let (status, link) = app.get(&format!("/api/v1/uploads/{id}/url?expires_in=2")).await;
@@ -52,7 +52,7 @@ async fn a_signed_link_serves_the_object_until_it_expires() {
 async fn the_job_carries_a_download_url_once_completed() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/file/1234"), "file-bucket", "with-link").await;
+    let id = app.submit(&origin.url("/file/1234"), &app.bucket, "with-link").await;
     let job = app.finished(&id).await;
     let url = job["download_url"].as_str().expect("completed jobs carry a link");
     let bytes = app.client.get(url).send().await.unwrap().bytes().await.unwrap();
@@ -64,12 +64,12 @@ async fn the_job_carries_a_download_url_once_completed() {
 async fn links_are_refused_for_unfinished_jobs_and_bad_lifetimes() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let pending = app.submit(&origin.url("/delay/5000/10"), "file-bucket", "later").await;
+    let pending = app.submit(&origin.url("/delay/5000/10"), &app.bucket, "later").await;
     let (status, body) = app.get(&format!("/api/v1/uploads/{pending}/url")).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "wrong_state");
 
-    let done = app.submit(&origin.url("/file/10"), "file-bucket", "now").await;
+    let done = app.submit(&origin.url("/file/10"), &app.bucket, "now").await;
     app.finished(&done).await;
     for bad in ["0", "-5", "abc", "604801"] {
         let (status, body) = app.get(&format!("/api/v1/uploads/{done}/url?expires_in={bad}")).await;
@@ -85,7 +85,7 @@ async fn links_are_refused_for_unfinished_jobs_and_bad_lifetimes() {
 async fn links_survive_a_restart_because_the_key_is_kept() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/file/500"), "file-bucket", "kept").await;
+    let id = app.submit(&origin.url("/file/500"), &app.bucket, "kept").await;
     app.finished(&id).await;
     let (_, link) = app.get(&format!("/api/v1/uploads/{id}/url")).await;
     let url = link["url"].as_str().unwrap().to_owned();

@@ -12,7 +12,7 @@ async fn origin_4xx_fails_at_once_without_retries() {
     let app = spawn_app().await;
     for code in [404, 403, 410] {
         let path = format!("/status/{code}");
-        let id = app.submit(&origin.url(&path), "file-bucket", &format!("missing-{code}")).await;
+        let id = app.submit(&origin.url(&path), &app.bucket, &format!("missing-{code}")).await;
         let job = app.finished(&id).await;
         assert_eq!(job["status"], "failed", "{job}");
         assert_eq!(job["retry_count"], 0, "{job}");
@@ -33,7 +33,7 @@ async fn throttling_and_timeouts_statuses_are_retried() {
     .await;
     for code in [408, 429, 502] {
         let path = format!("/status/{code}");
-        let id = app.submit(&origin.url(&path), "file-bucket", &format!("t-{code}")).await;
+        let id = app.submit(&origin.url(&path), &app.bucket, &format!("t-{code}")).await;
         let job = app.finished(&id).await;
         assert_eq!(job["status"], "failed", "{job}");
         assert_eq!(job["retry_count"], 1, "{code} is transient: {job}");
@@ -46,22 +46,22 @@ async fn throttling_and_timeouts_statuses_are_retried() {
 async fn a_connection_reset_mid_body_is_transient_and_leaves_no_object() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.max_retries = 1).await;
-    let id = app.submit(&origin.url("/reset/3000000"), "file-bucket", "reset.bin").await;
+    let id = app.submit(&origin.url("/reset/3000000"), &app.bucket, "reset.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 1, "{job}");
     assert!(job["last_error"].as_str().unwrap().contains("interrupted"), "{job}");
     assert_eq!(origin.hits("/reset/3000000"), 2);
-    assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
+    assert!(app.stored_objects().await.is_empty(), "{:?}", app.stored_objects().await);
 
     // The same through a real TCP reset after the head and half the body.
-    let id = app.submit(&origin.raw_url("/reset/3000000"), "file-bucket", "rst.bin").await;
+    let id = app.submit(&origin.raw_url("/reset/3000000"), &app.bucket, "rst.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 1, "{job}");
     assert!(job["last_error"].as_str().unwrap().contains("interrupted"), "{job}");
     assert_eq!(origin.hits("/reset/3000000"), 4);
-    assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
+    assert!(app.stored_objects().await.is_empty(), "{:?}", app.stored_objects().await);
     app.stop().await;
 }
 
@@ -69,12 +69,12 @@ async fn a_connection_reset_mid_body_is_transient_and_leaves_no_object() {
 async fn a_body_shorter_than_its_content_length_is_transient_and_leaves_no_object() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.max_retries = 1).await;
-    let id = app.submit(&origin.raw_url("/short/100000"), "file-bucket", "short.bin").await;
+    let id = app.submit(&origin.raw_url("/short/100000"), &app.bucket, "short.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 1, "{job}");
     assert!(job["last_error"].as_str().unwrap().contains("interrupted"), "{job}");
-    assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
+    assert!(app.stored_objects().await.is_empty(), "{:?}", app.stored_objects().await);
     app.stop().await;
 }
 
@@ -86,7 +86,7 @@ async fn a_stalled_origin_hits_the_idle_read_timeout() {
         s.read_timeout = Duration::from_millis(300);
     })
     .await;
-    let id = app.submit(&origin.url("/trickle/10?every_ms=1000"), "file-bucket", "stalled").await;
+    let id = app.submit(&origin.url("/trickle/10?every_ms=1000"), &app.bucket, "stalled").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert!(job["last_error"].as_str().unwrap().contains("timed out"), "{job}");
@@ -104,12 +104,12 @@ async fn a_trickling_origin_cannot_hold_a_worker_past_the_transfer_deadline() {
     .await;
     let started = std::time::Instant::now();
     // 200 bytes at one per 50 ms would take 10 s: each read is quick, the whole is not.
-    let id = app.submit(&origin.url("/trickle/200?every_ms=50"), "file-bucket", "trickle").await;
+    let id = app.submit(&origin.url("/trickle/200?every_ms=50"), &app.bucket, "trickle").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert!(job["last_error"].as_str().unwrap().contains("did not finish within 1s"), "{job}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
+    assert!(app.stored_objects().await.is_empty(), "{:?}", app.stored_objects().await);
     app.stop().await;
 }
 
@@ -117,10 +117,10 @@ async fn a_trickling_origin_cannot_hold_a_worker_past_the_transfer_deadline() {
 async fn a_slow_but_steady_origin_completes() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.read_timeout = Duration::from_secs(2)).await;
-    let id = app.submit(&origin.url("/trickle/20?every_ms=50"), "file-bucket", "steady").await;
+    let id = app.submit(&origin.url("/trickle/20?every_ms=50"), &app.bucket, "steady").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "completed", "{job}");
-    assert_eq!(std::fs::read(app.object_path("file-bucket", "steady")).unwrap(), content(1, 20));
+    assert_eq!(app.read_object("steady").await, content(1, 20));
     app.stop().await;
 }
 
@@ -128,14 +128,14 @@ async fn a_slow_but_steady_origin_completes() {
 async fn files_over_the_size_limit_fail_permanently() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.max_file_size = bytesize::ByteSize::b(10_000)).await;
-    let id = app.submit(&origin.url("/file/10001"), "file-bucket", "big").await;
+    let id = app.submit(&origin.url("/file/10001"), &app.bucket, "big").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 0);
     assert!(job["last_error"].as_str().unwrap().contains("too large"), "{job}");
-    let id = app.submit(&origin.url("/file/10000"), "file-bucket", "fits").await;
+    let id = app.submit(&origin.url("/file/10000"), &app.bucket, "fits").await;
     assert_eq!(app.finished(&id).await["status"], "completed");
-    assert_eq!(app.stored_files().len(), 1);
+    assert_eq!(app.stored_objects().await.len(), 1);
     app.stop().await;
 }
 
@@ -148,7 +148,7 @@ async fn checksums_given_at_submit_are_verified() {
 
     let good = app
         .submit_body(&json!({
-            "file_url": url, "bucket_name": "file-bucket", "object_name": "good.bin",
+            "file_url": url, "bucket_name": app.bucket, "object_name": "good.bin",
             "sha256": sha256_hex(&bytes).to_uppercase(), "md5": md5_hex(&bytes),
         }))
         .await;
@@ -157,7 +157,7 @@ async fn checksums_given_at_submit_are_verified() {
     for (field, wrong) in [("sha256", "0".repeat(64)), ("md5", "0".repeat(32))] {
         let id = app
             .submit_body(&json!({
-                "file_url": url, "bucket_name": "file-bucket", "object_name": format!("bad-{field}.bin"),
+                "file_url": url, "bucket_name": app.bucket, "object_name": format!("bad-{field}.bin"),
                 field: wrong,
             }))
             .await;
@@ -165,9 +165,9 @@ async fn checksums_given_at_submit_are_verified() {
         assert_eq!(job["status"], "failed", "{job}");
         assert_eq!(job["retry_count"], 0, "a mismatch is permanent");
         assert!(job["last_error"].as_str().unwrap().contains("checksum mismatch"), "{job}");
-        assert!(!app.object_path("file-bucket", &format!("bad-{field}.bin")).exists());
+        assert!(app.try_read_object(&format!("bad-{field}.bin")).await.is_none());
     }
-    assert_eq!(app.stored_files().len(), 1, "{:?}", app.stored_files());
+    assert_eq!(app.stored_objects().await.len(), 1, "{:?}", app.stored_objects().await);
     app.stop().await;
 }
 
@@ -175,9 +175,9 @@ async fn checksums_given_at_submit_are_verified() {
 async fn redirects_are_followed_up_to_the_limit() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.max_redirects = 3).await;
-    let ok = app.submit(&origin.url("/redirect/3/1000"), "file-bucket", "redirected").await;
+    let ok = app.submit(&origin.url("/redirect/3/1000"), &app.bucket, "redirected").await;
     assert_eq!(app.finished(&ok).await["status"], "completed");
-    let too_many = app.submit(&origin.url("/redirect/4/1000"), "file-bucket", "loop").await;
+    let too_many = app.submit(&origin.url("/redirect/4/1000"), &app.bucket, "loop").await;
     let job = app.finished(&too_many).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 0);
@@ -196,7 +196,7 @@ async fn a_name_resolving_to_loopback_fails_permanently_when_fetched() {
     assert!(resolved.iter().any(|a| a.ip().is_loopback()), "{host} should resolve to loopback: {resolved:?}");
 
     let url = format!("http://{host}:{}/file/10", origin.addr.port());
-    let id = app.submit(&url, "file-bucket", "sneaky").await;
+    let id = app.submit(&url, &app.bucket, "sneaky").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 0);

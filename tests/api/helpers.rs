@@ -1,4 +1,6 @@
-//! `spawn_app`: a real fileflow (embedded backends) on port 0 with a fresh data dir.
+//! `spawn_app`: a real fileflow on port 0 with a fresh data dir, on the embedded stack or,
+//! when `FILEFLOW_TEST_STACK=distributed`, on PostgreSQL + Kafka + S3 (a fresh database,
+//! topics, group and bucket per test).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,6 +14,9 @@ pub use crate::origin::{Origin, content};
 
 pub struct TestApp {
     pub base: String,
+    /// The bucket this test stores into (unique per test on S3).
+    pub bucket: String,
+    s3: Option<crate::services::S3>,
     pub client: reqwest::Client,
     pub settings: Settings,
     _data_dir: Option<tempfile::TempDir>,
@@ -31,6 +36,36 @@ pub fn test_settings(data_dir: PathBuf) -> Settings {
     s
 }
 
+/// Test settings on this run's stack.
+pub async fn stack_settings(data_dir: PathBuf) -> Settings {
+    let mut settings = test_settings(data_dir);
+    if distributed() {
+        use_distributed_stack(&mut settings).await;
+    }
+    settings
+}
+
+/// Point `settings` at the distributed stack's servers (fresh database, topics and group).
+async fn use_distributed_stack(settings: &mut Settings) {
+    let s3 = crate::services::s3().expect("FILEFLOW_TEST_STACK=distributed needs S3");
+    settings.database_url = Some(crate::services::fresh_postgres().await.expect("distributed needs PostgreSQL"));
+    settings.kafka_brokers = Some(crate::services::service("FILEFLOW_TEST_KAFKA").expect("distributed needs Kafka"));
+    settings.kafka_topic = crate::services::unique("jobs");
+    settings.kafka_group = crate::services::unique("workers");
+    settings.kafka_partitions = 2;
+    settings.storage = fileflow::config::StorageKind::S3;
+    settings.s3_endpoint = Some(s3.endpoint.parse().unwrap());
+    settings.s3_region = s3.region.clone();
+    settings.create_buckets = true;
+    settings.s3_access_key_id = Some(s3.access_key.clone());
+    settings.s3_secret_access_key = Some(s3.secret_key.clone());
+}
+
+/// Whether this run uses the distributed stack.
+pub fn distributed() -> bool {
+    std::env::var("FILEFLOW_TEST_STACK").is_ok_and(|s| s == "distributed")
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
@@ -41,7 +76,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 
 pub async fn spawn_app_with_hooks(adjust: impl FnOnce(&mut Settings), hooks: Hooks) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = test_settings(dir.path().to_owned());
+    let mut settings = stack_settings(dir.path().to_owned()).await;
     adjust(&mut settings);
     start_with(settings, Some(dir), hooks).await
 }
@@ -58,8 +93,15 @@ async fn start_with(settings: Settings, data_dir: Option<tempfile::TempDir>, hoo
     let running = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
     }));
+    let s3 = (settings.storage == fileflow::config::StorageKind::S3).then(|| crate::services::s3().unwrap());
+    let bucket = match &settings.kafka_topic {
+        topic if s3.is_some() => format!("bucket-{topic}"),
+        _ => "file-bucket".to_owned(),
+    };
     TestApp {
         base,
+        bucket,
+        s3,
         client: reqwest::Client::builder().no_proxy().build().unwrap(),
         settings,
         _data_dir: data_dir,
@@ -119,29 +161,63 @@ impl TestApp {
         self.wait_until(id, Duration::from_secs(30), |j| j["status"] == "completed" || j["status"] == "failed").await
     }
 
-    pub fn object_path(&self, bucket: &str, key: &str) -> PathBuf {
-        self.settings.data_dir.join("objects").join(bucket).join(key)
+    /// The stored object `key` in this test's bucket.
+    pub async fn read_object(&self, key: &str) -> Vec<u8> {
+        self.try_read_object(key).await.unwrap_or_else(|| panic!("no object {key} in {}", self.bucket))
     }
 
-    /// Every file under the object store (objects and any leftover staging files).
-    pub fn stored_files(&self) -> Vec<PathBuf> {
-        fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(&path, out);
-                } else {
-                    out.push(path);
+    pub async fn try_read_object(&self, key: &str) -> Option<Vec<u8>> {
+        match &self.s3 {
+            Some(s3) => {
+                use object_store::ObjectStoreExt;
+                let path = object_store::path::Path::from_iter(key.split('/'));
+                match s3.bucket(&self.bucket).get(&path).await {
+                    Ok(found) => Some(found.bytes().await.unwrap().to_vec()),
+                    Err(object_store::Error::NotFound { .. }) => None,
+                    Err(e) if e.to_string().contains("NoSuchBucket") => None,
+                    Err(e) => panic!("cannot read {key}: {e}"),
                 }
             }
+            None => std::fs::read(self.settings.data_dir.join("objects").join(&self.bucket).join(key)).ok(),
         }
-        let mut out = Vec::new();
-        walk(&self.settings.data_dir.join("objects"), &mut out);
-        out.sort();
-        out
+    }
+
+    /// Everything in this test's bucket: objects, and on disk any leftover staging files.
+    pub async fn stored_objects(&self) -> Vec<String> {
+        match &self.s3 {
+            Some(s3) => {
+                use futures::TryStreamExt;
+                use object_store::ObjectStore;
+                let listed: Result<Vec<_>, _> = s3.bucket(&self.bucket).list(None).try_collect().await;
+                match listed {
+                    Ok(objects) => objects.into_iter().map(|o| o.location.to_string()).collect(),
+                    Err(e)
+                        if e.to_string().contains("NoSuchBucket")
+                            || matches!(e, object_store::Error::NotFound { .. }) =>
+                    {
+                        Vec::new()
+                    }
+                    Err(e) => panic!("cannot list {}: {e}", self.bucket),
+                }
+            }
+            None => {
+                fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+                    let Ok(entries) = std::fs::read_dir(dir) else { return };
+                    for entry in entries.flatten() {
+                        let path = entry.path();
+                        if path.is_dir() {
+                            walk(&path, out);
+                        } else {
+                            out.push(path.display().to_string());
+                        }
+                    }
+                }
+                let mut out = Vec::new();
+                walk(&self.settings.data_dir.join("objects"), &mut out);
+                out.sort();
+                out
+            }
+        }
     }
 
     /// Stop gracefully and wait for the process to finish.

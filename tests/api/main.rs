@@ -3,6 +3,9 @@
 #[path = "../support/origin.rs"]
 mod origin;
 
+#[path = "../support/services.rs"]
+mod services;
+
 mod helpers;
 
 mod destinations;

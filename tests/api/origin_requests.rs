@@ -18,7 +18,7 @@ async fn bad_headers_are_refused_at_submit() {
         json!("Authorization: x"),
     ] {
         let body = json!({
-            "file_url": "http://127.0.0.1:9/x", "bucket_name": "file-bucket", "object_name": "x", "headers": headers,
+            "file_url": "http://127.0.0.1:9/x", "bucket_name": app.bucket, "object_name": "x", "headers": headers,
         });
         let response = app.post_upload(&body).await;
         assert_eq!(response.status(), 422, "{headers}");
@@ -32,9 +32,9 @@ async fn bad_headers_are_refused_at_submit() {
 async fn fileflow_names_itself_to_origins() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/echo-header/user-agent"), "file-bucket", "ua").await;
+    let id = app.submit(&origin.url("/echo-header/user-agent"), &app.bucket, "ua").await;
     assert_eq!(app.finished(&id).await["status"], "completed");
-    let agent = std::fs::read_to_string(app.object_path("file-bucket", "ua")).unwrap();
+    let agent = String::from_utf8(app.read_object("ua").await).unwrap();
     assert_eq!(agent, format!("fileflow/{}", env!("CARGO_PKG_VERSION")));
     app.stop().await;
 }
@@ -43,12 +43,12 @@ async fn fileflow_names_itself_to_origins() {
 async fn compressed_content_is_stored_as_served() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/gzip/5000"), "file-bucket", "served.gz").await;
+    let id = app.submit(&origin.url("/gzip/5000"), &app.bucket, "served.gz").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["size"], 5000);
     assert_eq!(job["content_type"], "application/gzip");
-    assert!(std::fs::read(app.object_path("file-bucket", "served.gz")).unwrap() == content(1, 5000));
+    assert!(app.read_object("served.gz").await == content(1, 5000));
     app.stop().await;
 }
 
@@ -56,15 +56,15 @@ async fn compressed_content_is_stored_as_served() {
 async fn a_generic_content_type_is_replaced_by_a_sniffed_one() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/png"), "file-bucket", "image").await;
+    let id = app.submit(&origin.url("/png"), &app.bucket, "image").await;
     let job = app.finished(&id).await;
     assert_eq!(job["content_type"], "image/png", "{job}");
-    assert_eq!(std::fs::read(app.object_path("file-bucket", "image")).unwrap(), PNG_HEAD);
+    assert_eq!(app.read_object("image").await, PNG_HEAD);
     let (_, link) = app.get(&format!("/api/v1/uploads/{id}/url")).await;
     let response = app.client.get(link["url"].as_str().unwrap()).send().await.unwrap();
     assert_eq!(response.headers()["content-type"], "image/png");
 
-    let id = app.submit(&origin.url("/file/100"), "file-bucket", "opaque").await;
+    let id = app.submit(&origin.url("/file/100"), &app.bucket, "opaque").await;
     assert_eq!(app.finished(&id).await["content_type"], "application/octet-stream");
     app.stop().await;
 }

@@ -113,7 +113,7 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
     // Nothing was written: no job, no object.
     let (_, list) = app.get("/api/v1/uploads").await;
     assert_eq!(list["uploads"], json!([]));
-    assert!(app.stored_files().is_empty());
+    assert!(app.stored_objects().await.is_empty());
     app.stop().await;
 }
 
@@ -160,9 +160,9 @@ async fn the_list_is_newest_first_filtered_and_paginated() {
     let app = spawn_app().await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(app.submit(&origin.url("/file/100"), "file-bucket", &format!("f{i}")).await);
+        ids.push(app.submit(&origin.url("/file/100"), &app.bucket, &format!("f{i}")).await);
     }
-    let missing = app.submit(&origin.url("/status/404"), "file-bucket", "missing").await;
+    let missing = app.submit(&origin.url("/status/404"), &app.bucket, "missing").await;
     for id in &ids {
         app.finished(id).await;
     }

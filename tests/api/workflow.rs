@@ -4,13 +4,13 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{Origin, content, md5_hex, sha256_hex, spawn_app, spawn_app_with, start, test_settings};
+use crate::helpers::{Origin, content, md5_hex, sha256_hex, spawn_app, spawn_app_with, stack_settings, start};
 
 #[tokio::test]
 async fn a_completed_job_has_the_origins_bytes_and_their_checksums() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/file/300000?seed=7&type=image/jpeg"), "file-bucket", "photos/kitty2.jpg").await;
+    let id = app.submit(&origin.url("/file/300000?seed=7&type=image/jpeg"), &app.bucket, "photos/kitty2.jpg").await;
     let job = app.finished(&id).await;
 
     let expected = content(7, 300_000);
@@ -22,9 +22,9 @@ async fn a_completed_job_has_the_origins_bytes_and_their_checksums() {
     assert_eq!(job["md5"], md5_hex(&expected));
     assert_eq!(job["etag"], md5_hex(&expected), "the ETag is the MD5, as S3 reports for one PUT");
     assert_eq!(job["content_type"], "image/jpeg");
-    let stored = std::fs::read(app.object_path("file-bucket", "photos/kitty2.jpg")).unwrap();
+    let stored = app.read_object("photos/kitty2.jpg").await;
     assert!(stored == expected, "stored bytes differ from the origin's");
-    assert_eq!(app.stored_files().len(), 1, "no staging files are left: {:?}", app.stored_files());
+    assert_eq!(app.stored_objects().await.len(), 1, "no staging files are left: {:?}", app.stored_objects().await);
     app.stop().await;
 }
 
@@ -32,12 +32,12 @@ async fn a_completed_job_has_the_origins_bytes_and_their_checksums() {
 async fn an_empty_file_is_stored_too() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/file/0"), "file-bucket", "empty").await;
+    let id = app.submit(&origin.url("/file/0"), &app.bucket, "empty").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["size"], 0);
     assert_eq!(job["sha256"], sha256_hex(b""));
-    assert_eq!(std::fs::read(app.object_path("file-bucket", "empty")).unwrap(), b"");
+    assert_eq!(app.read_object("empty").await, b"");
     app.stop().await;
 }
 
@@ -45,12 +45,12 @@ async fn an_empty_file_is_stored_too() {
 async fn transient_failures_are_retried_until_the_origin_recovers() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/flaky/a/2/5000"), "file-bucket", "flaky.bin").await;
+    let id = app.submit(&origin.url("/flaky/a/2/5000"), &app.bucket, "flaky.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["retry_count"], 2);
     assert_eq!(origin.hits("/flaky/a/2/5000"), 3);
-    assert_eq!(std::fs::read(app.object_path("file-bucket", "flaky.bin")).unwrap(), content(1, 5000));
+    assert_eq!(app.read_object("flaky.bin").await, content(1, 5000));
     app.stop().await;
 }
 
@@ -58,13 +58,13 @@ async fn transient_failures_are_retried_until_the_origin_recovers() {
 async fn a_job_that_keeps_failing_gives_up_after_max_retries() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    let id = app.submit(&origin.url("/status/500"), "file-bucket", "never").await;
+    let id = app.submit(&origin.url("/status/500"), &app.bucket, "never").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["retry_count"], 3);
     assert!(job["last_error"].as_str().unwrap().contains("500"), "{job}");
     assert_eq!(origin.hits("/status/500"), 4, "one attempt plus three retries");
-    assert!(app.stored_files().is_empty());
+    assert!(app.stored_objects().await.is_empty());
     app.stop().await;
 }
 
@@ -78,7 +78,7 @@ async fn retries_back_off_by_the_configured_base_delay() {
     })
     .await;
     let started = std::time::Instant::now();
-    let id = app.submit(&origin.url("/status/503"), "file-bucket", "slow-retries").await;
+    let id = app.submit(&origin.url("/status/503"), &app.bucket, "slow-retries").await;
     let pending =
         app.wait_until(&id, Duration::from_secs(10), |j| j["retry_count"] == 1 && j["status"] == "pending").await;
     assert!(pending["next_attempt_at"].is_string(), "a scheduled retry shows when: {pending}");
@@ -95,7 +95,7 @@ async fn retries_back_off_by_the_configured_base_delay() {
 async fn a_failed_job_can_be_requeued_and_then_completes() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| s.max_retries = 0).await;
-    let id = app.submit(&origin.url("/flaky/requeue/1/2048"), "file-bucket", "again.bin").await;
+    let id = app.submit(&origin.url("/flaky/requeue/1/2048"), &app.bucket, "again.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
 
@@ -103,7 +103,7 @@ async fn a_failed_job_can_be_requeued_and_then_completes() {
     assert_eq!(retry.status(), 202);
     let job = app.wait_until(&id, Duration::from_secs(10), |j| j["status"] == "completed").await;
     assert_eq!(job["retry_count"], 0);
-    assert_eq!(std::fs::read(app.object_path("file-bucket", "again.bin")).unwrap(), content(1, 2048));
+    assert_eq!(app.read_object("again.bin").await, content(1, 2048));
 
     let again = app.client.post(app.url(&format!("/api/v1/uploads/{id}/retry"))).send().await.unwrap();
     assert_eq!(again.status(), 409);
@@ -120,12 +120,12 @@ async fn many_jobs_run_concurrently_and_all_complete() {
     let mut ids = Vec::new();
     for i in 0..40u64 {
         let url = origin.url(&format!("/delay/200/{}?seed={i}", 1000 + i));
-        ids.push((i, app.submit(&url, "file-bucket", &format!("many/{i}")).await));
+        ids.push((i, app.submit(&url, &app.bucket, &format!("many/{i}")).await));
     }
     for (i, id) in &ids {
         let job = app.finished(id).await;
         assert_eq!(job["status"], "completed", "{job}");
-        let stored = std::fs::read(app.object_path("file-bucket", &format!("many/{i}"))).unwrap();
+        let stored = app.read_object(&format!("many/{i}")).await;
         assert!(stored == content(*i, 1000 + i), "job {id} stored the wrong bytes");
     }
     // 40 jobs of 200 ms each take 8 s one at a time; eight at a time about 1 s.
@@ -137,11 +137,11 @@ async fn many_jobs_run_concurrently_and_all_complete() {
 async fn shutdown_hands_unfinished_jobs_back_and_a_restart_completes_them() {
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = test_settings(dir.path().to_owned());
+    let mut settings = stack_settings(dir.path().to_owned()).await;
     settings.shutdown_grace = Duration::from_millis(300);
     let app = start(settings.clone(), None).await;
     // The origin takes 3 s to answer: longer than the grace period.
-    let id = app.submit(&origin.url("/delay/3000/4096"), "file-bucket", "handed-back").await;
+    let id = app.submit(&origin.url("/delay/3000/4096"), &app.bucket, "handed-back").await;
     app.wait_until(&id, Duration::from_secs(5), |j| j["status"] == "processing").await;
     app.stop().await;
 
@@ -163,7 +163,7 @@ async fn a_large_file_streams_through_intact() {
     let id = app
         .submit_body(&json!({
             "file_url": origin.url(&format!("/file/{size}?seed=3")),
-            "bucket_name": "big-bucket",
+            "bucket_name": app.bucket,
             "object_name": "large.bin",
         }))
         .await;
@@ -183,7 +183,7 @@ async fn a_large_file_streams_through_intact() {
         hex::encode(h.finalize())
     };
     assert_eq!(job["sha256"], expected_sha);
-    let on_disk = std::fs::metadata(app.object_path("big-bucket", "large.bin")).unwrap().len();
+    let on_disk = app.read_object("large.bin").await.len() as u64;
     assert_eq!(on_disk, size);
     app.stop().await;
 }

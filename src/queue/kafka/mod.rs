@@ -1,0 +1,460 @@
+//! The Kafka queue: jobs on `upload_file_topic`, retries on `upload_file_topic-retry`
+//! (held back, without sleeping in the poll loop, until due), give-ups on
+//! `upload_file_topic-dlq`. Offsets are stored in order, only once a job's outcome is
+//! durable, and committed by the client's auto-commit.
+
+mod message;
+mod offsets;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Delivery, Queue, QueueError};
+use crate::lifecycle::JobId;
+
+pub use message::JobMessage;
+use message::{
+    ATTEMPT_HEADER, DUE_AT_HEADER, ERROR_HEADER, ORIGIN_OFFSET_HEADER, ORIGIN_PARTITION_HEADER, ORIGIN_TOPIC_HEADER,
+    due_at_from_header,
+};
+use offsets::PartitionOffsets;
+
+/// How the Kafka queue connects and names things.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    /// The jobs topic; retries and give-ups go to `<topic>-retry` and `<topic>-dlq`.
+    pub topic: String,
+    pub group: String,
+    /// Partitions of the jobs and retry topics when fileflow creates them.
+    pub partitions: i32,
+    /// Longest a worker may hold a message (a whole transfer) before the group gives its
+    /// partitions to another member.
+    pub max_poll_interval: Duration,
+}
+
+impl KafkaSettings {
+    pub fn retry_topic(&self) -> String {
+        format!("{}-retry", self.topic)
+    }
+
+    pub fn dlq_topic(&self) -> String {
+        format!("{}-dlq", self.topic)
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers).set("client.id", "fileflow");
+        config
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Backend(e.to_string())
+}
+
+/// Create the three topics when missing.
+pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), QueueError> {
+    let admin: AdminClient<DefaultClientContext> = settings.client_config().create().map_err(backend)?;
+    let (main, retry, dlq) = (settings.topic.clone(), settings.retry_topic(), settings.dlq_topic());
+    let topics = [
+        NewTopic::new(&main, settings.partitions, TopicReplication::Fixed(1)),
+        NewTopic::new(&retry, settings.partitions, TopicReplication::Fixed(1)),
+        NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
+    ];
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&topics, &options).await.map_err(backend)? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(QueueError::Backend(format!("cannot create topic {topic}: {code}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Publishes job messages: used by the outbox relay and for retries and give-ups.
+#[derive(Clone)]
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    settings: KafkaSettings,
+}
+
+impl KafkaPublisher {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, QueueError> {
+        let producer =
+            settings.client_config().set("acks", "all").set("message.timeout.ms", "30000").create().map_err(backend)?;
+        Ok(Self { producer, settings: settings.clone() })
+    }
+
+    async fn send(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders) -> Result<(), QueueError> {
+        let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| QueueError::Backend(format!("cannot publish to {topic}: {e}")))
+    }
+
+    /// Announce a job on the jobs topic (the seed's message).
+    pub async fn publish_job(&self, message: &JobMessage) -> Result<(), QueueError> {
+        let payload = serde_json::to_vec(message).map_err(backend)?;
+        let headers = OwnedHeaders::new().insert(Header { key: ATTEMPT_HEADER, value: Some("1") });
+        self.send(&self.settings.topic, &message.id, &payload, headers).await
+    }
+}
+
+/// Where a delivery came from; its token is `topic/partition/offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Origin {
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+impl Origin {
+    fn token(&self) -> String {
+        format!("{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+
+    fn parse(token: &str) -> Option<Self> {
+        let mut parts = token.rsplitn(3, '/');
+        let offset = parts.next()?.parse().ok()?;
+        let partition = parts.next()?.parse().ok()?;
+        Some(Self { topic: parts.next()?.to_owned(), partition, offset })
+    }
+}
+
+/// A message read from a topic, held until due.
+struct Pending {
+    origin: Origin,
+    due_at: DateTime<Utc>,
+    delivery: Option<Delivery>,
+    payload: Vec<u8>,
+    /// Why the message cannot be worked on (it goes to the DLQ).
+    unusable: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    offsets: HashMap<(String, i32), PartitionOffsets>,
+    /// Paused partitions and the messages they had already delivered, oldest first.
+    held: HashMap<(String, i32), VecDeque<Pending>>,
+}
+
+/// Clears local bookkeeping when the group moves partitions: what was in flight will be
+/// delivered again from the committed offsets.
+struct RebalanceContext {
+    state: Arc<Mutex<State>>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = rebalance {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.offsets.clear();
+            state.held.clear();
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // Held messages were dropped at the revoke; their partitions must fetch again.
+        if let Rebalance::Assign(assigned) = rebalance
+            && let Err(e) = consumer.resume(assigned)
+        {
+            tracing::warn!(error = %e, "cannot resume assigned partitions");
+        }
+    }
+}
+
+type Consumer_ = StreamConsumer<RebalanceContext>;
+
+pub struct KafkaQueue {
+    inner: Arc<Inner>,
+    deliveries: tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
+    stop: CancellationToken,
+}
+
+/// What the poll loop and the workers share. The loop holds only this, so dropping the
+/// queue stops the loop and closes the consumer.
+struct Inner {
+    consumer: Consumer_,
+    publisher: KafkaPublisher,
+    state: Arc<Mutex<State>>,
+}
+
+impl KafkaQueue {
+    /// Join the consumer group and start reading; `buffer` bounds the deliveries read ahead
+    /// of the workers.
+    pub fn start(settings: &KafkaSettings, buffer: usize) -> Result<Arc<Self>, QueueError> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let context = RebalanceContext { state: state.clone() };
+        let consumer: Consumer_ = settings
+            .client_config()
+            .set("group.id", &settings.group)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("max.poll.interval.ms", settings.max_poll_interval.as_millis().to_string())
+            .set("queued.max.messages.kbytes", "1024")
+            .create_with_context(context)
+            .map_err(backend)?;
+        consumer.subscribe(&[&settings.topic, &settings.retry_topic()]).map_err(backend)?;
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let inner = Arc::new(Inner { consumer, publisher: KafkaPublisher::new(settings)?, state });
+        let stop = CancellationToken::new();
+        tokio::spawn(inner.clone().poll_loop(tx, stop.clone(), settings.retry_topic(), settings.dlq_topic()));
+        Ok(Arc::new(Self { inner, deliveries: tokio::sync::Mutex::new(rx), stop }))
+    }
+
+    /// Leave the group, committing what was stored, within `timeout`.
+    pub async fn close(&self, timeout: Duration) {
+        self.stop.cancel();
+        let inner = self.inner.clone();
+        let closing = tokio::task::spawn_blocking(move || {
+            if let Err(e) = inner.consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+                tracing::debug!(error = %e, "final commit");
+            }
+            inner.consumer.unsubscribe();
+        });
+        let _ = tokio::time::timeout(timeout, closing).await;
+    }
+}
+
+impl Inner {
+    /// Read messages, hold retries until due, hand the rest to the workers. Never sleeps:
+    /// a partition whose head is not due is paused, and resumed by the tick.
+    async fn poll_loop(
+        self: Arc<Self>,
+        tx: mpsc::Sender<Delivery>,
+        stop: CancellationToken,
+        retry_topic: String,
+        dlq_topic: String,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            let ready = tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => self.due_messages(),
+                message = self.consumer.recv() => match message {
+                    Ok(message) => self.accept(&message, &retry_topic),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka consumer error");
+                        Vec::new()
+                    }
+                },
+            };
+            for pending in ready {
+                match pending.unusable {
+                    Some(reason) => self.dead_letter_raw(&pending.origin, &pending.payload, &reason, &dlq_topic).await,
+                    None => {
+                        let delivery = pending.delivery.expect("usable messages carry a delivery");
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            sent = tx.send(delivery) => if sent.is_err() { return },
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Take in one message: returns it if it can go out now; otherwise holds it and pauses
+    /// its partition.
+    fn accept(&self, message: &BorrowedMessage<'_>, retry_topic: &str) -> Vec<Pending> {
+        let origin =
+            Origin { topic: message.topic().to_owned(), partition: message.partition(), offset: message.offset() };
+        let header = |name: &str| {
+            message.headers().and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value.map(<[u8]>::to_vec)))
+        };
+        let payload = message.payload().unwrap_or_default().to_vec();
+        let now = Utc::now();
+        let due_at =
+            if origin.topic == retry_topic { due_at_from_header(header(DUE_AT_HEADER).as_deref()) } else { None };
+        let attempt = header(ATTEMPT_HEADER)
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(1);
+        let parsed = serde_json::from_slice::<JobMessage>(&payload)
+            .map_err(|e| format!("unparseable job message: {e}"))
+            .and_then(|m| m.id.parse::<i64>().map_err(|_| format!("job message has a non-numeric id {:?}", m.id)));
+        let (delivery, unusable) = match parsed {
+            Ok(id) => (Some(Delivery { job_id: JobId(id), attempt, token: origin.token() }), None),
+            Err(reason) => (None, Some(reason)),
+        };
+        let pending = Pending { origin: origin.clone(), due_at: due_at.unwrap_or(now), delivery, payload, unusable };
+
+        let key = (origin.topic.clone(), origin.partition);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = state.held.get_mut(&key) {
+            held.push_back(pending);
+            return Vec::new();
+        }
+        if pending.due_at > now {
+            self.set_paused(&origin, true);
+            state.held.insert(key, VecDeque::from([pending]));
+            return Vec::new();
+        }
+        state.offsets.entry(key).or_default().track(origin.offset);
+        vec![pending]
+    }
+
+    /// Messages of paused partitions that are now due, in order; resumes emptied partitions.
+    fn due_messages(&self) -> Vec<Pending> {
+        let now = Utc::now();
+        let mut ready = Vec::new();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let State { offsets, held } = &mut *state;
+        held.retain(|key, queue| {
+            while queue.front().is_some_and(|p| p.due_at <= now) {
+                let pending = queue.pop_front().expect("checked");
+                offsets.entry(key.clone()).or_default().track(pending.origin.offset);
+                ready.push(pending);
+            }
+            if queue.is_empty() {
+                self.set_paused(&Origin { topic: key.0.clone(), partition: key.1, offset: 0 }, false);
+                return false;
+            }
+            true
+        });
+        ready
+    }
+
+    fn set_paused(&self, origin: &Origin, paused: bool) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&origin.topic, origin.partition);
+        let result = if paused { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
+        if let Err(e) = result {
+            tracing::warn!(topic = %origin.topic, partition = origin.partition, paused, error = %e, "cannot change partition state");
+        }
+    }
+
+    /// The message's outcome is durable: let its offset be committed once all before it are.
+    fn done(&self, origin: &Origin) -> Result<(), QueueError> {
+        let key = (origin.topic.clone(), origin.partition);
+        let stored = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.offsets.get_mut(&key).and_then(|p| p.complete(origin.offset))
+        };
+        if let Some(offset) = stored {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&origin.topic, origin.partition, Offset::Offset(offset + 1)).map_err(backend)?;
+            if let Err(e) = self.consumer.store_offsets(&tpl) {
+                // The partition moved to another member: it will deliver the message again.
+                tracing::warn!(topic = %origin.topic, partition = origin.partition, error = %e, "cannot store offset");
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letter_raw(&self, origin: &Origin, payload: &[u8], reason: &str, dlq_topic: &str) {
+        tracing::warn!(topic = %origin.topic, partition = origin.partition, offset = origin.offset, reason, "message sent to the DLQ");
+        let headers = dlq_headers(origin, reason);
+        if let Err(e) = self.publisher.send(dlq_topic, "", payload, headers).await {
+            tracing::error!(error = %e, "cannot publish to the DLQ; the message will be read again");
+            return;
+        }
+        let key = (origin.topic.clone(), origin.partition);
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).offsets.entry(key).or_default().track(origin.offset);
+        let _ = self.done(origin);
+    }
+
+    fn origin_of(delivery: &Delivery) -> Result<Origin, QueueError> {
+        Origin::parse(&delivery.token)
+            .ok_or_else(|| QueueError::Backend(format!("bad delivery token {}", delivery.token)))
+    }
+
+    async fn send_retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError> {
+        let message = job_stub(delivery.job_id);
+        let payload = serde_json::to_vec(&message).map_err(backend)?;
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: ATTEMPT_HEADER, value: Some(&attempt.to_string()) })
+            .insert(Header { key: DUE_AT_HEADER, value: Some(&due_at.timestamp_millis().to_string()) });
+        self.publisher.send(&self.publisher.settings.retry_topic(), &message.id, &payload, headers).await
+    }
+}
+
+/// The job's id is all a worker needs; the row holds the rest.
+fn job_stub(id: JobId) -> JobMessage {
+    JobMessage { id: id.to_string(), file_url: String::new(), bucket_name: String::new(), object_name: String::new() }
+}
+
+fn dlq_headers(origin: &Origin, reason: &str) -> OwnedHeaders {
+    OwnedHeaders::new()
+        .insert(Header { key: ERROR_HEADER, value: Some(reason) })
+        .insert(Header { key: ORIGIN_TOPIC_HEADER, value: Some(&origin.topic) })
+        .insert(Header { key: ORIGIN_PARTITION_HEADER, value: Some(&origin.partition.to_string()) })
+        .insert(Header { key: ORIGIN_OFFSET_HEADER, value: Some(&origin.offset.to_string()) })
+}
+
+impl Drop for KafkaQueue {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[async_trait]
+impl Queue for KafkaQueue {
+    async fn receive(&self) -> Result<Delivery, QueueError> {
+        let mut deliveries = self.deliveries.lock().await;
+        deliveries.recv().await.ok_or_else(|| QueueError::Backend("the Kafka consumer stopped".into()))
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {
+        self.inner.done(&Inner::origin_of(delivery)?)
+    }
+
+    async fn retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError> {
+        self.inner.send_retry(delivery, attempt, due_at).await?;
+        self.ack(delivery).await
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
+        let origin = Inner::origin_of(delivery)?;
+        let payload = serde_json::to_vec(&job_stub(delivery.job_id)).map_err(backend)?;
+        let publisher = &self.inner.publisher;
+        let dlq = publisher.settings.dlq_topic();
+        publisher.send(&dlq, &delivery.job_id.to_string(), &payload, dlq_headers(&origin, reason)).await?;
+        self.inner.done(&origin)
+    }
+
+    async fn release(&self, delivery: &Delivery) -> Result<(), QueueError> {
+        // Hand the job to whichever member comes next, without holding back this partition.
+        self.retry(delivery, delivery.attempt, Utc::now()).await
+    }
+
+    async fn keep_alive(&self, _delivery: &Delivery) -> Result<(), QueueError> {
+        // The message stays unacknowledged as long as needed; the job's lease is what
+        // other workers look at.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_even_with_slashes_in_topic_names() {
+        let origin = Origin { topic: "a/b-retry".into(), partition: 3, offset: 42 };
+        assert_eq!(Origin::parse(&origin.token()), Some(origin));
+        assert_eq!(Origin::parse("nonsense"), None);
+    }
+}

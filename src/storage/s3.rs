@@ -1,0 +1,270 @@
+//! The S3 object store (any S3-compatible service): small objects in one PUT, so the ETag
+//! is the MD5 as in the seed; larger ones as multipart uploads that are aborted on failure.
+//! Download links are SigV4 presigned GET URLs.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as StorePath;
+use object_store::signer::Signer;
+use object_store::{
+    Attribute, Attributes, ObjectStore as _, ObjectStoreExt as _, PutMultipartOptions, PutOptions, PutPayload,
+    WriteMultipart,
+};
+use url::Url;
+
+use super::{ByteStream, ObjectStore, PutOutcome, ReadError, StoredBody};
+use crate::domain::{BucketName, ObjectKey};
+use crate::lifecycle::{Job, JobError};
+use crate::links::DownloadLinks;
+
+/// S3's smallest part; objects up to this size go up in one PUT.
+const MIN_PART: usize = 5 * 1024 * 1024;
+/// S3's most parts per upload.
+const MAX_PARTS: u64 = 10_000;
+
+/// How to reach the store.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    /// Path-style addressing is used when an endpoint is given (MinIO, Garage).
+    pub endpoint: Option<Url>,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Create a missing bucket instead of failing the job.
+    pub create_buckets: bool,
+    /// The largest file accepted: parts grow so no upload needs more than 10,000.
+    pub max_file_size: u64,
+}
+
+pub struct S3Store {
+    settings: S3Settings,
+    buckets: Mutex<HashMap<String, Arc<AmazonS3>>>,
+    /// Buckets seen to exist (only tracked when creating buckets).
+    existing: Mutex<HashSet<String>>,
+    http: reqwest::Client,
+}
+
+impl S3Store {
+    pub fn new(settings: S3Settings) -> Self {
+        let http = reqwest::Client::builder().no_proxy().build().expect("a plain client builds");
+        Self { settings, buckets: Mutex::default(), existing: Mutex::default(), http }
+    }
+
+    fn part_size(&self) -> usize {
+        let needed = self.settings.max_file_size.div_ceil(MAX_PARTS);
+        MIN_PART.max(usize::try_from(needed).unwrap_or(usize::MAX))
+    }
+
+    fn bucket(&self, bucket: &str) -> Result<Arc<AmazonS3>, JobError> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(store) = buckets.get(bucket) {
+            return Ok(store.clone());
+        }
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(&self.settings.region)
+            .with_access_key_id(&self.settings.access_key_id)
+            .with_secret_access_key(&self.settings.secret_access_key);
+        if let Some(endpoint) = &self.settings.endpoint {
+            builder = builder
+                .with_endpoint(endpoint.as_str().trim_end_matches('/'))
+                .with_virtual_hosted_style_request(false)
+                .with_allow_http(endpoint.scheme() == "http");
+        }
+        let store = Arc::new(builder.build().map_err(|e| JobError::permanent(format!("S3 configuration: {e}")))?);
+        buckets.insert(bucket.to_owned(), store.clone());
+        Ok(store)
+    }
+
+    /// Create `bucket` with a presigned CreateBucket request.
+    async fn create_bucket(&self, bucket: &BucketName) -> Result<(), JobError> {
+        let store = self.bucket(bucket.as_str())?;
+        let url = store
+            .signed_url(reqwest::Method::PUT, &StorePath::from(""), std::time::Duration::from_secs(60))
+            .await
+            .map_err(|e| JobError::transient(format!("S3: cannot sign CreateBucket: {e}")))?;
+        let response = self
+            .http
+            .put(url)
+            .send()
+            .await
+            .map_err(|e| JobError::transient(format!("S3: CreateBucket failed: {e}")))?;
+        let status = response.status();
+        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+            tracing::info!(%bucket, "bucket created");
+            return Ok(());
+        }
+        let body = response.text().await.unwrap_or_default();
+        Err(classify_status(status.as_u16(), format!("S3: cannot create bucket {bucket}: HTTP {status}: {body}")))
+    }
+
+    /// Create the bucket unless it is known to exist.
+    async fn ensure_bucket(&self, store: &AmazonS3, bucket: &BucketName) -> Result<(), JobError> {
+        if self.existing.lock().unwrap_or_else(|p| p.into_inner()).contains(bucket.as_str()) {
+            return Ok(());
+        }
+        match store.list_with_delimiter(Some(&StorePath::from("fileflow-bucket-probe"))).await {
+            Ok(_) => {}
+            Err(e) if classify(&e, "").message.contains("bucket does not exist") => self.create_bucket(bucket).await?,
+            Err(e) => return Err(classify(&e, "S3 bucket check")),
+        }
+        self.existing.lock().unwrap_or_else(|p| p.into_inner()).insert(bucket.as_str().to_owned());
+        Ok(())
+    }
+
+    async fn put_once(
+        &self,
+        store: &AmazonS3,
+        location: &StorePath,
+        content_type: &str,
+        parts: Vec<Bytes>,
+        rest: &mut ByteStream,
+    ) -> Result<PutOutcome, JobError> {
+        let mut parts = parts;
+        let mut size: usize = parts.iter().map(Bytes::len).sum();
+        // Read ahead: small bodies go up in one PUT.
+        while size <= MIN_PART {
+            match rest.next().await {
+                Some(chunk) => {
+                    let chunk = chunk?;
+                    size += chunk.len();
+                    parts.push(chunk);
+                }
+                None => {
+                    let options = PutOptions { attributes: content_type_attr(content_type), ..Default::default() };
+                    let put = store
+                        .put_opts(location, PutPayload::from_iter(parts), options)
+                        .await
+                        .map_err(|e| classify(&e, "S3 PUT"))?;
+                    return Ok(PutOutcome { etag: put.e_tag.map(|t| t.trim_matches('"').to_owned()) });
+                }
+            }
+        }
+        let options = PutMultipartOptions { attributes: content_type_attr(content_type), ..Default::default() };
+        let upload = store.put_multipart_opts(location, options).await.map_err(|e| classify(&e, "S3 multipart"))?;
+        let mut writer = AbortOnDrop(Some(WriteMultipart::new_with_chunk_size(upload, self.part_size())));
+        let streamed: Result<(), JobError> = async {
+            let w = writer.0.as_mut().expect("present until finished");
+            for part in parts {
+                w.put(part);
+            }
+            while let Some(chunk) = rest.next().await {
+                let chunk = chunk?;
+                w.wait_for_capacity(1).await.map_err(|e| classify(&e, "S3 part upload"))?;
+                w.put(chunk);
+            }
+            Ok(())
+        }
+        .await;
+        let w = writer.0.take().expect("present until finished");
+        match streamed {
+            Ok(()) => {
+                let done = w.finish().await.map_err(|e| classify(&e, "S3 multipart completion"))?;
+                Ok(PutOutcome { etag: done.e_tag.map(|t| t.trim_matches('"').to_owned()) })
+            }
+            Err(e) => {
+                if let Err(abort) = w.abort().await {
+                    tracing::warn!(error = %abort, "could not abort a multipart upload");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Aborts a multipart upload whose attempt was dropped midway (lease lost, shutdown).
+struct AbortOnDrop(Option<WriteMultipart>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(writer) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(e) = writer.abort().await {
+                    tracing::warn!(error = %e, "could not abort an abandoned multipart upload");
+                }
+            });
+        }
+    }
+}
+
+fn content_type_attr(content_type: &str) -> Attributes {
+    let mut attributes = Attributes::new();
+    attributes.insert(Attribute::ContentType, content_type.to_owned().into());
+    attributes
+}
+
+fn classify_status(status: u16, message: String) -> JobError {
+    match status {
+        500..=599 | 408 | 429 => JobError::transient(message),
+        _ => JobError::permanent(message),
+    }
+}
+
+fn classify(e: &object_store::Error, what: &str) -> JobError {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. } => JobError::permanent(format!("{what}: the bucket does not exist")),
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => JobError::permanent(format!("{what}: {e}")),
+        _ => {
+            let text = e.to_string();
+            if text.contains("NoSuchBucket") {
+                JobError::permanent(format!("{what}: the bucket does not exist"))
+            } else {
+                JobError::transient(format!("{what}: {text}"))
+            }
+        }
+    }
+}
+
+fn location(key: &ObjectKey) -> StorePath {
+    StorePath::from_iter(key.as_str().split('/'))
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn put(
+        &self,
+        bucket: &BucketName,
+        key: &ObjectKey,
+        content_type: &str,
+        mut body: ByteStream,
+    ) -> Result<PutOutcome, JobError> {
+        let store = self.bucket(bucket.as_str())?;
+        if self.settings.create_buckets {
+            self.ensure_bucket(&store, bucket).await?;
+        }
+        self.put_once(&store, &location(key), content_type, Vec::new(), &mut body)
+            .await
+            .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
+    }
+
+    async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError> {
+        let store = self.bucket(bucket.as_str()).map_err(|e| ReadError::Store(e.message))?;
+        match store.get(&location(key)).await {
+            Ok(found) => Ok(StoredBody {
+                size: found.meta.size,
+                body: found.into_stream().map_err(std::io::Error::other).boxed(),
+            }),
+            Err(object_store::Error::NotFound { .. }) => Err(ReadError::NotFound),
+            Err(e) => Err(ReadError::Store(e.to_string())),
+        }
+    }
+}
+
+#[async_trait]
+impl DownloadLinks for S3Store {
+    async fn link(&self, job: &Job, expires_at: DateTime<Utc>) -> anyhow::Result<Url> {
+        let store = self.bucket(&job.bucket_name).map_err(|e| anyhow::anyhow!(e.message))?;
+        let key = ObjectKey::parse(&job.object_name)?;
+        let lifetime = (expires_at - Utc::now()).to_std().unwrap_or_default();
+        Ok(store.signed_url(reqwest::Method::GET, &location(&key), lifetime).await?)
+    }
+}

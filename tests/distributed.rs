@@ -1,0 +1,135 @@
+//! The distributed layout as separate processes against the real servers: an API and
+//! workers sharing one consumer group, killed without warning.
+
+#[path = "support/origin.rs"]
+mod origin;
+
+#[path = "support/process.rs"]
+mod process;
+
+#[path = "support/services.rs"]
+mod services;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use origin::{Origin, content};
+use process::start_role;
+
+/// Environment for processes sharing one fresh database, topic set, group and bucket.
+struct Stack {
+    env: Vec<(&'static str, String)>,
+    database_url: String,
+    bucket: String,
+    s3: services::S3,
+}
+
+async fn stack() -> Option<Stack> {
+    let database_url = services::fresh_postgres().await?;
+    let kafka = services::service("FILEFLOW_TEST_KAFKA")?;
+    let s3 = services::s3()?;
+    let mut env = s3.env();
+    env.extend([
+        ("FILEFLOW_DATABASE_URL", database_url.clone()),
+        ("FILEFLOW_KAFKA_BROKERS", kafka),
+        ("FILEFLOW_KAFKA_TOPIC", services::unique("jobs")),
+        ("FILEFLOW_KAFKA_GROUP", services::unique("workers")),
+        ("FILEFLOW_KAFKA_PARTITIONS", "4".into()),
+        ("FILEFLOW_WORKER_CONCURRENCY", "2".into()),
+        ("FILEFLOW_JOB_LEASE", "2s".into()),
+    ]);
+    Some(Stack { env, database_url, bucket: services::unique("bucket-"), s3 })
+}
+
+impl Stack {
+    fn with<'a>(&'a self, extra: &[(&'static str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let mut env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v));
+        }
+        env
+    }
+
+    async fn stored(&self, key: &str) -> Vec<u8> {
+        use object_store::ObjectStoreExt;
+        let found = self.s3.bucket(&self.bucket).get(&object_store::path::Path::from(key)).await.unwrap();
+        found.bytes().await.unwrap().to_vec()
+    }
+}
+
+#[tokio::test]
+async fn two_workers_share_the_group_and_killing_one_loses_nothing() {
+    let Some(stack) = stack().await else { return };
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = stack.with(&[]);
+    let api = start_role("api", dir.path(), &env).await;
+    let mut doomed = start_role("worker", dir.path(), &env).await;
+    let survivor = start_role("worker", dir.path(), &env).await;
+
+    let total = 24u64;
+    let mut ids = Vec::new();
+    for i in 0..total {
+        let url = origin.url(&format!("/delay/400/{}?seed={i}", 2000 + i));
+        ids.push((i, api.submit_to(&url, &stack.bucket, &format!("job-{i}")).await));
+    }
+    // Both workers take part before one of them dies mid-run.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while doomed.completed_ids().is_empty() || survivor.completed_ids().is_empty() {
+        assert!(Instant::now() < deadline, "both workers should get partitions");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    doomed.kill().await;
+    let killed_after = doomed.completed_ids();
+
+    api.wait_all_completed(total as usize, Duration::from_secs(120)).await;
+    let mut completions: HashMap<String, usize> = HashMap::new();
+    for id in killed_after.iter().chain(survivor.completed_ids().iter()) {
+        *completions.entry(id.clone()).or_default() += 1;
+    }
+    for (i, id) in &ids {
+        assert_eq!(completions.get(id), Some(&1), "job {id} completed {:?} times", completions.get(id));
+        assert!(stack.stored(&format!("job-{i}")).await == content(*i, 2000 + i), "job {id} stored wrong bytes");
+    }
+    println!(
+        "{total} jobs: {} completed by the killed worker before kill -9, {} by the survivor, each exactly once",
+        killed_after.len(),
+        survivor.completed_ids().len()
+    );
+}
+
+#[tokio::test]
+async fn jobs_accepted_while_kafka_is_unreachable_survive_an_api_crash() {
+    let Some(stack) = stack().await else { return };
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // An API whose broker is unreachable commits jobs but cannot publish them.
+    let dead_broker = stack.with(&[("FILEFLOW_KAFKA_BROKERS", "127.0.0.1:1")]);
+    let mut cut_off = start_role("api", dir.path(), &dead_broker).await;
+    let mut ids = Vec::new();
+    for i in 0..5u64 {
+        ids.push(
+            cut_off
+                .submit_to(&origin.url(&format!("/file/{}?seed={i}", 100 + i)), &stack.bucket, &format!("o{i}"))
+                .await,
+        );
+    }
+    let pool = sqlx::PgPool::connect(&stack.database_url).await.unwrap();
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&pool).await.unwrap();
+    assert_eq!(waiting, 5, "accepted jobs wait in the outbox");
+    cut_off.kill().await;
+
+    let env = stack.with(&[]);
+    let api = start_role("api", dir.path(), &env).await;
+    let _worker = start_role("worker", dir.path(), &env).await;
+    api.wait_all_completed(5, Duration::from_secs(60)).await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&pool).await.unwrap();
+    assert_eq!(left, 0, "the relay empties the outbox");
+    for (i, id) in ids.iter().enumerate() {
+        let i = i as u64;
+        assert!(stack.stored(&format!("o{i}")).await == content(i, 100 + i), "job {id}");
+    }
+    println!("outbox: 5 jobs accepted with Kafka unreachable, API killed with -9, 5 completed after restart");
+}

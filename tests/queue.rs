@@ -1,0 +1,166 @@
+//! One conformance suite for the queue, run against the embedded queue (fed by SQLite) and
+//! Kafka (fed by the PostgreSQL outbox through the relay).
+
+#[path = "support/services.rs"]
+mod services;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use fileflow::domain::{BucketName, ObjectKey, RequestHeaders, SourceUrl};
+use fileflow::lifecycle::{JobId, NewJob};
+use fileflow::metadata::{JobRepository, PgDb, PgRepository, SqliteDb, SqliteRepository};
+use fileflow::queue::kafka::{KafkaQueue, KafkaSettings, ensure_topics};
+use fileflow::queue::{Delivery, EmbeddedQueue, Queue};
+use fileflow::relay::OutboxRelay;
+
+/// A queue and a way to put jobs on it the way the API does.
+struct Backend {
+    repo: Arc<dyn JobRepository>,
+    queue: Arc<dyn Queue>,
+    relay: Option<Arc<OutboxRelay>>,
+    /// Opens another consumer of the same queue (a restarted worker).
+    reopen: Box<dyn Fn() -> Arc<dyn Queue> + Send + Sync>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Backend {
+    async fn create(&self, key: &str) -> JobId {
+        let job = NewJob {
+            source: SourceUrl::parse("https://example.com/x").unwrap(),
+            bucket: BucketName::parse("file-bucket").unwrap(),
+            key: ObjectKey::parse(key).unwrap(),
+            expected_sha256: None,
+            expected_md5: None,
+            headers: RequestHeaders::default(),
+        };
+        let id = self.repo.create(&job, Utc::now()).await.unwrap().id;
+        if let Some(relay) = &self.relay {
+            assert_eq!(relay.run_once().await.unwrap(), 1);
+        }
+        id
+    }
+}
+
+async fn receive(queue: &Arc<dyn Queue>, within: Duration) -> Option<Delivery> {
+    tokio::time::timeout(within, queue.receive()).await.ok().map(|d| d.unwrap())
+}
+
+async fn embedded() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::connect(&SqliteDb::default_url(dir.path())).await.unwrap();
+    db.migrate().await.unwrap();
+    let lock = Duration::from_secs(1);
+    let queue: Arc<dyn Queue> = Arc::new(EmbeddedQueue::new(db.clone(), lock, "a"));
+    let again = db.clone();
+    Backend {
+        repo: Arc::new(SqliteRepository::new(db)),
+        queue,
+        relay: None,
+        reopen: Box::new(move || Arc::new(EmbeddedQueue::new(again.clone(), lock, "b"))),
+        _dir: Some(dir),
+    }
+}
+
+async fn kafka() -> Option<Backend> {
+    let url = services::fresh_postgres().await?;
+    let brokers = services::service("FILEFLOW_TEST_KAFKA")?;
+    let db = PgDb::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    let settings = KafkaSettings {
+        brokers,
+        topic: services::unique("jobs"),
+        group: services::unique("workers"),
+        partitions: 2,
+        max_poll_interval: Duration::from_secs(60),
+    };
+    ensure_topics(&settings).await.unwrap();
+    let queue: Arc<dyn Queue> = KafkaQueue::start(&settings, 4).unwrap();
+    let relay = Arc::new(OutboxRelay::new(db.clone(), &settings).unwrap());
+    Some(Backend {
+        repo: Arc::new(PgRepository::new(db)),
+        queue,
+        relay: Some(relay),
+        reopen: Box::new(move || KafkaQueue::start(&settings, 4).unwrap()),
+        _dir: None,
+    })
+}
+
+/// Time for a consumer to join its group and get partitions (Kafka).
+const FIRST: Duration = Duration::from_secs(30);
+
+async fn an_acknowledged_job_is_delivered_once(b: Backend) {
+    let id = b.create("once").await;
+    let delivery = receive(&b.queue, FIRST).await.expect("the job is delivered");
+    assert_eq!((delivery.job_id, delivery.attempt), (id, 1));
+    b.queue.ack(&delivery).await.unwrap();
+    assert_eq!(receive(&b.queue, Duration::from_secs(2)).await, None, "an acknowledged job comes back");
+}
+
+async fn a_retry_waits_until_due_without_holding_up_other_jobs(b: Backend) {
+    let first = b.create("first").await;
+    let delivery = receive(&b.queue, FIRST).await.unwrap();
+    assert_eq!(delivery.job_id, first);
+    let due = Utc::now() + chrono::Duration::seconds(3);
+    b.queue.retry(&delivery, 2, due).await.unwrap();
+
+    let second = b.create("second").await;
+    let started = Instant::now();
+    let next = receive(&b.queue, Duration::from_secs(2)).await.expect("other work is not held up");
+    assert_eq!(next.job_id, second);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    b.queue.ack(&next).await.unwrap();
+
+    let retried = receive(&b.queue, Duration::from_secs(10)).await.expect("the retry comes when due");
+    assert_eq!((retried.job_id, retried.attempt), (first, 2));
+    assert!(Utc::now() >= due, "delivered {} ms early", (due - Utc::now()).num_milliseconds());
+    b.queue.ack(&retried).await.unwrap();
+}
+
+async fn an_unacknowledged_job_is_delivered_again_to_the_next_consumer(b: Backend) {
+    let id = b.create("crashy").await;
+    let delivery = receive(&b.queue, FIRST).await.unwrap();
+    assert_eq!(delivery.job_id, id);
+    // The consumer "crashes": no ack. Another consumer of the same queue gets the job.
+    drop(b.queue);
+    let next = (b.reopen)();
+    let again = receive(&next, FIRST).await.expect("the unacknowledged job comes back");
+    assert_eq!(again.job_id, id);
+    next.ack(&again).await.unwrap();
+}
+
+async fn released_and_dead_lettered_jobs(b: Backend) {
+    let id = b.create("released").await;
+    let delivery = receive(&b.queue, FIRST).await.unwrap();
+    b.queue.release(&delivery).await.unwrap();
+    let again = receive(&b.queue, Duration::from_secs(10)).await.expect("a released job comes back at once");
+    assert_eq!((again.job_id, again.attempt), (id, 1));
+    b.queue.dead_letter(&again, "gave up").await.unwrap();
+    assert_eq!(receive(&b.queue, Duration::from_secs(2)).await, None, "a dead letter is not delivered again");
+}
+
+macro_rules! conformance {
+    ($($name:ident),*) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(super::embedded().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kafka() {
+                if let Some(backend) = super::kafka().await {
+                    super::$name(backend).await;
+                }
+            }
+        }
+    )*};
+}
+
+conformance!(
+    an_acknowledged_job_is_delivered_once,
+    a_retry_waits_until_due_without_holding_up_other_jobs,
+    an_unacknowledged_job_is_delivered_again_to_the_next_consumer,
+    released_and_dead_lettered_jobs
+);

@@ -1,0 +1,144 @@
+//! One conformance suite for the metadata repository, run against SQLite and PostgreSQL.
+
+#[path = "support/services.rs"]
+mod services;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use fileflow::domain::{BucketName, ObjectKey, RequestHeaders, SourceUrl};
+use fileflow::lifecycle::{JobStatus, NewJob, Settlement, StoredObject};
+use fileflow::metadata::{
+    Claim, JobRepository, Lease, ListFilter, PgDb, PgRepository, Requeue, SqliteDb, SqliteRepository,
+};
+
+fn new_job(key: &str) -> NewJob {
+    NewJob {
+        source: SourceUrl::parse("https://example.com/a.jpg").unwrap(),
+        bucket: BucketName::parse("file-bucket").unwrap(),
+        key: ObjectKey::parse(key).unwrap(),
+        expected_sha256: None,
+        expected_md5: None,
+        headers: RequestHeaders::parse([("authorization", "Bearer t")]).unwrap(),
+    }
+}
+
+fn lease(owner: &str, now: DateTime<Utc>) -> Lease {
+    Lease { owner: owner.into(), expires_at: now + chrono::Duration::seconds(30) }
+}
+
+fn stored() -> StoredObject {
+    StoredObject { etag: "e".into(), size: 5, sha256: "s".into(), md5: "m".into(), content_type: "text/plain".into() }
+}
+
+/// Timestamps are compared at millisecond precision, what every backend keeps.
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap()
+}
+
+async fn create_get_and_list(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let a = repo.create(&new_job("a"), t).await.unwrap();
+    let b = repo.create(&new_job("b"), t).await.unwrap();
+    assert!(b.id > a.id);
+    assert_eq!(a.status, JobStatus::Pending);
+    assert_eq!((a.retry_count, a.created_at, a.updated_at), (0, t, t));
+    let got = repo.get(a.id).await.unwrap().unwrap();
+    assert_eq!(got, a);
+    assert_eq!(got.request_headers.pairs(), [("authorization".to_owned(), "Bearer t".to_owned())]);
+    assert_eq!(repo.get(fileflow::lifecycle::JobId(a.id.0 + 1000)).await.unwrap(), None);
+
+    let all = repo.list(&ListFilter { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), [b.id, a.id]);
+    let page = repo.list(&ListFilter { limit: 1, before: Some(b.id), ..Default::default() }).await.unwrap();
+    assert_eq!(page.iter().map(|j| j.id).collect::<Vec<_>>(), [a.id]);
+    let failed = ListFilter { status: Some(JobStatus::Failed), limit: 10, ..Default::default() };
+    assert!(repo.list(&failed).await.unwrap().is_empty());
+}
+
+async fn claims_are_exclusive_until_the_lease_lapses(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let job = repo.create(&new_job("c"), t).await.unwrap();
+    let first = repo.claim(job.id, &lease("w1", t), t).await.unwrap();
+    assert!(matches!(first, Claim::Claimed(ref j) if j.status == JobStatus::Processing));
+    let second = repo.claim(job.id, &lease("w2", t), t).await.unwrap();
+    assert_eq!(second, Claim::Busy { until: lease("w1", t).expires_at });
+    assert!(repo.renew(job.id, &lease("w1", t + chrono::Duration::seconds(10))).await.unwrap());
+    assert!(!repo.renew(job.id, &lease("w2", t)).await.unwrap(), "only the holder renews");
+
+    // w1 dies; once its (renewed) lease lapses, w2 may take the job.
+    let later = t + chrono::Duration::seconds(41);
+    assert!(matches!(repo.claim(job.id, &lease("w2", later), later).await.unwrap(), Claim::Claimed(_)));
+    assert!(!repo.settle(job.id, "w1", &Settlement::Completed(stored()), later).await.unwrap(), "w1 lost it");
+    assert!(repo.settle(job.id, "w2", &Settlement::Completed(stored()), later).await.unwrap());
+    let done = repo.get(job.id).await.unwrap().unwrap();
+    assert_eq!((done.status, done.size, done.etag.as_deref()), (JobStatus::Completed, Some(5), Some("e")));
+    assert_eq!(repo.claim(job.id, &lease("w3", later), later).await.unwrap(), Claim::Finished(JobStatus::Completed));
+    assert_eq!(
+        repo.claim(fileflow::lifecycle::JobId(job.id.0 + 1000), &lease("w3", t), t).await.unwrap(),
+        Claim::NotFound
+    );
+}
+
+async fn retries_releases_and_requeues(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let job = repo.create(&new_job("r"), t).await.unwrap();
+    repo.claim(job.id, &lease("w", t), t).await.unwrap();
+    let due = t + chrono::Duration::seconds(2);
+    let retry = Settlement::RetryScheduled { retry_count: 1, last_error: "HTTP 503".into(), due_at: due };
+    assert!(repo.settle(job.id, "w", &retry, t).await.unwrap());
+    let pending = repo.get(job.id).await.unwrap().unwrap();
+    assert_eq!((pending.status, pending.retry_count), (JobStatus::Pending, 1));
+    assert_eq!((pending.last_error.as_deref(), pending.next_attempt_at), (Some("HTTP 503"), Some(due)));
+
+    repo.claim(job.id, &lease("w", t), t).await.unwrap();
+    assert!(repo.release(job.id, "w", t).await.unwrap());
+    let released = repo.get(job.id).await.unwrap().unwrap();
+    assert_eq!((released.status, released.retry_count), (JobStatus::Pending, 1), "a hand-back is not an attempt");
+
+    assert_eq!(repo.requeue_failed(job.id, t).await.unwrap(), Requeue::NotFailed(JobStatus::Pending));
+    repo.claim(job.id, &lease("w", t), t).await.unwrap();
+    assert!(repo.settle(job.id, "w", &Settlement::Failed { last_error: "HTTP 404".into() }, t).await.unwrap());
+    match repo.requeue_failed(job.id, t).await.unwrap() {
+        Requeue::Requeued(job) => assert_eq!((job.status, job.retry_count), (JobStatus::Pending, 0)),
+        other => panic!("expected a requeue, got {other:?}"),
+    }
+    assert_eq!(repo.requeue_failed(fileflow::lifecycle::JobId(job.id.0 + 1000), t).await.unwrap(), Requeue::NotFound);
+    repo.ping().await.unwrap();
+}
+
+async fn sqlite() -> (Arc<dyn JobRepository>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::connect(&SqliteDb::default_url(dir.path())).await.unwrap();
+    db.migrate().await.unwrap();
+    (Arc::new(SqliteRepository::new(db)), dir)
+}
+
+async fn postgres() -> Option<Arc<dyn JobRepository>> {
+    let url = services::fresh_postgres().await?;
+    let db = PgDb::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    db.migrate().await.expect("migrating twice is harmless");
+    Some(Arc::new(PgRepository::new(db)))
+}
+
+macro_rules! conformance {
+    ($($name:ident),*) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                let (repo, _dir) = super::sqlite().await;
+                super::$name(repo).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(repo) = super::postgres().await {
+                    super::$name(repo).await;
+                }
+            }
+        }
+    )*};
+}
+
+conformance!(create_get_and_list, claims_are_exclusive_until_the_lease_lapses, retries_releases_and_requeues);

@@ -1,0 +1,78 @@
+//! The real servers `scripts/test` starts (PostgreSQL, Kafka, S3), found through
+//! `FILEFLOW_TEST_*` variables. Under CI a missing server fails the test; elsewhere the
+//! test says so and returns.
+#![allow(dead_code)]
+
+/// The variable's value; `None` (after saying so) when unset outside CI.
+pub fn service(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Some(value),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{var} is not set: CI needs the real service (run ./scripts/test)")
+        }
+        _ => {
+            eprintln!("{var} is not set: skipping (./scripts/test starts the services)");
+            None
+        }
+    }
+}
+
+/// A unique name for this test's database, topic or bucket.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{:x}{:04x}", std::process::id(), rand::random::<u32>())
+}
+
+/// A fresh, empty PostgreSQL database; returns its URL.
+pub async fn fresh_postgres() -> Option<String> {
+    let admin = service("FILEFLOW_TEST_POSTGRES")?;
+    let name = unique("ff");
+    let pool = sqlx::PgPool::connect(&admin).await.expect("the test PostgreSQL answers");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.unwrap();
+    pool.close().await;
+    let base = admin.rsplit_once('/').expect("a database URL").0;
+    Some(format!("{base}/{name}"))
+}
+
+/// Connection details of the S3 server.
+pub struct S3 {
+    pub endpoint: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+pub fn s3() -> Option<S3> {
+    Some(S3 {
+        endpoint: service("FILEFLOW_TEST_S3_ENDPOINT")?,
+        region: service("FILEFLOW_TEST_S3_REGION")?,
+        access_key: service("FILEFLOW_TEST_S3_ACCESS_KEY")?,
+        secret_key: service("FILEFLOW_TEST_S3_SECRET_KEY")?,
+    })
+}
+
+impl S3 {
+    pub fn bucket(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_region(&self.region)
+            .with_access_key_id(&self.access_key)
+            .with_secret_access_key(&self.secret_key)
+            .with_bucket_name(bucket)
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .build()
+            .unwrap()
+    }
+
+    /// The environment a `fileflow` process needs to use this store.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("FILEFLOW_STORAGE", "s3".into()),
+            ("FILEFLOW_S3_ENDPOINT", self.endpoint.clone()),
+            ("AWS_REGION", self.region.clone()),
+            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
+            ("FILEFLOW_CREATE_BUCKETS", "true".into()),
+        ]
+    }
+}
