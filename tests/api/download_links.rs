@@ -24,27 +24,49 @@ async fn a_signed_link_serves_the_object_until_it_expires() {
     assert_eq!(response.headers()["content-length"], "70000");
     assert!(response.bytes().await.unwrap() == content(9, 70_000));
 
-    // Tampered: another expiry, another job, a changed signature.
+    // Tampered: another expiry, another object, a changed signature, no signature. The
+    // names differ between fileflow's links and S3's presigned ones; the refusal does not.
     let parsed = url::Url::parse(url).unwrap();
-    let sig: String = parsed.query_pairs().find(|(k, _)| k == "signature").unwrap().1.into_owned();
+    let query: std::collections::HashMap<String, String> = parsed.query_pairs().into_owned().collect();
+    let (sig_name, expiry_name) =
+        if query.contains_key("signature") { ("signature", "expires") } else { ("X-Amz-Signature", "X-Amz-Expires") };
+    let with_param = |name: &str, value: &str| {
+        let mut bad = parsed.clone();
+        let pairs: Vec<(String, String)> =
+            query.iter().map(|(k, v)| (k.clone(), if k == name { value.to_owned() } else { v.clone() })).collect();
+        bad.query_pairs_mut().clear().extend_pairs(pairs);
+        bad.to_string()
+    };
+    let sig = &query[sig_name];
+    let flipped = format!("{}{}", if sig.starts_with('A') { 'B' } else { 'A' }, &sig[1..]);
+    let mut other_object = parsed.clone();
+    other_object
+        .set_path(&parsed.path().replace("pic.png", "other.png").replace(&format!("/downloads/{id}"), "/downloads/99"));
     let tampered = [
-        url.replace("expires=", "expires=9"),
-        url.replace(&format!("/downloads/{id}"), "/downloads/99"),
-        url.replace(&sig, &format!("{}{}", if sig.starts_with('A') { 'B' } else { 'A' }, &sig[1..])),
+        with_param(expiry_name, &(query[expiry_name].parse::<i64>().unwrap() + 1).to_string()),
+        with_param(sig_name, &flipped),
+        other_object.to_string(),
         url.split('?').next().unwrap().to_owned(),
     ];
     for bad in tampered {
         let response = app.client.get(&bad).send().await.unwrap();
         assert_eq!(response.status(), 403, "{bad}");
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body["error"]["code"], "forbidden");
+        if !crate::helpers::distributed() {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "forbidden");
+        }
     }
 
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let expired = app.client.get(url).send().await.unwrap();
-    assert_eq!(expired.status(), 403);
-    let body: Value = expired.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("expired"), "{body}");
+    if crate::helpers::distributed() {
+        // The store judges its own links: Garage answers an expired one with 400.
+        assert!(expired.status().is_client_error(), "an expired link was served: {}", expired.status());
+    } else {
+        assert_eq!(expired.status(), 403);
+        let body: Value = expired.json().await.unwrap();
+        assert!(body["error"]["message"].as_str().unwrap().contains("expired"), "{body}");
+    }
     app.stop().await;
 }
 
@@ -93,9 +115,13 @@ async fn links_survive_a_restart_because_the_key_is_kept() {
     let dir = app.stop().await;
 
     let again = crate::helpers::start(settings, dir).await;
-    // The new process listens on another port; the path and signature are what matter.
-    let path = &url[url.find("/api/").unwrap()..];
-    let response = again.client.get(again.url(path)).send().await.unwrap();
+    // fileflow's own links: the new process listens on another port; the path and
+    // signature are what matter. Presigned S3 links point at the store itself.
+    let target = match url.find("/api/") {
+        Some(at) => again.url(&url[at..]),
+        None => url.clone(),
+    };
+    let response = again.client.get(target).send().await.unwrap();
     assert_eq!(response.status(), 200);
     again.stop().await;
 }
