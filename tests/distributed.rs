@@ -133,3 +133,29 @@ async fn jobs_accepted_while_kafka_is_unreachable_survive_an_api_crash() {
     }
     println!("outbox: 5 jobs accepted with Kafka unreachable, API killed with -9, 5 completed after restart");
 }
+
+#[tokio::test]
+async fn a_missing_bucket_fails_permanently_unless_bucket_creation_is_on() {
+    let Some(stack) = stack().await else { return };
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = stack.with(&[("FILEFLOW_CREATE_BUCKETS", "false")]);
+    let app = start_role("serve", dir.path(), &env).await;
+
+    let missing = app.submit_to(&origin.url("/file/100"), &stack.bucket, "nowhere").await;
+    // The test Garage starts with the bucket `fileflow-test`.
+    let existing = app.submit_to(&origin.url("/file/100?seed=8"), "fileflow-test", &services::unique("k")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (job, done) = loop {
+        let (job, done) = (app.job(&missing).await, app.job(&existing).await);
+        if job["status"] == "failed" && done["status"] == "completed" {
+            break (job, done);
+        }
+        assert!(Instant::now() < deadline, "{job} / {done}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(job["retry_count"], 0, "a missing bucket is permanent: {job}");
+    let error = job["last_error"].as_str().unwrap();
+    assert!(error.contains("bucket does not exist") && error.contains(&stack.bucket), "{error}");
+    assert_eq!(done["size"], 100);
+}

@@ -64,6 +64,10 @@ async fn embedded() -> Backend {
 }
 
 async fn kafka() -> Option<Backend> {
+    Some(kafka_with_settings().await?.0)
+}
+
+async fn kafka_with_settings() -> Option<(Backend, KafkaSettings)> {
     let url = services::fresh_postgres().await?;
     let brokers = services::service("FILEFLOW_TEST_KAFKA")?;
     let db = PgDb::connect(&url).await.unwrap();
@@ -78,13 +82,15 @@ async fn kafka() -> Option<Backend> {
     ensure_topics(&settings).await.unwrap();
     let queue: Arc<dyn Queue> = KafkaQueue::start(&settings, 4).unwrap();
     let relay = Arc::new(OutboxRelay::new(db.clone(), &settings).unwrap());
-    Some(Backend {
+    let reopen = settings.clone();
+    let backend = Backend {
         repo: Arc::new(PgRepository::new(db)),
         queue,
         relay: Some(relay),
-        reopen: Box::new(move || KafkaQueue::start(&settings, 4).unwrap()),
+        reopen: Box::new(move || KafkaQueue::start(&reopen, 4).unwrap()),
         _dir: None,
-    })
+    };
+    Some((backend, settings))
 }
 
 /// Time for a consumer to join its group and get partitions (Kafka).
@@ -164,3 +170,55 @@ conformance!(
     an_unacknowledged_job_is_delivered_again_to_the_next_consumer,
     released_and_dead_lettered_jobs
 );
+
+/// Kafka only: what cannot be worked on goes to the DLQ at once, with the reason and the
+/// message's origin in headers, and does not hold up what follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_dead_letters_carry_the_reason_and_origin() {
+    use rdkafka::Message;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let Some((b, settings)) = kafka_with_settings().await else { return };
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &settings.brokers).create().unwrap();
+    producer
+        .send(FutureRecord::<str, str>::to(&settings.topic).payload("not json").partition(0), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let id = b.create("after-garbage").await;
+    let delivery = receive(&b.queue, FIRST).await.expect("the next job is delivered");
+    assert_eq!(delivery.job_id, id);
+    b.queue.dead_letter(&delivery, "origin answered HTTP 404 Not Found").await.unwrap();
+
+    let dlq: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", services::unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    dlq.subscribe(&[&settings.dlq_topic()]).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let message = tokio::time::timeout(FIRST, dlq.recv()).await.expect("dead letters arrive").unwrap();
+        let headers: std::collections::HashMap<String, String> = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| (x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let payload = String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned();
+        seen.push((payload, headers));
+    }
+    let garbage = seen.iter().find(|(p, _)| p == "not json").expect("the unparseable message is dead-lettered");
+    assert!(garbage.1["fileflow-error"].contains("unparseable"), "{:?}", garbage.1);
+    assert_eq!(garbage.1["fileflow-origin-topic"], settings.topic);
+    assert_eq!(garbage.1["fileflow-origin-partition"], "0");
+    let gave_up = seen.iter().find(|(p, _)| p.contains(&format!("\"id\":\"{id}\""))).expect("the job is dead-lettered");
+    assert_eq!(gave_up.1["fileflow-error"], "origin answered HTTP 404 Not Found");
+    assert!(gave_up.1["fileflow-origin-offset"].parse::<i64>().is_ok());
+}

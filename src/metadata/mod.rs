@@ -64,6 +64,26 @@ pub enum Claim {
     NotFound,
 }
 
+impl Claim {
+    /// Why a conditional claim matched nothing, from the job's status and lease as they
+    /// are now (`None`: no such job).
+    pub fn refused(current: Option<(JobStatus, Option<DateTime<Utc>>)>, now: DateTime<Utc>) -> Self {
+        match current {
+            None => Self::NotFound,
+            Some((status @ (JobStatus::Completed | JobStatus::Failed), _)) => Self::Finished(status),
+            // A pending job that could not be claimed was claimed by another worker a moment ago.
+            Some((JobStatus::Processing | JobStatus::Pending, until)) => Self::Busy { until: until.unwrap_or(now) },
+        }
+    }
+}
+
+impl Requeue {
+    /// Why a job could not be re-queued, from the job as it is now.
+    pub fn refused(current: Option<Job>) -> Self {
+        current.map_or(Self::NotFound, |job| Self::NotFailed(job.status))
+    }
+}
+
 #[async_trait]
 pub trait JobRepository: Send + Sync + 'static {
     /// Record a new `pending` job and queue it for delivery, atomically.

@@ -152,16 +152,15 @@ impl JobRepository for PgRepository {
             .bind(id.0)
             .fetch_optional(&self.db.pool)
             .await?;
-        let Some(current) = current else { return Ok(Claim::NotFound) };
-        let status: String = current.try_get("status")?;
-        let status: JobStatus = status.parse().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
-        Ok(match status {
-            JobStatus::Completed | JobStatus::Failed => Claim::Finished(status),
-            JobStatus::Processing | JobStatus::Pending => {
-                let until: Option<DateTime<Utc>> = current.try_get("lease_expires_at")?;
-                Claim::Busy { until: until.unwrap_or(now) }
+        let current = match current {
+            Some(row) => {
+                let status: String = row.try_get("status")?;
+                let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
+                Some((status, row.try_get::<Option<DateTime<Utc>>, _>("lease_expires_at")?))
             }
-        })
+            None => None,
+        };
+        Ok(Claim::refused(current, now))
     }
 
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError> {
@@ -246,10 +245,7 @@ impl JobRepository for PgRepository {
         .await?;
         let Some(row) = row else {
             drop(tx);
-            return Ok(match self.get(id).await? {
-                Some(job) => Requeue::NotFailed(job.status),
-                None => Requeue::NotFound,
-            });
+            return Ok(Requeue::refused(self.get(id).await?));
         };
         let job = job_from_row(&row)?;
         Self::enqueue(&mut tx, id).await?;

@@ -181,19 +181,15 @@ impl JobRepository for SqliteRepository {
             .bind(id.0)
             .fetch_optional(&self.db.pool)
             .await?;
-        let Some(current) = current else {
-            return Ok(Claim::NotFound);
-        };
-        let status: String = current.try_get("status")?;
-        let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
-        Ok(match status {
-            JobStatus::Completed | JobStatus::Failed => Claim::Finished(status),
-            // A pending job that failed to claim was claimed concurrently a moment ago.
-            JobStatus::Processing | JobStatus::Pending => {
-                let until: Option<i64> = current.try_get("lease_expires_at")?;
-                Claim::Busy { until: until.map(from_millis).unwrap_or(now) }
+        let current = match current {
+            Some(row) => {
+                let status: String = row.try_get("status")?;
+                let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
+                Some((status, row.try_get::<Option<i64>, _>("lease_expires_at")?.map(from_millis)))
             }
-        })
+            None => None,
+        };
+        Ok(Claim::refused(current, now))
     }
 
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError> {
@@ -283,10 +279,7 @@ impl JobRepository for SqliteRepository {
         .await?;
         let Some(row) = row else {
             drop(tx);
-            return Ok(match self.get(id).await? {
-                Some(job) => Requeue::NotFailed(job.status),
-                None => Requeue::NotFound,
-            });
+            return Ok(Requeue::refused(self.get(id).await?));
         };
         let job = job_from_row(&row)?;
         sqlx::query(

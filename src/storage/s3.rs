@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, Checksum};
 use object_store::path::Path as StorePath;
 use object_store::signer::Signer;
 use object_store::{
@@ -70,7 +70,9 @@ impl S3Store {
             .with_bucket_name(bucket)
             .with_region(&self.settings.region)
             .with_access_key_id(&self.settings.access_key_id)
-            .with_secret_access_key(&self.settings.secret_access_key);
+            .with_secret_access_key(&self.settings.secret_access_key)
+            // The store verifies every PUT and part against its SHA-256 (x-amz-checksum-sha256).
+            .with_checksum_algorithm(Checksum::SHA256);
         if let Some(endpoint) = &self.settings.endpoint {
             builder = builder
                 .with_endpoint(endpoint.as_str().trim_end_matches('/'))
