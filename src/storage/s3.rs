@@ -266,7 +266,9 @@ impl DownloadLinks for S3Store {
     async fn link(&self, job: &Job, expires_at: DateTime<Utc>) -> anyhow::Result<Url> {
         let store = self.bucket(&job.bucket_name).map_err(|e| anyhow::anyhow!(e.message))?;
         let key = ObjectKey::parse(&job.object_name)?;
-        let lifetime = (expires_at - Utc::now()).to_std().unwrap_or_default();
+        // Whole seconds, rounded up: a link asked for 600 s says X-Amz-Expires=600.
+        let millis = (expires_at - Utc::now()).num_milliseconds().max(0) as u64;
+        let lifetime = std::time::Duration::from_secs(millis.div_ceil(1000));
         Ok(store.signed_url(reqwest::Method::GET, &location(&key), lifetime).await?)
     }
 }
