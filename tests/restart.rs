@@ -76,3 +76,26 @@ async fn sigterm_lets_jobs_in_flight_finish_within_the_grace_period() {
         drop(after);
     }
 }
+
+#[tokio::test]
+async fn proxy_environment_variables_are_ignored() {
+    let origin = Origin::start().await;
+    let proxy = origin::Canary::start("127.0.0.1:0").await;
+    let proxy_url = format!("http://{}", proxy.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("HTTP_PROXY", proxy_url.as_str()),
+        ("http_proxy", proxy_url.as_str()),
+        ("HTTPS_PROXY", proxy_url.as_str()),
+        ("ALL_PROXY", proxy_url.as_str()),
+    ];
+    let app = start(dir.path(), &env).await;
+    let id = app.submit(&origin.url("/file/1000"), "direct").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.job(&id).await["status"] != "completed" {
+        assert!(Instant::now() < deadline, "{}", app.job(&id).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(proxy.hits(), 0, "the proxy from the environment was used");
+    assert_eq!(origin.hits("/file/1000"), 1);
+}
