@@ -159,3 +159,45 @@ async fn a_missing_bucket_fails_permanently_unless_bucket_creation_is_on() {
     assert!(error.contains("bucket does not exist") && error.contains(&stack.bucket), "{error}");
     assert_eq!(done["size"], 100);
 }
+
+/// A message naming no job goes to the DLQ at once, with the reason and its origin.
+#[tokio::test]
+async fn a_message_for_an_unknown_job_is_dead_lettered() {
+    use rdkafka::Message;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let Some(stack) = stack().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let env = stack.with(&[]);
+    let _worker = start_role("serve", dir.path(), &env).await;
+    let var = |name: &str| stack.env.iter().find(|(k, _)| *k == name).unwrap().1.clone();
+    let (brokers, topic) = (var("FILEFLOW_KAFKA_BROKERS"), var("FILEFLOW_KAFKA_TOPIC"));
+
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let ghost = r#"{"id":"987654","file_url":"http://127.0.0.1:9/x","bucket_name":"file-bucket","object_name":"x"}"#;
+    let record = FutureRecord::to(&topic).key("987654").payload(ghost);
+    producer.send(record, Duration::from_secs(10)).await.unwrap();
+
+    let dlq: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", services::unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    dlq.subscribe(&[&format!("{topic}-dlq")]).unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(60), dlq.recv()).await.expect("a dead letter").unwrap();
+    let header = |name: &str| {
+        message
+            .headers()
+            .and_then(|h| h.iter().find(|x| x.key == name))
+            .and_then(|x| x.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header("fileflow-error").as_deref(), Some("no such job"));
+    assert_eq!(header("fileflow-origin-topic"), Some(topic.clone()));
+    assert!(String::from_utf8_lossy(message.payload().unwrap()).contains("987654"));
+}
