@@ -120,17 +120,17 @@ impl S3Store {
         Ok(())
     }
 
-    async fn put_once(
+    /// Upload `body`: read ahead up to one part; a body that ends by then goes up in one
+    /// PUT, a longer one as a multipart upload.
+    async fn upload(
         &self,
         store: &AmazonS3,
         location: &StorePath,
         content_type: &str,
-        parts: Vec<Bytes>,
         rest: &mut ByteStream,
     ) -> Result<PutOutcome, JobError> {
-        let mut parts = parts;
-        let mut size: usize = parts.iter().map(Bytes::len).sum();
-        // Read ahead: small bodies go up in one PUT.
+        let mut parts: Vec<Bytes> = Vec::new();
+        let mut size = 0;
         while size <= MIN_PART {
             match rest.next().await {
                 Some(chunk) => {
@@ -243,7 +243,7 @@ impl ObjectStore for S3Store {
         if self.settings.create_buckets {
             self.ensure_bucket(&store, bucket).await?;
         }
-        self.put_once(&store, &location(key), content_type, Vec::new(), &mut body)
+        self.upload(&store, &location(key), content_type, &mut body)
             .await
             .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
     }
