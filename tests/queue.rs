@@ -220,5 +220,6 @@ async fn kafka_dead_letters_carry_the_reason_and_origin() {
     assert_eq!(garbage.1["fileflow-origin-partition"], "0");
     let gave_up = seen.iter().find(|(p, _)| p.contains(&format!("\"id\":\"{id}\""))).expect("the job is dead-lettered");
     assert_eq!(gave_up.1["fileflow-error"], "origin answered HTTP 404 Not Found");
+    assert!(gave_up.0.contains("https://example.com/x"), "the dead letter is the seed's message: {}", gave_up.0);
     assert!(gave_up.1["fileflow-origin-offset"].parse::<i64>().is_ok());
 }

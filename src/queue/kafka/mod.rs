@@ -153,6 +153,8 @@ struct State {
     offsets: HashMap<(String, i32), PartitionOffsets>,
     /// Paused partitions and the messages they had already delivered, oldest first.
     held: HashMap<(String, i32), VecDeque<Pending>>,
+    /// The message each delivery came in, so a retry or a dead letter carries it on.
+    payloads: HashMap<String, Vec<u8>>,
 }
 
 /// Clears local bookkeeping when the group moves partitions: what was in flight will be
@@ -168,6 +170,7 @@ impl ConsumerContext for RebalanceContext {
         if let Rebalance::Revoke(_) = rebalance {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state.offsets.clear();
+            state.payloads.clear();
             state.held.clear();
         }
     }
@@ -303,6 +306,9 @@ impl Inner {
 
         let key = (origin.topic.clone(), origin.partition);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.delivery.is_some() {
+            state.payloads.insert(origin.token(), pending.payload.clone());
+        }
         if let Some(held) = state.held.get_mut(&key) {
             held.push_back(pending);
             return Vec::new();
@@ -321,7 +327,7 @@ impl Inner {
         let now = Utc::now();
         let mut ready = Vec::new();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let State { offsets, held } = &mut *state;
+        let State { offsets, held, .. } = &mut *state;
         held.retain(|key, queue| {
             while queue.front().is_some_and(|p| p.due_at <= now) {
                 let pending = queue.pop_front().expect("checked");
@@ -351,6 +357,7 @@ impl Inner {
         let key = (origin.topic.clone(), origin.partition);
         let stored = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.payloads.remove(&origin.token());
             state.offsets.get_mut(&key).and_then(|p| p.complete(origin.offset))
         };
         if let Some(offset) = stored {
@@ -382,18 +389,25 @@ impl Inner {
     }
 
     async fn send_retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError> {
-        let message = job_stub(delivery.job_id);
-        let payload = serde_json::to_vec(&message).map_err(backend)?;
+        let payload = self.payload_of(delivery)?;
         let headers = OwnedHeaders::new()
             .insert(Header { key: ATTEMPT_HEADER, value: Some(&attempt.to_string()) })
             .insert(Header { key: DUE_AT_HEADER, value: Some(&due_at.timestamp_millis().to_string()) });
-        self.publisher.send(&self.publisher.settings.retry_topic(), &message.id, &payload, headers).await
+        let topic = self.publisher.settings.retry_topic();
+        self.publisher.send(&topic, &delivery.job_id.to_string(), &payload, headers).await
     }
-}
 
-/// The job's id is all a worker needs; the row holds the rest.
-fn job_stub(id: JobId) -> JobMessage {
-    JobMessage { id: id.to_string(), file_url: String::new(), bucket_name: String::new(), object_name: String::new() }
+    /// The seed message the delivery came in; if it is no longer known (a rebalance
+    /// happened meanwhile), one naming just the job, which is all a worker needs.
+    fn payload_of(&self, delivery: &Delivery) -> Result<Vec<u8>, QueueError> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(payload) = state.payloads.get(&delivery.token) {
+            return Ok(payload.clone());
+        }
+        let id = delivery.job_id.to_string();
+        let stub = JobMessage { id, file_url: String::new(), bucket_name: String::new(), object_name: String::new() };
+        serde_json::to_vec(&stub).map_err(backend)
+    }
 }
 
 fn dlq_headers(origin: &Origin, reason: &str) -> OwnedHeaders {
@@ -428,7 +442,7 @@ impl Queue for KafkaQueue {
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
         let origin = Inner::origin_of(delivery)?;
-        let payload = serde_json::to_vec(&job_stub(delivery.job_id)).map_err(backend)?;
+        let payload = self.inner.payload_of(delivery)?;
         let publisher = &self.inner.publisher;
         let dlq = publisher.settings.dlq_topic();
         publisher.send(&dlq, &delivery.job_id.to_string(), &payload, dlq_headers(&origin, reason)).await?;
