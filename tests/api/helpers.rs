@@ -86,8 +86,18 @@ pub async fn start(settings: Settings, data_dir: Option<tempfile::TempDir>) -> T
     start_with(settings, data_dir, Hooks::default()).await
 }
 
+/// Start only the API (no workers) on these settings: to look at jobs without anyone
+/// picking them up.
+pub async fn start_api_only(settings: Settings) -> TestApp {
+    start_as(Command::Api, settings, None, Hooks::default()).await
+}
+
 async fn start_with(settings: Settings, data_dir: Option<tempfile::TempDir>, hooks: Hooks) -> TestApp {
-    let app = Application::build_with(settings.clone(), Command::Serve, hooks).await.expect("fileflow builds");
+    start_as(Command::Serve, settings, data_dir, hooks).await
+}
+
+async fn start_as(role: Command, settings: Settings, data_dir: Option<tempfile::TempDir>, hooks: Hooks) -> TestApp {
+    let app = Application::build_with(settings.clone(), role, hooks).await.expect("fileflow builds");
     let base = format!("http://127.0.0.1:{}", app.port());
     let (tx, rx) = oneshot::channel::<()>();
     let running = tokio::spawn(app.run_until_stopped(async {

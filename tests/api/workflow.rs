@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{Origin, content, md5_hex, sha256_hex, spawn_app, spawn_app_with, stack_settings, start};
+use crate::helpers::{
+    Origin, content, md5_hex, sha256_hex, spawn_app, spawn_app_with, stack_settings, start, start_api_only,
+};
 
 #[tokio::test]
 async fn a_completed_job_has_the_origins_bytes_and_their_checksums() {
@@ -145,10 +147,14 @@ async fn shutdown_hands_unfinished_jobs_back_and_a_restart_completes_them() {
     app.wait_until(&id, Duration::from_secs(5), |j| j["status"] == "processing").await;
     app.stop().await;
 
-    let again = start(settings, None).await;
-    let job = again.job(&id).await;
+    // Look with an API-only process, so no worker takes the job before we see it.
+    let observer = start_api_only(settings.clone()).await;
+    let job = observer.job(&id).await;
     assert_eq!(job["status"], "pending", "handed back, not failed: {job}");
     assert_eq!(job["retry_count"], 0, "a hand-back is not a failed attempt");
+    observer.stop().await;
+
+    let again = start(settings, None).await;
     let job = again.wait_until(&id, Duration::from_secs(15), |j| j["status"] == "completed").await;
     assert_eq!(job["size"], 4096);
     again.stop().await;
