@@ -71,7 +71,7 @@ async fn two_workers_share_the_group_and_killing_one_loses_nothing() {
     let total = 24u64;
     let mut ids = Vec::new();
     for i in 0..total {
-        let url = origin.url(&format!("/delay/400/{}?seed={i}", 2000 + i));
+        let url = origin.url(&format!("/delay/800/{}?seed={i}", 2000 + i));
         ids.push((i, api.submit_to(&url, &stack.bucket, &format!("job-{i}")).await));
     }
     // Both workers take part before one of them dies mid-run.
