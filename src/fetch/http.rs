@@ -27,17 +27,6 @@ pub struct FetchSettings {
     pub proxy: Option<Url>,
 }
 
-impl Default for FetchSettings {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(30),
-            max_redirects: 5,
-            proxy: None,
-        }
-    }
-}
-
 /// Name resolution, replaceable so tests can answer as a hostile DNS server would.
 #[async_trait]
 pub trait Lookup: Send + Sync + 'static {

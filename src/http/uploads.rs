@@ -88,10 +88,17 @@ impl AppState {
     }
 
     async fn find(&self, raw_id: &str) -> Result<Job, ApiError> {
-        let not_found = || ApiError::NotFound(format!("no upload with id {raw_id:?}"));
-        let id: JobId = raw_id.parse().map_err(|_| not_found())?;
-        self.repo.get(id).await?.ok_or_else(not_found)
+        self.repo.get(parse_id(raw_id)?).await?.ok_or_else(|| not_found(raw_id))
     }
+}
+
+fn not_found(raw_id: &str) -> ApiError {
+    ApiError::NotFound(format!("no upload with id {raw_id:?}"))
+}
+
+/// An upload id from a path; one that cannot exist is simply not found.
+fn parse_id(raw_id: &str) -> Result<JobId, ApiError> {
+    raw_id.parse().map_err(|_| not_found(raw_id))
 }
 
 fn parse_new_job(body: &JsonObject, state: &AppState) -> Result<NewJob, ApiError> {
@@ -189,15 +196,15 @@ async fn download_url(
 }
 
 async fn retry_upload(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let job = state.find(&id).await?;
-    match state.repo.requeue_failed(job.id, Utc::now()).await? {
+    let job_id = parse_id(&id)?;
+    match state.repo.requeue_failed(job_id, Utc::now()).await? {
         Requeue::Requeued(job) => {
             tracing::info!(job_id = %job.id, "failed job re-queued");
             Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
         }
         Requeue::NotFailed(status) => {
-            Err(ApiError::Conflict(format!("upload {} is {status}; only failed uploads can be retried", job.id)))
+            Err(ApiError::Conflict(format!("upload {} is {status}; only failed uploads can be retried", job_id)))
         }
-        Requeue::NotFound => Err(ApiError::NotFound(format!("no upload with id {id:?}"))),
+        Requeue::NotFound => Err(not_found(&id)),
     }
 }

@@ -1,7 +1,7 @@
 //! The local-directory object store: `<root>/<bucket>/<key>`, written through a staging
 //! file that is renamed into place, so a reader never sees half an object.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
@@ -20,7 +20,6 @@ const WRITES_IN_FLIGHT: usize = 2;
 
 #[derive(Debug)]
 pub struct LocalStore {
-    root: PathBuf,
     fs: LocalFileSystem,
 }
 
@@ -30,11 +29,7 @@ impl LocalStore {
     pub fn new(root: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
         let fs = LocalFileSystem::new_with_prefix(root).map_err(std::io::Error::other)?.with_fsync(true);
-        Ok(Self { root: root.to_owned(), fs })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
+        Ok(Self { fs })
     }
 
     fn location(bucket: &BucketName, key: &ObjectKey) -> StorePath {

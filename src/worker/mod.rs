@@ -34,17 +34,6 @@ pub struct WorkerSettings {
     pub transfer_timeout: Duration,
 }
 
-impl Default for WorkerSettings {
-    fn default() -> Self {
-        Self {
-            policy: RetryPolicy::default(),
-            lease: Duration::from_secs(30),
-            max_file_size: 5 << 30,
-            transfer_timeout: Duration::from_secs(3600),
-        }
-    }
-}
-
 /// What one step did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkOutcome {
