@@ -167,7 +167,8 @@ impl ClientContext for RebalanceContext {}
 
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(_) = rebalance {
+        if let Rebalance::Revoke(revoked) = rebalance {
+            tracing::info!(partitions = revoked.count(), "partitions revoked");
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state.offsets.clear();
             state.payloads.clear();
@@ -177,10 +178,11 @@ impl ConsumerContext for RebalanceContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // Held messages were dropped at the revoke; their partitions must fetch again.
-        if let Rebalance::Assign(assigned) = rebalance
-            && let Err(e) = consumer.resume(assigned)
-        {
-            tracing::warn!(error = %e, "cannot resume assigned partitions");
+        if let Rebalance::Assign(assigned) = rebalance {
+            tracing::info!(partitions = assigned.count(), "partitions assigned");
+            if let Err(e) = consumer.resume(assigned) {
+                tracing::warn!(error = %e, "cannot resume assigned partitions");
+            }
         }
     }
 }

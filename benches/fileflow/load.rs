@@ -1,0 +1,149 @@
+//! The load generator: closed-loop clients that submit jobs as fast as fileflow accepts
+//! them, each sending its next request when the last one is answered.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().pool_max_idle_per_host(1024).build().expect("a plain client builds")
+}
+
+/// The body of `POST /api/v1/upload` for job `n`.
+pub fn upload_body(file_url: &str, bucket: &str, n: usize) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "file_url": file_url, "bucket_name": bucket, "object_name": format!("bench/{n:06}") }))
+        .expect("JSON serialises")
+}
+
+pub struct Latencies {
+    /// Microseconds, sorted.
+    sorted_us: Vec<u64>,
+    pub errors: usize,
+    pub secs: f64,
+}
+
+impl Latencies {
+    pub fn count(&self) -> usize {
+        self.sorted_us.len()
+    }
+
+    pub fn per_sec(&self) -> f64 {
+        self.count() as f64 / self.secs
+    }
+
+    /// The `q` quantile (0..=1) in milliseconds, nearest rank.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        if self.sorted_us.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((q * self.sorted_us.len() as f64).ceil() as usize).clamp(1, self.sorted_us.len());
+        self.sorted_us[rank - 1] as f64 / 1000.0
+    }
+
+    pub fn max_ms(&self) -> f64 {
+        self.sorted_us.last().map_or(f64::NAN, |&us| us as f64 / 1000.0)
+    }
+}
+
+/// `connections` clients submit jobs back to back for `warmup + measure`; only answers
+/// to requests sent after the warm-up count. `file_url(n)` names job `n`'s source.
+pub async fn closed_loop(
+    base: &str,
+    connections: usize,
+    warmup: Duration,
+    measure: Duration,
+    file_url: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> Latencies {
+    let client = client();
+    let url = format!("{base}/api/v1/upload");
+    let next = Arc::new(AtomicUsize::new(0));
+    let file_url = Arc::new(file_url);
+    let started = Instant::now();
+    let (measure_from, measure_to) = (started + warmup, started + warmup + measure);
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (client, url, next, file_url) = (client.clone(), url.clone(), next.clone(), file_url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            loop {
+                let sent = Instant::now();
+                if sent >= measure_to {
+                    break;
+                }
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let body = upload_body(&file_url(n), "bench-accept", n);
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status());
+                let ok = match response {
+                    Ok(r) => r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if sent >= measure_from {
+                    if ok {
+                        latencies.push(sent.elapsed().as_micros() as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (latencies, e) = task.await.expect("a load task does not panic");
+        all.extend(latencies);
+        errors += e;
+    }
+    all.sort_unstable();
+    Latencies { sorted_us: all, errors, secs: measure.as_secs_f64() }
+}
+
+/// Submit jobs `0..jobs` through `connections` clients as fast as they are accepted.
+/// Panics if any is refused: a pipeline run is only meaningful if every job got in.
+pub async fn submit_all(
+    base: &str,
+    connections: usize,
+    jobs: usize,
+    bucket: &str,
+    file_url: impl Fn(usize) -> String + Send + Sync + 'static,
+) {
+    let client = client();
+    let url = format!("{base}/api/v1/upload");
+    let next = Arc::new(AtomicUsize::new(0));
+    let file_url = Arc::new(file_url);
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (client, url, next, file_url, bucket) =
+            (client.clone(), url.clone(), next.clone(), file_url.clone(), bucket.to_owned());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= jobs {
+                    break;
+                }
+                let body = upload_body(&file_url(n), &bucket, n);
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("fileflow answers");
+                assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED, "job {n} was not accepted");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("a submitter does not panic");
+    }
+}

@@ -1,0 +1,398 @@
+//! fileflow's benchmarks, side by side with their baselines, in one run:
+//!
+//! 1. accept — `POST /api/v1/upload` latency and throughput under closed-loop load;
+//! 2. pipeline — many small files from a local origin into the disk store and into S3;
+//! 3. scale-out — one, two and four workers in one Kafka consumer group, against a slow origin;
+//! 4. large file — one big file into the disk store and into S3, with fileflow's peak memory.
+//!
+//! Each fileflow figure is measured on a release `fileflow` process beside the ceiling (a
+//! bare GET→PUT loop through the same HTTP and storage clients) and `rclone copyurl`.
+//! `scripts/bench` starts the servers and runs this; the tables go to stdout and, when
+//! `FILEFLOW_BENCH_REPORT` names a file, into it (BENCHMARKS.md).
+//!
+//! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, pipeline, scale,
+//! large), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
+//! (2 GiB), `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400).
+
+#[path = "../../tests/support/origin.rs"]
+mod origin;
+
+mod baselines;
+mod load;
+mod process;
+mod progress;
+mod report;
+mod services;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fileflow::storage::{LocalStore, ObjectStore};
+
+use baselines::RcloneTarget;
+use process::Fileflow;
+use progress::{JobsDb, now_ms};
+use report::Table;
+use services::{Distributed, S3};
+
+const MIB: f64 = 1024.0 * 1024.0;
+/// Small-file size for the pipeline and scale-out runs.
+const SMALL: u64 = 16 * 1024;
+/// Jobs each fileflow worker process runs at once (its default), and the ceiling's and
+/// rclone's concurrency.
+const CONCURRENCY: usize = 8;
+/// Clients submitting jobs in the pipeline and scale-out runs.
+const SUBMITTERS: usize = 16;
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn wanted(part: &str) -> bool {
+    match std::env::var("FILEFLOW_BENCH_ONLY") {
+        Ok(only) if !only.trim().is_empty() => only.split(',').any(|p| p.trim() == part),
+        _ => true,
+    }
+}
+
+fn f1(x: f64) -> String {
+    format!("{x:.1}")
+}
+
+fn f2(x: f64) -> String {
+    format!("{x:.2}")
+}
+
+struct Bench {
+    origin: origin::Origin,
+    scratch: tempfile::TempDir,
+    s3: Option<S3>,
+    distributed: Option<Distributed>,
+    notes: Vec<String>,
+}
+
+impl Bench {
+    fn url(&self, path: String) -> impl Fn(usize) -> String + Send + Sync + 'static {
+        let base = self.origin.url("");
+        move |n| format!("{base}{}", path.replace("{n}", &n.to_string()))
+    }
+
+    fn dir(&self, name: &str) -> std::path::PathBuf {
+        let dir = self.scratch.path().join(name);
+        std::fs::create_dir_all(&dir).expect("the scratch directory is writable");
+        dir
+    }
+
+    async fn accept(&mut self) -> Table {
+        let mut table = Table::new(
+            "Accept: POST /api/v1/upload",
+            "A `fileflow api` process (no workers, so only accepting is measured) under closed-loop load from \
+             the benchmark process: each client sends its next job as soon as the last is answered. 3 s warm-up, \
+             then 10 s measured. Latency is from sending the request to reading the whole 202 answer.",
+            &["stack", "clients", "accepted/s", "p50 ms", "p99 ms", "max ms", "errors"],
+        );
+        let mut stacks = vec![("embedded (SQLite)", Vec::new())];
+        match &self.distributed {
+            Some(d) => stacks.push(("distributed (PostgreSQL + Kafka outbox)", d.fresh_stack(8).await.0)),
+            None => self.notes.push("accept, distributed: not run (no FILEFLOW_TEST_POSTGRES/KAFKA/S3_*)".into()),
+        }
+        for (name, stack_env) in stacks {
+            let data = self.dir(&services::unique("accept"));
+            let api = Fileflow::start("api", &data, &stack_env).await;
+            for clients in [1, 8, 32] {
+                let latencies =
+                    load::closed_loop(&api.base, clients, Duration::from_secs(3), Duration::from_secs(10), {
+                        self.url("/file/16384?seed={n}".into())
+                    })
+                    .await;
+                table.row(vec![
+                    name.into(),
+                    clients.to_string(),
+                    format!("{:.0}", latencies.per_sec()),
+                    f2(latencies.quantile_ms(0.50)),
+                    f2(latencies.quantile_ms(0.99)),
+                    f2(latencies.max_ms()),
+                    latencies.errors.to_string(),
+                ]);
+            }
+            api.stop().await;
+        }
+        table
+    }
+
+    /// Run `jobs` jobs through one fileflow process; returns (seconds from the first
+    /// accept to the last completion, completed, failed, peak RSS MiB).
+    async fn fileflow_run(
+        &self,
+        role_env: &[(String, String)],
+        database: Option<&str>,
+        jobs: usize,
+        bucket: &str,
+        path: String,
+    ) -> (f64, i64, i64, f64) {
+        let data = self.dir(&services::unique("run"));
+        let serve = Fileflow::start("serve", &data, role_env).await;
+        let db = match database {
+            Some(url) => JobsDb::postgres(url).await,
+            None => JobsDb::sqlite(&data).await,
+        };
+        let started = now_ms();
+        load::submit_all(&serve.base, SUBMITTERS, jobs, bucket, self.url(path)).await;
+        let progress = db.wait_for(jobs, Duration::from_secs(1800)).await;
+        let secs = (progress.last_update_ms - started) as f64 / 1000.0;
+        let rss = serve.peak_rss_mib();
+        serve.stop().await;
+        (secs, progress.completed, progress.failed, rss)
+    }
+
+    async fn pipeline(&mut self) -> Table {
+        let jobs = env_number("FILEFLOW_BENCH_JOBS", 5000) as usize;
+        let rclone_files = env_number("FILEFLOW_BENCH_RCLONE_FILES", 400) as usize;
+        let mut table = Table::new(
+            &format!("Pipeline: {jobs} jobs of 16 KiB"),
+            &format!(
+                "Every job is a distinct 16 KiB file from a local origin. fileflow: one `fileflow serve` process \
+                 (worker concurrency {CONCURRENCY}), jobs submitted by {SUBMITTERS} clients; time from the first \
+                 accept to the last completion. Ceiling: the same jobs as a bare GET→PUT loop through fileflow's own \
+                 HTTP client and store, {CONCURRENCY} at a time. rclone: `rclone copyurl`, one process per file, \
+                 {CONCURRENCY} at a time, over the first {rclone_files} files. Ratios compare files per second."
+            ),
+            &["store", "runner", "files", "seconds", "files/s", "MiB/s", "fileflow ÷ this", "peak RSS MiB"],
+        );
+        let mut targets: Vec<(&str, Vec<(String, String)>, Option<String>, Arc<dyn ObjectStore>, RcloneTarget)> =
+            Vec::new();
+        let disk = self.dir("pipeline-ceiling-disk");
+        targets.push((
+            "disk",
+            Vec::new(),
+            None,
+            Arc::new(LocalStore::new(&disk).expect("a local store opens")),
+            RcloneTarget::Dir(self.dir("pipeline-rclone-disk")),
+        ));
+        match &self.s3 {
+            Some(s3) => {
+                let rclone = RcloneTarget::S3 { env: s3.rclone_env(), bucket: "bench-ceiling".into() };
+                targets.push(("S3 (Garage), embedded stack", s3.env(), None, Arc::new(s3.store()), rclone.clone()));
+                if let Some(d) = &self.distributed {
+                    let (stack_env, database) = d.fresh_stack(8).await;
+                    targets.push((
+                        "S3 (Garage), distributed stack",
+                        stack_env,
+                        Some(database),
+                        Arc::new(s3.store()),
+                        rclone,
+                    ));
+                }
+            }
+            None => self.notes.push("pipeline into S3: not run (no FILEFLOW_TEST_S3_*)".into()),
+        }
+        let rclone_ok = baselines::rclone_installed();
+        if !rclone_ok {
+            self.notes.push("rclone is not installed: its rows are missing".into());
+        }
+        let path = "/file/16384?seed={n}".to_owned();
+        for (name, stack_env, database, store, rclone) in targets {
+            let bucket = services::unique("bench-pipeline");
+            let (secs, completed, failed, rss) =
+                self.fileflow_run(&stack_env, database.as_deref(), jobs, &bucket, path.clone()).await;
+            let rate = completed as f64 / secs;
+            let mib = |files: usize, secs: f64| f1(files as f64 * SMALL as f64 / MIB / secs);
+            if failed > 0 || completed < jobs as i64 {
+                self.notes.push(format!("pipeline, {name}: {completed} completed, {failed} failed of {jobs}"));
+            }
+            table.row(vec![
+                name.into(),
+                "fileflow".into(),
+                completed.to_string(),
+                f2(secs),
+                format!("{rate:.0}"),
+                mib(completed as usize, secs),
+                "1.00".into(),
+                f1(rss),
+            ]);
+            let ceiling = baselines::ceiling(store, "bench-ceiling", jobs, CONCURRENCY, self.url(path.clone())).await;
+            let ceiling_rate = jobs as f64 / ceiling;
+            table.row(vec![
+                name.into(),
+                "ceiling: bare GET→PUT".into(),
+                jobs.to_string(),
+                f2(ceiling),
+                format!("{ceiling_rate:.0}"),
+                mib(jobs, ceiling),
+                f2(rate / ceiling_rate),
+                "-".into(),
+            ]);
+            if rclone_ok {
+                let secs = baselines::rclone(rclone, rclone_files, CONCURRENCY, self.url(path.clone())).await;
+                let rclone_rate = rclone_files as f64 / secs;
+                table.row(vec![
+                    name.into(),
+                    "rclone copyurl".into(),
+                    rclone_files.to_string(),
+                    f2(secs),
+                    format!("{rclone_rate:.1}"),
+                    mib(rclone_files, secs),
+                    f2(rate / rclone_rate),
+                    "-".into(),
+                ]);
+            }
+        }
+        table
+    }
+
+    async fn scale(&mut self) -> Table {
+        const PARTITIONS: u64 = 8;
+        const DELAY_MS: u64 = 20;
+        let per_worker = env_number("FILEFLOW_BENCH_SCALE_JOBS", 1500) as usize;
+        let mut table = Table::new(
+            "Scale-out: workers in one consumer group",
+            &format!(
+                "Distributed stack (PostgreSQL, Kafka with {PARTITIONS} partitions, S3). One `fileflow api` process \
+                 and 1, 2 or 4 `fileflow worker` processes of concurrency {CONCURRENCY} each; the origin waits \
+                 {DELAY_MS} ms before every 16 KiB answer, so the work is waiting, not CPU. {per_worker} jobs per \
+                 worker, submitted once the group has settled; time from the first accept to the last completion. \
+                 The bound is workers × {CONCURRENCY} / {DELAY_MS} ms."
+            ),
+            &["workers", "jobs", "seconds", "jobs/s", "× one worker", "bound jobs/s", "of bound"],
+        );
+        let Some(d) = self.distributed.clone() else {
+            self.notes.push("scale-out: not run (no FILEFLOW_TEST_POSTGRES/KAFKA/S3_*)".into());
+            return table;
+        };
+        let mut one = None;
+        for workers in [1usize, 2, 4] {
+            let jobs = per_worker * workers;
+            let (mut stack_env, database) = d.fresh_stack(PARTITIONS as u32).await;
+            stack_env.push(("FILEFLOW_WORKER_CONCURRENCY".into(), CONCURRENCY.to_string()));
+            let api = Fileflow::start("api", &self.dir(&services::unique("scale-api")), &stack_env).await;
+            let mut group = Vec::new();
+            for _ in 0..workers {
+                group.push(Fileflow::start("worker", &self.dir(&services::unique("scale-worker")), &stack_env).await);
+            }
+            // The group consumes the job topic and its retry topic.
+            process::wait_for_group(&group, 2 * PARTITIONS).await;
+            let db = JobsDb::postgres(&database).await;
+            let started = now_ms();
+            let path = format!("/delay/{DELAY_MS}/16384?seed={{n}}");
+            load::submit_all(&api.base, SUBMITTERS, jobs, "bench-scale", self.url(path)).await;
+            let progress = db.wait_for(jobs, Duration::from_secs(1800)).await;
+            let secs = (progress.last_update_ms - started) as f64 / 1000.0;
+            let rate = progress.completed as f64 / secs;
+            if progress.completed < jobs as i64 {
+                self.notes.push(format!("scale-out, {workers} workers: {} of {jobs} completed", progress.completed));
+            }
+            let base_rate = *one.get_or_insert(rate);
+            let bound = (workers * CONCURRENCY) as f64 * 1000.0 / DELAY_MS as f64;
+            table.row(vec![
+                workers.to_string(),
+                jobs.to_string(),
+                f2(secs),
+                format!("{rate:.0}"),
+                f2(rate / base_rate),
+                format!("{bound:.0}"),
+                format!("{:.0}%", 100.0 * rate / bound),
+            ]);
+            for worker in group {
+                worker.stop().await;
+            }
+            api.stop().await;
+        }
+        table
+    }
+
+    async fn large(&mut self) -> Table {
+        let size = env_number("FILEFLOW_BENCH_LARGE_BYTES", 2 << 30);
+        let mib = size as f64 / MIB;
+        let mut table = Table::new(
+            &format!("Large file: {mib:.0} MiB"),
+            "One file from the local origin. fileflow: one `fileflow serve` process (embedded stack), time from \
+             the accept to the completion, and the process's peak resident memory (VmHWM) over its whole life. \
+             Ceiling: one streamed GET→PUT through fileflow's own HTTP client and store. rclone: `rclone copyurl`.",
+            &["store", "runner", "seconds", "MiB/s", "fileflow ÷ this", "peak RSS MiB"],
+        );
+        let path = format!("/file/{size}?seed={{n}}");
+        let disk = self.dir("large-ceiling-disk");
+        let mut targets: Vec<(&str, Vec<(String, String)>, Arc<dyn ObjectStore>, RcloneTarget)> = vec![(
+            "disk",
+            Vec::new(),
+            Arc::new(LocalStore::new(&disk).expect("a local store opens")),
+            RcloneTarget::Dir(self.dir("large-rclone-disk")),
+        )];
+        if let Some(s3) = &self.s3 {
+            let rclone = RcloneTarget::S3 { env: s3.rclone_env(), bucket: "bench-ceiling".into() };
+            targets.push(("S3 (Garage)", s3.env(), Arc::new(s3.store()), rclone));
+        } else {
+            self.notes.push("large file into S3: not run (no FILEFLOW_TEST_S3_*)".into());
+        }
+        for (name, stack_env, store, rclone) in targets {
+            let (secs, completed, _, rss) = self.fileflow_run(&stack_env, None, 1, "bench-large", path.clone()).await;
+            if completed != 1 {
+                self.notes.push(format!("large file, {name}: the fileflow job did not complete"));
+            }
+            table.row(vec![name.into(), "fileflow".into(), f2(secs), f1(mib / secs), "1.00".into(), f1(rss)]);
+            let ceiling = baselines::ceiling(store, "bench-ceiling", 1, 1, self.url(path.clone())).await;
+            table.row(vec![
+                name.into(),
+                "ceiling: bare GET→PUT".into(),
+                f2(ceiling),
+                f1(mib / ceiling),
+                f2(ceiling / secs),
+                "-".into(),
+            ]);
+            if baselines::rclone_installed() {
+                let rclone = baselines::rclone(rclone, 1, 1, self.url(path.clone())).await;
+                table.row(vec![
+                    name.into(),
+                    "rclone copyurl".into(),
+                    f2(rclone),
+                    f1(mib / rclone),
+                    f2(rclone / secs),
+                    "-".into(),
+                ]);
+            }
+            // Free the disk before the next store.
+            let _ = std::fs::remove_dir_all(&disk);
+        }
+        table
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let scratch_root = std::env::var("FILEFLOW_BENCH_DIR").unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").to_owned());
+    std::fs::create_dir_all(&scratch_root).expect("the scratch root is writable");
+    let mut bench = Bench {
+        origin: origin::Origin::start().await,
+        scratch: tempfile::tempdir_in(&scratch_root).expect("a scratch directory"),
+        s3: S3::from_env(),
+        distributed: Distributed::from_env(),
+        notes: Vec::new(),
+    };
+    let context = report::context();
+    println!("{context}");
+    let mut tables = Vec::new();
+    for (part, title) in
+        [("accept", "accept"), ("pipeline", "pipeline"), ("scale", "scale-out"), ("large", "large file")]
+    {
+        if !wanted(part) {
+            continue;
+        }
+        println!("== {title}");
+        let table = match part {
+            "accept" => bench.accept().await,
+            "pipeline" => bench.pipeline().await,
+            "scale" => bench.scale().await,
+            _ => bench.large().await,
+        };
+        println!("\n{}", table.markdown());
+        tables.push(table);
+    }
+    for note in &bench.notes {
+        println!("note: {note}");
+    }
+    if let Ok(path) = std::env::var("FILEFLOW_BENCH_REPORT") {
+        report::write(Path::new(&path), &context, &tables, &bench.notes).expect("the report is written");
+        println!("written to {path}");
+    }
+}

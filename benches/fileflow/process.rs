@@ -1,0 +1,115 @@
+//! A release `fileflow` process under measurement: started in a role, watched through its
+//! JSON log, sampled for memory, killed at the end.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub struct Fileflow {
+    child: Child,
+    pub pid: u32,
+    /// `http://127.0.0.1:port` for roles that serve the API.
+    pub base: String,
+    /// Partitions currently assigned to this process by the Kafka group.
+    assigned: Arc<Mutex<u64>>,
+}
+
+impl Fileflow {
+    /// Start `fileflow <role>` with `env` and wait until it is ready.
+    pub async fn start(role: &str, data_dir: &Path, env: &[(String, String)]) -> Fileflow {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fileflow"))
+            .arg(role)
+            .env("FILEFLOW_LISTEN", "127.0.0.1:0")
+            .env("FILEFLOW_DATA_DIR", data_dir)
+            .env("FILEFLOW_FETCH_ALLOW_PRIVATE", "true")
+            .env("FILEFLOW_LOG_FORMAT", "json")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the fileflow binary starts");
+        let pid = child.id().expect("a running child has a pid");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+        let ready = if role == "worker" { "workers started" } else { "API listening" };
+        let mut port = 0;
+        let mut seen = Vec::new();
+        let started = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
+                if event["message"] == ready {
+                    port = event["port"].as_u64().unwrap_or(0);
+                    return true;
+                }
+                seen.push(line);
+            }
+            false
+        })
+        .await;
+        assert!(started == Ok(true), "fileflow {role} did not start; it said:\n{}", seen.join("\n"));
+        // Keep draining the log so the process never blocks on a full pipe, and follow
+        // the partitions the consumer group gives it.
+        let assigned = Arc::new(Mutex::new(0));
+        let tracked = assigned.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if !line.contains("partitions") {
+                    continue;
+                }
+                let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
+                let count = event["partitions"].as_u64().unwrap_or(0);
+                let mut assigned = tracked.lock().unwrap();
+                match event["message"].as_str() {
+                    Some("partitions assigned") => *assigned = count,
+                    Some("partitions revoked") => *assigned = 0,
+                    _ => {}
+                }
+            }
+        });
+        Fileflow { child, pid, base: format!("http://127.0.0.1:{port}"), assigned }
+    }
+
+    pub fn assigned_partitions(&self) -> u64 {
+        *self.assigned.lock().unwrap()
+    }
+
+    /// Peak resident memory so far (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let kib: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kib / 1024.0
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Wait until a group of workers holds every one of `partitions` partitions, each worker
+/// some, and the assignment has stayed put for a second.
+pub async fn wait_for_group(workers: &[Fileflow], partitions: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut settled_since = None;
+    loop {
+        let counts: Vec<u64> = workers.iter().map(Fileflow::assigned_partitions).collect();
+        let settled = counts.iter().sum::<u64>() == partitions && counts.iter().all(|&c| c > 0);
+        match (settled, settled_since) {
+            (true, None) => settled_since = Some(tokio::time::Instant::now()),
+            (true, Some(since)) if since.elapsed() >= Duration::from_secs(1) => return,
+            (false, _) => settled_since = None,
+            _ => {}
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the consumer group did not settle: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
