@@ -46,7 +46,7 @@ impl EmbeddedQueue {
         .bind(&token)
         .bind(self.lock_until(now))
         .bind(to_millis(now))
-        .fetch_optional(&self.db.pool)
+        .fetch_optional(&self.db.writes)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let attempt: i64 = row.try_get("attempt")?;
@@ -60,7 +60,7 @@ impl EmbeddedQueue {
     /// When the next row becomes deliverable (due, or its lock lapses), if any.
     async fn next_ready_at(&self) -> Result<Option<DateTime<Utc>>, QueueError> {
         let next: Option<i64> = sqlx::query_scalar("SELECT MIN(MAX(due_at, COALESCE(locked_until, 0))) FROM queue")
-            .fetch_one(&self.db.pool)
+            .fetch_one(&self.db.reads)
             .await?;
         Ok(next.map(from_millis))
     }
@@ -94,7 +94,7 @@ impl Queue for EmbeddedQueue {
         sqlx::query("DELETE FROM queue WHERE job_id = ?1 AND locked_by = ?2")
             .bind(delivery.job_id.0)
             .bind(&delivery.token)
-            .execute(&self.db.pool)
+            .execute(&self.db.writes)
             .await?;
         Ok(())
     }
@@ -108,7 +108,7 @@ impl Queue for EmbeddedQueue {
         .bind(&delivery.token)
         .bind(i64::from(attempt))
         .bind(to_millis(due_at))
-        .execute(&self.db.pool)
+        .execute(&self.db.writes)
         .await?;
         self.db.queued.notify_waiters();
         Ok(())
@@ -123,7 +123,7 @@ impl Queue for EmbeddedQueue {
         sqlx::query("UPDATE queue SET locked_by = NULL, locked_until = NULL WHERE job_id = ?1 AND locked_by = ?2")
             .bind(delivery.job_id.0)
             .bind(&delivery.token)
-            .execute(&self.db.pool)
+            .execute(&self.db.writes)
             .await?;
         self.db.queued.notify_waiters();
         Ok(())
@@ -134,7 +134,7 @@ impl Queue for EmbeddedQueue {
             .bind(delivery.job_id.0)
             .bind(&delivery.token)
             .bind(self.lock_until(Utc::now()))
-            .execute(&self.db.pool)
+            .execute(&self.db.writes)
             .await?;
         Ok(())
     }
