@@ -103,7 +103,7 @@ impl Bench {
         );
         let mut stacks = vec![("embedded (SQLite)", Vec::new())];
         match &self.distributed {
-            Some(d) => stacks.push(("distributed (PostgreSQL + Kafka outbox)", d.fresh_stack(8).await.0)),
+            Some(d) => stacks.push(("distributed (PostgreSQL + Kafka outbox)", d.fresh_stack(8, false).await.0)),
             None => self.notes.push("accept, distributed: not run (no FILEFLOW_TEST_POSTGRES/KAFKA/S3_*)".into()),
         }
         for (name, stack_env) in stacks {
@@ -200,7 +200,7 @@ impl Bench {
                 let rclone = RcloneTarget::S3 { env: s3.rclone_env(), bucket: "bench-ceiling0".into() };
                 targets.push(("S3 (Garage), embedded stack", s3.env(), None, Arc::new(s3.store()), rclone.clone()));
                 if let Some(d) = &self.distributed {
-                    let (stack_env, database) = d.fresh_stack(PIPELINE_PARTITIONS as u32).await;
+                    let (stack_env, database) = d.fresh_stack(PIPELINE_PARTITIONS as u32, true).await;
                     targets.push((
                         "S3 (Garage), distributed stack",
                         stack_env,
@@ -283,10 +283,15 @@ impl Bench {
         // what is measured is how the group spreads the waiting.
         const SCALE_CONCURRENCY: usize = 2;
         let per_worker = env_number("FILEFLOW_BENCH_SCALE_JOBS", 600) as usize;
+        // On two cores Garage's own CPU per PUT, not the group, limits four workers; the
+        // local disk store leaves the machine to the workers. FILEFLOW_BENCH_SCALE_STORE=s3
+        // measures with Garage.
+        let on_s3 = std::env::var("FILEFLOW_BENCH_SCALE_STORE").is_ok_and(|v| v == "s3");
+        let store = if on_s3 { "S3 (Garage)" } else { "the local disk store" };
         let mut table = Table::new(
             "Scale-out: workers in one consumer group",
             &format!(
-                "Distributed stack (PostgreSQL, Kafka with {PARTITIONS} partitions, S3). One `fileflow api` process \
+                "Distributed stack: PostgreSQL, Kafka with {PARTITIONS} partitions, {store}. One `fileflow api` process \
                  and 1, 2 or 4 `fileflow worker` processes of concurrency {SCALE_CONCURRENCY} each; the origin waits \
                  {DELAY_MS} ms before every 16 KiB answer, so the work is waiting, not CPU. {per_worker} jobs per \
                  worker, submitted once the group has settled; time from the first accept to the last completion. \
@@ -301,12 +306,14 @@ impl Bench {
         let mut one = None;
         for workers in [1usize, 2, 4] {
             let jobs = per_worker * workers;
-            let (mut stack_env, database) = d.fresh_stack(PARTITIONS as u32).await;
+            let (mut stack_env, database) = d.fresh_stack(PARTITIONS as u32, on_s3).await;
             stack_env.push(("FILEFLOW_WORKER_CONCURRENCY".into(), SCALE_CONCURRENCY.to_string()));
-            let api = Fileflow::start("api", &self.dir(&services::unique("scale-api")), &stack_env).await;
+            // One data directory for all, as processes sharing a machine's disk store do.
+            let data = self.dir(&services::unique("scale"));
+            let api = Fileflow::start("api", &data, &stack_env).await;
             let mut group = Vec::new();
             for _ in 0..workers {
-                group.push(Fileflow::start("worker", &self.dir(&services::unique("scale-worker")), &stack_env).await);
+                group.push(Fileflow::start("worker", &data, &stack_env).await);
             }
             // The group consumes the job topic and its retry topic.
             process::wait_for_group(&group, 2 * PARTITIONS).await;

@@ -92,8 +92,9 @@ impl Distributed {
     }
 
     /// A fresh database, topic and consumer group; returns the environment of a
-    /// `fileflow` process that uses them (and S3), and the database URL.
-    pub async fn fresh_stack(&self, partitions: u32) -> (Vec<(String, String)>, String) {
+    /// `fileflow` process that uses them (and S3 if `s3`, else the local disk store), and
+    /// the database URL.
+    pub async fn fresh_stack(&self, partitions: u32, s3: bool) -> (Vec<(String, String)>, String) {
         let name = unique("bench");
         let admin = sqlx::PgPool::connect(&self.postgres_admin).await.expect("PostgreSQL answers");
         sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("CREATE DATABASE");
@@ -106,7 +107,9 @@ impl Distributed {
             ("FILEFLOW_KAFKA_GROUP".to_owned(), format!("{name}-workers")),
             ("FILEFLOW_KAFKA_PARTITIONS".to_owned(), partitions.to_string()),
         ];
-        env.extend(self.s3.env());
+        if s3 {
+            env.extend(self.s3.env());
+        }
         (env, database)
     }
 }
