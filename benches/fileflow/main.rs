@@ -184,13 +184,13 @@ impl Bench {
                 "peak RSS MiB",
             ],
         );
-        let mut targets: Vec<(&str, Vec<(String, String)>, Option<String>, Arc<dyn ObjectStore>, RcloneTarget)> =
-            Vec::new();
+        // (name, environment, distributed stack?, the ceiling's store, rclone's target)
+        let mut targets: Vec<(&str, Vec<(String, String)>, bool, Arc<dyn ObjectStore>, RcloneTarget)> = Vec::new();
         let disk = self.dir("pipeline-ceiling-disk");
         targets.push((
             "disk",
             Vec::new(),
-            None,
+            false,
             Arc::new(LocalStore::new(&disk).expect("a local store opens")),
             RcloneTarget::Dir(self.dir("pipeline-rclone-disk")),
         ));
@@ -198,16 +198,9 @@ impl Bench {
             Some(s3) => {
                 // The first ceiling turn creates this bucket.
                 let rclone = RcloneTarget::S3 { env: s3.rclone_env(), bucket: "bench-ceiling0".into() };
-                targets.push(("S3 (Garage), embedded stack", s3.env(), None, Arc::new(s3.store()), rclone.clone()));
-                if let Some(d) = &self.distributed {
-                    let (stack_env, database) = d.fresh_stack(PIPELINE_PARTITIONS as u32, true).await;
-                    targets.push((
-                        "S3 (Garage), distributed stack",
-                        stack_env,
-                        Some(database),
-                        Arc::new(s3.store()),
-                        rclone,
-                    ));
+                targets.push(("S3 (Garage), embedded stack", s3.env(), false, Arc::new(s3.store()), rclone.clone()));
+                if self.distributed.is_some() {
+                    targets.push(("S3 (Garage), distributed stack", Vec::new(), true, Arc::new(s3.store()), rclone));
                 }
             }
             None => self.notes.push("pipeline into S3: not run (no FILEFLOW_TEST_S3_*)".into()),
@@ -217,10 +210,16 @@ impl Bench {
             self.notes.push("rclone is not installed: its rows are missing".into());
         }
         let path = "/file/16384?seed={n}".to_owned();
-        for (name, stack_env, database, store, rclone) in targets {
+        for (name, mut stack_env, distributed, store, rclone) in targets {
             // fileflow and the ceiling take turns, so a slow spell of the machine hits both.
             let (mut runs, mut ceilings, mut peak_rss) = (Vec::new(), Vec::new(), 0f64);
             for round in 0..rounds {
+                // Every turn starts from an empty database, topic and group.
+                let mut database = None;
+                if let (true, Some(d)) = (distributed, &self.distributed) {
+                    let (fresh_env, url) = d.fresh_stack(PIPELINE_PARTITIONS as u32, true).await;
+                    (stack_env, database) = (fresh_env, Some(url));
+                }
                 let bucket = services::unique("bench-pipeline");
                 let (secs, completed, failed, rss) =
                     self.fileflow_run(&stack_env, database.as_deref(), jobs, &bucket, path.clone()).await;
