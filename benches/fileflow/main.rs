@@ -73,6 +73,18 @@ fn f2(x: f64) -> String {
     format!("{x:.2}")
 }
 
+/// Where one benchmark's files go, for fileflow and for the baselines.
+struct Target {
+    name: &'static str,
+    /// The environment of the `fileflow` process (its store, for the embedded stack).
+    env: Vec<(String, String)>,
+    /// Whether fileflow runs on a fresh distributed stack (PostgreSQL, Kafka, S3).
+    distributed: bool,
+    /// The ceiling's store: fileflow's own client for the same place.
+    store: Arc<dyn ObjectStore>,
+    rclone: RcloneTarget,
+}
+
 struct Bench {
     origin: origin::Origin,
     scratch: tempfile::TempDir,
@@ -184,23 +196,33 @@ impl Bench {
                 "peak RSS MiB",
             ],
         );
-        // (name, environment, distributed stack?, the ceiling's store, rclone's target)
-        let mut targets: Vec<(&str, Vec<(String, String)>, bool, Arc<dyn ObjectStore>, RcloneTarget)> = Vec::new();
         let disk = self.dir("pipeline-ceiling-disk");
-        targets.push((
-            "disk",
-            Vec::new(),
-            false,
-            Arc::new(LocalStore::new(&disk).expect("a local store opens")),
-            RcloneTarget::Dir(self.dir("pipeline-rclone-disk")),
-        ));
+        let mut targets = vec![Target {
+            name: "disk",
+            env: Vec::new(),
+            distributed: false,
+            store: Arc::new(LocalStore::new(&disk).expect("a local store opens")),
+            rclone: RcloneTarget::Dir(self.dir("pipeline-rclone-disk")),
+        }];
         match &self.s3 {
             Some(s3) => {
                 // The first ceiling turn creates this bucket.
                 let rclone = RcloneTarget::S3 { env: s3.rclone_env(), bucket: "bench-ceiling0".into() };
-                targets.push(("S3 (Garage), embedded stack", s3.env(), false, Arc::new(s3.store()), rclone.clone()));
+                targets.push(Target {
+                    name: "S3 (Garage), embedded stack",
+                    env: s3.env(),
+                    distributed: false,
+                    store: Arc::new(s3.store()),
+                    rclone: rclone.clone(),
+                });
                 if self.distributed.is_some() {
-                    targets.push(("S3 (Garage), distributed stack", Vec::new(), true, Arc::new(s3.store()), rclone));
+                    targets.push(Target {
+                        name: "S3 (Garage), distributed stack",
+                        env: Vec::new(),
+                        distributed: true,
+                        store: Arc::new(s3.store()),
+                        rclone,
+                    });
                 }
             }
             None => self.notes.push("pipeline into S3: not run (no FILEFLOW_TEST_S3_*)".into()),
@@ -210,7 +232,7 @@ impl Bench {
             self.notes.push("rclone is not installed: its rows are missing".into());
         }
         let path = "/file/16384?seed={n}".to_owned();
-        for (name, mut stack_env, distributed, store, rclone) in targets {
+        for Target { name, env: mut stack_env, distributed, store, rclone } in targets {
             // fileflow and the ceiling take turns, so a slow spell of the machine hits both.
             let (mut runs, mut ceilings, mut peak_rss) = (Vec::new(), Vec::new(), 0f64);
             for round in 0..rounds {
@@ -357,19 +379,26 @@ impl Bench {
         );
         let path = format!("/file/{size}?seed={{n}}");
         let disk = self.dir("large-ceiling-disk");
-        let mut targets: Vec<(&str, Vec<(String, String)>, Arc<dyn ObjectStore>, RcloneTarget)> = vec![(
-            "disk",
-            Vec::new(),
-            Arc::new(LocalStore::new(&disk).expect("a local store opens")),
-            RcloneTarget::Dir(self.dir("large-rclone-disk")),
-        )];
+        let mut targets = vec![Target {
+            name: "disk",
+            env: Vec::new(),
+            distributed: false,
+            store: Arc::new(LocalStore::new(&disk).expect("a local store opens")),
+            rclone: RcloneTarget::Dir(self.dir("large-rclone-disk")),
+        }];
         if let Some(s3) = &self.s3 {
             let rclone = RcloneTarget::S3 { env: s3.rclone_env(), bucket: "bench-ceiling".into() };
-            targets.push(("S3 (Garage)", s3.env(), Arc::new(s3.store()), rclone));
+            targets.push(Target {
+                name: "S3 (Garage)",
+                env: s3.env(),
+                distributed: false,
+                store: Arc::new(s3.store()),
+                rclone,
+            });
         } else {
             self.notes.push("large file into S3: not run (no FILEFLOW_TEST_S3_*)".into());
         }
-        for (name, stack_env, store, rclone) in targets {
+        for Target { name, env: stack_env, store, rclone, .. } in targets {
             let (secs, completed, _, rss) = self.fileflow_run(&stack_env, None, 1, "bench-large", path.clone()).await;
             if completed != 1 {
                 self.notes.push(format!("large file, {name}: the fileflow job did not complete"));
