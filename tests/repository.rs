@@ -56,6 +56,32 @@ async fn create_get_and_list(repo: Arc<dyn JobRepository>) {
     assert!(repo.list(&failed).await.unwrap().is_empty());
 }
 
+/// Jobs created at the same moment may share a transaction (SQLite writes them in
+/// groups); each caller must still get back exactly the job it asked for.
+async fn concurrent_creates_each_get_their_own_job(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let creates = (0..300).map(|i| {
+        let repo = repo.clone();
+        tokio::spawn(async move {
+            let mut job = new_job(&format!("k/{i}"));
+            job.source = SourceUrl::parse(&format!("https://example.com/{i}.bin")).unwrap();
+            job.headers = if i % 2 == 0 { RequestHeaders::default() } else { job.headers };
+            (i, repo.create(&job, t).await.unwrap())
+        })
+    });
+    let mut ids = std::collections::HashSet::new();
+    for create in creates.collect::<Vec<_>>() {
+        let (i, job) = create.await.unwrap();
+        assert_eq!(job.object_name, format!("k/{i}"));
+        assert_eq!(job.file_url, format!("https://example.com/{i}.bin"));
+        assert_eq!(job.request_headers.is_empty(), i % 2 == 0, "job {i}");
+        assert!(ids.insert(job.id), "id {} handed out twice", job.id);
+        assert_eq!(repo.get(job.id).await.unwrap().unwrap(), job);
+    }
+    let all = repo.list(&ListFilter { limit: 1000, ..Default::default() }).await.unwrap();
+    assert_eq!(all.len(), 300);
+}
+
 async fn claims_are_exclusive_until_the_lease_lapses(repo: Arc<dyn JobRepository>) {
     let t = now();
     let job = repo.create(&new_job("c"), t).await.unwrap();
@@ -141,4 +167,9 @@ macro_rules! conformance {
     )*};
 }
 
-conformance!(create_get_and_list, claims_are_exclusive_until_the_lease_lapses, retries_releases_and_requeues);
+conformance!(
+    create_get_and_list,
+    concurrent_creates_each_get_their_own_job,
+    claims_are_exclusive_until_the_lease_lapses,
+    retries_releases_and_requeues
+);

@@ -17,6 +17,10 @@ pub fn upload_body(file_url: &str, bucket: &str, n: usize) -> Vec<u8> {
         .expect("JSON serialises")
 }
 
+async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> reqwest::Result<reqwest::Response> {
+    client.post(url).header("content-type", "application/json").body(body).send().await
+}
+
 pub struct Latencies {
     /// Microseconds, sorted.
     sorted_us: Vec<u64>,
@@ -75,13 +79,7 @@ pub async fn closed_loop(
                 }
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let body = upload_body(&file_url(n), "bench-accept", n);
-                let response = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status());
+                let response = post(&client, &url, body).await.and_then(|r| r.error_for_status());
                 let ok = match response {
                     Ok(r) => r.bytes().await.is_ok(),
                     Err(_) => false,
@@ -132,13 +130,7 @@ pub async fn submit_all(
                     break;
                 }
                 let body = upload_body(&file_url(n), &bucket, n);
-                let response = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .expect("fileflow answers");
+                let response = post(&client, &url, body).await.expect("fileflow answers");
                 assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED, "job {n} was not accepted");
             }
         }));
