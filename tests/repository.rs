@@ -82,6 +82,58 @@ async fn concurrent_creates_each_get_their_own_job(repo: Arc<dyn JobRepository>)
     assert_eq!(all.len(), 300);
 }
 
+/// Claims and completions made at the same moment may share a statement (SQLite writes
+/// them in groups); each must still be decided for its own job and lease.
+async fn concurrent_claims_and_completions(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(repo.create(&new_job(&format!("c/{i}")), t).await.unwrap().id);
+    }
+    // Every job is claimed twice at once, by two owners: exactly one of them gets it.
+    let mut claims = Vec::new();
+    for &id in &ids {
+        for who in ["a", "b"] {
+            let repo = repo.clone();
+            claims.push(tokio::spawn(async move {
+                (id, who, repo.claim(id, &lease(&format!("{who}{}", id.0), t), t).await.unwrap())
+            }));
+        }
+    }
+    let mut winners = std::collections::HashMap::new();
+    for claim in claims {
+        match claim.await.unwrap() {
+            (id, who, Claim::Claimed(job)) => {
+                assert_eq!((job.id, job.status), (id, JobStatus::Processing));
+                assert!(winners.insert(id, who).is_none(), "job {id} claimed twice");
+            }
+            (_, _, Claim::Busy { .. }) => {}
+            (id, _, other) => panic!("job {id}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), ids.len());
+    // The losers' completions are refused, the winners' recorded.
+    let mut settles = Vec::new();
+    for (&id, &who) in &winners {
+        let repo = repo.clone();
+        settles.push(tokio::spawn(async move {
+            let loser = if who == "a" { "b" } else { "a" };
+            let done = |owner: String| {
+                let repo = repo.clone();
+                async move { repo.settle(id, &owner, &Settlement::Completed(stored()), t).await.unwrap() }
+            };
+            (done(format!("{loser}{}", id.0)).await, done(format!("{who}{}", id.0)).await)
+        }));
+    }
+    for settle in settles {
+        assert_eq!(settle.await.unwrap(), (false, true));
+    }
+    let completed = ListFilter { status: Some(JobStatus::Completed), limit: 1000, ..Default::default() };
+    let completed = repo.list(&completed).await.unwrap();
+    assert_eq!(completed.len(), ids.len());
+    assert!(completed.iter().all(|job| job.etag.as_deref() == Some("e") && job.size == Some(5)));
+}
+
 async fn claims_are_exclusive_until_the_lease_lapses(repo: Arc<dyn JobRepository>) {
     let t = now();
     let job = repo.create(&new_job("c"), t).await.unwrap();
@@ -170,6 +222,7 @@ macro_rules! conformance {
 conformance!(
     create_get_and_list,
     concurrent_creates_each_get_their_own_job,
+    concurrent_claims_and_completions,
     claims_are_exclusive_until_the_lease_lapses,
     retries_releases_and_requeues
 );

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
 pub use postgres::{PgDb, PgRepository};
+pub(crate) use sqlite::{MAX_BATCH, Pending, all_or_each, from_millis, group_commit, through, to_millis};
 pub use sqlite::{SqliteDb, SqliteRepository};
-pub(crate) use sqlite::{from_millis, to_millis};
 
 /// A failure of the metadata store itself (not of a job).
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{Claim, JobRepository, Lease, ListFilter, RepoError, Requeue};
 use crate::domain::RequestHeaders;
-use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
+use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -75,70 +75,159 @@ pub(crate) fn from_millis(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// A request to a group-commit task, and where its answer goes.
+pub(crate) type Pending<Request, Answer> = (Request, oneshot::Sender<Answer>);
+
+/// Group commit: start a task that hands every request arriving while the last batch was
+/// being written to `write` as the next batch, so under load many requests share one
+/// transaction and a few statements (each statement is a hand-off to the connection's
+/// thread, the main cost of a small write). `write` answers each request of its batch, in
+/// order; a request is answered only once its batch is written. Nothing waits to fill a
+/// batch: a lone request goes at once. The task ends when the last sender is dropped.
+pub(crate) fn group_commit<Request, Answer, Write, Written>(
+    max_batch: usize,
+    write: Write,
+) -> mpsc::Sender<Pending<Request, Answer>>
+where
+    Request: Send + 'static,
+    Answer: Send + 'static,
+    Write: Fn(Vec<Request>) -> Written + Send + 'static,
+    Written: Future<Output = Vec<Answer>> + Send,
+{
+    let (sender, mut queued) = mpsc::channel::<Pending<Request, Answer>>(4 * max_batch);
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(max_batch);
+        while queued.recv_many(&mut batch, max_batch).await > 0 {
+            let (requests, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+            for (reply, answer) in replies.into_iter().zip(write(requests).await) {
+                let _ = reply.send(answer);
+            }
+        }
+    });
+    sender
+}
+
+/// Send `request` to a group-commit task and wait for its answer; `None` if the task is gone.
+pub(crate) async fn through<Request, Answer>(
+    task: &mpsc::Sender<Pending<Request, Answer>>,
+    request: Request,
+) -> Option<Answer> {
+    let (reply, answer) = oneshot::channel();
+    task.send((request, reply)).await.ok()?;
+    answer.await.ok()
+}
+
+/// Write `batch` in one go (`write` answers each request, in order); if that fails,
+/// write each request alone, so one bad request does not fail the others.
+pub(crate) async fn all_or_each<'a, Request, Answer, Error, Write, Written>(
+    batch: &'a [Request],
+    write: Write,
+) -> Vec<Result<Answer, Error>>
+where
+    Write: Fn(&'a [Request]) -> Written,
+    Written: Future<Output = Result<Vec<Answer>, Error>>,
+{
+    if batch.len() > 1
+        && let Ok(answers) = write(batch).await
+    {
+        return answers.into_iter().map(Ok).collect();
+    }
+    let mut answers = Vec::with_capacity(batch.len());
+    for one in batch.chunks(1) {
+        answers.push(write(one).await.map(|mut answer| answer.remove(0)));
+    }
+    answers
+}
+
+/// Most writes of one kind in one transaction.
+pub(crate) const MAX_BATCH: usize = 64;
+
+type NewJobAt = (NewJob, DateTime<Utc>);
+/// What a worker records when a job completes: (job, lease owner, object, when).
+type Completion = (JobId, String, StoredObject, DateTime<Utc>);
+
 /// The SQLite implementation of [`JobRepository`].
 #[derive(Clone, Debug)]
 pub struct SqliteRepository {
     db: SqliteDb,
-    /// New jobs on their way to the task that writes them (see [`write_new_jobs`]).
-    creates: mpsc::Sender<PendingCreate>,
+    /// New jobs on their way to the task that writes them.
+    creates: mpsc::Sender<Pending<NewJobAt, Result<Job, RepoError>>>,
+    /// Completed jobs on their way to the task that records them.
+    completions: mpsc::Sender<Pending<Completion, Result<bool, RepoError>>>,
 }
 
 impl SqliteRepository {
-    /// A repository over `db`. Starts the task that writes new jobs, so it must be called
-    /// inside a Tokio runtime; the task ends when the last clone is dropped.
+    /// A repository over `db`. Starts the tasks that write new jobs and completions, so it
+    /// must be called inside a Tokio runtime; they end when the last clone is dropped.
     pub fn new(db: SqliteDb) -> Self {
-        let (creates, queued) = mpsc::channel(4 * MAX_CREATE_BATCH);
-        tokio::spawn(write_new_jobs(db.clone(), queued));
-        Self { db, creates }
+        let for_creates = db.clone();
+        let creates = group_commit(MAX_BATCH, move |batch| write_new_jobs(for_creates.clone(), batch));
+        let for_completions = db.clone();
+        let completions = group_commit(MAX_BATCH, move |batch| record_completions(for_completions.clone(), batch));
+        Self { db, creates, completions }
     }
 }
 
-/// Most new jobs written in one transaction.
-const MAX_CREATE_BATCH: usize = 64;
-
-#[derive(Debug)]
-struct PendingCreate {
-    job: NewJob,
-    now: DateTime<Utc>,
-    reply: oneshot::Sender<Result<Job, RepoError>>,
+/// Write new jobs, many to a transaction, and wake idle receivers.
+async fn write_new_jobs(db: SqliteDb, batch: Vec<NewJobAt>) -> Vec<Result<Job, RepoError>> {
+    let answers = all_or_each(&batch, |jobs| insert_jobs(&db, jobs)).await;
+    if answers.iter().any(Result::is_ok) {
+        db.queued.notify_waiters();
+    }
+    answers
 }
 
-/// Group commit for accepted jobs: every job that arrives while a transaction is being
-/// written goes into the next one, so under load many jobs share one transaction and a
-/// few statements instead of each paying for its own. A job is answered only once its
-/// transaction has committed. Nothing waits to fill a batch: a lone job is written at once.
-async fn write_new_jobs(db: SqliteDb, mut queued: mpsc::Receiver<PendingCreate>) {
-    let mut batch = Vec::with_capacity(MAX_CREATE_BATCH);
-    while queued.recv_many(&mut batch, MAX_CREATE_BATCH).await > 0 {
-        match insert_jobs(&db, &batch).await {
-            Ok(jobs) => {
-                db.queued.notify_waiters();
-                for (pending, job) in batch.drain(..).zip(jobs) {
-                    let _ = pending.reply.send(Ok(job));
-                }
-            }
-            // One job's failure must not fail the others: write each on its own.
-            Err(_) if batch.len() > 1 => {
-                for pending in batch.drain(..) {
-                    let written = insert_jobs(&db, std::slice::from_ref(&pending)).await;
-                    if written.is_ok() {
-                        db.queued.notify_waiters();
-                    }
-                    let _ = pending.reply.send(written.map(|mut jobs| jobs.remove(0)));
-                }
-            }
-            Err(error) => {
-                if let Some(pending) = batch.pop() {
-                    let _ = pending.reply.send(Err(error));
-                }
-            }
-        }
+/// Record completions, many to a statement.
+async fn record_completions(db: SqliteDb, batch: Vec<Completion>) -> Vec<Result<bool, RepoError>> {
+    all_or_each(&batch, |completions| complete_jobs(&db, completions)).await
+}
+
+/// Mark jobs completed where their lease is still held; answers whether each was.
+async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>, RepoError> {
+    let mut sql = String::from(
+        "UPDATE files SET status = 'completed', etag = v.column3, size = v.column4, sha256 = v.column5, \
+         md5 = v.column6, content_type = v.column7, last_error = NULL, lease_owner = NULL, \
+         lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column8 FROM (VALUES ",
+    );
+    for i in 0..batch.len() {
+        let p = 8 * i;
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(
+            sql,
+            "{sep}(?{},?{},?{},?{},?{},?{},?{},?{})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6,
+            p + 7,
+            p + 8
+        );
     }
+    sql.push_str(
+        ") AS v WHERE files.id = v.column1 AND files.status = 'processing' AND files.lease_owner = v.column2 \
+         RETURNING id",
+    );
+    let mut query = sqlx::query_scalar::<_, i64>(&sql);
+    for (id, owner, stored, now) in batch {
+        query = query
+            .bind(id.0)
+            .bind(owner)
+            .bind(&stored.etag)
+            .bind(i64::try_from(stored.size).unwrap_or(i64::MAX))
+            .bind(&stored.sha256)
+            .bind(&stored.md5)
+            .bind(&stored.content_type)
+            .bind(to_millis(*now));
+    }
+    let completed = query.fetch_all(&db.writes).await?;
+    Ok(batch.iter().map(|(id, ..)| completed.contains(&id.0)).collect())
 }
 
 /// Insert `batch` (at least one job) and its queue rows in one transaction; returns the
 /// jobs in the order given.
-async fn insert_jobs(db: &SqliteDb, batch: &[PendingCreate]) -> Result<Vec<Job>, RepoError> {
+async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
     let mut files = String::from(
         "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, \
          request_headers, created_at, updated_at, status, retry_count) VALUES ",
@@ -164,7 +253,7 @@ async fn insert_jobs(db: &SqliteDb, batch: &[PendingCreate]) -> Result<Vec<Job>,
     let _ = write!(files, " RETURNING {COLUMNS}");
 
     let mut insert_files = sqlx::query(&files);
-    for PendingCreate { job, now, .. } in batch {
+    for (job, now) in batch {
         insert_files = insert_files
             .bind(job.source.as_str())
             .bind(job.bucket.as_str())
@@ -227,10 +316,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
 #[async_trait]
 impl JobRepository for SqliteRepository {
     async fn create(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Job, RepoError> {
-        let (reply, answer) = oneshot::channel();
-        let pending = PendingCreate { job: job.clone(), now, reply };
-        self.creates.send(pending).await.map_err(|_| sqlx::Error::PoolClosed)?;
-        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+        through(&self.creates, (job.clone(), now)).await.ok_or(sqlx::Error::PoolClosed)?
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError> {
@@ -309,20 +395,11 @@ impl JobRepository for SqliteRepository {
     ) -> Result<bool, RepoError> {
         let now_ms = to_millis(now);
         let query = match settlement {
-            Settlement::Completed(stored) => sqlx::query(
-                "UPDATE files SET status = 'completed', etag = ?3, size = ?4, sha256 = ?5, md5 = ?6, \
-                 content_type = ?7, last_error = NULL, lease_owner = NULL, lease_expires_at = NULL, \
-                 next_attempt_at = NULL, updated_at = ?8 \
-                 WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
-            )
-            .bind(id.0)
-            .bind(owner)
-            .bind(&stored.etag)
-            .bind(i64::try_from(stored.size).unwrap_or(i64::MAX))
-            .bind(&stored.sha256)
-            .bind(&stored.md5)
-            .bind(&stored.content_type)
-            .bind(now_ms),
+            // The most common write of all, so completions share transactions.
+            Settlement::Completed(stored) => {
+                let completion = (id, owner.to_owned(), stored.clone(), now);
+                return through(&self.completions, completion).await.ok_or(sqlx::Error::PoolClosed)?;
+            }
             Settlement::RetryScheduled { retry_count, last_error, due_at } => sqlx::query(
                 "UPDATE files SET status = 'pending', retry_count = ?3, last_error = ?4, \
                  next_attempt_at = ?5, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?6 \
