@@ -182,6 +182,11 @@ async fn record_completions(db: SqliteDb, batch: Vec<Completion>) -> Vec<Result<
     all_or_each(&batch, |completions| complete_jobs(&db, completions)).await
 }
 
+/// `count` numbered parameters from `?first`: `?1,?2,?3`.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count).map(|n| format!("?{n}")).collect::<Vec<_>>().join(",")
+}
+
 /// Mark jobs completed where their lease is still held; answers whether each was.
 async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>, RepoError> {
     let mut sql = String::from(
@@ -192,18 +197,7 @@ async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>,
     for i in 0..batch.len() {
         let p = 8 * i;
         let sep = if i == 0 { "" } else { "," };
-        let _ = write!(
-            sql,
-            "{sep}(?{},?{},?{},?{},?{},?{},?{},?{})",
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7,
-            p + 8
-        );
+        let _ = write!(sql, "{sep}({})", placeholders(p + 1, 8));
     }
     sql.push_str(
         ") AS v WHERE files.id = v.column1 AND files.status = 'processing' AND files.lease_owner = v.column2 \
@@ -236,18 +230,8 @@ async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, Repo
     for i in 0..batch.len() {
         let (p, q) = (7 * i, 2 * i);
         let sep = if i == 0 { "" } else { "," };
-        let _ = write!(
-            files,
-            "{sep}(?{},?{},?{},?{},?{},?{},?{},?{},'pending',0)",
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7,
-            p + 7
-        );
+        // created_at and updated_at are both the 7th value.
+        let _ = write!(files, "{sep}({},?{},'pending',0)", placeholders(p + 1, 7), p + 7);
         let _ = write!(queue, "{sep}(?{},1,?{})", q + 1, q + 2);
     }
     let _ = write!(files, " RETURNING {COLUMNS}");
