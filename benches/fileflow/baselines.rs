@@ -3,13 +3,14 @@
 //! (`rclone copyurl`, one process per file).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use fileflow::domain::{BucketName, ObjectKey};
 use fileflow::lifecycle::JobError;
 use fileflow::storage::ObjectStore;
 use futures::{StreamExt, TryStreamExt};
+
+use crate::load::each_index;
 
 /// GET each of `jobs` URLs and PUT it into `store` as `bucket/bench/{n}`, `concurrency` at
 /// a time. Returns the seconds it took; panics on any failure.
@@ -22,30 +23,18 @@ pub async fn ceiling(
 ) -> f64 {
     let client = reqwest::Client::builder().no_proxy().build().expect("a plain client builds");
     let bucket = BucketName::parse(bucket).expect("a valid bucket name");
-    let next = Arc::new(AtomicUsize::new(0));
-    let file_url = Arc::new(file_url);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (client, store, bucket, next, file_url) =
-            (client.clone(), store.clone(), bucket.clone(), next.clone(), file_url.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= jobs {
-                    break;
-                }
-                let response = client.get(file_url(n)).send().await.and_then(|r| r.error_for_status());
-                let body = response.expect("the origin answers").bytes_stream();
-                let body = body.map_err(|e| JobError::transient(e.to_string())).boxed();
-                let key = ObjectKey::parse(&format!("bench/{n:06}")).expect("a valid key");
-                store.put(&bucket, &key, "application/octet-stream", body).await.expect("the store takes the object");
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("a ceiling task does not panic");
-    }
+    each_index(concurrency, jobs, move |n| {
+        let (client, store, bucket, url) = (client.clone(), store.clone(), bucket.clone(), file_url(n));
+        async move {
+            let response = client.get(url).send().await.and_then(|r| r.error_for_status());
+            let body = response.expect("the origin answers").bytes_stream();
+            let body = body.map_err(|e| JobError::transient(e.to_string())).boxed();
+            let key = ObjectKey::parse(&format!("bench/{n:06}")).expect("a valid key");
+            store.put(&bucket, &key, "application/octet-stream", body).await.expect("the store takes the object");
+        }
+    })
+    .await;
     started.elapsed().as_secs_f64()
 }
 
@@ -74,36 +63,24 @@ pub async fn rclone(
     concurrency: usize,
     file_url: impl Fn(usize) -> String + Send + Sync + 'static,
 ) -> f64 {
-    let next = Arc::new(AtomicUsize::new(0));
-    let file_url = Arc::new(file_url);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (target, next, file_url) = (target.clone(), next.clone(), file_url.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= files {
-                    break;
-                }
-                let mut command = tokio::process::Command::new("rclone");
-                command.arg("copyurl").arg(file_url(n)).env("RCLONE_CONFIG", "/dev/null");
-                for proxy in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "AWS_CA_BUNDLE"] {
-                    command.env_remove(proxy);
-                }
-                match &target {
-                    RcloneTarget::Dir(dir) => command.arg(dir.join(format!("rclone/{n:06}"))),
-                    RcloneTarget::S3 { env, bucket } => {
-                        command.envs(env.iter().map(|(k, v)| (k, v))).arg(format!("bench:{bucket}/rclone/{n:06}"))
-                    }
-                };
-                let output = command.output().await.expect("rclone runs");
-                assert!(output.status.success(), "rclone copyurl failed: {}", String::from_utf8_lossy(&output.stderr));
+    each_index(concurrency, files, move |n| {
+        let mut command = tokio::process::Command::new("rclone");
+        command.arg("copyurl").arg(file_url(n)).env("RCLONE_CONFIG", "/dev/null");
+        for proxy in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "AWS_CA_BUNDLE"] {
+            command.env_remove(proxy);
+        }
+        match &target {
+            RcloneTarget::Dir(dir) => command.arg(dir.join(format!("rclone/{n:06}"))),
+            RcloneTarget::S3 { env, bucket } => {
+                command.envs(env.iter().map(|(k, v)| (k, v))).arg(format!("bench:{bucket}/rclone/{n:06}"))
             }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("an rclone task does not panic");
-    }
+        };
+        async move {
+            let output = command.output().await.expect("rclone runs");
+            assert!(output.status.success(), "rclone copyurl failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+    })
+    .await;
     started.elapsed().as_secs_f64()
 }

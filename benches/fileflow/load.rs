@@ -106,6 +106,34 @@ pub async fn closed_loop(
     Latencies { sorted_us: all, errors, secs: measure.as_secs_f64() }
 }
 
+/// Run `work(n)` for every `n` in `0..count`, `workers` at a time: each worker is a task
+/// that takes the next `n` as soon as its last one is done. Panics if any work panics.
+pub async fn each_index<Work, Done>(workers: usize, count: usize, work: Work)
+where
+    Work: Fn(usize) -> Done + Send + Sync + 'static,
+    Done: Future<Output = ()> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let work = Arc::new(work);
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let (next, work) = (next.clone(), work.clone());
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= count {
+                        break;
+                    }
+                    work(n).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("a worker does not panic");
+    }
+}
+
 /// Submit jobs `0..jobs` through `connections` clients as fast as they are accepted.
 /// Panics if any is refused: a pipeline run is only meaningful if every job got in.
 pub async fn submit_all(
@@ -115,27 +143,14 @@ pub async fn submit_all(
     bucket: &str,
     file_url: impl Fn(usize) -> String + Send + Sync + 'static,
 ) {
-    let client = client();
-    let url = format!("{base}/api/v1/upload");
-    let next = Arc::new(AtomicUsize::new(0));
-    let file_url = Arc::new(file_url);
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let (client, url, next, file_url, bucket) =
-            (client.clone(), url.clone(), next.clone(), file_url.clone(), bucket.to_owned());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= jobs {
-                    break;
-                }
-                let body = upload_body(&file_url(n), &bucket, n);
-                let response = post(&client, &url, body).await.expect("fileflow answers");
-                assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED, "job {n} was not accepted");
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("a submitter does not panic");
-    }
+    let (client, url, bucket) = (client(), format!("{base}/api/v1/upload"), bucket.to_owned());
+    each_index(connections, jobs, move |n| {
+        let (client, url) = (client.clone(), url.clone());
+        let body = upload_body(&file_url(n), &bucket, n);
+        async move {
+            let response = post(&client, &url, body).await.expect("fileflow answers");
+            assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED, "job {n} was not accepted");
+        }
+    })
+    .await;
 }

@@ -105,6 +105,19 @@ impl Bench {
         dir
     }
 
+    /// The local disk store, for a part of the run: fileflow's own (in its data directory),
+    /// and `<part>-ceiling-disk` and `<part>-rclone-disk` for the baselines.
+    fn disk_target(&self, part: &str) -> Target {
+        let ceiling = self.dir(&format!("{part}-ceiling-disk"));
+        Target {
+            name: "disk",
+            env: Vec::new(),
+            distributed: false,
+            store: Arc::new(LocalStore::new(&ceiling).expect("a local store opens")),
+            rclone: RcloneTarget::Dir(self.dir(&format!("{part}-rclone-disk"))),
+        }
+    }
+
     async fn accept(&mut self) -> Table {
         let mut table = Table::new(
             "Accept: POST /api/v1/upload",
@@ -196,14 +209,7 @@ impl Bench {
                 "peak RSS MiB",
             ],
         );
-        let disk = self.dir("pipeline-ceiling-disk");
-        let mut targets = vec![Target {
-            name: "disk",
-            env: Vec::new(),
-            distributed: false,
-            store: Arc::new(LocalStore::new(&disk).expect("a local store opens")),
-            rclone: RcloneTarget::Dir(self.dir("pipeline-rclone-disk")),
-        }];
+        let mut targets = vec![self.disk_target("pipeline")];
         match &self.s3 {
             Some(s3) => {
                 // The first ceiling turn creates this bucket.
@@ -379,13 +385,7 @@ impl Bench {
         );
         let path = format!("/file/{size}?seed={{n}}");
         let disk = self.dir("large-ceiling-disk");
-        let mut targets = vec![Target {
-            name: "disk",
-            env: Vec::new(),
-            distributed: false,
-            store: Arc::new(LocalStore::new(&disk).expect("a local store opens")),
-            rclone: RcloneTarget::Dir(self.dir("large-rclone-disk")),
-        }];
+        let mut targets = vec![self.disk_target("large")];
         if let Some(s3) = &self.s3 {
             let rclone = RcloneTarget::S3 { env: s3.rclone_env(), bucket: "bench-ceiling".into() };
             targets.push(Target {
