@@ -3,6 +3,7 @@
 //! Creating a job and making it deliverable happen in one transaction, so an accepted
 //! job can never be lost between the database and the queue.
 
+mod group_commit;
 mod postgres;
 mod sqlite;
 
@@ -11,9 +12,10 @@ use chrono::{DateTime, Utc};
 
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
+pub(crate) use group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 pub use postgres::{PgDb, PgRepository};
-pub(crate) use sqlite::{MAX_BATCH, Pending, all_or_each, from_millis, group_commit, through, to_millis};
 pub use sqlite::{SqliteDb, SqliteRepository};
+pub(crate) use sqlite::{from_millis, to_millis};
 
 /// A failure of the metadata store itself (not of a job).
 #[derive(Debug, thiserror::Error)]
