@@ -171,6 +171,39 @@ conformance!(
     released_and_dead_lettered_jobs
 );
 
+/// Embedded only (it writes acknowledgements in groups): acknowledgements sent at once are
+/// each applied, and one whose lock token no longer holds deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_acknowledgements_sent_together() {
+    let b = embedded().await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(b.create(&format!("together/{i}")).await);
+    }
+    let mut deliveries = Vec::new();
+    for _ in &ids {
+        deliveries.push(receive(&b.queue, FIRST).await.expect("every job is delivered"));
+    }
+    // One delivery is handed back first: its token is stale when the acks go out.
+    let stale = deliveries.pop().unwrap();
+    b.queue.release(&stale).await.unwrap();
+    let acks: Vec<_> = deliveries
+        .into_iter()
+        .chain([stale.clone()])
+        .map(|delivery| {
+            let queue = b.queue.clone();
+            tokio::spawn(async move { queue.ack(&delivery).await.unwrap() })
+        })
+        .collect();
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let again = receive(&b.queue, Duration::from_secs(2)).await.expect("the released job is still queued");
+    assert_eq!(again.job_id, stale.job_id);
+    b.queue.ack(&again).await.unwrap();
+    assert_eq!(receive(&b.queue, Duration::from_secs(2)).await, None, "an acknowledged job came back");
+}
+
 /// Kafka only: what cannot be worked on goes to the DLQ at once, with the reason and the
 /// message's origin in headers, and does not hold up what follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
