@@ -146,6 +146,31 @@ async fn released_and_dead_lettered_jobs(b: Backend) {
     assert_eq!(receive(&b.queue, Duration::from_secs(2)).await, None, "a dead letter is not delivered again");
 }
 
+async fn several_due_jobs_are_taken_at_once(b: Backend) {
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(b.create(&format!("many/{i}")).await);
+    }
+    let mut taken: Vec<Delivery> = Vec::new();
+    let deadline = Instant::now() + FIRST;
+    while taken.len() < ids.len() && Instant::now() < deadline {
+        let asked = 3.min(ids.len() - taken.len());
+        let batch = tokio::time::timeout(FIRST, b.queue.receive_many(asked)).await.expect("jobs are due").unwrap();
+        assert!(!batch.is_empty() && batch.len() <= asked, "asked for {asked}, got {}", batch.len());
+        taken.extend(batch);
+    }
+    let mut got: Vec<_> = taken.iter().map(|d| (d.job_id, d.attempt)).collect();
+    got.sort();
+    assert_eq!(got, ids.iter().map(|&id| (id, 1)).collect::<Vec<_>>(), "each job once");
+    let tokens: std::collections::HashSet<_> = taken.iter().map(|d| d.token.clone()).collect();
+    assert_eq!(tokens.len(), taken.len(), "every delivery has its own token");
+    // Each delivery is acknowledged on its own token.
+    for delivery in &taken {
+        b.queue.ack(delivery).await.unwrap();
+    }
+    assert_eq!(receive(&b.queue, Duration::from_secs(2)).await, None, "an acknowledged job came back");
+}
+
 macro_rules! conformance {
     ($($name:ident),*) => {$(
         mod $name {
@@ -168,7 +193,8 @@ conformance!(
     an_acknowledged_job_is_delivered_once,
     a_retry_waits_until_due_without_holding_up_other_jobs,
     an_unacknowledged_job_is_delivered_again_to_the_next_consumer,
-    released_and_dead_lettered_jobs
+    released_and_dead_lettered_jobs,
+    several_due_jobs_are_taken_at_once
 );
 
 /// Embedded only (it writes acknowledgements in groups): acknowledgements sent at once are
@@ -180,9 +206,13 @@ async fn embedded_acknowledgements_sent_together() {
     for i in 0..20 {
         ids.push(b.create(&format!("together/{i}")).await);
     }
+    // All due, so the embedded queue hands over as many as asked for in one go.
     let mut deliveries = Vec::new();
-    for _ in &ids {
-        deliveries.push(receive(&b.queue, FIRST).await.expect("every job is delivered"));
+    while deliveries.len() < ids.len() {
+        let asked = 8.min(ids.len() - deliveries.len());
+        let batch = b.queue.receive_many(asked).await.unwrap();
+        assert_eq!(batch.len(), asked);
+        deliveries.extend(batch);
     }
     // One delivery is handed back first: its token is stale when the acks go out.
     let stale = deliveries.pop().unwrap();

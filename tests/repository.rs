@@ -158,6 +158,56 @@ async fn claims_are_exclusive_until_the_lease_lapses(repo: Arc<dyn JobRepository
     );
 }
 
+/// Several claims in one request (how a worker pool takes a batch of deliveries): each is
+/// decided for its own job and lease, in the order asked.
+async fn a_batch_of_claims_is_decided_request_by_request(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let free = repo.create(&new_job("free"), t).await.unwrap();
+    let done = repo.create(&new_job("done"), t).await.unwrap();
+    repo.claim(done.id, &lease("w0", t), t).await.unwrap();
+    assert!(repo.settle(done.id, "w0", &Settlement::Completed(stored()), t).await.unwrap());
+    let held = repo.create(&new_job("held"), t).await.unwrap();
+    repo.claim(held.id, &lease("w0", t), t).await.unwrap();
+    let twice = repo.create(&new_job("twice"), t).await.unwrap();
+    let missing = fileflow::lifecycle::JobId(twice.id.0 + 1000);
+
+    let asked = [
+        (twice.id, lease("w1", t)),
+        (free.id, lease("w2", t)),
+        (done.id, lease("w3", t)),
+        (held.id, lease("w4", t)),
+        (missing, lease("w5", t)),
+        (twice.id, lease("w6", t)),
+    ];
+    let claims = repo.claim_many(&asked, t).await.unwrap();
+    assert_eq!(claims.len(), asked.len());
+    match &claims[1] {
+        Claim::Claimed(job) => {
+            assert_eq!((job.id, job.object_name.as_str(), job.status), (free.id, "free", JobStatus::Processing))
+        }
+        other => panic!("the free job: {other:?}"),
+    }
+    assert_eq!(claims[2], Claim::Finished(JobStatus::Completed));
+    assert_eq!(claims[3], Claim::Busy { until: lease("w0", t).expires_at });
+    assert_eq!(claims[4], Claim::NotFound);
+    // The job asked for twice goes to exactly one of the two leases.
+    let (winner, loser) = match (&claims[0], &claims[5]) {
+        (Claim::Claimed(job), Claim::Busy { .. }) => {
+            assert_eq!(job.id, twice.id);
+            ("w1", "w6")
+        }
+        (Claim::Busy { .. }, Claim::Claimed(job)) => {
+            assert_eq!(job.id, twice.id);
+            ("w6", "w1")
+        }
+        other => panic!("the job asked for twice: {other:?}"),
+    };
+    assert!(!repo.settle(twice.id, loser, &Settlement::Completed(stored()), t).await.unwrap());
+    assert!(repo.settle(twice.id, winner, &Settlement::Completed(stored()), t).await.unwrap());
+    assert!(repo.settle(free.id, "w2", &Settlement::Completed(stored()), t).await.unwrap());
+    assert!(repo.claim_many(&[], t).await.unwrap().is_empty());
+}
+
 async fn retries_releases_and_requeues(repo: Arc<dyn JobRepository>) {
     let t = now();
     let job = repo.create(&new_job("r"), t).await.unwrap();
@@ -224,5 +274,6 @@ conformance!(
     concurrent_creates_each_get_their_own_job,
     concurrent_claims_and_completions,
     claims_are_exclusive_until_the_lease_lapses,
+    a_batch_of_claims_is_decided_request_by_request,
     retries_releases_and_requeues
 );

@@ -6,6 +6,7 @@
 mod group_commit;
 mod postgres;
 mod sqlite;
+mod writer;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -96,7 +97,14 @@ pub trait JobRepository: Send + Sync + 'static {
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError>;
 
     /// Take a `pending` job, or one whose lease has lapsed, into `processing`.
-    async fn claim(&self, id: JobId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, RepoError>;
+    async fn claim(&self, id: JobId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, RepoError> {
+        let mut claims = self.claim_many(&[(id, lease.clone())], now).await?;
+        Ok(claims.pop().unwrap_or(Claim::NotFound))
+    }
+
+    /// [`claim`](Self::claim) for several jobs at once, one answer per request, in order.
+    /// When one job is asked for twice, at most one of its leases wins.
+    async fn claim_many(&self, requests: &[(JobId, Lease)], now: DateTime<Utc>) -> Result<Vec<Claim>, RepoError>;
 
     /// Extend a held lease; `false` when the lease was lost to another worker.
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError>;

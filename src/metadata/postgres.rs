@@ -51,6 +51,37 @@ impl PgRepository {
         sqlx::query("INSERT INTO outbox (job_id, attempt) VALUES ($1, 1)").bind(id.0).execute(&mut **tx).await?;
         Ok(())
     }
+
+    /// Claim one job: see [`JobRepository::claim`].
+    async fn claim_one(&self, id: JobId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, RepoError> {
+        let claimed = sqlx::query(&format!(
+            "UPDATE files SET status = 'processing', lease_owner = $2, lease_expires_at = $3, next_attempt_at = NULL, \
+             updated_at = $4 WHERE id = $1 AND (status = 'pending' OR (status = 'processing' AND lease_expires_at <= $4)) \
+             RETURNING {COLUMNS}"
+        ))
+        .bind(id.0)
+        .bind(&lease.owner)
+        .bind(lease.expires_at)
+        .bind(now)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        if let Some(row) = claimed {
+            return Ok(Claim::Claimed(Box::new(job_from_row(&row)?)));
+        }
+        let current = sqlx::query("SELECT status, lease_expires_at FROM files WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        let current = match current {
+            Some(row) => {
+                let status: String = row.try_get("status")?;
+                let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
+                Some((status, row.try_get::<Option<DateTime<Utc>>, _>("lease_expires_at")?))
+            }
+            None => None,
+        };
+        Ok(Claim::refused(current, now))
+    }
 }
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
@@ -133,34 +164,10 @@ impl JobRepository for PgRepository {
         rows.iter().map(job_from_row).collect()
     }
 
-    async fn claim(&self, id: JobId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, RepoError> {
-        let claimed = sqlx::query(&format!(
-            "UPDATE files SET status = 'processing', lease_owner = $2, lease_expires_at = $3, next_attempt_at = NULL, \
-             updated_at = $4 WHERE id = $1 AND (status = 'pending' OR (status = 'processing' AND lease_expires_at <= $4)) \
-             RETURNING {COLUMNS}"
-        ))
-        .bind(id.0)
-        .bind(&lease.owner)
-        .bind(lease.expires_at)
-        .bind(now)
-        .fetch_optional(&self.db.pool)
-        .await?;
-        if let Some(row) = claimed {
-            return Ok(Claim::Claimed(Box::new(job_from_row(&row)?)));
-        }
-        let current = sqlx::query("SELECT status, lease_expires_at FROM files WHERE id = $1")
-            .bind(id.0)
-            .fetch_optional(&self.db.pool)
-            .await?;
-        let current = match current {
-            Some(row) => {
-                let status: String = row.try_get("status")?;
-                let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
-                Some((status, row.try_get::<Option<DateTime<Utc>>, _>("lease_expires_at")?))
-            }
-            None => None,
-        };
-        Ok(Claim::refused(current, now))
+    async fn claim_many(&self, requests: &[(JobId, Lease)], now: DateTime<Utc>) -> Result<Vec<Claim>, RepoError> {
+        // One statement each, side by side on the pool: a batch update of rows that other
+        // workers may be claiming too could deadlock.
+        futures::future::try_join_all(requests.iter().map(|(id, lease)| self.claim_one(*id, lease, now))).await
     }
 
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError> {

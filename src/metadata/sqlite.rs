@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Connection as _, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{Notify, mpsc};
 
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
+use super::writer::Writer;
 use super::{Claim, JobRepository, Lease, ListFilter, RepoError, Requeue};
 use crate::domain::RequestHeaders;
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
@@ -22,14 +25,14 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 /// An open SQLite database, shared by the repository and the embedded queue.
 ///
-/// SQLite takes one writer at a time. All of this process's writes go through `writes`, a
-/// pool of one connection, so they queue in order instead of colliding on the database
-/// lock and backing off in SQLite's busy handler (which sleeps up to 100 ms a try and
-/// made the tail of accept latency). Reads run beside them on `reads`, as WAL allows.
+/// SQLite takes one writer at a time. All of this process's writes go through one
+/// connection ([`SqliteDb::write`]), so they queue in order instead of colliding on the
+/// database lock and backing off in SQLite's busy handler (which sleeps up to 100 ms a try
+/// and made the tail of accept latency). Reads run beside them on `reads`, as WAL allows.
 #[derive(Clone, Debug)]
 pub struct SqliteDb {
     pub reads: SqlitePool,
-    pub writes: SqlitePool,
+    writer: Writer,
     /// Woken whenever a queue row becomes deliverable, so idle workers start at once.
     pub queued: Arc<Notify>,
 }
@@ -46,15 +49,22 @@ impl SqliteDb {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         // The writer connects first, so it is the one that creates the file and sets WAL.
+        let writer = Writer::start(SqliteConnection::connect_with(&options).await?);
         // A local file does not go stale: no ping before each use.
-        let writes = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .connect_with(options.clone())
-            .await?;
         let reads =
             SqlitePoolOptions::new().max_connections(8).test_before_acquire(false).connect_with(options).await?;
-        Ok(Self { reads, writes, queued: Arc::new(Notify::new()) })
+        Ok(Self { reads, writer, queued: Arc::new(Notify::new()) })
+    }
+
+    /// Run `work` on the write connection, after the writes queued before it. The work
+    /// runs to its end even if the caller stops waiting.
+    pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<sqlx::Error> + Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, E>> + Send + 'static,
+    {
+        self.writer.run(work).await
     }
 
     /// The default database inside a data directory.
@@ -63,8 +73,7 @@ impl SqliteDb {
     }
 
     pub async fn migrate(&self) -> Result<(), RepoError> {
-        MIGRATOR.run(&self.writes).await?;
-        Ok(())
+        self.write(|c| Box::pin(async move { MIGRATOR.run_direct(c).await.map_err(RepoError::from) })).await
     }
 }
 
@@ -137,20 +146,86 @@ async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>,
         ") AS v WHERE files.id = v.column1 AND files.status = 'processing' AND files.lease_owner = v.column2 \
          RETURNING id",
     );
-    let mut query = sqlx::query_scalar::<_, i64>(&sql);
-    for (id, owner, stored, now) in batch {
-        query = query
-            .bind(id.0)
-            .bind(owner)
-            .bind(&stored.etag)
-            .bind(i64::try_from(stored.size).unwrap_or(i64::MAX))
-            .bind(&stored.sha256)
-            .bind(&stored.md5)
-            .bind(&stored.content_type)
-            .bind(to_millis(*now));
-    }
-    let completed = query.fetch_all(&db.writes).await?;
+    let owned = batch.to_vec();
+    let completed = db
+        .write(move |c| {
+            Box::pin(async move {
+                let mut query = sqlx::query_scalar::<_, i64>(&sql);
+                for (id, owner, stored, now) in &owned {
+                    query = query
+                        .bind(id.0)
+                        .bind(owner)
+                        .bind(&stored.etag)
+                        .bind(i64::try_from(stored.size).unwrap_or(i64::MAX))
+                        .bind(&stored.sha256)
+                        .bind(&stored.md5)
+                        .bind(&stored.content_type)
+                        .bind(to_millis(*now));
+                }
+                query.fetch_all(c).await
+            })
+        })
+        .await?;
     Ok(batch.iter().map(|(id, ..)| completed.contains(&id.0)).collect())
+}
+
+/// Claim jobs in one statement (one thread hand-off however many); a job asked for twice
+/// goes to one of its leases. Jobs not claimed are looked up to say why.
+async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)], now: DateTime<Utc>) -> Result<Vec<Claim>, RepoError> {
+    let mut sql = String::from(
+        "UPDATE files SET status = 'processing', lease_owner = v.column2, lease_expires_at = v.column3, \
+         next_attempt_at = NULL, updated_at = ?1 FROM (VALUES ",
+    );
+    for i in 0..batch.len() {
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(sql, "{sep}({})", placeholders(3 * i + 2, 3));
+    }
+    let _ = write!(
+        sql,
+        ") AS v WHERE files.id = v.column1 \
+         AND (files.status = 'pending' OR (files.status = 'processing' AND files.lease_expires_at <= ?1)) \
+         RETURNING {COLUMNS}, lease_owner"
+    );
+    let owned = batch.to_vec();
+    let mut claimed = db
+        .write(move |c| {
+            Box::pin(async move {
+                let mut query = sqlx::query(&sql).bind(to_millis(now));
+                for (id, lease) in &owned {
+                    query = query.bind(id.0).bind(&lease.owner).bind(to_millis(lease.expires_at));
+                }
+                let mut claimed = Vec::new();
+                for row in query.fetch_all(c).await? {
+                    let owner: String = row.try_get("lease_owner")?;
+                    claimed.push((owner, job_from_row(&row)?));
+                }
+                Ok::<_, RepoError>(claimed)
+            })
+        })
+        .await?;
+
+    let mut claims = Vec::with_capacity(batch.len());
+    for (id, lease) in batch {
+        let won = claimed.iter().position(|(owner, job)| job.id == *id && *owner == lease.owner);
+        let claim = match won {
+            Some(at) => Claim::Claimed(Box::new(claimed.swap_remove(at).1)),
+            None => Claim::refused(current_lease(db, *id).await?, now),
+        };
+        claims.push(claim);
+    }
+    Ok(claims)
+}
+
+/// A job's status and lease expiry as they are now (`None`: no such job).
+async fn current_lease(db: &SqliteDb, id: JobId) -> Result<Option<(JobStatus, Option<DateTime<Utc>>)>, RepoError> {
+    let row = sqlx::query("SELECT status, lease_expires_at FROM files WHERE id = ?1")
+        .bind(id.0)
+        .fetch_optional(&db.reads)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let status: String = row.try_get("status")?;
+    let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
+    Ok(Some((status, row.try_get::<Option<i64>, _>("lease_expires_at")?.map(from_millis))))
 }
 
 /// Insert `batch` (at least one job) and its queue rows in one transaction; returns the
@@ -170,29 +245,35 @@ async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, Repo
     }
     let _ = write!(files, " RETURNING {COLUMNS}");
 
-    let mut insert_files = sqlx::query(&files);
-    for (job, now) in batch {
-        insert_files = insert_files
-            .bind(job.source.as_str())
-            .bind(job.bucket.as_str())
-            .bind(job.key.as_str())
-            .bind(job.expected_sha256.as_ref().map(|s| s.as_str()))
-            .bind(job.expected_md5.as_ref().map(|s| s.as_str()))
-            .bind((!job.headers.is_empty()).then(|| job.headers.to_json()))
-            .bind(to_millis(*now));
-    }
-    let mut tx = db.writes.begin().await?;
-    let rows = insert_files.fetch_all(&mut *tx).await?;
-    let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
-    // RETURNING gives no order, but ids are handed out in VALUES order.
-    jobs.sort_unstable_by_key(|job| job.id.0);
-    let mut insert_queue = sqlx::query(&queue);
-    for job in &jobs {
-        insert_queue = insert_queue.bind(job.id.0).bind(to_millis(job.created_at));
-    }
-    insert_queue.execute(&mut *tx).await?;
-    tx.commit().await?;
-    Ok(jobs)
+    let owned = batch.to_vec();
+    db.write(move |c| {
+        Box::pin(async move {
+            let mut insert_files = sqlx::query(&files);
+            for (job, now) in &owned {
+                insert_files = insert_files
+                    .bind(job.source.as_str())
+                    .bind(job.bucket.as_str())
+                    .bind(job.key.as_str())
+                    .bind(job.expected_sha256.as_ref().map(|s| s.as_str()))
+                    .bind(job.expected_md5.as_ref().map(|s| s.as_str()))
+                    .bind((!job.headers.is_empty()).then(|| job.headers.to_json()))
+                    .bind(to_millis(*now));
+            }
+            let mut tx = c.begin().await?;
+            let rows = insert_files.fetch_all(&mut *tx).await?;
+            let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+            // RETURNING gives no order, but ids are handed out in VALUES order.
+            jobs.sort_unstable_by_key(|job| job.id.0);
+            let mut insert_queue = sqlx::query(&queue);
+            for job in &jobs {
+                insert_queue = insert_queue.bind(job.id.0).bind(to_millis(job.created_at));
+            }
+            insert_queue.execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(jobs)
+        })
+    })
+    .await
 }
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
@@ -259,48 +340,30 @@ impl JobRepository for SqliteRepository {
         rows.iter().map(job_from_row).collect()
     }
 
-    async fn claim(&self, id: JobId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, RepoError> {
-        let now_ms = to_millis(now);
-        let claimed = sqlx::query(&format!(
-            "UPDATE files SET status = 'processing', lease_owner = ?2, lease_expires_at = ?3, \
-             next_attempt_at = NULL, updated_at = ?4 \
-             WHERE id = ?1 AND (status = 'pending' OR (status = 'processing' AND lease_expires_at <= ?4)) \
-             RETURNING {COLUMNS}"
-        ))
-        .bind(id.0)
-        .bind(&lease.owner)
-        .bind(to_millis(lease.expires_at))
-        .bind(now_ms)
-        .fetch_optional(&self.db.writes)
-        .await?;
-        if let Some(row) = claimed {
-            return Ok(Claim::Claimed(Box::new(job_from_row(&row)?)));
+    async fn claim_many(&self, requests: &[(JobId, Lease)], now: DateTime<Utc>) -> Result<Vec<Claim>, RepoError> {
+        let mut claims = Vec::with_capacity(requests.len());
+        for chunk in requests.chunks(MAX_BATCH) {
+            claims.extend(claim_jobs(&self.db, chunk, now).await?);
         }
-        let current = sqlx::query("SELECT status, lease_expires_at FROM files WHERE id = ?1")
-            .bind(id.0)
-            .fetch_optional(&self.db.reads)
-            .await?;
-        let current = match current {
-            Some(row) => {
-                let status: String = row.try_get("status")?;
-                let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
-                Some((status, row.try_get::<Option<i64>, _>("lease_expires_at")?.map(from_millis)))
-            }
-            None => None,
-        };
-        Ok(Claim::refused(current, now))
+        Ok(claims)
     }
 
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError> {
-        let done = sqlx::query(
-            "UPDATE files SET lease_expires_at = ?3 \
-             WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
-        )
-        .bind(id.0)
-        .bind(&lease.owner)
-        .bind(to_millis(lease.expires_at))
-        .execute(&self.db.writes)
-        .await?;
+        let (owner, expires_at) = (lease.owner.clone(), to_millis(lease.expires_at));
+        let done = self
+            .db
+            .write(move |c| {
+                sqlx::query(
+                    "UPDATE files SET lease_expires_at = ?3 \
+                     WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
+                )
+                .bind(id.0)
+                .bind(owner)
+                .bind(expires_at)
+                .execute(c)
+                .boxed()
+            })
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -311,76 +374,109 @@ impl JobRepository for SqliteRepository {
         settlement: &Settlement,
         now: DateTime<Utc>,
     ) -> Result<bool, RepoError> {
-        let now_ms = to_millis(now);
-        let query = match settlement {
+        let (now_ms, owner) = (to_millis(now), owner.to_owned());
+        let done = match settlement {
             // The most common write of all, so completions share statements.
             Settlement::Completed(stored) => {
-                let completion = (id, owner.to_owned(), stored.clone(), now);
+                let completion = (id, owner, stored.clone(), now);
                 return through(&self.completions, completion).await.ok_or(sqlx::Error::PoolClosed)?;
             }
-            Settlement::RetryScheduled { retry_count, last_error, due_at } => sqlx::query(
-                "UPDATE files SET status = 'pending', retry_count = ?3, last_error = ?4, \
-                 next_attempt_at = ?5, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?6 \
-                 WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
-            )
-            .bind(id.0)
-            .bind(owner)
-            .bind(i64::from(*retry_count))
-            .bind(last_error)
-            .bind(to_millis(*due_at))
-            .bind(now_ms),
-            Settlement::Failed { last_error } => sqlx::query(
-                "UPDATE files SET status = 'failed', last_error = ?3, lease_owner = NULL, \
-                 lease_expires_at = NULL, next_attempt_at = NULL, updated_at = ?4 \
-                 WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
-            )
-            .bind(id.0)
-            .bind(owner)
-            .bind(last_error)
-            .bind(now_ms),
+            Settlement::RetryScheduled { retry_count, last_error, due_at } => {
+                let (retry_count, last_error, due_at) =
+                    (i64::from(*retry_count), last_error.clone(), to_millis(*due_at));
+                self.db
+                    .write(move |c| {
+                        sqlx::query(
+                            "UPDATE files SET status = 'pending', retry_count = ?3, last_error = ?4, \
+                             next_attempt_at = ?5, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?6 \
+                             WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
+                        )
+                        .bind(id.0)
+                        .bind(owner)
+                        .bind(retry_count)
+                        .bind(last_error)
+                        .bind(due_at)
+                        .bind(now_ms)
+                        .execute(c)
+                        .boxed()
+                    })
+                    .await?
+            }
+            Settlement::Failed { last_error } => {
+                let last_error = last_error.clone();
+                self.db
+                    .write(move |c| {
+                        sqlx::query(
+                            "UPDATE files SET status = 'failed', last_error = ?3, lease_owner = NULL, \
+                             lease_expires_at = NULL, next_attempt_at = NULL, updated_at = ?4 \
+                             WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
+                        )
+                        .bind(id.0)
+                        .bind(owner)
+                        .bind(last_error)
+                        .bind(now_ms)
+                        .execute(c)
+                        .boxed()
+                    })
+                    .await?
+            }
         };
-        let done = query.execute(&self.db.writes).await?;
         Ok(done.rows_affected() == 1)
     }
 
     async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {
-        let done = sqlx::query(
-            "UPDATE files SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?3 \
-             WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
-        )
-        .bind(id.0)
-        .bind(owner)
-        .bind(to_millis(now))
-        .execute(&self.db.writes)
-        .await?;
+        let owner = owner.to_owned();
+        let done = self
+            .db
+            .write(move |c| {
+                sqlx::query(
+                    "UPDATE files SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?3 \
+                     WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
+                )
+                .bind(id.0)
+                .bind(owner)
+                .bind(to_millis(now))
+                .execute(c)
+                .boxed()
+            })
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
     async fn requeue_failed(&self, id: JobId, now: DateTime<Utc>) -> Result<Requeue, RepoError> {
         let now_ms = to_millis(now);
-        let mut tx = self.db.writes.begin().await?;
-        let row = sqlx::query(&format!(
-            "UPDATE files SET status = 'pending', retry_count = 0, next_attempt_at = NULL, updated_at = ?2 \
-             WHERE id = ?1 AND status = 'failed' RETURNING {COLUMNS}"
-        ))
-        .bind(id.0)
-        .bind(now_ms)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            drop(tx);
+        let requeued = self
+            .db
+            .write(move |c| {
+                Box::pin(async move {
+                    let mut tx = c.begin().await?;
+                    let row = sqlx::query(&format!(
+                        "UPDATE files SET status = 'pending', retry_count = 0, next_attempt_at = NULL, updated_at = ?2 \
+                         WHERE id = ?1 AND status = 'failed' RETURNING {COLUMNS}"
+                    ))
+                    .bind(id.0)
+                    .bind(now_ms)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let Some(row) = row else { return Ok(None) };
+                    let job = job_from_row(&row)?;
+                    sqlx::query(
+                        "INSERT INTO queue (job_id, attempt, due_at) VALUES (?1, 1, ?2) \
+                         ON CONFLICT (job_id) DO UPDATE SET attempt = 1, due_at = ?2, locked_by = NULL, \
+                         locked_until = NULL",
+                    )
+                    .bind(id.0)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok::<_, RepoError>(Some(job))
+                })
+            })
+            .await?;
+        let Some(job) = requeued else {
             return Ok(Requeue::refused(self.get(id).await?));
         };
-        let job = job_from_row(&row)?;
-        sqlx::query(
-            "INSERT INTO queue (job_id, attempt, due_at) VALUES (?1, 1, ?2) \
-             ON CONFLICT (job_id) DO UPDATE SET attempt = 1, due_at = ?2, locked_by = NULL, locked_until = NULL",
-        )
-        .bind(id.0)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
         self.db.queued.notify_waiters();
         Ok(Requeue::Requeued(Box::new(job)))
     }

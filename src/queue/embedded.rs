@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::FutureExt as _;
 use sqlx::Row;
 use tokio::sync::mpsc;
 
@@ -42,27 +43,42 @@ impl EmbeddedQueue {
         to_millis(now) + i64::try_from(self.lock_for.as_millis()).unwrap_or(i64::MAX / 2)
     }
 
-    async fn try_receive(&self, now: DateTime<Utc>) -> Result<Option<Delivery>, QueueError> {
-        let token = format!("{}:{:016x}", self.consumer, rand::random::<u64>());
-        let row = sqlx::query(
-            "UPDATE queue SET locked_by = ?1, locked_until = ?2 \
-             WHERE job_id = (SELECT job_id FROM queue \
-                             WHERE due_at <= ?3 AND (locked_until IS NULL OR locked_until <= ?3) \
-                             ORDER BY due_at, job_id LIMIT 1) \
-             RETURNING job_id, attempt",
-        )
-        .bind(&token)
-        .bind(self.lock_until(now))
-        .bind(to_millis(now))
-        .fetch_optional(&self.db.writes)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let attempt: i64 = row.try_get("attempt")?;
-        Ok(Some(Delivery {
-            job_id: JobId(row.try_get("job_id")?),
-            attempt: u32::try_from(attempt).unwrap_or(1),
-            token,
-        }))
+    /// Lock up to `max` due rows in one statement; each delivery gets its own lock token.
+    async fn try_receive(&self, now: DateTime<Utc>, max: usize) -> Result<Vec<Delivery>, QueueError> {
+        let prefix = format!("{}:{:016x}:", self.consumer, rand::random::<u64>());
+        let (until, now, max) = (self.lock_until(now), to_millis(now), i64::try_from(max.max(1)).unwrap_or(i64::MAX));
+        let rows = self
+            .db
+            .write(move |c| {
+                sqlx::query(
+                    "UPDATE queue SET locked_by = ?1 || job_id, locked_until = ?2 \
+                     WHERE job_id IN (SELECT job_id FROM queue \
+                                      WHERE due_at <= ?3 AND (locked_until IS NULL OR locked_until <= ?3) \
+                                      ORDER BY due_at, job_id LIMIT ?4) \
+                     RETURNING job_id, attempt, locked_by",
+                )
+                .bind(prefix)
+                .bind(until)
+                .bind(now)
+                .bind(max)
+                .fetch_all(c)
+                .boxed()
+            })
+            .await?;
+        let mut deliveries = rows
+            .iter()
+            .map(|row| {
+                let attempt: i64 = row.try_get("attempt")?;
+                Ok(Delivery {
+                    job_id: JobId(row.try_get("job_id")?),
+                    attempt: u32::try_from(attempt).unwrap_or(1),
+                    token: row.try_get("locked_by")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        // RETURNING promises no order; hand them out in the order of the jobs.
+        deliveries.sort_by_key(|d| d.job_id.0);
+        Ok(deliveries)
     }
 
     /// When the next row becomes deliverable (due, or its lock lapses), if any.
@@ -85,17 +101,23 @@ async fn delete_acked(db: &SqliteDb, batch: &[(i64, String)]) -> Result<Vec<()>,
         let or = if i == 0 { "" } else { " OR " };
         let _ = write!(sql, "{or}(job_id = ?{} AND locked_by = ?{})", 2 * i + 1, 2 * i + 2);
     }
-    let mut query = sqlx::query(&sql);
-    for (job_id, token) in batch {
-        query = query.bind(job_id).bind(token);
-    }
-    query.execute(&db.writes).await?;
+    let owned = batch.to_vec();
+    db.write(move |c| {
+        Box::pin(async move {
+            let mut query = sqlx::query(&sql);
+            for (job_id, token) in &owned {
+                query = query.bind(job_id).bind(token);
+            }
+            query.execute(c).await
+        })
+    })
+    .await?;
     Ok(vec![(); batch.len()])
 }
 
 #[async_trait]
 impl Queue for EmbeddedQueue {
-    async fn receive(&self) -> Result<Delivery, QueueError> {
+    async fn receive_many(&self, max: usize) -> Result<Vec<Delivery>, QueueError> {
         loop {
             // Register for wake-ups before looking, so a job queued in between is not missed.
             let woken = self.db.queued.notified();
@@ -103,8 +125,9 @@ impl Queue for EmbeddedQueue {
             woken.as_mut().enable();
 
             let now = Utc::now();
-            if let Some(delivery) = self.try_receive(now).await? {
-                return Ok(delivery);
+            let deliveries = self.try_receive(now, max).await?;
+            if !deliveries.is_empty() {
+                return Ok(deliveries);
             }
             let wait = match self.next_ready_at().await? {
                 Some(at) => (at - now).to_std().unwrap_or(Duration::ZERO).min(IDLE_POLL),
@@ -123,16 +146,21 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError> {
-        sqlx::query(
-            "UPDATE queue SET attempt = ?3, due_at = ?4, locked_by = NULL, locked_until = NULL \
-             WHERE job_id = ?1 AND locked_by = ?2",
-        )
-        .bind(delivery.job_id.0)
-        .bind(&delivery.token)
-        .bind(i64::from(attempt))
-        .bind(to_millis(due_at))
-        .execute(&self.db.writes)
-        .await?;
+        let (job_id, token) = (delivery.job_id.0, delivery.token.clone());
+        self.db
+            .write(move |c| {
+                sqlx::query(
+                    "UPDATE queue SET attempt = ?3, due_at = ?4, locked_by = NULL, locked_until = NULL \
+                     WHERE job_id = ?1 AND locked_by = ?2",
+                )
+                .bind(job_id)
+                .bind(token)
+                .bind(i64::from(attempt))
+                .bind(to_millis(due_at))
+                .execute(c)
+                .boxed()
+            })
+            .await?;
         self.db.queued.notify_waiters();
         Ok(())
     }
@@ -143,21 +171,33 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn release(&self, delivery: &Delivery) -> Result<(), QueueError> {
-        sqlx::query("UPDATE queue SET locked_by = NULL, locked_until = NULL WHERE job_id = ?1 AND locked_by = ?2")
-            .bind(delivery.job_id.0)
-            .bind(&delivery.token)
-            .execute(&self.db.writes)
+        let (job_id, token) = (delivery.job_id.0, delivery.token.clone());
+        self.db
+            .write(move |c| {
+                sqlx::query(
+                    "UPDATE queue SET locked_by = NULL, locked_until = NULL WHERE job_id = ?1 AND locked_by = ?2",
+                )
+                .bind(job_id)
+                .bind(token)
+                .execute(c)
+                .boxed()
+            })
             .await?;
         self.db.queued.notify_waiters();
         Ok(())
     }
 
     async fn keep_alive(&self, delivery: &Delivery) -> Result<(), QueueError> {
-        sqlx::query("UPDATE queue SET locked_until = ?3 WHERE job_id = ?1 AND locked_by = ?2")
-            .bind(delivery.job_id.0)
-            .bind(&delivery.token)
-            .bind(self.lock_until(Utc::now()))
-            .execute(&self.db.writes)
+        let (job_id, token, until) = (delivery.job_id.0, delivery.token.clone(), self.lock_until(Utc::now()));
+        self.db
+            .write(move |c| {
+                sqlx::query("UPDATE queue SET locked_until = ?3 WHERE job_id = ?1 AND locked_by = ?2")
+                    .bind(job_id)
+                    .bind(token)
+                    .bind(until)
+                    .execute(c)
+                    .boxed()
+            })
             .await?;
         Ok(())
     }

@@ -40,7 +40,14 @@ pub struct Delivery {
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
     /// Wait for the next message that is due. Cancel-safe.
-    async fn receive(&self) -> Result<Delivery, QueueError>;
+    async fn receive(&self) -> Result<Delivery, QueueError> {
+        let mut deliveries = self.receive_many(1).await?;
+        deliveries.pop().ok_or_else(|| QueueError::Backend("the queue handed over nothing".into()))
+    }
+
+    /// Wait until a message is due, then take it and up to `max - 1` more that are due
+    /// too (at least one, at most `max`). Cancel-safe.
+    async fn receive_many(&self, max: usize) -> Result<Vec<Delivery>, QueueError>;
 
     /// The job's outcome is durable: forget the message.
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError>;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -82,10 +83,32 @@ impl Worker {
         self.handle(delivery, abort).await
     }
 
+    /// Claim the delivery's job and see it through.
     pub async fn handle(&self, delivery: Delivery, abort: &CancellationToken) -> Result<WorkOutcome, WorkerError> {
-        let id = delivery.job_id;
         let lease = self.lease_from(&delivery.token, Utc::now());
-        let job = match self.repo.claim(id, &lease, Utc::now()).await? {
+        let claim = self.repo.claim(delivery.job_id, &lease, Utc::now()).await?;
+        self.work(delivery, lease, claim, abort).await
+    }
+
+    /// Claim the jobs of several deliveries at once (one request to the repository), each
+    /// under a lease named after its delivery.
+    pub async fn claim_all(&self, deliveries: &[Delivery]) -> Result<Vec<(Lease, Claim)>, WorkerError> {
+        let now = Utc::now();
+        let requests: Vec<_> = deliveries.iter().map(|d| (d.job_id, self.lease_from(&d.token, now))).collect();
+        let claims = self.repo.claim_many(&requests, now).await?;
+        Ok(requests.into_iter().map(|(_, lease)| lease).zip(claims).collect())
+    }
+
+    /// See a delivery through once its job's claim is known.
+    pub async fn work(
+        &self,
+        delivery: Delivery,
+        lease: Lease,
+        claim: Claim,
+        abort: &CancellationToken,
+    ) -> Result<WorkOutcome, WorkerError> {
+        let id = delivery.job_id;
+        let job = match claim {
             Claim::Claimed(job) => job,
             Claim::Busy { until } => {
                 self.queue.retry(&delivery, delivery.attempt, until).await?;
@@ -217,37 +240,75 @@ impl Worker {
     }
 }
 
-/// Run `concurrency` workers until `stop` is cancelled; jobs in flight then run to their
-/// end unless `abort` is cancelled too, in which case they are handed back.
+/// Run up to `concurrency` jobs at a time until `stop` is cancelled; jobs in flight then
+/// run to their end unless `abort` is cancelled too, in which case they are handed back.
+///
+/// One loop takes deliveries for all free slots at once and claims their jobs together
+/// (a single write each for the embedded queue and SQLite, however many jobs), then runs
+/// each job in a task of its own.
 pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToken, abort: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.max(1) {
-        let (worker, stop, abort) = (worker.clone(), stop.clone(), abort.clone());
-        tasks.spawn(async move {
-            loop {
-                let delivery = tokio::select! {
-                    biased;
-                    () = stop.cancelled() => return,
-                    delivery = worker.queue.receive() => delivery,
-                };
-                let result = match delivery {
-                    Ok(delivery) => worker.handle(delivery, &abort).await,
-                    Err(e) => Err(e.into()),
-                };
-                if let Err(e) = result {
+    loop {
+        while let Some(joined) = tasks.try_join_next() {
+            log_panic(joined);
+        }
+        let first = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let free = 1 + slots.available_permits();
+        let taken = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            deliveries = worker.queue.receive_many(free) => deliveries,
+        };
+        let claimed = match taken {
+            Ok(deliveries) => worker.claim_all(&deliveries).await.map(|claims| deliveries.into_iter().zip(claims)),
+            Err(e) => Err(e.into()),
+        };
+        let claimed = match claimed {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                // The messages stay unacknowledged and come back once their locks lapse.
+                tracing::error!(error = %e, "taking jobs failed; backing off");
+                if back_off(&stop).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let mut first = Some(first);
+        for (delivery, (lease, claim)) in claimed {
+            // Only this loop takes slots, so the ones counted free are still free.
+            let slot = first.take().map_or_else(|| slots.clone().try_acquire_owned(), Ok).expect("a free slot");
+            let (worker, stop, abort) = (worker.clone(), stop.clone(), abort.clone());
+            tasks.spawn(async move {
+                if let Err(e) = worker.work(delivery, lease, claim, &abort).await {
                     // The message stays unacknowledged and comes back once its lock lapses.
                     tracing::error!(error = %e, "worker step failed; backing off");
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
+                    back_off(&stop).await;
                 }
-            }
-        });
+                drop(slot);
+            });
+        }
     }
     while let Some(joined) = tasks.join_next().await {
-        if let Err(e) = joined {
-            tracing::error!(error = %e, "worker task panicked");
-        }
+        log_panic(joined);
+    }
+}
+
+/// Wait a second before trying again after an infrastructure error; `true` if told to stop meanwhile.
+async fn back_off(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => true,
+        () = tokio::time::sleep(Duration::from_secs(1)) => false,
+    }
+}
+
+fn log_panic(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        tracing::error!(error = %e, "worker task panicked");
     }
 }

@@ -428,9 +428,13 @@ impl Drop for KafkaQueue {
 
 #[async_trait]
 impl Queue for KafkaQueue {
-    async fn receive(&self) -> Result<Delivery, QueueError> {
+    async fn receive_many(&self, max: usize) -> Result<Vec<Delivery>, QueueError> {
         let mut deliveries = self.deliveries.lock().await;
-        deliveries.recv().await.ok_or_else(|| QueueError::Backend("the Kafka consumer stopped".into()))
+        let mut taken = Vec::with_capacity(max.max(1));
+        if deliveries.recv_many(&mut taken, max.max(1)).await == 0 {
+            return Err(QueueError::Backend("the Kafka consumer stopped".into()));
+        }
+        Ok(taken)
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {
