@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use fileflow::domain::{BucketName, ObjectKey, RequestHeaders, SourceUrl};
-use fileflow::lifecycle::{JobId, NewJob};
-use fileflow::metadata::{JobRepository, PgDb, PgRepository, SqliteDb, SqliteRepository};
+use fileflow::lifecycle::{JobId, NewJob, Settlement, StoredObject};
+use fileflow::metadata::{Claim, JobRepository, Lease, PgDb, PgRepository, SqliteDb, SqliteRepository};
 use fileflow::queue::kafka::{KafkaQueue, KafkaSettings, ensure_topics};
 use fileflow::queue::{Delivery, EmbeddedQueue, Queue};
 use fileflow::relay::OutboxRelay;
@@ -232,6 +232,43 @@ async fn embedded_acknowledgements_sent_together() {
     assert_eq!(again.job_id, stale.job_id);
     b.queue.ack(&again).await.unwrap();
     assert_eq!(receive(&b.queue, Duration::from_secs(2)).await, None, "an acknowledged job came back");
+}
+
+/// Embedded only: recording a job's final outcome removes its message in the same write,
+/// so a worker that stops right after (no acknowledgement) does not get it again; a
+/// scheduled retry keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_final_outcomes_remove_their_messages() {
+    let b = embedded().await;
+    assert!(b.queue.final_outcome_dequeues());
+    let stored = StoredObject {
+        etag: "e".into(),
+        size: 1,
+        sha256: "s".into(),
+        md5: "m".into(),
+        content_type: "text/plain".into(),
+    };
+    let outcomes = [
+        Settlement::Completed(stored),
+        Settlement::Failed { last_error: "HTTP 404".into() },
+        Settlement::RetryScheduled { retry_count: 1, last_error: "HTTP 503".into(), due_at: Utc::now() },
+    ];
+    let mut ids = Vec::new();
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let id = b.create(&format!("outcome/{i}")).await;
+        let delivery = receive(&b.queue, FIRST).await.unwrap();
+        assert_eq!(delivery.job_id, id);
+        let lease = Lease { owner: delivery.token.clone(), expires_at: Utc::now() + chrono::Duration::seconds(1) };
+        assert!(matches!(b.repo.claim(id, &lease, Utc::now()).await.unwrap(), Claim::Claimed(_)));
+        assert!(b.repo.settle(id, &delivery.token, outcome, Utc::now()).await.unwrap());
+        ids.push(id);
+    }
+    // Locks last a second: only the retried job's message is left to come back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = receive(&b.queue, Duration::from_secs(3)).await.expect("the retried job comes back");
+    assert_eq!(again.job_id, ids[2]);
+    b.queue.ack(&again).await.unwrap();
+    assert_eq!(receive(&b.queue, Duration::from_secs(2)).await, None, "a finished job was delivered again");
 }
 
 /// Kafka only: what cannot be worked on goes to the DLQ at once, with the reason and the

@@ -145,6 +145,11 @@ impl Queue for EmbeddedQueue {
         through(&self.acks, ack).await.ok_or_else(|| QueueError::Backend("the queue is closed".into()))?
     }
 
+    fn final_outcome_dequeues(&self) -> bool {
+        // The trigger files_final_outcome_dequeues deletes the row with the outcome.
+        true
+    }
+
     async fn retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError> {
         let (job_id, token) = (delivery.job_id.0, delivery.token.clone());
         self.db

@@ -52,6 +52,13 @@ pub trait Queue: Send + Sync + 'static {
     /// The job's outcome is durable: forget the message.
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError>;
 
+    /// Whether recording a job's final outcome (completed or failed) removes its message in
+    /// the same write, so a worker has nothing to acknowledge or dead-letter afterwards
+    /// (the embedded queue, which lives in the jobs' database).
+    fn final_outcome_dequeues(&self) -> bool {
+        false
+    }
+
     /// Deliver the job again at `due_at` as attempt `attempt`, then forget this message.
     async fn retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError>;
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -87,7 +87,7 @@ impl Worker {
     pub async fn handle(&self, delivery: Delivery, abort: &CancellationToken) -> Result<WorkOutcome, WorkerError> {
         let lease = self.lease_from(&delivery.token, Utc::now());
         let claim = self.repo.claim(delivery.job_id, &lease, Utc::now()).await?;
-        self.work(delivery, lease, claim, abort).await
+        self.work(delivery, lease, claim, abort, None).await
     }
 
     /// Claim the jobs of several deliveries at once (one request to the repository), each
@@ -99,13 +99,15 @@ impl Worker {
         Ok(requests.into_iter().map(|(_, lease)| lease).zip(claims).collect())
     }
 
-    /// See a delivery through once its job's claim is known.
-    pub async fn work(
+    /// See a delivery through once its job's claim is known. A pool's `slot` is given up
+    /// as soon as the transfer ends, for a place among the outcomes being recorded.
+    async fn work(
         &self,
         delivery: Delivery,
         lease: Lease,
         claim: Claim,
         abort: &CancellationToken,
+        slot: Option<Slot>,
     ) -> Result<WorkOutcome, WorkerError> {
         let id = delivery.job_id;
         let job = match claim {
@@ -145,6 +147,10 @@ impl Worker {
                 return Ok(WorkOutcome::HandedBack(id));
             }
         };
+        let _recording = match slot {
+            Some(slot) => Some(slot.transfer_done().await),
+            None => None,
+        };
 
         let now = Utc::now();
         let settlement = settle(job.retry_count, outcome, &self.settings.policy, now, rand::random());
@@ -155,7 +161,9 @@ impl Worker {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         Ok(match settlement {
             Settlement::Completed(stored) => {
-                self.queue.ack(&delivery).await?;
+                if !self.queue.final_outcome_dequeues() {
+                    self.queue.ack(&delivery).await?;
+                }
                 tracing::info!(job_id = %id, attempt, outcome = "completed", size = stored.size,
                     etag = %stored.etag, elapsed_ms, "job completed");
                 WorkOutcome::Completed(id)
@@ -167,7 +175,9 @@ impl Worker {
                 WorkOutcome::RetryScheduled { id, retry_count, due_at }
             }
             Settlement::Failed { last_error } => {
-                self.queue.dead_letter(&delivery, &last_error).await?;
+                if !self.queue.final_outcome_dequeues() {
+                    self.queue.dead_letter(&delivery, &last_error).await?;
+                }
                 tracing::error!(job_id = %id, attempt, outcome = "failed", error = %last_error,
                     elapsed_ms, "job failed");
                 WorkOutcome::Failed { id, error: last_error }
@@ -240,14 +250,33 @@ impl Worker {
     }
 }
 
-/// Run up to `concurrency` jobs at a time until `stop` is cancelled; jobs in flight then
-/// run to their end unless `abort` is cancelled too, in which case they are handed back.
+/// A job's place in a pool while its transfer runs.
+struct Slot {
+    transfer: OwnedSemaphorePermit,
+    recording: Arc<Semaphore>,
+}
+
+impl Slot {
+    /// The transfer has ended: take a place among the outcomes being recorded, then free
+    /// the transfer slot for the next job. Waits while as many outcomes as the pool has
+    /// slots are still being written, so a slow database holds transfers back.
+    async fn transfer_done(self) -> OwnedSemaphorePermit {
+        let recording = self.recording.acquire_owned().await.expect("the semaphore is never closed");
+        drop(self.transfer);
+        recording
+    }
+}
+
+/// Run up to `concurrency` transfers at a time until `stop` is cancelled; jobs in flight
+/// then run to their end unless `abort` is cancelled too, in which case they are handed back.
 ///
 /// One loop takes deliveries for all free slots at once and claims their jobs together
 /// (a single write each for the embedded queue and SQLite, however many jobs), then runs
-/// each job in a task of its own.
+/// each job in a task of its own. A job's outcome is recorded while the next transfer
+/// already runs in its slot, so bookkeeping does not stand between transfers.
 pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToken, abort: CancellationToken) {
     let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+    let recording = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         while let Some(joined) = tasks.try_join_next() {
@@ -283,14 +312,14 @@ pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToke
         for (delivery, (lease, claim)) in claimed {
             // Only this loop takes slots, so the ones counted free are still free.
             let slot = first.take().map_or_else(|| slots.clone().try_acquire_owned(), Ok).expect("a free slot");
+            let slot = Slot { transfer: slot, recording: recording.clone() };
             let (worker, stop, abort) = (worker.clone(), stop.clone(), abort.clone());
             tasks.spawn(async move {
-                if let Err(e) = worker.work(delivery, lease, claim, &abort).await {
+                if let Err(e) = worker.work(delivery, lease, claim, &abort, Some(slot)).await {
                     // The message stays unacknowledged and comes back once its lock lapses.
                     tracing::error!(error = %e, "worker step failed; backing off");
                     back_off(&stop).await;
                 }
-                drop(slot);
             });
         }
     }

@@ -136,6 +136,24 @@ async fn many_jobs_run_concurrently_and_all_complete() {
 }
 
 #[tokio::test]
+async fn a_worker_never_runs_more_transfers_than_its_concurrency() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.worker_concurrency = 3).await;
+    let mut ids = Vec::new();
+    for i in 0..15u64 {
+        let url = origin.url(&format!("/delay/100/{}?seed={i}", 500 + i));
+        ids.push(app.submit(&url, &app.bucket, &format!("bounded/{i}")).await);
+    }
+    for id in &ids {
+        let job = app.finished(id).await;
+        assert_eq!(job["status"], "completed", "{job}");
+    }
+    // Outcomes are recorded beside the next transfers, but transfers stay at three.
+    assert_eq!(origin.most_at_once(), 3, "transfers at once");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn shutdown_hands_unfinished_jobs_back_and_a_restart_completes_them() {
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -142,6 +142,11 @@ impl Origin {
         format!("http://{}{}", self.raw_addr, path)
     }
 
+    /// The most requests that were being answered at one time (until their headers went).
+    pub fn most_at_once(&self) -> u32 {
+        self.counters.0.lock().unwrap().get("most in flight").copied().unwrap_or(0)
+    }
+
     /// How many requests reached `path` (without its query).
     pub fn hits(&self, path: &str) -> u32 {
         self.counters.0.lock().unwrap().get(&format!("path:{path}")).copied().unwrap_or(0)
@@ -150,7 +155,15 @@ impl Origin {
 
 async fn count(State(c): State<Counters>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     c.hit(&format!("path:{}", req.uri().path()));
-    next.run(req).await
+    let now = c.hit("in flight");
+    {
+        let mut map = c.0.lock().unwrap();
+        let most = map.entry("most in flight".to_owned()).or_default();
+        *most = (*most).max(now);
+    }
+    let response = next.run(req).await;
+    *c.0.lock().unwrap().get_mut("in flight").unwrap() -= 1;
+    response
 }
 
 fn seed_of(q: &HashMap<String, String>) -> u64 {
