@@ -228,52 +228,44 @@ async fn current_lease(db: &SqliteDb, id: JobId) -> Result<Option<(JobStatus, Op
     Ok(Some((status, row.try_get::<Option<i64>, _>("lease_expires_at")?.map(from_millis))))
 }
 
-/// Insert `batch` (at least one job) and its queue rows in one transaction; returns the
-/// jobs in the order given.
+/// Insert `batch` (at least one job) in one statement, which also queues each job (the
+/// trigger files_new_job_enqueues); returns the jobs in the order given.
 async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
-    let mut files = String::from(
+    let mut sql = String::from(
         "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, \
          request_headers, created_at, updated_at, status, retry_count) VALUES ",
     );
-    let mut queue = String::from("INSERT INTO queue (job_id, attempt, due_at) VALUES ");
     for i in 0..batch.len() {
-        let (p, q) = (7 * i, 2 * i);
+        let p = 7 * i;
         let sep = if i == 0 { "" } else { "," };
         // created_at and updated_at are both the 7th value.
-        let _ = write!(files, "{sep}({},?{},'pending',0)", placeholders(p + 1, 7), p + 7);
-        let _ = write!(queue, "{sep}(?{},1,?{})", q + 1, q + 2);
+        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 7), p + 7);
     }
-    let _ = write!(files, " RETURNING {COLUMNS}");
+    let _ = write!(sql, " RETURNING {COLUMNS}");
 
     let owned = batch.to_vec();
-    db.write(move |c| {
-        Box::pin(async move {
-            let mut insert_files = sqlx::query(&files);
-            for (job, now) in &owned {
-                insert_files = insert_files
-                    .bind(job.source.as_str())
-                    .bind(job.bucket.as_str())
-                    .bind(job.key.as_str())
-                    .bind(job.expected_sha256.as_ref().map(|s| s.as_str()))
-                    .bind(job.expected_md5.as_ref().map(|s| s.as_str()))
-                    .bind((!job.headers.is_empty()).then(|| job.headers.to_json()))
-                    .bind(to_millis(*now));
-            }
-            let mut tx = c.begin().await?;
-            let rows = insert_files.fetch_all(&mut *tx).await?;
-            let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
-            // RETURNING gives no order, but ids are handed out in VALUES order.
-            jobs.sort_unstable_by_key(|job| job.id.0);
-            let mut insert_queue = sqlx::query(&queue);
-            for job in &jobs {
-                insert_queue = insert_queue.bind(job.id.0).bind(to_millis(job.created_at));
-            }
-            insert_queue.execute(&mut *tx).await?;
-            tx.commit().await?;
-            Ok(jobs)
+    let rows = db
+        .write(move |c| {
+            Box::pin(async move {
+                let mut query = sqlx::query(&sql);
+                for (job, now) in &owned {
+                    query = query
+                        .bind(job.source.as_str())
+                        .bind(job.bucket.as_str())
+                        .bind(job.key.as_str())
+                        .bind(job.expected_sha256.as_ref().map(|s| s.as_str()))
+                        .bind(job.expected_md5.as_ref().map(|s| s.as_str()))
+                        .bind((!job.headers.is_empty()).then(|| job.headers.to_json()))
+                        .bind(to_millis(*now));
+                }
+                query.fetch_all(c).await
+            })
         })
-    })
-    .await
+        .await?;
+    let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+    // RETURNING gives no order, but ids are handed out in VALUES order.
+    jobs.sort_unstable_by_key(|job| job.id.0);
+    Ok(jobs)
 }
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
