@@ -197,8 +197,8 @@ conformance!(
     several_due_jobs_are_taken_at_once
 );
 
-/// Embedded only (it writes acknowledgements in groups): acknowledgements sent at once are
-/// each applied, and one whose lock token no longer holds deletes nothing.
+/// Embedded only: acknowledgements sent at once are each applied, and one whose lock token
+/// no longer holds deletes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_acknowledgements_sent_together() {
     let b = embedded().await;

@@ -1,6 +1,5 @@
 //! Group commit for the SQLite writer: requests that arrive while a batch is being written
-//! go together into the next one. Used for new jobs, completions and queue
-//! acknowledgements (see `sqlite` and `queue::embedded`).
+//! go together into the next one. Used for new jobs and completions (see `sqlite`).
 
 use tokio::sync::{mpsc, oneshot};
 

@@ -13,7 +13,6 @@ use chrono::{DateTime, Utc};
 
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
-pub(crate) use group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 pub use postgres::{PgDb, PgRepository};
 pub use sqlite::{SqliteDb, SqliteRepository};
 pub(crate) use sqlite::{from_millis, to_millis};

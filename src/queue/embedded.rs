@@ -3,18 +3,16 @@
 //! A receive locks a due row for a while (the lock is the delivery); a worker that dies
 //! leaves its lock to lapse, and the row is delivered again.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::FutureExt as _;
 use sqlx::Row;
-use tokio::sync::mpsc;
 
 use super::{Delivery, Queue, QueueError};
 use crate::lifecycle::JobId;
-use crate::metadata::{MAX_BATCH, Pending, SqliteDb, all_or_each, from_millis, group_commit, through, to_millis};
+use crate::metadata::{SqliteDb, from_millis, to_millis};
 
 /// How long an idle receiver sleeps before looking again when nothing is due and no
 /// wake-up came (a job written by another process, say).
@@ -26,17 +24,11 @@ pub struct EmbeddedQueue {
     /// How long a delivery stays locked unless kept alive.
     lock_for: Duration,
     consumer: String,
-    /// Acknowledgements (job, lock token) on their way to the task that writes them.
-    acks: mpsc::Sender<Pending<(i64, String), Result<(), QueueError>>>,
 }
 
 impl EmbeddedQueue {
-    /// A queue over `db`. Starts the task that writes acknowledgements, so it must be
-    /// called inside a Tokio runtime; the task ends when the last clone is dropped.
     pub fn new(db: SqliteDb, lock_for: Duration, consumer: impl Into<String>) -> Self {
-        let for_acks = db.clone();
-        let acks = group_commit(MAX_BATCH, move |batch| write_acks(for_acks.clone(), batch));
-        Self { db, lock_for, consumer: consumer.into(), acks }
+        Self { db, lock_for, consumer: consumer.into() }
     }
 
     fn lock_until(&self, now: DateTime<Utc>) -> i64 {
@@ -90,31 +82,6 @@ impl EmbeddedQueue {
     }
 }
 
-/// Delete acknowledged rows, many to a statement; a row only goes with its own lock token.
-async fn write_acks(db: SqliteDb, batch: Vec<(i64, String)>) -> Vec<Result<(), QueueError>> {
-    all_or_each(&batch, |acks| delete_acked(&db, acks)).await
-}
-
-async fn delete_acked(db: &SqliteDb, batch: &[(i64, String)]) -> Result<Vec<()>, QueueError> {
-    let mut sql = String::from("DELETE FROM queue WHERE ");
-    for i in 0..batch.len() {
-        let or = if i == 0 { "" } else { " OR " };
-        let _ = write!(sql, "{or}(job_id = ?{} AND locked_by = ?{})", 2 * i + 1, 2 * i + 2);
-    }
-    let owned = batch.to_vec();
-    db.write(move |c| {
-        Box::pin(async move {
-            let mut query = sqlx::query(&sql);
-            for (job_id, token) in &owned {
-                query = query.bind(job_id).bind(token);
-            }
-            query.execute(c).await
-        })
-    })
-    .await?;
-    Ok(vec![(); batch.len()])
-}
-
 #[async_trait]
 impl Queue for EmbeddedQueue {
     async fn receive_many(&self, max: usize) -> Result<Vec<Delivery>, QueueError> {
@@ -141,8 +108,19 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {
-        let ack = (delivery.job_id.0, delivery.token.clone());
-        through(&self.acks, ack).await.ok_or_else(|| QueueError::Backend("the queue is closed".into()))?
+        // Rare: a job's final outcome already removes its row (see final_outcome_dequeues);
+        // this is for deliveries of finished or unknown jobs.
+        let (job_id, token) = (delivery.job_id.0, delivery.token.clone());
+        self.db
+            .write(move |c| {
+                sqlx::query("DELETE FROM queue WHERE job_id = ?1 AND locked_by = ?2")
+                    .bind(job_id)
+                    .bind(token)
+                    .execute(c)
+                    .boxed()
+            })
+            .await?;
+        Ok(())
     }
 
     fn final_outcome_dequeues(&self) -> bool {

@@ -92,7 +92,7 @@ impl Worker {
 
     /// Claim the jobs of several deliveries at once (one request to the repository), each
     /// under a lease named after its delivery.
-    pub async fn claim_all(&self, deliveries: &[Delivery]) -> Result<Vec<(Lease, Claim)>, WorkerError> {
+    async fn claim_all(&self, deliveries: &[Delivery]) -> Result<Vec<(Lease, Claim)>, WorkerError> {
         let now = Utc::now();
         let requests: Vec<_> = deliveries.iter().map(|d| (d.job_id, self.lease_from(&d.token, now))).collect();
         let claims = self.repo.claim_many(&requests, now).await?;
