@@ -137,8 +137,9 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_MAX_FILE_SIZE", default_value = "5GiB", global = true)]
     pub max_file_size: bytesize::ByteSize,
 
-    /// Transfers (origin → store) one process runs at once; finished ones have their
-    /// outcome recorded while the next transfers run.
+    /// Transfers (origin → store) one process runs at once; as many jobs again are kept
+    /// claimed ahead of them, and finished ones have their outcome recorded while the next
+    /// transfers run.
     #[arg(long, env = "FILEFLOW_WORKER_CONCURRENCY", default_value_t = 8, global = true)]
     pub worker_concurrency: usize,
 

@@ -22,11 +22,13 @@ async fn kill_9_with_jobs_waiting_and_in_flight_loses_nothing() {
         let url = origin.url(&format!("/delay/1500/{}?seed={i}", 10_000 + i));
         ids.push((i, first.submit(&url, &format!("crash/{i}")).await));
     }
-    // Wait until two jobs are mid-transfer, then kill without warning.
+    // Wait until the worker holds jobs (two mid-transfer, up to two more claimed ahead)
+    // while others still wait in the queue, then kill without warning.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let statuses = first.statuses().await;
-        if statuses.iter().filter(|(_, s)| s == "processing").count() == 2 {
+        let count = |status: &str| statuses.iter().filter(|(_, s)| s == status).count();
+        if count("processing") >= 2 && count("pending") > 0 {
             break;
         }
         assert!(Instant::now() < deadline, "jobs never started: {statuses:?}");

@@ -99,8 +99,9 @@ impl Worker {
         Ok(requests.into_iter().map(|(_, lease)| lease).zip(claims).collect())
     }
 
-    /// See a delivery through once its job's claim is known. A pool's `slot` is given up
-    /// as soon as the transfer ends, for a place among the outcomes being recorded.
+    /// See a delivery through once its job's claim is known. In a pool, the job waits in
+    /// its `slot` for a free transfer slot, and gives that up as soon as the transfer ends,
+    /// for a place among the outcomes being recorded.
     async fn work(
         &self,
         delivery: Delivery,
@@ -128,27 +129,40 @@ impl Worker {
             }
         };
         let attempt = job.retry_count + 1;
-        tracing::info!(job_id = %id, attempt, bucket = %job.bucket_name, key = %job.object_name, "job started");
-        let started = Instant::now();
-
-        let transfer = tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job));
-        let outcome = tokio::select! {
-            result = transfer => result.unwrap_or_else(|_| Err(JobError::transient(format!(
-                "transfer did not finish within {}", humantime::format_duration(self.settings.transfer_timeout)
-            )))),
+        // In a pool the job may have been claimed ahead of a free transfer slot: it waits
+        // for one under its lease, and goes back to the queue if the pool stops meanwhile.
+        let run = async {
+            let transferring = match slot {
+                Some(slot) => Some(slot.start().await?),
+                None => None,
+            };
+            tracing::info!(job_id = %id, attempt, bucket = %job.bucket_name, key = %job.object_name, "job started");
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job)).await;
+            let outcome = outcome.unwrap_or_else(|_| {
+                Err(JobError::transient(format!(
+                    "transfer did not finish within {}",
+                    humantime::format_duration(self.settings.transfer_timeout)
+                )))
+            });
+            Some((outcome, transferring, started))
+        };
+        let ran = tokio::select! {
+            ran = run => ran,
             () = self.hold_lease(id, &lease, &delivery) => {
                 tracing::warn!(job_id = %id, attempt, "lease lost; abandoning this attempt");
                 return Ok(WorkOutcome::LeaseLost(id));
             }
-            () = abort.cancelled() => {
-                self.repo.release(id, &lease.owner, Utc::now()).await?;
-                self.queue.release(&delivery).await?;
-                tracing::info!(job_id = %id, attempt, "job handed back at shutdown");
-                return Ok(WorkOutcome::HandedBack(id));
-            }
+            () = abort.cancelled() => None,
         };
-        let _recording = match slot {
-            Some(slot) => Some(slot.transfer_done().await),
+        let Some((outcome, transferring, started)) = ran else {
+            self.repo.release(id, &lease.owner, Utc::now()).await?;
+            self.queue.release(&delivery).await?;
+            tracing::info!(job_id = %id, attempt, "job handed back at shutdown");
+            return Ok(WorkOutcome::HandedBack(id));
+        };
+        let _recording = match transferring {
+            Some(transferring) => Some(transferring.done().await),
             None => None,
         };
 
@@ -250,33 +264,61 @@ impl Worker {
     }
 }
 
-/// A job's place in a pool while its transfer runs.
+/// A job's place in a pool: admitted (claimed, perhaps ahead of a free transfer slot),
+/// then transferring, then recording its outcome.
 struct Slot {
+    admitted: OwnedSemaphorePermit,
+    transfers: Arc<Semaphore>,
+    recording: Arc<Semaphore>,
+    stop: CancellationToken,
+}
+
+impl Slot {
+    /// Wait for a transfer slot; `None` if the pool is told to stop first.
+    async fn start(self) -> Option<Transferring> {
+        let transfer = tokio::select! {
+            biased;
+            () = self.stop.cancelled() => return None,
+            permit = self.transfers.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        Some(Transferring { admitted: self.admitted, transfer, recording: self.recording })
+    }
+}
+
+/// A job whose transfer runs in one of the pool's slots.
+struct Transferring {
+    admitted: OwnedSemaphorePermit,
     transfer: OwnedSemaphorePermit,
     recording: Arc<Semaphore>,
 }
 
-impl Slot {
+impl Transferring {
     /// The transfer has ended: take a place among the outcomes being recorded, then free
-    /// the transfer slot for the next job. Waits while as many outcomes as the pool has
-    /// slots are still being written, so a slow database holds transfers back.
-    async fn transfer_done(self) -> OwnedSemaphorePermit {
+    /// the transfer slot (and the job's admission) for the next job. Waits while as many
+    /// outcomes as the pool has slots are still being written, so a slow database holds
+    /// transfers back.
+    async fn done(self) -> OwnedSemaphorePermit {
         let recording = self.recording.acquire_owned().await.expect("the semaphore is never closed");
-        drop(self.transfer);
+        drop((self.transfer, self.admitted));
         recording
     }
 }
 
-/// Run up to `concurrency` transfers at a time until `stop` is cancelled; jobs in flight
-/// then run to their end unless `abort` is cancelled too, in which case they are handed back.
+/// Run up to `concurrency` transfers at a time until `stop` is cancelled; transfers under
+/// way then run to their end unless `abort` is cancelled too, in which case they are
+/// handed back, as are jobs still waiting for a slot.
 ///
-/// One loop takes deliveries for all free slots at once and claims their jobs together
-/// (a single write each for the embedded queue and SQLite, however many jobs), then runs
-/// each job in a task of its own. A job's outcome is recorded while the next transfer
-/// already runs in its slot, so bookkeeping does not stand between transfers.
+/// One loop takes deliveries and claims their jobs together (a single write each for the
+/// embedded queue and SQLite, however many jobs), then runs each job in a task of its own.
+/// It keeps up to `concurrency` jobs claimed ahead of the transfers, so a slot that frees
+/// starts its next job at once instead of waiting for the queue and the database; and a
+/// job's outcome is recorded while the next transfer already runs in its slot. Bookkeeping
+/// thus does not stand between transfers.
 pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToken, abort: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(concurrency.max(1)));
-    let recording = Arc::new(Semaphore::new(concurrency.max(1)));
+    let concurrency = concurrency.max(1);
+    let admitted = Arc::new(Semaphore::new(2 * concurrency));
+    let transfers = Arc::new(Semaphore::new(concurrency));
+    let recording = Arc::new(Semaphore::new(concurrency));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         while let Some(joined) = tasks.try_join_next() {
@@ -285,9 +327,9 @@ pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToke
         let first = tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            permit = admitted.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
-        let free = 1 + slots.available_permits();
+        let free = 1 + admitted.available_permits();
         let taken = tokio::select! {
             biased;
             () = stop.cancelled() => break,
@@ -310,9 +352,14 @@ pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToke
         };
         let mut first = Some(first);
         for (delivery, (lease, claim)) in claimed {
-            // Only this loop takes slots, so the ones counted free are still free.
-            let slot = first.take().map_or_else(|| slots.clone().try_acquire_owned(), Ok).expect("a free slot");
-            let slot = Slot { transfer: slot, recording: recording.clone() };
+            // Only this loop takes admissions, so the ones counted free are still free.
+            let permit = first.take().map_or_else(|| admitted.clone().try_acquire_owned(), Ok).expect("a free place");
+            let slot = Slot {
+                admitted: permit,
+                transfers: transfers.clone(),
+                recording: recording.clone(),
+                stop: stop.clone(),
+            };
             let (worker, stop, abort) = (worker.clone(), stop.clone(), abort.clone());
             tasks.spawn(async move {
                 if let Err(e) = worker.work(delivery, lease, claim, &abort, Some(slot)).await {

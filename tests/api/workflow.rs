@@ -180,6 +180,31 @@ async fn shutdown_hands_unfinished_jobs_back_and_a_restart_completes_them() {
 }
 
 #[tokio::test]
+async fn a_stopping_worker_finishes_its_transfers_and_hands_back_jobs_still_waiting() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = stack_settings(dir.path().to_owned()).await;
+    settings.worker_concurrency = 1;
+    settings.shutdown_grace = Duration::from_secs(20);
+    let app = start(settings.clone(), None).await;
+    let processing = |j: &serde_json::Value| j["status"] == "processing";
+    let running = app.submit(&origin.url("/delay/1500/4096?seed=1"), &app.bucket, "running").await;
+    app.wait_until(&running, Duration::from_secs(5), processing).await;
+    // One transfer at a time: the second job is claimed ahead and waits for the slot.
+    let waiting = app.submit(&origin.url("/delay/1499/4096?seed=2"), &app.bucket, "waiting").await;
+    app.wait_until(&waiting, Duration::from_secs(5), processing).await;
+    app.stop().await;
+
+    let observer = start_api_only(settings).await;
+    assert_eq!(observer.job(&running).await["status"], "completed", "a transfer under way runs to its end");
+    let job = observer.job(&waiting).await;
+    assert_eq!((&job["status"], &job["retry_count"]), (&json!("pending"), &json!(0)), "handed back: {job}");
+    assert_eq!(origin.hits("/delay/1499/4096"), 0, "no transfer starts once the worker is stopping");
+    observer.stop().await;
+    drop(dir);
+}
+
+#[tokio::test]
 async fn a_large_file_streams_through_intact() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
