@@ -7,9 +7,9 @@ use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::{Path as StorePath, PathPart};
-use object_store::{ObjectStoreExt as _, WriteMultipart};
+use object_store::{ObjectStoreExt as _, PutPayload, WriteMultipart};
 
-use super::{ByteStream, ObjectStore, PutOutcome, ReadError, StoredBody};
+use super::{ByteStream, Head, ObjectStore, PutOutcome, ReadError, StoredBody, read_head};
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::JobError;
 
@@ -49,12 +49,27 @@ impl ObjectStore for LocalStore {
         mut body: ByteStream,
     ) -> Result<PutOutcome, JobError> {
         let location = Self::location(bucket, key);
+        // A body that fits in one chunk is written, synced and renamed into place in one
+        // go on the blocking pool; a larger one streams through a staged multipart write.
+        let start = match read_head(&mut body, CHUNK).await? {
+            Head::Whole(chunks) => {
+                self.fs
+                    .put(&location, PutPayload::from_iter(chunks))
+                    .await
+                    .map_err(|e| JobError::transient(format!("local store: write failed: {e}")))?;
+                return Ok(PutOutcome { etag: None });
+            }
+            Head::Start(chunks) => chunks,
+        };
         let upload = self
             .fs
             .put_multipart(&location)
             .await
             .map_err(|e| JobError::transient(format!("local store: cannot start write: {e}")))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK);
+        for chunk in start {
+            writer.put(chunk);
+        }
         let written: Result<(), JobError> = async {
             while let Some(chunk) = body.next().await {
                 let chunk = chunk?;

@@ -5,6 +5,7 @@ mod s3;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt as _;
 use futures::stream::BoxStream;
 
 use crate::domain::{BucketName, ObjectKey};
@@ -51,4 +52,26 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Open a stored object for reading.
     async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError>;
+}
+
+/// The start of a body, read before deciding how to store it.
+enum Head {
+    /// The body ended within the limit: all of it.
+    Whole(Vec<Bytes>),
+    /// The first chunks, over the limit by less than one chunk; the rest is still in the stream.
+    Start(Vec<Bytes>),
+}
+
+/// Read `body` until more than `limit` bytes have come or it ends, so a small object can go
+/// to the store in one write and a large one streams on from where this stopped.
+async fn read_head(body: &mut ByteStream, limit: usize) -> Result<Head, JobError> {
+    let mut chunks = Vec::new();
+    let mut size = 0;
+    while size <= limit {
+        let Some(chunk) = body.next().await else { return Ok(Head::Whole(chunks)) };
+        let chunk = chunk?;
+        size += chunk.len();
+        chunks.push(chunk);
+    }
+    Ok(Head::Start(chunks))
 }

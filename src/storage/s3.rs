@@ -6,7 +6,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, Checksum};
@@ -18,7 +17,7 @@ use object_store::{
 };
 use url::Url;
 
-use super::{ByteStream, ObjectStore, PutOutcome, ReadError, StoredBody};
+use super::{ByteStream, Head, ObjectStore, PutOutcome, ReadError, StoredBody, read_head};
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobError};
 use crate::links::DownloadLinks;
@@ -129,25 +128,17 @@ impl S3Store {
         content_type: &str,
         rest: &mut ByteStream,
     ) -> Result<PutOutcome, JobError> {
-        let mut parts: Vec<Bytes> = Vec::new();
-        let mut size = 0;
-        while size <= MIN_PART {
-            match rest.next().await {
-                Some(chunk) => {
-                    let chunk = chunk?;
-                    size += chunk.len();
-                    parts.push(chunk);
-                }
-                None => {
-                    let options = PutOptions { attributes: content_type_attr(content_type), ..Default::default() };
-                    let put = store
-                        .put_opts(location, PutPayload::from_iter(parts), options)
-                        .await
-                        .map_err(|e| classify(&e, "S3 PUT"))?;
-                    return Ok(PutOutcome { etag: put.e_tag.map(|t| t.trim_matches('"').to_owned()) });
-                }
+        let parts = match read_head(rest, MIN_PART).await? {
+            Head::Whole(parts) => {
+                let options = PutOptions { attributes: content_type_attr(content_type), ..Default::default() };
+                let put = store
+                    .put_opts(location, PutPayload::from_iter(parts), options)
+                    .await
+                    .map_err(|e| classify(&e, "S3 PUT"))?;
+                return Ok(PutOutcome { etag: put.e_tag.map(|t| t.trim_matches('"').to_owned()) });
             }
-        }
+            Head::Start(parts) => parts,
+        };
         let options = PutMultipartOptions { attributes: content_type_attr(content_type), ..Default::default() };
         let upload = store.put_multipart_opts(location, options).await.map_err(|e| classify(&e, "S3 multipart"))?;
         let mut writer = AbortOnDrop(Some(WriteMultipart::new_with_chunk_size(upload, self.part_size())));
