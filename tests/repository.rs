@@ -277,3 +277,29 @@ conformance!(
     a_batch_of_claims_is_decided_request_by_request,
     retries_releases_and_requeues
 );
+
+/// PostgreSQL announces a job through its outbox in the same commit as the job's row.
+/// Jobs created at the same moment share a statement; each still gets exactly one outbox
+/// row, and the relay sees them in job order.
+#[tokio::test]
+async fn postgres_creates_announce_each_job_once_and_in_order() {
+    let Some(url) = services::fresh_postgres().await else { return };
+    let db = PgDb::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    let repo = Arc::new(PgRepository::new(db.clone()));
+    let t = now();
+    let creates: Vec<_> = (0..200)
+        .map(|i| {
+            let repo = repo.clone();
+            tokio::spawn(async move { repo.create(&new_job(&format!("o/{i}")), t).await.unwrap().id.0 })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for create in creates {
+        ids.push(create.await.unwrap());
+    }
+    ids.sort_unstable();
+    let announced: Vec<(i64, i32)> =
+        sqlx::query_as("SELECT job_id, attempt FROM outbox ORDER BY id").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(announced, ids.iter().map(|&id| (id, 1)).collect::<Vec<_>>());
+}

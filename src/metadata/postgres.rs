@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
+use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::{Claim, JobRepository, Lease, ListFilter, RepoError, Requeue};
 use crate::domain::RequestHeaders;
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
@@ -37,14 +38,22 @@ impl PgDb {
     }
 }
 
+type NewJobAt = (NewJob, DateTime<Utc>);
+
 #[derive(Clone, Debug)]
 pub struct PgRepository {
     db: PgDb,
+    /// New jobs on their way to the task that writes them.
+    creates: mpsc::Sender<Pending<NewJobAt, Result<Job, RepoError>>>,
 }
 
 impl PgRepository {
+    /// A repository over `db`. Starts the task that writes new jobs, so it must be called
+    /// inside a Tokio runtime; the task ends when the last clone is dropped.
     pub fn new(db: PgDb) -> Self {
-        Self { db }
+        let for_creates = db.clone();
+        let creates = group_commit(MAX_BATCH, move |batch| write_new_jobs(for_creates.clone(), batch));
+        Self { db, creates }
     }
 
     async fn enqueue(tx: &mut Transaction<'_, Postgres>, id: JobId) -> Result<(), RepoError> {
@@ -82,6 +91,44 @@ impl PgRepository {
         };
         Ok(Claim::refused(current, now))
     }
+}
+
+/// Write new jobs, many to a statement, and wake the outbox relay.
+async fn write_new_jobs(db: PgDb, batch: Vec<NewJobAt>) -> Vec<Result<Job, RepoError>> {
+    let answers = all_or_each(&batch, |jobs| insert_jobs(&db, jobs)).await;
+    if answers.iter().any(Result::is_ok) {
+        db.outboxed.notify_waiters();
+    }
+    answers
+}
+
+/// Insert `batch` (at least one job) and an outbox row for each in one statement, so
+/// they commit together in one round trip; returns the jobs in the order given.
+async fn insert_jobs(db: &PgDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
+    let rows = sqlx::query(&format!(
+        "WITH created AS ( \
+             INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
+             created_at, updated_at) \
+             SELECT u, b, k, s, m, h, t, t \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[]) \
+             WITH ORDINALITY AS v (u, b, k, s, m, h, t, n) ORDER BY n \
+             RETURNING {COLUMNS}), \
+         queued AS (INSERT INTO outbox (job_id, attempt) SELECT id, 1 FROM created ORDER BY id) \
+         SELECT * FROM created"
+    ))
+    .bind(batch.iter().map(|(job, _)| job.source.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, _)| job.bucket.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, _)| job.key.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, _)| job.expected_sha256.as_ref().map(|s| s.as_str())).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, _)| job.expected_md5.as_ref().map(|s| s.as_str())).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, _)| (!job.headers.is_empty()).then(|| job.headers.to_json())).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(_, now)| *now).collect::<Vec<_>>())
+    .fetch_all(&db.pool)
+    .await?;
+    let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+    // RETURNING gives no order, but ids are handed out in the order rows are inserted.
+    jobs.sort_unstable_by_key(|job| job.id.0);
+    Ok(jobs)
 }
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
@@ -122,25 +169,7 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
 #[async_trait]
 impl JobRepository for PgRepository {
     async fn create(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Job, RepoError> {
-        let mut tx = self.db.pool.begin().await?;
-        let row = sqlx::query(&format!(
-            "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING {COLUMNS}"
-        ))
-        .bind(job.source.as_str())
-        .bind(job.bucket.as_str())
-        .bind(job.key.as_str())
-        .bind(job.expected_sha256.as_ref().map(|s| s.as_str()))
-        .bind(job.expected_md5.as_ref().map(|s| s.as_str()))
-        .bind((!job.headers.is_empty()).then(|| job.headers.to_json()))
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        let created = job_from_row(&row)?;
-        Self::enqueue(&mut tx, created.id).await?;
-        tx.commit().await?;
-        self.db.outboxed.notify_waiters();
-        Ok(created)
+        through(&self.creates, (job.clone(), now)).await.ok_or(sqlx::Error::PoolClosed)?
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError> {
