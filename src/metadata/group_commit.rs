@@ -1,5 +1,5 @@
-//! Group commit for the SQLite writer: requests that arrive while a batch is being written
-//! go together into the next one. Used for new jobs and completions (see `sqlite`).
+//! Group commit: requests that arrive while a batch is being written go together into the
+//! next one. Used for new jobs (SQLite and PostgreSQL) and for completions (SQLite).
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -11,8 +11,8 @@ pub(crate) type Pending<Request, Answer> = (Request, oneshot::Sender<Answer>);
 
 /// Group commit: start a task that hands every request arriving while the last batch was
 /// being written to `write` as the next batch, so under load many requests share one
-/// transaction and a few statements (each statement is a hand-off to the connection's
-/// thread, the main cost of a small write). `write` answers each request of its batch, in
+/// statement and one commit (a statement's round trip, to SQLite's connection thread or to
+/// the PostgreSQL server, is the main cost of a small write). `write` answers each request of its batch, in
 /// order; a request is answered only once its batch is written. Nothing waits to fill a
 /// batch: a lone request goes at once. The task ends when the last sender is dropped.
 pub(crate) fn group_commit<Request, Answer, Write, Written>(

@@ -111,7 +111,7 @@ impl SqliteRepository {
     }
 }
 
-/// Write new jobs, many to a transaction, and wake idle receivers.
+/// Write new jobs, many to a statement, and wake idle receivers.
 async fn write_new_jobs(db: SqliteDb, batch: Vec<NewJobAt>) -> Vec<Result<Job, RepoError>> {
     let answers = all_or_each(&batch, |jobs| insert_jobs(&db, jobs)).await;
     if answers.iter().any(Result::is_ok) {
