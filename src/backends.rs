@@ -72,6 +72,7 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
                     topic: settings.kafka_topic.clone(),
                     group: settings.kafka_group.clone(),
                     partitions: settings.kafka_partitions,
+                    replication_factor: settings.kafka_replication_factor,
                     max_poll_interval: settings.transfer_timeout + std::time::Duration::from_secs(60),
                 };
                 (Arc::new(PgRepository::new(db.clone())), QueueSource::Kafka { settings: kafka, db })

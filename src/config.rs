@@ -76,6 +76,11 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_KAFKA_PARTITIONS", default_value_t = 6, global = true)]
     pub kafka_partitions: i32,
 
+    /// Replicas of each topic fileflow creates; `0` (the default) takes min(3, brokers in
+    /// the cluster), so a lone broker works and a real cluster survives losing one.
+    #[arg(long, env = "FILEFLOW_KAFKA_REPLICATION_FACTOR", default_value_t = 0, global = true)]
+    pub kafka_replication_factor: i32,
+
     /// Where objects are stored.
     #[arg(long, env = "FILEFLOW_STORAGE", value_enum, default_value_t = StorageKind::Fs, global = true)]
     pub storage: StorageKind,
@@ -159,6 +164,25 @@ pub struct Settings {
     /// Longest one attempt at a job may take, however slowly the origin sends.
     #[arg(long, env = "FILEFLOW_TRANSFER_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration, global = true)]
     pub transfer_timeout: Duration,
+
+    /// Slowest an origin may send (bytes per second, e.g. `1KiB`), averaged over
+    /// --min-rate-window; a slower transfer is cut and retried. `0` turns the floor off.
+    #[arg(long, env = "FILEFLOW_MIN_TRANSFER_RATE", default_value = "1KiB", global = true)]
+    pub min_transfer_rate: bytesize::ByteSize,
+
+    /// The window over which --min-transfer-rate is measured.
+    #[arg(long, env = "FILEFLOW_MIN_RATE_WINDOW", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub min_rate_window: Duration,
+
+    /// How often an API process sweeps for jobs that should be moving and are not (one
+    /// process at a time across replicas).
+    #[arg(long, env = "FILEFLOW_RECONCILE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub reconcile_interval: Duration,
+
+    /// How long past its due time (or since it was last announced) a `pending` job, or a
+    /// `processing` job past its lease, may wait before the sweep announces it again.
+    #[arg(long, env = "FILEFLOW_RECONCILE_GRACE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub reconcile_grace: Duration,
 
     /// Redirects followed per fetch.
     #[arg(long, env = "FILEFLOW_MAX_REDIRECTS", default_value_t = 5, global = true)]

@@ -5,7 +5,8 @@
 //! - [`lifecycle`]: job states and the retry decision, free of I/O;
 //! - ports and their adapters: [`metadata`] (jobs), [`queue`] (deliveries),
 //!   [`storage`] (objects), [`fetch`] (origins, behind the destination guard);
-//! - [`worker`]: one job through the pipeline; [`http`]: the API;
+//! - [`worker`]: one job through the pipeline; [`http`]: the API; [`relay`] and
+//!   [`reconciler`]: what makes queued work reach the workers, and reach them again;
 //! - [`config`], [`backends`], [`startup`]: settings and wiring.
 
 pub mod backends;
@@ -17,6 +18,7 @@ pub mod lifecycle;
 pub mod links;
 pub mod metadata;
 pub mod queue;
+pub mod reconciler;
 pub mod relay;
 pub mod startup;
 pub mod storage;

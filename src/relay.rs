@@ -41,7 +41,7 @@ impl OutboxRelay {
     pub async fn run_once(&self) -> Result<usize, RelayError> {
         let mut tx = self.db.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT o.id, f.id AS job_id, f.file_url, f.bucket_name, f.object_name \
+            "SELECT o.id, o.attempt, f.id AS job_id, f.file_url, f.bucket_name, f.object_name \
              FROM outbox o JOIN files f ON f.id = o.job_id ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
         )
         .bind(BATCH)
@@ -54,15 +54,24 @@ impl OutboxRelay {
         let mut messages = Vec::with_capacity(rows.len());
         for row in &rows {
             ids.push(row.try_get::<i64, _>("id")?);
-            messages.push(JobMessage {
+            let message = JobMessage {
                 id: row.try_get::<i64, _>("job_id")?.to_string(),
                 file_url: row.try_get("file_url")?,
                 bucket_name: row.try_get("bucket_name")?,
                 object_name: row.try_get("object_name")?,
-            });
+            };
+            messages.push((message, u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(1)));
         }
-        futures::future::try_join_all(messages.iter().map(|m| self.publisher.publish_job(m))).await?;
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
+        futures::future::try_join_all(messages.iter().map(|(m, attempt)| self.publisher.publish_job(m, *attempt)))
+            .await?;
+        // The jobs were handed to the broker now: the reconciler measures from here.
+        sqlx::query(
+            "WITH sent AS (DELETE FROM outbox WHERE id = ANY($1) RETURNING job_id) \
+             UPDATE files SET announced_at = now() WHERE id IN (SELECT job_id FROM sent)",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         tracing::debug!(published = ids.len(), "outbox relayed");
         Ok(ids.len())

@@ -12,11 +12,12 @@ use url::Url;
 
 use crate::backends::{self, Backends, QueueSource};
 use crate::config::{Command, Settings};
-use crate::fetch::{DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, SystemLookup};
+use crate::fetch::{DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, MinRate, SystemLookup};
 use crate::http::{self, AppState};
 use crate::lifecycle::RetryPolicy;
 use crate::queue::kafka::{KafkaQueue, ensure_topics};
-use crate::queue::{EmbeddedQueue, Queue};
+use crate::queue::{ConsumerLock, EmbeddedQueue, Queue};
+use crate::reconciler::{self, ReconcileSettings};
 use crate::relay::OutboxRelay;
 use crate::worker::{Worker, WorkerSettings, run_pool};
 
@@ -39,6 +40,8 @@ pub struct Application {
     guard: DestinationGuard,
     worker: Option<Worker>,
     kafka_queue: Option<Arc<KafkaQueue>>,
+    /// Held while the process runs, so others can tell its leases from a dead process's.
+    _consumer_lock: Option<ConsumerLock>,
     relay: Option<OutboxRelay>,
     settings: Settings,
 }
@@ -75,12 +78,28 @@ impl Application {
         let guard = DestinationGuard::with_lists(settings.fetch_allow_private, allow, deny);
 
         let mut kafka_queue = None;
+        let mut consumer_lock = None;
         let mut relay = None;
         let queue: Option<Arc<dyn Queue>> = match &backends.queue {
-            QueueSource::Embedded(db) => {
-                let consumer = format!("{}-{}", hostname(), std::process::id());
-                runs_workers.then(|| Arc::new(EmbeddedQueue::new(db.clone(), settings.job_lease, consumer)) as _)
+            QueueSource::Embedded(db) if runs_workers => {
+                // Unique per process start: a restarted process (pid 1 in a container)
+                // must not take its predecessor's leases for its own.
+                let consumer = format!("{}-{}-{:06x}", hostname(), std::process::id(), rand::random::<u32>() >> 8);
+                let queue = EmbeddedQueue::new(db.clone(), settings.job_lease, consumer.clone());
+                if let Some(file) = &db.file {
+                    let owners = std::path::PathBuf::from(format!("{}.owners", file.display()));
+                    consumer_lock = Some(
+                        ConsumerLock::take(&owners, &consumer)
+                            .with_context(|| format!("cannot mark this process alive in {}", owners.display()))?,
+                    );
+                    let recovered = queue.recover_dead_consumers(&owners).await?;
+                    if recovered > 0 {
+                        tracing::info!(jobs = recovered, "resuming jobs left in flight by processes that are gone");
+                    }
+                }
+                Some(Arc::new(queue) as _)
             }
+            QueueSource::Embedded(_) => None,
             QueueSource::Kafka { settings: kafka, db } => {
                 if runs_api {
                     relay = Some(OutboxRelay::new(db.clone(), kafka)?);
@@ -120,12 +139,16 @@ impl Application {
                         lease: settings.job_lease,
                         max_file_size: settings.max_file_size.as_u64(),
                         transfer_timeout: settings.transfer_timeout,
+                        min_rate: MinRate {
+                            bytes_per_second: settings.min_transfer_rate.as_u64(),
+                            window: settings.min_rate_window,
+                        },
                     },
                 })
             }
             None => None,
         };
-        Ok(Self { listener, port, backends, guard, worker, kafka_queue, relay, settings })
+        Ok(Self { listener, port, backends, guard, worker, kafka_queue, _consumer_lock: consumer_lock, relay, settings })
     }
 
     /// The port the API listens on (the real one when the settings asked for port 0).
@@ -157,6 +180,11 @@ impl Application {
             tracing::info!("outbox relay started");
             tokio::spawn(relay.run(stop.clone()))
         });
+        let reconciler = api.is_some().then(|| {
+            let settings =
+                ReconcileSettings { interval: self.settings.reconcile_interval, grace: self.settings.reconcile_grace };
+            tokio::spawn(reconciler::run(self.backends.repo.clone(), settings, stop.clone()))
+        });
         let mut workers: Option<JoinHandle<()>> = self.worker.map(|worker| {
             let concurrency = self.settings.worker_concurrency;
             tracing::info!(concurrency, "workers started");
@@ -183,6 +211,9 @@ impl Application {
         }
         if let Some(relay) = relay {
             let _ = relay.await;
+        }
+        if let Some(reconciler) = reconciler {
+            let _ = reconciler.await;
         }
         if let Some(mut workers) = workers {
             let grace = self.settings.shutdown_grace;

@@ -77,6 +77,7 @@ async fn kafka_with_settings() -> Option<(Backend, KafkaSettings)> {
         topic: services::unique("jobs"),
         group: services::unique("workers"),
         partitions: 2,
+        replication_factor: 0,
         max_poll_interval: Duration::from_secs(60),
     };
     ensure_topics(&settings).await.unwrap();
@@ -258,8 +259,8 @@ async fn embedded_final_outcomes_remove_their_messages() {
         let id = b.create(&format!("outcome/{i}")).await;
         let delivery = receive(&b.queue, FIRST).await.unwrap();
         assert_eq!(delivery.job_id, id);
-        let lease = Lease { owner: delivery.token.clone(), expires_at: Utc::now() + chrono::Duration::seconds(1) };
-        assert!(matches!(b.repo.claim(id, &lease, Utc::now()).await.unwrap(), Claim::Claimed(_)));
+        let lease = Lease { owner: delivery.token.clone(), length: Duration::from_secs(1) };
+        assert!(matches!(b.repo.claim(id, &lease).await.unwrap(), Claim::Claimed(_)));
         assert!(b.repo.settle(id, &delivery.token, outcome, Utc::now()).await.unwrap());
         ids.push(id);
     }

@@ -4,6 +4,7 @@
 mod services;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fileflow::domain::{BucketName, ObjectKey, RequestHeaders, SourceUrl};
@@ -23,8 +24,12 @@ fn new_job(key: &str) -> NewJob {
     }
 }
 
-fn lease(owner: &str, now: DateTime<Utc>) -> Lease {
-    Lease { owner: owner.into(), expires_at: now + chrono::Duration::seconds(30) }
+fn lease(owner: &str) -> Lease {
+    Lease { owner: owner.into(), length: Duration::from_secs(30) }
+}
+
+fn short_lease(owner: &str, millis: u64) -> Lease {
+    Lease { owner: owner.into(), length: Duration::from_millis(millis) }
 }
 
 fn stored() -> StoredObject {
@@ -96,7 +101,7 @@ async fn concurrent_claims_and_completions(repo: Arc<dyn JobRepository>) {
         for who in ["a", "b"] {
             let repo = repo.clone();
             claims.push(tokio::spawn(async move {
-                (id, who, repo.claim(id, &lease(&format!("{who}{}", id.0), t), t).await.unwrap())
+                (id, who, repo.claim(id, &lease(&format!("{who}{}", id.0))).await.unwrap())
             }));
         }
     }
@@ -137,25 +142,37 @@ async fn concurrent_claims_and_completions(repo: Arc<dyn JobRepository>) {
 async fn claims_are_exclusive_until_the_lease_lapses(repo: Arc<dyn JobRepository>) {
     let t = now();
     let job = repo.create(&new_job("c"), t).await.unwrap();
-    let first = repo.claim(job.id, &lease("w1", t), t).await.unwrap();
+    let first = repo.claim(job.id, &short_lease("w1", 800)).await.unwrap();
     assert!(matches!(first, Claim::Claimed(ref j) if j.status == JobStatus::Processing));
-    let second = repo.claim(job.id, &lease("w2", t), t).await.unwrap();
-    assert_eq!(second, Claim::Busy { until: lease("w1", t).expires_at });
-    assert!(repo.renew(job.id, &lease("w1", t + chrono::Duration::seconds(10))).await.unwrap());
-    assert!(!repo.renew(job.id, &lease("w2", t)).await.unwrap(), "only the holder renews");
+    match repo.claim(job.id, &lease("w2")).await.unwrap() {
+        Claim::Busy { until } => assert!(until > t && until < t + chrono::Duration::seconds(5), "{until}"),
+        other => panic!("a held job: {other:?}"),
+    }
+    assert!(!repo.renew(job.id, &lease("w2")).await.unwrap(), "only the holder renews");
+    assert!(!repo.holds(job.id, "w2", Duration::ZERO).await.unwrap(), "only the holder holds");
+    assert!(repo.holds(job.id, "w1", Duration::ZERO).await.unwrap());
+    assert!(!repo.holds(job.id, "w1", Duration::from_secs(5)).await.unwrap(), "less than 5 s of the lease are left");
+
+    // A renewal really extends the lease: without it, the lease would lapse in between.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(repo.renew(job.id, &short_lease("w1", 800)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        matches!(repo.claim(job.id, &lease("w2")).await.unwrap(), Claim::Busy { .. }),
+        "the renewed lease still holds"
+    );
 
     // w1 dies; once its (renewed) lease lapses, w2 may take the job.
-    let later = t + chrono::Duration::seconds(41);
-    assert!(matches!(repo.claim(job.id, &lease("w2", later), later).await.unwrap(), Claim::Claimed(_)));
-    assert!(!repo.settle(job.id, "w1", &Settlement::Completed(stored()), later).await.unwrap(), "w1 lost it");
-    assert!(repo.settle(job.id, "w2", &Settlement::Completed(stored()), later).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!repo.holds(job.id, "w1", Duration::ZERO).await.unwrap(), "the lease lapsed");
+    assert!(matches!(repo.claim(job.id, &lease("w2")).await.unwrap(), Claim::Claimed(_)));
+    assert!(!repo.renew(job.id, &short_lease("w1", 800)).await.unwrap(), "w1 lost it");
+    assert!(!repo.settle(job.id, "w1", &Settlement::Completed(stored()), t).await.unwrap(), "w1 lost it");
+    assert!(repo.settle(job.id, "w2", &Settlement::Completed(stored()), t).await.unwrap());
     let done = repo.get(job.id).await.unwrap().unwrap();
     assert_eq!((done.status, done.size, done.etag.as_deref()), (JobStatus::Completed, Some(5), Some("e")));
-    assert_eq!(repo.claim(job.id, &lease("w3", later), later).await.unwrap(), Claim::Finished(JobStatus::Completed));
-    assert_eq!(
-        repo.claim(fileflow::lifecycle::JobId(job.id.0 + 1000), &lease("w3", t), t).await.unwrap(),
-        Claim::NotFound
-    );
+    assert_eq!(repo.claim(job.id, &lease("w3")).await.unwrap(), Claim::Finished(JobStatus::Completed));
+    assert_eq!(repo.claim(fileflow::lifecycle::JobId(job.id.0 + 1000), &lease("w3")).await.unwrap(), Claim::NotFound);
 }
 
 /// Several claims in one request (how a worker pool takes a batch of deliveries): each is
@@ -164,22 +181,22 @@ async fn a_batch_of_claims_is_decided_request_by_request(repo: Arc<dyn JobReposi
     let t = now();
     let free = repo.create(&new_job("free"), t).await.unwrap();
     let done = repo.create(&new_job("done"), t).await.unwrap();
-    repo.claim(done.id, &lease("w0", t), t).await.unwrap();
+    repo.claim(done.id, &lease("w0")).await.unwrap();
     assert!(repo.settle(done.id, "w0", &Settlement::Completed(stored()), t).await.unwrap());
     let held = repo.create(&new_job("held"), t).await.unwrap();
-    repo.claim(held.id, &lease("w0", t), t).await.unwrap();
+    repo.claim(held.id, &lease("w0")).await.unwrap();
     let twice = repo.create(&new_job("twice"), t).await.unwrap();
     let missing = fileflow::lifecycle::JobId(twice.id.0 + 1000);
 
     let asked = [
-        (twice.id, lease("w1", t)),
-        (free.id, lease("w2", t)),
-        (done.id, lease("w3", t)),
-        (held.id, lease("w4", t)),
-        (missing, lease("w5", t)),
-        (twice.id, lease("w6", t)),
+        (twice.id, lease("w1")),
+        (free.id, lease("w2")),
+        (done.id, lease("w3")),
+        (held.id, lease("w4")),
+        (missing, lease("w5")),
+        (twice.id, lease("w6")),
     ];
-    let claims = repo.claim_many(&asked, t).await.unwrap();
+    let claims = repo.claim_many(&asked).await.unwrap();
     assert_eq!(claims.len(), asked.len());
     match &claims[1] {
         Claim::Claimed(job) => {
@@ -188,7 +205,7 @@ async fn a_batch_of_claims_is_decided_request_by_request(repo: Arc<dyn JobReposi
         other => panic!("the free job: {other:?}"),
     }
     assert_eq!(claims[2], Claim::Finished(JobStatus::Completed));
-    assert_eq!(claims[3], Claim::Busy { until: lease("w0", t).expires_at });
+    assert!(matches!(claims[3], Claim::Busy { until } if until > t), "{:?}", claims[3]);
     assert_eq!(claims[4], Claim::NotFound);
     // The job asked for twice goes to exactly one of the two leases.
     let (winner, loser) = match (&claims[0], &claims[5]) {
@@ -205,27 +222,30 @@ async fn a_batch_of_claims_is_decided_request_by_request(repo: Arc<dyn JobReposi
     assert!(!repo.settle(twice.id, loser, &Settlement::Completed(stored()), t).await.unwrap());
     assert!(repo.settle(twice.id, winner, &Settlement::Completed(stored()), t).await.unwrap());
     assert!(repo.settle(free.id, "w2", &Settlement::Completed(stored()), t).await.unwrap());
-    assert!(repo.claim_many(&[], t).await.unwrap().is_empty());
+    assert!(repo.claim_many(&[]).await.unwrap().is_empty());
 }
 
 async fn retries_releases_and_requeues(repo: Arc<dyn JobRepository>) {
     let t = now();
     let job = repo.create(&new_job("r"), t).await.unwrap();
-    repo.claim(job.id, &lease("w", t), t).await.unwrap();
-    let due = t + chrono::Duration::seconds(2);
+    repo.claim(job.id, &lease("w")).await.unwrap();
+    let due = now() + chrono::Duration::seconds(1);
     let retry = Settlement::RetryScheduled { retry_count: 1, last_error: "HTTP 503".into(), due_at: due };
     assert!(repo.settle(job.id, "w", &retry, t).await.unwrap());
     let pending = repo.get(job.id).await.unwrap().unwrap();
     assert_eq!((pending.status, pending.retry_count), (JobStatus::Pending, 1));
     assert_eq!((pending.last_error.as_deref(), pending.next_attempt_at), (Some("HTTP 503"), Some(due)));
+    // A delivery that comes before the retry is due (a redelivered original) waits for it.
+    assert_eq!(repo.claim(job.id, &lease("early")).await.unwrap(), Claim::NotDue { at: due });
+    tokio::time::sleep((due - Utc::now()).to_std().unwrap_or_default()).await;
 
-    repo.claim(job.id, &lease("w", t), t).await.unwrap();
+    repo.claim(job.id, &lease("w")).await.unwrap();
     assert!(repo.release(job.id, "w", t).await.unwrap());
     let released = repo.get(job.id).await.unwrap().unwrap();
     assert_eq!((released.status, released.retry_count), (JobStatus::Pending, 1), "a hand-back is not an attempt");
 
     assert_eq!(repo.requeue_failed(job.id, t).await.unwrap(), Requeue::NotFailed(JobStatus::Pending));
-    repo.claim(job.id, &lease("w", t), t).await.unwrap();
+    repo.claim(job.id, &lease("w")).await.unwrap();
     assert!(repo.settle(job.id, "w", &Settlement::Failed { last_error: "HTTP 404".into() }, t).await.unwrap());
     match repo.requeue_failed(job.id, t).await.unwrap() {
         Requeue::Requeued(job) => assert_eq!((job.status, job.retry_count), (JobStatus::Pending, 0)),
@@ -302,4 +322,67 @@ async fn postgres_creates_announce_each_job_once_and_in_order() {
     let announced: Vec<(i64, i32)> =
         sqlx::query_as("SELECT job_id, attempt FROM outbox ORDER BY id").fetch_all(&db.pool).await.unwrap();
     assert_eq!(announced, ids.iter().map(|&id| (id, 1)).collect::<Vec<_>>());
+}
+
+/// The reconciler's sweep on PostgreSQL: a job whose message the broker lost, and one
+/// whose worker died, are announced again (one outbox row each, with the attempt they are
+/// on); a job still in the outbox, a job held under a live lease and a finished job are
+/// left alone; a job just announced waits out the grace period before the next time.
+#[tokio::test]
+async fn postgres_sweep_announces_again_what_the_queue_lost() {
+    let Some(url) = services::fresh_postgres().await else { return };
+    let db = PgDb::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    let repo = Arc::new(PgRepository::new(db.clone()));
+    let t = now();
+    let lost = repo.create(&new_job("lost"), t).await.unwrap();
+    let orphaned = repo.create(&new_job("orphaned"), t).await.unwrap();
+    let held = repo.create(&new_job("held"), t).await.unwrap();
+    let finished = repo.create(&new_job("finished"), t).await.unwrap();
+    // The relay published these four (and the broker then lost them).
+    sqlx::query("DELETE FROM outbox").execute(&db.pool).await.unwrap();
+    let waiting = repo.create(&new_job("waiting"), t).await.unwrap();
+    assert!(matches!(repo.claim(orphaned.id, &short_lease("dead", 1)).await.unwrap(), Claim::Claimed(_)));
+    assert!(matches!(repo.claim(held.id, &lease("alive")).await.unwrap(), Claim::Claimed(_)));
+    assert!(matches!(repo.claim(finished.id, &lease("w")).await.unwrap(), Claim::Claimed(_)));
+    assert!(repo.settle(finished.id, "w", &Settlement::Completed(stored()), t).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // Two sweeps at once (two API replicas): the jobs are announced once between them.
+    let (a, b) = tokio::join!(repo.reconcile(Duration::ZERO, 100), repo.reconcile(Duration::ZERO, 100));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.pending + b.pending, a.expired + b.expired), (1, 1), "{a:?} {b:?}");
+    let announced: Vec<(i64, i32)> =
+        sqlx::query_as("SELECT job_id, attempt FROM outbox ORDER BY job_id").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(announced, [(lost.id.0, 1), (orphaned.id.0, 1), (waiting.id.0, 1)]);
+
+    // Just announced: not again within the grace period, again after it.
+    assert_eq!(repo.reconcile(Duration::from_secs(60), 100).await.unwrap().total(), 0);
+    sqlx::query("DELETE FROM outbox").execute(&db.pool).await.unwrap();
+    assert_eq!(repo.reconcile(Duration::from_secs(60), 100).await.unwrap().total(), 0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(repo.reconcile(Duration::from_millis(10), 100).await.unwrap().total(), 3, "lost, orphaned, waiting");
+    // The limit bounds a sweep.
+    sqlx::query("DELETE FROM outbox").execute(&db.pool).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(repo.reconcile(Duration::from_millis(10), 2).await.unwrap().total(), 2);
+}
+
+/// The embedded stack's sweep: an unfinished job that lost its queue row gets it back.
+#[tokio::test]
+async fn sqlite_sweep_gives_an_unfinished_job_its_queue_row_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::connect(&SqliteDb::default_url(dir.path())).await.unwrap();
+    db.migrate().await.unwrap();
+    let repo = SqliteRepository::new(db.clone());
+    let t = now() - chrono::Duration::seconds(5);
+    let job = repo.create(&new_job("q"), t).await.unwrap();
+    let other = repo.create(&new_job("r"), t).await.unwrap();
+    assert_eq!(repo.reconcile(Duration::from_secs(1), 100).await.unwrap().total(), 0, "nothing is missing");
+    sqlx::query("DELETE FROM queue WHERE job_id = ?1").bind(job.id.0).execute(&db.reads).await.unwrap();
+    let swept = repo.reconcile(Duration::from_secs(1), 100).await.unwrap();
+    assert_eq!((swept.pending, swept.expired), (1, 0));
+    let queued: Vec<i64> =
+        sqlx::query_scalar("SELECT job_id FROM queue ORDER BY job_id").fetch_all(&db.reads).await.unwrap();
+    assert_eq!(queued, [job.id.0, other.id.0]);
 }

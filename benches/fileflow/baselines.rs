@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use fileflow::domain::{BucketName, ObjectKey};
 use fileflow::lifecycle::JobError;
-use fileflow::storage::ObjectStore;
+use fileflow::storage::{ObjectStore, Unfenced};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::load::each_index;
@@ -31,7 +31,7 @@ pub async fn ceiling(
             let body = response.expect("the origin answers").bytes_stream();
             let body = body.map_err(|e| JobError::transient(e.to_string())).boxed();
             let key = ObjectKey::parse(&format!("bench/{n:06}")).expect("a valid key");
-            store.put(&bucket, &key, "application/octet-stream", body).await.expect("the store takes the object");
+            store.put(&bucket, &key, "application/octet-stream", body, &Unfenced).await.expect("the store takes the object");
         }
     })
     .await;

@@ -2,6 +2,7 @@
 
 mod guard;
 mod http;
+mod pace;
 
 use async_trait::async_trait;
 use url::Url;
@@ -11,6 +12,7 @@ use crate::storage::ByteStream;
 
 pub use guard::{DestinationGuard, HostList, Refused};
 pub use http::{FetchSettings, HttpFetcher, Lookup, SystemLookup};
+pub use pace::{MinRate, at_least};
 
 /// An origin's answer, body not yet read.
 pub struct Fetched {

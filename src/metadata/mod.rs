@@ -38,10 +38,43 @@ pub struct ListFilter {
 }
 
 /// A worker's hold on a job while it works on it.
+///
+/// `owner` is a fencing token: unique per claim, so two workers can never share one, and
+/// every write a holder makes (renew, settle, release) is conditional on it. Expiry is
+/// judged by the database's clock: a claim or renewal holds the job until the database's
+/// `now` plus `length`, whatever the worker's clock says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub owner: String,
-    pub expires_at: DateTime<Utc>,
+    pub length: std::time::Duration,
+}
+
+impl Lease {
+    /// A lease for one claim of a delivery: the delivery's token plus a random part, so a
+    /// message read twice (after a rebalance) still yields two different owners.
+    pub fn for_claim(delivery_token: &str, length: std::time::Duration) -> Self {
+        Self { owner: format!("{delivery_token}#{:016x}", rand::random::<u64>()), length }
+    }
+
+    /// The lease length in whole milliseconds, as the databases store it.
+    pub fn millis(&self) -> i64 {
+        i64::try_from(self.length.as_millis()).unwrap_or(i64::MAX / 4)
+    }
+}
+
+/// What one reconciliation sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// `pending` jobs past their due time (plus the grace period) that were announced again.
+    pub pending: u64,
+    /// `processing` jobs whose lease had lapsed that were announced again.
+    pub expired: u64,
+}
+
+impl Reconciled {
+    pub fn total(&self) -> u64 {
+        self.pending + self.expired
+    }
 }
 
 /// What asking to retry a job did.
@@ -61,22 +94,39 @@ pub enum Claim {
     Busy {
         until: DateTime<Utc>,
     },
+    /// The job waits for a scheduled retry, due at this time: a message that came early
+    /// (a redelivered original, a duplicate) must not skip the backoff.
+    NotDue {
+        at: DateTime<Utc>,
+    },
     /// The job is already completed or failed: nothing to do.
     Finished(JobStatus),
     NotFound,
 }
 
 impl Claim {
-    /// Why a conditional claim matched nothing, from the job's status and lease as they
-    /// are now (`None`: no such job).
-    pub fn refused(current: Option<(JobStatus, Option<DateTime<Utc>>)>, now: DateTime<Utc>) -> Self {
-        match current {
-            None => Self::NotFound,
-            Some((status @ (JobStatus::Completed | JobStatus::Failed), _)) => Self::Finished(status),
-            // A pending job that could not be claimed was claimed by another worker a moment ago.
-            Some((JobStatus::Processing | JobStatus::Pending, until)) => Self::Busy { until: until.unwrap_or(now) },
+    /// Why a conditional claim matched nothing, from the job as it is now (`None`: no
+    /// such job) and the database's `now`.
+    pub fn refused(current: Option<ClaimState>, now: DateTime<Utc>) -> Self {
+        let Some(current) = current else { return Self::NotFound };
+        match current.status {
+            status @ (JobStatus::Completed | JobStatus::Failed) => Self::Finished(status),
+            JobStatus::Pending => match current.next_attempt_at {
+                Some(at) if at > now => Self::NotDue { at },
+                // Claimed by another worker a moment ago.
+                _ => Self::Busy { until: current.lease_expires_at.unwrap_or(now) },
+            },
+            JobStatus::Processing => Self::Busy { until: current.lease_expires_at.unwrap_or(now) },
         }
     }
+}
+
+/// What a refused claim is explained by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimState {
+    pub status: JobStatus,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 impl Requeue {
@@ -95,18 +145,29 @@ pub trait JobRepository: Send + Sync + 'static {
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError>;
 
-    /// Take a `pending` job, or one whose lease has lapsed, into `processing`.
-    async fn claim(&self, id: JobId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, RepoError> {
-        let mut claims = self.claim_many(&[(id, lease.clone())], now).await?;
+    /// Take a due `pending` job, or one whose lease has lapsed, into `processing`.
+    async fn claim(&self, id: JobId, lease: &Lease) -> Result<Claim, RepoError> {
+        let mut claims = self.claim_many(&[(id, lease.clone())]).await?;
         Ok(claims.pop().unwrap_or(Claim::NotFound))
     }
 
-    /// [`claim`](Self::claim) for several jobs at once, one answer per request, in order.
-    /// When one job is asked for twice, at most one of its leases wins.
-    async fn claim_many(&self, requests: &[(JobId, Lease)], now: DateTime<Utc>) -> Result<Vec<Claim>, RepoError>;
+    /// [`claim`](Self::claim) for several jobs at once, one answer per request, in order,
+    /// all decided by one statement (so none is taken unless all answers come back). When
+    /// one job is asked for twice, at most one of its leases wins.
+    async fn claim_many(&self, requests: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError>;
 
-    /// Extend a held lease; `false` when the lease was lost to another worker.
+    /// Extend a held lease to the database's `now` plus its length; `false` when the lease
+    /// was lost to another claim.
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError>;
+
+    /// Whether `owner` still holds the job with at least `margin` of its lease left, by the
+    /// database's clock. Checked just before a stored object becomes visible (fencing).
+    async fn holds(&self, id: JobId, owner: &str, margin: std::time::Duration) -> Result<bool, RepoError>;
+
+    /// Make sure every job that should be moving will be delivered: announce again the
+    /// `pending` jobs due for longer than `grace` and the `processing` jobs whose lease
+    /// lapsed, at most `limit` of them. One sweep at a time across processes.
+    async fn reconcile(&self, grace: std::time::Duration, limit: u32) -> Result<Reconciled, RepoError>;
 
     /// Persist an attempt's outcome; `false` when the lease was lost meanwhile.
     async fn settle(

@@ -1,6 +1,7 @@
 //! PostgreSQL metadata repository: the distributed mode. New jobs are announced through
 //! the `outbox` table, which the relay publishes to the queue.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::{Notify, mpsc};
 
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
-use super::{Claim, JobRepository, Lease, ListFilter, RepoError, Requeue};
+use super::{Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue};
 use crate::domain::RequestHeaders;
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
@@ -38,7 +39,11 @@ impl PgDb {
     }
 }
 
-type NewJobAt = (NewJob, DateTime<Utc>);
+/// A new job, when it was accepted, and the token that makes writing it idempotent.
+type NewJobAt = (NewJob, DateTime<Utc>, String);
+
+/// The advisory lock that lets one process at a time sweep for stuck jobs.
+const RECONCILE_LOCK: i64 = 0x6669_6c65_666c_6f77; // "fileflow"
 
 #[derive(Clone, Debug)]
 pub struct PgRepository {
@@ -61,35 +66,27 @@ impl PgRepository {
         Ok(())
     }
 
-    /// Claim one job: see [`JobRepository::claim`].
-    async fn claim_one(&self, id: JobId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, RepoError> {
-        let claimed = sqlx::query(&format!(
-            "UPDATE files SET status = 'processing', lease_owner = $2, lease_expires_at = $3, next_attempt_at = NULL, \
-             updated_at = $4 WHERE id = $1 AND (status = 'pending' OR (status = 'processing' AND lease_expires_at <= $4)) \
-             RETURNING {COLUMNS}"
-        ))
-        .bind(id.0)
-        .bind(&lease.owner)
-        .bind(lease.expires_at)
-        .bind(now)
-        .fetch_optional(&self.db.pool)
+    /// Why the jobs in `ids` that a claim did not take were refused, as the database sees
+    /// them now.
+    async fn refusals(&self, ids: &[i64]) -> Result<HashMap<i64, Claim>, RepoError> {
+        let rows = sqlx::query(
+            "SELECT id, status, lease_expires_at, next_attempt_at, now() AS db_now FROM files WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.db.pool)
         .await?;
-        if let Some(row) = claimed {
-            return Ok(Claim::Claimed(Box::new(job_from_row(&row)?)));
+        let mut refusals = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.try_get("id")?;
+            let status: String = row.try_get("status")?;
+            let state = ClaimState {
+                status: status.parse().map_err(|reason| RepoError::Corrupt { id, reason })?,
+                lease_expires_at: row.try_get("lease_expires_at")?,
+                next_attempt_at: row.try_get("next_attempt_at")?,
+            };
+            refusals.insert(id, Claim::refused(Some(state), row.try_get("db_now")?));
         }
-        let current = sqlx::query("SELECT status, lease_expires_at FROM files WHERE id = $1")
-            .bind(id.0)
-            .fetch_optional(&self.db.pool)
-            .await?;
-        let current = match current {
-            Some(row) => {
-                let status: String = row.try_get("status")?;
-                let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
-                Some((status, row.try_get::<Option<DateTime<Utc>>, _>("lease_expires_at")?))
-            }
-            None => None,
-        };
-        Ok(Claim::refused(current, now))
+        Ok(refusals)
     }
 }
 
@@ -104,25 +101,31 @@ async fn write_new_jobs(db: PgDb, batch: Vec<NewJobAt>) -> Vec<Result<Job, RepoE
 
 /// Insert `batch` (at least one job) and an outbox row for each in one statement, so
 /// they commit together in one round trip; returns the jobs in the order given.
+///
+/// Idempotent: a job whose accept token is already recorded (the statement is retried
+/// after a commit whose answer was lost) is returned as written, not written again.
 async fn insert_jobs(db: &PgDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
     let rows = sqlx::query(&format!(
         "WITH created AS ( \
              INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
-             created_at, updated_at) \
-             SELECT u, b, k, s, m, h, t, t \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[]) \
-             WITH ORDINALITY AS v (u, b, k, s, m, h, t, n) ORDER BY n \
+             created_at, updated_at, accept_token) \
+             SELECT u, b, k, s, m, h, t, t, a \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], \
+             $8::text[]) WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, n) ORDER BY n \
+             ON CONFLICT (accept_token) DO NOTHING \
              RETURNING {COLUMNS}), \
          queued AS (INSERT INTO outbox (job_id, attempt) SELECT id, 1 FROM created ORDER BY id) \
-         SELECT * FROM created"
+         SELECT * FROM created \
+         UNION ALL SELECT {COLUMNS} FROM files WHERE accept_token = ANY($8)"
     ))
-    .bind(batch.iter().map(|(job, _)| job.source.as_str()).collect::<Vec<_>>())
-    .bind(batch.iter().map(|(job, _)| job.bucket.as_str()).collect::<Vec<_>>())
-    .bind(batch.iter().map(|(job, _)| job.key.as_str()).collect::<Vec<_>>())
-    .bind(batch.iter().map(|(job, _)| job.expected_sha256.as_ref().map(|s| s.as_str())).collect::<Vec<_>>())
-    .bind(batch.iter().map(|(job, _)| job.expected_md5.as_ref().map(|s| s.as_str())).collect::<Vec<_>>())
-    .bind(batch.iter().map(|(job, _)| (!job.headers.is_empty()).then(|| job.headers.to_json())).collect::<Vec<_>>())
-    .bind(batch.iter().map(|(_, now)| *now).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.source.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.bucket.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.key.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.expected_sha256.as_ref().map(|s| s.as_str())).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.expected_md5.as_ref().map(|s| s.as_str())).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| (!job.headers.is_empty()).then(|| job.headers.to_json())).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(_, now, _)| *now).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(.., token)| token.as_str()).collect::<Vec<_>>())
     .fetch_all(&db.pool)
     .await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
@@ -169,7 +172,8 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
 #[async_trait]
 impl JobRepository for PgRepository {
     async fn create(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Job, RepoError> {
-        through(&self.creates, (job.clone(), now)).await.ok_or(sqlx::Error::PoolClosed)?
+        let token = format!("{:032x}", rand::random::<u128>());
+        through(&self.creates, (job.clone(), now, token)).await.ok_or(sqlx::Error::PoolClosed)?
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError> {
@@ -193,22 +197,111 @@ impl JobRepository for PgRepository {
         rows.iter().map(job_from_row).collect()
     }
 
-    async fn claim_many(&self, requests: &[(JobId, Lease)], now: DateTime<Utc>) -> Result<Vec<Claim>, RepoError> {
-        // One statement each, side by side on the pool: a batch update of rows that other
-        // workers may be claiming too could deadlock.
-        futures::future::try_join_all(requests.iter().map(|(id, lease)| self.claim_one(*id, lease, now))).await
+    async fn claim_many(&self, requests: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement: rows are locked in id order and rows another claim holds are
+        // skipped, so batches cannot deadlock; expiry and due times are judged by the
+        // database's clock; either every claim of the batch is taken or none is.
+        let rows = sqlx::query(&format!(
+            "WITH asked AS ( \
+                 SELECT DISTINCT ON (aid) aid, aowner, ams, n \
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) WITH ORDINALITY AS a (aid, aowner, ams, n) \
+                 ORDER BY aid, n), \
+             claimable AS ( \
+                 SELECT f.id AS cid FROM files f JOIN asked ON asked.aid = f.id \
+                 WHERE (f.status = 'pending' AND (f.next_attempt_at IS NULL OR f.next_attempt_at <= now())) \
+                    OR (f.status = 'processing' AND f.lease_expires_at <= now()) \
+                 ORDER BY f.id FOR UPDATE OF f SKIP LOCKED) \
+             UPDATE files SET status = 'processing', lease_owner = asked.aowner, \
+                 lease_expires_at = now() + asked.ams * interval '1 millisecond', next_attempt_at = NULL, \
+                 updated_at = now() \
+             FROM asked, claimable WHERE files.id = asked.aid AND files.id = claimable.cid \
+             RETURNING {COLUMNS}, lease_owner"
+        ))
+        .bind(requests.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
+        .bind(requests.iter().map(|(_, lease)| lease.owner.as_str()).collect::<Vec<_>>())
+        .bind(requests.iter().map(|(_, lease)| lease.millis()).collect::<Vec<_>>())
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut claimed = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let owner: String = row.try_get("lease_owner")?;
+            claimed.insert(owner, job_from_row(row)?);
+        }
+        let refused: Vec<i64> = requests
+            .iter()
+            .filter(|(_, lease)| !claimed.contains_key(&lease.owner))
+            .map(|(id, _)| id.0)
+            .collect();
+        let refusals = if refused.is_empty() { HashMap::new() } else { self.refusals(&refused).await? };
+        Ok(requests
+            .iter()
+            .map(|(id, lease)| match claimed.remove(&lease.owner) {
+                Some(job) => Claim::Claimed(Box::new(job)),
+                None => refusals.get(&id.0).cloned().unwrap_or(Claim::NotFound),
+            })
+            .collect())
     }
 
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError> {
         let done = sqlx::query(
-            "UPDATE files SET lease_expires_at = $3 WHERE id = $1 AND status = 'processing' AND lease_owner = $2",
+            "UPDATE files SET lease_expires_at = now() + $3 * interval '1 millisecond' \
+             WHERE id = $1 AND status = 'processing' AND lease_owner = $2",
         )
         .bind(id.0)
         .bind(&lease.owner)
-        .bind(lease.expires_at)
+        .bind(lease.millis())
         .execute(&self.db.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn holds(&self, id: JobId, owner: &str, margin: Duration) -> Result<bool, RepoError> {
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM files WHERE id = $1 AND status = 'processing' AND lease_owner = $2 \
+             AND lease_expires_at > now() + $3 * interval '1 millisecond')",
+        )
+        .bind(id.0)
+        .bind(owner)
+        .bind(i64::try_from(margin.as_millis()).unwrap_or(i64::MAX / 4))
+        .fetch_one(&self.db.pool)
+        .await?;
+        Ok(held)
+    }
+
+    async fn reconcile(&self, grace: Duration, limit: u32) -> Result<Reconciled, RepoError> {
+        // One statement: the advisory lock makes it one sweep at a time across processes;
+        // a job with an outbox row is still on its way and is left alone.
+        let row = sqlx::query(
+            "WITH sweeper AS (SELECT pg_try_advisory_xact_lock($3) AS mine), \
+             stuck AS ( \
+                 SELECT f.id, f.status, f.retry_count FROM files f, sweeper \
+                 WHERE sweeper.mine AND f.status IN ('pending', 'processing') \
+                   AND ((f.status = 'pending' \
+                         AND greatest(f.updated_at, f.announced_at, f.next_attempt_at) \
+                             < now() - $1 * interval '1 millisecond') \
+                     OR (f.status = 'processing' AND f.lease_expires_at <= now() \
+                         AND (f.announced_at IS NULL OR f.announced_at < now() - $1 * interval '1 millisecond'))) \
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = f.id) \
+                 ORDER BY f.id LIMIT $2 FOR UPDATE OF f SKIP LOCKED), \
+             marked AS (UPDATE files SET announced_at = now() FROM stuck WHERE files.id = stuck.id), \
+             queued AS (INSERT INTO outbox (job_id, attempt) SELECT id, retry_count + 1 FROM stuck ORDER BY id) \
+             SELECT count(*) FILTER (WHERE status = 'pending') AS pending, \
+                    count(*) FILTER (WHERE status = 'processing') AS expired FROM stuck",
+        )
+        .bind(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 4))
+        .bind(i64::from(limit))
+        .bind(RECONCILE_LOCK)
+        .fetch_one(&self.db.pool)
+        .await?;
+        let count = |name: &str| row.try_get::<i64, _>(name).map(|n| u64::try_from(n).unwrap_or(0));
+        let swept = Reconciled { pending: count("pending")?, expired: count("expired")? };
+        if swept.total() > 0 {
+            self.db.outboxed.notify_waiters();
+        }
+        Ok(swept)
     }
 
     async fn settle(

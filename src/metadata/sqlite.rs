@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::writer::Writer;
-use super::{Claim, JobRepository, Lease, ListFilter, RepoError, Requeue};
+use super::{Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue};
 use crate::domain::RequestHeaders;
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
 
@@ -35,6 +35,8 @@ pub struct SqliteDb {
     writer: Writer,
     /// Woken whenever a queue row becomes deliverable, so idle workers start at once.
     pub queued: Arc<Notify>,
+    /// The database file (`None` for an in-memory database).
+    pub file: Option<std::path::PathBuf>,
 }
 
 impl SqliteDb {
@@ -43,9 +45,9 @@ impl SqliteDb {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // WAL + NORMAL is durable against process crashes; a power loss may lose the
-            // last transactions but never corrupts the database.
-            .synchronous(SqliteSynchronous::Normal)
+            // WAL + FULL syncs the log at every commit, so a job answered 202 survives a
+            // power loss, not only a crash (group commit keeps that to one sync per group).
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         // The writer connects first, so it is the one that creates the file and sets WAL.
@@ -53,7 +55,8 @@ impl SqliteDb {
         // A local file does not go stale: no ping before each use.
         let reads =
             SqlitePoolOptions::new().max_connections(8).test_before_acquire(false).connect_with(options).await?;
-        Ok(Self { reads, writer, queued: Arc::new(Notify::new()) })
+        let file = Some(options.get_filename().to_path_buf()).filter(|f| !f.as_os_str().is_empty() && f != ":memory:");
+        Ok(Self { reads, writer, queued: Arc::new(Notify::new()), file })
     }
 
     /// Run `work` on the write connection, after the writes queued before it. The work
@@ -170,10 +173,12 @@ async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>,
 }
 
 /// Claim jobs in one statement (one thread hand-off however many); a job asked for twice
-/// goes to one of its leases. Jobs not claimed are looked up to say why.
-async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)], now: DateTime<Utc>) -> Result<Vec<Claim>, RepoError> {
+/// goes to one of its leases. Expiry and due times are judged by the clock of the machine
+/// the database lives on, read when the statement runs. Jobs not claimed are looked up to
+/// say why.
+async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError> {
     let mut sql = String::from(
-        "UPDATE files SET status = 'processing', lease_owner = v.column2, lease_expires_at = v.column3, \
+        "UPDATE files SET status = 'processing', lease_owner = v.column2, lease_expires_at = ?1 + v.column3, \
          next_attempt_at = NULL, updated_at = ?1 FROM (VALUES ",
     );
     for i in 0..batch.len() {
@@ -183,23 +188,25 @@ async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)], now: DateTime<Utc>)
     let _ = write!(
         sql,
         ") AS v WHERE files.id = v.column1 \
-         AND (files.status = 'pending' OR (files.status = 'processing' AND files.lease_expires_at <= ?1)) \
+         AND ((files.status = 'pending' AND (files.next_attempt_at IS NULL OR files.next_attempt_at <= ?1)) \
+              OR (files.status = 'processing' AND files.lease_expires_at <= ?1)) \
          RETURNING {COLUMNS}, lease_owner"
     );
     let owned = batch.to_vec();
-    let mut claimed = db
+    let (now, mut claimed) = db
         .write(move |c| {
             Box::pin(async move {
+                let now = Utc::now();
                 let mut query = sqlx::query(&sql).bind(to_millis(now));
                 for (id, lease) in &owned {
-                    query = query.bind(id.0).bind(&lease.owner).bind(to_millis(lease.expires_at));
+                    query = query.bind(id.0).bind(&lease.owner).bind(lease.millis());
                 }
                 let mut claimed = Vec::new();
                 for row in query.fetch_all(c).await? {
                     let owner: String = row.try_get("lease_owner")?;
                     claimed.push((owner, job_from_row(&row)?));
                 }
-                Ok::<_, RepoError>(claimed)
+                Ok::<_, RepoError>((now, claimed))
             })
         })
         .await?;
@@ -209,23 +216,26 @@ async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)], now: DateTime<Utc>)
         let won = claimed.iter().position(|(owner, job)| job.id == *id && *owner == lease.owner);
         let claim = match won {
             Some(at) => Claim::Claimed(Box::new(claimed.swap_remove(at).1)),
-            None => Claim::refused(current_lease(db, *id).await?, now),
+            None => Claim::refused(claim_state(db, *id).await?, now),
         };
         claims.push(claim);
     }
     Ok(claims)
 }
 
-/// A job's status and lease expiry as they are now (`None`: no such job).
-async fn current_lease(db: &SqliteDb, id: JobId) -> Result<Option<(JobStatus, Option<DateTime<Utc>>)>, RepoError> {
-    let row = sqlx::query("SELECT status, lease_expires_at FROM files WHERE id = ?1")
+/// What explains a refused claim of the job, as it is now (`None`: no such job).
+async fn claim_state(db: &SqliteDb, id: JobId) -> Result<Option<ClaimState>, RepoError> {
+    let row = sqlx::query("SELECT status, lease_expires_at, next_attempt_at FROM files WHERE id = ?1")
         .bind(id.0)
         .fetch_optional(&db.reads)
         .await?;
     let Some(row) = row else { return Ok(None) };
     let status: String = row.try_get("status")?;
-    let status = status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?;
-    Ok(Some((status, row.try_get::<Option<i64>, _>("lease_expires_at")?.map(from_millis))))
+    Ok(Some(ClaimState {
+        status: status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?,
+        lease_expires_at: row.try_get::<Option<i64>, _>("lease_expires_at")?.map(from_millis),
+        next_attempt_at: row.try_get::<Option<i64>, _>("next_attempt_at")?.map(from_millis),
+    }))
 }
 
 /// Insert `batch` (at least one job) in one statement, which also queues each job (the
@@ -332,16 +342,16 @@ impl JobRepository for SqliteRepository {
         rows.iter().map(job_from_row).collect()
     }
 
-    async fn claim_many(&self, requests: &[(JobId, Lease)], now: DateTime<Utc>) -> Result<Vec<Claim>, RepoError> {
+    async fn claim_many(&self, requests: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError> {
         let mut claims = Vec::with_capacity(requests.len());
         for chunk in requests.chunks(MAX_BATCH) {
-            claims.extend(claim_jobs(&self.db, chunk, now).await?);
+            claims.extend(claim_jobs(&self.db, chunk).await?);
         }
         Ok(claims)
     }
 
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError> {
-        let (owner, expires_at) = (lease.owner.clone(), to_millis(lease.expires_at));
+        let (owner, length) = (lease.owner.clone(), lease.millis());
         let done = self
             .db
             .write(move |c| {
@@ -351,12 +361,64 @@ impl JobRepository for SqliteRepository {
                 )
                 .bind(id.0)
                 .bind(owner)
-                .bind(expires_at)
+                .bind(to_millis(Utc::now()).saturating_add(length))
                 .execute(c)
                 .boxed()
             })
             .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn holds(&self, id: JobId, owner: &str, margin: Duration) -> Result<bool, RepoError> {
+        let margin = i64::try_from(margin.as_millis()).unwrap_or(i64::MAX / 4);
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM files WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2 \
+             AND lease_expires_at > ?3)",
+        )
+        .bind(id.0)
+        .bind(owner)
+        .bind(to_millis(Utc::now()).saturating_add(margin))
+        .fetch_one(&self.db.reads)
+        .await?;
+        Ok(held)
+    }
+
+    async fn reconcile(&self, grace: Duration, limit: u32) -> Result<Reconciled, RepoError> {
+        // The queue lives in this database and is written with the jobs, so nothing is
+        // lost between the two; this sweep is the check that keeps it so: an unfinished job
+        // without a queue row (which no write of fileflow's leaves) gets one back.
+        let grace = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 4);
+        let rows = self
+            .db
+            .write(move |c| {
+                let now = to_millis(Utc::now());
+                sqlx::query(
+                    "INSERT INTO queue (job_id, attempt, due_at) \
+                     SELECT id, retry_count + 1, MAX(COALESCE(next_attempt_at, 0), ?1) FROM files \
+                     WHERE status IN ('pending', 'processing') AND updated_at < ?1 - ?2 \
+                       AND (status = 'pending' OR lease_expires_at <= ?1) \
+                       AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.job_id = files.id) \
+                     ORDER BY id LIMIT ?3 \
+                     RETURNING job_id, (SELECT status FROM files f WHERE f.id = job_id) AS status",
+                )
+                .bind(now)
+                .bind(grace)
+                .bind(i64::from(limit))
+                .fetch_all(c)
+                .boxed()
+            })
+            .await?;
+        let mut swept = Reconciled::default();
+        for row in &rows {
+            match row.try_get::<String, _>("status")?.as_str() {
+                "pending" => swept.pending += 1,
+                _ => swept.expired += 1,
+            }
+        }
+        if swept.total() > 0 {
+            self.db.queued.notify_waiters();
+        }
+        Ok(swept)
     }
 
     async fn settle(

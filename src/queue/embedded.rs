@@ -3,12 +3,13 @@
 //! A receive locks a due row for a while (the lock is the delivery); a worker that dies
 //! leaves its lock to lapse, and the row is delivered again.
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::FutureExt as _;
-use sqlx::Row;
+use sqlx::{Connection as _, Row};
 
 use super::{Delivery, Queue, QueueError};
 use crate::lifecycle::JobId;
@@ -29,6 +30,64 @@ pub struct EmbeddedQueue {
 impl EmbeddedQueue {
     pub fn new(db: SqliteDb, lock_for: Duration, consumer: impl Into<String>) -> Self {
         Self { db, lock_for, consumer: consumer.into() }
+    }
+
+    /// Hand back at once the jobs and deliveries held by consumers that are gone (a
+    /// process of this database that was killed), instead of waiting out their leases.
+    /// A consumer is gone when nobody holds the lock on its file in `owners`
+    /// ([`ConsumerLock`]); returns how many jobs were handed back.
+    pub async fn recover_dead_consumers(&self, owners: &Path) -> Result<u64, QueueError> {
+        let holders: Vec<String> = sqlx::query_scalar(
+            "SELECT lease_owner FROM files WHERE status = 'processing' AND lease_owner IS NOT NULL \
+             UNION SELECT locked_by FROM queue WHERE locked_by IS NOT NULL",
+        )
+        .fetch_all(&self.db.reads)
+        .await?;
+        let mut dead: Vec<String> = holders
+            .iter()
+            .filter_map(|owner| owner.split_once(':').map(|(consumer, _)| consumer.to_owned()))
+            .filter(|consumer| *consumer != self.consumer && !ConsumerLock::is_held(owners, consumer))
+            .collect();
+        dead.sort_unstable();
+        dead.dedup();
+        let mut recovered = 0;
+        for consumer in dead {
+            let prefix = format!("{consumer}:");
+            let now = to_millis(Utc::now());
+            let jobs = self
+                .db
+                .write(move |c| {
+                    Box::pin(async move {
+                        let mut tx = c.begin().await?;
+                        let jobs = sqlx::query(
+                            "UPDATE files SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, \
+                             updated_at = ?2 WHERE status = 'processing' AND substr(lease_owner, 1, length(?1)) = ?1",
+                        )
+                        .bind(&prefix)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        sqlx::query(
+                            "UPDATE queue SET locked_by = NULL, locked_until = NULL \
+                             WHERE substr(locked_by, 1, length(?1)) = ?1",
+                        )
+                        .bind(&prefix)
+                        .execute(&mut *tx)
+                        .await?;
+                        tx.commit().await?;
+                        Ok::<_, sqlx::Error>(jobs)
+                    })
+                })
+                .await?;
+            tracing::info!(consumer, jobs, "handed back the jobs of a process that is gone");
+            ConsumerLock::forget(owners, &consumer);
+            recovered += jobs;
+        }
+        if recovered > 0 {
+            self.db.queued.notify_waiters();
+        }
+        Ok(recovered)
     }
 
     fn lock_until(&self, now: DateTime<Utc>) -> i64 {
@@ -79,6 +138,38 @@ impl EmbeddedQueue {
             .fetch_one(&self.db.reads)
             .await?;
         Ok(next.map(from_millis))
+    }
+}
+
+/// Marks a consumer (a worker process of the embedded stack) as alive for as long as the
+/// process runs: an exclusive lock on `<owners>/<consumer>.lock`, which the operating
+/// system drops when the process ends, however it ends.
+pub struct ConsumerLock {
+    _file: std::fs::File,
+}
+
+impl ConsumerLock {
+    /// Take the lock for `consumer`.
+    pub fn take(owners: &Path, consumer: &str) -> std::io::Result<Self> {
+        std::fs::create_dir_all(owners)?;
+        let file = std::fs::File::create(owners.join(format!("{consumer}.lock")))?;
+        file.try_lock().map_err(std::io::Error::other)?;
+        Ok(Self { _file: file })
+    }
+
+    /// Whether a live process holds `consumer`'s lock.
+    fn is_held(owners: &Path, consumer: &str) -> bool {
+        let Ok(file) = std::fs::File::open(owners.join(format!("{consumer}.lock"))) else { return false };
+        match file.try_lock() {
+            Ok(()) => false,
+            Err(std::fs::TryLockError::WouldBlock) => true,
+            // Cannot tell: treat it as alive, its leases will lapse.
+            Err(std::fs::TryLockError::Error(_)) => true,
+        }
+    }
+
+    fn forget(owners: &Path, consumer: &str) {
+        let _ = std::fs::remove_file(owners.join(format!("{consumer}.lock")));
     }
 }
 
@@ -168,6 +259,18 @@ impl Queue for EmbeddedQueue {
             .await?;
         self.db.queued.notify_waiters();
         Ok(())
+    }
+
+    async fn defer(&self, delivery: &Delivery, until: DateTime<Utc>) -> Result<(), QueueError> {
+        self.retry(delivery, delivery.attempt, until).await
+    }
+
+    async fn abandon(&self, delivery: &Delivery) {
+        // Unlock the row so the job's record decides at once; if even that fails, the lock
+        // lapses after the lease length.
+        if let Err(e) = self.release(delivery).await {
+            tracing::warn!(job_id = %delivery.job_id, error = %e, "cannot unlock a delivery; its lock will lapse");
+        }
     }
 
     async fn keep_alive(&self, delivery: &Delivery) -> Result<(), QueueError> {

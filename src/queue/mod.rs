@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 
 use crate::lifecycle::JobId;
 
-pub use embedded::EmbeddedQueue;
+pub use embedded::{ConsumerLock, EmbeddedQueue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -71,4 +71,15 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Keep a long-running delivery from being handed to another worker.
     async fn keep_alive(&self, delivery: &Delivery) -> Result<(), QueueError>;
+
+    /// The job cannot start before `until` (another worker holds it, or its retry is not
+    /// due): see that it is delivered again then, or leave that to the database, whose
+    /// reconciler announces again every job that should be moving and is not.
+    async fn defer(&self, delivery: &Delivery, until: DateTime<Utc>) -> Result<(), QueueError>;
+
+    /// This worker cannot see the delivery through (an infrastructure error, or its lease
+    /// was lost): let go of it so nothing waits on it, without a promise of redelivery.
+    /// The job's record says what happens next (the reconciler, or a lapsing lock, brings
+    /// it back within a bound).
+    async fn abandon(&self, delivery: &Delivery);
 }

@@ -9,7 +9,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::{Path as StorePath, PathPart};
 use object_store::{ObjectStoreExt as _, PutPayload, WriteMultipart};
 
-use super::{ByteStream, Head, ObjectStore, PutOutcome, ReadError, StoredBody, read_head};
+use super::{ByteStream, Fence, Head, ObjectStore, PutOutcome, ReadError, StoredBody, read_head};
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::JobError;
 
@@ -47,12 +47,14 @@ impl ObjectStore for LocalStore {
         key: &ObjectKey,
         _content_type: &str,
         mut body: ByteStream,
+        fence: &dyn Fence,
     ) -> Result<PutOutcome, JobError> {
         let location = Self::location(bucket, key);
         // A body that fits in one chunk is written, synced and renamed into place in one
         // go on the blocking pool; a larger one streams through a staged multipart write.
         let start = match read_head(&mut body, CHUNK).await? {
             Head::Whole(chunks) => {
+                fence.check().await?;
                 self.fs
                     .put(&location, PutPayload::from_iter(chunks))
                     .await
@@ -79,7 +81,7 @@ impl ObjectStore for LocalStore {
                     .map_err(|e| JobError::transient(format!("local store: write failed: {e}")))?;
                 writer.put(chunk);
             }
-            Ok(())
+            fence.check().await
         }
         .await;
         match written {

@@ -38,16 +38,37 @@ pub enum ReadError {
     Store(String),
 }
 
+/// Asked just before a stored object becomes visible (the rename into place, the single
+/// PUT, the multipart completion): an error stops the write and nothing is left in place.
+/// Workers answer with their lease, so a worker that lost its job cannot replace the
+/// object another worker has stored since.
+#[async_trait]
+pub trait Fence: Send + Sync {
+    async fn check(&self) -> Result<(), JobError>;
+}
+
+/// No fence: the write is the caller's alone (tests, tools).
+pub struct Unfenced;
+
+#[async_trait]
+impl Fence for Unfenced {
+    async fn check(&self) -> Result<(), JobError> {
+        Ok(())
+    }
+}
+
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
-    /// Store `body` at `bucket/key`, all or nothing: if the stream yields an error the
-    /// upload is aborted, nothing is left in place, and that error is returned.
+    /// Store `body` at `bucket/key`, all or nothing: if the stream yields an error, or the
+    /// `fence` refuses just before the object would become visible, the upload is
+    /// aborted, nothing is left in place, and that error is returned.
     async fn put(
         &self,
         bucket: &BucketName,
         key: &ObjectKey,
         content_type: &str,
         body: ByteStream,
+        fence: &dyn Fence,
     ) -> Result<PutOutcome, JobError>;
 
     /// Open a stored object for reading.

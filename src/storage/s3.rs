@@ -17,7 +17,7 @@ use object_store::{
 };
 use url::Url;
 
-use super::{ByteStream, Head, ObjectStore, PutOutcome, ReadError, StoredBody, read_head};
+use super::{ByteStream, Fence, Head, ObjectStore, PutOutcome, ReadError, StoredBody, read_head};
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobError};
 use crate::links::DownloadLinks;
@@ -127,9 +127,11 @@ impl S3Store {
         location: &StorePath,
         content_type: &str,
         rest: &mut ByteStream,
+        fence: &dyn Fence,
     ) -> Result<PutOutcome, JobError> {
         let parts = match read_head(rest, MIN_PART).await? {
             Head::Whole(parts) => {
+                fence.check().await?;
                 let options = PutOptions { attributes: content_type_attr(content_type), ..Default::default() };
                 let put = store
                     .put_opts(location, PutPayload::from_iter(parts), options)
@@ -152,7 +154,9 @@ impl S3Store {
                 w.wait_for_capacity(1).await.map_err(|e| classify(&e, "S3 part upload"))?;
                 w.put(chunk);
             }
-            Ok(())
+            // Parts already sent are done; the last one and the completion come after the check.
+            w.wait_for_capacity(0).await.map_err(|e| classify(&e, "S3 part upload"))?;
+            fence.check().await
         }
         .await;
         let w = writer.0.take().expect("present until finished");
@@ -229,12 +233,13 @@ impl ObjectStore for S3Store {
         key: &ObjectKey,
         content_type: &str,
         mut body: ByteStream,
+        fence: &dyn Fence,
     ) -> Result<PutOutcome, JobError> {
         let store = self.bucket(bucket.as_str())?;
         if self.settings.create_buckets {
             self.ensure_bucket(&store, bucket).await?;
         }
-        self.upload(&store, &location(key), content_type, &mut body)
+        self.upload(&store, &location(key), content_type, &mut body, fence)
             .await
             .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
     }

@@ -16,11 +16,11 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::domain::{BucketName, ObjectKey};
-use crate::fetch::Fetcher;
+use crate::fetch::{Fetcher, MinRate, at_least};
 use crate::lifecycle::{Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle};
 use crate::metadata::{Claim, JobRepository, Lease, RepoError};
 use crate::queue::{Delivery, Queue, QueueError};
-use crate::storage::ObjectStore;
+use crate::storage::{Fence, ObjectStore};
 
 pub use verify::{Digests, Expectations, verified};
 
@@ -33,6 +33,8 @@ pub struct WorkerSettings {
     pub max_file_size: u64,
     /// Longest one attempt may take, however the origin trickles.
     pub transfer_timeout: Duration,
+    /// The slowest an origin may send, averaged over a window, before the attempt is cut.
+    pub min_rate: MinRate,
 }
 
 /// What one step did.
@@ -83,25 +85,39 @@ impl Worker {
         self.handle(delivery, abort).await
     }
 
-    /// Claim the delivery's job and see it through.
+    /// Claim the delivery's job and see it through. On an infrastructure error the
+    /// delivery is let go of (see [`Queue::abandon`]) before the error is returned.
     pub async fn handle(&self, delivery: Delivery, abort: &CancellationToken) -> Result<WorkOutcome, WorkerError> {
-        let lease = self.lease_from(&delivery.token, Utc::now());
-        let claim = self.repo.claim(delivery.job_id, &lease, Utc::now()).await?;
+        let lease = Lease::for_claim(&delivery.token, self.settings.lease);
+        let claim = match self.repo.claim(delivery.job_id, &lease).await {
+            Ok(claim) => claim,
+            Err(e) => {
+                self.queue.abandon(&delivery).await;
+                return Err(e.into());
+            }
+        };
         self.work(delivery, lease, claim, abort, None).await
     }
 
     /// Claim the jobs of several deliveries at once (one request to the repository), each
-    /// under a lease named after its delivery.
+    /// under a lease of its own. If that fails, every delivery is let go of.
     async fn claim_all(&self, deliveries: &[Delivery]) -> Result<Vec<(Lease, Claim)>, WorkerError> {
-        let now = Utc::now();
-        let requests: Vec<_> = deliveries.iter().map(|d| (d.job_id, self.lease_from(&d.token, now))).collect();
-        let claims = self.repo.claim_many(&requests, now).await?;
-        Ok(requests.into_iter().map(|(_, lease)| lease).zip(claims).collect())
+        let requests: Vec<_> =
+            deliveries.iter().map(|d| (d.job_id, Lease::for_claim(&d.token, self.settings.lease))).collect();
+        match self.repo.claim_many(&requests).await {
+            Ok(claims) => Ok(requests.into_iter().map(|(_, lease)| lease).zip(claims).collect()),
+            Err(e) => {
+                futures::future::join_all(deliveries.iter().map(|d| self.queue.abandon(d))).await;
+                Err(e.into())
+            }
+        }
     }
 
-    /// See a delivery through once its job's claim is known. In a pool, the job waits in
-    /// its `slot` for a free transfer slot, and gives that up as soon as the transfer ends,
-    /// for a place among the outcomes being recorded.
+    /// See a delivery through once its job's claim is known: claim → attempt → record. In
+    /// a pool, the job waits in its `slot` for a free transfer slot, and gives that up as
+    /// soon as the transfer ends, for a place among the outcomes being recorded. Whatever
+    /// fails on the way, the delivery is acknowledged, handed back or let go of: a worker
+    /// never sits on a message.
     async fn work(
         &self,
         delivery: Delivery,
@@ -110,24 +126,62 @@ impl Worker {
         abort: &CancellationToken,
         slot: Option<Slot>,
     ) -> Result<WorkOutcome, WorkerError> {
+        let outcome = match self.claimed(&delivery, claim).await {
+            Ok(Claimed::Job(job)) => self.attempt_and_record(&delivery, &lease, *job, abort, slot).await,
+            Ok(Claimed::Done(outcome)) => Ok(outcome),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(WorkOutcome::LeaseLost(id)) => {
+                self.queue.abandon(&delivery).await;
+                Ok(WorkOutcome::LeaseLost(id))
+            }
+            Ok(outcome) => Ok(outcome),
+            Err(e) => {
+                self.queue.abandon(&delivery).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// What a claim means for the delivery: a job to work on, or an outcome already.
+    async fn claimed(&self, delivery: &Delivery, claim: Claim) -> Result<Claimed, WorkerError> {
         let id = delivery.job_id;
-        let job = match claim {
-            Claim::Claimed(job) => job,
+        let outcome = match claim {
+            Claim::Claimed(job) => return Ok(Claimed::Job(job)),
             Claim::Busy { until } => {
-                self.queue.retry(&delivery, delivery.attempt, until).await?;
-                return Ok(WorkOutcome::Deferred(id));
+                self.queue.defer(delivery, until).await?;
+                WorkOutcome::Deferred(id)
+            }
+            Claim::NotDue { at } => {
+                tracing::info!(job_id = %id, due_at = %at.to_rfc3339(), "delivery came before the retry is due; deferred");
+                self.queue.defer(delivery, at).await?;
+                WorkOutcome::Deferred(id)
             }
             Claim::Finished(status) => {
                 tracing::info!(job_id = %id, %status, "duplicate delivery of a finished job ignored");
-                self.queue.ack(&delivery).await?;
-                return Ok(WorkOutcome::Skipped(id));
+                self.queue.ack(delivery).await?;
+                WorkOutcome::Skipped(id)
             }
             Claim::NotFound => {
                 tracing::warn!(job_id = %id, "delivery names an unknown job; dead-lettered");
-                self.queue.dead_letter(&delivery, "no such job").await?;
-                return Ok(WorkOutcome::Skipped(id));
+                self.queue.dead_letter(delivery, "no such job").await?;
+                WorkOutcome::Skipped(id)
             }
         };
+        Ok(Claimed::Done(outcome))
+    }
+
+    /// Run one attempt at a claimed job under its lease, then record what it came to.
+    async fn attempt_and_record(
+        &self,
+        delivery: &Delivery,
+        lease: &Lease,
+        job: Job,
+        abort: &CancellationToken,
+        slot: Option<Slot>,
+    ) -> Result<WorkOutcome, WorkerError> {
+        let id = job.id;
         let attempt = job.retry_count + 1;
         // In a pool the job may have been claimed ahead of a free transfer slot: it waits
         // for one under its lease, and goes back to the queue if the pool stops meanwhile.
@@ -138,7 +192,8 @@ impl Worker {
             };
             tracing::info!(job_id = %id, attempt, bucket = %job.bucket_name, key = %job.object_name, "job started");
             let started = Instant::now();
-            let outcome = tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job)).await;
+            let fence = LeaseFence { repo: &*self.repo, id, owner: &lease.owner, margin: self.fence_margin() };
+            let outcome = tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job, &fence)).await;
             let outcome = outcome.unwrap_or_else(|_| {
                 Err(JobError::transient(format!(
                     "transfer did not finish within {}",
@@ -149,7 +204,7 @@ impl Worker {
         };
         let ran = tokio::select! {
             ran = run => ran,
-            () = self.hold_lease(id, &lease, &delivery) => {
+            () = self.hold_lease(id, lease, delivery) => {
                 tracing::warn!(job_id = %id, attempt, "lease lost; abandoning this attempt");
                 return Ok(WorkOutcome::LeaseLost(id));
             }
@@ -157,7 +212,7 @@ impl Worker {
         };
         let Some((outcome, transferring, started)) = ran else {
             self.repo.release(id, &lease.owner, Utc::now()).await?;
-            self.queue.release(&delivery).await?;
+            self.queue.release(delivery).await?;
             tracing::info!(job_id = %id, attempt, "job handed back at shutdown");
             return Ok(WorkOutcome::HandedBack(id));
         };
@@ -165,32 +220,42 @@ impl Worker {
             Some(transferring) => Some(transferring.done().await),
             None => None,
         };
-
         let now = Utc::now();
         let settlement = settle(job.retry_count, outcome, &self.settings.policy, now, rand::random());
         if !self.repo.settle(id, &lease.owner, &settlement, now).await? {
             tracing::warn!(job_id = %id, attempt, "lease lost before the outcome was recorded");
             return Ok(WorkOutcome::LeaseLost(id));
         }
-        let elapsed_ms = started.elapsed().as_millis() as u64;
+        self.record(delivery, settlement, attempt, started.elapsed()).await
+    }
+
+    /// Tell the queue what the recorded outcome means for the delivery.
+    async fn record(
+        &self,
+        delivery: &Delivery,
+        settlement: Settlement,
+        attempt: u32,
+        elapsed: Duration,
+    ) -> Result<WorkOutcome, WorkerError> {
+        let (id, elapsed_ms) = (delivery.job_id, elapsed.as_millis() as u64);
         Ok(match settlement {
             Settlement::Completed(stored) => {
                 if !self.queue.final_outcome_dequeues() {
-                    self.queue.ack(&delivery).await?;
+                    self.queue.ack(delivery).await?;
                 }
                 tracing::info!(job_id = %id, attempt, outcome = "completed", size = stored.size,
                     etag = %stored.etag, elapsed_ms, "job completed");
                 WorkOutcome::Completed(id)
             }
             Settlement::RetryScheduled { retry_count, last_error, due_at } => {
-                self.queue.retry(&delivery, retry_count + 1, due_at).await?;
+                self.queue.retry(delivery, retry_count + 1, due_at).await?;
                 tracing::warn!(job_id = %id, attempt, outcome = "retry", error = %last_error,
                     due_at = %due_at.to_rfc3339(), elapsed_ms, "job attempt failed; retry scheduled");
                 WorkOutcome::RetryScheduled { id, retry_count, due_at }
             }
             Settlement::Failed { last_error } => {
                 if !self.queue.final_outcome_dequeues() {
-                    self.queue.dead_letter(&delivery, &last_error).await?;
+                    self.queue.dead_letter(delivery, &last_error).await?;
                 }
                 tracing::error!(job_id = %id, attempt, outcome = "failed", error = %last_error,
                     elapsed_ms, "job failed");
@@ -199,9 +264,10 @@ impl Worker {
         })
     }
 
-    fn lease_from(&self, owner: &str, now: DateTime<Utc>) -> Lease {
-        let length = chrono::Duration::from_std(self.settings.lease).unwrap_or(chrono::Duration::MAX);
-        Lease { owner: owner.to_owned(), expires_at: now + length }
+    /// How much of its lease a worker must still hold, by the database's clock, when it
+    /// makes a stored object visible: one renewal interval.
+    fn fence_margin(&self) -> Duration {
+        lease_renew_interval(self.settings.lease)
     }
 
     /// Renew the job's lease and the message's lock until the lease is lost (never returns
@@ -211,7 +277,7 @@ impl Worker {
         tick.tick().await;
         loop {
             tick.tick().await;
-            match self.repo.renew(id, &self.lease_from(&lease.owner, Utc::now())).await {
+            match self.repo.renew(id, lease).await {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => tracing::warn!(job_id = %id, error = %e, "could not renew lease"),
@@ -223,7 +289,7 @@ impl Worker {
     }
 
     /// One attempt: origin → verify → store.
-    async fn transfer(&self, job: &Job) -> Result<StoredObject, JobError> {
+    async fn transfer(&self, job: &Job, fence: &dyn Fence) -> Result<StoredObject, JobError> {
         // The row was validated on the way in; a row that no longer parses is corrupt.
         let corrupt =
             |what: &str, e: &dyn std::fmt::Display| JobError::permanent(format!("stored {what} is invalid: {e}"));
@@ -240,7 +306,8 @@ impl Worker {
                 "file too large: origin declares {length} bytes, the limit is {max_size}"
             )));
         }
-        let (content_type, body) = sniff::content_type(fetched.content_type, fetched.body).await;
+        let body = at_least(fetched.body, self.settings.min_rate);
+        let (content_type, body) = sniff::content_type(fetched.content_type, body).await;
         let expect = Expectations {
             max_size,
             declared_length: fetched.content_length,
@@ -248,7 +315,7 @@ impl Worker {
             md5: job.expected_md5.clone(),
         };
         let (body, digests) = verified(body, expect);
-        let put = self.store.put(&bucket, &key, &content_type, body).await?;
+        let put = self.store.put(&bucket, &key, &content_type, body, fence).await?;
         let digests = digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -261,6 +328,32 @@ impl Worker {
             md5: digests.md5,
             content_type,
         })
+    }
+}
+
+/// What a claim left to do.
+enum Claimed {
+    Job(Box<Job>),
+    Done(WorkOutcome),
+}
+
+/// The fence a worker puts in front of the store: the object becomes visible only while
+/// the worker still holds the job's lease, with at least `margin` left.
+struct LeaseFence<'a> {
+    repo: &'a dyn JobRepository,
+    id: JobId,
+    owner: &'a str,
+    margin: Duration,
+}
+
+#[async_trait::async_trait]
+impl Fence for LeaseFence<'_> {
+    async fn check(&self) -> Result<(), JobError> {
+        match self.repo.holds(self.id, self.owner, self.margin).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(JobError::transient("the job's lease was lost or nearly over before the object was stored")),
+            Err(e) => Err(JobError::transient(format!("cannot check the job's lease: {e}"))),
+        }
     }
 }
 
@@ -342,7 +435,7 @@ pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToke
         let claimed = match claimed {
             Ok(claimed) => claimed,
             Err(e) => {
-                // The messages stay unacknowledged and come back once their locks lapse.
+                // The deliveries were let go of; the jobs' records bring them back.
                 tracing::error!(error = %e, "taking jobs failed; backing off");
                 if back_off(&stop).await {
                     break;
@@ -363,7 +456,7 @@ pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToke
             let (worker, stop, abort) = (worker.clone(), stop.clone(), abort.clone());
             tasks.spawn(async move {
                 if let Err(e) = worker.work(delivery, lease, claim, &abort, Some(slot)).await {
-                    // The message stays unacknowledged and comes back once its lock lapses.
+                    // The delivery was let go of; the job's record brings it back.
                     tracing::error!(error = %e, "worker step failed; backing off");
                     back_off(&stop).await;
                 }

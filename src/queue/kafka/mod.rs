@@ -42,6 +42,8 @@ pub struct KafkaSettings {
     pub group: String,
     /// Partitions of the jobs and retry topics when fileflow creates them.
     pub partitions: i32,
+    /// Replicas of the topics fileflow creates; `0`: min(3, brokers in the cluster).
+    pub replication_factor: i32,
     /// Longest a worker may hold a message (a whole transfer) before the group gives its
     /// partitions to another member.
     pub max_poll_interval: Duration,
@@ -67,14 +69,31 @@ fn backend(e: impl std::fmt::Display) -> QueueError {
     QueueError::Backend(e.to_string())
 }
 
-/// Create the three topics when missing.
+/// The replication factor for new topics: as configured, or min(3, brokers).
+async fn replication_factor(settings: &KafkaSettings) -> Result<i32, QueueError> {
+    if settings.replication_factor > 0 {
+        return Ok(settings.replication_factor);
+    }
+    let config = settings.client_config();
+    let brokers = tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = config.create().map_err(backend)?;
+        let metadata = client.fetch_metadata(None, Duration::from_secs(10)).map_err(backend)?;
+        Ok::<_, QueueError>(metadata.brokers().len())
+    })
+    .await
+    .map_err(backend)??;
+    Ok(i32::try_from(brokers).unwrap_or(i32::MAX).clamp(1, 3))
+}
+
+/// Create the three topics when missing, replicated as [`KafkaSettings::replication_factor`] says.
 pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), QueueError> {
     let admin: AdminClient<DefaultClientContext> = settings.client_config().create().map_err(backend)?;
     let (main, retry, dlq) = (settings.topic.clone(), settings.retry_topic(), settings.dlq_topic());
+    let replicas = replication_factor(settings).await?;
     let topics = [
-        NewTopic::new(&main, settings.partitions, TopicReplication::Fixed(1)),
-        NewTopic::new(&retry, settings.partitions, TopicReplication::Fixed(1)),
-        NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(&main, settings.partitions, TopicReplication::Fixed(replicas)),
+        NewTopic::new(&retry, settings.partitions, TopicReplication::Fixed(replicas)),
+        NewTopic::new(&dlq, 1, TopicReplication::Fixed(replicas)),
     ];
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&topics, &options).await.map_err(backend)? {
@@ -109,10 +128,10 @@ impl KafkaPublisher {
             .map_err(|(e, _)| QueueError::Backend(format!("cannot publish to {topic}: {e}")))
     }
 
-    /// Announce a job on the jobs topic (the seed's message).
-    pub async fn publish_job(&self, message: &JobMessage) -> Result<(), QueueError> {
+    /// Announce a job on the jobs topic (the seed's message) for its `attempt`.
+    pub async fn publish_job(&self, message: &JobMessage, attempt: u32) -> Result<(), QueueError> {
         let payload = serde_json::to_vec(message).map_err(backend)?;
-        let headers = OwnedHeaders::new().insert(Header { key: ATTEMPT_HEADER, value: Some("1") });
+        let headers = OwnedHeaders::new().insert(Header { key: ATTEMPT_HEADER, value: Some(&attempt.to_string()) });
         self.send(&self.settings.topic, &message.id, &payload, headers).await
     }
 }
@@ -464,6 +483,22 @@ impl Queue for KafkaQueue {
         // The message stays unacknowledged as long as needed; the job's lease is what
         // other workers look at.
         Ok(())
+    }
+
+    async fn defer(&self, delivery: &Delivery, _until: DateTime<Utc>) -> Result<(), QueueError> {
+        // The database is the source of truth: a job held by a live lease is announced
+        // again by the reconciler if its holder dies, and a scheduled retry has its own
+        // message (or is announced again once overdue). Publishing another copy here would
+        // only multiply messages.
+        self.ack(delivery).await
+    }
+
+    async fn abandon(&self, delivery: &Delivery) {
+        // Store the offset anyway, so the partition never stalls behind this message; the
+        // reconciler announces the job again once it is overdue.
+        if let Err(e) = self.ack(delivery).await {
+            tracing::warn!(job_id = %delivery.job_id, error = %e, "cannot let go of a delivery");
+        }
     }
 }
 
