@@ -23,8 +23,8 @@ use crate::worker::{Worker, WorkerSettings, run_pool};
 
 /// How long workers get, after the grace period, to hand their jobs back.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long leaving the consumer group may take.
-const KAFKA_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing the queue (leaving Kafka's consumer group) may take.
+const QUEUE_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Parts of the application that tests may replace.
 #[derive(Default)]
@@ -39,7 +39,8 @@ pub struct Application {
     backends: Backends,
     guard: DestinationGuard,
     worker: Option<Worker>,
-    kafka_queue: Option<Arc<KafkaQueue>>,
+    /// The workers' queue, closed at the end (Kafka leaves its consumer group).
+    queue: Option<Arc<dyn Queue>>,
     /// Held while the process runs, so others can tell its leases from a dead process's.
     _consumer_lock: Option<ConsumerLock>,
     relay: Option<OutboxRelay>,
@@ -77,7 +78,6 @@ impl Application {
         let deny = HostList::parse(&settings.fetch_deny).map_err(|e| anyhow::anyhow!("--fetch-deny: {e}"))?;
         let guard = DestinationGuard::with_lists(settings.fetch_allow_private, allow, deny);
 
-        let mut kafka_queue = None;
         let mut consumer_lock = None;
         let mut relay = None;
         let queue: Option<Arc<dyn Queue>> = match &backends.queue {
@@ -106,15 +106,13 @@ impl Application {
                 }
                 if runs_workers {
                     ensure_topics(kafka).await.context("cannot create the Kafka topics")?;
-                    let queue = KafkaQueue::start(kafka, settings.worker_concurrency)?;
-                    kafka_queue = Some(queue.clone());
-                    Some(queue as Arc<dyn Queue>)
+                    Some(KafkaQueue::start(kafka, settings.worker_concurrency)? as Arc<dyn Queue>)
                 } else {
                     None
                 }
             }
         };
-        let worker = match queue {
+        let worker = match queue.clone() {
             Some(queue) => {
                 let fetch = FetchSettings {
                     connect_timeout: settings.connect_timeout,
@@ -148,7 +146,7 @@ impl Application {
             }
             None => None,
         };
-        Ok(Self { listener, port, backends, guard, worker, kafka_queue, _consumer_lock: consumer_lock, relay, settings })
+        Ok(Self { listener, port, backends, guard, worker, queue, _consumer_lock: consumer_lock, relay, settings })
     }
 
     /// The port the API listens on (the real one when the settings asked for port 0).
@@ -225,8 +223,8 @@ impl Application {
                 }
             }
         }
-        if let Some(queue) = self.kafka_queue {
-            queue.close(KAFKA_CLOSE_TIMEOUT).await;
+        if let Some(queue) = self.queue {
+            queue.close(QUEUE_CLOSE_TIMEOUT).await;
         }
         tracing::info!("stopped");
         failure.map_or(Ok(()), Err)

@@ -218,7 +218,10 @@ impl Cluster {
 /// What the origin served for an accepted job.
 #[derive(Clone, Debug)]
 enum Served {
-    File { seed: u64, size: u64 },
+    File {
+        seed: u64,
+        size: u64,
+    },
     /// A file the origin replaced during the job: any of its versions is right, as long as
     /// the record describes the stored one.
     Replaced,
@@ -274,6 +277,9 @@ fn submit_in_background(
     })
 }
 
+/// A job's record as the checker reads it: id, status, size, sha256, last_error.
+type Record = (i64, String, Option<i64>, Option<String>, Option<String>);
+
 #[derive(Debug, Default)]
 struct Counts {
     accepted: usize,
@@ -298,7 +304,7 @@ async fn check(
     let pool = sqlx::PgPool::connect(database_url).await.expect("the database is back");
     let deadline = Instant::now() + SETTLE_WITHIN;
     let rows = loop {
-        let rows: Vec<(i64, String, Option<i64>, Option<String>, Option<String>)> =
+        let rows: Vec<Record> =
             sqlx::query_as("SELECT id, status, size, sha256, last_error FROM files WHERE id = ANY($1)")
                 .bind(&ids)
                 .fetch_all(&pool)
@@ -348,13 +354,23 @@ async fn check(
         };
         if !(matches_record && matches_origin) {
             counts.wrong_bytes += 1;
-            eprintln!("[{scenario}] wrong bytes: job {} (record {size:?} {sha256:?}, stored {} {digest})", job.id, stored.len());
+            eprintln!(
+                "[{scenario}] wrong bytes: job {} (record {size:?} {sha256:?}, stored {} {digest})",
+                job.id,
+                stored.len()
+            );
         }
     }
     counts.duplicate_transfers = completions().values().map(|n| n.saturating_sub(1)).sum();
     println!(
         "chaos [{scenario}]: accepted {}, completed {}, lost {}, stuck {}, failed {}, wrong bytes {}, duplicate transfers {}",
-        counts.accepted, counts.completed, counts.lost, counts.stuck, counts.failed, counts.wrong_bytes, counts.duplicate_transfers
+        counts.accepted,
+        counts.completed,
+        counts.lost,
+        counts.stuck,
+        counts.failed,
+        counts.wrong_bytes,
+        counts.duplicate_transfers
     );
     counts
 }
@@ -435,8 +451,14 @@ async fn kill_9_of_every_process_kind_repeatedly() {
     let mut cluster = Cluster::start(stack.env.clone(), 2).await;
     let history = History::default();
     let jobs = small_jobs("kill", 20 + 20 * rounds() as u64);
-    let submitting =
-        submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::from_millis(60), history.clone());
+    let submitting = submit_in_background(
+        cluster.api_base.clone(),
+        &origin,
+        &stack.bucket,
+        jobs,
+        Duration::from_millis(60),
+        history.clone(),
+    );
     for round in 0..rounds() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         cluster.kill_worker(round % 2).await;
@@ -457,15 +479,22 @@ async fn the_broker_restarts_with_its_messages_gone() {
     let cluster = Cluster::start(stack.env.clone(), 2).await;
     let history = History::default();
     let jobs = small_jobs("broker", 20 + 15 * rounds() as u64);
-    let submitting =
-        submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::from_millis(80), history.clone());
+    let submitting = submit_in_background(
+        cluster.api_base.clone(),
+        &origin,
+        &stack.bucket,
+        jobs,
+        Duration::from_millis(80),
+        history.clone(),
+    );
     let broker = stack.broker.as_mut().unwrap();
     for _ in 0..rounds() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         broker.restart_empty().await;
     }
     submitting.await.unwrap();
-    let counts = check("broker lost its messages", &history, &stack.database_url, &stack.store, || cluster.completions()).await;
+    let counts =
+        check("broker lost its messages", &history, &stack.database_url, &stack.store, || cluster.completions()).await;
     assert_promise_held("broker lost its messages", &counts);
 }
 
@@ -478,8 +507,14 @@ async fn postgres_crashes_and_restarts() {
     let cluster = Cluster::start(stack.env.clone(), 2).await;
     let history = History::default();
     let jobs = small_jobs("pg", 20 + 15 * rounds() as u64);
-    let submitting =
-        submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::from_millis(80), history.clone());
+    let submitting = submit_in_background(
+        cluster.api_base.clone(),
+        &origin,
+        &stack.bucket,
+        jobs,
+        Duration::from_millis(80),
+        history.clone(),
+    );
     for _ in 0..rounds() {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         pg.crash().await;
@@ -504,11 +539,22 @@ async fn s3_fails_a_share_of_requests_before_and_after_writing() {
     // Multipart uploads too (over 5 MiB): parts and completions fail as well.
     for i in 0..2u64 {
         let size = 6 * 1024 * 1024 + 1000 * i;
-        jobs.push((format!("/file/{size}?seed={}", 500 + i), Served::File { seed: 500 + i, size }, format!("s3/big-{i}")));
+        jobs.push((
+            format!("/file/{size}?seed={}", 500 + i),
+            Served::File { seed: 500 + i, size },
+            format!("s3/big-{i}"),
+        ));
     }
-    submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::from_millis(20), history.clone())
-        .await
-        .unwrap();
+    submit_in_background(
+        cluster.api_base.clone(),
+        &origin,
+        &stack.bucket,
+        jobs,
+        Duration::from_millis(20),
+        history.clone(),
+    )
+    .await
+    .unwrap();
     let counts = check("S3 faults", &history, &stack.database_url, &stack.store, || cluster.completions()).await;
     let (before, after) = (
         proxy.faults.failed_before.load(std::sync::atomic::Ordering::Relaxed),
@@ -583,8 +629,14 @@ async fn every_fault_mixed() {
     let mut cluster = Cluster::start(stack.env.clone(), 2).await;
     let history = History::default();
     let jobs = small_jobs("mixed", 30 + 30 * rounds() as u64);
-    let submitting =
-        submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, Duration::from_millis(60), history.clone());
+    let submitting = submit_in_background(
+        cluster.api_base.clone(),
+        &origin,
+        &stack.bucket,
+        jobs,
+        Duration::from_millis(60),
+        history.clone(),
+    );
     for round in 0..rounds() {
         tokio::time::sleep(Duration::from_millis(800)).await;
         cluster.kill_worker(round % 2).await;

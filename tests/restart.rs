@@ -38,11 +38,16 @@ async fn kill_9_with_jobs_waiting_and_in_flight_loses_nothing() {
     first.kill().await;
 
     let second = start(dir.path(), &env).await;
-    let before: Vec<_> = second.statuses().await;
-    assert!(
-        before.iter().any(|(_, s)| s == "processing") && before.iter().any(|(_, s)| s == "pending"),
-        "the kill left jobs in flight and waiting: {before:?}"
-    );
+    // The jobs the dead process held were handed back at the restart.
+    let handed_back: u64 = second
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e["message"] == "handed back the jobs of a process that is gone")
+        .map(|e| e["jobs"].as_u64().unwrap())
+        .sum();
+    assert!(handed_back >= 2, "the kill left jobs in flight: {handed_back} handed back");
     second.wait_all_completed(12, Duration::from_secs(60)).await;
     for (i, id) in ids {
         let job = second.job(&id).await;
@@ -100,4 +105,39 @@ async fn proxy_environment_variables_are_ignored() {
     }
     assert_eq!(proxy.hits(), 0, "the proxy from the environment was used");
     assert_eq!(origin.hits("/file/1000"), 1);
+}
+
+/// After kill -9, a restarted `serve` resumes the jobs its predecessor had in flight at
+/// once: their leases (30 s here) belong to a process that is gone.
+#[tokio::test]
+async fn a_restarted_serve_resumes_its_jobs_without_waiting_out_their_leases() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("FILEFLOW_WORKER_CONCURRENCY", "2"), ("FILEFLOW_JOB_LEASE", "30s")];
+    let mut first = start(dir.path(), &env).await;
+    let mut ids = Vec::new();
+    for i in 0..4u64 {
+        ids.push(
+            first.submit(&origin.url(&format!("/delay/2000/{}?seed={i}", 5_000 + i)), &format!("resume/{i}")).await,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while first.statuses().await.iter().filter(|(_, s)| s == "processing").count() < 2 {
+        assert!(Instant::now() < deadline, "jobs never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill().await;
+
+    let restarted = Instant::now();
+    let second = start(dir.path(), &env).await;
+    second.wait_all_completed(4, Duration::from_secs(20)).await;
+    let took = restarted.elapsed();
+    assert!(took < Duration::from_secs(15), "jobs waited for their dead leases: {took:?}");
+    assert!(
+        second.events.lock().unwrap().iter().any(|e| e["message"] == "handed back the jobs of a process that is gone"),
+        "the restart said what it recovered"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(second.job(id).await["size"], 5_000 + i as u64);
+    }
 }

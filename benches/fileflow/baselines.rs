@@ -31,7 +31,10 @@ pub async fn ceiling(
             let body = response.expect("the origin answers").bytes_stream();
             let body = body.map_err(|e| JobError::transient(e.to_string())).boxed();
             let key = ObjectKey::parse(&format!("bench/{n:06}")).expect("a valid key");
-            store.put(&bucket, &key, "application/octet-stream", body, &Unfenced).await.expect("the store takes the object");
+            store
+                .put(&bucket, &key, "application/octet-stream", body, &Unfenced)
+                .await
+                .expect("the store takes the object");
         }
     })
     .await;

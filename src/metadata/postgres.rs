@@ -230,11 +230,8 @@ impl JobRepository for PgRepository {
             let owner: String = row.try_get("lease_owner")?;
             claimed.insert(owner, job_from_row(row)?);
         }
-        let refused: Vec<i64> = requests
-            .iter()
-            .filter(|(_, lease)| !claimed.contains_key(&lease.owner))
-            .map(|(id, _)| id.0)
-            .collect();
+        let refused: Vec<i64> =
+            requests.iter().filter(|(_, lease)| !claimed.contains_key(&lease.owner)).map(|(id, _)| id.0).collect();
         let refusals = if refused.is_empty() { HashMap::new() } else { self.refusals(&refused).await? };
         Ok(requests
             .iter()

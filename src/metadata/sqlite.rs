@@ -50,12 +50,12 @@ impl SqliteDb {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        let file = Some(options.get_filename().to_path_buf()).filter(|f| !f.as_os_str().is_empty() && f != ":memory:");
         // The writer connects first, so it is the one that creates the file and sets WAL.
         let writer = Writer::start(SqliteConnection::connect_with(&options).await?);
         // A local file does not go stale: no ping before each use.
         let reads =
             SqlitePoolOptions::new().max_connections(8).test_before_acquire(false).connect_with(options).await?;
-        let file = Some(options.get_filename().to_path_buf()).filter(|f| !f.as_os_str().is_empty() && f != ":memory:");
         Ok(Self { reads, writer, queued: Arc::new(Notify::new()), file })
     }
 

@@ -199,7 +199,7 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {
-        // Rare: a job's final outcome already removes its row (see final_outcome_dequeues);
+        // Rare: a job's final outcome already removes its row (see `finished`);
         // this is for deliveries of finished or unknown jobs.
         let (job_id, token) = (delivery.job_id.0, delivery.token.clone());
         self.db
@@ -214,9 +214,10 @@ impl Queue for EmbeddedQueue {
         Ok(())
     }
 
-    fn final_outcome_dequeues(&self) -> bool {
-        // The trigger files_final_outcome_dequeues deletes the row with the outcome.
-        true
+    async fn finished(&self, _delivery: &Delivery, _failure: Option<&str>) -> Result<(), QueueError> {
+        // Nothing left to do: this queue's trigger files_final_outcome_dequeues deleted the
+        // row in the write that recorded the outcome (one write less per job).
+        Ok(())
     }
 
     async fn retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError> {

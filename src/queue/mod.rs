@@ -52,11 +52,14 @@ pub trait Queue: Send + Sync + 'static {
     /// The job's outcome is durable: forget the message.
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError>;
 
-    /// Whether recording a job's final outcome (completed or failed) removes its message in
-    /// the same write, so a worker has nothing to acknowledge or dead-letter afterwards
-    /// (the embedded queue, which lives in the jobs' database).
-    fn final_outcome_dequeues(&self) -> bool {
-        false
+    /// The job's final outcome is recorded: completed (`failure` is `None`) or failed for
+    /// good. Forget the message; a failed job's goes aside with the reason
+    /// ([`dead_letter`](Self::dead_letter)).
+    async fn finished(&self, delivery: &Delivery, failure: Option<&str>) -> Result<(), QueueError> {
+        match failure {
+            None => self.ack(delivery).await,
+            Some(reason) => self.dead_letter(delivery, reason).await,
+        }
     }
 
     /// Deliver the job again at `due_at` as attempt `attempt`, then forget this message.
@@ -72,9 +75,9 @@ pub trait Queue: Send + Sync + 'static {
     /// Keep a long-running delivery from being handed to another worker.
     async fn keep_alive(&self, delivery: &Delivery) -> Result<(), QueueError>;
 
-    /// The job cannot start before `until` (another worker holds it, or its retry is not
-    /// due): see that it is delivered again then, or leave that to the database, whose
-    /// reconciler announces again every job that should be moving and is not.
+    /// Another worker holds the job until `until`: see that it is delivered again then, or
+    /// leave that to the database, whose reconciler announces again every job that should
+    /// be moving and is not.
     async fn defer(&self, delivery: &Delivery, until: DateTime<Utc>) -> Result<(), QueueError>;
 
     /// This worker cannot see the delivery through (an infrastructure error, or its lease
@@ -82,4 +85,8 @@ pub trait Queue: Send + Sync + 'static {
     /// The job's record says what happens next (the reconciler, or a lapsing lock, brings
     /// it back within a bound).
     async fn abandon(&self, delivery: &Delivery);
+
+    /// Stop receiving and let go of the backend (Kafka: commit what was stored and leave
+    /// the consumer group) within `timeout`. Nothing to do by default.
+    async fn close(&self, _timeout: std::time::Duration) {}
 }

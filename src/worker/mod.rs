@@ -154,8 +154,11 @@ impl Worker {
                 WorkOutcome::Deferred(id)
             }
             Claim::NotDue { at } => {
+                // Deliver it again when due (not only left to the reconciler): this may be
+                // the retry's own message, released a moment early by a clock that differs
+                // from the database's. Any other copy then finds the job taken and goes.
                 tracing::info!(job_id = %id, due_at = %at.to_rfc3339(), "delivery came before the retry is due; deferred");
-                self.queue.defer(delivery, at).await?;
+                self.queue.retry(delivery, delivery.attempt, at).await?;
                 WorkOutcome::Deferred(id)
             }
             Claim::Finished(status) => {
@@ -240,9 +243,7 @@ impl Worker {
         let (id, elapsed_ms) = (delivery.job_id, elapsed.as_millis() as u64);
         Ok(match settlement {
             Settlement::Completed(stored) => {
-                if !self.queue.final_outcome_dequeues() {
-                    self.queue.ack(delivery).await?;
-                }
+                self.queue.finished(delivery, None).await?;
                 tracing::info!(job_id = %id, attempt, outcome = "completed", size = stored.size,
                     etag = %stored.etag, elapsed_ms, "job completed");
                 WorkOutcome::Completed(id)
@@ -254,9 +255,7 @@ impl Worker {
                 WorkOutcome::RetryScheduled { id, retry_count, due_at }
             }
             Settlement::Failed { last_error } => {
-                if !self.queue.final_outcome_dequeues() {
-                    self.queue.dead_letter(delivery, &last_error).await?;
-                }
+                self.queue.finished(delivery, Some(&last_error)).await?;
                 tracing::error!(job_id = %id, attempt, outcome = "failed", error = %last_error,
                     elapsed_ms, "job failed");
                 WorkOutcome::Failed { id, error: last_error }
@@ -351,7 +350,9 @@ impl Fence for LeaseFence<'_> {
     async fn check(&self) -> Result<(), JobError> {
         match self.repo.holds(self.id, self.owner, self.margin).await {
             Ok(true) => Ok(()),
-            Ok(false) => Err(JobError::transient("the job's lease was lost or nearly over before the object was stored")),
+            Ok(false) => {
+                Err(JobError::transient("the job's lease was lost or nearly over before the object was stored"))
+            }
             Err(e) => Err(JobError::transient(format!("cannot check the job's lease: {e}"))),
         }
     }

@@ -113,6 +113,30 @@ async fn a_trickling_origin_cannot_hold_a_worker_past_the_transfer_deadline() {
     app.stop().await;
 }
 
+/// An origin that keeps the connection alive with a byte now and then (never idle long
+/// enough for the read timeout) is cut by the rate floor, and that is transient: retried.
+#[tokio::test]
+async fn an_origin_below_the_rate_floor_is_cut_and_retried() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| {
+        s.max_retries = 1;
+        s.read_timeout = Duration::from_secs(5);
+        s.min_transfer_rate = bytesize::ByteSize::kib(1);
+        s.min_rate_window = Duration::from_secs(1);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let id = app.submit(&origin.url("/trickle/100?every_ms=200"), &app.bucket, "crawl").await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["retry_count"], 1, "the cut is transient: one retry, then the budget is spent: {job}");
+    assert!(job["last_error"].as_str().unwrap().contains("origin too slow"), "{job}");
+    assert!(started.elapsed() < Duration::from_secs(8), "each attempt is cut after its 1 s window");
+    assert_eq!(origin.hits("/trickle/100"), 2);
+    assert!(app.stored_objects().await.is_empty(), "{:?}", app.stored_objects().await);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_slow_but_steady_origin_completes() {
     let origin = Origin::start().await;

@@ -251,7 +251,7 @@ impl KafkaQueue {
     }
 
     /// Leave the group, committing what was stored, within `timeout`.
-    pub async fn close(&self, timeout: Duration) {
+    async fn leave(&self, timeout: Duration) {
         self.stop.cancel();
         let inner = self.inner.clone();
         let closing = tokio::task::spawn_blocking(move || {
@@ -489,10 +489,13 @@ impl Queue for KafkaQueue {
 
     async fn defer(&self, delivery: &Delivery, _until: DateTime<Utc>) -> Result<(), QueueError> {
         // The database is the source of truth: a job held by a live lease is announced
-        // again by the reconciler if its holder dies, and a scheduled retry has its own
-        // message (or is announced again once overdue). Publishing another copy here would
+        // again by the reconciler if its holder dies. Publishing another copy here would
         // only multiply messages.
         self.ack(delivery).await
+    }
+
+    async fn close(&self, timeout: Duration) {
+        self.leave(timeout).await;
     }
 
     async fn abandon(&self, delivery: &Delivery) {
