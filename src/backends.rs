@@ -3,13 +3,14 @@
 //! store objects on the local disk or in S3.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use url::Url;
 
 use crate::config::{Settings, StorageKind};
 use crate::links::{DownloadLinks, LinkSigner};
-use crate::metadata::{JobRepository, PgDb, PgRepository, SqliteDb, SqliteRepository};
+use crate::metadata::{JobRepository, PgDb, PgRepository, RepoError, SqliteDb, SqliteRepository};
 use crate::queue::kafka::KafkaSettings;
 use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
 
@@ -50,12 +51,34 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
             db.migrate().await.context("cannot migrate the SQLite database")?;
             Ok(Database::Sqlite(db))
         }
-        Some("postgres" | "postgresql") => {
-            let db = PgDb::connect(&url).await.context("cannot connect to PostgreSQL")?;
-            db.migrate().await.context("cannot migrate the PostgreSQL database")?;
-            Ok(Database::Postgres(db))
-        }
+        Some("postgres" | "postgresql") => Ok(Database::Postgres(open_postgres(&url).await?)),
         _ => bail!("unsupported --database-url {url:?}: expected sqlite://… or postgres://…"),
+    }
+}
+
+/// How long a starting process waits for PostgreSQL to come up (a restart, a failover)
+/// before it gives up.
+const DATABASE_WAIT: Duration = Duration::from_secs(60);
+
+/// Connect to PostgreSQL and migrate, waiting while the server is unreachable or starting
+/// up; a refusal (bad credentials, no such database) fails at once.
+async fn open_postgres(url: &str) -> anyhow::Result<PgDb> {
+    let deadline = tokio::time::Instant::now() + DATABASE_WAIT;
+    loop {
+        let opened = async {
+            let db = PgDb::connect(url).await?;
+            db.migrate().await?;
+            Ok::<_, RepoError>(db)
+        }
+        .await;
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(e) if e.is_unavailable() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "PostgreSQL is not available yet; waiting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("cannot open the PostgreSQL database")),
+        }
     }
 }
 

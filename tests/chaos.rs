@@ -144,6 +144,20 @@ impl ChaosPostgres {
         assert!(status.success(), "pg_ctl {args:?}");
     }
 
+    /// Start the server unless it runs (a scenario that failed may have left it down).
+    async fn ensure_running(&self) {
+        let pg_ctl = format!("{}/pg_ctl", self.bindir);
+        let status = Command::new("runuser")
+            .args(["-u", "postgres", "--", &pg_ctl, "-D", &self.pgdata, "status"])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .unwrap();
+        if !status.success() {
+            self.start().await;
+        }
+    }
+
     async fn crash(&self) {
         self.pg_ctl(&["-m", "immediate", "stop"]).await;
     }
@@ -502,6 +516,7 @@ async fn the_broker_restarts_with_its_messages_gone() {
 async fn postgres_crashes_and_restarts() {
     let Some(pg) = ChaosPostgres::find() else { return };
     let _turn = CHAOS_PG.lock().await;
+    pg.ensure_running().await;
     let Some(stack) = stack(Some(&pg), false, false).await else { return };
     let origin = Origin::start().await;
     let cluster = Cluster::start(stack.env.clone(), 2).await;
@@ -623,6 +638,7 @@ async fn a_frozen_worker_cannot_replace_a_newer_result() {
 async fn every_fault_mixed() {
     let Some(pg) = ChaosPostgres::find() else { return };
     let _turn = CHAOS_PG.lock().await;
+    pg.ensure_running().await;
     let Some(mut stack) = stack(Some(&pg), true, true).await else { return };
     stack.s3_proxy.as_ref().unwrap().faults.set(100, 50);
     let origin = Origin::start().await;
@@ -642,10 +658,12 @@ async fn every_fault_mixed() {
         cluster.kill_worker(round % 2).await;
         stack.broker.as_mut().unwrap().restart_empty().await;
         tokio::time::sleep(Duration::from_millis(800)).await;
+        // The API is killed while PostgreSQL is down; its successor waits for the database.
         pg.crash().await;
-        cluster.kill_api().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        pg.start().await;
+        tokio::join!(cluster.kill_api(), async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            pg.start().await;
+        });
         let frozen = (round + 1) % 2;
         cluster.workers[frozen].signal("-STOP");
         tokio::time::sleep(Duration::from_secs(3)).await;

@@ -28,6 +28,24 @@ pub enum RepoError {
     Corrupt { id: i64, reason: String },
 }
 
+impl RepoError {
+    /// Whether the database could not be reached or is not accepting work yet (down,
+    /// restarting, shutting down), as opposed to refusing the request.
+    pub fn is_unavailable(&self) -> bool {
+        let sql = match self {
+            Self::Database(e) => e,
+            Self::Migration(sqlx::migrate::MigrateError::Execute(e)) => e,
+            _ => return false,
+        };
+        match sql {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+            // Class 57: operator intervention (admin or crash shutdown, cannot connect now).
+            sqlx::Error::Database(e) => e.code().is_some_and(|code| code.starts_with("57")),
+            _ => false,
+        }
+    }
+}
+
 /// Which jobs to list, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
