@@ -228,3 +228,53 @@ async fn a_name_resolving_to_loopback_fails_permanently_when_fetched() {
     assert_eq!(origin.hits("/file/10"), 0, "no connection reached the origin");
     app.stop().await;
 }
+
+/// Fencing: the lease changed hands while a worker was transferring (another claim took
+/// the job, as one does once a lease lapses). When the transfer ends, the worker may not
+/// make its object visible, and its outcome is refused: the store holds nothing of it and
+/// the record stays the new holder's.
+#[tokio::test]
+async fn a_worker_whose_lease_changed_hands_mid_transfer_stores_nothing() {
+    let origin = Origin::start().await;
+    // A long lease: the worker's renewal (every 10 s) does not notice the change in time,
+    // so only the fence before the store's commit stands in the way.
+    let app = spawn_app_with(|s| s.job_lease = Duration::from_secs(30)).await;
+    let id = app.submit(&origin.url("/versioned/fenced/20000?slow_ms=2000"), &app.bucket, "fenced").await;
+    app.wait_until(&id, Duration::from_secs(10), |job| job["status"] == "processing").await;
+    let taken = take_over_lease(&app, &id).await;
+    assert!(taken, "the job was processing under the worker's lease");
+    // The transfer ends after ~2 s; give it time to try to store and record.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(app.try_read_object("fenced").await, None, "the worker stored an object without its lease");
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "processing", "the new holder's claim stands: {job}");
+    app.stop().await;
+}
+
+/// Give the job's lease to another owner, as a later claim does; `true` if it was held.
+async fn take_over_lease(app: &crate::helpers::TestApp, id: &str) -> bool {
+    let id: i64 = id.parse().unwrap();
+    match &app.settings.database_url {
+        Some(url) if url.starts_with("postgres") => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let done =
+                sqlx::query("UPDATE files SET lease_owner = 'a-later-claim' WHERE id = $1 AND status = 'processing'")
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            done.rows_affected() == 1
+        }
+        _ => {
+            let url = fileflow::metadata::SqliteDb::default_url(&app.settings.data_dir);
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            let done =
+                sqlx::query("UPDATE files SET lease_owner = 'a-later-claim' WHERE id = ?1 AND status = 'processing'")
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            done.rows_affected() == 1
+        }
+    }
+}
