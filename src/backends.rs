@@ -47,7 +47,9 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
     };
     match url.split_once(':').map(|(scheme, _)| scheme) {
         Some("sqlite") => {
-            let db = SqliteDb::connect(&url).await.with_context(|| format!("cannot open {url}"))?;
+            let db = SqliteDb::connect_with(&url, settings.sqlite_durability)
+                .await
+                .with_context(|| format!("cannot open {url}"))?;
             db.migrate().await.context("cannot migrate the SQLite database")?;
             Ok(Database::Sqlite(db))
         }

@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use url::Url;
 
+use crate::metadata::Durability;
+
 #[derive(Debug, Parser)]
 #[command(name = "fileflow", version, about = "Fetch files from URLs into object storage, asynchronously and safely.")]
 pub struct Cli {
@@ -58,6 +60,12 @@ pub struct Settings {
     /// Metadata database: `sqlite://PATH` (default: `<data-dir>/fileflow.db`) or `postgres://…`.
     #[arg(long, env = "FILEFLOW_DATABASE_URL", global = true)]
     pub database_url: Option<String>,
+
+    /// What a commit of the embedded (SQLite) database survives before a job is answered
+    /// 202: `power-loss` (synchronous=FULL) or `process-crash` (synchronous=NORMAL, faster;
+    /// a power loss may lose the last accepted jobs).
+    #[arg(long, env = "FILEFLOW_SQLITE_DURABILITY", value_enum, default_value_t = Durability::PowerLoss, global = true)]
+    pub sqlite_durability: Durability,
 
     /// Kafka bootstrap servers (`host:port,…`); when set, Kafka is the queue instead of the embedded one.
     #[arg(long, env = "FILEFLOW_KAFKA_BROKERS", global = true)]

@@ -126,7 +126,13 @@ impl Bench {
              then 10 s measured. Latency is from sending the request to reading the whole 202 answer.",
             &["stack", "clients", "accepted/s", "p50 ms", "p99 ms", "max ms", "errors"],
         );
-        let mut stacks = vec![("embedded (SQLite)", Vec::new())];
+        let mut stacks = vec![
+            ("embedded (SQLite, durability power-loss: synchronous=FULL, the default)", Vec::new()),
+            (
+                "embedded (SQLite, durability process-crash: synchronous=NORMAL)",
+                vec![("FILEFLOW_SQLITE_DURABILITY".to_owned(), "process-crash".to_owned())],
+            ),
+        ];
         match &self.distributed {
             Some(d) => stacks.push(("distributed (PostgreSQL + Kafka outbox)", d.fresh_stack(8, false).await.0)),
             None => self.notes.push("accept, distributed: not run (no FILEFLOW_TEST_POSTGRES/KAFKA/S3_*)".into()),
@@ -209,7 +215,15 @@ impl Bench {
                 "peak RSS MiB",
             ],
         );
-        let mut targets = vec![self.disk_target("pipeline")];
+        let mut disk = self.disk_target("pipeline");
+        disk.name = "disk (durability power-loss: synchronous=FULL, the default)";
+        let mut targets = vec![disk];
+        // The same with the embedded database synced only at checkpoints: what durability
+        // against power loss (the default) costs.
+        let mut relaxed = self.disk_target("pipeline-relaxed");
+        relaxed.name = "disk, durability process-crash (synchronous=NORMAL)";
+        relaxed.env.push(("FILEFLOW_SQLITE_DURABILITY".into(), "process-crash".into()));
+        targets.push(relaxed);
         match &self.s3 {
             Some(s3) => {
                 // The first ceiling turn creates this bucket.

@@ -38,6 +38,7 @@ pub fn at_least(body: ByteStream, rate: MinRate) -> ByteStream {
         done: bool,
     }
     let start = State { body, window_ends: Instant::now() + rate.window, seen: 0, done: false };
+    // Fused: readers may ask again after the end, as they may of any body.
     futures::stream::unfold(start, move |mut state| async move {
         if state.done {
             return None;
@@ -68,6 +69,7 @@ pub fn at_least(body: ByteStream, rate: MinRate) -> ByteStream {
             }
         }
     })
+    .fuse()
     .boxed()
 }
 
@@ -95,6 +97,7 @@ mod tests {
         assert!(error.is_transient() && error.message.contains("origin too slow"), "{error:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(30), "cut when the first window ends");
         assert!(body.next().await.is_none(), "nothing after the cut");
+        assert!(body.next().await.is_none(), "asking again after the end is fine");
     }
 
     #[tokio::test(start_paused = true)]

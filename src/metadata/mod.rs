@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
 pub use postgres::{PgDb, PgRepository};
-pub use sqlite::{SqliteDb, SqliteRepository};
+pub use sqlite::{Durability, SqliteDb, SqliteRepository};
 pub(crate) use sqlite::{from_millis, to_millis};
 
 /// A failure of the metadata store itself (not of a job).

@@ -23,6 +23,17 @@ use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// What a commit of the embedded database survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// A power loss (`synchronous=FULL`): the default.
+    #[value(name = "power-loss")]
+    PowerLoss,
+    /// A crash of the process, not of the machine (`synchronous=NORMAL`): faster.
+    #[value(name = "process-crash")]
+    ProcessCrash,
+}
+
 /// An open SQLite database, shared by the repository and the embedded queue.
 ///
 /// SQLite takes one writer at a time. All of this process's writes go through one
@@ -40,14 +51,26 @@ pub struct SqliteDb {
 }
 
 impl SqliteDb {
-    /// Open (creating if needed) the database at `url` (`sqlite://path`).
+    /// Open (creating if needed) the database at `url` (`sqlite://path`), every commit
+    /// durable against power loss.
     pub async fn connect(url: &str) -> Result<Self, RepoError> {
+        Self::connect_with(url, Durability::PowerLoss).await
+    }
+
+    /// [`connect`](Self::connect) with the durability chosen.
+    pub async fn connect_with(url: &str, durability: Durability) -> Result<Self, RepoError> {
+        let synchronous = match durability {
+            // WAL + FULL syncs the log at every commit, so a job answered 202 survives a
+            // power loss, not only a crash (group commit keeps that to one sync per group).
+            Durability::PowerLoss => SqliteSynchronous::Full,
+            // WAL + NORMAL syncs at checkpoints only: durable against a process crash; a
+            // power loss may lose the last commits but never corrupts the database.
+            Durability::ProcessCrash => SqliteSynchronous::Normal,
+        };
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // WAL + FULL syncs the log at every commit, so a job answered 202 survives a
-            // power loss, not only a crash (group commit keeps that to one sync per group).
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(synchronous)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let file = Some(options.get_filename().to_path_buf()).filter(|f| !f.as_os_str().is_empty() && f != ":memory:");

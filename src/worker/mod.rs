@@ -7,10 +7,12 @@
 mod sniff;
 mod verify;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use url::Url;
@@ -456,10 +458,21 @@ pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToke
             };
             let (worker, stop, abort) = (worker.clone(), stop.clone(), abort.clone());
             tasks.spawn(async move {
-                if let Err(e) = worker.work(delivery, lease, claim, &abort, Some(slot)).await {
-                    // The delivery was let go of; the job's record brings it back.
-                    tracing::error!(error = %e, "worker step failed; backing off");
-                    back_off(&stop).await;
+                let held = delivery.clone();
+                let step = AssertUnwindSafe(worker.work(delivery, lease, claim, &abort, Some(slot))).catch_unwind();
+                match step.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        // The delivery was let go of; the job's record brings it back.
+                        tracing::error!(error = %e, "worker step failed; backing off");
+                        back_off(&stop).await;
+                    }
+                    Err(panic) => {
+                        // A bug, not a fault of the job: let go of the delivery all the same.
+                        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+                        tracing::error!(job_id = %held.job_id, panic = ?what, "worker step panicked; delivery let go of");
+                        worker.queue.abandon(&held).await;
+                    }
                 }
             });
         }

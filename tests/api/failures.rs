@@ -82,7 +82,7 @@ async fn a_body_shorter_than_its_content_length_is_transient_and_leaves_no_objec
 async fn a_stalled_origin_hits_the_idle_read_timeout() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.max_retries = 0;
+        s.max_retries = 1;
         s.read_timeout = Duration::from_millis(300);
     })
     .await;
@@ -90,6 +90,9 @@ async fn a_stalled_origin_hits_the_idle_read_timeout() {
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert!(job["last_error"].as_str().unwrap().contains("timed out"), "{job}");
+    // A timeout is transient: it was retried once, then the budget was spent.
+    assert_eq!(job["retry_count"], 1, "{job}");
+    assert_eq!(origin.hits("/trickle/10"), 2);
     app.stop().await;
 }
 

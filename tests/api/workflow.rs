@@ -93,6 +93,28 @@ async fn retries_back_off_by_the_configured_base_delay() {
     app.stop().await;
 }
 
+/// Backoff on its own, without an origin's Retry-After to lift it: 500s carry none.
+#[tokio::test]
+async fn retries_back_off_exponentially_without_a_retry_after() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| {
+        s.retry_base_delay = Duration::from_millis(400);
+        s.retry_max_delay = Duration::from_secs(10);
+        s.max_retries = 2;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let id = app.submit(&origin.url("/flaky/backoff/2/3000"), &app.bucket, "backoff.bin").await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["retry_count"], 2, "{job}");
+    // Equal jitter: at least half of 400 ms, then half of 800 ms.
+    assert!(started.elapsed() >= Duration::from_millis(600), "retried too soon: {:?}", started.elapsed());
+    assert_eq!(origin.hits("/flaky/backoff/2/3000"), 3);
+    assert_eq!(app.read_object("backoff.bin").await, content(1, 3000));
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_failed_job_can_be_requeued_and_then_completes() {
     let origin = Origin::start().await;
