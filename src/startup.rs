@@ -19,6 +19,7 @@ use crate::queue::kafka::{KafkaQueue, ensure_topics};
 use crate::queue::{ConsumerLock, EmbeddedQueue, Queue};
 use crate::reconciler::{self, ReconcileSettings};
 use crate::relay::OutboxRelay;
+use crate::storage::ObjectStore;
 use crate::worker::{Worker, WorkerSettings, run_pool};
 
 /// How long workers get, after the grace period, to hand their jobs back.
@@ -183,6 +184,12 @@ impl Application {
                 ReconcileSettings { interval: self.settings.reconcile_interval, grace: self.settings.reconcile_grace };
             tokio::spawn(reconciler::run(self.backends.repo.clone(), settings, stop.clone()))
         });
+        let sweeper = self.worker.as_ref().map(|worker| {
+            // No attempt outlives the transfer timeout: a staging file older than that
+            // (and the grace period) was left by a process that died mid-write.
+            let older_than = self.settings.transfer_timeout + self.settings.shutdown_grace;
+            tokio::spawn(sweep_abandoned_writes(worker.store.clone(), older_than, stop.clone()))
+        });
         let mut workers: Option<JoinHandle<()>> = self.worker.map(|worker| {
             let concurrency = self.settings.worker_concurrency;
             tracing::info!(concurrency, "workers started");
@@ -213,6 +220,9 @@ impl Application {
         if let Some(reconciler) = reconciler {
             let _ = reconciler.await;
         }
+        if let Some(sweeper) = sweeper {
+            let _ = sweeper.await;
+        }
         if let Some(mut workers) = workers {
             let grace = self.settings.shutdown_grace;
             if tokio::time::timeout(grace, &mut workers).await.is_err() {
@@ -228,6 +238,22 @@ impl Application {
         }
         tracing::info!("stopped");
         failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Remove what writes of dead processes left in the store, now and then, until `stop`.
+async fn sweep_abandoned_writes(store: Arc<dyn ObjectStore>, older_than: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(older_than.min(Duration::from_secs(600)));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.sweep_abandoned(older_than).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "removed writes left behind by processes that died mid-way"),
+            Err(e) => tracing::warn!(error = %e, "cannot sweep abandoned writes"),
+        }
     }
 }
 

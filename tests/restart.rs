@@ -141,3 +141,40 @@ async fn a_restarted_serve_resumes_its_jobs_without_waiting_out_their_leases() {
         assert_eq!(second.job(id).await["size"], 5_000 + i as u64);
     }
 }
+
+/// kill -9 in the middle of writing a large object leaves a staging file behind; it never
+/// becomes the object, and the next process removes it once no live write can be that old.
+#[tokio::test]
+async fn a_kill_mid_write_leaves_no_staging_file_for_good() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("FILEFLOW_TRANSFER_TIMEOUT", "3s"), ("FILEFLOW_SHUTDOWN_GRACE", "1s"), ("FILEFLOW_JOB_LEASE", "1s")];
+    let mut first = start(dir.path(), &env).await;
+    // 4 MiB in 8 pieces over 2.4 s: the store starts its staged write after the first MiB.
+    let id = first.submit(&origin.url("/versioned/mid/4194304?seed=5&slow_ms=2400"), "mid/big.bin").await;
+    let bucket = dir.path().join("objects/file-bucket/mid");
+    let staging = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.contains('#')).collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while staging(&bucket).is_empty() {
+        assert!(Instant::now() < deadline, "the write never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill().await;
+    let left = staging(&bucket);
+    assert!(!left.is_empty(), "killed mid-write");
+
+    let second = start(dir.path(), &env).await;
+    second.wait_all_completed(1, Duration::from_secs(30)).await;
+    assert_eq!(std::fs::read(bucket.join("big.bin")).unwrap(), content(5, 4_194_304), "job {id}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while staging(&bucket).iter().any(|name| left.contains(name)) {
+        assert!(Instant::now() < deadline, "the dead write's staging file is still there: {:?}", staging(&bucket));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

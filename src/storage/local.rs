@@ -21,6 +21,7 @@ const WRITES_IN_FLIGHT: usize = 2;
 #[derive(Debug)]
 pub struct LocalStore {
     fs: LocalFileSystem,
+    root: std::path::PathBuf,
 }
 
 impl LocalStore {
@@ -29,7 +30,7 @@ impl LocalStore {
     pub fn new(root: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
         let fs = LocalFileSystem::new_with_prefix(root).map_err(std::io::Error::other)?.with_fsync(true);
-        Ok(Self { fs })
+        Ok(Self { fs, root: root.to_owned() })
     }
 
     fn location(bucket: &BucketName, key: &ObjectKey) -> StorePath {
@@ -101,6 +102,13 @@ impl ObjectStore for LocalStore {
         }
     }
 
+    async fn sweep_abandoned(&self, older_than: std::time::Duration) -> std::io::Result<u64> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || remove_stale_staging(&root, older_than))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
     async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError> {
         match self.fs.get(&Self::location(bucket, key)).await {
             Ok(found) => Ok(StoredBody {
@@ -110,5 +118,58 @@ impl ObjectStore for LocalStore {
             Err(object_store::Error::NotFound { .. }) => Err(ReadError::NotFound),
             Err(e) => Err(ReadError::Store(e.to_string())),
         }
+    }
+}
+
+/// Whether `name` is a staging file of the file system store: `<object>#<digits>` (an
+/// object's own `#` is escaped in its file name, so no object looks like this).
+fn is_staging(name: &str) -> bool {
+    name.rsplit_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Remove staging files under `dir` last written more than `older_than` ago.
+fn remove_stale_staging(dir: &Path, older_than: std::time::Duration) -> std::io::Result<u64> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            removed += remove_stale_staging(&entry.path(), older_than)?;
+        } else if kind.is_file()
+            && entry.file_name().to_str().is_some_and(is_staging)
+            && entry.metadata()?.modified()?.elapsed().is_ok_and(|age| age > older_than)
+        {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_staging_names_are_staging() {
+        assert!(is_staging("big.bin#1"));
+        assert!(is_staging("a#b#12"));
+        assert!(!is_staging("big.bin"));
+        assert!(!is_staging("report#final"));
+        assert!(!is_staging("trailing#"));
+    }
+
+    #[tokio::test]
+    async fn abandoned_staging_files_are_swept_and_objects_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path()).unwrap();
+        std::fs::create_dir_all(dir.path().join("b/nested")).unwrap();
+        std::fs::write(dir.path().join("b/nested/obj"), b"object").unwrap();
+        std::fs::write(dir.path().join("b/nested/obj#1"), b"half").unwrap();
+        std::fs::write(dir.path().join("b/other#3"), b"half").unwrap();
+        assert_eq!(store.sweep_abandoned(std::time::Duration::from_secs(3600)).await.unwrap(), 0, "too young");
+        assert_eq!(store.sweep_abandoned(std::time::Duration::ZERO).await.unwrap(), 2);
+        assert!(dir.path().join("b/nested/obj").exists());
+        assert!(!dir.path().join("b/nested/obj#1").exists() && !dir.path().join("b/other#3").exists());
     }
 }

@@ -73,6 +73,13 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Open a stored object for reading.
     async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError>;
+
+    /// Remove what writes left behind when their process died mid-way (staging files),
+    /// if older than `older_than` (no live write is that old); returns how many. Stores
+    /// that leave nothing behind, or clean up themselves, do nothing.
+    async fn sweep_abandoned(&self, _older_than: std::time::Duration) -> std::io::Result<u64> {
+        Ok(0)
+    }
 }
 
 /// The start of a body, read before deciding how to store it.
