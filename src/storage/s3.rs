@@ -151,18 +151,18 @@ impl S3Store {
             }
             while let Some(chunk) = rest.next().await {
                 let chunk = chunk?;
-                w.wait_for_capacity(1).await.map_err(|e| classify(&e, "S3 part upload"))?;
+                w.wait_for_capacity(1).await.map_err(|e| classify_mid_upload(&e, "S3 part upload"))?;
                 w.put(chunk);
             }
             // Parts already sent are done; the last one and the completion come after the check.
-            w.wait_for_capacity(0).await.map_err(|e| classify(&e, "S3 part upload"))?;
+            w.wait_for_capacity(0).await.map_err(|e| classify_mid_upload(&e, "S3 part upload"))?;
             fence.check().await
         }
         .await;
         let w = writer.0.take().expect("present until finished");
         match streamed {
             Ok(()) => {
-                let done = w.finish().await.map_err(|e| classify(&e, "S3 multipart completion"))?;
+                let done = w.finish().await.map_err(|e| classify_mid_upload(&e, "S3 multipart completion"))?;
                 Ok(PutOutcome { etag: done.e_tag.map(|t| t.trim_matches('"').to_owned()) })
             }
             Err(e) => {
@@ -218,6 +218,19 @@ fn classify(e: &object_store::Error, what: &str) -> JobError {
                 JobError::transient(format!("{what}: {text}"))
             }
         }
+    }
+}
+
+/// [`classify`] for the requests of a multipart upload already begun (parts, completion):
+/// there "not found" means the upload is gone, not the bucket: a completion the store
+/// carried out but whose answer was lost, then retried, finds no upload. Trying the job
+/// again uploads it afresh.
+fn classify_mid_upload(e: &object_store::Error, what: &str) -> JobError {
+    match e {
+        object_store::Error::NotFound { .. } => JobError::transient(format!(
+            "{what}: the multipart upload is gone (completed by a lost answer, or aborted)"
+        )),
+        _ => classify(e, what),
     }
 }
 

@@ -22,6 +22,9 @@ pub struct Faults {
     pub failed_before: Arc<AtomicU64>,
     pub failed_after: Arc<AtomicU64>,
     pub forwarded: Arc<AtomicU64>,
+    /// Multipart completions still to be carried out and then answered 500 (the store
+    /// completed the upload; the client hears it failed).
+    pub lost_completions: Arc<AtomicU32>,
 }
 
 impl Faults {
@@ -99,7 +102,14 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
         .await;
     let Ok(answer) = sent else { return s3_error(StatusCode::BAD_GATEWAY, "InternalError") };
     proxy.faults.forwarded.fetch_add(1, Ordering::Relaxed);
-    if roll < before + after {
+    let completion = parts.method == axum::http::Method::POST && path.contains("uploadId=");
+    let lose_answer = completion
+        && proxy
+            .faults
+            .lost_completions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+    if lose_answer || roll < before + after {
         proxy.faults.failed_after.fetch_add(1, Ordering::Relaxed);
         return s3_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError");
     }
