@@ -5,15 +5,19 @@
 //! that failed), a `processing` job whose lease lapsed (its worker died). Duplicates are
 //! harmless: a claim is conditional, and a finished job's message is acknowledged.
 //!
-//! So no job waits longer than its lease + the sweep interval + the grace period, whatever
-//! the broker lost.
+//! Overdue `pending` jobs are announced again only once the queue holds no backlog (Kafka:
+//! the workers' group has consumed the jobs topic to its end), so jobs queued behind a
+//! long backlog are not announced again and again. So, once the queue has caught up, no job
+//! waits longer than its lease + the sweep interval + the grace period, whatever the
+//! broker lost; a job whose worker died is announced again whatever the backlog.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::metadata::JobRepository;
+use crate::metadata::{JobRepository, Sweep};
+use crate::queue::Backlog;
 
 /// Most jobs announced again per sweep, so one sweep stays a bounded piece of work.
 pub const SWEEP_LIMIT: u32 = 1000;
@@ -25,7 +29,13 @@ pub struct ReconcileSettings {
 }
 
 /// Sweep every `interval` until `stop`; failures are logged and tried again next time.
-pub async fn run(repo: Arc<dyn JobRepository>, settings: ReconcileSettings, stop: CancellationToken) {
+/// `backlog` tells whether the queue has caught up (`None`: a queue inside the database).
+pub async fn run(
+    repo: Arc<dyn JobRepository>,
+    backlog: Option<Arc<dyn Backlog>>,
+    settings: ReconcileSettings,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -33,7 +43,18 @@ pub async fn run(repo: Arc<dyn JobRepository>, settings: ReconcileSettings, stop
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match repo.reconcile(settings.grace, SWEEP_LIMIT).await {
+        let pending = match &backlog {
+            None => true,
+            Some(backlog) => match backlog.drained().await {
+                Ok(drained) => drained,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot tell whether the queue has caught up");
+                    false
+                }
+            },
+        };
+        let sweep = Sweep { grace: settings.grace, limit: SWEEP_LIMIT, pending };
+        match repo.reconcile(&sweep).await {
             Ok(swept) if swept.total() > 0 => tracing::warn!(
                 pending = swept.pending,
                 expired_leases = swept.expired,

@@ -15,8 +15,8 @@ use crate::config::{Command, Settings};
 use crate::fetch::{DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, MinRate, SystemLookup};
 use crate::http::{self, AppState};
 use crate::lifecycle::RetryPolicy;
-use crate::queue::kafka::{KafkaQueue, ensure_topics};
-use crate::queue::{ConsumerLock, EmbeddedQueue, Queue};
+use crate::queue::kafka::{KafkaBacklog, KafkaQueue, ensure_topics};
+use crate::queue::{Backlog, ConsumerLock, EmbeddedQueue, Queue};
 use crate::reconciler::{self, ReconcileSettings};
 use crate::relay::OutboxRelay;
 use crate::storage::ObjectStore;
@@ -45,6 +45,8 @@ pub struct Application {
     /// Held while the process runs, so others can tell its leases from a dead process's.
     _consumer_lock: Option<ConsumerLock>,
     relay: Option<OutboxRelay>,
+    /// How the reconciler tells whether the queue has caught up (Kafka).
+    backlog: Option<Arc<dyn Backlog>>,
     settings: Settings,
 }
 
@@ -81,6 +83,7 @@ impl Application {
 
         let mut consumer_lock = None;
         let mut relay = None;
+        let mut backlog: Option<Arc<dyn Backlog>> = None;
         let queue: Option<Arc<dyn Queue>> = match &backends.queue {
             QueueSource::Embedded(db) if runs_workers => {
                 // Unique per process start: a restarted process (pid 1 in a container)
@@ -104,6 +107,7 @@ impl Application {
             QueueSource::Kafka { settings: kafka, db } => {
                 if runs_api {
                     relay = Some(OutboxRelay::new(db.clone(), kafka)?);
+                    backlog = Some(Arc::new(KafkaBacklog::new(kafka)?));
                 }
                 if runs_workers {
                     ensure_topics(kafka).await.context("cannot create the Kafka topics")?;
@@ -147,7 +151,18 @@ impl Application {
             }
             None => None,
         };
-        Ok(Self { listener, port, backends, guard, worker, queue, _consumer_lock: consumer_lock, relay, settings })
+        Ok(Self {
+            listener,
+            port,
+            backends,
+            guard,
+            worker,
+            queue,
+            _consumer_lock: consumer_lock,
+            relay,
+            backlog,
+            settings,
+        })
     }
 
     /// The port the API listens on (the real one when the settings asked for port 0).
@@ -182,7 +197,7 @@ impl Application {
         let reconciler = api.is_some().then(|| {
             let settings =
                 ReconcileSettings { interval: self.settings.reconcile_interval, grace: self.settings.reconcile_grace };
-            tokio::spawn(reconciler::run(self.backends.repo.clone(), settings, stop.clone()))
+            tokio::spawn(reconciler::run(self.backends.repo.clone(), self.backlog.clone(), settings, stop.clone()))
         });
         let sweeper = self.worker.as_ref().map(|worker| {
             // No attempt outlives the transfer timeout: a staging file older than that

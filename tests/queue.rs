@@ -11,8 +11,8 @@ use chrono::Utc;
 use fileflow::domain::{BucketName, ObjectKey, RequestHeaders, SourceUrl};
 use fileflow::lifecycle::{JobId, NewJob, Settlement, StoredObject};
 use fileflow::metadata::{Claim, JobRepository, Lease, PgDb, PgRepository, SqliteDb, SqliteRepository};
-use fileflow::queue::kafka::{KafkaQueue, KafkaSettings, ensure_topics};
-use fileflow::queue::{Delivery, EmbeddedQueue, Queue};
+use fileflow::queue::kafka::{KafkaBacklog, KafkaQueue, KafkaSettings, ensure_topics};
+use fileflow::queue::{Backlog, Delivery, EmbeddedQueue, Queue};
 use fileflow::relay::OutboxRelay;
 
 /// A queue and a way to put jobs on it the way the API does.
@@ -289,6 +289,23 @@ async fn embedded_final_outcomes_remove_their_messages() {
     assert_eq!(again.job_id, ids[2]);
     b.queue.ack(&again).await.unwrap();
     assert_eq!(receive(&b.queue, Duration::from_secs(2)).await, None, "a finished job was delivered again");
+}
+
+/// Kafka only: the backlog the reconciler asks about is the jobs topic past the group's
+/// committed offsets: none on an empty topic, some once a job is published and not yet
+/// consumed, none again once its offset is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_backlog_is_what_the_group_has_not_consumed() {
+    let Some((b, settings)) = kafka_with_settings().await else { return };
+    let backlog = KafkaBacklog::new(&settings).unwrap();
+    assert!(backlog.drained().await.unwrap(), "an empty topic holds no backlog");
+    let id = b.create("lagging").await;
+    assert!(!backlog.drained().await.unwrap(), "a published job not yet consumed is a backlog");
+    let delivery = receive(&b.queue, FIRST).await.expect("the job is delivered");
+    assert_eq!(delivery.job_id, id);
+    b.queue.ack(&delivery).await.unwrap();
+    b.queue.close(Duration::from_secs(10)).await;
+    assert!(backlog.drained().await.unwrap(), "consumed and committed: no backlog");
 }
 
 /// Kafka only: what cannot be worked on goes to the DLQ at once, with the reason and the

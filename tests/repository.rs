@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use fileflow::domain::{BucketName, ObjectKey, RequestHeaders, SourceUrl};
 use fileflow::lifecycle::{JobStatus, NewJob, Settlement, StoredObject};
 use fileflow::metadata::{
-    Claim, JobRepository, Lease, ListFilter, PgDb, PgRepository, Requeue, SqliteDb, SqliteRepository,
+    Claim, JobRepository, Lease, ListFilter, PgDb, PgRepository, Requeue, SqliteDb, SqliteRepository, Sweep,
 };
 
 fn new_job(key: &str) -> NewJob {
@@ -30,6 +30,11 @@ fn lease(owner: &str) -> Lease {
 
 fn short_lease(owner: &str, millis: u64) -> Lease {
     Lease { owner: owner.into(), length: Duration::from_millis(millis) }
+}
+
+/// A sweep that announces overdue pending jobs too.
+fn sweep(grace: Duration, limit: u32) -> Sweep {
+    Sweep { grace, limit, pending: true }
 }
 
 fn stored() -> StoredObject {
@@ -348,8 +353,19 @@ async fn postgres_sweep_announces_again_what_the_queue_lost() {
     assert!(repo.settle(finished.id, "w", &Settlement::Completed(stored()), t).await.unwrap());
     tokio::time::sleep(Duration::from_millis(50)).await;
 
+    // While the queue holds a backlog, only the job whose worker died is announced again.
+    let quiet = repo.reconcile(&Sweep { grace: Duration::ZERO, limit: 100, pending: false }).await.unwrap();
+    assert_eq!((quiet.pending, quiet.expired), (0, 1), "{quiet:?}");
+    sqlx::query("DELETE FROM outbox WHERE job_id = $1").bind(orphaned.id.0).execute(&db.pool).await.unwrap();
+    sqlx::query("UPDATE files SET announced_at = NULL WHERE id = $1")
+        .bind(orphaned.id.0)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
     // Two sweeps at once (two API replicas): the jobs are announced once between them.
-    let (a, b) = tokio::join!(repo.reconcile(Duration::ZERO, 100), repo.reconcile(Duration::ZERO, 100));
+    let now = sweep(Duration::ZERO, 100);
+    let (a, b) = tokio::join!(repo.reconcile(&now), repo.reconcile(&now));
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!((a.pending + b.pending, a.expired + b.expired), (1, 1), "{a:?} {b:?}");
     let announced: Vec<(i64, i32)> =
@@ -357,15 +373,19 @@ async fn postgres_sweep_announces_again_what_the_queue_lost() {
     assert_eq!(announced, [(lost.id.0, 1), (orphaned.id.0, 1), (waiting.id.0, 1)]);
 
     // Just announced: not again within the grace period, again after it.
-    assert_eq!(repo.reconcile(Duration::from_secs(60), 100).await.unwrap().total(), 0);
+    assert_eq!(repo.reconcile(&sweep(Duration::from_secs(60), 100)).await.unwrap().total(), 0);
     sqlx::query("DELETE FROM outbox").execute(&db.pool).await.unwrap();
-    assert_eq!(repo.reconcile(Duration::from_secs(60), 100).await.unwrap().total(), 0);
+    assert_eq!(repo.reconcile(&sweep(Duration::from_secs(60), 100)).await.unwrap().total(), 0);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(repo.reconcile(Duration::from_millis(10), 100).await.unwrap().total(), 3, "lost, orphaned, waiting");
+    assert_eq!(
+        repo.reconcile(&sweep(Duration::from_millis(10), 100)).await.unwrap().total(),
+        3,
+        "lost, orphaned, waiting"
+    );
     // The limit bounds a sweep.
     sqlx::query("DELETE FROM outbox").execute(&db.pool).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(repo.reconcile(Duration::from_millis(10), 2).await.unwrap().total(), 2);
+    assert_eq!(repo.reconcile(&sweep(Duration::from_millis(10), 2)).await.unwrap().total(), 2);
 }
 
 /// The embedded stack's sweep: an unfinished job that lost its queue row gets it back.
@@ -378,9 +398,9 @@ async fn sqlite_sweep_gives_an_unfinished_job_its_queue_row_back() {
     let t = now() - chrono::Duration::seconds(5);
     let job = repo.create(&new_job("q"), t).await.unwrap();
     let other = repo.create(&new_job("r"), t).await.unwrap();
-    assert_eq!(repo.reconcile(Duration::from_secs(1), 100).await.unwrap().total(), 0, "nothing is missing");
+    assert_eq!(repo.reconcile(&sweep(Duration::from_secs(1), 100)).await.unwrap().total(), 0, "nothing is missing");
     sqlx::query("DELETE FROM queue WHERE job_id = ?1").bind(job.id.0).execute(&db.reads).await.unwrap();
-    let swept = repo.reconcile(Duration::from_secs(1), 100).await.unwrap();
+    let swept = repo.reconcile(&sweep(Duration::from_secs(1), 100)).await.unwrap();
     assert_eq!((swept.pending, swept.expired), (1, 0));
     let queued: Vec<i64> =
         sqlx::query_scalar("SELECT job_id FROM queue ORDER BY job_id").fetch_all(&db.reads).await.unwrap();

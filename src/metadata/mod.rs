@@ -80,6 +80,18 @@ impl Lease {
     }
 }
 
+/// What one reconciliation sweep looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    /// How long overdue (or since last announced) a job must be.
+    pub grace: std::time::Duration,
+    /// Most jobs announced again by one sweep.
+    pub limit: u32,
+    /// Whether overdue `pending` jobs are announced again: not while the queue still holds
+    /// a backlog, which may well carry their messages (jobs whose lease lapsed always are).
+    pub pending: bool,
+}
+
 /// What one reconciliation sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reconciled {
@@ -183,9 +195,10 @@ pub trait JobRepository: Send + Sync + 'static {
     async fn holds(&self, id: JobId, owner: &str, margin: std::time::Duration) -> Result<bool, RepoError>;
 
     /// Make sure every job that should be moving will be delivered: announce again the
-    /// `pending` jobs due for longer than `grace` and the `processing` jobs whose lease
-    /// lapsed, at most `limit` of them. One sweep at a time across processes.
-    async fn reconcile(&self, grace: std::time::Duration, limit: u32) -> Result<Reconciled, RepoError>;
+    /// `pending` jobs overdue by more than the sweep's grace period (when it says so) and
+    /// the `processing` jobs whose lease lapsed, at most its limit of them. One sweep at a
+    /// time across processes.
+    async fn reconcile(&self, sweep: &Sweep) -> Result<Reconciled, RepoError>;
 
     /// Persist an attempt's outcome; `false` when the lease was lost meanwhile.
     async fn settle(

@@ -12,7 +12,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::{Notify, mpsc};
 
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
-use super::{Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue};
+use super::{Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep};
 use crate::domain::RequestHeaders;
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
@@ -268,7 +268,7 @@ impl JobRepository for PgRepository {
         Ok(held)
     }
 
-    async fn reconcile(&self, grace: Duration, limit: u32) -> Result<Reconciled, RepoError> {
+    async fn reconcile(&self, sweep: &Sweep) -> Result<Reconciled, RepoError> {
         // One statement: the advisory lock makes it one sweep at a time across processes;
         // a job with an outbox row is still on its way and is left alone.
         let row = sqlx::query(
@@ -276,7 +276,7 @@ impl JobRepository for PgRepository {
              stuck AS ( \
                  SELECT f.id, f.status, f.retry_count FROM files f, sweeper \
                  WHERE sweeper.mine AND f.status IN ('pending', 'processing') \
-                   AND ((f.status = 'pending' \
+                   AND ((f.status = 'pending' AND $4 \
                          AND greatest(f.updated_at, f.announced_at, f.next_attempt_at) \
                              < now() - $1 * interval '1 millisecond') \
                      OR (f.status = 'processing' AND f.lease_expires_at <= now() \
@@ -288,9 +288,10 @@ impl JobRepository for PgRepository {
              SELECT count(*) FILTER (WHERE status = 'pending') AS pending, \
                     count(*) FILTER (WHERE status = 'processing') AS expired FROM stuck",
         )
-        .bind(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 4))
-        .bind(i64::from(limit))
+        .bind(i64::try_from(sweep.grace.as_millis()).unwrap_or(i64::MAX / 4))
+        .bind(i64::from(sweep.limit))
         .bind(RECONCILE_LOCK)
+        .bind(sweep.pending)
         .fetch_one(&self.db.pool)
         .await?;
         let count = |name: &str| row.try_get::<i64, _>(name).map(|n| u64::try_from(n).unwrap_or(0));

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::writer::Writer;
-use super::{Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue};
+use super::{Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep};
 use crate::domain::RequestHeaders;
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
 
@@ -406,11 +406,12 @@ impl JobRepository for SqliteRepository {
         Ok(held)
     }
 
-    async fn reconcile(&self, grace: Duration, limit: u32) -> Result<Reconciled, RepoError> {
+    async fn reconcile(&self, sweep: &Sweep) -> Result<Reconciled, RepoError> {
         // The queue lives in this database and is written with the jobs, so nothing is
         // lost between the two; this sweep is the check that keeps it so: an unfinished job
         // without a queue row (which no write of fileflow's leaves) gets one back.
-        let grace = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 4);
+        let grace = i64::try_from(sweep.grace.as_millis()).unwrap_or(i64::MAX / 4);
+        let (limit, pending) = (sweep.limit, sweep.pending);
         let rows = self
             .db
             .write(move |c| {
@@ -419,7 +420,7 @@ impl JobRepository for SqliteRepository {
                     "INSERT INTO queue (job_id, attempt, due_at) \
                      SELECT id, retry_count + 1, MAX(COALESCE(next_attempt_at, 0), ?1) FROM files \
                      WHERE status IN ('pending', 'processing') AND updated_at < ?1 - ?2 \
-                       AND (status = 'pending' OR lease_expires_at <= ?1) \
+                       AND ((status = 'pending' AND ?4) OR (status = 'processing' AND lease_expires_at <= ?1)) \
                        AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.job_id = files.id) \
                      ORDER BY id LIMIT ?3 \
                      RETURNING job_id, (SELECT status FROM files f WHERE f.id = job_id) AS status",
@@ -427,6 +428,7 @@ impl JobRepository for SqliteRepository {
                 .bind(now)
                 .bind(grace)
                 .bind(i64::from(limit))
+                .bind(pending)
                 .fetch_all(c)
                 .boxed()
             })

@@ -27,6 +27,14 @@ impl From<sqlx::Error> for QueueError {
     }
 }
 
+/// Whether the queue still holds messages the workers have not consumed: the reconciler
+/// announces overdue `pending` jobs again only once it does not (their messages may be in
+/// that backlog). A queue that lives in the database needs no such probe.
+#[async_trait]
+pub trait Backlog: Send + Sync + 'static {
+    async fn drained(&self) -> Result<bool, QueueError>;
+}
+
 /// One message handed to one worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {

@@ -105,6 +105,59 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), QueueError> {
     Ok(())
 }
 
+/// How far the workers' group is behind on the jobs topic, asked without joining the
+/// group: the reconciler holds back on overdue `pending` jobs while the topic still holds
+/// messages the group has not consumed, since theirs may well be among them.
+pub struct KafkaBacklog {
+    consumer: Arc<BaseConsumer>,
+    topic: String,
+}
+
+impl KafkaBacklog {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, QueueError> {
+        let consumer: BaseConsumer = settings
+            .client_config()
+            .set("group.id", &settings.group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(backend)?;
+        Ok(Self { consumer: Arc::new(consumer), topic: settings.topic.clone() })
+    }
+
+    /// Messages on the jobs topic past the group's committed offsets (from the start of
+    /// the log where the group has committed nothing).
+    fn lag(consumer: &BaseConsumer, topic: &str) -> Result<i64, QueueError> {
+        let timeout = Duration::from_secs(5);
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(backend)?;
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        let mut asked = TopicPartitionList::new();
+        for partition in &partitions {
+            asked.add_partition(topic, *partition);
+        }
+        let committed = consumer.committed_offsets(asked, timeout).map_err(backend)?;
+        let mut lag = 0;
+        for partition in partitions {
+            let (low, high) = consumer.fetch_watermarks(topic, partition, timeout).map_err(backend)?;
+            let done = match committed.find_partition(topic, partition).map(|p| p.offset()) {
+                Some(Offset::Offset(offset)) => offset,
+                _ => low,
+            };
+            lag += (high - done).max(0);
+        }
+        Ok(lag)
+    }
+}
+
+#[async_trait]
+impl super::Backlog for KafkaBacklog {
+    async fn drained(&self) -> Result<bool, QueueError> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        let lag = tokio::task::spawn_blocking(move || Self::lag(&consumer, &topic)).await.map_err(backend)??;
+        Ok(lag == 0)
+    }
+}
+
 /// Publishes job messages: used by the outbox relay and for retries and give-ups.
 #[derive(Clone)]
 pub struct KafkaPublisher {
