@@ -125,7 +125,7 @@ impl KafkaBacklog {
     }
 
     /// Messages on the jobs topic past the group's committed offsets (from the start of
-    /// the log where the group has committed nothing).
+    /// the log where the group has committed nothing or the log no longer reaches).
     fn lag(consumer: &BaseConsumer, topic: &str) -> Result<i64, QueueError> {
         let timeout = Duration::from_secs(5);
         let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(backend)?;
@@ -139,8 +139,10 @@ impl KafkaBacklog {
         let mut lag = 0;
         for partition in partitions {
             let (low, high) = consumer.fetch_watermarks(topic, partition, timeout).map_err(backend)?;
+            // Messages below the log's start are gone (retention, a broker that lost its
+            // data): they are no backlog, whatever the group committed.
             let done = match committed.find_partition(topic, partition).map(|p| p.offset()) {
-                Some(Offset::Offset(offset)) => offset,
+                Some(Offset::Offset(offset)) => offset.max(low),
                 _ => low,
             };
             lag += (high - done).max(0);
