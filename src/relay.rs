@@ -14,6 +14,8 @@ use crate::queue::kafka::{JobMessage, KafkaPublisher, KafkaSettings, ensure_topi
 
 /// Messages published per transaction.
 const BATCH: i64 = 200;
+/// How often the relay makes sure the topics exist.
+const TOPIC_CHECK: Duration = Duration::from_secs(5);
 /// How often an idle relay looks for rows written by other processes.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 
@@ -87,10 +89,20 @@ impl OutboxRelay {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
+        let mut topics_checked = tokio::time::Instant::now();
         loop {
             let woken = self.db.outboxed.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
+            // A broker that lost its state lost the topics too, and may take messages for
+            // a topic that no longer exists without complaint: make sure they exist now
+            // and then, not only after a failure.
+            if topics_checked.elapsed() >= TOPIC_CHECK {
+                topics_checked = tokio::time::Instant::now();
+                if let Err(e) = ensure_topics(&self.kafka).await {
+                    tracing::warn!(error = %e, "cannot check the Kafka topics");
+                }
+            }
             let wait = match self.run_once().await {
                 Ok(n) if n as i64 == BATCH => continue,
                 Ok(_) => IDLE_POLL,

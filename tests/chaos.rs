@@ -211,6 +211,11 @@ impl Cluster {
         *self.api_base.lock().unwrap() = None;
         self.api.kill().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
+        self.restart_api().await;
+    }
+
+    async fn restart_api(&mut self) {
+        *self.api_base.lock().unwrap() = None;
         let fresh = Self::spawn("api", &self.dir, &self.env).await;
         let dead = std::mem::replace(&mut self.api, fresh);
         self.gone.push(dead);
@@ -243,6 +248,27 @@ impl Cluster {
         let fresh = Self::spawn("worker", &self.dir, &self.env).await;
         let dead = std::mem::replace(&mut self.workers[i], fresh);
         self.gone.push(dead);
+    }
+
+    /// Start again every process that ended on its own, as a supervisor (systemd,
+    /// Kubernetes) would; returns how many had ended.
+    async fn revive_dead(&mut self) -> usize {
+        let mut revived = 0;
+        if let Some(status) = self.api.child.try_wait().unwrap() {
+            eprintln!("api ended on its own ({status}); restarting it");
+            self.restart_api().await;
+            revived += 1;
+        }
+        for i in 0..self.workers.len() {
+            if let Some(status) = self.workers[i].child.try_wait().unwrap() {
+                eprintln!("worker {i} ended on its own ({status}); restarting it");
+                let fresh = Self::spawn("worker", &self.dir, &self.env).await;
+                let dead = std::mem::replace(&mut self.workers[i], fresh);
+                self.gone.push(dead);
+                revived += 1;
+            }
+        }
+        revived
     }
 
     /// The last log events of the processes still running, for a failed scenario.
@@ -525,6 +551,10 @@ async fn run_scenario(
         submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, pace, history.clone());
     faults(&mut cluster, &mut stack).await;
     submitting.await.unwrap();
+    let revived = cluster.revive_dead().await;
+    if revived > 0 {
+        println!("chaos [{name}]: {revived} processes ended on their own during the faults and were restarted");
+    }
     let counts = check(name, &history, &stack.database_url, &stack.store, &origin, || cluster.completions()).await;
     if counts.lost + counts.stuck + counts.failed + counts.wrong_bytes > 0 {
         cluster.print_recent_logs();

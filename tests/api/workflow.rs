@@ -70,8 +70,10 @@ async fn a_job_that_keeps_failing_gives_up_after_max_retries() {
     app.stop().await;
 }
 
+/// Backoff grows from the configured base delay (a 500 carries no Retry-After), and is
+/// never shorter than an origin's Retry-After (a 503 here asks for 1 s).
 #[tokio::test]
-async fn retries_back_off_by_the_configured_base_delay() {
+async fn retries_back_off_from_the_base_delay_and_honour_retry_after() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
         s.retry_base_delay = Duration::from_millis(400);
@@ -80,38 +82,25 @@ async fn retries_back_off_by_the_configured_base_delay() {
     })
     .await;
     let started = std::time::Instant::now();
-    let id = app.submit(&origin.url("/status/503"), &app.bucket, "slow-retries").await;
+    let plain = app.submit(&origin.url("/flaky/backoff/2/3000"), &app.bucket, "backoff.bin").await;
+    let slow = app.submit(&origin.url("/status/503"), &app.bucket, "slow-retries").await;
     let pending =
-        app.wait_until(&id, Duration::from_secs(10), |j| j["retry_count"] == 1 && j["status"] == "pending").await;
+        app.wait_until(&slow, Duration::from_secs(10), |j| j["retry_count"] == 1 && j["status"] == "pending").await;
     assert!(pending["next_attempt_at"].is_string(), "a scheduled retry shows when: {pending}");
     assert!(pending["last_error"].as_str().unwrap().contains("503"));
-    let job = app.finished(&id).await;
-    // Backoffs are at least half of 400 ms and 800 ms; Retry-After: 1 lifts both to 1 s.
+
+    let job = app.finished(&plain).await;
+    // Equal jitter: at least half of 400 ms, then half of 800 ms.
+    assert!(started.elapsed() >= Duration::from_millis(600), "retried too soon: {:?}", started.elapsed());
+    assert_eq!((job["status"].as_str(), job["retry_count"].as_u64()), (Some("completed"), Some(2)), "{job}");
+    assert_eq!(origin.hits("/flaky/backoff/2/3000"), 3);
+    assert_eq!(app.read_object("backoff.bin").await, content(1, 3000));
+
+    let job = app.finished(&slow).await;
+    // Retry-After: 1 lifts both backoffs to 1 s.
     assert!(started.elapsed() >= Duration::from_millis(1900), "retried too soon: {:?}", started.elapsed());
     assert_eq!(job["status"], "failed");
     assert_eq!(job["retry_count"], 2);
-    app.stop().await;
-}
-
-/// Backoff on its own, without an origin's Retry-After to lift it: 500s carry none.
-#[tokio::test]
-async fn retries_back_off_exponentially_without_a_retry_after() {
-    let origin = Origin::start().await;
-    let app = spawn_app_with(|s| {
-        s.retry_base_delay = Duration::from_millis(400);
-        s.retry_max_delay = Duration::from_secs(10);
-        s.max_retries = 2;
-    })
-    .await;
-    let started = std::time::Instant::now();
-    let id = app.submit(&origin.url("/flaky/backoff/2/3000"), &app.bucket, "backoff.bin").await;
-    let job = app.finished(&id).await;
-    assert_eq!(job["status"], "completed", "{job}");
-    assert_eq!(job["retry_count"], 2, "{job}");
-    // Equal jitter: at least half of 400 ms, then half of 800 ms.
-    assert!(started.elapsed() >= Duration::from_millis(600), "retried too soon: {:?}", started.elapsed());
-    assert_eq!(origin.hits("/flaky/backoff/2/3000"), 3);
-    assert_eq!(app.read_object("backoff.bin").await, content(1, 3000));
     app.stop().await;
 }
 

@@ -301,7 +301,7 @@ impl KafkaQueue {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let inner = Arc::new(Inner { consumer, publisher: KafkaPublisher::new(settings)?, state });
         let stop = CancellationToken::new();
-        tokio::spawn(inner.clone().poll_loop(tx, stop.clone(), settings.retry_topic(), settings.dlq_topic()));
+        tokio::spawn(inner.clone().poll_loop(tx, stop.clone(), settings.clone()));
         Ok(Arc::new(Self { inner, deliveries: tokio::sync::Mutex::new(rx), stop }))
     }
 
@@ -322,13 +322,9 @@ impl KafkaQueue {
 impl Inner {
     /// Read messages, hold retries until due, hand the rest to the workers. Never sleeps:
     /// a partition whose head is not due is paused, and resumed by the tick.
-    async fn poll_loop(
-        self: Arc<Self>,
-        tx: mpsc::Sender<Delivery>,
-        stop: CancellationToken,
-        retry_topic: String,
-        dlq_topic: String,
-    ) {
+    async fn poll_loop(self: Arc<Self>, tx: mpsc::Sender<Delivery>, stop: CancellationToken, settings: KafkaSettings) {
+        let (retry_topic, dlq_topic) = (settings.retry_topic(), settings.dlq_topic());
+        let mut topics_checked = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let ready = tokio::select! {
@@ -338,6 +334,15 @@ impl Inner {
                     Ok(message) => self.accept(&message, &retry_topic),
                     Err(e) => {
                         tracing::warn!(error = %e, "kafka consumer error");
+                        // A broker that lost its state lost the topics: create them again
+                        // (now and then), so the group can read what is published next.
+                        let missing = e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition);
+                        if missing && topics_checked.elapsed() >= Duration::from_secs(5) {
+                            topics_checked = tokio::time::Instant::now();
+                            if let Err(e) = ensure_topics(&settings).await {
+                                tracing::warn!(error = %e, "cannot create the Kafka topics");
+                            }
+                        }
                         Vec::new()
                     }
                 },
