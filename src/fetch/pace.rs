@@ -2,10 +2,11 @@
 //! byte now and then (never idle long enough for the read timeout) would otherwise hold a
 //! transfer slot for the whole transfer timeout.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use tokio::time::Instant;
+use tokio::time::Sleep;
 
 use crate::lifecycle::JobError;
 use crate::storage::ByteStream;
@@ -33,11 +34,13 @@ pub fn at_least(body: ByteStream, rate: MinRate) -> ByteStream {
     let needed = rate.bytes_per_window();
     struct State {
         body: ByteStream,
-        window_ends: Instant,
+        /// Ends the current window: one timer for the whole transfer, reset per window.
+        window: Pin<Box<Sleep>>,
         seen: u64,
         done: bool,
     }
-    let start = State { body, window_ends: Instant::now() + rate.window, seen: 0, done: false };
+    let window = Box::pin(tokio::time::sleep(rate.window));
+    let start = State { body, window, seen: 0, done: false };
     // Fused: readers may ask again after the end, as they may of any body.
     futures::stream::unfold(start, move |mut state| async move {
         if state.done {
@@ -52,7 +55,7 @@ pub fn at_least(body: ByteStream, rate: MinRate) -> ByteStream {
                     }
                     return next.map(|item| (item, state));
                 }
-                () = tokio::time::sleep_until(state.window_ends) => {
+                () = state.window.as_mut() => {
                     if state.seen < needed {
                         state.done = true;
                         let error = JobError::transient(format!(
@@ -64,7 +67,8 @@ pub fn at_least(body: ByteStream, rate: MinRate) -> ByteStream {
                         return Some((Err(error), state));
                     }
                     state.seen = 0;
-                    state.window_ends += rate.window;
+                    let next_end = state.window.deadline() + rate.window;
+                    state.window.as_mut().reset(next_end);
                 }
             }
         }
@@ -77,6 +81,7 @@ pub fn at_least(body: ByteStream, rate: MinRate) -> ByteStream {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use tokio::time::Instant;
 
     fn trickle(every: Duration, chunks: usize, size: usize) -> ByteStream {
         futures::stream::iter(0..chunks)

@@ -90,14 +90,7 @@ impl Worker {
     /// Claim the delivery's job and see it through. On an infrastructure error the
     /// delivery is let go of (see [`Queue::abandon`]) before the error is returned.
     pub async fn handle(&self, delivery: Delivery, abort: &CancellationToken) -> Result<WorkOutcome, WorkerError> {
-        let lease = Lease::for_claim(&delivery.token, self.settings.lease);
-        let claim = match self.repo.claim(delivery.job_id, &lease).await {
-            Ok(claim) => claim,
-            Err(e) => {
-                self.queue.abandon(&delivery).await;
-                return Err(e.into());
-            }
-        };
+        let (lease, claim) = self.claim_all(std::slice::from_ref(&delivery)).await?.pop().expect("one claim asked");
         self.work(delivery, lease, claim, abort, None).await
     }
 

@@ -69,15 +69,18 @@ fn backend(e: impl std::fmt::Display) -> QueueError {
     QueueError::Backend(e.to_string())
 }
 
-/// The replication factor for new topics: as configured, or min(3, brokers).
-async fn replication_factor(settings: &KafkaSettings) -> Result<i32, QueueError> {
+/// The replication factor for new topics: as configured, or min(3, brokers), asked of the
+/// cluster through `admin` (no client of its own).
+async fn replication_factor(
+    settings: &KafkaSettings,
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+) -> Result<i32, QueueError> {
     if settings.replication_factor > 0 {
         return Ok(settings.replication_factor);
     }
-    let config = settings.client_config();
+    let admin = admin.clone();
     let brokers = tokio::task::spawn_blocking(move || {
-        let client: BaseConsumer = config.create().map_err(backend)?;
-        let metadata = client.fetch_metadata(None, Duration::from_secs(10)).map_err(backend)?;
+        let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10)).map_err(backend)?;
         Ok::<_, QueueError>(metadata.brokers().len())
     })
     .await
@@ -87,9 +90,9 @@ async fn replication_factor(settings: &KafkaSettings) -> Result<i32, QueueError>
 
 /// Create the three topics when missing, replicated as [`KafkaSettings::replication_factor`] says.
 pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), QueueError> {
-    let admin: AdminClient<DefaultClientContext> = settings.client_config().create().map_err(backend)?;
+    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(settings.client_config().create().map_err(backend)?);
     let (main, retry, dlq) = (settings.topic.clone(), settings.retry_topic(), settings.dlq_topic());
-    let replicas = replication_factor(settings).await?;
+    let replicas = replication_factor(settings, &admin).await?;
     let topics = [
         NewTopic::new(&main, settings.partitions, TopicReplication::Fixed(replicas)),
         NewTopic::new(&retry, settings.partitions, TopicReplication::Fixed(replicas)),
