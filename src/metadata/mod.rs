@@ -76,8 +76,14 @@ impl Lease {
 
     /// The lease length in whole milliseconds, as the databases store it.
     pub fn millis(&self) -> i64 {
-        i64::try_from(self.length.as_millis()).unwrap_or(i64::MAX / 4)
+        millis(self.length)
     }
+}
+
+/// A length of time in whole milliseconds, as the databases take it (huge lengths are
+/// capped far from overflow when added to a time).
+pub(crate) fn millis(length: std::time::Duration) -> i64 {
+    i64::try_from(length.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
 /// What one reconciliation sweep looks at.

@@ -262,7 +262,7 @@ impl JobRepository for PgRepository {
         )
         .bind(id.0)
         .bind(owner)
-        .bind(i64::try_from(margin.as_millis()).unwrap_or(i64::MAX / 4))
+        .bind(super::millis(margin))
         .fetch_one(&self.db.pool)
         .await?;
         Ok(held)
@@ -288,7 +288,7 @@ impl JobRepository for PgRepository {
              SELECT count(*) FILTER (WHERE status = 'pending') AS pending, \
                     count(*) FILTER (WHERE status = 'processing') AS expired FROM stuck",
         )
-        .bind(i64::try_from(sweep.grace.as_millis()).unwrap_or(i64::MAX / 4))
+        .bind(super::millis(sweep.grace))
         .bind(i64::from(sweep.limit))
         .bind(RECONCILE_LOCK)
         .bind(sweep.pending)

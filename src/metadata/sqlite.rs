@@ -393,7 +393,7 @@ impl JobRepository for SqliteRepository {
     }
 
     async fn holds(&self, id: JobId, owner: &str, margin: Duration) -> Result<bool, RepoError> {
-        let margin = i64::try_from(margin.as_millis()).unwrap_or(i64::MAX / 4);
+        let margin = super::millis(margin);
         let held: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM files WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2 \
              AND lease_expires_at > ?3)",
@@ -410,7 +410,7 @@ impl JobRepository for SqliteRepository {
         // The queue lives in this database and is written with the jobs, so nothing is
         // lost between the two; this sweep is the check that keeps it so: an unfinished job
         // without a queue row (which no write of fileflow's leaves) gets one back.
-        let grace = i64::try_from(sweep.grace.as_millis()).unwrap_or(i64::MAX / 4);
+        let grace = super::millis(sweep.grace);
         let (limit, pending) = (sweep.limit, sweep.pending);
         let rows = self
             .db
