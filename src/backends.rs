@@ -8,10 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use url::Url;
 
+use crate::auth::KeyStore;
 use crate::config::{Settings, StorageKind};
 use crate::links::{DownloadLinks, LinkSigner};
 use crate::metadata::{JobRepository, PgDb, PgRepository, RepoError, SqliteDb, SqliteRepository};
 use crate::queue::kafka::KafkaSettings;
+use crate::secrets::HeaderSealer;
 use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
 
 /// The metadata database, migrated.
@@ -31,6 +33,10 @@ pub enum QueueSource {
 /// The adapters a process runs with.
 pub struct Backends {
     pub repo: Arc<dyn JobRepository>,
+    /// The API keys, in the same database.
+    pub keys: Arc<dyn KeyStore>,
+    /// Encrypts per-job origin headers for the database (API) and opens them (workers).
+    pub sealer: Arc<HeaderSealer>,
     pub store: Arc<dyn ObjectStore>,
     pub links: Arc<dyn DownloadLinks>,
     /// Present when fileflow serves its own signed download links.
@@ -55,6 +61,16 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
         }
         Some("postgres" | "postgresql") => Ok(Database::Postgres(open_postgres(&url).await?)),
         _ => bail!("unsupported --database-url {url:?}: expected sqlite://… or postgres://…"),
+    }
+}
+
+impl Database {
+    /// The database's API keys.
+    pub fn keys(&self) -> Arc<dyn KeyStore> {
+        match self {
+            Self::Sqlite(db) => Arc::new(db.clone()),
+            Self::Postgres(db) => Arc::new(db.clone()),
+        }
     }
 }
 
@@ -88,27 +104,28 @@ async fn open_postgres(url: &str) -> anyhow::Result<PgDb> {
 pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backends> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
-    let (repo, queue): (Arc<dyn JobRepository>, QueueSource) =
-        match (open_database(settings).await?, &settings.kafka_brokers) {
-            (Database::Sqlite(db), None) => (Arc::new(SqliteRepository::new(db.clone())), QueueSource::Embedded(db)),
-            (Database::Postgres(db), Some(brokers)) => {
-                let kafka = KafkaSettings {
-                    brokers: brokers.clone(),
-                    topic: settings.kafka_topic.clone(),
-                    group: settings.kafka_group.clone(),
-                    partitions: settings.kafka_partitions,
-                    replication_factor: settings.kafka_replication_factor,
-                    max_poll_interval: settings.transfer_timeout + std::time::Duration::from_secs(60),
-                };
-                (Arc::new(PgRepository::new(db.clone())), QueueSource::Kafka { settings: kafka, db })
-            }
-            (Database::Sqlite(_), Some(_)) => {
-                bail!("the Kafka queue needs PostgreSQL metadata (--database-url postgres://…): its outbox lives there")
-            }
-            (Database::Postgres(_), None) => {
-                bail!("PostgreSQL metadata needs the Kafka queue (--kafka-brokers); the embedded queue lives in SQLite")
-            }
-        };
+    let database = open_database(settings).await?;
+    let keys = database.keys();
+    let (repo, queue): (Arc<dyn JobRepository>, QueueSource) = match (database, &settings.kafka_brokers) {
+        (Database::Sqlite(db), None) => (Arc::new(SqliteRepository::new(db.clone())), QueueSource::Embedded(db)),
+        (Database::Postgres(db), Some(brokers)) => {
+            let kafka = KafkaSettings {
+                brokers: brokers.clone(),
+                topic: settings.kafka_topic.clone(),
+                group: settings.kafka_group.clone(),
+                partitions: settings.kafka_partitions,
+                replication_factor: settings.kafka_replication_factor,
+                max_poll_interval: settings.transfer_timeout + std::time::Duration::from_secs(60),
+            };
+            (Arc::new(PgRepository::new(db.clone())), QueueSource::Kafka { settings: kafka, db })
+        }
+        (Database::Sqlite(_), Some(_)) => {
+            bail!("the Kafka queue needs PostgreSQL metadata (--database-url postgres://…): its outbox lives there")
+        }
+        (Database::Postgres(_), None) => {
+            bail!("PostgreSQL metadata needs the Kafka queue (--kafka-brokers); the embedded queue lives in SQLite")
+        }
+    };
 
     let (store, links, signer): (Arc<dyn ObjectStore>, Arc<dyn DownloadLinks>, _) = match settings.storage {
         StorageKind::Fs => {
@@ -133,5 +150,6 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
             (store.clone(), store, None)
         }
     };
-    Ok(Backends { repo, store, links, signer, queue })
+    let sealer = Arc::new(HeaderSealer::load(settings.encryption_key.as_deref(), &settings.data_dir)?);
+    Ok(Backends { repo, keys, sealer, store, links, signer, queue })
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use url::Url;
 
+use crate::auth::{AuthMode, Role};
 use crate::metadata::Durability;
 
 #[derive(Debug, Parser)]
@@ -19,7 +20,7 @@ pub struct Cli {
     pub settings: Settings,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// API and workers in one process (the embedded default needs nothing else).
     Serve,
@@ -29,6 +30,54 @@ pub enum Command {
     Worker,
     /// Create or upgrade the database schema, then exit.
     Migrate,
+    /// Manage API keys (in the database named by --data-dir / --database-url).
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print its secret, once.
+    Create {
+        /// A name to know the key by.
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// Buckets the key may write to, each `bucket` or `bucket/prefix/*`
+        /// (comma-separated); every bucket when left out.
+        #[arg(long, value_delimiter = ',')]
+        buckets: Vec<String>,
+        /// Requests per second this key may make (default: --key-rate-limit).
+        #[arg(long)]
+        rate_limit: Option<u32>,
+        /// Jobs of this key not yet finished (default: --key-max-unfinished).
+        #[arg(long)]
+        max_unfinished: Option<u64>,
+        /// Largest file a job of this key may store (default: --max-file-size).
+        #[arg(long)]
+        max_file_size: Option<bytesize::ByteSize>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// List every key (secrets are never shown again).
+    List {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Revoke a key: it is refused from the next request on.
+    Revoke {
+        /// The key's id, as `keys list` shows it.
+        id: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -200,6 +249,39 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
 
+    /// Whether API requests need a key: `auto` asks for one unless the API listens on
+    /// loopback and no key exists; `required` always; `off` never (logged at every start).
+    #[arg(long, env = "FILEFLOW_AUTH", value_enum, default_value_t = AuthMode::Auto, global = true)]
+    pub auth: AuthMode,
+
+    /// Requests per second one API key may make, unless the key says otherwise (`0`: no limit).
+    #[arg(long, env = "FILEFLOW_KEY_RATE_LIMIT", default_value_t = 100, global = true)]
+    pub key_rate_limit: u32,
+
+    /// Unfinished jobs (pending or processing) one API key may have, unless the key says
+    /// otherwise (`0`: no limit).
+    #[arg(long, env = "FILEFLOW_KEY_MAX_UNFINISHED", default_value_t = 10_000, global = true)]
+    pub key_max_unfinished: u64,
+
+    /// Key that encrypts per-job origin headers in the database: 32 bytes in base64. Every
+    /// process sharing a database needs the same key; when left out, the key in
+    /// `<data-dir>/encryption.key` is used (generated on first start).
+    #[arg(long, env = "FILEFLOW_ENCRYPTION_KEY", hide_env_values = true, global = true)]
+    pub encryption_key: Option<String>,
+
+    /// Connections the API serves at once; more wait to be accepted.
+    #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS", default_value_t = 1024, global = true)]
+    pub max_connections: usize,
+
+    /// Longest a client may take to send a request's headers (also how long an idle
+    /// connection is kept).
+    #[arg(long, env = "FILEFLOW_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub header_timeout: Duration,
+
+    /// Longest an API request may take to be read and answered (downloads stream on).
+    #[arg(long, env = "FILEFLOW_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub request_timeout: Duration,
+
     /// Log format.
     #[arg(long, env = "FILEFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto, global = true)]
     pub log_format: LogFormat,
@@ -244,5 +326,33 @@ mod tests {
         assert_eq!(s.retry_base_delay, Duration::from_secs(1));
         assert!(!s.fetch_allow_private);
         assert_eq!(s.storage, StorageKind::Fs);
+        assert_eq!(s.auth, AuthMode::Auto);
+    }
+
+    #[test]
+    fn keys_create_takes_a_role_buckets_and_limits() {
+        let cli = Cli::parse_from([
+            "fileflow",
+            "keys",
+            "create",
+            "--name",
+            "ci",
+            "--role",
+            "submitter",
+            "--buckets",
+            "photos,docs/team-a/*",
+            "--max-file-size",
+            "1GiB",
+            "--output",
+            "json",
+        ]);
+        let Command::Keys { action: KeysCommand::Create { name, role, buckets, max_file_size, output, .. } } =
+            cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!((name.as_str(), role, output), ("ci", Role::Submitter, OutputFormat::Json));
+        assert_eq!(buckets, ["photos", "docs/team-a/*"]);
+        assert_eq!(max_file_size.unwrap().as_u64(), 1 << 30);
     }
 }

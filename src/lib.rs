@@ -9,6 +9,7 @@
 //!   [`reconciler`]: what makes queued work reach the workers, and reach them again;
 //! - [`config`], [`backends`], [`startup`]: settings and wiring.
 
+pub mod auth;
 pub mod backends;
 pub mod config;
 pub mod domain;
@@ -20,6 +21,7 @@ pub mod metadata;
 pub mod queue;
 pub mod reconciler;
 pub mod relay;
+pub mod secrets;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;

@@ -3,7 +3,6 @@
 //! The embedded mode signs links itself (HMAC-SHA256 with a key kept in the data dir) and
 //! serves them from `GET /api/v1/downloads/{id}`; an S3 store presigns instead.
 
-use std::io::Write;
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -56,28 +55,15 @@ impl LinkSigner {
     /// Load the key from `<data_dir>/signing.key`, generating it on first start. Links keep
     /// working across restarts because the key does.
     pub fn load_or_create(data_dir: &Path, base: Url) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let path = data_dir.join(KEY_FILE);
-        let key = match std::fs::read_to_string(&path) {
-            Ok(text) => hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key: [u8; 32] = rand::random();
-                write_private(&path, hex::encode(key).as_bytes())
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-                // Another process may have won the race to create it: use whichever landed.
-                let text = std::fs::read_to_string(&path)?;
-                hex::decode(text.trim())?
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
-        anyhow::ensure!(key.len() >= 32, "{} holds a key shorter than 32 bytes", path.display());
-        Ok(Self::new(key, base))
+        Ok(Self::new(crate::secrets::load_or_create_key(&data_dir.join(KEY_FILE))?, base))
     }
 
     fn signature(&self, job: &Job, expires: i64) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        // Bound to the object, not only the job id, so a link never reads another object.
-        mac.update(format!("{}\n{}\n{}\n{expires}", job.id, job.bucket_name, job.object_name).as_bytes());
+        // Bound to the object and its version, not only the job id, so a link never reads
+        // another object, nor the same key after something else was written there.
+        let version = job.object_version.as_deref().unwrap_or("");
+        mac.update(format!("{}\n{}\n{}\n{version}\n{expires}", job.id, job.bucket_name, job.object_name).as_bytes());
         mac
     }
 
@@ -107,22 +93,6 @@ impl DownloadLinks for LinkSigner {
     }
 }
 
-/// Create `path` readable by its owner only, failing if it exists.
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    match options.open(path) {
-        Ok(mut file) => {
-            file.write_all(contents)?;
-            file.sync_all()
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,7 +115,9 @@ mod tests {
             content_type: None,
             expected_sha256: None,
             expected_md5: None,
-            request_headers: Default::default(),
+            request_headers: None,
+            grant: crate::lifecycle::Grant::open(),
+            object_version: Some("v1".into()),
             created_at: now,
             updated_at: now,
             next_attempt_at: None,
@@ -179,6 +151,8 @@ mod tests {
         assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires + 3600, &sig, now), bad);
         assert_eq!(signer.verify(&job(22, "kitty2.jpg"), expires, &sig, now), bad);
         assert_eq!(signer.verify(&job(21, "other.jpg"), expires, &sig, now), bad);
+        let rewritten = Job { object_version: Some("v2".into()), ..job(21, "kitty2.jpg") };
+        assert_eq!(signer.verify(&rewritten, expires, &sig, now), bad);
         assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, "AAAA", now), bad);
         assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, "not base64!", now), bad);
         let other_key = LinkSigner::new(vec![8; 32], Url::parse("http://127.0.0.1:8000").unwrap());

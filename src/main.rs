@@ -15,6 +15,9 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("database is up to date");
         return Ok(());
     }
+    if let Command::Keys { action } = cli.command {
+        return fileflow::auth::cli::run(&cli.settings, action, &mut std::io::stdout()).await;
+    }
     let app = Application::build(cli.settings, cli.command).await?;
     app.run_until_stopped(shutdown_signal()).await
 }

@@ -10,10 +10,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use crate::auth::{Gate, KeyLimits};
 use crate::backends::{self, Backends, QueueSource};
 use crate::config::{Command, Settings};
 use crate::fetch::{DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, MinRate, SystemLookup};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, ServerLimits};
 use crate::lifecycle::RetryPolicy;
 use crate::queue::kafka::{KafkaBacklog, KafkaQueue, ensure_topics};
 use crate::queue::{Backlog, ConsumerLock, EmbeddedQueue, Queue};
@@ -39,6 +40,8 @@ pub struct Application {
     port: u16,
     backends: Backends,
     guard: DestinationGuard,
+    /// Who may call the API (API processes).
+    gate: Option<Arc<Gate>>,
     worker: Option<Worker>,
     /// The workers' queue, closed at the end (Kafka leaves its consumer group).
     queue: Option<Arc<dyn Queue>>,
@@ -80,6 +83,17 @@ impl Application {
         let allow = HostList::parse(&settings.fetch_allow).map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
         let deny = HostList::parse(&settings.fetch_deny).map_err(|e| anyhow::anyhow!("--fetch-deny: {e}"))?;
         let guard = DestinationGuard::with_lists(settings.fetch_allow_private, allow, deny);
+        let gate = match runs_api {
+            true => {
+                let defaults = KeyLimits {
+                    rate_limit: Some(settings.key_rate_limit).filter(|&r| r > 0),
+                    max_unfinished: Some(settings.key_max_unfinished).filter(|&n| n > 0),
+                    max_file_size: None,
+                };
+                Some(Arc::new(Gate::new(settings.auth, settings.listen, backends.keys.clone(), defaults).await?))
+            }
+            false => None,
+        };
 
         let mut consumer_lock = None;
         let mut relay = None;
@@ -133,6 +147,7 @@ impl Application {
                     queue,
                     store: backends.store.clone(),
                     fetcher: Arc::new(fetcher),
+                    sealer: backends.sealer.clone(),
                     settings: WorkerSettings {
                         policy: RetryPolicy {
                             max_retries: settings.max_retries,
@@ -156,6 +171,7 @@ impl Application {
             port,
             backends,
             guard,
+            gate,
             worker,
             queue,
             _consumer_lock: consumer_lock,
@@ -183,12 +199,17 @@ impl Application {
                 links: self.backends.links.clone(),
                 signer: self.backends.signer.clone(),
                 guard: self.guard.clone(),
+                gate: self.gate.clone().expect("an API process has a gate"),
+                sealer: self.backends.sealer.clone(),
+                max_file_size: self.settings.max_file_size.as_u64(),
             };
-            let stopped = stop.clone().cancelled_owned();
+            let limits = ServerLimits {
+                max_connections: self.settings.max_connections,
+                header_timeout: self.settings.header_timeout,
+            };
+            let router = http::router(state, self.settings.request_timeout);
             tracing::info!(port = self.port, "API listening");
-            tokio::spawn(
-                async move { axum::serve(listener, http::router(state)).with_graceful_shutdown(stopped).await },
-            )
+            tokio::spawn(http::serve(listener, router, limits, stop.clone().cancelled_owned()))
         });
         let relay = self.relay.map(|relay| {
             tracing::info!("outbox relay started");

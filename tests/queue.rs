@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use fileflow::domain::{BucketName, ObjectKey, RequestHeaders, SourceUrl};
-use fileflow::lifecycle::{JobId, NewJob, Settlement, StoredObject};
+use fileflow::domain::{BucketName, ObjectKey, SourceUrl};
+use fileflow::lifecycle::{Grant, JobId, NewJob, Settlement, StoredObject};
 use fileflow::metadata::{Claim, JobRepository, Lease, PgDb, PgRepository, SqliteDb, SqliteRepository};
 use fileflow::queue::kafka::{KafkaBacklog, KafkaQueue, KafkaSettings, ensure_topics};
 use fileflow::queue::{Backlog, Delivery, EmbeddedQueue, Queue};
@@ -33,7 +33,8 @@ impl Backend {
             key: ObjectKey::parse(key).unwrap(),
             expected_sha256: None,
             expected_md5: None,
-            headers: RequestHeaders::default(),
+            headers: None,
+            grant: Grant::open(),
         };
         let id = self.repo.create(&job, Utc::now()).await.unwrap().id;
         if let Some(relay) = &self.relay {
@@ -267,6 +268,7 @@ async fn embedded_final_outcomes_remove_their_messages() {
         sha256: "s".into(),
         md5: "m".into(),
         content_type: "text/plain".into(),
+        version: None,
     };
     let outcomes = [
         Settlement::Completed(stored),

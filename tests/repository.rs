@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use fileflow::domain::{BucketName, ObjectKey, RequestHeaders, SourceUrl};
-use fileflow::lifecycle::{JobStatus, NewJob, Settlement, StoredObject};
+use fileflow::auth::{IssuedKey, KeyLimits, KeyStore, NewKey, Role, Scope};
+use fileflow::domain::{BucketName, ObjectKey, SealedHeaders, SourceUrl};
+use fileflow::lifecycle::{Grant, JobStatus, NewJob, Settlement, StoredObject};
 use fileflow::metadata::{
     Claim, JobRepository, Lease, ListFilter, PgDb, PgRepository, Requeue, SqliteDb, SqliteRepository, Sweep,
 };
@@ -20,7 +21,9 @@ fn new_job(key: &str) -> NewJob {
         key: ObjectKey::parse(key).unwrap(),
         expected_sha256: None,
         expected_md5: None,
-        headers: RequestHeaders::parse([("authorization", "Bearer t")]).unwrap(),
+        // The repository keeps sealed headers as they are given (the API seals them).
+        headers: Some(SealedHeaders::from_stored("v1.c2VhbGVk".into())),
+        grant: Grant::open(),
     }
 }
 
@@ -38,7 +41,14 @@ fn sweep(grace: Duration, limit: u32) -> Sweep {
 }
 
 fn stored() -> StoredObject {
-    StoredObject { etag: "e".into(), size: 5, sha256: "s".into(), md5: "m".into(), content_type: "text/plain".into() }
+    StoredObject {
+        etag: "e".into(),
+        size: 5,
+        sha256: "s".into(),
+        md5: "m".into(),
+        content_type: "text/plain".into(),
+        version: Some("ino-mtime-size".into()),
+    }
 }
 
 /// Timestamps are compared at millisecond precision, what every backend keeps.
@@ -55,7 +65,8 @@ async fn create_get_and_list(repo: Arc<dyn JobRepository>) {
     assert_eq!((a.retry_count, a.created_at, a.updated_at), (0, t, t));
     let got = repo.get(a.id).await.unwrap().unwrap();
     assert_eq!(got, a);
-    assert_eq!(got.request_headers.pairs(), [("authorization".to_owned(), "Bearer t".to_owned())]);
+    assert_eq!(got.request_headers.as_ref().map(SealedHeaders::as_str), Some("v1.c2VhbGVk"));
+    assert_eq!(got.grant, Grant::open());
     assert_eq!(repo.get(fileflow::lifecycle::JobId(a.id.0 + 1000)).await.unwrap(), None);
 
     let all = repo.list(&ListFilter { limit: 10, ..Default::default() }).await.unwrap();
@@ -75,7 +86,7 @@ async fn concurrent_creates_each_get_their_own_job(repo: Arc<dyn JobRepository>)
         tokio::spawn(async move {
             let mut job = new_job(&format!("k/{i}"));
             job.source = SourceUrl::parse(&format!("https://example.com/{i}.bin")).unwrap();
-            job.headers = if i % 2 == 0 { RequestHeaders::default() } else { job.headers };
+            job.headers = if i % 2 == 0 { None } else { job.headers };
             (i, repo.create(&job, t).await.unwrap())
         })
     });
@@ -84,7 +95,7 @@ async fn concurrent_creates_each_get_their_own_job(repo: Arc<dyn JobRepository>)
         let (i, job) = create.await.unwrap();
         assert_eq!(job.object_name, format!("k/{i}"));
         assert_eq!(job.file_url, format!("https://example.com/{i}.bin"));
-        assert_eq!(job.request_headers.is_empty(), i % 2 == 0, "job {i}");
+        assert_eq!(job.request_headers.is_none(), i % 2 == 0, "job {i}");
         assert!(ids.insert(job.id), "id {} handed out twice", job.id);
         assert_eq!(repo.get(job.id).await.unwrap().unwrap(), job);
     }
@@ -260,6 +271,95 @@ async fn retries_releases_and_requeues(repo: Arc<dyn JobRepository>) {
     repo.ping().await.unwrap();
 }
 
+/// A job records the key that created it and what the key allowed; a key's jobs are
+/// listed and counted apart from everyone else's; a completion records the object's version.
+async fn jobs_belong_to_their_key(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let owned = |key: &str, owner: &str| NewJob {
+        grant: Grant { owner: Some(owner.into()), max_file_size: Some(1024), may_create_bucket: false },
+        ..new_job(key)
+    };
+    let a1 = repo.create(&owned("a1", "key-a"), t).await.unwrap();
+    let b1 = repo.create(&owned("b1", "key-b"), t).await.unwrap();
+    let a2 = repo.create(&owned("a2", "key-a"), t).await.unwrap();
+    let open = repo.create(&new_job("open"), t).await.unwrap();
+    assert_eq!(
+        repo.get(a1.id).await.unwrap().unwrap().grant,
+        Grant { owner: Some("key-a".into()), max_file_size: Some(1024), may_create_bucket: false }
+    );
+    let of = |owner: &str, status| ListFilter { owner: Some(owner.into()), status, limit: 10, ..Default::default() };
+    let ids = |jobs: Vec<fileflow::lifecycle::Job>| jobs.iter().map(|j| j.id).collect::<Vec<_>>();
+    assert_eq!(ids(repo.list(&of("key-a", None)).await.unwrap()), [a2.id, a1.id]);
+    assert_eq!(ids(repo.list(&of("key-b", Some(JobStatus::Pending))).await.unwrap()), [b1.id]);
+    assert!(repo.list(&of("key-c", None)).await.unwrap().is_empty());
+    let everyone = ListFilter { limit: 10, ..Default::default() };
+    assert_eq!(ids(repo.list(&everyone).await.unwrap()), [open.id, a2.id, b1.id, a1.id]);
+
+    assert_eq!(repo.unfinished_of("key-a").await.unwrap(), 2);
+    repo.claim(a1.id, &lease("w")).await.unwrap();
+    assert_eq!(repo.unfinished_of("key-a").await.unwrap(), 2, "processing is unfinished");
+    assert!(repo.settle(a1.id, "w", &Settlement::Completed(stored()), t).await.unwrap());
+    assert_eq!(repo.unfinished_of("key-a").await.unwrap(), 1);
+    assert_eq!(repo.get(a1.id).await.unwrap().unwrap().object_version.as_deref(), Some("ino-mtime-size"));
+}
+
+/// API keys: created with their grants and limits, found by id with the secret's digest,
+/// listed, revoked once.
+async fn keys_are_kept_hashed_and_revoked_once(keys: Arc<dyn KeyStore>) {
+    assert!(!keys.has_keys().await.unwrap());
+    let issued = IssuedKey::generate();
+    let new = NewKey {
+        name: "uploader".into(),
+        role: Role::Submitter,
+        scope: Scope::parse(&["photos", "docs/team-a/*"]).unwrap(),
+        limits: KeyLimits { rate_limit: Some(5), max_unfinished: Some(10), max_file_size: Some(1 << 20) },
+    };
+    let t = now();
+    let key = keys.create_key(&issued, &new, t).await.unwrap();
+    assert_eq!(
+        (key.id.as_str(), key.role, &key.scope, key.limits),
+        (issued.id.as_str(), Role::Submitter, &new.scope, new.limits)
+    );
+    assert_eq!((key.created_at, key.revoked_at), (t, None));
+    assert!(keys.has_keys().await.unwrap());
+
+    let (found, digest) = keys.find_key(&issued.id).await.unwrap().unwrap();
+    assert_eq!(found, key);
+    assert_eq!(digest, issued.secret_sha256);
+    assert!(!digest.contains(&issued.key) && !issued.key.contains(&digest), "only a digest is kept");
+    assert!(keys.find_key("000000000000").await.unwrap().is_none());
+
+    let admin = IssuedKey::generate();
+    let admin_key =
+        NewKey { name: "ops".into(), role: Role::Admin, scope: Scope::default(), limits: KeyLimits::default() };
+    keys.create_key(&admin, &admin_key, t).await.unwrap();
+    let listed = keys.list_keys().await.unwrap();
+    assert_eq!(listed.len(), 2);
+
+    assert!(keys.revoke_key(&issued.id, t).await.unwrap());
+    assert!(!keys.revoke_key(&issued.id, t).await.unwrap(), "already revoked");
+    assert!(!keys.revoke_key("000000000000", t).await.unwrap(), "no such key");
+    assert_eq!(keys.find_key(&issued.id).await.unwrap().unwrap().0.revoked_at, Some(t));
+    assert!(keys.has_keys().await.unwrap(), "a revoked key still counts: the API stays protected");
+}
+
+#[tokio::test]
+async fn sqlite_keys_are_kept_hashed_and_revoked_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::connect(&SqliteDb::default_url(dir.path())).await.unwrap();
+    db.migrate().await.unwrap();
+    keys_are_kept_hashed_and_revoked_once(Arc::new(db)).await;
+}
+
+#[tokio::test]
+async fn postgres_keys_are_kept_hashed_and_revoked_once() {
+    if let Some(url) = services::fresh_postgres().await {
+        let db = PgDb::connect(&url).await.unwrap();
+        db.migrate().await.unwrap();
+        keys_are_kept_hashed_and_revoked_once(Arc::new(db)).await;
+    }
+}
+
 async fn sqlite() -> (Arc<dyn JobRepository>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let db = SqliteDb::connect(&SqliteDb::default_url(dir.path())).await.unwrap();
@@ -300,7 +400,8 @@ conformance!(
     concurrent_claims_and_completions,
     claims_are_exclusive_until_the_lease_lapses,
     a_batch_of_claims_is_decided_request_by_request,
-    retries_releases_and_requeues
+    retries_releases_and_requeues,
+    jobs_belong_to_their_key
 );
 
 /// PostgreSQL announces a job through its outbox in the same commit as the job's row.

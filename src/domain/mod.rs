@@ -12,7 +12,7 @@ mod source_url;
 pub use bucket_name::BucketName;
 pub use checksum::{Md5Hex, Sha256Hex};
 pub use object_key::ObjectKey;
-pub use request_headers::RequestHeaders;
+pub use request_headers::{RequestHeaders, SealedHeaders};
 pub use source_url::SourceUrl;
 
 /// Why a value was refused; the message is meant for the API caller.

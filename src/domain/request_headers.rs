@@ -70,6 +70,28 @@ impl RequestHeaders {
     }
 }
 
+/// Per-job origin headers as the database keeps them: encrypted with a key kept outside
+/// the database (see `secrets::HeaderSealer`), so a copy of the database reveals none.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedHeaders(String);
+
+impl SealedHeaders {
+    /// Headers as read back from the database.
+    pub fn from_stored(text: String) -> Self {
+        Self(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SealedHeaders {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SealedHeaders(<encrypted>)")
+    }
+}
+
 impl fmt::Debug for RequestHeaders {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.0.iter().map(|(name, _)| format!("{name}: <redacted>"))).finish()

@@ -1,7 +1,7 @@
 //! The one error type of the HTTP API: `{"error":{"code","message"[,"field"]}}`.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -21,6 +21,12 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Forbidden(String),
+    /// No key, or one that is not valid. `invalid` says a key was sent (RFC 6750 `invalid_token`).
+    #[error("{message}")]
+    Unauthorized { message: &'static str, invalid: bool },
+    /// Over a limit of the caller's key; answered with `Retry-After`.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: std::time::Duration },
     /// Logged in full, answered without detail.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -40,6 +46,8 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -53,6 +61,8 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "wrong_state",
             Self::Forbidden(_) => "forbidden",
+            Self::Unauthorized { .. } => "unauthorized",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Internal(_) => "internal",
         }
     }
@@ -77,6 +87,24 @@ impl IntoResponse for ApiError {
         if let Self::InvalidField { field, .. } = &self {
             error["field"] = json!(field);
         }
-        (self.status_code(), Json(json!({ "error": error }))).into_response()
+        let mut response = (self.status_code(), Json(json!({ "error": error }))).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            Self::Unauthorized { invalid, .. } => {
+                let challenge = if *invalid {
+                    r#"Bearer realm="fileflow", error="invalid_token""#
+                } else {
+                    r#"Bearer realm="fileflow""#
+                };
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            }
+            Self::RateLimited { retry_after, .. } => {
+                // Whole seconds, rounded up, never 0 (a client would come straight back).
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            _ => {}
+        }
+        response
     }
 }

@@ -1,26 +1,33 @@
 //! The HTTP API. Each area owns its router; this module merges them and adds what every
 //! request gets (a body limit and one log line).
 
+mod auth;
 mod downloads;
 mod error;
 mod extract;
 mod health;
+mod serve;
 mod uploads;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
+use crate::auth::Gate;
 use crate::fetch::DestinationGuard;
 use crate::links::{DownloadLinks, LinkSigner};
 use crate::metadata::JobRepository;
+use crate::secrets::HeaderSealer;
 use crate::storage::ObjectStore;
 
 pub use error::ApiError;
+pub use serve::{ServerLimits, serve};
 
 /// Largest request body the API reads; an upload request is a few hundred bytes.
 const MAX_BODY: usize = 64 * 1024;
@@ -33,14 +40,27 @@ pub struct AppState {
     /// Set when fileflow signs and serves download links itself.
     pub signer: Option<Arc<LinkSigner>>,
     pub guard: DestinationGuard,
+    /// Who may call the API.
+    pub gate: Arc<Gate>,
+    /// Encrypts per-job origin headers before they reach the database.
+    pub sealer: Arc<HeaderSealer>,
+    /// The server's largest file; a key's own limit can only lower it.
+    pub max_file_size: u64,
 }
 
-pub fn router(state: AppState) -> Router {
+/// The API. `request_timeout` bounds reading a request and producing its answer (a
+/// download's body streams on after it).
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    // Every /api/ route needs a caller the gate admits, except signed download links,
+    // which carry their own authority.
+    let keyed = uploads::router().route_layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
     Router::new()
-        .merge(uploads::router())
+        .merge(keyed)
         .merge(downloads::router())
         .merge(health::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(RequestBodyTimeoutLayer::new(request_timeout))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }

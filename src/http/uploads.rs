@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,8 +13,9 @@ use serde_json::json;
 
 use super::extract::JsonObject;
 use super::{ApiError, AppState};
+use crate::auth::Caller;
 use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, SourceUrl};
-use crate::lifecycle::{Job, JobId, JobStatus, NewJob};
+use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob};
 use crate::metadata::{ListFilter, Requeue};
 
 /// Default and longest lifetimes of a download link (the longest is S3's presign limit).
@@ -87,8 +88,14 @@ impl AppState {
         })
     }
 
-    async fn find(&self, raw_id: &str) -> Result<Job, ApiError> {
-        self.repo.get(parse_id(raw_id)?).await?.ok_or_else(|| not_found(raw_id))
+    /// The job `raw_id`, if the caller may see it: another key's job is not found, so ids
+    /// reveal nothing about other tenants.
+    async fn find(&self, raw_id: &str, caller: &Caller) -> Result<Job, ApiError> {
+        let job = self.repo.get(parse_id(raw_id)?).await?.ok_or_else(|| not_found(raw_id))?;
+        if !caller.may_see(job.grant.owner.as_deref()) {
+            return Err(not_found(raw_id));
+        }
+        Ok(job)
     }
 }
 
@@ -101,7 +108,7 @@ fn parse_id(raw_id: &str) -> Result<JobId, ApiError> {
     raw_id.parse().map_err(|_| not_found(raw_id))
 }
 
-fn parse_new_job(body: &JsonObject, state: &AppState) -> Result<NewJob, ApiError> {
+fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller) -> Result<NewJob, ApiError> {
     let source = SourceUrl::parse(body.required_str("file_url")?).map_err(|e| ApiError::invalid("file_url", e))?;
     // Refused names and IP-literal hosts are known now; names are checked again when resolved.
     state.guard.check_url(source.as_url()).map_err(|e| ApiError::invalid("file_url", e))?;
@@ -126,11 +133,49 @@ fn parse_new_job(body: &JsonObject, state: &AppState) -> Result<NewJob, ApiError
         }
         Some(_) => return Err(ApiError::invalid("headers", "must be an object of header names to values")),
     };
-    Ok(NewJob { source, bucket, key, expected_sha256, expected_md5, headers })
+    let grant = match caller {
+        Caller::Open => Grant::open(),
+        Caller::Key(api_key) => {
+            if !api_key.scope.allows(&bucket, &key) {
+                return Err(ApiError::Forbidden(format!(
+                    "this API key may not write {key:?} into bucket {bucket:?} (it may write to: {})",
+                    api_key.scope.entries().join(", ")
+                )));
+            }
+            Grant {
+                owner: Some(api_key.id.clone()),
+                max_file_size: state.gate.limits_of(api_key).max_file_size.filter(|&m| m < state.max_file_size),
+                may_create_bucket: api_key.is_admin(),
+            }
+        }
+    };
+    Ok(NewJob { source, bucket, key, expected_sha256, expected_md5, headers: state.sealer.seal(&headers), grant })
 }
 
-async fn create_upload(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
-    let new_job = parse_new_job(&body, &state)?;
+/// How long a caller at its limit of unfinished jobs is told to wait before asking again.
+const QUOTA_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Refuse a new job when the caller's key already has as many unfinished jobs as it may.
+async fn check_unfinished_quota(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    let Caller::Key(api_key) = caller else { return Ok(()) };
+    let Some(limit) = state.gate.limits_of(api_key).max_unfinished.filter(|&n| n > 0) else { return Ok(()) };
+    let unfinished = state.repo.unfinished_of(&api_key.id).await?;
+    if unfinished >= limit {
+        return Err(ApiError::RateLimited {
+            message: format!("this API key has {unfinished} unfinished jobs, its limit is {limit}"),
+            retry_after: QUOTA_RETRY_AFTER,
+        });
+    }
+    Ok(())
+}
+
+async fn create_upload(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: JsonObject,
+) -> Result<Response, ApiError> {
+    let new_job = parse_new_job(&body, &state, &caller)?;
+    check_unfinished_quota(&state, &caller).await?;
     let job = state.repo.create(&new_job, Utc::now()).await?;
     tracing::info!(job_id = %job.id, bucket = %job.bucket_name, key = %job.object_name, "job accepted");
     let location = format!("/api/v1/uploads/{}", job.id);
@@ -142,13 +187,18 @@ async fn create_upload(State(state): State<AppState>, body: JsonObject) -> Resul
         .into_response())
 }
 
-async fn get_upload(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
-    let job = state.find(&id).await?;
+async fn get_upload(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let job = state.find(&id, &caller).await?;
     Ok(Json(state.view(job).await?))
 }
 
 async fn list_uploads(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let status =
@@ -166,7 +216,9 @@ async fn list_uploads(
         .map(|raw| raw.parse::<JobId>())
         .transpose()
         .map_err(|_| ApiError::invalid("before", "must be an upload id"))?;
-    let jobs = state.repo.list(&ListFilter { status, before, limit }).await?;
+    // A submitter lists its own jobs; admins (and the open API) every job.
+    let owner = if caller.is_admin() { None } else { caller.key_id().map(str::to_owned) };
+    let jobs = state.repo.list(&ListFilter { status, owner, before, limit }).await?;
     let next = if jobs.len() == limit as usize { jobs.last().map(|j| j.id.to_string()) } else { None };
     let mut uploads = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -177,6 +229,7 @@ async fn list_uploads(
 
 async fn download_url(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -186,7 +239,7 @@ async fn download_url(
             ApiError::invalid("expires_in", format!("must be a number of seconds from 1 to {MAX_LINK_SECS}"))
         })?,
     };
-    let job = state.find(&id).await?;
+    let job = state.find(&id, &caller).await?;
     if job.status != JobStatus::Completed {
         return Err(ApiError::Conflict(format!("upload {} is {}, not completed", job.id, job.status)));
     }
@@ -195,8 +248,12 @@ async fn download_url(
     Ok(Json(json!({ "url": url.to_string(), "expires_at": timestamp(expires_at) })))
 }
 
-async fn retry_upload(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let job_id = parse_id(&id)?;
+async fn retry_upload(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job_id = state.find(&id, &caller).await?.id;
     match state.repo.requeue_failed(job_id, Utc::now()).await? {
         Requeue::Requeued(job) => {
             tracing::info!(job_id = %job.id, "failed job re-queued");

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Decision, JobError, RetryPolicy};
-use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, SourceUrl};
+use crate::domain::{BucketName, Md5Hex, ObjectKey, SealedHeaders, Sha256Hex, SourceUrl};
 
 /// A job's identifier: the `files` row id, shown as a string as in the seed (`"21"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -95,8 +95,29 @@ pub struct NewJob {
     pub key: ObjectKey,
     pub expected_sha256: Option<Sha256Hex>,
     pub expected_md5: Option<Md5Hex>,
-    /// Extra headers for the origin request.
-    pub headers: RequestHeaders,
+    /// Extra headers for the origin request, encrypted.
+    pub headers: Option<SealedHeaders>,
+    /// Who asked, and what that allows the job.
+    pub grant: Grant,
+}
+
+/// What the caller who created a job allowed it: recorded with the job, so workers apply
+/// the caller's limits without knowing callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The API key that created the job; `None` when the API was open.
+    pub owner: Option<String>,
+    /// The largest file this job may store, under the server's own limit.
+    pub max_file_size: Option<u64>,
+    /// Whether a missing bucket may be created for it (admin keys and the open API only).
+    pub may_create_bucket: bool,
+}
+
+impl Grant {
+    /// What a job created through the open API (no keys) may do: everything the server allows.
+    pub fn open() -> Self {
+        Self { owner: None, max_file_size: None, may_create_bucket: true }
+    }
 }
 
 /// A job as recorded by the metadata repository.
@@ -116,8 +137,11 @@ pub struct Job {
     pub content_type: Option<String>,
     pub expected_sha256: Option<String>,
     pub expected_md5: Option<String>,
-    /// Extra headers for the origin request (secret: never shown by the API).
-    pub request_headers: RequestHeaders,
+    /// Extra headers for the origin request, encrypted (secret: never shown by the API).
+    pub request_headers: Option<SealedHeaders>,
+    pub grant: Grant,
+    /// The store's version of the object this job wrote (download links are bound to it).
+    pub object_version: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// When the next attempt is due, while a retry is scheduled.
@@ -132,6 +156,8 @@ pub struct StoredObject {
     pub sha256: String,
     pub md5: String,
     pub content_type: String,
+    /// The store's version of the object, when it names one.
+    pub version: Option<String>,
 }
 
 /// The new state of a job after an attempt, ready to be persisted.
@@ -189,6 +215,7 @@ mod tests {
             sha256: "00".repeat(32),
             md5: "1c08478abf509b7b0dcb32d625151d2b".into(),
             content_type: "image/jpeg".into(),
+            version: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! job can never be lost between the database and the queue.
 
 mod group_commit;
+mod keys;
 mod postgres;
 mod sqlite;
 mod writer;
@@ -50,6 +51,8 @@ impl RepoError {
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     pub status: Option<JobStatus>,
+    /// Only jobs created by this API key.
+    pub owner: Option<String>,
     /// Only jobs with an id below this one (the previous page's last id).
     pub before: Option<JobId>,
     pub limit: u32,
@@ -180,6 +183,9 @@ pub trait JobRepository: Send + Sync + 'static {
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError>;
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError>;
+
+    /// How many jobs created by API key `owner` are not finished yet (pending or processing).
+    async fn unfinished_of(&self, owner: &str) -> Result<u64, RepoError>;
 
     /// Take a due `pending` job, or one whose lease has lapsed, into `processing`.
     async fn claim(&self, id: JobId, lease: &Lease) -> Result<Claim, RepoError> {

@@ -13,8 +13,8 @@ use tokio::sync::{Notify, mpsc};
 
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::{Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep};
-use crate::domain::RequestHeaders;
-use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
+use crate::domain::SealedHeaders;
+use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -108,10 +108,11 @@ async fn insert_jobs(db: &PgDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoErro
     let rows = sqlx::query(&format!(
         "WITH created AS ( \
              INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
-             created_at, updated_at, accept_token) \
-             SELECT u, b, k, s, m, h, t, t, a \
+             created_at, updated_at, accept_token, owner_key, max_file_size, may_create_bucket) \
+             SELECT u, b, k, s, m, h, t, t, a, o, x, c \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], \
-             $8::text[]) WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, n) ORDER BY n \
+             $8::text[], $9::text[], $10::bigint[], $11::boolean[]) WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, n) \
+             ORDER BY n \
              ON CONFLICT (accept_token) DO NOTHING \
              RETURNING {COLUMNS}), \
          queued AS (INSERT INTO outbox (job_id, attempt) SELECT id, 1 FROM created ORDER BY id) \
@@ -123,9 +124,17 @@ async fn insert_jobs(db: &PgDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoErro
     .bind(batch.iter().map(|(job, ..)| job.key.as_str()).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.expected_sha256.as_ref().map(|s| s.as_str())).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.expected_md5.as_ref().map(|s| s.as_str())).collect::<Vec<_>>())
-    .bind(batch.iter().map(|(job, ..)| (!job.headers.is_empty()).then(|| job.headers.to_json())).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.headers.as_ref().map(SealedHeaders::as_str)).collect::<Vec<_>>())
     .bind(batch.iter().map(|(_, now, _)| *now).collect::<Vec<_>>())
     .bind(batch.iter().map(|(.., token)| token.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.grant.owner.as_deref()).collect::<Vec<_>>())
+    .bind(
+        batch
+            .iter()
+            .map(|(job, ..)| job.grant.max_file_size.map(|m| i64::try_from(m).unwrap_or(i64::MAX)))
+            .collect::<Vec<_>>(),
+    )
+    .bind(batch.iter().map(|(job, ..)| job.grant.may_create_bucket).collect::<Vec<_>>())
     .fetch_all(&db.pool)
     .await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
@@ -135,7 +144,8 @@ async fn insert_jobs(db: &PgDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoErro
 }
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
-    sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at";
+    sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at, \
+    owner_key, max_file_size, may_create_bucket, object_version";
 
 fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -159,10 +169,13 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         content_type: row.try_get("content_type")?,
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
-        request_headers: match headers {
-            Some(text) => RequestHeaders::from_json(&text).map_err(|e| corrupt(e.0))?,
-            None => RequestHeaders::default(),
+        request_headers: headers.map(SealedHeaders::from_stored),
+        grant: Grant {
+            owner: row.try_get("owner_key")?,
+            max_file_size: row.try_get::<Option<i64>, _>("max_file_size")?.map(|m| u64::try_from(m).unwrap_or(0)),
+            may_create_bucket: row.try_get("may_create_bucket")?,
         },
+        object_version: row.try_get("object_version")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
@@ -185,16 +198,30 @@ impl JobRepository for PgRepository {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError> {
+        // An owner's jobs are read through files_owner_idx, which a `$4 IS NULL OR`
+        // condition would keep the planner from using.
+        let owner = if filter.owner.is_some() { "owner_key = $4" } else { "$4::text IS NULL" };
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM files WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR id < $2) \
-             ORDER BY id DESC LIMIT $3"
+            "SELECT {COLUMNS} FROM files WHERE {owner} AND ($1::text IS NULL OR status = $1) \
+             AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
         ))
         .bind(filter.status.map(JobStatus::as_str))
         .bind(filter.before.map(|id| id.0))
         .bind(i64::from(filter.limit))
+        .bind(filter.owner.as_deref())
         .fetch_all(&self.db.pool)
         .await?;
         rows.iter().map(job_from_row).collect()
+    }
+
+    async fn unfinished_of(&self, owner: &str) -> Result<u64, RepoError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM files WHERE owner_key = $1 AND status IN ('pending', 'processing')",
+        )
+        .bind(owner)
+        .fetch_one(&self.db.pool)
+        .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 
     async fn claim_many(&self, requests: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError> {
@@ -312,7 +339,8 @@ impl JobRepository for PgRepository {
         let query = match settlement {
             Settlement::Completed(stored) => sqlx::query(
                 "UPDATE files SET status = 'completed', etag = $3, size = $4, sha256 = $5, md5 = $6, content_type = $7, \
-                 last_error = NULL, lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $8 \
+                 object_version = $9, last_error = NULL, lease_owner = NULL, lease_expires_at = NULL, \
+                 next_attempt_at = NULL, updated_at = $8 \
                  WHERE id = $1 AND status = 'processing' AND lease_owner = $2",
             )
             .bind(id.0)
@@ -322,7 +350,8 @@ impl JobRepository for PgRepository {
             .bind(&stored.sha256)
             .bind(&stored.md5)
             .bind(&stored.content_type)
-            .bind(now),
+            .bind(now)
+            .bind(&stored.version),
             Settlement::RetryScheduled { retry_count, last_error, due_at } => sqlx::query(
                 "UPDATE files SET status = 'pending', retry_count = $3, last_error = $4, next_attempt_at = $5, \
                  lease_owner = NULL, lease_expires_at = NULL, updated_at = $6 \

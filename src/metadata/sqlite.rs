@@ -18,8 +18,8 @@ use tokio::sync::{Notify, mpsc};
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::writer::Writer;
 use super::{Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep};
-use crate::domain::RequestHeaders;
-use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
+use crate::domain::SealedHeaders;
+use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -160,13 +160,13 @@ fn placeholders(first: usize, count: usize) -> String {
 async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>, RepoError> {
     let mut sql = String::from(
         "UPDATE files SET status = 'completed', etag = v.column3, size = v.column4, sha256 = v.column5, \
-         md5 = v.column6, content_type = v.column7, last_error = NULL, lease_owner = NULL, \
-         lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column8 FROM (VALUES ",
+         md5 = v.column6, content_type = v.column7, object_version = v.column9, last_error = NULL, \
+         lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column8 FROM (VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 8 * i;
+        let p = 9 * i;
         let sep = if i == 0 { "" } else { "," };
-        let _ = write!(sql, "{sep}({})", placeholders(p + 1, 8));
+        let _ = write!(sql, "{sep}({})", placeholders(p + 1, 9));
     }
     sql.push_str(
         ") AS v WHERE files.id = v.column1 AND files.status = 'processing' AND files.lease_owner = v.column2 \
@@ -186,7 +186,8 @@ async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>,
                         .bind(&stored.sha256)
                         .bind(&stored.md5)
                         .bind(&stored.content_type)
-                        .bind(to_millis(*now));
+                        .bind(to_millis(*now))
+                        .bind(&stored.version);
                 }
                 query.fetch_all(c).await
             })
@@ -266,13 +267,14 @@ async fn claim_state(db: &SqliteDb, id: JobId) -> Result<Option<ClaimState>, Rep
 async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
     let mut sql = String::from(
         "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, \
-         request_headers, created_at, updated_at, status, retry_count) VALUES ",
+         request_headers, owner_key, max_file_size, may_create_bucket, created_at, updated_at, status, \
+         retry_count) VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 7 * i;
+        let p = 10 * i;
         let sep = if i == 0 { "" } else { "," };
-        // created_at and updated_at are both the 7th value.
-        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 7), p + 7);
+        // created_at and updated_at are both the 10th value.
+        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 10), p + 10);
     }
     let _ = write!(sql, " RETURNING {COLUMNS}");
 
@@ -288,7 +290,10 @@ async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, Repo
                         .bind(job.key.as_str())
                         .bind(job.expected_sha256.as_ref().map(|s| s.as_str()))
                         .bind(job.expected_md5.as_ref().map(|s| s.as_str()))
-                        .bind((!job.headers.is_empty()).then(|| job.headers.to_json()))
+                        .bind(job.headers.as_ref().map(SealedHeaders::as_str))
+                        .bind(job.grant.owner.as_deref())
+                        .bind(job.grant.max_file_size.map(|m| i64::try_from(m).unwrap_or(i64::MAX)))
+                        .bind(job.grant.may_create_bucket)
                         .bind(to_millis(*now));
                 }
                 query.fetch_all(c).await
@@ -303,7 +308,7 @@ async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, Repo
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
     etag, size, sha256, md5, content_type, expected_sha256, expected_md5, request_headers, \
-    created_at, updated_at, next_attempt_at";
+    created_at, updated_at, next_attempt_at, owner_key, max_file_size, may_create_bucket, object_version";
 
 fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -327,10 +332,13 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         content_type: row.try_get("content_type")?,
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
-        request_headers: match row.try_get::<Option<String>, _>("request_headers")? {
-            Some(text) => RequestHeaders::from_json(&text).map_err(|e| corrupt(&e.0))?,
-            None => RequestHeaders::default(),
+        request_headers: row.try_get::<Option<String>, _>("request_headers")?.map(SealedHeaders::from_stored),
+        grant: Grant {
+            owner: row.try_get("owner_key")?,
+            max_file_size: row.try_get::<Option<i64>, _>("max_file_size")?.map(|m| u64::try_from(m).unwrap_or(0)),
+            may_create_bucket: row.try_get("may_create_bucket")?,
         },
+        object_version: row.try_get("object_version")?,
         created_at: from_millis(row.try_get("created_at")?),
         updated_at: from_millis(row.try_get("updated_at")?),
         next_attempt_at: row.try_get::<Option<i64>, _>("next_attempt_at")?.map(from_millis),
@@ -352,17 +360,31 @@ impl JobRepository for SqliteRepository {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError> {
+        // An owner's jobs are read through files_owner_idx, which a `?4 IS NULL OR`
+        // condition would keep the planner from using.
+        let owner = if filter.owner.is_some() { "owner_key = ?4" } else { "?4 IS NULL" };
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM files \
-             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) \
+             WHERE {owner} AND (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) \
              ORDER BY id DESC LIMIT ?3"
         ))
         .bind(filter.status.map(JobStatus::as_str))
         .bind(filter.before.map(|id| id.0))
         .bind(i64::from(filter.limit))
+        .bind(filter.owner.as_deref())
         .fetch_all(&self.db.reads)
         .await?;
         rows.iter().map(job_from_row).collect()
+    }
+
+    async fn unfinished_of(&self, owner: &str) -> Result<u64, RepoError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM files WHERE owner_key = ?1 AND status IN ('pending', 'processing')",
+        )
+        .bind(owner)
+        .fetch_one(&self.db.reads)
+        .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 
     async fn claim_many(&self, requests: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError> {

@@ -9,7 +9,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::{Path as StorePath, PathPart};
 use object_store::{ObjectStoreExt as _, PutPayload, WriteMultipart};
 
-use super::{ByteStream, Fence, Head, ObjectStore, PutOutcome, ReadError, StoredBody, read_head};
+use super::{ByteStream, Fence, Head, ObjectStore, PutOutcome, ReadError, StoredBody, WriteOptions, read_head};
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::JobError;
 
@@ -46,7 +46,7 @@ impl ObjectStore for LocalStore {
         &self,
         bucket: &BucketName,
         key: &ObjectKey,
-        _content_type: &str,
+        _options: WriteOptions<'_>,
         mut body: ByteStream,
         fence: &dyn Fence,
     ) -> Result<PutOutcome, JobError> {
@@ -56,11 +56,14 @@ impl ObjectStore for LocalStore {
         let start = match read_head(&mut body, CHUNK).await? {
             Head::Whole(chunks) => {
                 fence.check().await?;
-                self.fs
+                let put = self
+                    .fs
                     .put(&location, PutPayload::from_iter(chunks))
                     .await
                     .map_err(|e| JobError::transient(format!("local store: write failed: {e}")))?;
-                return Ok(PutOutcome { etag: None });
+                // The file's entity tag (inode, modification time, size): a later write
+                // at the same key is a new file with another one.
+                return Ok(PutOutcome { etag: None, version: put.e_tag });
             }
             Head::Start(chunks) => chunks,
         };
@@ -87,11 +90,11 @@ impl ObjectStore for LocalStore {
         .await;
         match written {
             Ok(()) => {
-                writer
+                let put = writer
                     .finish()
                     .await
                     .map_err(|e| JobError::transient(format!("local store: cannot finish write: {e}")))?;
-                Ok(PutOutcome { etag: None })
+                Ok(PutOutcome { etag: None, version: put.e_tag })
             }
             Err(error) => {
                 if let Err(abort) = writer.abort().await {
@@ -113,6 +116,7 @@ impl ObjectStore for LocalStore {
         match self.fs.get(&Self::location(bucket, key)).await {
             Ok(found) => Ok(StoredBody {
                 size: found.meta.size,
+                version: found.meta.e_tag.clone(),
                 body: found.into_stream().map_err(std::io::Error::other).boxed(),
             }),
             Err(object_store::Error::NotFound { .. }) => Err(ReadError::NotFound),

@@ -22,11 +22,32 @@ pub type ByteStream = BoxStream<'static, Result<Bytes, JobError>>;
 pub struct PutOutcome {
     /// The store's ETag, when it reports one worth keeping.
     pub etag: Option<String>,
+    /// What tells this write's object from a later one at the same key (the store's
+    /// version or entity tag), when the store names one.
+    pub version: Option<String>,
+}
+
+impl PutOutcome {
+    /// An object the store tagged with `e_tag` (quotes removed), which is also its version.
+    pub fn tagged(e_tag: Option<String>) -> Self {
+        let etag = e_tag.map(|t| t.trim_matches('"').to_owned());
+        Self { version: etag.clone(), etag }
+    }
+}
+
+/// How to store one object.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions<'a> {
+    pub content_type: &'a str,
+    /// Whether a missing bucket may be created (when the store is set up to create them).
+    pub may_create_bucket: bool,
 }
 
 /// A stored object opened for reading.
 pub struct StoredBody {
     pub size: u64,
+    /// The object's version, as [`PutOutcome::version`] named it when it was written.
+    pub version: Option<String>,
     pub body: BoxStream<'static, std::io::Result<Bytes>>,
 }
 
@@ -66,7 +87,7 @@ pub trait ObjectStore: Send + Sync + 'static {
         &self,
         bucket: &BucketName,
         key: &ObjectKey,
-        content_type: &str,
+        options: WriteOptions<'_>,
         body: ByteStream,
         fence: &dyn Fence,
     ) -> Result<PutOutcome, JobError>;

@@ -17,7 +17,7 @@ use object_store::{
 };
 use url::Url;
 
-use super::{ByteStream, Fence, Head, ObjectStore, PutOutcome, ReadError, StoredBody, read_head};
+use super::{ByteStream, Fence, Head, ObjectStore, PutOutcome, ReadError, StoredBody, WriteOptions, read_head};
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobError};
 use crate::links::DownloadLinks;
@@ -137,7 +137,7 @@ impl S3Store {
                     .put_opts(location, PutPayload::from_iter(parts), options)
                     .await
                     .map_err(|e| classify(&e, "S3 PUT"))?;
-                return Ok(PutOutcome { etag: put.e_tag.map(|t| t.trim_matches('"').to_owned()) });
+                return Ok(PutOutcome::tagged(put.e_tag));
             }
             Head::Start(parts) => parts,
         };
@@ -163,7 +163,7 @@ impl S3Store {
         match streamed {
             Ok(()) => {
                 let done = w.finish().await.map_err(|e| classify_mid_upload(&e, "S3 multipart completion"))?;
-                Ok(PutOutcome { etag: done.e_tag.map(|t| t.trim_matches('"').to_owned()) })
+                Ok(PutOutcome::tagged(done.e_tag))
             }
             Err(e) => {
                 if let Err(abort) = w.abort().await {
@@ -244,15 +244,15 @@ impl ObjectStore for S3Store {
         &self,
         bucket: &BucketName,
         key: &ObjectKey,
-        content_type: &str,
+        options: WriteOptions<'_>,
         mut body: ByteStream,
         fence: &dyn Fence,
     ) -> Result<PutOutcome, JobError> {
         let store = self.bucket(bucket.as_str())?;
-        if self.settings.create_buckets {
+        if self.settings.create_buckets && options.may_create_bucket {
             self.ensure_bucket(&store, bucket).await?;
         }
-        self.upload(&store, &location(key), content_type, &mut body, fence)
+        self.upload(&store, &location(key), options.content_type, &mut body, fence)
             .await
             .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
     }
@@ -262,6 +262,7 @@ impl ObjectStore for S3Store {
         match store.get(&location(key)).await {
             Ok(found) => Ok(StoredBody {
                 size: found.meta.size,
+                version: found.meta.e_tag.clone(),
                 body: found.into_stream().map_err(std::io::Error::other).boxed(),
             }),
             Err(object_store::Error::NotFound { .. }) => Err(ReadError::NotFound),

@@ -17,12 +17,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::domain::{BucketName, ObjectKey};
+use crate::domain::{BucketName, ObjectKey, RequestHeaders};
 use crate::fetch::{Fetcher, MinRate, at_least};
 use crate::lifecycle::{Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle};
 use crate::metadata::{Claim, JobRepository, Lease, RepoError};
 use crate::queue::{Delivery, Queue, QueueError};
-use crate::storage::{Fence, ObjectStore};
+use crate::secrets::HeaderSealer;
+use crate::storage::{Fence, ObjectStore, WriteOptions};
 
 pub use verify::{Digests, Expectations, verified};
 
@@ -77,6 +78,8 @@ pub struct Worker {
     pub queue: Arc<dyn Queue>,
     pub store: Arc<dyn ObjectStore>,
     pub fetcher: Arc<dyn Fetcher>,
+    /// Opens the jobs' encrypted origin headers.
+    pub sealer: Arc<HeaderSealer>,
     pub settings: WorkerSettings,
 }
 
@@ -291,8 +294,13 @@ impl Worker {
         let bucket = BucketName::parse(&job.bucket_name).map_err(|e| corrupt("bucket_name", &e))?;
         let key = ObjectKey::parse(&job.object_name).map_err(|e| corrupt("object_name", &e))?;
 
-        let fetched = self.fetcher.fetch(&url, job.request_headers.pairs()).await?;
-        let max_size = self.settings.max_file_size;
+        let headers = match &job.request_headers {
+            Some(sealed) => self.sealer.open(sealed).map_err(|e| JobError::permanent(e.to_string()))?,
+            None => RequestHeaders::default(),
+        };
+        let fetched = self.fetcher.fetch(&url, headers.pairs()).await?;
+        let max_size =
+            job.grant.max_file_size.map_or(self.settings.max_file_size, |m| m.min(self.settings.max_file_size));
         if let Some(length) = fetched.content_length
             && length > max_size
         {
@@ -309,7 +317,8 @@ impl Worker {
             md5: job.expected_md5.clone(),
         };
         let (body, digests) = verified(body, expect);
-        let put = self.store.put(&bucket, &key, &content_type, body, fence).await?;
+        let options = WriteOptions { content_type: &content_type, may_create_bucket: job.grant.may_create_bucket };
+        let put = self.store.put(&bucket, &key, options, body, fence).await?;
         let digests = digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -321,6 +330,7 @@ impl Worker {
             sha256: digests.sha256,
             md5: digests.md5,
             content_type,
+            version: put.version,
         })
     }
 }

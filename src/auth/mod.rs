@@ -1,0 +1,232 @@
+//! Who may call the API: API keys, the protected mode that decides when a key is needed,
+//! and per-key request rates.
+//!
+//! `--auth auto` (the default) leaves the API open only while it listens on a loopback
+//! address and no key has been created, so `fileflow serve` on a laptop works with no
+//! setup; once a key exists, or on any other address, every `/api/` request needs one.
+
+pub mod cli;
+pub mod keys;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use crate::metadata::RepoError;
+pub use keys::{ApiKey, IssuedKey, KeyLimits, NewKey, Role, Scope};
+
+/// Where API keys are kept: the metadata database.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Record a new key under the issued id and digest.
+    async fn create_key(&self, issued: &IssuedKey, key: &NewKey, now: DateTime<Utc>) -> Result<ApiKey, RepoError>;
+
+    /// Every key, revoked ones included, oldest first.
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, RepoError>;
+
+    /// Revoke a key; `false` when there is no such key or it was already revoked.
+    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> Result<bool, RepoError>;
+
+    /// The key with this id and the digest of its secret.
+    async fn find_key(&self, id: &str) -> Result<Option<(ApiKey, String)>, RepoError>;
+
+    /// Whether any key was ever created (revoked ones count: the API stays protected).
+    async fn has_keys(&self) -> Result<bool, RepoError>;
+}
+
+/// `--auth`: whether the API asks for keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Open on a loopback listener while no key exists; otherwise a key is required.
+    Auto,
+    /// Every `/api/` request needs a key.
+    Required,
+    /// No keys asked for, on any address (logged at every start).
+    Off,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// The API is open (no keys, or `--auth off`): the caller may do what an admin may.
+    Open,
+    Key(Arc<ApiKey>),
+}
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Key(key) => key.is_admin(),
+        }
+    }
+
+    /// The key to record as a new job's owner.
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            Self::Open => None,
+            Self::Key(key) => Some(&key.id),
+        }
+    }
+
+    /// Whether the caller may see a job created by `owner`: admins see every job, a
+    /// submitter only its own.
+    pub fn may_see(&self, owner: Option<&str>) -> bool {
+        self.is_admin() || owner.is_some_and(|owner| Some(owner) == self.key_id())
+    }
+}
+
+/// Why a request was turned away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// A key that is malformed, unknown or revoked.
+    Invalid,
+    /// Over the key's request rate; try again after this long.
+    RateLimited(Duration),
+}
+
+/// How often, while the API is open, it looks whether a key has been created since.
+const KEY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Decides, per request, who is calling and whether they may.
+pub struct Gate {
+    keys: Arc<dyn KeyStore>,
+    /// Set once keys are needed; never unset while the process runs.
+    required: AtomicBool,
+    /// Whether the API may be open at all (`auto` on a loopback listener, or `off`).
+    may_be_open: bool,
+    /// When the open API last looked for keys.
+    checked: Mutex<Option<Instant>>,
+    pub defaults: KeyLimits,
+    rates: Mutex<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
+}
+
+impl Gate {
+    /// The gate for an API listening on `listen`. In `auto` mode a listener that is not on
+    /// loopback with no key created refuses to start: it would be open to whoever reaches it.
+    pub async fn new(
+        mode: AuthMode,
+        listen: SocketAddr,
+        keys: Arc<dyn KeyStore>,
+        defaults: KeyLimits,
+    ) -> anyhow::Result<Self> {
+        let have_keys = keys.has_keys().await?;
+        let loopback = listen.ip().is_loopback();
+        let may_be_open = match mode {
+            AuthMode::Off => {
+                tracing::warn!(%listen, "--auth off: the API asks for no key; anyone who reaches it may use it");
+                true
+            }
+            AuthMode::Required => false,
+            AuthMode::Auto if !loopback && !have_keys => anyhow::bail!(
+                "fileflow would listen on {listen}, which is not a loopback address, and no API key exists: \
+                 anyone who reaches it could use it. Create a key first, with the same --data-dir or \
+                 --database-url: `fileflow keys create --name admin --role admin`. Or listen on 127.0.0.1, \
+                 or pass --auth off to run it open on purpose."
+            ),
+            AuthMode::Auto => loopback,
+        };
+        let required = mode == AuthMode::Required || (mode == AuthMode::Auto && (have_keys || !loopback));
+        if mode == AuthMode::Auto && !required {
+            tracing::info!(%listen, "API open on loopback while no API key exists (`fileflow keys create` protects it)");
+        }
+        Ok(Self {
+            keys,
+            required: AtomicBool::new(required),
+            may_be_open,
+            checked: Mutex::new(Some(Instant::now())),
+            defaults,
+            rates: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The caller presenting `bearer` (the token of an `Authorization: Bearer` header), if
+    /// allowed in.
+    pub async fn admit(&self, bearer: Option<&str>) -> Result<Caller, Refusal> {
+        if self.is_open().await {
+            return Ok(Caller::Open);
+        }
+        let presented = bearer.ok_or(Refusal::Missing)?;
+        let id = keys::key_id(presented).ok_or(Refusal::Invalid)?;
+        let found = self.keys.find_key(id).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot look up an API key");
+            Refusal::Invalid
+        })?;
+        let Some((key, digest)) = found else { return Err(Refusal::Invalid) };
+        if !keys::matches(presented, &digest) || key.revoked_at.is_some() {
+            return Err(Refusal::Invalid);
+        }
+        self.check_rate(&key)?;
+        Ok(Caller::Key(Arc::new(key)))
+    }
+
+    /// Whether the API is open now. An open API (auto mode, loopback) looks for keys at
+    /// most once a second and closes for good once one exists.
+    async fn is_open(&self) -> bool {
+        if !self.may_be_open || self.required.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.keys_looked_for_recently() {
+            return true;
+        }
+        match self.keys.has_keys().await {
+            Ok(false) => true,
+            Ok(true) => {
+                tracing::info!("an API key exists now: every API request needs one from here on");
+                self.required.store(true, Ordering::Relaxed);
+                false
+            }
+            Err(e) => {
+                // Fail closed: a key may exist that cannot be seen now.
+                tracing::error!(error = %e, "cannot tell whether API keys exist; asking for one");
+                false
+            }
+        }
+    }
+
+    fn keys_looked_for_recently(&self) -> bool {
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if checked.is_some_and(|at| now.duration_since(at) < KEY_CHECK_INTERVAL) {
+            return true;
+        }
+        *checked = Some(now);
+        false
+    }
+
+    /// The limits that hold for `key`: its own, or the server's defaults.
+    pub fn limits_of(&self, key: &ApiKey) -> KeyLimits {
+        KeyLimits {
+            rate_limit: key.limits.rate_limit.or(self.defaults.rate_limit),
+            max_unfinished: key.limits.max_unfinished.or(self.defaults.max_unfinished),
+            max_file_size: key.limits.max_file_size.or(self.defaults.max_file_size),
+        }
+    }
+
+    fn check_rate(&self, key: &ApiKey) -> Result<(), Refusal> {
+        let Some(rate) = self.limits_of(key).rate_limit.and_then(NonZeroU32::new) else { return Ok(()) };
+        let limiter = {
+            let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = rates
+                .entry(key.id.clone())
+                .or_insert_with(|| (rate.get(), Arc::new(RateLimiter::direct(Quota::per_second(rate)))));
+            if entry.0 != rate.get() {
+                *entry = (rate.get(), Arc::new(RateLimiter::direct(Quota::per_second(rate))));
+            }
+            entry.1.clone()
+        };
+        limiter
+            .check()
+            .map_err(|not_until| Refusal::RateLimited(not_until.wait_time_from(DefaultClock::default().now())))
+    }
+}

@@ -1,0 +1,38 @@
+//! The API's door: every `/api/` route but signed downloads passes through [`authenticate`],
+//! which puts the [`Caller`] in the request for the handlers to judge what it may see.
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::{ApiError, AppState};
+use crate::auth::{Caller, Refusal};
+
+pub async fn authenticate(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let bearer = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+        .map(str::trim);
+    let caller: Caller = state.gate.admit(bearer).await.map_err(|refusal| match refusal {
+        Refusal::Missing => ApiError::Unauthorized {
+            message: "this API needs a key: send `Authorization: Bearer <key>`",
+            invalid: false,
+        },
+        Refusal::Invalid => ApiError::Unauthorized {
+            message: "the API key is not valid (unknown, malformed or revoked)",
+            invalid: true,
+        },
+        Refusal::RateLimited(wait) => {
+            ApiError::RateLimited { message: "too many requests for this API key".into(), retry_after: wait }
+        }
+    })?;
+    request.extensions_mut().insert(caller);
+    Ok(next.run(request).await)
+}
