@@ -23,7 +23,8 @@ pub struct FetchSettings {
     pub read_timeout: Duration,
     pub max_redirects: usize,
     /// An explicitly configured proxy; proxy environment variables are never read. The
-    /// proxy resolves names itself, so only names and IP literals are checked then.
+    /// proxy resolves names itself; fileflow resolves and checks each name first, but
+    /// cannot see which address the proxy then connects to.
     pub proxy: Option<Url>,
 }
 
@@ -43,13 +44,13 @@ impl Lookup for SystemLookup {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("more than {0} redirects")]
-struct TooManyRedirects(usize);
-
 pub struct HttpFetcher {
     client: reqwest::Client,
     guard: DestinationGuard,
+    max_redirects: usize,
+    /// Set when requests go through a proxy: names are then resolved and checked here
+    /// before the proxy sees them.
+    proxied_lookup: Option<Arc<dyn Lookup>>,
 }
 
 impl HttpFetcher {
@@ -62,29 +63,50 @@ impl HttpFetcher {
         settings: &FetchSettings,
         lookup: Arc<dyn Lookup>,
     ) -> Result<Self, reqwest::Error> {
-        let redirect_guard = guard.clone();
-        let max_redirects = settings.max_redirects;
-        let policy = redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() > max_redirects {
-                return attempt.error(TooManyRedirects(max_redirects));
-            }
-            match redirect_guard.check_url(attempt.url()) {
-                Ok(()) => attempt.follow(),
-                Err(refused) => attempt.error(refused),
-            }
-        });
+        // Redirects are followed by `fetch` itself, hop by hop, so each hop is checked
+        // and the caller's headers go only where they were meant to.
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("fileflow/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
             .connect_timeout(settings.connect_timeout)
             .read_timeout(settings.read_timeout)
-            .redirect(policy)
-            .dns_resolver(Arc::new(GuardedResolver { guard: guard.clone(), lookup }));
+            .redirect(redirect::Policy::none())
+            .referer(false)
+            .dns_resolver(Arc::new(GuardedResolver { guard: guard.clone(), lookup: lookup.clone() }));
         if let Some(proxy) = &settings.proxy {
             builder = builder.proxy(reqwest::Proxy::all(proxy.clone())?);
         }
-        Ok(Self { client: builder.build()?, guard })
+        Ok(Self {
+            client: builder.build()?,
+            guard,
+            max_redirects: settings.max_redirects,
+            proxied_lookup: settings.proxy.is_some().then_some(lookup),
+        })
     }
+
+    /// Check `url` before a request to it: always its scheme, credentials and host; and
+    /// through a proxy (which resolves names itself) every address its name resolves to.
+    async fn check_destination(&self, url: &Url) -> Result<(), JobError> {
+        let refused = |r: Refused| JobError::permanent(r.to_string());
+        self.guard.check_url(url).map_err(refused)?;
+        if let (Some(lookup), Some(url::Host::Domain(name))) = (&self.proxied_lookup, url.host()) {
+            let ips = lookup
+                .lookup(name)
+                .await
+                .map_err(|e| JobError::transient(format!("cannot resolve {name}: {e}")))?;
+            for ip in ips {
+                self.guard.check_resolved(name, ip).map_err(refused)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a caller's headers for `origin` may go with a request to `hop`: only to the
+/// same origin (scheme, host and port), so a redirect elsewhere, or from https to http,
+/// never carries them.
+fn same_origin(origin: &Url, hop: &Url) -> bool {
+    origin.origin() == hop.origin()
 }
 
 /// Resolves names itself and hands reqwest only checked addresses, so the connection goes
@@ -146,9 +168,6 @@ fn classify(err: reqwest::Error) -> JobError {
     if let Some(refused) = find_cause::<Refused>(&err) {
         return JobError::permanent(refused.to_string());
     }
-    if let Some(too_many) = find_cause::<TooManyRedirects>(&err) {
-        return JobError::permanent(format!("origin redirected {too_many}"));
-    }
     let what = if err.is_timeout() {
         "origin timed out"
     } else if err.is_connect() {
@@ -187,22 +206,37 @@ fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> Job
 #[async_trait]
 impl Fetcher for HttpFetcher {
     async fn fetch(&self, url: &Url, headers: &[(String, String)]) -> Result<Fetched, JobError> {
-        self.guard.check_url(url).map_err(|r| JobError::permanent(r.to_string()))?;
-        let mut request = self.client.get(url.clone());
-        for (name, value) in headers {
-            request = request.header(name, value);
-        }
-        let response = request.send().await.map_err(classify)?;
-        let status = response.status();
-        if status.is_redirection() {
-            // reqwest hands back redirects it will not follow (to another scheme, say).
+        let mut hop = url.clone();
+        let mut redirects = 0;
+        let response = loop {
+            self.check_destination(&hop).await.map_err(|e| match redirects {
+                0 => e,
+                _ => JobError { message: format!("redirect {}", e.message), ..e },
+            })?;
+            let mut request = self.client.get(hop.clone());
+            if same_origin(url, &hop) {
+                for (name, value) in headers {
+                    request = request.header(name, value);
+                }
+            }
+            let response = request.send().await.map_err(classify)?;
+            let status = response.status();
+            if !status.is_redirection() {
+                break response;
+            }
             let target = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
-            let refused = target.and_then(|t| response.url().join(t).ok()).and_then(|t| self.guard.check_url(&t).err());
-            return Err(JobError::permanent(match refused {
-                Some(refused) => format!("redirect {refused}"),
-                None => format!("origin answered HTTP {status} without a redirect that can be followed"),
-            }));
-        }
+            let Some(next) = target.and_then(|t| hop.join(t).ok()) else {
+                return Err(JobError::permanent(format!(
+                    "origin answered HTTP {status} without a redirect that can be followed"
+                )));
+            };
+            redirects += 1;
+            if redirects > self.max_redirects {
+                return Err(JobError::permanent(format!("origin redirected more than {} times", self.max_redirects)));
+            }
+            hop = next;
+        };
+        let status = response.status();
         if !status.is_success() {
             return Err(status_error(status, response.headers()));
         }

@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fileflow::config::{Command, Settings};
+use fileflow::auth::KeyLimits;
+use fileflow::config::{Command, KeysCommand, OutputFormat, Settings};
 use fileflow::startup::{Application, Hooks};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -121,6 +122,61 @@ async fn start_as(role: Command, settings: Settings, data_dir: Option<tempfile::
 }
 
 impl TestApp {
+    /// Create an API key through `fileflow keys create --output json`; returns (id, key).
+    pub async fn create_key(&self, role: &str, buckets: &[&str], limits: KeyLimits) -> (String, String) {
+        let action = KeysCommand::Create {
+            name: format!("{role}-test"),
+            role: role.parse().unwrap(),
+            buckets: buckets.iter().map(|b| b.to_string()).collect(),
+            rate_limit: limits.rate_limit,
+            max_unfinished: limits.max_unfinished,
+            max_file_size: limits.max_file_size.map(bytesize::ByteSize::b),
+            output: OutputFormat::Json,
+        };
+        let mut out = Vec::new();
+        fileflow::auth::cli::run(&self.settings, action, &mut out).await.expect("keys create");
+        let created: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(created["role"], role);
+        (created["id"].as_str().unwrap().to_owned(), created["key"].as_str().unwrap().to_owned())
+    }
+
+    /// Make sure this test's bucket exists (on S3 a test's bucket is otherwise created by
+    /// its first job, which only admin keys may do).
+    pub async fn ensure_bucket(&self) {
+        if let Some(s3) = &self.s3 {
+            s3.create_bucket(&self.bucket).await;
+        }
+    }
+
+    /// Revoke a key through `fileflow keys revoke`.
+    pub async fn revoke_key(&self, id: &str) {
+        let mut out = Vec::new();
+        fileflow::auth::cli::run(&self.settings, KeysCommand::Revoke { id: id.to_owned() }, &mut out)
+            .await
+            .expect("keys revoke");
+    }
+
+    /// A request as `key` (none: no Authorization header); answers status, headers and JSON body.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        (status, headers, response.json().await.unwrap_or(Value::Null))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

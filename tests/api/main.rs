@@ -8,6 +8,7 @@ mod services;
 
 mod helpers;
 
+mod auth;
 mod destinations;
 mod download_links;
 mod failures;

@@ -116,6 +116,7 @@ impl Origin {
             .route("/delay/{ms}/{size}", get(delay))
             .route("/to", get(redirect_to))
             .route("/echo-header/{name}", get(echo_header))
+            .route("/headers", get(all_headers))
             .route("/png", get(png))
             .route("/gzip/{size}", get(gzip))
             .route("/versioned/{name}/{size}", get(versioned))
@@ -329,6 +330,15 @@ async fn echo_header(Path(name): Path<String>, headers: HeaderMap) -> Response {
         Some(value) => (StatusCode::OK, value.as_bytes().to_vec()).into_response(),
         None => (StatusCode::UNAUTHORIZED, "missing header").into_response(),
     }
+}
+
+/// Every request header, as a JSON object (a repeated name keeps its last value).
+async fn all_headers(headers: HeaderMap) -> Response {
+    let map: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into()))
+        .collect();
+    (StatusCode::OK, serde_json::Value::Object(map).to_string()).into_response()
 }
 
 /// A listener that only counts connections: proof that nothing reached an address.

@@ -64,6 +64,19 @@ impl S3 {
             .unwrap()
     }
 
+    /// Create `bucket` (a presigned CreateBucket; an existing bucket is fine).
+    #[allow(dead_code)]
+    pub async fn create_bucket(&self, bucket: &str) {
+        use object_store::signer::Signer;
+        let url = self
+            .bucket(bucket)
+            .signed_url(reqwest::Method::PUT, &object_store::path::Path::from(""), std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        let response = reqwest::Client::new().put(url).send().await.unwrap();
+        assert!(response.status().is_success() || response.status() == 409, "CreateBucket: {}", response.status());
+    }
+
     /// The environment a `fileflow` process needs to use this store.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
