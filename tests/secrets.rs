@@ -32,6 +32,10 @@ impl Write for Captured {
     }
 }
 
+fn urlencode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
 #[tokio::test]
 async fn per_job_headers_reach_the_origin_but_are_never_shown_or_logged() {
     let logs = Captured::default();
@@ -62,10 +66,35 @@ async fn per_job_headers_reach_the_origin_but_are_never_shown_or_logged() {
     for shown in [job.to_string(), list.to_string()] {
         assert!(!shown.contains("s3cr3t"), "the API showed the header: {shown}");
     }
+
+    // At rest the header is encrypted: the database holds no trace of it, nor of its name.
+    let db = app.settings.data_dir.join("fileflow.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    let stored: String = sqlx::query_scalar("SELECT request_headers FROM files WHERE id = ?1")
+        .bind(id.parse::<i64>().unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        stored.starts_with("v1.") && !stored.contains("s3cr3t") && !stored.to_lowercase().contains("authorization"),
+        "{stored}"
+    );
+    pool.close().await;
+    let raw = std::fs::read(&db).unwrap();
+    assert!(!raw.windows(6).any(|w| w == b"s3cr3t"), "the database file holds the secret");
+
+    // Tokens in a source URL's query string stay out of the logs, on success and failure
+    // (a redirect carrying one, an origin error).
+    let queried = origin.url("/to?url=") + &urlencode(&origin.url("/file/10?sig=qu3ry-t0ken"));
+    let ok = app.submit(&format!("{queried}&auth=qu3ry-t0ken"), &app.bucket, "queried.bin").await;
+    assert_eq!(app.finished(&ok).await["status"], "completed");
+    let failing = app.submit(&origin.url("/status/404?sig=qu3ry-t0ken"), &app.bucket, "missing.bin").await;
+    assert_eq!(app.finished(&failing).await["status"], "failed");
     app.stop().await;
     let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(logged.contains("job completed"), "logs were captured");
     assert!(!logged.contains("s3cr3t"), "a log line carried the header");
+    assert!(!logged.contains("qu3ry-t0ken"), "a log line carried a query string");
 
     // Without the header the origin refuses: the header was what let the job through.
     let app = spawn_app().await;

@@ -90,10 +90,8 @@ impl HttpFetcher {
         let refused = |r: Refused| JobError::permanent(r.to_string());
         self.guard.check_url(url).map_err(refused)?;
         if let (Some(lookup), Some(url::Host::Domain(name))) = (&self.proxied_lookup, url.host()) {
-            let ips = lookup
-                .lookup(name)
-                .await
-                .map_err(|e| JobError::transient(format!("cannot resolve {name}: {e}")))?;
+            let ips =
+                lookup.lookup(name).await.map_err(|e| JobError::transient(format!("cannot resolve {name}: {e}")))?;
             for ip in ips {
                 self.guard.check_resolved(name, ip).map_err(refused)?;
             }

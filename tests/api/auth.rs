@@ -8,7 +8,7 @@ use fileflow::auth::{AuthMode, KeyLimits};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{Origin, TestApp, distributed, spawn_app_with, start_api_only, stack_settings};
+use crate::helpers::{Origin, TestApp, distributed, spawn_app_with, stack_settings, start_api_only};
 
 /// An app that asks every request for a key.
 async fn protected() -> TestApp {
@@ -108,7 +108,8 @@ async fn every_route_answers_each_kind_of_caller_as_the_contract_says() {
     // Nothing was written on refusal: exactly the accepted jobs exist besides the first,
     // and the refused objects were never stored.
     let (_, _, all) = app.call(Method::GET, "/api/v1/uploads?limit=100", Some(&admin), None).await;
-    let mut ids: Vec<String> = all["uploads"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().into()).collect();
+    let mut ids: Vec<String> =
+        all["uploads"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().into()).collect();
     ids.sort();
     let mut expected_ids = accepted.clone();
     expected_ids.push(id.clone());
@@ -243,7 +244,8 @@ async fn a_key_with_its_unfinished_jobs_at_the_limit_must_wait() {
 async fn a_key_with_a_smaller_file_limit_fails_larger_files() {
     let origin = Origin::start().await;
     let app = protected().await;
-    let (_, key) = app.create_key("submitter", &[], KeyLimits { max_file_size: Some(2048), ..Default::default() }).await;
+    let (_, key) =
+        app.create_key("submitter", &[], KeyLimits { max_file_size: Some(2048), ..Default::default() }).await;
     let mut body = upload(&origin, &app.bucket, "small");
     body["file_url"] = json!(origin.url("/file/2048"));
     assert_eq!(finished_as(&app, &key, &body).await["status"], "completed");

@@ -125,3 +125,57 @@ async fn links_survive_a_restart_because_the_key_is_kept() {
     assert_eq!(response.status(), 200);
     again.stop().await;
 }
+
+/// What fileflow serves cannot act as part of its own site: no sniffing, a sandbox, and a
+/// download rather than a page for anything but a few passive types. (S3 links are served
+/// by the store, from its own origin.)
+#[tokio::test]
+async fn served_objects_cannot_run_as_part_of_the_api() {
+    if crate::helpers::distributed() {
+        return;
+    }
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    for (key, kind, disposition) in [
+        ("page.html", "text/html", "attachment; filename=\"page.html\""),
+        ("icon.svg", "image/svg+xml", "attachment; filename=\"icon.svg\""),
+        ("pic.png", "image/png", "inline; filename=\"pic.png\""),
+    ] {
+        let id = app.submit(&origin.url(&format!("/file/64?type={kind}")), &app.bucket, key).await;
+        assert_eq!(app.finished(&id).await["status"], "completed");
+        let (_, link) = app.get(&format!("/api/v1/uploads/{id}/url")).await;
+        let response = app.client.get(link["url"].as_str().unwrap()).send().await.unwrap();
+        let headers = response.headers();
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{key}");
+        assert!(headers["content-security-policy"].to_str().unwrap().starts_with("sandbox"), "{key}");
+        assert!(headers["content-disposition"].to_str().unwrap().starts_with(disposition), "{key}: {headers:?}");
+    }
+    app.stop().await;
+}
+
+/// A link names the version of the object its job stored: once another job overwrites
+/// the key, the old link no longer serves (it would be other bytes); the new job's does.
+#[tokio::test]
+async fn a_link_serves_only_the_version_it_was_made_for() {
+    if crate::helpers::distributed() {
+        return; // presigned S3 links name the key only (see the README)
+    }
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    let first = app.submit(&origin.url("/file/5000?seed=1"), &app.bucket, "same.bin").await;
+    assert_eq!(app.finished(&first).await["status"], "completed");
+    let (_, old) = app.get(&format!("/api/v1/uploads/{first}/url")).await;
+    let old = old["url"].as_str().unwrap().to_owned();
+    assert!(app.client.get(&old).send().await.unwrap().bytes().await.unwrap() == content(1, 5000));
+
+    let second = app.submit(&origin.url("/file/5000?seed=2"), &app.bucket, "same.bin").await;
+    assert_eq!(app.finished(&second).await["status"], "completed");
+    let response = app.client.get(&old).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("replaced"), "{body}");
+    let (_, new) = app.get(&format!("/api/v1/uploads/{second}/url")).await;
+    let fresh = app.client.get(new["url"].as_str().unwrap()).send().await.unwrap();
+    assert!(fresh.bytes().await.unwrap() == content(2, 5000));
+    app.stop().await;
+}

@@ -68,3 +68,37 @@ async fn a_generic_content_type_is_replaced_by_a_sniffed_one() {
     assert_eq!(app.finished(&id).await["content_type"], "application/octet-stream");
     app.stop().await;
 }
+
+/// A caller's headers (credentials for its origin) go to that origin only: not to another
+/// origin a redirect points at (another host, or another port of the same host), and no
+/// Referer tells the next hop where the request came from.
+#[tokio::test]
+async fn origin_headers_stay_with_their_origin_across_redirects() {
+    let origin = Origin::start().await;
+    let elsewhere = Origin::start_on("127.0.0.2").await;
+    let same_host_other_port = Origin::start().await;
+    let app = spawn_app().await;
+    let secrets = json!({ "Authorization": "Bearer s3cr3t", "X-Api-Key": "k3y", "Cookie": "session=c00kie" });
+    let via_redirect = |target: &str| {
+        origin.url("/to?url=") + &url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>()
+    };
+    let cases = [
+        ("same-origin", via_redirect(&origin.url("/headers")), true),
+        ("other-host", via_redirect(&elsewhere.url("/headers")), false),
+        ("other-port", via_redirect(&same_host_other_port.url("/headers")), false),
+    ];
+    for (key, file_url, sent) in &cases {
+        let id = app
+            .submit_body(&json!({
+                "file_url": file_url, "bucket_name": app.bucket, "object_name": key, "headers": secrets,
+            }))
+            .await;
+        assert_eq!(app.finished(&id).await["status"], "completed", "{key}");
+        let seen: Value = serde_json::from_slice(&app.read_object(key).await).unwrap();
+        for name in ["authorization", "x-api-key", "cookie"] {
+            assert_eq!(seen.get(name).is_some(), *sent, "{key}: {name} in {seen}");
+        }
+        assert!(seen.get("referer").is_none(), "{key}: {seen}");
+    }
+    app.stop().await;
+}

@@ -213,3 +213,39 @@ async fn health_and_readiness_answer() {
     assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
     app.stop().await;
 }
+
+/// A client that opens connections and never finishes its headers (slowloris) holds them
+/// for the header timeout only; the API keeps answering others meanwhile.
+#[tokio::test]
+async fn slow_clients_cannot_hold_the_api() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.header_timeout = std::time::Duration::from_millis(500);
+        s.max_connections = 8;
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+        slow.push(socket);
+    }
+    let idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let (status, _) = app.get("/healthz").await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "answered after {:?}", started.elapsed());
+    // Every slow connection, and the idle one, was closed by the server.
+    for mut socket in slow.into_iter().chain([idle]) {
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(3), socket.read(&mut buf)).await;
+        let read = read.expect("the server closed the connection in time");
+        assert!(matches!(read, Ok(_) | Err(_)), "closed");
+        if let Ok(n) = read {
+            let answer = String::from_utf8_lossy(&buf[..n]);
+            assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+        }
+    }
+    app.stop().await;
+}
