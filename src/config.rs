@@ -56,9 +56,10 @@ pub enum KeysCommand {
         /// Jobs of this key not yet finished (default: --key-max-unfinished).
         #[arg(long)]
         max_unfinished: Option<u64>,
-        /// Largest file a job of this key may store (default: --max-file-size).
+        /// Largest file a job of this key may store, e.g. `1GiB` (default and upper bound:
+        /// the server's --max-file-size).
         #[arg(long)]
-        max_file_size: Option<bytesize::ByteSize>,
+        file_size_limit: Option<bytesize::ByteSize>,
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
@@ -341,18 +342,26 @@ mod tests {
             "submitter",
             "--buckets",
             "photos,docs/team-a/*",
-            "--max-file-size",
+            "--file-size-limit",
             "1GiB",
             "--output",
             "json",
         ]);
-        let Command::Keys { action: KeysCommand::Create { name, role, buckets, max_file_size, output, .. } } =
+        let Command::Keys { action: KeysCommand::Create { name, role, buckets, file_size_limit, output, .. } } =
             cli.command
         else {
             panic!("{:?}", cli.command)
         };
         assert_eq!((name.as_str(), role, output), ("ci", Role::Submitter, OutputFormat::Json));
         assert_eq!(buckets, ["photos", "docs/team-a/*"]);
-        assert_eq!(max_file_size.unwrap().as_u64(), 1 << 30);
+        assert_eq!(file_size_limit.unwrap().as_u64(), 1 << 30);
+        // The server's own flags do not leak into the key's limits.
+        let cli = Cli::parse_from(["fileflow", "keys", "create", "--name", "n", "--role", "admin"]);
+        let Command::Keys { action: KeysCommand::Create { file_size_limit, rate_limit, max_unfinished, .. } } =
+            cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!((file_size_limit, rate_limit, max_unfinished), (None, None, None));
     }
 }

@@ -16,10 +16,10 @@ pub async fn run(settings: &Settings, action: KeysCommand, out: &mut dyn Write) 
         .with_context(|| format!("cannot create {}", settings.data_dir.display()))?;
     let keys = open_database(settings).await?.keys();
     match action {
-        KeysCommand::Create { name, role, buckets, rate_limit, max_unfinished, max_file_size, output } => {
+        KeysCommand::Create { name, role, buckets, rate_limit, max_unfinished, file_size_limit, output } => {
             let scope = Scope::parse(&buckets).map_err(|e| anyhow::anyhow!("--buckets: {e}"))?;
             anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
-            let limits = KeyLimits { rate_limit, max_unfinished, max_file_size: max_file_size.map(|s| s.as_u64()) };
+            let limits = KeyLimits { rate_limit, max_unfinished, max_file_size: file_size_limit.map(|s| s.as_u64()) };
             let issued = IssuedKey::generate();
             let key = keys.create_key(&issued, &NewKey { name, role, scope, limits }, Utc::now()).await?;
             match output {

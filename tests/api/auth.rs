@@ -325,7 +325,7 @@ async fn a_public_listener_without_keys_refuses_to_start() {
         buckets: Vec::new(),
         rate_limit: None,
         max_unfinished: None,
-        max_file_size: None,
+        file_size_limit: None,
         output: fileflow::config::OutputFormat::Json,
     };
     let mut out = Vec::new();

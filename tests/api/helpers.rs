@@ -130,7 +130,7 @@ impl TestApp {
             buckets: buckets.iter().map(|b| b.to_string()).collect(),
             rate_limit: limits.rate_limit,
             max_unfinished: limits.max_unfinished,
-            max_file_size: limits.max_file_size.map(bytesize::ByteSize::b),
+            file_size_limit: limits.max_file_size.map(bytesize::ByteSize::b),
             output: OutputFormat::Json,
         };
         let mut out = Vec::new();
