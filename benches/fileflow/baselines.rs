@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use fileflow::domain::{BucketName, ObjectKey};
 use fileflow::lifecycle::JobError;
-use fileflow::storage::{ObjectStore, Unfenced};
+use fileflow::storage::{ObjectStore, Unfenced, WriteOptions};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::load::each_index;
@@ -32,7 +32,13 @@ pub async fn ceiling(
             let body = body.map_err(|e| JobError::transient(e.to_string())).boxed();
             let key = ObjectKey::parse(&format!("bench/{n:06}")).expect("a valid key");
             store
-                .put(&bucket, &key, "application/octet-stream", body, &Unfenced)
+                .put(
+                    &bucket,
+                    &key,
+                    WriteOptions { content_type: "application/octet-stream", may_create_bucket: true },
+                    body,
+                    &Unfenced,
+                )
                 .await
                 .expect("the store takes the object");
         }
