@@ -138,7 +138,9 @@ fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller) -> Result
         Caller::Key(api_key) => {
             if !api_key.scope.allows(&bucket, &key) {
                 return Err(ApiError::Forbidden(format!(
-                    "this API key may not write {key:?} into bucket {bucket:?} (it may write to: {})",
+                    "this API key may not write {:?} into bucket {:?} (it may write to: {})",
+                    key.as_str(),
+                    bucket.as_str(),
                     api_key.scope.entries().join(", ")
                 )));
             }

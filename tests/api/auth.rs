@@ -183,7 +183,8 @@ async fn a_key_may_write_only_inside_its_buckets_and_prefixes() {
         let (got, _, answer) = app.call(Method::POST, "/api/v1/upload", Some(&key), Some(&body)).await;
         assert_eq!(got, status, "{object}: {answer}");
         if status == 403 {
-            assert!(answer["error"]["message"].as_str().unwrap().contains("team-a/*"), "{answer}");
+            let message = answer["error"]["message"].as_str().unwrap();
+            assert!(message.contains(&format!("{object:?} into bucket")) && message.contains("team-a/*"), "{answer}");
         }
     }
     let body = upload(&origin, "other-bucket", "team-a/ok.bin");

@@ -216,3 +216,39 @@ async fn allowed_destinations_work_and_rebinding_has_no_window() {
     assert_eq!(h.rebind_canary.hits(), 0, "the rebound address was connected to");
     h.app.stop().await;
 }
+
+/// Through a proxy (which resolves names itself), fileflow still resolves and checks each
+/// name first: a name that resolves to a private address never reaches the proxy.
+#[tokio::test]
+async fn names_are_checked_before_a_proxy_sees_them() {
+    let proxy = Canary::start("127.0.0.1:0").await;
+    let dns = Arc::new(
+        TestDns::default()
+            .answer("private.test", &[&["10.0.0.7"]])
+            .answer("metadata.test", &[&["169.254.169.254"]])
+            .answer("good.test", &[&["127.0.0.2"]]),
+    );
+    let proxy_url = format!("http://{}", proxy.addr);
+    let app = spawn_app_with_hooks(
+        |s| {
+            s.fetch_allow_private = false;
+            s.fetch_allow = vec!["127.0.0.2".into()];
+            s.fetch_proxy = Some(proxy_url.parse().unwrap());
+            s.max_retries = 0;
+        },
+        Hooks { lookup: Some(dns) },
+    )
+    .await;
+    for name in ["private.test", "metadata.test"] {
+        let id = app.submit(&format!("http://{name}/file/10"), &app.bucket, name).await;
+        let job = app.finished(&id).await;
+        assert_eq!(job["status"], "failed", "{job}");
+        assert!(job["last_error"].as_str().unwrap().contains("refused"), "{job}");
+    }
+    assert_eq!(proxy.hits(), 0, "a refused name reached the proxy");
+    // An allowed name does go through the proxy (which hangs up: the job fails, transiently).
+    let id = app.submit("http://good.test/file/10", &app.bucket, "good").await;
+    assert_eq!(app.finished(&id).await["status"], "failed");
+    assert!(proxy.hits() >= 1, "the proxy was not used");
+    app.stop().await;
+}
