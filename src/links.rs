@@ -118,6 +118,7 @@ mod tests {
             request_headers: None,
             grant: crate::lifecycle::Grant::open(),
             object_version: Some("v1".into()),
+            cancel_requested: false,
             created_at: now,
             updated_at: now,
             next_attempt_at: None,

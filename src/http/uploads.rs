@@ -16,7 +16,7 @@ use super::{ApiError, AppState};
 use crate::auth::Caller;
 use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, SourceUrl};
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob};
-use crate::metadata::{ListFilter, Requeue};
+use crate::metadata::{Cancel, ListFilter, Requeue};
 
 /// Default and longest lifetimes of a download link (the longest is S3's presign limit).
 const DEFAULT_LINK_SECS: i64 = 3600;
@@ -31,6 +31,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/uploads/{id}", get(get_upload))
         .route("/api/v1/uploads/{id}/url", get(download_url))
         .route("/api/v1/uploads/{id}/retry", post(retry_upload))
+        .route("/api/v1/uploads/{id}/cancel", post(cancel_upload))
 }
 
 /// A job as the API shows it.
@@ -265,5 +266,29 @@ async fn retry_upload(
             Err(ApiError::Conflict(format!("upload {} is {status}; only failed uploads can be retried", job_id)))
         }
         Requeue::NotFound => Err(not_found(&id)),
+    }
+}
+
+/// Cancel a job: a waiting one is `cancelled` at once; a running one is asked to stop (it
+/// shows `cancelled` once its worker has, within about a second); 409 once finished.
+async fn cancel_upload(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job_id = state.find(&id, &caller).await?.id;
+    match state.repo.cancel(job_id, Utc::now()).await? {
+        Cancel::Cancelled(job) => {
+            tracing::info!(job_id = %job.id, "job cancelled");
+            Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
+        }
+        Cancel::Requested(job) => {
+            tracing::info!(job_id = %job.id, "cancel requested from the job's worker");
+            Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
+        }
+        Cancel::Finished(status) => {
+            Err(ApiError::Conflict(format!("upload {job_id} is {status}; only unfinished uploads can be cancelled")))
+        }
+        Cancel::NotFound => Err(not_found(&id)),
     }
 }

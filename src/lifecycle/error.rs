@@ -8,6 +8,8 @@ pub enum ErrorKind {
     Transient,
     /// Origin 4xx, refused destination, too large, checksum mismatch, bad bucket: retrying cannot help.
     Permanent,
+    /// A caller cancelled the job: the attempt stopped on purpose.
+    Cancelled,
 }
 
 /// Why one attempt at a job failed, classified where it happened.
@@ -26,6 +28,10 @@ impl JobError {
 
     pub fn permanent(message: impl Into<String>) -> Self {
         Self { kind: ErrorKind::Permanent, message: message.into(), retry_after: None }
+    }
+
+    pub fn cancelled() -> Self {
+        Self { kind: ErrorKind::Cancelled, message: "cancelled by request".into(), retry_after: None }
     }
 
     pub fn with_retry_after(mut self, delay: Option<Duration>) -> Self {

@@ -35,7 +35,8 @@ impl Serialize for JobId {
 ///
 /// `pending → processing → completed`; `processing → pending` when a retry is scheduled or
 /// a worker hands the job back; `processing → failed` when it gives up; `failed → pending`
-/// when a caller asks for a retry.
+/// when a caller asks for a retry; `pending` or `processing → cancelled` when a caller
+/// cancels (a transfer under way stops first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
@@ -43,10 +44,11 @@ pub enum JobStatus {
     Processing,
     Completed,
     Failed,
+    Cancelled,
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 4] = [Self::Pending, Self::Processing, Self::Completed, Self::Failed];
+    pub const ALL: [JobStatus; 5] = [Self::Pending, Self::Processing, Self::Completed, Self::Failed, Self::Cancelled];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -54,7 +56,14 @@ impl JobStatus {
             Self::Processing => "processing",
             Self::Completed => "completed",
             Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
         }
+    }
+
+    /// Whether nothing more will happen to the job (a failed one may still be retried by
+    /// a caller).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
     }
 
     /// Whether the lifecycle allows going from `self` to `next`.
@@ -67,6 +76,8 @@ impl JobStatus {
                 | (Processing, Completed)
                 | (Processing, Failed)
                 | (Failed, Pending)
+                | (Pending, Cancelled)
+                | (Processing, Cancelled)
         )
     }
 }
@@ -74,10 +85,9 @@ impl JobStatus {
 impl FromStr for JobStatus {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| format!("unknown status {s:?}: expected pending, processing, completed or failed"))
+        Self::ALL.into_iter().find(|status| status.as_str() == s).ok_or_else(|| {
+            format!("unknown status {s:?}: expected pending, processing, completed, failed or cancelled")
+        })
     }
 }
 
@@ -142,6 +152,8 @@ pub struct Job {
     pub grant: Grant,
     /// The store's version of the object this job wrote (download links are bound to it).
     pub object_version: Option<String>,
+    /// A caller asked to cancel the job while a worker had it: the worker stops.
+    pub cancel_requested: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// When the next attempt is due, while a retry is scheduled.
@@ -164,8 +176,16 @@ pub struct StoredObject {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
     Completed(StoredObject),
-    RetryScheduled { retry_count: u32, last_error: String, due_at: DateTime<Utc> },
-    Failed { last_error: String },
+    RetryScheduled {
+        retry_count: u32,
+        last_error: String,
+        due_at: DateTime<Utc>,
+    },
+    Failed {
+        last_error: String,
+    },
+    /// The attempt stopped because a caller cancelled the job.
+    Cancelled,
 }
 
 impl Settlement {
@@ -174,6 +194,7 @@ impl Settlement {
             Self::Completed(_) => JobStatus::Completed,
             Self::RetryScheduled { .. } => JobStatus::Pending,
             Self::Failed { .. } => JobStatus::Failed,
+            Self::Cancelled => JobStatus::Cancelled,
         }
     }
 }
@@ -188,6 +209,7 @@ pub fn settle(
 ) -> Settlement {
     match outcome {
         Ok(stored) => Settlement::Completed(stored),
+        Err(error) if error.kind == super::ErrorKind::Cancelled => Settlement::Cancelled,
         Err(error) => match policy.decide(retries_so_far, &error, jitter) {
             Decision::Retry { retry_count, delay } => Settlement::RetryScheduled {
                 retry_count,
@@ -231,6 +253,9 @@ mod tests {
         assert!(!Completed.can_become(Pending));
         assert!(!Completed.can_become(Processing));
         assert!(!Failed.can_become(Completed));
+        assert!(Pending.can_become(Cancelled) && Processing.can_become(Cancelled));
+        assert!(!Completed.can_become(Cancelled) && !Cancelled.can_become(Pending));
+        assert!(Cancelled.is_final() && !Processing.is_final());
         for status in JobStatus::ALL {
             assert_eq!(status.as_str().parse::<JobStatus>().unwrap(), status);
         }
@@ -272,5 +297,6 @@ mod tests {
             settle(0, Err(JobError::permanent("HTTP 404")), &policy, now, 0.0),
             Settlement::Failed { last_error: "HTTP 404".into() }
         );
+        assert_eq!(settle(0, Err(JobError::cancelled()), &policy, now, 0.0), Settlement::Cancelled);
     }
 }

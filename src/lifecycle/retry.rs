@@ -35,7 +35,7 @@ impl RetryPolicy {
     /// fixed in tests); the backoff is drawn from `[delay/2, delay)` ("equal jitter"), so
     /// retries of many jobs that failed together spread out but never come too soon.
     pub fn decide(&self, retries_so_far: u32, error: &JobError, jitter: f64) -> Decision {
-        if error.kind == ErrorKind::Permanent || retries_so_far >= self.max_retries {
+        if error.kind != ErrorKind::Transient || retries_so_far >= self.max_retries {
             return Decision::GiveUp;
         }
         let exponential = self

@@ -124,6 +124,18 @@ pub enum Requeue {
     NotFound,
 }
 
+/// What asking to cancel a job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancel {
+    /// The job was waiting (or waiting for a retry): it is `cancelled` now.
+    Cancelled(Box<Job>),
+    /// A worker is transferring it: it was asked to stop, and records `cancelled` when it has.
+    Requested(Box<Job>),
+    /// The job had already finished with this status.
+    Finished(JobStatus),
+    NotFound,
+}
+
 /// Whether a worker may start on a job it was handed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -138,7 +150,7 @@ pub enum Claim {
     NotDue {
         at: DateTime<Utc>,
     },
-    /// The job is already completed or failed: nothing to do.
+    /// The job is already completed, failed or cancelled: nothing to do.
     Finished(JobStatus),
     NotFound,
 }
@@ -149,7 +161,7 @@ impl Claim {
     pub fn refused(current: Option<ClaimState>, now: DateTime<Utc>) -> Self {
         let Some(current) = current else { return Self::NotFound };
         match current.status {
-            status @ (JobStatus::Completed | JobStatus::Failed) => Self::Finished(status),
+            status @ (JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled) => Self::Finished(status),
             JobStatus::Pending => match current.next_attempt_at {
                 Some(at) if at > now => Self::NotDue { at },
                 // Claimed by another worker a moment ago.
@@ -166,6 +178,20 @@ pub struct ClaimState {
     pub status: JobStatus,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// What a cancel's conditional update means: the job it changed (cancelled or asked to
+/// stop), or, when it changed none, why not, from the job as `current` reads it now.
+pub(crate) async fn cancel_answer<F, Fut>(changed: Option<Job>, current: F) -> Result<Cancel, RepoError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Job>, RepoError>>,
+{
+    Ok(match changed {
+        Some(job) if job.status == JobStatus::Cancelled => Cancel::Cancelled(Box::new(job)),
+        Some(job) => Cancel::Requested(Box::new(job)),
+        None => current().await?.map_or(Cancel::NotFound, |job| Cancel::Finished(job.status)),
+    })
 }
 
 impl Requeue {
@@ -223,6 +249,14 @@ pub trait JobRepository: Send + Sync + 'static {
 
     /// Hand a `processing` job back as `pending` without counting an attempt (shutdown).
     async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError>;
+
+    /// Cancel a job: a `pending` one at once (its queued delivery is dropped or ignored), a
+    /// `processing` one by asking its worker to stop.
+    async fn cancel(&self, id: JobId, now: DateTime<Utc>) -> Result<Cancel, RepoError>;
+
+    /// Whether a caller asked to cancel this job while a worker has it (asked about once a
+    /// second by the worker transferring it).
+    async fn cancel_requested(&self, id: JobId) -> Result<bool, RepoError>;
 
     /// Move a `failed` job back to `pending` with a fresh retry budget, and queue it, atomically.
     async fn requeue_failed(&self, id: JobId, now: DateTime<Utc>) -> Result<Requeue, RepoError>;

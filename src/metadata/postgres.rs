@@ -12,7 +12,9 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::{Notify, mpsc};
 
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
-use super::{Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep};
+use super::{
+    Cancel, Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep, cancel_answer,
+};
 use crate::domain::SealedHeaders;
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement};
 
@@ -145,7 +147,7 @@ async fn insert_jobs(db: &PgDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoErro
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
     sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at, \
-    owner_key, max_file_size, may_create_bucket, object_version";
+    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at";
 
 fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -176,6 +178,7 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
             may_create_bucket: row.try_get("may_create_bucket")?,
         },
         object_version: row.try_get("object_version")?,
+        cancel_requested: row.try_get::<Option<DateTime<Utc>>, _>("cancel_requested_at")?.is_some(),
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
@@ -372,8 +375,43 @@ impl JobRepository for PgRepository {
             .bind(owner)
             .bind(last_error)
             .bind(now),
+            Settlement::Cancelled => sqlx::query(
+                "UPDATE files SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, \
+                 next_attempt_at = NULL, updated_at = $3 \
+                 WHERE id = $1 AND status = 'processing' AND lease_owner = $2",
+            )
+            .bind(id.0)
+            .bind(owner)
+            .bind(now),
         };
         Ok(query.execute(&self.db.pool).await?.rows_affected() == 1)
+    }
+
+    async fn cancel(&self, id: JobId, now: DateTime<Utc>) -> Result<Cancel, RepoError> {
+        // SET expressions all see the row as it was: a waiting job is cancelled at once (a
+        // delivery still on its way finds it finished), a running one is asked to stop.
+        let row = sqlx::query(&format!(
+            "UPDATE files SET \
+             status = CASE status WHEN 'pending' THEN 'cancelled' ELSE status END, \
+             cancel_requested_at = CASE status WHEN 'processing' THEN $2 ELSE cancel_requested_at END, \
+             next_attempt_at = CASE status WHEN 'pending' THEN NULL ELSE next_attempt_at END, \
+             updated_at = $2 \
+             WHERE id = $1 AND status IN ('pending', 'processing') RETURNING {COLUMNS}"
+        ))
+        .bind(id.0)
+        .bind(now)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        cancel_answer(row.as_ref().map(job_from_row).transpose()?, || self.get(id)).await
+    }
+
+    async fn cancel_requested(&self, id: JobId) -> Result<bool, RepoError> {
+        let requested: Option<bool> =
+            sqlx::query_scalar("SELECT cancel_requested_at IS NOT NULL FROM files WHERE id = $1")
+                .bind(id.0)
+                .fetch_optional(&self.db.pool)
+                .await?;
+        Ok(requested.unwrap_or(false))
     }
 
     async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {
@@ -392,7 +430,7 @@ impl JobRepository for PgRepository {
     async fn requeue_failed(&self, id: JobId, now: DateTime<Utc>) -> Result<Requeue, RepoError> {
         let mut tx = self.db.pool.begin().await?;
         let row = sqlx::query(&format!(
-            "UPDATE files SET status = 'pending', retry_count = 0, next_attempt_at = NULL, updated_at = $2 \
+            "UPDATE files SET status = 'pending', retry_count = 0, next_attempt_at = NULL, cancel_requested_at = NULL, updated_at = $2 \
              WHERE id = $1 AND status = 'failed' RETURNING {COLUMNS}"
         ))
         .bind(id.0)

@@ -15,9 +15,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection as _, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{Notify, mpsc};
 
+use super::cancel_answer;
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::writer::Writer;
-use super::{Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep};
+use super::{Cancel, Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep};
 use crate::domain::SealedHeaders;
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
 
@@ -308,7 +309,8 @@ async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, Repo
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
     etag, size, sha256, md5, content_type, expected_sha256, expected_md5, request_headers, \
-    created_at, updated_at, next_attempt_at, owner_key, max_file_size, may_create_bucket, object_version";
+    created_at, updated_at, next_attempt_at, owner_key, max_file_size, may_create_bucket, object_version, \
+    cancel_requested_at";
 
 fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -339,6 +341,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
             may_create_bucket: row.try_get("may_create_bucket")?,
         },
         object_version: row.try_get("object_version")?,
+        cancel_requested: row.try_get::<Option<i64>, _>("cancel_requested_at")?.is_some(),
         created_at: from_millis(row.try_get("created_at")?),
         updated_at: from_millis(row.try_get("updated_at")?),
         next_attempt_at: row.try_get::<Option<i64>, _>("next_attempt_at")?.map(from_millis),
@@ -521,8 +524,52 @@ impl JobRepository for SqliteRepository {
                     })
                     .await?
             }
+            Settlement::Cancelled => {
+                self.db
+                    .write(move |c| {
+                        sqlx::query(
+                            "UPDATE files SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, \
+                             next_attempt_at = NULL, updated_at = ?3 \
+                             WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
+                        )
+                        .bind(id.0)
+                        .bind(owner)
+                        .bind(now_ms)
+                        .execute(c)
+                        .boxed()
+                    })
+                    .await?
+            }
         };
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn cancel(&self, id: JobId, now: DateTime<Utc>) -> Result<Cancel, RepoError> {
+        let now_ms = to_millis(now);
+        // SET expressions all see the row as it was: a waiting job is cancelled at once (the
+        // trigger drops its queue row), a running one is asked to stop.
+        let sql = format!(
+            "UPDATE files SET \
+             status = CASE status WHEN 'pending' THEN 'cancelled' ELSE status END, \
+             cancel_requested_at = CASE status WHEN 'processing' THEN ?2 ELSE cancel_requested_at END, \
+             next_attempt_at = CASE status WHEN 'pending' THEN NULL ELSE next_attempt_at END, \
+             updated_at = ?2 \
+             WHERE id = ?1 AND status IN ('pending', 'processing') RETURNING {COLUMNS}"
+        );
+        let row = self
+            .db
+            .write(move |c| Box::pin(async move { sqlx::query(&sql).bind(id.0).bind(now_ms).fetch_optional(c).await }))
+            .await?;
+        cancel_answer(row.as_ref().map(job_from_row).transpose()?, || self.get(id)).await
+    }
+
+    async fn cancel_requested(&self, id: JobId) -> Result<bool, RepoError> {
+        let requested: Option<bool> =
+            sqlx::query_scalar("SELECT cancel_requested_at IS NOT NULL FROM files WHERE id = ?1")
+                .bind(id.0)
+                .fetch_optional(&self.db.reads)
+                .await?;
+        Ok(requested.unwrap_or(false))
     }
 
     async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {
@@ -552,7 +599,8 @@ impl JobRepository for SqliteRepository {
                 Box::pin(async move {
                     let mut tx = c.begin().await?;
                     let row = sqlx::query(&format!(
-                        "UPDATE files SET status = 'pending', retry_count = 0, next_attempt_at = NULL, updated_at = ?2 \
+                        "UPDATE files SET status = 'pending', retry_count = 0, next_attempt_at = NULL, cancel_requested_at = NULL, \
+                         updated_at = ?2 \
                          WHERE id = ?1 AND status = 'failed' RETURNING {COLUMNS}"
                     ))
                     .bind(id.0)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures::FutureExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use url::Url;
@@ -23,11 +23,23 @@ use crate::lifecycle::{Job, JobError, JobId, RetryPolicy, Settlement, StoredObje
 use crate::metadata::{Claim, JobRepository, Lease, RepoError};
 use crate::queue::{Delivery, Queue, QueueError};
 use crate::secrets::HeaderSealer;
-use crate::storage::{Fence, ObjectStore, WriteOptions};
+use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions};
 
 pub use verify::{Digests, Expectations, verified};
 
 /// How workers behave.
+/// How often a transfer under way asks whether its job was cancelled.
+const CANCEL_POLL: Duration = Duration::from_secs(1);
+
+/// `body`, ended with a "cancelled" error as soon as `cancel` fires (also while it waits
+/// for the origin).
+fn until_cancelled(body: ByteStream, cancel: CancellationToken) -> ByteStream {
+    let stopped = cancel.clone();
+    let cancelled = futures::stream::once(async move { stopped.is_cancelled() })
+        .filter_map(|stopped| async move { stopped.then(|| Err(JobError::cancelled())) });
+    body.take_until(cancel.cancelled_owned()).chain(cancelled).boxed()
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub policy: RetryPolicy,
@@ -53,6 +65,8 @@ pub enum WorkOutcome {
         id: JobId,
         error: String,
     },
+    /// A caller cancelled the job; the transfer stopped and nothing was stored.
+    Cancelled(JobId),
     /// The message named a job that needs no work (finished or unknown); it was acknowledged.
     Skipped(JobId),
     /// Another worker holds the job; the message will come back when that lease ends.
@@ -191,10 +205,20 @@ impl Worker {
                 Some(slot) => Some(slot.start().await?),
                 None => None,
             };
-            tracing::info!(job_id = %id, attempt, bucket = %job.bucket_name, key = %job.object_name, "job started");
             let started = Instant::now();
+            if job.cancel_requested {
+                // Cancelled while it waited for a retry or after its last worker was gone.
+                return Some((Err(JobError::cancelled()), transferring, started));
+            }
+            tracing::info!(job_id = %id, attempt, bucket = %job.bucket_name, key = %job.object_name, "job started");
             let fence = LeaseFence { repo: &*self.repo, id, owner: &lease.owner, margin: self.fence_margin() };
-            let outcome = tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job, &fence)).await;
+            let cancel = CancellationToken::new();
+            let transfer = tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job, &fence, &cancel));
+            let mut transfer = std::pin::pin!(transfer);
+            let outcome = tokio::select! {
+                outcome = &mut transfer => outcome,
+                () = self.watch_for_cancel(id, &cancel) => transfer.await,
+            };
             let outcome = outcome.unwrap_or_else(|_| {
                 Err(JobError::transient(format!(
                     "transfer did not finish within {}",
@@ -252,6 +276,11 @@ impl Worker {
                     due_at = %due_at.to_rfc3339(), elapsed_ms, "job attempt failed; retry scheduled");
                 WorkOutcome::RetryScheduled { id, retry_count, due_at }
             }
+            Settlement::Cancelled => {
+                self.queue.finished(delivery, None).await?;
+                tracing::info!(job_id = %id, attempt, outcome = "cancelled", elapsed_ms, "job cancelled");
+                WorkOutcome::Cancelled(id)
+            }
             Settlement::Failed { last_error } => {
                 self.queue.finished(delivery, Some(&last_error)).await?;
                 tracing::error!(job_id = %id, attempt, outcome = "failed", error = %last_error,
@@ -259,6 +288,25 @@ impl Worker {
                 WorkOutcome::Failed { id, error: last_error }
             }
         })
+    }
+
+    /// Ask the database about once a second whether a caller cancelled job `id`; when one
+    /// did, fire `cancel` and return (never returns otherwise).
+    async fn watch_for_cancel(&self, id: JobId, cancel: &CancellationToken) {
+        let mut tick = tokio::time::interval(CANCEL_POLL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match self.repo.cancel_requested(id).await {
+                Ok(true) => {
+                    tracing::info!(job_id = %id, "cancel requested; stopping the transfer");
+                    cancel.cancel();
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(job_id = %id, error = %e, "cannot tell whether the job was cancelled"),
+            }
+        }
     }
 
     /// How much of its lease a worker must still hold, by the database's clock, when it
@@ -286,7 +334,12 @@ impl Worker {
     }
 
     /// One attempt: origin → verify → store.
-    async fn transfer(&self, job: &Job, fence: &dyn Fence) -> Result<StoredObject, JobError> {
+    async fn transfer(
+        &self,
+        job: &Job,
+        fence: &dyn Fence,
+        cancel: &CancellationToken,
+    ) -> Result<StoredObject, JobError> {
         // The row was validated on the way in; a row that no longer parses is corrupt.
         let corrupt =
             |what: &str, e: &dyn std::fmt::Display| JobError::permanent(format!("stored {what} is invalid: {e}"));
@@ -298,7 +351,10 @@ impl Worker {
             Some(sealed) => self.sealer.open(sealed).map_err(|e| JobError::permanent(e.to_string()))?,
             None => RequestHeaders::default(),
         };
-        let fetched = self.fetcher.fetch(&url, headers.pairs()).await?;
+        let fetched = tokio::select! {
+            fetched = self.fetcher.fetch(&url, headers.pairs()) => fetched?,
+            () = cancel.cancelled() => return Err(JobError::cancelled()),
+        };
         let max_size =
             job.grant.max_file_size.map_or(self.settings.max_file_size, |m| m.min(self.settings.max_file_size));
         if let Some(length) = fetched.content_length
@@ -308,7 +364,8 @@ impl Worker {
                 "file too large: origin declares {length} bytes, the limit is {max_size}"
             )));
         }
-        let body = at_least(fetched.body, self.settings.min_rate);
+        // A cancel ends the body with an error, so the store aborts what it has written.
+        let body = until_cancelled(at_least(fetched.body, self.settings.min_rate), cancel.clone());
         let (content_type, body) = sniff::content_type(fetched.content_type, body).await;
         let expect = Expectations {
             max_size,

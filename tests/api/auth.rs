@@ -57,18 +57,19 @@ async fn every_route_answers_each_kind_of_caller_as_the_contract_says() {
     let job = format!("/api/v1/uploads/{id}");
     let link = format!("/api/v1/uploads/{id}/url");
     let retry = format!("/api/v1/uploads/{id}/retry");
+    let cancel = format!("/api/v1/uploads/{id}/cancel");
     let refused_body = upload(&origin, &bucket, "refused.bin");
     let outside = upload(&origin, "another-bucket", "outside.bin");
     // (caller, key) → expected status of: create, create outside the key's buckets, get,
-    // list, link, retry (a completed job: 409 for whoever may see it).
-    let matrix: [(&str, Option<&str>, [u16; 6]); 7] = [
-        ("no key", None, [401, 401, 401, 401, 401, 401]),
-        ("malformed key", Some("not-a-key"), [401, 401, 401, 401, 401, 401]),
-        ("unknown key", Some(unknown), [401, 401, 401, 401, 401, 401]),
-        ("revoked key", Some(&revoked), [401, 401, 401, 401, 401, 401]),
-        ("submitter, own job", Some(&owner), [202, 403, 200, 200, 200, 409]),
-        ("submitter, another's job", Some(&other), [202, 403, 404, 200, 404, 404]),
-        ("admin", Some(&admin), [202, 202, 200, 200, 200, 409]),
+    // list, link, retry and cancel (a completed job: 409 for whoever may see it).
+    let matrix: [(&str, Option<&str>, [u16; 7]); 7] = [
+        ("no key", None, [401, 401, 401, 401, 401, 401, 401]),
+        ("malformed key", Some("not-a-key"), [401, 401, 401, 401, 401, 401, 401]),
+        ("unknown key", Some(unknown), [401, 401, 401, 401, 401, 401, 401]),
+        ("revoked key", Some(&revoked), [401, 401, 401, 401, 401, 401, 401]),
+        ("submitter, own job", Some(&owner), [202, 403, 200, 200, 200, 409, 409]),
+        ("submitter, another's job", Some(&other), [202, 403, 404, 200, 404, 404, 404]),
+        ("admin", Some(&admin), [202, 202, 200, 200, 200, 409, 409]),
     ];
     let mut accepted = Vec::new();
     for (who, key, expected) in matrix {
@@ -82,6 +83,7 @@ async fn every_route_answers_each_kind_of_caller_as_the_contract_says() {
             app.call(Method::GET, "/api/v1/uploads", key, None).await,
             app.call(Method::GET, &link, key, None).await,
             app.call(Method::POST, &retry, key, None).await,
+            app.call(Method::POST, &cancel, key, None).await,
         ];
         let got: Vec<u16> = calls.iter().map(|(status, ..)| *status).collect();
         assert_eq!(got, expected, "{who}: {:?}", calls.iter().map(|(_, _, b)| b).collect::<Vec<_>>());
@@ -120,7 +122,7 @@ async fn every_route_answers_each_kind_of_caller_as_the_contract_says() {
         assert_eq!(app.try_read_object(&format!("refused-{who}.bin")).await, None, "{who}");
     }
     let (_, _, unchanged) = app.call(Method::GET, &job, Some(&admin), None).await;
-    assert_eq!(unchanged["updated_at"], updated_at, "refused retries changed nothing");
+    assert_eq!(unchanged["updated_at"], updated_at, "refused retries and cancels changed nothing");
     app.stop().await;
 }
 

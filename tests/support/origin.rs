@@ -112,6 +112,7 @@ impl Origin {
             .route("/reset/{size}", get(reset))
             .route("/short/{size}", get(short))
             .route("/trickle/{size}", get(trickle))
+            .route("/slow/{size}", get(slow))
             .route("/redirect/{hops}/{size}", get(redirect))
             .route("/delay/{ms}/{size}", get(delay))
             .route("/to", get(redirect_to))
@@ -239,6 +240,20 @@ async fn trickle(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>
     let stream = futures::stream::iter(bytes).then(move |b| async move {
         tokio::time::sleep(every).await;
         Ok::<_, std::io::Error>(Bytes::from(vec![b]))
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_LENGTH, size.into());
+    (headers, Body::from_stream(stream)).into_response()
+}
+
+/// `size` bytes in chunks of `chunk` (default 64 KiB), one every `every_ms` (default 10).
+async fn slow(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let every = Duration::from_millis(q.get("every_ms").and_then(|s| s.parse().ok()).unwrap_or(10));
+    let chunk = q.get("chunk").and_then(|s| s.parse().ok()).unwrap_or(64 * 1024u64);
+    let seed = seed_of(&q);
+    let stream = futures::stream::iter((0..size).step_by(chunk as usize)).then(move |start| async move {
+        tokio::time::sleep(every).await;
+        Ok::<_, std::io::Error>(Bytes::from(content_range(seed, start, chunk.min(size - start) as usize)))
     });
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_LENGTH, size.into());
