@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::metadata::{JobRepository, Sweep};
+use crate::metadata::{IDEMPOTENCY_WINDOW, JobRepository, Sweep};
 use crate::queue::Backlog;
 
 /// Most jobs announced again per sweep, so one sweep stays a bounded piece of work.
@@ -62,6 +62,11 @@ pub async fn run(
             ),
             Ok(_) => tracing::debug!("reconciler found nothing stuck"),
             Err(e) => tracing::warn!(error = %e, "reconciler sweep failed; will try again"),
+        }
+        // Idempotency keys are kept for a day; the sweep clears older ones, a bounded batch at a time.
+        let before = chrono::Utc::now() - chrono::Duration::from_std(IDEMPOTENCY_WINDOW).expect("a day fits");
+        if let Err(e) = repo.forget_idempotency_keys(before, SWEEP_LIMIT).await {
+            tracing::warn!(error = %e, "cannot clear old idempotency keys; will try again");
         }
     }
 }

@@ -11,7 +11,8 @@ use fileflow::auth::{IssuedKey, KeyLimits, KeyStore, NewKey, Role, Scope};
 use fileflow::domain::{BucketName, ObjectKey, SealedHeaders, SourceUrl};
 use fileflow::lifecycle::{Grant, JobStatus, NewJob, Settlement, StoredObject};
 use fileflow::metadata::{
-    Claim, JobRepository, Lease, ListFilter, PgDb, PgRepository, Requeue, SqliteDb, SqliteRepository, Sweep,
+    Claim, Created, IdempotencyKey, JobRepository, Lease, ListFilter, PgDb, PgRepository, Requeue, SqliteDb,
+    SqliteRepository, Sweep,
 };
 
 fn new_job(key: &str) -> NewJob {
@@ -360,6 +361,31 @@ async fn postgres_keys_are_kept_hashed_and_revoked_once() {
     }
 }
 
+/// An idempotency key creates one job; the same request gets it back, another is refused;
+/// after a day the key is forgotten (on reuse, and by the sweep's clean-up).
+async fn idempotency_keys_last_a_day(repo: Arc<dyn JobRepository>) {
+    let key =
+        |k: &str, digest: &str| IdempotencyKey { owner: "tenant".into(), key: k.into(), request_sha256: digest.into() };
+    let t = now();
+    let Created::New(first) = repo.create_once(&new_job("a"), &key("k1", "d1"), t).await.unwrap() else { panic!() };
+    assert_eq!(repo.create_once(&new_job("a"), &key("k1", "d1"), t).await.unwrap(), Created::Replayed(first.clone()));
+    assert_eq!(repo.create_once(&new_job("b"), &key("k1", "d2"), t).await.unwrap(), Created::KeyReused);
+    let other_tenant = IdempotencyKey { owner: "other".into(), ..key("k1", "d2") };
+    assert!(matches!(repo.create_once(&new_job("b"), &other_tenant, t).await.unwrap(), Created::New(_)));
+    let day_later = t + chrono::Duration::hours(24) + chrono::Duration::seconds(1);
+    let Created::New(second) = repo.create_once(&new_job("c"), &key("k1", "d3"), day_later).await.unwrap() else {
+        panic!("a key older than a day is forgotten")
+    };
+    assert_ne!(second.id, first.id);
+    repo.create_once(&new_job("d"), &key("k2", "d1"), t).await.unwrap();
+    assert_eq!(
+        repo.forget_idempotency_keys(t + chrono::Duration::seconds(1), 10).await.unwrap(),
+        2,
+        "k2 and the other tenant's"
+    );
+    assert_eq!(repo.forget_idempotency_keys(t + chrono::Duration::seconds(1), 10).await.unwrap(), 0);
+}
+
 async fn sqlite() -> (Arc<dyn JobRepository>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let db = SqliteDb::connect(&SqliteDb::default_url(dir.path())).await.unwrap();
@@ -401,7 +427,8 @@ conformance!(
     claims_are_exclusive_until_the_lease_lapses,
     a_batch_of_claims_is_decided_request_by_request,
     retries_releases_and_requeues,
-    jobs_belong_to_their_key
+    jobs_belong_to_their_key,
+    idempotency_keys_last_a_day
 );
 
 /// PostgreSQL announces a job through its outbox in the same commit as the job's row.

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,7 +16,8 @@ use super::{ApiError, AppState};
 use crate::auth::Caller;
 use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, SourceUrl};
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob};
-use crate::metadata::{Cancel, ListFilter, Requeue};
+use crate::metadata::{Cancel, Created, IdempotencyKey, ListFilter, Requeue};
+use sha2::Digest as _;
 
 /// Default and longest lifetimes of a download link (the longest is S3's presign limit).
 const DEFAULT_LINK_SECS: i64 = 3600;
@@ -175,19 +176,100 @@ async fn check_unfinished_quota(state: &AppState, caller: &Caller) -> Result<(),
 async fn create_upload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: JsonObject,
 ) -> Result<Response, ApiError> {
     let new_job = parse_new_job(&body, &state, &caller)?;
+    let once = idempotency_key(&headers, &caller, &body)?;
     check_unfinished_quota(&state, &caller).await?;
-    let job = state.repo.create(&new_job, Utc::now()).await?;
-    tracing::info!(job_id = %job.id, bucket = %job.bucket_name, key = %job.object_name, "job accepted");
+    let (job, replayed) = match once {
+        None => (state.repo.create(&new_job, Utc::now()).await?, false),
+        Some(once) => match state.repo.create_once(&new_job, &once, Utc::now()).await? {
+            Created::New(job) => (*job, false),
+            Created::Replayed(job) => (*job, true),
+            Created::KeyReused => {
+                return Err(ApiError::invalid(
+                    IDEMPOTENCY_KEY,
+                    "this key was used with a different request in the last 24 hours",
+                ));
+            }
+        },
+    };
+    if replayed {
+        tracing::info!(job_id = %job.id, "job request replayed under its idempotency key");
+    } else {
+        tracing::info!(job_id = %job.id, bucket = %job.bucket_name, key = %job.object_name, "job accepted");
+    }
     let location = format!("/api/v1/uploads/{}", job.id);
-    Ok((
+    let mut response = (
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
         Json(json!({ "id": job.id.to_string(), "message": "file upload initiated successfully" })),
     )
-        .into_response())
+        .into_response();
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// The request's `Idempotency-Key` (1 to 255 visible ASCII characters), scoped to the
+/// caller's API key, with the digest of the body it came with.
+fn idempotency_key(
+    headers: &HeaderMap,
+    caller: &Caller,
+    body: &JsonObject,
+) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| ApiError::invalid(IDEMPOTENCY_KEY, "must be 1 to 255 visible ASCII characters"))?;
+    Ok(Some(IdempotencyKey {
+        owner: caller.key_id().unwrap_or_default().to_owned(),
+        key: key.to_owned(),
+        request_sha256: request_digest(&serde_json::Value::Object(body.0.clone())),
+    }))
+}
+
+/// SHA-256 of a JSON value written with its object keys sorted, so the same request sent
+/// with its fields in another order is the same request.
+fn request_digest(value: &serde_json::Value) -> String {
+    fn canonical(value: &serde_json::Value, out: &mut String) {
+        match value {
+            serde_json::Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                out.push('{');
+                for (i, (name, value)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::String(name.clone()).to_string());
+                    out.push(':');
+                    canonical(value, out);
+                }
+                out.push('}');
+            }
+            serde_json::Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(item, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut text = String::new();
+    canonical(value, &mut text);
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
 async fn get_upload(
@@ -290,5 +372,19 @@ async fn cancel_upload(
             Err(ApiError::Conflict(format!("upload {job_id} is {status}; only unfinished uploads can be cancelled")))
         }
         Cancel::NotFound => Err(not_found(&id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_digest_ignores_field_order_only() {
+        let a = json!({ "file_url": "u", "bucket_name": "b", "headers": { "x": "1", "a": "2" } });
+        let b = json!({ "headers": { "a": "2", "x": "1" }, "bucket_name": "b", "file_url": "u" });
+        let c = json!({ "file_url": "u", "bucket_name": "c", "headers": { "x": "1", "a": "2" } });
+        assert_eq!(request_digest(&a), request_digest(&b));
+        assert_ne!(request_digest(&a), request_digest(&c));
     }
 }

@@ -124,6 +124,60 @@ pub enum Requeue {
     NotFound,
 }
 
+/// How long an `Idempotency-Key` is remembered.
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A client's `Idempotency-Key` for a create: whose it is (the API key, `""` while the API
+/// is open), the key, and the digest of the request it came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub owner: String,
+    pub key: String,
+    pub request_sha256: String,
+}
+
+/// What a create under an idempotency key did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// A new job.
+    New(Box<Job>),
+    /// The key was used before, with the same request: its job.
+    Replayed(Box<Job>),
+    /// The key was used before with another request.
+    KeyReused,
+}
+
+/// What looking an idempotency key up found, inside the create's transaction.
+pub(crate) enum KeyUse {
+    /// Not used before: this job was created under it.
+    Fresh(Box<Job>),
+    /// Used before for job `id`, with the same request or another.
+    Used { same_request: bool, id: JobId },
+}
+
+impl KeyUse {
+    /// The answer to the caller; `current` reads a job already created under the key.
+    pub(crate) async fn answer<F, Fut>(self, current: F) -> Result<Created, RepoError>
+    where
+        F: FnOnce(JobId) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Job>, RepoError>>,
+    {
+        Ok(match self {
+            Self::Fresh(job) => Created::New(job),
+            Self::Used { same_request: false, .. } => Created::KeyReused,
+            Self::Used { same_request: true, id } => match current(id).await? {
+                Some(job) => Created::Replayed(Box::new(job)),
+                None => {
+                    return Err(RepoError::Corrupt {
+                        id: id.0,
+                        reason: "an idempotency key names a missing job".into(),
+                    });
+                }
+            },
+        })
+    }
+}
+
 /// What asking to cancel a job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cancel {
@@ -205,6 +259,15 @@ impl Requeue {
 pub trait JobRepository: Send + Sync + 'static {
     /// Record a new `pending` job and queue it for delivery, atomically.
     async fn create(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Job, RepoError>;
+
+    /// [`create`](Self::create) under an idempotency key, atomically: the first request
+    /// with the key creates the job, a later one with the same request gets that job back
+    /// (also when the two race), one with another request is refused. Keys older than
+    /// [`IDEMPOTENCY_WINDOW`] are forgotten.
+    async fn create_once(&self, job: &NewJob, key: &IdempotencyKey, now: DateTime<Utc>) -> Result<Created, RepoError>;
+
+    /// Forget idempotency keys recorded before `before`, at most `limit` of them; returns how many.
+    async fn forget_idempotency_keys(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError>;
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError>;
 

@@ -13,7 +13,8 @@ use tokio::sync::{Notify, mpsc};
 
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::{
-    Cancel, Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep, cancel_answer,
+    Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyUse, Lease, ListFilter,
+    Reconciled, RepoError, Requeue, Sweep, cancel_answer,
 };
 use crate::domain::SealedHeaders;
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement};
@@ -107,6 +108,11 @@ async fn write_new_jobs(db: PgDb, batch: Vec<NewJobAt>) -> Vec<Result<Job, RepoE
 /// Idempotent: a job whose accept token is already recorded (the statement is retried
 /// after a commit whose answer was lost) is returned as written, not written again.
 async fn insert_jobs(db: &PgDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
+    insert_on(&db.pool, batch).await
+}
+
+/// [`insert_jobs`] on any executor (a transaction the caller holds).
+async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
     let rows = sqlx::query(&format!(
         "WITH created AS ( \
              INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
@@ -137,7 +143,7 @@ async fn insert_jobs(db: &PgDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoErro
             .collect::<Vec<_>>(),
     )
     .bind(batch.iter().map(|(job, ..)| job.grant.may_create_bucket).collect::<Vec<_>>())
-    .fetch_all(&db.pool)
+    .fetch_all(executor)
     .await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
     // RETURNING gives no order, but ids are handed out in the order rows are inserted.
@@ -190,6 +196,58 @@ impl JobRepository for PgRepository {
     async fn create(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Job, RepoError> {
         let token = format!("{:032x}", rand::random::<u128>());
         through(&self.creates, (job.clone(), now, token)).await.ok_or(sqlx::Error::PoolClosed)?
+    }
+
+    async fn create_once(&self, job: &NewJob, key: &IdempotencyKey, now: DateTime<Utc>) -> Result<Created, RepoError> {
+        let token = format!("{:032x}", rand::random::<u128>());
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query("DELETE FROM idempotency_keys WHERE owner = $1 AND key = $2 AND created_at < $3")
+            .bind(&key.owner)
+            .bind(&key.key)
+            .bind(now - chrono::Duration::from_std(IDEMPOTENCY_WINDOW).expect("a day fits"))
+            .execute(&mut *tx)
+            .await?;
+        let created = insert_on(&mut *tx, &[(job.clone(), now, token)]).await?.pop().expect("one job inserted");
+        // A request racing this one with the same key waits here for the other's commit,
+        // then finds the key taken.
+        let recorded = sqlx::query(
+            "INSERT INTO idempotency_keys (owner, key, request_sha256, job_id, created_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (owner, key) DO NOTHING",
+        )
+        .bind(&key.owner)
+        .bind(&key.key)
+        .bind(&key.request_sha256)
+        .bind(created.id.0)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let outcome = if recorded.rows_affected() == 1 {
+            tx.commit().await?;
+            self.db.outboxed.notify_waiters();
+            KeyUse::Fresh(Box::new(created))
+        } else {
+            tx.rollback().await?;
+            let (digest, id): (String, i64) =
+                sqlx::query_as("SELECT request_sha256, job_id FROM idempotency_keys WHERE owner = $1 AND key = $2")
+                    .bind(&key.owner)
+                    .bind(&key.key)
+                    .fetch_one(&self.db.pool)
+                    .await?;
+            KeyUse::Used { same_request: digest == key.request_sha256, id: JobId(id) }
+        };
+        outcome.answer(|id| self.get(id)).await
+    }
+
+    async fn forget_idempotency_keys(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {
+        let done = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE (owner, key) IN \
+             (SELECT owner, key FROM idempotency_keys WHERE created_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.db.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError> {

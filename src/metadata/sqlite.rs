@@ -18,7 +18,10 @@ use tokio::sync::{Notify, mpsc};
 use super::cancel_answer;
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::writer::Writer;
-use super::{Cancel, Claim, ClaimState, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep};
+use super::{
+    Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyUse, Lease, ListFilter,
+    Reconciled, RepoError, Requeue, Sweep, millis,
+};
 use crate::domain::SealedHeaders;
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
 
@@ -266,6 +269,12 @@ async fn claim_state(db: &SqliteDb, id: JobId) -> Result<Option<ClaimState>, Rep
 /// Insert `batch` (at least one job) in one statement, which also queues each job (the
 /// trigger files_new_job_enqueues); returns the jobs in the order given.
 async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
+    let owned = batch.to_vec();
+    db.write(move |c| Box::pin(async move { insert_on(c, &owned).await })).await
+}
+
+/// [`insert_jobs`] on a connection the caller holds (inside its transaction).
+async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
     let mut sql = String::from(
         "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, \
          request_headers, owner_key, max_file_size, may_create_bucket, created_at, updated_at, status, \
@@ -278,29 +287,21 @@ async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, Repo
         let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 10), p + 10);
     }
     let _ = write!(sql, " RETURNING {COLUMNS}");
-
-    let owned = batch.to_vec();
-    let rows = db
-        .write(move |c| {
-            Box::pin(async move {
-                let mut query = sqlx::query(&sql);
-                for (job, now) in &owned {
-                    query = query
-                        .bind(job.source.as_str())
-                        .bind(job.bucket.as_str())
-                        .bind(job.key.as_str())
-                        .bind(job.expected_sha256.as_ref().map(|s| s.as_str()))
-                        .bind(job.expected_md5.as_ref().map(|s| s.as_str()))
-                        .bind(job.headers.as_ref().map(SealedHeaders::as_str))
-                        .bind(job.grant.owner.as_deref())
-                        .bind(job.grant.max_file_size.map(|m| i64::try_from(m).unwrap_or(i64::MAX)))
-                        .bind(job.grant.may_create_bucket)
-                        .bind(to_millis(*now));
-                }
-                query.fetch_all(c).await
-            })
-        })
-        .await?;
+    let mut query = sqlx::query(&sql);
+    for (job, now) in batch {
+        query = query
+            .bind(job.source.as_str())
+            .bind(job.bucket.as_str())
+            .bind(job.key.as_str())
+            .bind(job.expected_sha256.as_ref().map(|s| s.as_str()))
+            .bind(job.expected_md5.as_ref().map(|s| s.as_str()))
+            .bind(job.headers.as_ref().map(SealedHeaders::as_str))
+            .bind(job.grant.owner.as_deref())
+            .bind(job.grant.max_file_size.map(|m| i64::try_from(m).unwrap_or(i64::MAX)))
+            .bind(job.grant.may_create_bucket)
+            .bind(to_millis(*now));
+    }
+    let rows = query.fetch_all(c).await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
     // RETURNING gives no order, but ids are handed out in VALUES order.
     jobs.sort_unstable_by_key(|job| job.id.0);
@@ -352,6 +353,77 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
 impl JobRepository for SqliteRepository {
     async fn create(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Job, RepoError> {
         through(&self.creates, (job.clone(), now)).await.ok_or(sqlx::Error::PoolClosed)?
+    }
+
+    async fn create_once(&self, job: &NewJob, key: &IdempotencyKey, now: DateTime<Utc>) -> Result<Created, RepoError> {
+        let (job, key) = (job.clone(), key.clone());
+        let forgotten_before = to_millis(now) - millis(IDEMPOTENCY_WINDOW);
+        // One transaction on the one write connection: no other create can come between
+        // looking the key up and recording it.
+        let outcome = self
+            .db
+            .write(move |c| {
+                Box::pin(async move {
+                    let mut tx = c.begin().await?;
+                    sqlx::query("DELETE FROM idempotency_keys WHERE owner = ?1 AND key = ?2 AND created_at < ?3")
+                        .bind(&key.owner)
+                        .bind(&key.key)
+                        .bind(forgotten_before)
+                        .execute(&mut *tx)
+                        .await?;
+                    let used: Option<(String, i64)> = sqlx::query_as(
+                        "SELECT request_sha256, job_id FROM idempotency_keys WHERE owner = ?1 AND key = ?2",
+                    )
+                    .bind(&key.owner)
+                    .bind(&key.key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let outcome = match used {
+                        Some((digest, id)) => {
+                            KeyUse::Used { same_request: digest == key.request_sha256, id: JobId(id) }
+                        }
+                        None => {
+                            let created = insert_on(&mut tx, &[(job, now)]).await?.pop().expect("one job inserted");
+                            sqlx::query(
+                                "INSERT INTO idempotency_keys (owner, key, request_sha256, job_id, created_at) \
+                                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                            )
+                            .bind(&key.owner)
+                            .bind(&key.key)
+                            .bind(&key.request_sha256)
+                            .bind(created.id.0)
+                            .bind(to_millis(now))
+                            .execute(&mut *tx)
+                            .await?;
+                            KeyUse::Fresh(Box::new(created))
+                        }
+                    };
+                    tx.commit().await?;
+                    Ok::<_, RepoError>(outcome)
+                })
+            })
+            .await?;
+        if matches!(outcome, KeyUse::Fresh(_)) {
+            self.db.queued.notify_waiters();
+        }
+        outcome.answer(|id| self.get(id)).await
+    }
+
+    async fn forget_idempotency_keys(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {
+        let done = self
+            .db
+            .write(move |c| {
+                sqlx::query(
+                    "DELETE FROM idempotency_keys WHERE rowid IN \
+                     (SELECT rowid FROM idempotency_keys WHERE created_at < ?1 LIMIT ?2)",
+                )
+                .bind(to_millis(before))
+                .bind(i64::from(limit))
+                .execute(c)
+                .boxed()
+            })
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError> {

@@ -249,3 +249,56 @@ async fn slow_clients_cannot_hold_the_api() {
     }
     app.stop().await;
 }
+
+/// A client that retries after losing the answer gets its original job back, never a
+/// second one, also when the retries race; another body under the same key is refused.
+#[tokio::test]
+async fn an_idempotency_key_gives_the_original_job_back() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    let body = json!({ "file_url": origin.url("/file/100"), "bucket_name": app.bucket, "object_name": "once.bin" });
+    let send = |key: &'static str, body: Value| {
+        let request = app.client.post(app.url("/api/v1/upload")).header("Idempotency-Key", key).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let replayed = response.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap().to_owned());
+            (status, replayed, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, replayed, first) = send("order-1", body.clone()).await;
+    assert_eq!((status, replayed), (202, None), "{first}");
+    // The same request again, with its fields in another order: the same job.
+    let mut reordered = serde_json::Map::new();
+    for field in ["object_name", "bucket_name", "file_url"] {
+        reordered.insert(field.into(), body[field].clone());
+    }
+    let (status, replayed, again) = send("order-1", Value::Object(reordered)).await;
+    assert_eq!((status, replayed.as_deref()), (202, Some("true")));
+    assert_eq!(again["id"], first["id"]);
+    // Another body under the same key.
+    let mut other = body.clone();
+    other["object_name"] = json!("other.bin");
+    let (status, _, refused) = send("order-1", other).await;
+    assert_eq!((status, refused["error"]["field"].as_str()), (422, Some("Idempotency-Key")), "{refused}");
+
+    // Ten retries racing under a fresh key: one job between them.
+    let mut racing = body.clone();
+    racing["object_name"] = json!("raced.bin");
+    let answers = futures::future::join_all((0..10).map(|_| send("order-2", racing.clone()))).await;
+    let ids: std::collections::HashSet<String> = answers
+        .iter()
+        .map(|(status, _, b)| {
+            assert_eq!(*status, 202, "{b}");
+            b["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|(_, replayed, _)| replayed.is_none()).count(), 1, "one created, nine replayed");
+
+    let (_, listed) = app.get("/api/v1/uploads?limit=100").await;
+    assert_eq!(listed["uploads"].as_array().unwrap().len(), 2, "one job per key: {listed}");
+    let (status, _, bad) = send("bad key with spaces", body.clone()).await;
+    assert_eq!((status, bad["error"]["field"].as_str()), (422, Some("Idempotency-Key")));
+    app.stop().await;
+}
