@@ -115,6 +115,7 @@ mod tests {
             content_type: None,
             expected_sha256: None,
             expected_md5: None,
+            expected_size: None,
             request_headers: None,
             grant: crate::lifecycle::Grant::open(),
             object_version: Some("v1".into()),

@@ -33,6 +33,7 @@ impl Backend {
             key: ObjectKey::parse(key).unwrap(),
             expected_sha256: None,
             expected_md5: None,
+            expected_size: None,
             headers: None,
             grant: Grant::open(),
         };

@@ -22,6 +22,7 @@ fn new_job(key: &str) -> NewJob {
         key: ObjectKey::parse(key).unwrap(),
         expected_sha256: None,
         expected_md5: None,
+        expected_size: Some(5),
         // The repository keeps sealed headers as they are given (the API seals them).
         headers: Some(SealedHeaders::from_stored("v1.c2VhbGVk".into())),
         grant: Grant::open(),
@@ -68,6 +69,7 @@ async fn create_get_and_list(repo: Arc<dyn JobRepository>) {
     assert_eq!(got, a);
     assert_eq!(got.request_headers.as_ref().map(SealedHeaders::as_str), Some("v1.c2VhbGVk"));
     assert_eq!(got.grant, Grant::open());
+    assert_eq!(got.expected_size, Some(5));
     assert_eq!(repo.get(fileflow::lifecycle::JobId(a.id.0 + 1000)).await.unwrap(), None);
 
     let all = repo.list(&ListFilter { limit: 10, ..Default::default() }).await.unwrap();

@@ -74,9 +74,11 @@ impl From<crate::metadata::RepoError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let message = match &self {
+impl ApiError {
+    /// The `{"code","message"[,"field"]}` object that says what went wrong (an internal
+    /// error is logged in full and shown without detail).
+    pub fn body(&self) -> serde_json::Value {
+        let message = match self {
             Self::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "request failed");
                 "internal error".to_owned()
@@ -84,10 +86,16 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut error = json!({ "code": self.code(), "message": message });
-        if let Self::InvalidField { field, .. } = &self {
+        if let Self::InvalidField { field, .. } = self {
             error["field"] = json!(field);
         }
-        let mut response = (self.status_code(), Json(json!({ "error": error }))).into_response();
+        error
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status_code(), Json(json!({ "error": self.body() }))).into_response();
         let headers = response.headers_mut();
         match &self {
             Self::Unauthorized { invalid, .. } => {

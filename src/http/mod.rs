@@ -2,6 +2,7 @@
 //! request gets (a body limit and one log line).
 
 mod auth;
+mod batch;
 mod downloads;
 mod error;
 mod extract;
@@ -53,7 +54,9 @@ pub struct AppState {
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     // Every /api/ route needs a caller the gate admits, except signed download links,
     // which carry their own authority.
-    let keyed = uploads::router().route_layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
+    let keyed = uploads::router()
+        .merge(batch::router())
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
     Router::new()
         .merge(keyed)
         .merge(downloads::router())

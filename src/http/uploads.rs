@@ -110,7 +110,7 @@ fn parse_id(raw_id: &str) -> Result<JobId, ApiError> {
     raw_id.parse().map_err(|_| not_found(raw_id))
 }
 
-fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller) -> Result<NewJob, ApiError> {
+pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller) -> Result<NewJob, ApiError> {
     let source = SourceUrl::parse(body.required_str("file_url")?).map_err(|e| ApiError::invalid("file_url", e))?;
     // Refused names and IP-literal hosts are known now; names are checked again when resolved.
     state.guard.check_url(source.as_url()).map_err(|e| ApiError::invalid("file_url", e))?;
@@ -121,6 +121,10 @@ fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller) -> Result
         body.optional_str("sha256")?.map(Sha256Hex::parse).transpose().map_err(|e| ApiError::invalid("sha256", e))?;
     let expected_md5 =
         body.optional_str("md5")?.map(Md5Hex::parse).transpose().map_err(|e| ApiError::invalid("md5", e))?;
+    let expected_size = match body.0.get("size") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(size) => Some(size.as_u64().ok_or_else(|| ApiError::invalid("size", "must be a whole number of bytes"))?),
+    };
     let headers = match body.0.get("headers") {
         None | Some(serde_json::Value::Null) => RequestHeaders::default(),
         Some(serde_json::Value::Object(map)) => {
@@ -153,18 +157,27 @@ fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller) -> Result
             }
         }
     };
-    Ok(NewJob { source, bucket, key, expected_sha256, expected_md5, headers: state.sealer.seal(&headers), grant })
+    Ok(NewJob {
+        source,
+        bucket,
+        key,
+        expected_sha256,
+        expected_md5,
+        expected_size,
+        headers: state.sealer.seal(&headers),
+        grant,
+    })
 }
 
 /// How long a caller at its limit of unfinished jobs is told to wait before asking again.
 const QUOTA_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Refuse a new job when the caller's key already has as many unfinished jobs as it may.
-async fn check_unfinished_quota(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+pub(super) async fn check_unfinished_quota(state: &AppState, caller: &Caller, adding: u64) -> Result<(), ApiError> {
     let Caller::Key(api_key) = caller else { return Ok(()) };
     let Some(limit) = state.gate.limits_of(api_key).max_unfinished.filter(|&n| n > 0) else { return Ok(()) };
     let unfinished = state.repo.unfinished_of(&api_key.id).await?;
-    if unfinished >= limit {
+    if unfinished + adding > limit {
         return Err(ApiError::RateLimited {
             message: format!("this API key has {unfinished} unfinished jobs, its limit is {limit}"),
             retry_after: QUOTA_RETRY_AFTER,
@@ -181,7 +194,7 @@ async fn create_upload(
 ) -> Result<Response, ApiError> {
     let new_job = parse_new_job(&body, &state, &caller)?;
     let once = idempotency_key(&headers, &caller, &body)?;
-    check_unfinished_quota(&state, &caller).await?;
+    check_unfinished_quota(&state, &caller, 1).await?;
     let (job, replayed) = match once {
         None => (state.repo.create(&new_job, Utc::now()).await?, false),
         Some(once) => match state.repo.create_once(&new_job, &once, Utc::now()).await? {

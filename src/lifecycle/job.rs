@@ -105,6 +105,8 @@ pub struct NewJob {
     pub key: ObjectKey,
     pub expected_sha256: Option<Sha256Hex>,
     pub expected_md5: Option<Md5Hex>,
+    /// The size the content must have, when the caller knows it.
+    pub expected_size: Option<u64>,
     /// Extra headers for the origin request, encrypted.
     pub headers: Option<SealedHeaders>,
     /// Who asked, and what that allows the job.
@@ -147,6 +149,7 @@ pub struct Job {
     pub content_type: Option<String>,
     pub expected_sha256: Option<String>,
     pub expected_md5: Option<String>,
+    pub expected_size: Option<u64>,
     /// Extra headers for the origin request, encrypted (secret: never shown by the API).
     pub request_headers: Option<SealedHeaders>,
     pub grant: Grant,

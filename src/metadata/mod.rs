@@ -260,6 +260,10 @@ pub trait JobRepository: Send + Sync + 'static {
     /// Record a new `pending` job and queue it for delivery, atomically.
     async fn create(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Job, RepoError>;
 
+    /// Record several jobs and queue them in one write: all of them or none. The jobs
+    /// come back in the order given.
+    async fn create_all(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<Vec<Job>, RepoError>;
+
     /// [`create`](Self::create) under an idempotency key, atomically: the first request
     /// with the key creates the job, a later one with the same request gets that job back
     /// (also when the two race), one with another request is refused. Keys older than

@@ -116,10 +116,11 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
     let rows = sqlx::query(&format!(
         "WITH created AS ( \
              INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
-             created_at, updated_at, accept_token, owner_key, max_file_size, may_create_bucket) \
-             SELECT u, b, k, s, m, h, t, t, a, o, x, c \
+             created_at, updated_at, accept_token, owner_key, max_file_size, may_create_bucket, expected_size) \
+             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], \
-             $8::text[], $9::text[], $10::bigint[], $11::boolean[]) WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, n) \
+             $8::text[], $9::text[], $10::bigint[], $11::boolean[], $12::bigint[]) \
+             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, n) \
              ORDER BY n \
              ON CONFLICT (accept_token) DO NOTHING \
              RETURNING {COLUMNS}), \
@@ -143,6 +144,12 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
             .collect::<Vec<_>>(),
     )
     .bind(batch.iter().map(|(job, ..)| job.grant.may_create_bucket).collect::<Vec<_>>())
+    .bind(
+        batch
+            .iter()
+            .map(|(job, ..)| job.expected_size.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(executor)
     .await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
@@ -153,7 +160,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
     sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at, \
-    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at";
+    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size";
 
 fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -177,6 +184,7 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         content_type: row.try_get("content_type")?,
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
+        expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(|n| u64::try_from(n).unwrap_or(0)),
         request_headers: headers.map(SealedHeaders::from_stored),
         grant: Grant {
             owner: row.try_get("owner_key")?,
@@ -196,6 +204,18 @@ impl JobRepository for PgRepository {
     async fn create(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Job, RepoError> {
         let token = format!("{:032x}", rand::random::<u128>());
         through(&self.creates, (job.clone(), now, token)).await.ok_or(sqlx::Error::PoolClosed)?
+    }
+
+    async fn create_all(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<Vec<Job>, RepoError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement: the rows and their outbox entries commit together.
+        let batch: Vec<NewJobAt> =
+            jobs.iter().map(|job| (job.clone(), now, format!("{:032x}", rand::random::<u128>()))).collect();
+        let created = insert_on(&self.db.pool, &batch).await?;
+        self.db.outboxed.notify_waiters();
+        Ok(created)
     }
 
     async fn create_once(&self, job: &NewJob, key: &IdempotencyKey, now: DateTime<Utc>) -> Result<Created, RepoError> {

@@ -277,14 +277,14 @@ async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, Repo
 async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
     let mut sql = String::from(
         "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, \
-         request_headers, owner_key, max_file_size, may_create_bucket, created_at, updated_at, status, \
-         retry_count) VALUES ",
+         request_headers, owner_key, max_file_size, may_create_bucket, expected_size, created_at, updated_at, \
+         status, retry_count) VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 10 * i;
+        let p = 11 * i;
         let sep = if i == 0 { "" } else { "," };
-        // created_at and updated_at are both the 10th value.
-        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 10), p + 10);
+        // created_at and updated_at are both the 11th value.
+        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 11), p + 11);
     }
     let _ = write!(sql, " RETURNING {COLUMNS}");
     let mut query = sqlx::query(&sql);
@@ -299,6 +299,7 @@ async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<J
             .bind(job.grant.owner.as_deref())
             .bind(job.grant.max_file_size.map(|m| i64::try_from(m).unwrap_or(i64::MAX)))
             .bind(job.grant.may_create_bucket)
+            .bind(job.expected_size.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
             .bind(to_millis(*now));
     }
     let rows = query.fetch_all(c).await?;
@@ -311,7 +312,7 @@ async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<J
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
     etag, size, sha256, md5, content_type, expected_sha256, expected_md5, request_headers, \
     created_at, updated_at, next_attempt_at, owner_key, max_file_size, may_create_bucket, object_version, \
-    cancel_requested_at";
+    cancel_requested_at, expected_size";
 
 fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -335,6 +336,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         content_type: row.try_get("content_type")?,
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
+        expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(|n| u64::try_from(n).unwrap_or(0)),
         request_headers: row.try_get::<Option<String>, _>("request_headers")?.map(SealedHeaders::from_stored),
         grant: Grant {
             owner: row.try_get("owner_key")?,
@@ -353,6 +355,29 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
 impl JobRepository for SqliteRepository {
     async fn create(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Job, RepoError> {
         through(&self.creates, (job.clone(), now)).await.ok_or(sqlx::Error::PoolClosed)?
+    }
+
+    async fn create_all(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<Vec<Job>, RepoError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch: Vec<NewJobAt> = jobs.iter().map(|job| (job.clone(), now)).collect();
+        let created = self
+            .db
+            .write(move |c| {
+                Box::pin(async move {
+                    let mut tx = c.begin().await?;
+                    let mut created = Vec::with_capacity(batch.len());
+                    for chunk in batch.chunks(MAX_BATCH) {
+                        created.extend(insert_on(&mut tx, chunk).await?);
+                    }
+                    tx.commit().await?;
+                    Ok::<_, RepoError>(created)
+                })
+            })
+            .await?;
+        self.db.queued.notify_waiters();
+        Ok(created)
     }
 
     async fn create_once(&self, job: &NewJob, key: &IdempotencyKey, now: DateTime<Utc>) -> Result<Created, RepoError> {

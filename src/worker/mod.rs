@@ -372,6 +372,7 @@ impl Worker {
             declared_length: fetched.content_length,
             sha256: job.expected_sha256.clone(),
             md5: job.expected_md5.clone(),
+            size: job.expected_size,
         };
         let (body, digests) = verified(body, expect);
         let options = WriteOptions { content_type: &content_type, may_create_bucket: job.grant.may_create_bucket };

@@ -19,6 +19,8 @@ pub struct Expectations {
     pub declared_length: Option<u64>,
     pub sha256: Option<String>,
     pub md5: Option<String>,
+    /// The size the caller said the content has.
+    pub size: Option<u64>,
 }
 
 /// Size and checksums of a body that was read to its end and matched its expectations.
@@ -50,6 +52,14 @@ impl State {
         {
             return Err(JobError::transient(format!(
                 "origin body interrupted: received {} of {declared} declared bytes",
+                self.size
+            )));
+        }
+        if let Some(expected) = self.expect.size
+            && self.size != expected
+        {
+            return Err(JobError::permanent(format!(
+                "size mismatch: expected {expected} bytes, content has {}",
                 self.size
             )));
         }
@@ -138,6 +148,12 @@ mod tests {
         let good = Expectations { sha256: Some(HELLO_SHA256.into()), md5: Some(HELLO_MD5.into()), ..expect() };
         let (stream, _) = verified(body(&[b"hello world"]), good);
         assert!(stream.try_collect::<Vec<_>>().await.is_ok());
+
+        let sized = Expectations { size: Some(11), ..expect() };
+        assert!(verified(body(&[b"hello world"]), sized).0.try_collect::<Vec<_>>().await.is_ok());
+        let missized = Expectations { size: Some(4), ..expect() };
+        let err = verified(body(&[b"hello world"]), missized).0.try_collect::<Vec<_>>().await.unwrap_err();
+        assert!(!err.is_transient() && err.message.contains("size mismatch: expected 4 bytes"), "{err}");
 
         let bad = Expectations { sha256: Some("0".repeat(64)), ..expect() };
         let (stream, slot) = verified(body(&[b"hello world"]), bad);

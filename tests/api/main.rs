@@ -9,6 +9,7 @@ mod services;
 mod helpers;
 
 mod auth;
+mod batch;
 mod cancel;
 mod destinations;
 mod download_links;
