@@ -116,6 +116,7 @@ mod tests {
             expected_sha256: None,
             expected_md5: None,
             expected_size: None,
+            if_exists: Default::default(),
             request_headers: None,
             grant: crate::lifecycle::Grant::open(),
             object_version: Some("v1".into()),

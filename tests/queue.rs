@@ -34,6 +34,7 @@ impl Backend {
             expected_sha256: None,
             expected_md5: None,
             expected_size: None,
+            if_exists: Default::default(),
             headers: None,
             grant: Grant::open(),
         };
@@ -266,9 +267,9 @@ async fn embedded_final_outcomes_remove_their_messages() {
     let stored = StoredObject {
         etag: "e".into(),
         size: 1,
-        sha256: "s".into(),
-        md5: "m".into(),
-        content_type: "text/plain".into(),
+        sha256: Some("s".into()),
+        md5: Some("m".into()),
+        content_type: Some("text/plain".into()),
         version: None,
     };
     let outcomes = [

@@ -23,6 +23,7 @@ fn new_job(key: &str) -> NewJob {
         expected_sha256: None,
         expected_md5: None,
         expected_size: Some(5),
+        if_exists: fileflow::lifecycle::IfExists::Skip,
         // The repository keeps sealed headers as they are given (the API seals them).
         headers: Some(SealedHeaders::from_stored("v1.c2VhbGVk".into())),
         grant: Grant::open(),
@@ -46,9 +47,9 @@ fn stored() -> StoredObject {
     StoredObject {
         etag: "e".into(),
         size: 5,
-        sha256: "s".into(),
-        md5: "m".into(),
-        content_type: "text/plain".into(),
+        sha256: Some("s".into()),
+        md5: Some("m".into()),
+        content_type: Some("text/plain".into()),
         version: Some("ino-mtime-size".into()),
     }
 }
@@ -69,7 +70,7 @@ async fn create_get_and_list(repo: Arc<dyn JobRepository>) {
     assert_eq!(got, a);
     assert_eq!(got.request_headers.as_ref().map(SealedHeaders::as_str), Some("v1.c2VhbGVk"));
     assert_eq!(got.grant, Grant::open());
-    assert_eq!(got.expected_size, Some(5));
+    assert_eq!((got.expected_size, got.if_exists), (Some(5), fileflow::lifecycle::IfExists::Skip));
     assert_eq!(repo.get(fileflow::lifecycle::JobId(a.id.0 + 1000)).await.unwrap(), None);
 
     let all = repo.list(&ListFilter { limit: 10, ..Default::default() }).await.unwrap();

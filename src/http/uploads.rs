@@ -15,7 +15,7 @@ use super::extract::JsonObject;
 use super::{ApiError, AppState};
 use crate::auth::Caller;
 use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, SourceUrl};
-use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob};
+use crate::lifecycle::{Grant, IfExists, Job, JobId, JobStatus, NewJob};
 use crate::metadata::{Cancel, Created, IdempotencyKey, ListFilter, Requeue};
 use sha2::Digest as _;
 
@@ -50,6 +50,7 @@ struct JobView {
     sha256: Option<String>,
     md5: Option<String>,
     content_type: Option<String>,
+    if_exists: IfExists,
     created_at: String,
     updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,6 +84,7 @@ impl AppState {
             sha256: job.sha256,
             md5: job.md5,
             content_type: job.content_type,
+            if_exists: job.if_exists,
             created_at: timestamp(job.created_at),
             updated_at: timestamp(job.updated_at),
             next_attempt_at: job.next_attempt_at.map(timestamp),
@@ -121,6 +123,12 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         body.optional_str("sha256")?.map(Sha256Hex::parse).transpose().map_err(|e| ApiError::invalid("sha256", e))?;
     let expected_md5 =
         body.optional_str("md5")?.map(Md5Hex::parse).transpose().map_err(|e| ApiError::invalid("md5", e))?;
+    let if_exists = body
+        .optional_str("if_exists")?
+        .map(str::parse::<IfExists>)
+        .transpose()
+        .map_err(|e| ApiError::invalid("if_exists", e))?
+        .unwrap_or_default();
     let expected_size = match body.0.get("size") {
         None | Some(serde_json::Value::Null) => None,
         Some(size) => Some(size.as_u64().ok_or_else(|| ApiError::invalid("size", "must be a whole number of bytes"))?),
@@ -164,6 +172,7 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         expected_sha256,
         expected_md5,
         expected_size,
+        if_exists,
         headers: state.sealer.seal(&headers),
         grant,
     })

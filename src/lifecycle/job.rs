@@ -97,6 +97,39 @@ impl fmt::Display for JobStatus {
     }
 }
 
+/// What a job does when its object already exists.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IfExists {
+    /// Replace it (the default).
+    #[default]
+    Overwrite,
+    /// Keep it and complete without fetching.
+    Skip,
+    /// Fail the job, leaving the object as it is.
+    Fail,
+}
+
+impl IfExists {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Overwrite => "overwrite",
+            Self::Skip => "skip",
+            Self::Fail => "fail",
+        }
+    }
+}
+
+impl FromStr for IfExists {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::Overwrite, Self::Skip, Self::Fail]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not one of overwrite, skip, fail"))
+    }
+}
+
 /// A validated request to copy a URL into a bucket.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -107,6 +140,7 @@ pub struct NewJob {
     pub expected_md5: Option<Md5Hex>,
     /// The size the content must have, when the caller knows it.
     pub expected_size: Option<u64>,
+    pub if_exists: IfExists,
     /// Extra headers for the origin request, encrypted.
     pub headers: Option<SealedHeaders>,
     /// Who asked, and what that allows the job.
@@ -150,6 +184,7 @@ pub struct Job {
     pub expected_sha256: Option<String>,
     pub expected_md5: Option<String>,
     pub expected_size: Option<u64>,
+    pub if_exists: IfExists,
     /// Extra headers for the origin request, encrypted (secret: never shown by the API).
     pub request_headers: Option<SealedHeaders>,
     pub grant: Grant,
@@ -168,9 +203,11 @@ pub struct Job {
 pub struct StoredObject {
     pub etag: String,
     pub size: u64,
-    pub sha256: String,
-    pub md5: String,
-    pub content_type: String,
+    /// Digests and type of the bytes fileflow moved (unknown when it kept an object that
+    /// was already there, `if_exists: skip`).
+    pub sha256: Option<String>,
+    pub md5: Option<String>,
+    pub content_type: Option<String>,
     /// The store's version of the object, when it names one.
     pub version: Option<String>,
 }
@@ -237,9 +274,9 @@ mod tests {
         StoredObject {
             etag: "1c08478abf509b7b0dcb32d625151d2b".into(),
             size: 43410,
-            sha256: "00".repeat(32),
-            md5: "1c08478abf509b7b0dcb32d625151d2b".into(),
-            content_type: "image/jpeg".into(),
+            sha256: Some("00".repeat(32)),
+            md5: Some("1c08478abf509b7b0dcb32d625151d2b".into()),
+            content_type: Some("image/jpeg".into()),
             version: None,
         }
     }

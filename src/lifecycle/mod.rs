@@ -8,5 +8,5 @@ mod job;
 mod retry;
 
 pub use error::{ErrorKind, JobError};
-pub use job::{Grant, Job, JobId, JobStatus, NewJob, Settlement, StoredObject, lease_renew_interval, settle};
+pub use job::{Grant, IfExists, Job, JobId, JobStatus, NewJob, Settlement, StoredObject, lease_renew_interval, settle};
 pub use retry::{Decision, RetryPolicy};

@@ -116,11 +116,12 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
     let rows = sqlx::query(&format!(
         "WITH created AS ( \
              INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
-             created_at, updated_at, accept_token, owner_key, max_file_size, may_create_bucket, expected_size) \
-             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z \
+             created_at, updated_at, accept_token, owner_key, max_file_size, may_create_bucket, expected_size, \
+             if_exists) \
+             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z, e \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], \
-             $8::text[], $9::text[], $10::bigint[], $11::boolean[], $12::bigint[]) \
-             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, n) \
+             $8::text[], $9::text[], $10::bigint[], $11::boolean[], $12::bigint[], $13::text[]) \
+             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, e, n) \
              ORDER BY n \
              ON CONFLICT (accept_token) DO NOTHING \
              RETURNING {COLUMNS}), \
@@ -150,6 +151,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
             .map(|(job, ..)| job.expected_size.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
             .collect::<Vec<_>>(),
     )
+    .bind(batch.iter().map(|(job, ..)| job.if_exists.as_str()).collect::<Vec<_>>())
     .fetch_all(executor)
     .await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
@@ -160,7 +162,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
     sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at, \
-    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size";
+    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists";
 
 fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -185,6 +187,10 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
         expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(|n| u64::try_from(n).unwrap_or(0)),
+        if_exists: row
+            .try_get::<String, _>("if_exists")?
+            .parse()
+            .map_err(|reason| RepoError::Corrupt { id, reason })?,
         request_headers: headers.map(SealedHeaders::from_stored),
         grant: Grant {
             owner: row.try_get("owner_key")?,

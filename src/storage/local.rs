@@ -9,7 +9,9 @@ use object_store::local::LocalFileSystem;
 use object_store::path::{Path as StorePath, PathPart};
 use object_store::{ObjectStoreExt as _, PutPayload, WriteMultipart};
 
-use super::{ByteStream, Fence, Head, ObjectStore, PutOutcome, ReadError, StoredBody, WriteOptions, read_head};
+use super::{
+    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PutOutcome, ReadError, StoredBody, WriteOptions, read_head,
+};
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::JobError;
 
@@ -110,6 +112,14 @@ impl ObjectStore for LocalStore {
         tokio::task::spawn_blocking(move || remove_stale_staging(&root, older_than))
             .await
             .map_err(std::io::Error::other)?
+    }
+
+    async fn head(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<ObjectInfo>, ReadError> {
+        match self.fs.head(&Self::location(bucket, key)).await {
+            Ok(meta) => Ok(Some(ObjectInfo { size: meta.size, etag: None, version: meta.e_tag })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(ReadError::Store(e.to_string())),
+        }
     }
 
     async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError> {

@@ -43,6 +43,15 @@ pub struct WriteOptions<'a> {
     pub may_create_bucket: bool,
 }
 
+/// An object the store has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// The store's ETag, when it reports one worth keeping.
+    pub etag: Option<String>,
+    pub version: Option<String>,
+}
+
 /// A stored object opened for reading.
 pub struct StoredBody {
     pub size: u64,
@@ -94,6 +103,9 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Open a stored object for reading.
     async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError>;
+
+    /// What the store has at `bucket/key` (`None`: nothing, or no such bucket).
+    async fn head(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<ObjectInfo>, ReadError>;
 
     /// Remove what writes left behind when their process died mid-way (staging files),
     /// if older than `older_than` (no live write is that old); returns how many. Stores

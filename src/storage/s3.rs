@@ -17,7 +17,9 @@ use object_store::{
 };
 use url::Url;
 
-use super::{ByteStream, Fence, Head, ObjectStore, PutOutcome, ReadError, StoredBody, WriteOptions, read_head};
+use super::{
+    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PutOutcome, ReadError, StoredBody, WriteOptions, read_head,
+};
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobError};
 use crate::links::DownloadLinks;
@@ -255,6 +257,19 @@ impl ObjectStore for S3Store {
         self.upload(&store, &location(key), options.content_type, &mut body, fence)
             .await
             .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
+    }
+
+    async fn head(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<ObjectInfo>, ReadError> {
+        let store = self.bucket(bucket.as_str()).map_err(|e| ReadError::Store(e.message))?;
+        match store.head(&location(key)).await {
+            Ok(meta) => {
+                let tagged = PutOutcome::tagged(meta.e_tag);
+                Ok(Some(ObjectInfo { size: meta.size, etag: tagged.etag, version: tagged.version }))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) if e.to_string().contains("NoSuchBucket") => Ok(None),
+            Err(e) => Err(ReadError::Store(e.to_string())),
+        }
     }
 
     async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError> {

@@ -19,7 +19,9 @@ use url::Url;
 
 use crate::domain::{BucketName, ObjectKey, RequestHeaders};
 use crate::fetch::{Fetcher, MinRate, at_least};
-use crate::lifecycle::{Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle};
+use crate::lifecycle::{
+    IfExists, Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle,
+};
 use crate::metadata::{Claim, JobRepository, Lease, RepoError};
 use crate::queue::{Delivery, Queue, QueueError};
 use crate::secrets::HeaderSealer;
@@ -28,6 +30,30 @@ use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions};
 pub use verify::{Digests, Expectations, verified};
 
 /// How workers behave.
+/// A fence that also refuses when an object appeared at the key meanwhile (`if_exists: fail`).
+struct AbsentFence<'a> {
+    inner: &'a dyn Fence,
+    store: &'a dyn ObjectStore,
+    bucket: &'a BucketName,
+    key: &'a ObjectKey,
+}
+
+#[async_trait::async_trait]
+impl Fence for AbsentFence<'_> {
+    async fn check(&self) -> Result<(), JobError> {
+        self.inner.check().await?;
+        match self.store.head(self.bucket, self.key).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(object_exists(self.bucket, self.key)),
+            Err(e) => Err(JobError::transient(format!("cannot tell whether {}/{} exists: {e}", self.bucket, self.key))),
+        }
+    }
+}
+
+fn object_exists(bucket: &BucketName, key: &ObjectKey) -> JobError {
+    JobError::permanent(format!("{bucket}/{key} already exists (if_exists: fail)"))
+}
+
 /// How often a transfer under way asks whether its job was cancelled.
 const CANCEL_POLL: Duration = Duration::from_secs(1);
 
@@ -290,6 +316,36 @@ impl Worker {
         })
     }
 
+    /// For `if_exists: skip` and `fail`: what an object already at the key means. Skip
+    /// completes with it as it is; fail fails the job; otherwise the transfer goes on.
+    async fn existing_object(
+        &self,
+        job: &Job,
+        bucket: &BucketName,
+        key: &ObjectKey,
+    ) -> Result<Option<StoredObject>, JobError> {
+        if job.if_exists == IfExists::Overwrite {
+            return Ok(None);
+        }
+        let existing = self
+            .store
+            .head(bucket, key)
+            .await
+            .map_err(|e| JobError::transient(format!("cannot tell whether {bucket}/{key} exists: {e}")))?;
+        let Some(existing) = existing else { return Ok(None) };
+        match job.if_exists {
+            IfExists::Skip => Ok(Some(StoredObject {
+                etag: existing.etag.or_else(|| existing.version.clone()).unwrap_or_default(),
+                size: existing.size,
+                sha256: None,
+                md5: None,
+                content_type: None,
+                version: existing.version,
+            })),
+            _ => Err(object_exists(bucket, key)),
+        }
+    }
+
     /// Ask the database about once a second whether a caller cancelled job `id`; when one
     /// did, fire `cancel` and return (never returns otherwise).
     async fn watch_for_cancel(&self, id: JobId, cancel: &CancellationToken) {
@@ -347,6 +403,18 @@ impl Worker {
         let bucket = BucketName::parse(&job.bucket_name).map_err(|e| corrupt("bucket_name", &e))?;
         let key = ObjectKey::parse(&job.object_name).map_err(|e| corrupt("object_name", &e))?;
 
+        if let Some(done) = self.existing_object(job, &bucket, &key).await? {
+            return Ok(done);
+        }
+        let absent;
+        let fence: &dyn Fence = match job.if_exists {
+            // Checked again just before the object becomes visible.
+            IfExists::Fail => {
+                absent = AbsentFence { inner: fence, store: &*self.store, bucket: &bucket, key: &key };
+                &absent
+            }
+            IfExists::Overwrite | IfExists::Skip => fence,
+        };
         let headers = match &job.request_headers {
             Some(sealed) => self.sealer.open(sealed).map_err(|e| JobError::permanent(e.to_string()))?,
             None => RequestHeaders::default(),
@@ -385,9 +453,9 @@ impl Worker {
         Ok(StoredObject {
             etag: put.etag.unwrap_or_else(|| digests.md5.clone()),
             size: digests.size,
-            sha256: digests.sha256,
-            md5: digests.md5,
-            content_type,
+            sha256: Some(digests.sha256),
+            md5: Some(digests.md5),
+            content_type: Some(content_type),
             version: put.version,
         })
     }

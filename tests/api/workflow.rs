@@ -254,3 +254,49 @@ async fn a_large_file_streams_through_intact() {
     assert_eq!(stored_sha, expected_sha, "the stored object differs from what the origin served");
     app.stop().await;
 }
+
+/// `if_exists`: overwrite (the default) replaces the object, skip completes without
+/// fetching and keeps it, fail fails the job and leaves it.
+#[tokio::test]
+async fn if_exists_decides_what_happens_to_an_object_already_there() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    let submit = |seed: u64, key: &str, if_exists: Option<&str>| {
+        let mut body = json!({ "file_url": origin.url(&format!("/file/2000?seed={seed}")), "bucket_name": app.bucket, "object_name": key });
+        if let Some(mode) = if_exists {
+            body["if_exists"] = json!(mode);
+        }
+        let app = &app;
+        async move {
+            let id = app.submit_body(&body).await;
+            app.finished(&id).await
+        }
+    };
+    assert_eq!(submit(1, "kept", None).await["status"], "completed");
+    let hits = origin.hits("/file/2000");
+
+    let skipped = submit(2, "kept", Some("skip")).await;
+    assert_eq!(skipped["status"], "completed", "{skipped}");
+    assert_eq!((skipped["if_exists"].as_str(), skipped["size"].as_u64()), (Some("skip"), Some(2000)));
+    assert!(skipped["sha256"].is_null(), "nothing was fetched to hash: {skipped}");
+    assert_eq!(origin.hits("/file/2000"), hits, "skip fetched nothing");
+    assert!(app.read_object("kept").await == content(1, 2000));
+
+    let failed = submit(3, "kept", Some("fail")).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["last_error"].as_str().unwrap().contains("already exists"), "{failed}");
+    assert_eq!(failed["retry_count"], 0, "permanent");
+    assert!(app.read_object("kept").await == content(1, 2000));
+
+    // Where nothing is there yet, skip and fail fetch as usual.
+    assert_eq!(submit(4, "new-skip", Some("skip")).await["status"], "completed");
+    assert!(app.read_object("new-skip").await == content(4, 2000));
+    assert_eq!(submit(5, "new-fail", Some("fail")).await["status"], "completed");
+
+    let overwritten = submit(6, "kept", Some("overwrite")).await;
+    assert_eq!(overwritten["status"], "completed");
+    assert!(app.read_object("kept").await == content(6, 2000));
+    let bad = app.post_upload(&json!({ "file_url": origin.url("/file/1"), "bucket_name": app.bucket, "object_name": "x", "if_exists": "replace" })).await;
+    assert_eq!(bad.status(), 422);
+    app.stop().await;
+}
