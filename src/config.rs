@@ -206,6 +206,12 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_WORKER_CONCURRENCY", default_value_t = 8, global = true)]
     pub worker_concurrency: usize,
 
+    /// Transfers one process runs at once from the same origin host (host and port);
+    /// more jobs for it wait, or go back to the queue for a moment, while other hosts'
+    /// jobs go on.
+    #[arg(long, env = "FILEFLOW_PER_HOST_CONCURRENCY", default_value_t = 8, global = true)]
+    pub per_host_concurrency: usize,
+
     /// How long a worker's claim on a job lasts without renewal; a crashed worker's jobs are
     /// picked up again after this.
     #[arg(long, env = "FILEFLOW_JOB_LEASE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]

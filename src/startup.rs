@@ -21,7 +21,7 @@ use crate::queue::{Backlog, ConsumerLock, EmbeddedQueue, Queue};
 use crate::reconciler::{self, ReconcileSettings};
 use crate::relay::OutboxRelay;
 use crate::storage::ObjectStore;
-use crate::worker::{Worker, WorkerSettings, run_pool};
+use crate::worker::{Hosts, Worker, WorkerSettings, run_pool};
 
 /// How long workers get, after the grace period, to hand their jobs back.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,6 +148,7 @@ impl Application {
                     store: backends.store.clone(),
                     fetcher: Arc::new(fetcher),
                     sealer: backends.sealer.clone(),
+                    hosts: Arc::new(Hosts::new(settings.per_host_concurrency)),
                     settings: WorkerSettings {
                         policy: RetryPolicy {
                             max_retries: settings.max_retries,

@@ -4,6 +4,7 @@
 //! can drive a worker without sleeping; [`run_pool`] runs steps concurrently until told
 //! to stop.
 
+mod hosts;
 mod sniff;
 mod verify;
 
@@ -26,6 +27,8 @@ use crate::metadata::{Claim, JobRepository, Lease, RepoError};
 use crate::queue::{Delivery, Queue, QueueError};
 use crate::secrets::HeaderSealer;
 use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions};
+pub use hosts::Hosts;
+use hosts::{NotNow, host_of};
 
 pub use verify::{Digests, Expectations, verified};
 
@@ -120,6 +123,8 @@ pub struct Worker {
     pub fetcher: Arc<dyn Fetcher>,
     /// Opens the jobs' encrypted origin headers.
     pub sealer: Arc<HeaderSealer>,
+    /// Transfers in flight per origin host, and hosts that asked for a pause.
+    pub hosts: Arc<Hosts>,
     pub settings: WorkerSettings,
 }
 
@@ -226,15 +231,28 @@ impl Worker {
         let attempt = job.retry_count + 1;
         // In a pool the job may have been claimed ahead of a free transfer slot: it waits
         // for one under its lease, and goes back to the queue if the pool stops meanwhile.
+        // A job also waits for a place among its origin host's transfers (without holding a
+        // transfer slot), or goes back to the queue while the host is busy or asked for a pause.
+        let host = Url::parse(&job.file_url).map(|url| host_of(&url)).unwrap_or_default();
         let run = async {
+            let _host = match job.cancel_requested {
+                true => None,
+                false => match self.hosts.enter(&host).await {
+                    Ok(permit) => Some(permit),
+                    Err(NotNow(until)) => return Ran::NotNow(until),
+                },
+            };
             let transferring = match slot {
-                Some(slot) => Some(slot.start().await?),
+                Some(slot) => match slot.start().await {
+                    Some(transferring) => Some(transferring),
+                    None => return Ran::Stopped,
+                },
                 None => None,
             };
             let started = Instant::now();
             if job.cancel_requested {
                 // Cancelled while it waited for a retry or after its last worker was gone.
-                return Some((Err(JobError::cancelled()), transferring, started));
+                return Ran::Done(Err(JobError::cancelled()), transferring, started);
             }
             tracing::info!(job_id = %id, attempt, bucket = %job.bucket_name, key = %job.object_name, "job started");
             let fence = LeaseFence { repo: &*self.repo, id, owner: &lease.owner, margin: self.fence_margin() };
@@ -251,7 +269,11 @@ impl Worker {
                     humantime::format_duration(self.settings.transfer_timeout)
                 )))
             });
-            Some((outcome, transferring, started))
+            if let Err(JobError { retry_after: Some(pause), .. }) = &outcome {
+                // The origin asked for a pause: its host's other jobs wait for it too.
+                self.hosts.block(&host, Instant::now() + (*pause).min(self.settings.policy.max_delay));
+            }
+            Ran::Done(outcome, transferring, started)
         };
         let ran = tokio::select! {
             ran = run => ran,
@@ -259,13 +281,25 @@ impl Worker {
                 tracing::warn!(job_id = %id, attempt, "lease lost; abandoning this attempt");
                 return Ok(WorkOutcome::LeaseLost(id));
             }
-            () = abort.cancelled() => None,
+            () = abort.cancelled() => Ran::Stopped,
         };
-        let Some((outcome, transferring, started)) = ran else {
-            self.repo.release(id, &lease.owner, Utc::now()).await?;
-            self.queue.release(delivery).await?;
-            tracing::info!(job_id = %id, attempt, "job handed back at shutdown");
-            return Ok(WorkOutcome::HandedBack(id));
+        let (outcome, transferring, started) = match ran {
+            Ran::Done(outcome, transferring, started) => (outcome, transferring, started),
+            Ran::Stopped => {
+                self.repo.release(id, &lease.owner, Utc::now()).await?;
+                self.queue.release(delivery).await?;
+                tracing::info!(job_id = %id, attempt, "job handed back at shutdown");
+                return Ok(WorkOutcome::HandedBack(id));
+            }
+            Ran::NotNow(until) => {
+                // Not an attempt: the job goes back to the queue, due when its host may be asked again.
+                let due = Utc::now()
+                    + chrono::Duration::from_std(until.saturating_duration_since(Instant::now())).unwrap_or_default();
+                self.repo.release(id, &lease.owner, Utc::now()).await?;
+                self.queue.retry(delivery, delivery.attempt, due).await?;
+                tracing::info!(job_id = %id, %host, due_at = %due.to_rfc3339(), "origin host busy or pausing; job deferred");
+                return Ok(WorkOutcome::Deferred(id));
+            }
         };
         let _recording = match transferring {
             Some(transferring) => Some(transferring.done().await),
@@ -459,6 +493,15 @@ impl Worker {
             version: put.version,
         })
     }
+}
+
+/// How an attempt's run ended.
+enum Ran {
+    Done(Result<StoredObject, JobError>, Option<Transferring>, Instant),
+    /// The pool is stopping: hand the job back.
+    Stopped,
+    /// The origin host is busy or asked for a pause: come back then.
+    NotNow(Instant),
 }
 
 /// What a claim left to do.

@@ -15,5 +15,6 @@ mod destinations;
 mod download_links;
 mod failures;
 mod origin_requests;
+mod polite;
 mod submit;
 mod workflow;

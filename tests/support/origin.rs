@@ -209,11 +209,12 @@ async fn flaky(
     streamed(seed_of(&q), size, "application/octet-stream")
 }
 
-async fn status(Path(code): Path<u16>) -> Response {
+async fn status(Path(code): Path<u16>, Query(q): Query<HashMap<String, String>>) -> Response {
     let code = StatusCode::from_u16(code).unwrap();
     let mut headers = HeaderMap::new();
     if code == StatusCode::TOO_MANY_REQUESTS || code == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(header::RETRY_AFTER, "1".parse().unwrap());
+        let pause = q.get("retry_after").cloned().unwrap_or_else(|| "1".into());
+        headers.insert(header::RETRY_AFTER, pause.parse().unwrap());
     }
     (code, headers, format!("status {code}")).into_response()
 }
