@@ -15,6 +15,7 @@ use crate::metadata::{JobRepository, PgDb, PgRepository, RepoError, SqliteDb, Sq
 use crate::queue::kafka::KafkaSettings;
 use crate::secrets::HeaderSealer;
 use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
+use crate::webhooks::WebhookOutbox;
 
 /// The metadata database, migrated.
 pub enum Database {
@@ -35,6 +36,8 @@ pub struct Backends {
     pub repo: Arc<dyn JobRepository>,
     /// The API keys, in the same database.
     pub keys: Arc<dyn KeyStore>,
+    /// The webhook outbox, in the same database.
+    pub outbox: Arc<dyn WebhookOutbox>,
     /// Encrypts per-job origin headers for the database (API) and opens them (workers).
     pub sealer: Arc<HeaderSealer>,
     pub store: Arc<dyn ObjectStore>,
@@ -67,6 +70,14 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
 impl Database {
     /// The database's API keys.
     pub fn keys(&self) -> Arc<dyn KeyStore> {
+        match self {
+            Self::Sqlite(db) => Arc::new(db.clone()),
+            Self::Postgres(db) => Arc::new(db.clone()),
+        }
+    }
+
+    /// The database's webhook outbox.
+    pub fn outbox(&self) -> Arc<dyn WebhookOutbox> {
         match self {
             Self::Sqlite(db) => Arc::new(db.clone()),
             Self::Postgres(db) => Arc::new(db.clone()),
@@ -106,6 +117,7 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
         .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
     let database = open_database(settings).await?;
     let keys = database.keys();
+    let outbox = database.outbox();
     let (repo, queue): (Arc<dyn JobRepository>, QueueSource) = match (database, &settings.kafka_brokers) {
         (Database::Sqlite(db), None) => (Arc::new(SqliteRepository::new(db.clone())), QueueSource::Embedded(db)),
         (Database::Postgres(db), Some(brokers)) => {
@@ -151,5 +163,5 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
         }
     };
     let sealer = Arc::new(HeaderSealer::load(settings.encryption_key.as_deref(), &settings.data_dir)?);
-    Ok(Backends { repo, keys, sealer, store, links, signer, queue })
+    Ok(Backends { repo, keys, outbox, sealer, store, links, signer, queue })
 }

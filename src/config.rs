@@ -276,6 +276,11 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_ENCRYPTION_KEY", hide_env_values = true, global = true)]
     pub encryption_key: Option<String>,
 
+    /// Key that signs webhooks (`whsec_` and base64, as in the Standard Webhooks
+    /// specification); jobs may ask for a `notify_url` only when it is set.
+    #[arg(long, env = "FILEFLOW_WEBHOOK_SECRET", hide_env_values = true, global = true)]
+    pub webhook_secret: Option<crate::webhooks::WebhookSecret>,
+
     /// Connections the API serves at once; more wait to be accepted.
     #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS", default_value_t = 1024, global = true)]
     pub max_connections: usize,

@@ -25,4 +25,5 @@ pub mod secrets;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;

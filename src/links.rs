@@ -117,6 +117,7 @@ mod tests {
             expected_md5: None,
             expected_size: None,
             if_exists: Default::default(),
+            notify_url: None,
             request_headers: None,
             grant: crate::lifecycle::Grant::open(),
             object_version: Some("v1".into()),

@@ -13,7 +13,9 @@ use url::Url;
 use crate::auth::{Gate, KeyLimits};
 use crate::backends::{self, Backends, QueueSource};
 use crate::config::{Command, Settings};
-use crate::fetch::{DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, MinRate, SystemLookup};
+use crate::fetch::{
+    DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, MinRate, SystemLookup, guarded_client,
+};
 use crate::http::{self, AppState, ServerLimits};
 use crate::lifecycle::RetryPolicy;
 use crate::queue::kafka::{KafkaBacklog, KafkaQueue, ensure_topics};
@@ -21,10 +23,13 @@ use crate::queue::{Backlog, ConsumerLock, EmbeddedQueue, Queue};
 use crate::reconciler::{self, ReconcileSettings};
 use crate::relay::OutboxRelay;
 use crate::storage::ObjectStore;
+use crate::webhooks::Dispatcher;
 use crate::worker::{Hosts, Worker, WorkerSettings, run_pool};
 
 /// How long workers get, after the grace period, to hand their jobs back.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tries of a webhook after the first, with the retry backoff (capped by --retry-max-delay).
+const WEBHOOK_RETRIES: u32 = 9;
 /// How long closing the queue (leaving Kafka's consumer group) may take.
 const QUEUE_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -50,6 +55,8 @@ pub struct Application {
     relay: Option<OutboxRelay>,
     /// How the reconciler tells whether the queue has caught up (Kafka).
     backlog: Option<Arc<dyn Backlog>>,
+    /// Sends webhooks (API processes, when a webhook secret is set).
+    dispatcher: Option<Dispatcher>,
     settings: Settings,
 }
 
@@ -131,6 +138,25 @@ impl Application {
                 }
             }
         };
+        let lookup = hooks.lookup.unwrap_or_else(|| Arc::new(SystemLookup));
+        let dispatcher = match (&settings.webhook_secret, runs_api) {
+            (Some(secret), true) => Some(Dispatcher {
+                outbox: backends.outbox.clone(),
+                repo: backends.repo.clone(),
+                links: backends.links.clone(),
+                client: guarded_client(guard.clone(), lookup.clone())
+                    .connect_timeout(settings.connect_timeout)
+                    .build()
+                    .context("cannot build the webhook HTTP client")?,
+                secret: secret.clone(),
+                policy: RetryPolicy {
+                    max_retries: WEBHOOK_RETRIES,
+                    base_delay: settings.retry_base_delay,
+                    max_delay: settings.retry_max_delay,
+                },
+            }),
+            _ => None,
+        };
         let worker = match queue.clone() {
             Some(queue) => {
                 let fetch = FetchSettings {
@@ -139,7 +165,6 @@ impl Application {
                     max_redirects: settings.max_redirects,
                     proxy: settings.fetch_proxy.clone(),
                 };
-                let lookup = hooks.lookup.unwrap_or_else(|| Arc::new(SystemLookup));
                 let fetcher =
                     HttpFetcher::with_lookup(guard.clone(), &fetch, lookup).context("cannot build the HTTP client")?;
                 Some(Worker {
@@ -178,6 +203,7 @@ impl Application {
             _consumer_lock: consumer_lock,
             relay,
             backlog,
+            dispatcher,
             settings,
         })
     }
@@ -203,6 +229,8 @@ impl Application {
                 gate: self.gate.clone().expect("an API process has a gate"),
                 sealer: self.backends.sealer.clone(),
                 max_file_size: self.settings.max_file_size.as_u64(),
+                outbox: self.backends.outbox.clone(),
+                webhooks_signed: self.settings.webhook_secret.is_some(),
             };
             let limits = ServerLimits {
                 max_connections: self.settings.max_connections,
@@ -216,6 +244,7 @@ impl Application {
             tracing::info!("outbox relay started");
             tokio::spawn(relay.run(stop.clone()))
         });
+        let dispatcher = self.dispatcher.map(|dispatcher| tokio::spawn(dispatcher.run(stop.clone())));
         let reconciler = api.is_some().then(|| {
             let settings =
                 ReconcileSettings { interval: self.settings.reconcile_interval, grace: self.settings.reconcile_grace };
@@ -256,6 +285,9 @@ impl Application {
         }
         if let Some(reconciler) = reconciler {
             let _ = reconciler.await;
+        }
+        if let Some(dispatcher) = dispatcher {
+            let _ = dispatcher.await;
         }
         if let Some(sweeper) = sweeper {
             let _ = sweeper.await;

@@ -24,6 +24,7 @@ fn new_job(key: &str) -> NewJob {
         expected_md5: None,
         expected_size: Some(5),
         if_exists: fileflow::lifecycle::IfExists::Skip,
+        notify_url: None,
         // The repository keeps sealed headers as they are given (the API seals them).
         headers: Some(SealedHeaders::from_stored("v1.c2VhbGVk".into())),
         grant: Grant::open(),

@@ -65,14 +65,9 @@ impl HttpFetcher {
     ) -> Result<Self, reqwest::Error> {
         // Redirects are followed by `fetch` itself, hop by hop, so each hop is checked
         // and the caller's headers go only where they were meant to.
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("fileflow/", env!("CARGO_PKG_VERSION")))
-            .no_proxy()
+        let mut builder = guarded_client(guard.clone(), lookup.clone())
             .connect_timeout(settings.connect_timeout)
-            .read_timeout(settings.read_timeout)
-            .redirect(redirect::Policy::none())
-            .referer(false)
-            .dns_resolver(Arc::new(GuardedResolver { guard: guard.clone(), lookup: lookup.clone() }));
+            .read_timeout(settings.read_timeout);
         if let Some(proxy) = &settings.proxy {
             builder = builder.proxy(reqwest::Proxy::all(proxy.clone())?);
         }
@@ -98,6 +93,18 @@ impl HttpFetcher {
         }
         Ok(())
     }
+}
+
+/// An HTTP client that connects only to addresses the guard allows (names resolved by
+/// `lookup` and checked before connecting), follows no redirect, sends no Referer and reads
+/// no proxy variables. Origin fetches and webhooks go through it.
+pub fn guarded_client(guard: DestinationGuard, lookup: Arc<dyn Lookup>) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("fileflow/", env!("CARGO_PKG_VERSION")))
+        .no_proxy()
+        .redirect(redirect::Policy::none())
+        .referer(false)
+        .dns_resolver(Arc::new(GuardedResolver { guard, lookup }))
 }
 
 /// Whether a caller's headers for `origin` may go with a request to `hop`: only to the

@@ -26,9 +26,11 @@ use crate::links::{DownloadLinks, LinkSigner};
 use crate::metadata::JobRepository;
 use crate::secrets::HeaderSealer;
 use crate::storage::ObjectStore;
+use crate::webhooks::WebhookOutbox;
 
 pub use error::ApiError;
 pub use serve::{ServerLimits, serve};
+pub use uploads::job_json;
 
 /// Largest request body the API reads; an upload request is a few hundred bytes.
 const MAX_BODY: usize = 64 * 1024;
@@ -47,6 +49,10 @@ pub struct AppState {
     pub sealer: Arc<HeaderSealer>,
     /// The server's largest file; a key's own limit can only lower it.
     pub max_file_size: u64,
+    /// Webhook deliveries and their tries, for the job's view.
+    pub outbox: Arc<dyn WebhookOutbox>,
+    /// Whether webhooks can be signed (a secret is configured): `notify_url` needs it.
+    pub webhooks_signed: bool,
 }
 
 /// The API. `request_timeout` bounds reading a request and producing its answer (a

@@ -16,7 +16,9 @@ use super::{ApiError, AppState};
 use crate::auth::Caller;
 use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, SourceUrl};
 use crate::lifecycle::{Grant, IfExists, Job, JobId, JobStatus, NewJob};
+use crate::links::DownloadLinks;
 use crate::metadata::{Cancel, Created, IdempotencyKey, ListFilter, Requeue};
+use crate::webhooks::DeliveryView;
 use sha2::Digest as _;
 
 /// Default and longest lifetimes of a download link (the longest is S3's presign limit).
@@ -51,12 +53,52 @@ struct JobView {
     md5: Option<String>,
     content_type: Option<String>,
     if_exists: IfExists,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notify_url: Option<String>,
     created_at: String,
     updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     next_attempt_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     download_url: Option<String>,
+    /// The job's webhook deliveries and their tries (a single job's view only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhooks: Option<Vec<DeliveryView>>,
+}
+
+/// A job as the API shows it, as JSON (webhooks carry it too).
+pub async fn job_json(job: Job, links: &dyn DownloadLinks) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::to_value(job_view(job, links).await?)?)
+}
+
+async fn job_view(job: Job, links: &dyn DownloadLinks) -> anyhow::Result<JobView> {
+    let download_url = if job.status == JobStatus::Completed {
+        let expires_at = Utc::now() + chrono::Duration::seconds(DEFAULT_LINK_SECS);
+        Some(links.link(&job, expires_at).await?.to_string())
+    } else {
+        None
+    };
+    Ok(JobView {
+        id: job.id,
+        file_url: job.file_url,
+        bucket_name: job.bucket_name,
+        object_name: job.object_name,
+        status: job.status,
+        retry_count: job.retry_count,
+        last_error: job.last_error,
+        etag: job.etag,
+        size: job.size,
+        sha256: job.sha256,
+        md5: job.md5,
+        content_type: job.content_type,
+        if_exists: job.if_exists,
+        notify_url: job.notify_url,
+        created_at: timestamp(job.created_at),
+        updated_at: timestamp(job.updated_at),
+        next_attempt_at: job.next_attempt_at.map(timestamp),
+        download_url,
+        webhooks: None,
+    })
 }
 
 fn timestamp(t: DateTime<Utc>) -> String {
@@ -65,31 +107,7 @@ fn timestamp(t: DateTime<Utc>) -> String {
 
 impl AppState {
     async fn view(&self, job: Job) -> Result<JobView, ApiError> {
-        let download_url = if job.status == JobStatus::Completed {
-            let expires_at = Utc::now() + chrono::Duration::seconds(DEFAULT_LINK_SECS);
-            Some(self.links.link(&job, expires_at).await?.to_string())
-        } else {
-            None
-        };
-        Ok(JobView {
-            id: job.id,
-            file_url: job.file_url,
-            bucket_name: job.bucket_name,
-            object_name: job.object_name,
-            status: job.status,
-            retry_count: job.retry_count,
-            last_error: job.last_error,
-            etag: job.etag,
-            size: job.size,
-            sha256: job.sha256,
-            md5: job.md5,
-            content_type: job.content_type,
-            if_exists: job.if_exists,
-            created_at: timestamp(job.created_at),
-            updated_at: timestamp(job.updated_at),
-            next_attempt_at: job.next_attempt_at.map(timestamp),
-            download_url,
-        })
+        Ok(job_view(job, &*self.links).await?)
     }
 
     /// The job `raw_id`, if the caller may see it: another key's job is not found, so ids
@@ -123,6 +141,20 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         body.optional_str("sha256")?.map(Sha256Hex::parse).transpose().map_err(|e| ApiError::invalid("sha256", e))?;
     let expected_md5 =
         body.optional_str("md5")?.map(Md5Hex::parse).transpose().map_err(|e| ApiError::invalid("md5", e))?;
+    let notify_url = match body.optional_str("notify_url")? {
+        None => None,
+        Some(raw) => {
+            if !state.webhooks_signed {
+                return Err(ApiError::invalid(
+                    "notify_url",
+                    "webhooks need a signing secret: start fileflow with --webhook-secret",
+                ));
+            }
+            let url = SourceUrl::parse(raw).map_err(|e| ApiError::invalid("notify_url", e))?;
+            state.guard.check_url(url.as_url()).map_err(|e| ApiError::invalid("notify_url", e))?;
+            Some(url)
+        }
+    };
     let if_exists = body
         .optional_str("if_exists")?
         .map(str::parse::<IfExists>)
@@ -173,6 +205,7 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         expected_md5,
         expected_size,
         if_exists,
+        notify_url,
         headers: state.sealer.seal(&headers),
         grant,
     })
@@ -300,7 +333,13 @@ async fn get_upload(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let job = state.find(&id, &caller).await?;
-    Ok(Json(state.view(job).await?))
+    let deliveries = match job.notify_url {
+        Some(_) => Some(state.outbox.deliveries_of(job.id).await?),
+        None => None,
+    };
+    let mut view = state.view(job).await?;
+    view.webhooks = deliveries;
+    Ok(Json(view))
 }
 
 async fn list_uploads(

@@ -141,6 +141,8 @@ pub struct NewJob {
     /// The size the content must have, when the caller knows it.
     pub expected_size: Option<u64>,
     pub if_exists: IfExists,
+    /// Where to send a webhook when the job ends (checked by the destination guard).
+    pub notify_url: Option<SourceUrl>,
     /// Extra headers for the origin request, encrypted.
     pub headers: Option<SealedHeaders>,
     /// Who asked, and what that allows the job.
@@ -185,6 +187,7 @@ pub struct Job {
     pub expected_md5: Option<String>,
     pub expected_size: Option<u64>,
     pub if_exists: IfExists,
+    pub notify_url: Option<String>,
     /// Extra headers for the origin request, encrypted (secret: never shown by the API).
     pub request_headers: Option<SealedHeaders>,
     pub grant: Grant,

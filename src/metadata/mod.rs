@@ -7,6 +7,7 @@ mod group_commit;
 mod keys;
 mod postgres;
 mod sqlite;
+mod webhooks;
 mod writer;
 
 use async_trait::async_trait;

@@ -16,7 +16,7 @@ use super::{
     Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyUse, Lease, ListFilter,
     Reconciled, RepoError, Requeue, Sweep, cancel_answer,
 };
-use crate::domain::SealedHeaders;
+use crate::domain::{SealedHeaders, SourceUrl};
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -117,11 +117,11 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
         "WITH created AS ( \
              INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
              created_at, updated_at, accept_token, owner_key, max_file_size, may_create_bucket, expected_size, \
-             if_exists) \
-             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z, e \
+             if_exists, notify_url) \
+             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z, e, w \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], \
-             $8::text[], $9::text[], $10::bigint[], $11::boolean[], $12::bigint[], $13::text[]) \
-             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, e, n) \
+             $8::text[], $9::text[], $10::bigint[], $11::boolean[], $12::bigint[], $13::text[], $14::text[]) \
+             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, e, w, n) \
              ORDER BY n \
              ON CONFLICT (accept_token) DO NOTHING \
              RETURNING {COLUMNS}), \
@@ -152,6 +152,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
             .collect::<Vec<_>>(),
     )
     .bind(batch.iter().map(|(job, ..)| job.if_exists.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.notify_url.as_ref().map(SourceUrl::as_str)).collect::<Vec<_>>())
     .fetch_all(executor)
     .await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
@@ -162,7 +163,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
     sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at, \
-    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists";
+    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists, notify_url";
 
 fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -187,6 +188,7 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
         expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(|n| u64::try_from(n).unwrap_or(0)),
+        notify_url: row.try_get("notify_url")?,
         if_exists: row
             .try_get::<String, _>("if_exists")?
             .parse()

@@ -22,7 +22,7 @@ use super::{
     Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyUse, Lease, ListFilter,
     Reconciled, RepoError, Requeue, Sweep, millis,
 };
-use crate::domain::SealedHeaders;
+use crate::domain::{SealedHeaders, SourceUrl};
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -277,14 +277,14 @@ async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, Repo
 async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
     let mut sql = String::from(
         "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, \
-         request_headers, owner_key, max_file_size, may_create_bucket, expected_size, if_exists, created_at, \
-         updated_at, status, retry_count) VALUES ",
+         request_headers, owner_key, max_file_size, may_create_bucket, expected_size, if_exists, notify_url, \
+         created_at, updated_at, status, retry_count) VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 12 * i;
+        let p = 13 * i;
         let sep = if i == 0 { "" } else { "," };
-        // created_at and updated_at are both the 12th value.
-        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 12), p + 12);
+        // created_at and updated_at are both the 13th value.
+        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 13), p + 13);
     }
     let _ = write!(sql, " RETURNING {COLUMNS}");
     let mut query = sqlx::query(&sql);
@@ -301,6 +301,7 @@ async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<J
             .bind(job.grant.may_create_bucket)
             .bind(job.expected_size.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
             .bind(job.if_exists.as_str())
+            .bind(job.notify_url.as_ref().map(SourceUrl::as_str))
             .bind(to_millis(*now));
     }
     let rows = query.fetch_all(c).await?;
@@ -313,7 +314,7 @@ async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<J
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
     etag, size, sha256, md5, content_type, expected_sha256, expected_md5, request_headers, \
     created_at, updated_at, next_attempt_at, owner_key, max_file_size, may_create_bucket, object_version, \
-    cancel_requested_at, expected_size, if_exists";
+    cancel_requested_at, expected_size, if_exists, notify_url";
 
 fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -338,6 +339,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
         expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(|n| u64::try_from(n).unwrap_or(0)),
+        notify_url: row.try_get("notify_url")?,
         if_exists: row
             .try_get::<String, _>("if_exists")?
             .parse()

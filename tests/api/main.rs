@@ -17,4 +17,5 @@ mod failures;
 mod origin_requests;
 mod polite;
 mod submit;
+mod webhooks;
 mod workflow;

@@ -1,0 +1,237 @@
+//! Webhooks: a job with a `notify_url` is announced there when it ends
+//! (`upload.completed`, `upload.failed`, `upload.cancelled`), signed as the Standard Webhooks
+//! specification says, at least once.
+//!
+//! The database writes a delivery into its outbox in the same statement that records the
+//! job's final outcome (a trigger), so no outcome goes unannounced. A dispatcher in every
+//! API process takes due deliveries (each under a short claim, so replicas do not send
+//! the same one at once), posts them through the destination guard, keeps every try for the
+//! job's view, and retries failures with the retry policy's backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+
+use crate::lifecycle::{JobError, JobId, RetryPolicy};
+use crate::links::DownloadLinks;
+use crate::metadata::{JobRepository, RepoError};
+
+/// The key webhooks are signed with: `whsec_` and base64, as in the specification.
+#[derive(Clone)]
+pub struct WebhookSecret(Vec<u8>);
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookSecret(<secret>)")
+    }
+}
+
+impl std::str::FromStr for WebhookSecret {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let encoded = text.trim().strip_prefix("whsec_").unwrap_or(text.trim());
+        let key = STANDARD.decode(encoded).map_err(|_| "a webhook secret is `whsec_` followed by base64".to_owned())?;
+        if key.len() < 24 {
+            return Err("a webhook secret needs at least 24 bytes".into());
+        }
+        Ok(Self(key))
+    }
+}
+
+impl WebhookSecret {
+    /// `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`.
+    pub fn sign(&self, id: &str, timestamp: i64, body: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+    }
+}
+
+/// A delivery due to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueDelivery {
+    pub id: i64,
+    pub job_id: JobId,
+    pub event: String,
+    pub url: String,
+    /// Tries made before this one.
+    pub attempts: u32,
+}
+
+/// What a try came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempted {
+    Delivered,
+    RetryAt(DateTime<Utc>),
+    GaveUp,
+}
+
+/// One try, as the job's view shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptView {
+    pub at: DateTime<Utc>,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+/// A job's delivery, with its tries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeliveryView {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event: String,
+    pub url: String,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub given_up_at: Option<DateTime<Utc>>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub attempts: Vec<AttemptView>,
+}
+
+/// The deliveries outbox, in the metadata database.
+#[async_trait]
+pub trait WebhookOutbox: Send + Sync + 'static {
+    /// Take up to `limit` due deliveries for `hold` (no one else takes them meanwhile).
+    async fn claim_due(&self, limit: u32, hold: Duration) -> Result<Vec<DueDelivery>, RepoError>;
+
+    /// Record one try of delivery `id` and what it came to.
+    async fn record_attempt(
+        &self,
+        id: i64,
+        at: DateTime<Utc>,
+        status: Option<u16>,
+        error: Option<&str>,
+        outcome: Attempted,
+    ) -> Result<(), RepoError>;
+
+    /// A job's deliveries and their tries, oldest first.
+    async fn deliveries_of(&self, job: JobId) -> Result<Vec<DeliveryView>, RepoError>;
+}
+
+/// Longest a receiver may take to answer.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the dispatcher looks for due deliveries.
+const POLL: Duration = Duration::from_millis(500);
+/// Deliveries taken at once.
+const BATCH: u32 = 32;
+
+/// Sends due deliveries until stopped.
+pub struct Dispatcher {
+    pub outbox: Arc<dyn WebhookOutbox>,
+    pub repo: Arc<dyn JobRepository>,
+    pub links: Arc<dyn DownloadLinks>,
+    pub client: reqwest::Client,
+    pub secret: WebhookSecret,
+    /// Backoff between tries, and how many retries before giving up.
+    pub policy: RetryPolicy,
+}
+
+impl Dispatcher {
+    pub async fn run(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let hold = SEND_TIMEOUT * 2;
+            match self.outbox.claim_due(BATCH, hold).await {
+                Ok(due) => {
+                    futures::future::join_all(due.into_iter().map(|d| self.deliver(d))).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the webhook outbox; will try again"),
+            }
+        }
+    }
+
+    /// Try one delivery and record how it went.
+    async fn deliver(&self, due: DueDelivery) {
+        let (status, error) = match self.send(&due).await {
+            Ok(status) if (200..300).contains(&status) => (Some(status), None),
+            Ok(status) => (Some(status), Some(format!("the receiver answered HTTP {status}"))),
+            Err(e) => (None, Some(e)),
+        };
+        let now = Utc::now();
+        let outcome = match &error {
+            None => Attempted::Delivered,
+            Some(message) => {
+                match self.policy.decide(due.attempts, &JobError::transient(message.clone()), rand::random()) {
+                    crate::lifecycle::Decision::Retry { delay, .. } => {
+                        Attempted::RetryAt(now + chrono::Duration::from_std(delay).unwrap_or_default())
+                    }
+                    crate::lifecycle::Decision::GiveUp => Attempted::GaveUp,
+                }
+            }
+        };
+        match outcome {
+            Attempted::Delivered => tracing::info!(job_id = %due.job_id, event = %due.event, "webhook delivered"),
+            _ => {
+                tracing::warn!(job_id = %due.job_id, event = %due.event, error = error.as_deref().unwrap_or(""), ?outcome, "webhook not delivered")
+            }
+        }
+        if let Err(e) = self.outbox.record_attempt(due.id, now, status, error.as_deref(), outcome).await {
+            // Sent but not recorded: the claim lapses and it is sent again (at least once).
+            tracing::warn!(job_id = %due.job_id, error = %e, "cannot record a webhook try");
+        }
+    }
+
+    /// Post the delivery; the receiver's status, or why there was none.
+    async fn send(&self, due: &DueDelivery) -> Result<u16, String> {
+        let job = self.repo.get(due.job_id).await.map_err(|e| e.to_string())?.ok_or("the job is gone")?;
+        let data = crate::http::job_json(job, &*self.links).await.map_err(|e| e.to_string())?;
+        let timestamp = Utc::now();
+        let body =
+            serde_json::json!({ "type": due.event, "timestamp": timestamp.to_rfc3339(), "data": data }).to_string();
+        let id = format!("msg_{}", due.id);
+        let signature = self.secret.sign(&id, timestamp.timestamp(), &body);
+        let response = self
+            .client
+            .post(&due.url)
+            .header("content-type", "application/json")
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", timestamp.timestamp().to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .timeout(SEND_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| {
+                let e = e.without_url();
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    text.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                text
+            })?;
+        Ok(response.status().as_u16())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signs_as_the_specification_example() {
+        // The example from the Standard Webhooks specification.
+        let secret: WebhookSecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".parse().unwrap();
+        let body = r#"{"test": 2432232314}"#;
+        assert_eq!(
+            secret.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        assert!("whsec_c2hvcnQ=".parse::<WebhookSecret>().is_err());
+        assert!("not base64!".parse::<WebhookSecret>().is_err());
+    }
+}

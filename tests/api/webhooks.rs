@@ -1,0 +1,147 @@
+//! Webhooks: signed per the Standard Webhooks specification (checked with the
+//! `standardwebhooks` crate, an implementation independent of fileflow's), sent for
+//! completed, failed and cancelled jobs, retried until the receiver takes them, each try
+//! visible on the job; the destination guard applies to them.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+use crate::helpers::{Origin, TestApp, spawn_app_with};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+#[derive(Clone, Default)]
+struct Receiver {
+    /// (headers, body) of every request, in order.
+    seen: Arc<Mutex<Vec<(HeaderMap, String)>>>,
+    /// Answer 500 to this many requests first.
+    refuse_first: Arc<Mutex<usize>>,
+}
+
+async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: String) -> StatusCode {
+    r.seen.lock().unwrap().push((headers, body));
+    let mut refuse = r.refuse_first.lock().unwrap();
+    if *refuse > 0 {
+        *refuse -= 1;
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    StatusCode::NO_CONTENT
+}
+
+impl Receiver {
+    async fn start(refuse_first: usize) -> (Self, String) {
+        let receiver = Self { refuse_first: Arc::new(Mutex::new(refuse_first)), ..Self::default() };
+        let app = axum::Router::new().route("/hook", post(receive)).with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (receiver, url)
+    }
+
+    /// Wait for `n` requests; each verified with the independent implementation.
+    async fn verified(&self, n: usize) -> Vec<(String, Value)> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.seen.lock().unwrap().len() < n {
+            assert!(std::time::Instant::now() < deadline, "{} of {n} webhooks came", self.seen.lock().unwrap().len());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let verifier = standardwebhooks::Webhook::new(SECRET).unwrap();
+        let seen = self.seen.lock().unwrap().clone();
+        seen.into_iter()
+            .map(|(headers, body)| {
+                verifier.verify(body.as_bytes(), &headers).expect("the signature verifies");
+                (headers["webhook-id"].to_str().unwrap().to_owned(), serde_json::from_str(&body).unwrap())
+            })
+            .collect()
+    }
+}
+
+async fn app() -> TestApp {
+    spawn_app_with(|s| s.webhook_secret = Some(SECRET.parse().unwrap())).await
+}
+
+#[tokio::test]
+async fn completed_failed_and_cancelled_jobs_are_announced_signed() {
+    let origin = Origin::start().await;
+    let (receiver, hook) = Receiver::start(0).await;
+    let app = app().await;
+    let submit = |url: String, key: &str| json!({ "file_url": url, "bucket_name": app.bucket, "object_name": key, "notify_url": hook });
+    let done = app.submit_body(&submit(origin.url("/file/100"), "done")).await;
+    assert_eq!(app.finished(&done).await["status"], "completed");
+    let failed = app.submit_body(&submit(origin.url("/status/404"), "failed")).await;
+    assert_eq!(app.finished(&failed).await["status"], "failed");
+    let slow = app.submit_body(&submit(origin.url("/slow/100000000?every_ms=50"), "cancelled")).await;
+    app.wait_until(&slow, Duration::from_secs(10), |j| j["status"] == "processing").await;
+    app.client.post(app.url(&format!("/api/v1/uploads/{slow}/cancel"))).send().await.unwrap();
+
+    let mut got = receiver.verified(3).await;
+    got.sort_by_key(|(_, body)| body["data"]["object_name"].as_str().unwrap().to_owned());
+    let kinds: Vec<(&str, &str)> =
+        got.iter().map(|(_, b)| (b["type"].as_str().unwrap(), b["data"]["status"].as_str().unwrap())).collect();
+    assert_eq!(
+        kinds,
+        [("upload.cancelled", "cancelled"), ("upload.completed", "completed"), ("upload.failed", "failed")]
+    );
+    let completed = &got[1].1["data"];
+    assert_eq!((completed["id"].as_str(), completed["size"].as_u64()), (Some(done.as_str()), Some(100)));
+    assert!(completed["download_url"].is_string());
+    // Delivered once each (nothing was refused), and shown on the job.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(receiver.seen.lock().unwrap().len(), 3);
+    let job = app.job(&done).await;
+    let webhooks = job["webhooks"].as_array().unwrap();
+    assert_eq!(webhooks.len(), 1, "{job}");
+    assert_eq!(webhooks[0]["type"], "upload.completed");
+    assert!(webhooks[0]["delivered_at"].is_string());
+    assert_eq!(webhooks[0]["attempts"][0]["status"], 204);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_delivery_is_retried_under_the_same_id_and_every_try_is_shown() {
+    let origin = Origin::start().await;
+    let (receiver, hook) = Receiver::start(2).await;
+    let app = app().await;
+    let id = app
+        .submit_body(&json!({ "file_url": origin.url("/file/10"), "bucket_name": app.bucket, "object_name": "x", "notify_url": hook }))
+        .await;
+    assert_eq!(app.finished(&id).await["status"], "completed");
+    let got = receiver.verified(3).await;
+    let ids: std::collections::HashSet<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), 1, "retries carry the same webhook-id: {ids:?}");
+    let job = app.wait_until(&id, Duration::from_secs(5), |j| j["webhooks"][0]["delivered_at"].is_string()).await;
+    let statuses: Vec<u64> =
+        job["webhooks"][0]["attempts"].as_array().unwrap().iter().map(|a| a["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [500, 500, 204], "{job}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn notify_urls_are_checked_like_origins() {
+    let app = spawn_app_with(|s| {
+        s.webhook_secret = Some(SECRET.parse().unwrap());
+        s.fetch_allow_private = false;
+    })
+    .await;
+    for bad in ["http://169.254.169.254/hook", "http://127.0.0.1:9/hook", "ftp://example.com/", "not a url"] {
+        let response = app
+            .post_upload(&json!({ "file_url": "https://example.com/a", "bucket_name": app.bucket, "object_name": "x", "notify_url": bad }))
+            .await;
+        assert_eq!(response.status(), 422, "{bad}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["field"], "notify_url", "{bad}");
+    }
+    app.stop().await;
+    // Without a signing secret, webhooks cannot be asked for.
+    let unsigned = spawn_app_with(|_| {}).await;
+    let response = unsigned
+        .post_upload(&json!({ "file_url": "https://example.com/a", "bucket_name": unsigned.bucket, "object_name": "x", "notify_url": "https://example.com/hook" }))
+        .await;
+    assert_eq!(response.status(), 422);
+    unsigned.stop().await;
+}
