@@ -60,6 +60,10 @@ pub enum KeysCommand {
         /// the server's --max-file-size).
         #[arg(long)]
         file_size_limit: Option<bytesize::ByteSize>,
+        /// Webhook for jobs of this key that name no `notify_url` of their own (used when
+        /// the server has a --webhook-secret).
+        #[arg(long)]
+        notify_url: Option<url::Url>,
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },

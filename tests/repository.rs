@@ -318,6 +318,7 @@ async fn keys_are_kept_hashed_and_revoked_once(keys: Arc<dyn KeyStore>) {
         role: Role::Submitter,
         scope: Scope::parse(&["photos", "docs/team-a/*"]).unwrap(),
         limits: KeyLimits { rate_limit: Some(5), max_unfinished: Some(10), max_file_size: Some(1 << 20) },
+        notify_url: Some("https://hooks.example.com/fileflow".into()),
     };
     let t = now();
     let key = keys.create_key(&issued, &new, t).await.unwrap();
@@ -326,6 +327,7 @@ async fn keys_are_kept_hashed_and_revoked_once(keys: Arc<dyn KeyStore>) {
         (issued.id.as_str(), Role::Submitter, &new.scope, new.limits)
     );
     assert_eq!((key.created_at, key.revoked_at), (t, None));
+    assert_eq!(key.notify_url, new.notify_url);
     assert!(keys.has_keys().await.unwrap());
 
     let (found, digest) = keys.find_key(&issued.id).await.unwrap().unwrap();
@@ -335,8 +337,13 @@ async fn keys_are_kept_hashed_and_revoked_once(keys: Arc<dyn KeyStore>) {
     assert!(keys.find_key("000000000000").await.unwrap().is_none());
 
     let admin = IssuedKey::generate();
-    let admin_key =
-        NewKey { name: "ops".into(), role: Role::Admin, scope: Scope::default(), limits: KeyLimits::default() };
+    let admin_key = NewKey {
+        name: "ops".into(),
+        role: Role::Admin,
+        scope: Scope::default(),
+        limits: KeyLimits::default(),
+        notify_url: None,
+    };
     keys.create_key(&admin, &admin_key, t).await.unwrap();
     let listed = keys.list_keys().await.unwrap();
     assert_eq!(listed.len(), 2);

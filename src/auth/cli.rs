@@ -16,12 +16,25 @@ pub async fn run(settings: &Settings, action: KeysCommand, out: &mut dyn Write) 
         .with_context(|| format!("cannot create {}", settings.data_dir.display()))?;
     let keys = open_database(settings).await?.keys();
     match action {
-        KeysCommand::Create { name, role, buckets, rate_limit, max_unfinished, file_size_limit, output } => {
+        KeysCommand::Create {
+            name,
+            role,
+            buckets,
+            rate_limit,
+            max_unfinished,
+            file_size_limit,
+            notify_url,
+            output,
+        } => {
             let scope = Scope::parse(&buckets).map_err(|e| anyhow::anyhow!("--buckets: {e}"))?;
             anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
             let limits = KeyLimits { rate_limit, max_unfinished, max_file_size: file_size_limit.map(|s| s.as_u64()) };
             let issued = IssuedKey::generate();
-            let key = keys.create_key(&issued, &NewKey { name, role, scope, limits }, Utc::now()).await?;
+            let notify_url = notify_url
+                .map(|url| crate::domain::SourceUrl::parse(url.as_str()).map(|u| u.as_str().to_owned()))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--notify-url: {e}"))?;
+            let key = keys.create_key(&issued, &NewKey { name, role, scope, limits, notify_url }, Utc::now()).await?;
             match output {
                 OutputFormat::Json => {
                     let mut shown = view(&key);
@@ -84,6 +97,7 @@ fn view(key: &ApiKey) -> serde_json::Value {
         "rate_limit": key.limits.rate_limit,
         "max_unfinished": key.limits.max_unfinished,
         "max_file_size": key.limits.max_file_size,
+        "notify_url": key.notify_url,
         "created_at": time(key.created_at),
         "revoked_at": key.revoked_at.map(time),
     })

@@ -132,6 +132,8 @@ pub struct NewKey {
     pub role: Role,
     pub scope: Scope,
     pub limits: KeyLimits,
+    /// The webhook for jobs of this key that name none.
+    pub notify_url: Option<String>,
 }
 
 /// A stored key, without its secret.
@@ -142,6 +144,7 @@ pub struct ApiKey {
     pub role: Role,
     pub scope: Scope,
     pub limits: KeyLimits,
+    pub notify_url: Option<String>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }

@@ -141,7 +141,11 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         body.optional_str("sha256")?.map(Sha256Hex::parse).transpose().map_err(|e| ApiError::invalid("sha256", e))?;
     let expected_md5 =
         body.optional_str("md5")?.map(Md5Hex::parse).transpose().map_err(|e| ApiError::invalid("md5", e))?;
-    let notify_url = match body.optional_str("notify_url")? {
+    let key_default = match (caller, state.webhooks_signed) {
+        (Caller::Key(api_key), true) => api_key.notify_url.as_deref(),
+        _ => None,
+    };
+    let notify_url = match body.optional_str("notify_url")?.or(key_default) {
         None => None,
         Some(raw) => {
             if !state.webhooks_signed {

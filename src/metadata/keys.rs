@@ -10,7 +10,8 @@ use crate::auth::{ApiKey, IssuedKey, KeyLimits, KeyStore, NewKey, Role, Scope};
 
 macro_rules! key_columns {
     () => {
-        "id, name, role, buckets, secret_sha256, rate_limit, max_unfinished, max_file_size, created_at, revoked_at"
+        "id, name, role, buckets, secret_sha256, rate_limit, max_unfinished, max_file_size, created_at, revoked_at, \
+         notify_url"
     };
 }
 const KEY_COLUMNS: &str = key_columns!();
@@ -25,6 +26,7 @@ where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Option<i32>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> &'r str: sqlx::ColumnIndex<R>,
 {
     let corrupt = |reason: String| RepoError::Corrupt { id: 0, reason };
@@ -41,6 +43,7 @@ where
             max_unfinished: non_negative(row.try_get("max_unfinished")?),
             max_file_size: non_negative(row.try_get("max_file_size")?),
         },
+        notify_url: row.try_get("notify_url")?,
         created_at,
         revoked_at,
         id,
@@ -71,11 +74,12 @@ impl KeyStore for SqliteDb {
         let (id, digest, name, role, buckets) =
             (issued.id.clone(), issued.secret_sha256.clone(), key.name.clone(), key.role.as_str(), key.scope.to_json());
         let limits = key.limits;
+        let notify_url = key.notify_url.clone();
         let row = self
             .write(move |c| {
                 sqlx::query(concat!(
                     "INSERT INTO api_keys (id, name, role, buckets, secret_sha256, rate_limit, max_unfinished, \
-                     max_file_size, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING ",
+                     max_file_size, created_at, notify_url) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) RETURNING ",
                     key_columns!()
                 ))
                 .bind(id)
@@ -87,6 +91,7 @@ impl KeyStore for SqliteDb {
                 .bind(limit_value(limits.max_unfinished))
                 .bind(limit_value(limits.max_file_size))
                 .bind(to_millis(now))
+                .bind(notify_url)
                 .fetch_one(c)
                 .boxed()
             })
@@ -133,7 +138,7 @@ impl KeyStore for PgDb {
     async fn create_key(&self, issued: &IssuedKey, key: &NewKey, now: DateTime<Utc>) -> Result<ApiKey, RepoError> {
         let row = sqlx::query(&format!(
             "INSERT INTO api_keys (id, name, role, buckets, secret_sha256, rate_limit, max_unfinished, \
-             max_file_size, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {KEY_COLUMNS}"
+             max_file_size, created_at, notify_url) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {KEY_COLUMNS}"
         ))
         .bind(&issued.id)
         .bind(&key.name)
@@ -144,6 +149,7 @@ impl KeyStore for PgDb {
         .bind(limit_value(key.limits.max_unfinished))
         .bind(limit_value(key.limits.max_file_size))
         .bind(now)
+        .bind(&key.notify_url)
         .fetch_one(&self.pool)
         .await?;
         Ok(pg_key(&row)?.0)

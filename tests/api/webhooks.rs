@@ -145,3 +145,38 @@ async fn notify_urls_are_checked_like_origins() {
     assert_eq!(response.status(), 422);
     unsigned.stop().await;
 }
+
+/// A key's default webhook announces its jobs that name none.
+#[tokio::test]
+async fn a_keys_default_webhook_announces_its_jobs() {
+    let origin = Origin::start().await;
+    let (receiver, hook) = Receiver::start(0).await;
+    let app = spawn_app_with(|s| {
+        s.webhook_secret = Some(SECRET.parse().unwrap());
+        s.auth = fileflow::auth::AuthMode::Required;
+    })
+    .await;
+    app.ensure_bucket().await;
+    let create = fileflow::config::KeysCommand::Create {
+        name: "hooked".into(),
+        role: fileflow::auth::Role::Submitter,
+        buckets: Vec::new(),
+        rate_limit: None,
+        max_unfinished: None,
+        file_size_limit: None,
+        notify_url: Some(hook.parse().unwrap()),
+        output: fileflow::config::OutputFormat::Json,
+    };
+    let mut out = Vec::new();
+    fileflow::auth::cli::run(&app.settings, create, &mut out).await.unwrap();
+    let created: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(created["notify_url"], hook.as_str());
+    let key = created["key"].as_str().unwrap();
+    let body = json!({ "file_url": origin.url("/file/10"), "bucket_name": app.bucket, "object_name": "k" });
+    let (status, _, job) = app.call(reqwest::Method::POST, "/api/v1/upload", Some(key), Some(&body)).await;
+    assert_eq!(status, 202, "{job}");
+    let got = receiver.verified(1).await;
+    assert_eq!(got[0].1["type"], "upload.completed");
+    assert_eq!(got[0].1["data"]["id"], job["id"]);
+    app.stop().await;
+}
