@@ -122,6 +122,8 @@ mod tests {
             grant: crate::lifecycle::Grant::open(),
             object_version: Some("v1".into()),
             cancel_requested: false,
+            bytes_done: None,
+            bytes_total: None,
             created_at: now,
             updated_at: now,
             next_attempt_at: None,

@@ -397,6 +397,24 @@ async fn idempotency_keys_last_a_day(repo: Arc<dyn JobRepository>) {
     assert_eq!(repo.forget_idempotency_keys(t + chrono::Duration::seconds(1), 10).await.unwrap(), 0);
 }
 
+/// The lease holder's progress is recorded; the answer says whether a cancel came; a
+/// claim starts the count again and a completion ends it at the object's size.
+async fn progress_is_recorded_for_the_lease_holder(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let job = repo.create(&new_job("p"), t).await.unwrap();
+    assert_eq!((job.bytes_done, job.bytes_total), (None, None));
+    repo.claim(job.id, &lease("w")).await.unwrap();
+    assert_eq!(repo.report_progress(job.id, "w", 10, Some(100)).await.unwrap(), Some(false));
+    assert_eq!(repo.report_progress(job.id, "someone-else", 99, None).await.unwrap(), None);
+    let got = repo.get(job.id).await.unwrap().unwrap();
+    assert_eq!((got.bytes_done, got.bytes_total), (Some(10), Some(100)));
+    assert!(matches!(repo.cancel(job.id, t).await.unwrap(), fileflow::metadata::Cancel::Requested(_)));
+    assert_eq!(repo.report_progress(job.id, "w", 20, None).await.unwrap(), Some(true));
+    assert!(repo.settle(job.id, "w", &Settlement::Completed(stored()), t).await.unwrap());
+    let done = repo.get(job.id).await.unwrap().unwrap();
+    assert_eq!((done.bytes_done, done.bytes_total), (Some(5), Some(5)));
+}
+
 async fn sqlite() -> (Arc<dyn JobRepository>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let db = SqliteDb::connect(&SqliteDb::default_url(dir.path())).await.unwrap();
@@ -439,7 +457,8 @@ conformance!(
     a_batch_of_claims_is_decided_request_by_request,
     retries_releases_and_requeues,
     jobs_belong_to_their_key,
-    idempotency_keys_last_a_day
+    idempotency_keys_last_a_day,
+    progress_is_recorded_for_the_lease_holder
 );
 
 /// PostgreSQL announces a job through its outbox in the same commit as the job's row.

@@ -55,6 +55,9 @@ struct JobView {
     if_exists: IfExists,
     #[serde(skip_serializing_if = "Option::is_none")]
     notify_url: Option<String>,
+    /// Bytes received by the transfer under way (or the last one), and the declared size.
+    bytes_done: Option<u64>,
+    bytes_total: Option<u64>,
     created_at: String,
     updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,6 +96,8 @@ async fn job_view(job: Job, links: &dyn DownloadLinks) -> anyhow::Result<JobView
         content_type: job.content_type,
         if_exists: job.if_exists,
         notify_url: job.notify_url,
+        bytes_done: job.bytes_done,
+        bytes_total: job.bytes_total,
         created_at: timestamp(job.created_at),
         updated_at: timestamp(job.updated_at),
         next_attempt_at: job.next_attempt_at.map(timestamp),

@@ -195,6 +195,10 @@ pub struct Job {
     pub object_version: Option<String>,
     /// A caller asked to cancel the job while a worker had it: the worker stops.
     pub cancel_requested: bool,
+    /// Bytes received by the transfer under way (or the last one), and the size the
+    /// origin declared; `None` before a transfer started, or when no size was declared.
+    pub bytes_done: Option<u64>,
+    pub bytes_total: Option<u64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// When the next attempt is due, while a retry is scheduled.

@@ -322,9 +322,15 @@ pub trait JobRepository: Send + Sync + 'static {
     /// `processing` one by asking its worker to stop.
     async fn cancel(&self, id: JobId, now: DateTime<Utc>) -> Result<Cancel, RepoError>;
 
-    /// Whether a caller asked to cancel this job while a worker has it (asked about once a
-    /// second by the worker transferring it).
-    async fn cancel_requested(&self, id: JobId) -> Result<bool, RepoError>;
+    /// Record how far `owner`'s transfer of the job has come (about once a second), and
+    /// answer whether a caller asked to cancel it; `None` when `owner` no longer holds it.
+    async fn report_progress(
+        &self,
+        id: JobId,
+        owner: &str,
+        done: u64,
+        total: Option<u64>,
+    ) -> Result<Option<bool>, RepoError>;
 
     /// Move a `failed` job back to `pending` with a fresh retry budget, and queue it, atomically.
     async fn requeue_failed(&self, id: JobId, now: DateTime<Utc>) -> Result<Requeue, RepoError>;

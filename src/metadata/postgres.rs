@@ -163,7 +163,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
     sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at, \
-    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists, notify_url";
+    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total";
 
 fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -189,6 +189,8 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         expected_md5: row.try_get("expected_md5")?,
         expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(|n| u64::try_from(n).unwrap_or(0)),
         notify_url: row.try_get("notify_url")?,
+        bytes_done: row.try_get::<Option<i64>, _>("bytes_done")?.map(|n| u64::try_from(n).unwrap_or(0)),
+        bytes_total: row.try_get::<Option<i64>, _>("bytes_total")?.map(|n| u64::try_from(n).unwrap_or(0)),
         if_exists: row
             .try_get::<String, _>("if_exists")?
             .parse()
@@ -332,7 +334,7 @@ impl JobRepository for PgRepository {
                  ORDER BY f.id FOR UPDATE OF f SKIP LOCKED) \
              UPDATE files SET status = 'processing', lease_owner = asked.aowner, \
                  lease_expires_at = now() + asked.ams * interval '1 millisecond', next_attempt_at = NULL, \
-                 updated_at = now() \
+                 bytes_done = 0, bytes_total = NULL, updated_at = now() \
              FROM asked, claimable WHERE files.id = asked.aid AND files.id = claimable.cid \
              RETURNING {COLUMNS}, lease_owner"
         ))
@@ -429,6 +431,7 @@ impl JobRepository for PgRepository {
             Settlement::Completed(stored) => sqlx::query(
                 "UPDATE files SET status = 'completed', etag = $3, size = $4, sha256 = $5, md5 = $6, content_type = $7, \
                  object_version = $9, last_error = NULL, lease_owner = NULL, lease_expires_at = NULL, \
+                 bytes_done = $4, bytes_total = $4, \
                  next_attempt_at = NULL, updated_at = $8 \
                  WHERE id = $1 AND status = 'processing' AND lease_owner = $2",
             )
@@ -491,13 +494,25 @@ impl JobRepository for PgRepository {
         cancel_answer(row.as_ref().map(job_from_row).transpose()?, || self.get(id)).await
     }
 
-    async fn cancel_requested(&self, id: JobId) -> Result<bool, RepoError> {
-        let requested: Option<bool> =
-            sqlx::query_scalar("SELECT cancel_requested_at IS NOT NULL FROM files WHERE id = $1")
-                .bind(id.0)
-                .fetch_optional(&self.db.pool)
-                .await?;
-        Ok(requested.unwrap_or(false))
+    async fn report_progress(
+        &self,
+        id: JobId,
+        owner: &str,
+        done: u64,
+        total: Option<u64>,
+    ) -> Result<Option<bool>, RepoError> {
+        let answer: Option<bool> = sqlx::query_scalar(
+            "UPDATE files SET bytes_done = $3, bytes_total = $4 \
+             WHERE id = $1 AND status = 'processing' AND lease_owner = $2 \
+             RETURNING cancel_requested_at IS NOT NULL",
+        )
+        .bind(id.0)
+        .bind(owner)
+        .bind(i64::try_from(done).unwrap_or(i64::MAX))
+        .bind(total.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(answer)
     }
 
     async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {

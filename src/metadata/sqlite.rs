@@ -165,6 +165,7 @@ async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>,
     let mut sql = String::from(
         "UPDATE files SET status = 'completed', etag = v.column3, size = v.column4, sha256 = v.column5, \
          md5 = v.column6, content_type = v.column7, object_version = v.column9, last_error = NULL, \
+         bytes_done = v.column4, bytes_total = v.column4, \
          lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column8 FROM (VALUES ",
     );
     for i in 0..batch.len() {
@@ -207,7 +208,7 @@ async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>,
 async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError> {
     let mut sql = String::from(
         "UPDATE files SET status = 'processing', lease_owner = v.column2, lease_expires_at = ?1 + v.column3, \
-         next_attempt_at = NULL, updated_at = ?1 FROM (VALUES ",
+         next_attempt_at = NULL, bytes_done = 0, bytes_total = NULL, updated_at = ?1 FROM (VALUES ",
     );
     for i in 0..batch.len() {
         let sep = if i == 0 { "" } else { "," };
@@ -314,7 +315,7 @@ async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<J
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
     etag, size, sha256, md5, content_type, expected_sha256, expected_md5, request_headers, \
     created_at, updated_at, next_attempt_at, owner_key, max_file_size, may_create_bucket, object_version, \
-    cancel_requested_at, expected_size, if_exists, notify_url";
+    cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total";
 
 fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -340,6 +341,8 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         expected_md5: row.try_get("expected_md5")?,
         expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(|n| u64::try_from(n).unwrap_or(0)),
         notify_url: row.try_get("notify_url")?,
+        bytes_done: row.try_get::<Option<i64>, _>("bytes_done")?.map(|n| u64::try_from(n).unwrap_or(0)),
+        bytes_total: row.try_get::<Option<i64>, _>("bytes_total")?.map(|n| u64::try_from(n).unwrap_or(0)),
         if_exists: row
             .try_get::<String, _>("if_exists")?
             .parse()
@@ -667,13 +670,31 @@ impl JobRepository for SqliteRepository {
         cancel_answer(row.as_ref().map(job_from_row).transpose()?, || self.get(id)).await
     }
 
-    async fn cancel_requested(&self, id: JobId) -> Result<bool, RepoError> {
-        let requested: Option<bool> =
-            sqlx::query_scalar("SELECT cancel_requested_at IS NOT NULL FROM files WHERE id = ?1")
+    async fn report_progress(
+        &self,
+        id: JobId,
+        owner: &str,
+        done: u64,
+        total: Option<u64>,
+    ) -> Result<Option<bool>, RepoError> {
+        let owner = owner.to_owned();
+        let answer: Option<bool> = self
+            .db
+            .write(move |c| {
+                sqlx::query_scalar(
+                    "UPDATE files SET bytes_done = ?3, bytes_total = ?4 \
+                     WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2 \
+                     RETURNING cancel_requested_at IS NOT NULL",
+                )
                 .bind(id.0)
-                .fetch_optional(&self.db.reads)
-                .await?;
-        Ok(requested.unwrap_or(false))
+                .bind(owner)
+                .bind(i64::try_from(done).unwrap_or(i64::MAX))
+                .bind(total.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
+                .fetch_optional(c)
+                .boxed()
+            })
+            .await?;
+        Ok(answer)
     }
 
     async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {

@@ -37,6 +37,20 @@ fn views(deliveries: Vec<DeliveryView>, attempts: Vec<(i64, AttemptView)>) -> Ve
     deliveries
 }
 
+/// The columns a try's outcome sets: (delivered_at, given_up_at, next_attempt_at), each
+/// written as the database keeps times.
+fn outcome_columns<T>(
+    outcome: Attempted,
+    at: DateTime<Utc>,
+    time: impl Fn(DateTime<Utc>) -> T,
+) -> (Option<T>, Option<T>, Option<T>) {
+    match outcome {
+        Attempted::Delivered => (Some(time(at)), None, None),
+        Attempted::GaveUp => (None, Some(time(at)), None),
+        Attempted::RetryAt(when) => (None, None, Some(time(when))),
+    }
+}
+
 fn status_of(status: Option<i32>) -> Option<u16> {
     status.and_then(|s| u16::try_from(s).ok())
 }
@@ -77,11 +91,7 @@ impl WebhookOutbox for SqliteDb {
     ) -> Result<(), RepoError> {
         let error = error.map(str::to_owned);
         let at_ms = to_millis(at);
-        let (delivered, given_up, next) = match outcome {
-            Attempted::Delivered => (Some(at_ms), None, None),
-            Attempted::GaveUp => (None, Some(at_ms), None),
-            Attempted::RetryAt(when) => (None, None, Some(to_millis(when))),
-        };
+        let (delivered, given_up, next) = outcome_columns(outcome, at, to_millis);
         self.write(move |c| {
             Box::pin(async move {
                 use sqlx::Connection as _;
@@ -186,11 +196,7 @@ impl WebhookOutbox for PgDb {
         error: Option<&str>,
         outcome: Attempted,
     ) -> Result<(), RepoError> {
-        let (delivered, given_up, next) = match outcome {
-            Attempted::Delivered => (Some(at), None, None),
-            Attempted::GaveUp => (None, Some(at), None),
-            Attempted::RetryAt(when) => (None, None, Some(when)),
-        };
+        let (delivered, given_up, next) = outcome_columns(outcome, at, |t| t);
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO webhook_attempts (delivery_id, attempted_at, status, error) VALUES ($1, $2, $3, $4)")
             .bind(id)

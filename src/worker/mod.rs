@@ -10,6 +10,7 @@ mod verify;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -57,8 +58,43 @@ fn object_exists(bucket: &BucketName, key: &ObjectKey) -> JobError {
     JobError::permanent(format!("{bucket}/{key} already exists (if_exists: fail)"))
 }
 
-/// How often a transfer under way asks whether its job was cancelled.
-const CANCEL_POLL: Duration = Duration::from_secs(1);
+/// How often a transfer under way records its progress and asks whether its job was cancelled.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Bytes a transfer has received, and the size its origin declared.
+#[derive(Debug, Clone)]
+struct Progress(Arc<(AtomicU64, AtomicU64)>);
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self(Arc::new((AtomicU64::new(0), AtomicU64::new(Self::UNKNOWN))))
+    }
+}
+
+impl Progress {
+    /// No size declared.
+    const UNKNOWN: u64 = u64::MAX;
+
+    fn start(&self, total: Option<u64>) {
+        self.0.1.store(total.unwrap_or(Self::UNKNOWN), Ordering::Relaxed);
+    }
+
+    fn read(&self) -> (u64, Option<u64>) {
+        let total = self.0.1.load(Ordering::Relaxed);
+        (self.0.0.load(Ordering::Relaxed), (total != Self::UNKNOWN).then_some(total))
+    }
+
+    /// `body`, counted as it goes by.
+    fn count(&self, body: ByteStream) -> ByteStream {
+        let counter = self.clone();
+        body.inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                counter.0.0.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        })
+        .boxed()
+    }
+}
 
 /// `body`, ended with a "cancelled" error as soon as `cancel` fires (also while it waits
 /// for the origin).
@@ -257,11 +293,13 @@ impl Worker {
             tracing::info!(job_id = %id, attempt, bucket = %job.bucket_name, key = %job.object_name, "job started");
             let fence = LeaseFence { repo: &*self.repo, id, owner: &lease.owner, margin: self.fence_margin() };
             let cancel = CancellationToken::new();
-            let transfer = tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job, &fence, &cancel));
+            let progress = Progress::default();
+            let transfer =
+                tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job, &fence, &cancel, &progress));
             let mut transfer = std::pin::pin!(transfer);
             let outcome = tokio::select! {
                 outcome = &mut transfer => outcome,
-                () = self.watch_for_cancel(id, &cancel) => transfer.await,
+                () = self.report_progress(id, &lease.owner, &progress, &cancel) => transfer.await,
             };
             let outcome = outcome.unwrap_or_else(|_| {
                 Err(JobError::transient(format!(
@@ -380,21 +418,23 @@ impl Worker {
         }
     }
 
-    /// Ask the database about once a second whether a caller cancelled job `id`; when one
-    /// did, fire `cancel` and return (never returns otherwise).
-    async fn watch_for_cancel(&self, id: JobId, cancel: &CancellationToken) {
-        let mut tick = tokio::time::interval(CANCEL_POLL);
+    /// About once a second, record the transfer's progress and ask whether a caller
+    /// cancelled the job; when one did, fire `cancel` and return (never returns otherwise).
+    async fn report_progress(&self, id: JobId, owner: &str, progress: &Progress, cancel: &CancellationToken) {
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
         tick.tick().await;
         loop {
             tick.tick().await;
-            match self.repo.cancel_requested(id).await {
-                Ok(true) => {
+            let (done, total) = progress.read();
+            match self.repo.report_progress(id, owner, done, total).await {
+                Ok(Some(true)) => {
                     tracing::info!(job_id = %id, "cancel requested; stopping the transfer");
                     cancel.cancel();
                     return;
                 }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(job_id = %id, error = %e, "cannot tell whether the job was cancelled"),
+                // Still running, or the lease is gone (the lease keeper notices that).
+                Ok(_) => {}
+                Err(e) => tracing::warn!(job_id = %id, error = %e, "cannot record the transfer's progress"),
             }
         }
     }
@@ -429,6 +469,7 @@ impl Worker {
         job: &Job,
         fence: &dyn Fence,
         cancel: &CancellationToken,
+        progress: &Progress,
     ) -> Result<StoredObject, JobError> {
         // The row was validated on the way in; a row that no longer parses is corrupt.
         let corrupt =
@@ -467,7 +508,8 @@ impl Worker {
             )));
         }
         // A cancel ends the body with an error, so the store aborts what it has written.
-        let body = until_cancelled(at_least(fetched.body, self.settings.min_rate), cancel.clone());
+        progress.start(fetched.content_length);
+        let body = progress.count(until_cancelled(at_least(fetched.body, self.settings.min_rate), cancel.clone()));
         let (content_type, body) = sniff::content_type(fetched.content_type, body).await;
         let expect = Expectations {
             max_size,

@@ -300,3 +300,30 @@ async fn if_exists_decides_what_happens_to_an_object_already_there() {
     assert_eq!(bad.status(), 422);
     app.stop().await;
 }
+
+/// A transfer's progress shows on the job while it runs (about once a second), and the
+/// final size once it completes.
+#[tokio::test]
+async fn progress_shows_while_a_transfer_runs() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    let size = 8 * 1024 * 1024;
+    // 8 MiB at about 2.5 MiB/s: three seconds or so.
+    let id = app.submit(&origin.url(&format!("/slow/{size}?every_ms=25")), &app.bucket, "watched.bin").await;
+    let first = app.wait_until(&id, Duration::from_secs(10), |j| j["bytes_done"].as_u64().is_some_and(|d| d > 0)).await;
+    assert_eq!(first["status"], "processing", "{first}");
+    assert_eq!(first["bytes_total"], size, "{first}");
+    let done_then = first["bytes_done"].as_u64().unwrap();
+    let later = app
+        .wait_until(&id, Duration::from_secs(10), |j| {
+            j["status"] == "completed" || j["bytes_done"].as_u64().is_some_and(|d| d > done_then)
+        })
+        .await;
+    assert!(later["bytes_done"].as_u64().unwrap() > done_then, "{later}");
+    let job = app.finished(&id).await;
+    assert_eq!(
+        (job["status"].as_str(), job["bytes_done"].as_u64(), job["bytes_total"].as_u64()),
+        (Some("completed"), Some(size), Some(size))
+    );
+    app.stop().await;
+}
