@@ -11,7 +11,7 @@ use fileflow::auth::{IssuedKey, KeyLimits, KeyStore, NewKey, Role, Scope};
 use fileflow::domain::{BucketName, ObjectKey, SealedHeaders, SourceUrl};
 use fileflow::lifecycle::{Grant, JobStatus, NewJob, Settlement, StoredObject};
 use fileflow::metadata::{
-    Claim, Created, IdempotencyKey, JobRepository, KeyTaken, Lease, ListFilter, PgDb, PgRepository, Requeue, SqliteDb,
+    Claim, Created, IdempotencyKey, JobRepository, Lease, ListFilter, PgDb, PgRepository, Requeue, SqliteDb,
     SqliteRepository, Sweep,
 };
 
@@ -170,13 +170,9 @@ async fn claims_are_exclusive_until_the_lease_lapses(repo: Arc<dyn JobRepository
         other => panic!("a held job: {other:?}"),
     }
     assert!(!repo.renew(job.id, &lease("w2")).await.unwrap(), "only the holder renews");
-    assert_eq!(repo.take_key(job.id, "w2", Duration::ZERO).await.unwrap(), KeyTaken::LeaseLost, "only the holder");
-    assert_eq!(repo.take_key(job.id, "w1", Duration::ZERO).await.unwrap(), KeyTaken::Taken);
-    assert_eq!(
-        repo.take_key(job.id, "w1", Duration::from_secs(5)).await.unwrap(),
-        KeyTaken::LeaseLost,
-        "less than 5 s of the lease are left"
-    );
+    assert!(!repo.holds(job.id, "w2", Duration::ZERO).await.unwrap(), "only the holder holds");
+    assert!(repo.holds(job.id, "w1", Duration::ZERO).await.unwrap());
+    assert!(!repo.holds(job.id, "w1", Duration::from_secs(5)).await.unwrap(), "less than 5 s of the lease are left");
 
     // A renewal really extends the lease: without it, the lease would lapse in between.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -189,7 +185,7 @@ async fn claims_are_exclusive_until_the_lease_lapses(repo: Arc<dyn JobRepository
 
     // w1 dies; once its (renewed) lease lapses, w2 may take the job.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(repo.take_key(job.id, "w1", Duration::ZERO).await.unwrap(), KeyTaken::LeaseLost, "the lease lapsed");
+    assert!(!repo.holds(job.id, "w1", Duration::ZERO).await.unwrap(), "the lease lapsed");
     assert!(matches!(repo.claim(job.id, &lease("w2")).await.unwrap(), Claim::Claimed(_)));
     assert!(!repo.renew(job.id, &short_lease("w1", 800)).await.unwrap(), "w1 lost it");
     assert!(!repo.settle(job.id, "w1", &Settlement::Completed(stored()), t).await.unwrap(), "w1 lost it");
@@ -419,33 +415,6 @@ async fn progress_is_recorded_for_the_lease_holder(repo: Arc<dyn JobRepository>)
     assert_eq!((done.bytes_done, done.bytes_total), (Some(5), Some(5)));
 }
 
-/// Two jobs writing one object key: the second waits for the key until the first's
-/// outcome is recorded (or handed back); a holder whose lease lapsed lets go of it.
-async fn one_writer_of_a_key_at_a_time(repo: Arc<dyn JobRepository>) {
-    let t = now();
-    let a = repo.create(&new_job("same/key"), t).await.unwrap();
-    let b = repo.create(&new_job("same/key"), t).await.unwrap();
-    let other = repo.create(&new_job("other/key"), t).await.unwrap();
-    repo.claim(a.id, &lease("a")).await.unwrap();
-    repo.claim(b.id, &short_lease("b", 400)).await.unwrap();
-    repo.claim(other.id, &lease("o")).await.unwrap();
-    assert_eq!(repo.take_key(a.id, "a", Duration::ZERO).await.unwrap(), KeyTaken::Taken);
-    assert_eq!(repo.take_key(a.id, "a", Duration::ZERO).await.unwrap(), KeyTaken::Taken, "again, by its holder");
-    assert_eq!(repo.take_key(b.id, "b", Duration::ZERO).await.unwrap(), KeyTaken::Busy);
-    assert_eq!(repo.take_key(other.id, "o", Duration::ZERO).await.unwrap(), KeyTaken::Taken, "other keys are free");
-    assert!(repo.settle(a.id, "a", &Settlement::Completed(stored()), t).await.unwrap());
-    assert_eq!(repo.take_key(b.id, "b", Duration::ZERO).await.unwrap(), KeyTaken::Taken, "recorded: let go");
-    // b dies holding the key; once its lease lapses, a new claim of a may take it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let c = repo.create(&new_job("same/key"), now()).await.unwrap();
-    repo.claim(c.id, &lease("c")).await.unwrap();
-    assert_eq!(repo.take_key(c.id, "c", Duration::ZERO).await.unwrap(), KeyTaken::Taken, "a dead holder's key lapses");
-    assert!(repo.release(c.id, "c", now()).await.unwrap());
-    let d = repo.create(&new_job("same/key"), now()).await.unwrap();
-    repo.claim(d.id, &lease("d")).await.unwrap();
-    assert_eq!(repo.take_key(d.id, "d", Duration::ZERO).await.unwrap(), KeyTaken::Taken, "a hand-back lets go");
-}
-
 async fn sqlite() -> (Arc<dyn JobRepository>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let db = SqliteDb::connect(&SqliteDb::default_url(dir.path())).await.unwrap();
@@ -489,8 +458,7 @@ conformance!(
     retries_releases_and_requeues,
     jobs_belong_to_their_key,
     idempotency_keys_last_a_day,
-    progress_is_recorded_for_the_lease_holder,
-    one_writer_of_a_key_at_a_time
+    progress_is_recorded_for_the_lease_holder
 );
 
 /// PostgreSQL announces a job through its outbox in the same commit as the job's row.

@@ -148,17 +148,6 @@ pub enum Created {
     KeyReused,
 }
 
-/// What asking for a job's object key just before the commit found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyTaken {
-    /// The lease holds and the key is this worker's until the outcome is recorded.
-    Taken,
-    /// Another job's worker is writing the same key; ask again shortly.
-    Busy,
-    /// The lease was lost or is nearly over.
-    LeaseLost,
-}
-
 /// What looking an idempotency key up found, inside the create's transaction.
 pub(crate) enum KeyUse {
     /// Not used before: this job was created under it.
@@ -307,10 +296,9 @@ pub trait JobRepository: Send + Sync + 'static {
     /// was lost to another claim.
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError>;
 
-    /// Just before a stored object becomes visible (fencing): whether `owner` still holds
-    /// the job with at least `margin` of its lease left, by the database's clock, and if so
-    /// take the job's object key for it until its outcome is recorded (or its lease ends).
-    async fn take_key(&self, id: JobId, owner: &str, margin: std::time::Duration) -> Result<KeyTaken, RepoError>;
+    /// Whether `owner` still holds the job with at least `margin` of its lease left, by the
+    /// database's clock. Checked just before a stored object becomes visible (fencing).
+    async fn holds(&self, id: JobId, owner: &str, margin: std::time::Duration) -> Result<bool, RepoError>;
 
     /// Make sure every job that should be moving will be delivered: announce again the
     /// `pending` jobs overdue by more than the sweep's grace period (when it says so) and

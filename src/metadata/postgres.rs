@@ -13,8 +13,8 @@ use tokio::sync::{Notify, mpsc};
 
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::{
-    Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyTaken, KeyUse, Lease,
-    ListFilter, Reconciled, RepoError, Requeue, Sweep, cancel_answer,
+    Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyUse, Lease, ListFilter,
+    Reconciled, RepoError, Requeue, Sweep, cancel_answer,
 };
 use crate::domain::{SealedHeaders, SourceUrl};
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement};
@@ -373,31 +373,17 @@ impl JobRepository for PgRepository {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn take_key(&self, id: JobId, owner: &str, margin: Duration) -> Result<KeyTaken, RepoError> {
-        let (held, taken): (bool, bool) = sqlx::query_as(
-            "WITH job AS ( \
-                 SELECT bucket_name, object_name, lease_expires_at FROM files \
-                 WHERE id = $1 AND status = 'processing' AND lease_owner = $2 \
-                   AND lease_expires_at > now() + $3 * interval '1 millisecond'), \
-             taken AS ( \
-                 INSERT INTO object_writes (bucket_name, object_name, holder, expires_at) \
-                 SELECT bucket_name, object_name, $2, lease_expires_at FROM job \
-                 ON CONFLICT (bucket_name, object_name) DO UPDATE SET holder = excluded.holder, \
-                   expires_at = excluded.expires_at \
-                 WHERE object_writes.expires_at <= now() OR object_writes.holder = excluded.holder \
-                 RETURNING 1) \
-             SELECT EXISTS (SELECT 1 FROM job), EXISTS (SELECT 1 FROM taken)",
+    async fn holds(&self, id: JobId, owner: &str, margin: Duration) -> Result<bool, RepoError> {
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM files WHERE id = $1 AND status = 'processing' AND lease_owner = $2 \
+             AND lease_expires_at > now() + $3 * interval '1 millisecond')",
         )
         .bind(id.0)
         .bind(owner)
         .bind(super::millis(margin))
         .fetch_one(&self.db.pool)
         .await?;
-        Ok(match (held, taken) {
-            (false, _) => KeyTaken::LeaseLost,
-            (true, true) => KeyTaken::Taken,
-            (true, false) => KeyTaken::Busy,
-        })
+        Ok(held)
     }
 
     async fn reconcile(&self, sweep: &Sweep) -> Result<Reconciled, RepoError> {

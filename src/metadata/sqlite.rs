@@ -19,8 +19,8 @@ use super::cancel_answer;
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::writer::Writer;
 use super::{
-    Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyTaken, KeyUse, Lease,
-    ListFilter, Reconciled, RepoError, Requeue, Sweep, millis,
+    Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyUse, Lease, ListFilter,
+    Reconciled, RepoError, Requeue, Sweep, millis,
 };
 use crate::domain::{SealedHeaders, SourceUrl};
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
@@ -524,43 +524,18 @@ impl JobRepository for SqliteRepository {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn take_key(&self, id: JobId, owner: &str, margin: Duration) -> Result<KeyTaken, RepoError> {
+    async fn holds(&self, id: JobId, owner: &str, margin: Duration) -> Result<bool, RepoError> {
         let margin = super::millis(margin);
-        let owner = owner.to_owned();
-        self.db
-            .write(move |c| {
-                Box::pin(async move {
-                    let now = to_millis(Utc::now());
-                    let mut tx = c.begin().await?;
-                    let job: Option<(String, String, i64)> = sqlx::query_as(
-                        "SELECT bucket_name, object_name, lease_expires_at FROM files \
-                         WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2 AND lease_expires_at > ?3",
-                    )
-                    .bind(id.0)
-                    .bind(&owner)
-                    .bind(now.saturating_add(margin))
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    let Some((bucket, key, until)) = job else { return Ok(KeyTaken::LeaseLost) };
-                    let taken: Option<String> = sqlx::query_scalar(
-                        "INSERT INTO object_writes (bucket_name, object_name, holder, expires_at) VALUES (?1, ?2, ?3, ?4) \
-                         ON CONFLICT (bucket_name, object_name) DO UPDATE SET holder = excluded.holder, \
-                         expires_at = excluded.expires_at \
-                         WHERE object_writes.expires_at <= ?5 OR object_writes.holder = excluded.holder \
-                         RETURNING holder",
-                    )
-                    .bind(bucket)
-                    .bind(key)
-                    .bind(&owner)
-                    .bind(until)
-                    .bind(now)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    Ok::<_, RepoError>(if taken.is_some() { KeyTaken::Taken } else { KeyTaken::Busy })
-                })
-            })
-            .await
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM files WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2 \
+             AND lease_expires_at > ?3)",
+        )
+        .bind(id.0)
+        .bind(owner)
+        .bind(to_millis(Utc::now()).saturating_add(margin))
+        .fetch_one(&self.db.reads)
+        .await?;
+        Ok(held)
     }
 
     async fn reconcile(&self, sweep: &Sweep) -> Result<Reconciled, RepoError> {

@@ -24,7 +24,7 @@ use crate::fetch::{Fetcher, MinRate, at_least};
 use crate::lifecycle::{
     IfExists, Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle,
 };
-use crate::metadata::{Claim, JobRepository, KeyTaken, Lease, RepoError};
+use crate::metadata::{Claim, JobRepository, Lease, RepoError};
 use crate::queue::{Delivery, Queue, QueueError};
 use crate::secrets::HeaderSealer;
 use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions};
@@ -561,25 +561,15 @@ struct LeaseFence<'a> {
     margin: Duration,
 }
 
-/// How often a worker asks again for an object key another job's worker is writing.
-const KEY_BUSY_RETRY: Duration = Duration::from_millis(20);
-
 #[async_trait::async_trait]
 impl Fence for LeaseFence<'_> {
-    /// The lease must hold, and the object's key be free of other jobs' writes: writes of
-    /// one key and the records of their outcomes then come in the same order.
     async fn check(&self) -> Result<(), JobError> {
-        loop {
-            match self.repo.take_key(self.id, self.owner, self.margin).await {
-                Ok(KeyTaken::Taken) => return Ok(()),
-                Ok(KeyTaken::Busy) => tokio::time::sleep(KEY_BUSY_RETRY).await,
-                Ok(KeyTaken::LeaseLost) => {
-                    return Err(JobError::transient(
-                        "the job's lease was lost or nearly over before the object was stored",
-                    ));
-                }
-                Err(e) => return Err(JobError::transient(format!("cannot check the job's lease: {e}"))),
+        match self.repo.holds(self.id, self.owner, self.margin).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                Err(JobError::transient("the job's lease was lost or nearly over before the object was stored"))
             }
+            Err(e) => Err(JobError::transient(format!("cannot check the job's lease: {e}"))),
         }
     }
 }

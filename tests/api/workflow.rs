@@ -327,29 +327,3 @@ async fn progress_shows_while_a_transfer_runs() {
     );
     app.stop().await;
 }
-
-/// Jobs writing one key at once: the object ends as the record of the job that finished
-/// last says (writes and records of one key are taken in turn).
-#[tokio::test]
-async fn writers_of_one_key_end_with_the_last_record() {
-    let origin = Origin::start().await;
-    let app = spawn_app().await;
-    let mut ids = Vec::new();
-    for seed in 0..8 {
-        ids.push(
-            app.submit(&origin.url(&format!("/delay/100/300000?seed={seed}")), &app.bucket, "contended.bin").await,
-        );
-    }
-    let mut jobs = Vec::new();
-    for id in &ids {
-        let job = app.finished(id).await;
-        assert_eq!(job["status"], "completed", "{job}");
-        jobs.push(job);
-    }
-    let last = jobs.iter().map(|j| j["updated_at"].as_str().unwrap().to_owned()).max().unwrap();
-    let stored = sha256_hex(&app.read_object("contended.bin").await);
-    let finishing_last: Vec<&str> =
-        jobs.iter().filter(|j| j["updated_at"] == last.as_str()).map(|j| j["sha256"].as_str().unwrap()).collect();
-    assert!(finishing_last.contains(&stored.as_str()), "object {stored}, last records {finishing_last:?}");
-    app.stop().await;
-}
