@@ -18,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+use tower_http::timeout::TimeoutLayer;
 
 use crate::auth::Gate;
 use crate::fetch::DestinationGuard;
@@ -55,8 +55,10 @@ pub struct AppState {
     pub webhooks_signed: bool,
 }
 
-/// The API. `request_timeout` bounds reading a request and producing its answer (a
-/// download's body streams on after it).
+/// The API. `request_timeout` bounds reading a request (its body is read inside the
+/// handler) and producing its answer; a download's body streams on after it. (A body-level
+/// timeout layer was tried too: wrapping every request body cost the distributed accept
+/// four fifths of its throughput at 8 clients, 4,291 → 894 jobs/s, and bought nothing.)
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     // Every /api/ route needs a caller the gate admits, except signed download links,
     // which carry their own authority.
@@ -68,7 +70,6 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(downloads::router())
         .merge(health::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(RequestBodyTimeoutLayer::new(request_timeout))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
         .layer(middleware::from_fn(log_request))
         .with_state(state)

@@ -221,6 +221,7 @@ async fn slow_clients_cannot_hold_the_api() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = crate::helpers::spawn_app_with(|s| {
         s.header_timeout = std::time::Duration::from_millis(500);
+        s.request_timeout = std::time::Duration::from_millis(700);
         s.max_connections = 8;
     })
     .await;
@@ -232,11 +233,25 @@ async fn slow_clients_cannot_hold_the_api() {
         slow.push(socket);
     }
     let idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // Headers complete, body promised and never sent: answered 408 after the request timeout.
+    let mut silent_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    silent_body
+        .write_all(b"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let (status, _) = app.get("/healthz").await;
     assert_eq!(status, 200);
     assert!(started.elapsed() < std::time::Duration::from_secs(3), "answered after {:?}", started.elapsed());
     // Every slow connection, and the idle one, was closed by the server.
+    let mut answer = [0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(3), silent_body.read(&mut answer)).await;
+    let n = read.expect("a request whose body never comes is answered in time").unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
     for mut socket in slow.into_iter().chain([idle]) {
         let mut buf = [0u8; 1024];
         let read = tokio::time::timeout(std::time::Duration::from_secs(3), socket.read(&mut buf)).await;
