@@ -178,3 +178,70 @@ async fn a_kill_mid_write_leaves_no_staging_file_for_good() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A webhook is delivered at least once from its durable outbox: the receiver is down,
+/// fileflow is killed while it retries, and the restarted process delivers it, signed.
+#[tokio::test]
+async fn a_webhook_outlives_a_kill_9_and_is_delivered_after_the_restart() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A port with nothing listening yet: where the receiver will be.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let env = [
+        ("FILEFLOW_WEBHOOK_SECRET", SECRET),
+        ("FILEFLOW_RETRY_BASE_DELAY", "200ms"),
+        ("FILEFLOW_RETRY_MAX_DELAY", "2s"),
+    ];
+    let first = start(dir.path(), &env).await;
+    let body = serde_json::json!({
+        "file_url": origin.url("/file/100"), "bucket_name": "file-bucket", "object_name": "hooked",
+        "notify_url": format!("http://127.0.0.1:{port}/hook"),
+    });
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let created: serde_json::Value =
+        client.post(format!("{}/api/v1/upload", first.base)).json(&body).send().await.unwrap().json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let job = first.job(&id).await;
+        let tries = job["webhooks"][0]["attempts"].as_array().map_or(0, Vec::len);
+        if job["status"] == "completed" && tries >= 1 {
+            assert!(job["webhooks"][0]["attempts"][0]["error"].is_string(), "{job}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failed try yet: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut first = first;
+    first.kill().await;
+
+    // The receiver comes up; the restarted process finds the delivery in its outbox.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(axum::http::HeaderMap, String)>();
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((headers, body));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    let second = start(dir.path(), &env).await;
+    let (headers, delivered) =
+        tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("delivered").unwrap();
+    standardwebhooks::Webhook::new(SECRET).unwrap().verify(delivered.as_bytes(), &headers).expect("signed");
+    let event: serde_json::Value = serde_json::from_str(&delivered).unwrap();
+    assert_eq!((event["type"].as_str(), event["data"]["id"].as_str()), (Some("upload.completed"), Some(id.as_str())));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !second.job(&id).await["webhooks"][0]["delivered_at"].is_string() {
+        assert!(Instant::now() < deadline, "the delivery was not recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
