@@ -93,6 +93,9 @@ pub enum Refusal {
     Invalid,
     /// Over the key's request rate; try again after this long.
     RateLimited(Duration),
+    /// The key could not be looked up (the database is unavailable): neither let in nor
+    /// told its key is bad.
+    Unavailable,
 }
 
 /// How often, while the API is open, it looks whether a key has been created since.
@@ -160,7 +163,7 @@ impl Gate {
         let id = keys::key_id(presented).ok_or(Refusal::Invalid)?;
         let found = self.keys.find_key(id).await.map_err(|e| {
             tracing::error!(error = %e, "cannot look up an API key");
-            Refusal::Invalid
+            Refusal::Unavailable
         })?;
         let Some((key, digest)) = found else { return Err(Refusal::Invalid) };
         if !keys::matches(presented, &digest) || key.revoked_at.is_some() {

@@ -32,6 +32,7 @@ pub async fn authenticate(
         Refusal::RateLimited(wait) => {
             ApiError::RateLimited { message: "too many requests for this API key".into(), retry_after: wait }
         }
+        Refusal::Unavailable => ApiError::Internal(anyhow::anyhow!("API keys cannot be looked up now")),
     })?;
     request.extensions_mut().insert(caller);
     Ok(next.run(request).await)
