@@ -245,7 +245,15 @@ async fn create_upload(
 ) -> Result<Response, ApiError> {
     let new_job = parse_new_job(&body, &state, &caller)?;
     let once = idempotency_key(&headers, &caller, &body)?;
-    check_unfinished_quota(&state, &caller, 1).await?;
+    if let Err(refused) = check_unfinished_quota(&state, &caller, 1).await {
+        // A retry of a request that was accepted is answered, whatever the quota says now.
+        let replay = match &once {
+            Some(once) => state.repo.replay_of(once, Utc::now()).await?,
+            None => None,
+        };
+        let Some(job) = replay else { return Err(refused) };
+        return Ok(accepted(&job, true));
+    }
     let (job, replayed) = match once {
         None => (state.repo.create(&new_job, Utc::now()).await?, false),
         Some(once) => match state.repo.create_once(&new_job, &once, Utc::now()).await? {
@@ -264,6 +272,12 @@ async fn create_upload(
     } else {
         tracing::info!(job_id = %job.id, bucket = %job.bucket_name, key = %job.object_name, "job accepted");
     }
+    Ok(accepted(&job, replayed))
+}
+
+/// The answer to an accepted upload: 202, its location and id (`replayed`: the original
+/// answer to a retried request).
+fn accepted(job: &Job, replayed: bool) -> Response {
     let location = format!("/api/v1/uploads/{}", job.id);
     let mut response = (
         StatusCode::ACCEPTED,
@@ -274,7 +288,7 @@ async fn create_upload(
     if replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    Ok(response)
+    response
 }
 
 const IDEMPOTENCY_KEY: &str = "Idempotency-Key";

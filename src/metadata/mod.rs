@@ -271,6 +271,10 @@ pub trait JobRepository: Send + Sync + 'static {
     /// [`IDEMPOTENCY_WINDOW`] are forgotten.
     async fn create_once(&self, job: &NewJob, key: &IdempotencyKey, now: DateTime<Utc>) -> Result<Created, RepoError>;
 
+    /// The job an idempotency key created with this very request, if it did (within the
+    /// window): a retry of it is answered without creating anything.
+    async fn replay_of(&self, key: &IdempotencyKey, now: DateTime<Utc>) -> Result<Option<Job>, RepoError>;
+
     /// Forget idempotency keys recorded before `before`, at most `limit` of them; returns how many.
     async fn forget_idempotency_keys(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError>;
 

@@ -268,6 +268,23 @@ impl JobRepository for PgRepository {
         outcome.answer(|id| self.get(id)).await
     }
 
+    async fn replay_of(&self, key: &IdempotencyKey, now: DateTime<Utc>) -> Result<Option<Job>, RepoError> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT job_id FROM idempotency_keys WHERE owner = $1 AND key = $2 AND request_sha256 = $3 \
+             AND created_at >= $4",
+        )
+        .bind(&key.owner)
+        .bind(&key.key)
+        .bind(&key.request_sha256)
+        .bind(now - chrono::Duration::from_std(IDEMPOTENCY_WINDOW).expect("a day fits"))
+        .fetch_optional(&self.db.pool)
+        .await?;
+        match id {
+            Some(id) => self.get(JobId(id)).await,
+            None => Ok(None),
+        }
+    }
+
     async fn forget_idempotency_keys(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {
         let done = sqlx::query(
             "DELETE FROM idempotency_keys WHERE (owner, key) IN \

@@ -444,6 +444,23 @@ impl JobRepository for SqliteRepository {
         outcome.answer(|id| self.get(id)).await
     }
 
+    async fn replay_of(&self, key: &IdempotencyKey, now: DateTime<Utc>) -> Result<Option<Job>, RepoError> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT job_id FROM idempotency_keys WHERE owner = ?1 AND key = ?2 AND request_sha256 = ?3 \
+             AND created_at >= ?4",
+        )
+        .bind(&key.owner)
+        .bind(&key.key)
+        .bind(&key.request_sha256)
+        .bind(to_millis(now) - millis(IDEMPOTENCY_WINDOW))
+        .fetch_optional(&self.db.reads)
+        .await?;
+        match id {
+            Some(id) => self.get(JobId(id)).await,
+            None => Ok(None),
+        }
+    }
+
     async fn forget_idempotency_keys(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {
         let done = self
             .db

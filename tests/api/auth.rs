@@ -228,17 +228,30 @@ async fn a_key_with_its_unfinished_jobs_at_the_limit_must_wait() {
     settings.auth = AuthMode::Required;
     let app = start_api_only(settings).await;
     let (_, key) = app.create_key("submitter", &[], KeyLimits { max_unfinished: Some(2), ..Default::default() }).await;
-    for i in 0..2 {
-        let body = upload(&origin, &app.bucket, &format!("q{i}"));
-        assert_eq!(app.call(Method::POST, "/api/v1/upload", Some(&key), Some(&body)).await.0, 202);
-    }
+    let send_once = |body: &Value| {
+        app.client.post(app.url("/api/v1/upload")).bearer_auth(&key).header("Idempotency-Key", "once").json(body).send()
+    };
+    let retried = upload(&origin, &app.bucket, "q-once");
+    let first = send_once(&retried).await.unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    let body = upload(&origin, &app.bucket, "q1");
+    assert_eq!(app.call(Method::POST, "/api/v1/upload", Some(&key), Some(&body)).await.0, 202);
+
     let body = upload(&origin, &app.bucket, "q2");
     let (status, headers, answer) = app.call(Method::POST, "/api/v1/upload", Some(&key), Some(&body)).await;
     assert_eq!(status, 429, "{answer}");
     assert_eq!(answer["error"]["code"], "rate_limited");
     assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    // A retry of an accepted request (same idempotency key, same body) is still answered.
+    let again = send_once(&retried).await.unwrap();
+    assert_eq!((again.status().as_u16(), again.headers().get("idempotent-replayed").is_some()), (202, true));
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], first["id"]);
+    let mut other = retried.clone();
+    other["object_name"] = json!("q-other");
+    assert_eq!(send_once(&other).await.unwrap().status(), 429, "not a retry: over the limit");
     let (_, _, listed) = app.call(Method::GET, "/api/v1/uploads", Some(&key), None).await;
-    assert_eq!(listed["uploads"].as_array().unwrap().len(), 2, "the refused job was not written");
+    assert_eq!(listed["uploads"].as_array().unwrap().len(), 2, "the refused jobs were not written");
     drop(dir);
     app.stop().await;
 }
