@@ -101,15 +101,21 @@ pub enum Refusal {
 /// How often, while the API is open, it looks whether a key has been created since.
 const KEY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Whether requests need a key.
+enum Door {
+    /// Never (`--auth off`).
+    Open,
+    /// Always (`required`, or `auto` once a key exists or off loopback).
+    Keyed,
+    /// Not while no key exists (`auto` on loopback): looked at once a second (`checked`),
+    /// and `closed` for good once a key exists.
+    OpenUntilAKeyExists { closed: AtomicBool, checked: Mutex<Instant> },
+}
+
 /// Decides, per request, who is calling and whether they may.
 pub struct Gate {
     keys: Arc<dyn KeyStore>,
-    /// Set once keys are needed; never unset while the process runs.
-    required: AtomicBool,
-    /// Whether the API may be open at all (`auto` on a loopback listener, or `off`).
-    may_be_open: bool,
-    /// When the open API last looked for keys.
-    checked: Mutex<Option<Instant>>,
+    door: Door,
     pub defaults: KeyLimits,
     rates: Mutex<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
 }
@@ -125,32 +131,25 @@ impl Gate {
     ) -> anyhow::Result<Self> {
         let have_keys = keys.has_keys().await?;
         let loopback = listen.ip().is_loopback();
-        let may_be_open = match mode {
+        let door = match mode {
             AuthMode::Off => {
                 tracing::warn!(%listen, "--auth off: the API asks for no key; anyone who reaches it may use it");
-                true
+                Door::Open
             }
-            AuthMode::Required => false,
+            AuthMode::Required => Door::Keyed,
             AuthMode::Auto if !loopback && !have_keys => anyhow::bail!(
                 "fileflow would listen on {listen}, which is not a loopback address, and no API key exists: \
                  anyone who reaches it could use it. Create a key first, with the same --data-dir or \
                  --database-url: `fileflow keys create --name admin --role admin`. Or listen on 127.0.0.1, \
                  or pass --auth off to run it open on purpose."
             ),
-            AuthMode::Auto => loopback,
+            AuthMode::Auto if have_keys => Door::Keyed,
+            AuthMode::Auto => {
+                tracing::info!(%listen, "API open on loopback while no API key exists (`fileflow keys create` protects it)");
+                Door::OpenUntilAKeyExists { closed: AtomicBool::new(false), checked: Mutex::new(Instant::now()) }
+            }
         };
-        let required = mode == AuthMode::Required || (mode == AuthMode::Auto && (have_keys || !loopback));
-        if mode == AuthMode::Auto && !required {
-            tracing::info!(%listen, "API open on loopback while no API key exists (`fileflow keys create` protects it)");
-        }
-        Ok(Self {
-            keys,
-            required: AtomicBool::new(required),
-            may_be_open,
-            checked: Mutex::new(Some(Instant::now())),
-            defaults,
-            rates: Mutex::new(HashMap::new()),
-        })
+        Ok(Self { keys, door, defaults, rates: Mutex::new(HashMap::new()) })
     }
 
     /// The caller presenting `bearer` (the token of an `Authorization: Bearer` header), if
@@ -173,20 +172,30 @@ impl Gate {
         Ok(Caller::Key(Arc::new(key)))
     }
 
-    /// Whether the API is open now. An open API (auto mode, loopback) looks for keys at
-    /// most once a second and closes for good once one exists.
+    /// Whether the API is open now. An API open until a key exists looks for keys at most
+    /// once a second and closes for good once one does.
     async fn is_open(&self) -> bool {
-        if !self.may_be_open || self.required.load(Ordering::Relaxed) {
+        let (closed, checked) = match &self.door {
+            Door::Open => return true,
+            Door::Keyed => return false,
+            Door::OpenUntilAKeyExists { closed, checked } => (closed, checked),
+        };
+        if closed.load(Ordering::Relaxed) {
             return false;
         }
-        if self.keys_looked_for_recently() {
-            return true;
+        {
+            let mut checked = checked.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if now.duration_since(*checked) < KEY_CHECK_INTERVAL {
+                return true;
+            }
+            *checked = now;
         }
         match self.keys.has_keys().await {
             Ok(false) => true,
             Ok(true) => {
                 tracing::info!("an API key exists now: every API request needs one from here on");
-                self.required.store(true, Ordering::Relaxed);
+                closed.store(true, Ordering::Relaxed);
                 false
             }
             Err(e) => {
@@ -195,16 +204,6 @@ impl Gate {
                 false
             }
         }
-    }
-
-    fn keys_looked_for_recently(&self) -> bool {
-        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if checked.is_some_and(|at| now.duration_since(at) < KEY_CHECK_INTERVAL) {
-            return true;
-        }
-        *checked = Some(now);
-        false
     }
 
     /// The limits that hold for `key`: its own, or the server's defaults.

@@ -352,5 +352,14 @@ async fn a_public_listener_without_keys_refuses_to_start() {
     assert_eq!(app.call(Method::GET, "/api/v1/uploads", None, None).await.0, 401);
     assert_eq!(app.call(Method::GET, "/api/v1/uploads", key["key"].as_str(), None).await.0, 200);
     app.stop().await;
+
+    // `--auth off` stays off although keys exist (also past the open API's look for keys).
+    let mut off = settings.clone();
+    off.auth = AuthMode::Off;
+    let app = crate::helpers::start(off, None).await;
+    assert_eq!(app.call(Method::GET, "/api/v1/uploads", None, None).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(app.call(Method::GET, "/api/v1/uploads", None, None).await.0, 200, "off means off");
+    app.stop().await;
     drop(dir);
 }
