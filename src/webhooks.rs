@@ -20,6 +20,7 @@ use serde::Serialize;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
+use crate::fetch::describe;
 use crate::lifecycle::{JobError, JobId, RetryPolicy};
 use crate::links::DownloadLinks;
 use crate::metadata::{JobRepository, RepoError};
@@ -53,6 +54,11 @@ impl WebhookSecret {
         mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
         format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
     }
+}
+
+/// The `webhook-id` of delivery `id`: the same on every try of it.
+pub fn message_id(id: i64) -> String {
+    format!("msg_{id}")
 }
 
 /// A delivery due to be sent.
@@ -191,7 +197,7 @@ impl Dispatcher {
         let timestamp = Utc::now();
         let body =
             serde_json::json!({ "type": due.event, "timestamp": timestamp.to_rfc3339(), "data": data }).to_string();
-        let id = format!("msg_{}", due.id);
+        let id = message_id(due.id);
         let signature = self.secret.sign(&id, timestamp.timestamp(), &body);
         let response = self
             .client
@@ -204,16 +210,7 @@ impl Dispatcher {
             .timeout(SEND_TIMEOUT)
             .send()
             .await
-            .map_err(|e| {
-                let e = e.without_url();
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    text.push_str(&format!(": {cause}"));
-                    source = cause.source();
-                }
-                text
-            })?;
+            .map_err(|e| describe(&e.without_url()))?;
         Ok(response.status().as_u16())
     }
 }

@@ -154,7 +154,8 @@ fn find_cause<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> O
     None
 }
 
-fn describe(err: &(dyn StdError + 'static)) -> String {
+/// An error and its causes, each once, as one line.
+pub fn describe(err: &(dyn StdError + 'static)) -> String {
     let mut text = err.to_string();
     let mut current = err.source();
     while let Some(e) = current {

@@ -11,7 +11,7 @@ use crate::lifecycle::JobError;
 use crate::storage::ByteStream;
 
 pub use guard::{DestinationGuard, HostList, Refused};
-pub use http::{FetchSettings, HttpFetcher, Lookup, SystemLookup, guarded_client};
+pub use http::{FetchSettings, HttpFetcher, Lookup, SystemLookup, describe, guarded_client};
 pub use pace::{MinRate, at_least};
 
 /// An origin's answer, body not yet read.

@@ -8,7 +8,7 @@ use sqlx::Row;
 
 use super::{PgDb, RepoError, SqliteDb, from_millis, millis, to_millis};
 use crate::lifecycle::JobId;
-use crate::webhooks::{AttemptView, Attempted, DeliveryView, DueDelivery, WebhookOutbox};
+use crate::webhooks::{AttemptView, Attempted, DeliveryView, DueDelivery, WebhookOutbox, message_id};
 
 fn due_from_row<R: Row>(row: &R) -> Result<DueDelivery, RepoError>
 where
@@ -26,15 +26,61 @@ where
     })
 }
 
-/// The deliveries of a job with their tries, from rows of deliveries and of tries.
-fn views(deliveries: Vec<DeliveryView>, attempts: Vec<(i64, AttemptView)>) -> Vec<DeliveryView> {
+/// A delivery row (id, event, url, delivered_at, given_up_at, next_attempt_at) as the job's
+/// view shows it, under its id; `time` reads a time as the database keeps it.
+fn delivery_from_row<R: Row, T>(row: &R, time: impl Fn(T) -> DateTime<Utc>) -> Result<(i64, DeliveryView), RepoError>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<T>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let id: i64 = row.try_get("id")?;
+    let delivered_at = row.try_get::<Option<T>, _>("delivered_at")?.map(&time);
+    let given_up_at = row.try_get::<Option<T>, _>("given_up_at")?.map(&time);
+    let pending = delivered_at.is_none() && given_up_at.is_none();
+    let next_attempt_at = row.try_get::<Option<T>, _>("next_attempt_at")?.map(&time).filter(|_| pending);
+    let view = DeliveryView {
+        id: message_id(id),
+        event: row.try_get("event")?,
+        url: row.try_get("url")?,
+        delivered_at,
+        given_up_at,
+        next_attempt_at,
+        attempts: Vec::new(),
+    };
+    Ok((id, view))
+}
+
+/// A try row (delivery_id, attempted_at, status, error), under its delivery's id.
+fn attempt_from_row<R: Row, T>(row: &R, time: impl Fn(T) -> DateTime<Utc>) -> Result<(i64, AttemptView), RepoError>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i32>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let status: Option<i32> = row.try_get("status")?;
+    Ok((
+        row.try_get("delivery_id")?,
+        AttemptView {
+            at: time(row.try_get("attempted_at")?),
+            status: status.and_then(|s| u16::try_from(s).ok()),
+            error: row.try_get("error")?,
+        },
+    ))
+}
+
+/// The deliveries of a job with their tries, from the rows of both.
+fn views(deliveries: Vec<(i64, DeliveryView)>, attempts: Vec<(i64, AttemptView)>) -> Vec<DeliveryView> {
     let mut deliveries = deliveries;
     for (delivery, attempt) in attempts {
-        if let Some(view) = deliveries.iter_mut().find(|d| d.id == format!("msg_{delivery}")) {
+        if let Some((_, view)) = deliveries.iter_mut().find(|(id, _)| *id == delivery) {
             view.attempts.push(attempt);
         }
     }
-    deliveries
+    deliveries.into_iter().map(|(_, view)| view).collect()
 }
 
 /// The columns a try's outcome sets: (delivered_at, given_up_at, next_attempt_at), each
@@ -51,9 +97,14 @@ fn outcome_columns<T>(
     }
 }
 
-fn status_of(status: Option<i32>) -> Option<u16> {
-    status.and_then(|s| u16::try_from(s).ok())
-}
+const DELIVERIES_SQLITE: &str = "SELECT id, event, url, delivered_at, given_up_at, next_attempt_at \
+    FROM webhook_deliveries WHERE job_id = ?1 ORDER BY id";
+const ATTEMPTS_SQLITE: &str = "SELECT a.delivery_id, a.attempted_at, a.status, a.error FROM webhook_attempts a \
+    JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.job_id = ?1 ORDER BY a.attempted_at";
+const DELIVERIES_PG: &str = "SELECT id, event, url, delivered_at, given_up_at, next_attempt_at \
+    FROM webhook_deliveries WHERE job_id = $1 ORDER BY id";
+const ATTEMPTS_PG: &str = "SELECT a.delivery_id, a.attempted_at, a.status, a.error FROM webhook_attempts a \
+    JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.job_id = $1 ORDER BY a.attempted_at";
 
 #[async_trait]
 impl WebhookOutbox for SqliteDb {
@@ -124,50 +175,12 @@ impl WebhookOutbox for SqliteDb {
     }
 
     async fn deliveries_of(&self, job: JobId) -> Result<Vec<DeliveryView>, RepoError> {
-        let rows = sqlx::query(
-            "SELECT id, event, url, delivered_at, given_up_at, next_attempt_at FROM webhook_deliveries \
-             WHERE job_id = ?1 ORDER BY id",
-        )
-        .bind(job.0)
-        .fetch_all(&self.reads)
-        .await?;
-        let mut deliveries = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let (delivered, given_up): (Option<i64>, Option<i64>) =
-                (row.try_get("delivered_at")?, row.try_get("given_up_at")?);
-            let pending = delivered.is_none() && given_up.is_none();
-            deliveries.push(DeliveryView {
-                id: format!("msg_{}", row.try_get::<i64, _>("id")?),
-                event: row.try_get("event")?,
-                url: row.try_get("url")?,
-                delivered_at: delivered.map(from_millis),
-                given_up_at: given_up.map(from_millis),
-                next_attempt_at: pending
-                    .then(|| row.try_get::<i64, _>("next_attempt_at").map(from_millis))
-                    .transpose()?,
-                attempts: Vec::new(),
-            });
-        }
-        let attempts = sqlx::query(
-            "SELECT a.delivery_id, a.attempted_at, a.status, a.error FROM webhook_attempts a \
-             JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.job_id = ?1 ORDER BY a.attempted_at",
-        )
-        .bind(job.0)
-        .fetch_all(&self.reads)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok((
-                row.try_get::<i64, _>("delivery_id")?,
-                AttemptView {
-                    at: from_millis(row.try_get("attempted_at")?),
-                    status: status_of(row.try_get("status")?),
-                    error: row.try_get("error")?,
-                },
-            ))
-        })
-        .collect::<Result<Vec<_>, RepoError>>()?;
-        Ok(views(deliveries, attempts))
+        let deliveries = sqlx::query(DELIVERIES_SQLITE).bind(job.0).fetch_all(&self.reads).await?;
+        let attempts = sqlx::query(ATTEMPTS_SQLITE).bind(job.0).fetch_all(&self.reads).await?;
+        Ok(views(
+            deliveries.iter().map(|row| delivery_from_row(row, from_millis)).collect::<Result<_, _>>()?,
+            attempts.iter().map(|row| attempt_from_row(row, from_millis)).collect::<Result<_, _>>()?,
+        ))
     }
 }
 
@@ -221,47 +234,12 @@ impl WebhookOutbox for PgDb {
     }
 
     async fn deliveries_of(&self, job: JobId) -> Result<Vec<DeliveryView>, RepoError> {
-        let rows = sqlx::query(
-            "SELECT id, event, url, delivered_at, given_up_at, next_attempt_at FROM webhook_deliveries \
-             WHERE job_id = $1 ORDER BY id",
-        )
-        .bind(job.0)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut deliveries = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let delivered: Option<DateTime<Utc>> = row.try_get("delivered_at")?;
-            let given_up: Option<DateTime<Utc>> = row.try_get("given_up_at")?;
-            let pending = delivered.is_none() && given_up.is_none();
-            deliveries.push(DeliveryView {
-                id: format!("msg_{}", row.try_get::<i64, _>("id")?),
-                event: row.try_get("event")?,
-                url: row.try_get("url")?,
-                delivered_at: delivered,
-                given_up_at: given_up,
-                next_attempt_at: if pending { row.try_get("next_attempt_at")? } else { None },
-                attempts: Vec::new(),
-            });
-        }
-        let attempts = sqlx::query(
-            "SELECT a.delivery_id, a.attempted_at, a.status, a.error FROM webhook_attempts a \
-             JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.job_id = $1 ORDER BY a.attempted_at",
-        )
-        .bind(job.0)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok((
-                row.try_get::<i64, _>("delivery_id")?,
-                AttemptView {
-                    at: row.try_get("attempted_at")?,
-                    status: status_of(row.try_get("status")?),
-                    error: row.try_get("error")?,
-                },
-            ))
-        })
-        .collect::<Result<Vec<_>, RepoError>>()?;
-        Ok(views(deliveries, attempts))
+        let deliveries = sqlx::query(DELIVERIES_PG).bind(job.0).fetch_all(&self.pool).await?;
+        let attempts = sqlx::query(ATTEMPTS_PG).bind(job.0).fetch_all(&self.pool).await?;
+        let same = |t: DateTime<Utc>| t;
+        Ok(views(
+            deliveries.iter().map(|row| delivery_from_row(row, same)).collect::<Result<_, _>>()?,
+            attempts.iter().map(|row| attempt_from_row(row, same)).collect::<Result<_, _>>()?,
+        ))
     }
 }

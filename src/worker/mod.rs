@@ -33,7 +33,6 @@ use hosts::{NotNow, host_of};
 
 pub use verify::{Digests, Expectations, verified};
 
-/// How workers behave.
 /// A fence that also refuses when an object appeared at the key meanwhile (`if_exists: fail`).
 struct AbsentFence<'a> {
     inner: &'a dyn Fence,
@@ -105,6 +104,7 @@ fn until_cancelled(body: ByteStream, cancel: CancellationToken) -> ByteStream {
     body.take_until(cancel.cancelled_owned()).chain(cancelled).boxed()
 }
 
+/// How workers behave.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub policy: RetryPolicy,
@@ -271,12 +271,14 @@ impl Worker {
         // transfer slot), or goes back to the queue while the host is busy or asked for a pause.
         let host = Url::parse(&job.file_url).map(|url| host_of(&url)).unwrap_or_default();
         let run = async {
-            let _host = match job.cancel_requested {
-                true => None,
-                false => match self.hosts.enter(&host).await {
-                    Ok(permit) => Some(permit),
-                    Err(NotNow(until)) => return Ran::NotNow(until),
-                },
+            if job.cancel_requested {
+                // Cancelled while it waited for a retry or after its last worker was gone:
+                // nothing to transfer, so no host place or transfer slot is taken.
+                return Ran::Done(Err(JobError::cancelled()), None, Instant::now());
+            }
+            let _host = match self.hosts.enter(&host).await {
+                Ok(permit) => permit,
+                Err(NotNow(until)) => return Ran::NotNow(until),
             };
             let transferring = match slot {
                 Some(slot) => match slot.start().await {
@@ -286,10 +288,6 @@ impl Worker {
                 None => None,
             };
             let started = Instant::now();
-            if job.cancel_requested {
-                // Cancelled while it waited for a retry or after its last worker was gone.
-                return Ran::Done(Err(JobError::cancelled()), transferring, started);
-            }
             tracing::info!(job_id = %id, attempt, bucket = %job.bucket_name, key = %job.object_name, "job started");
             let fence = LeaseFence { repo: &*self.repo, id, owner: &lease.owner, margin: self.fence_margin() };
             let cancel = CancellationToken::new();
