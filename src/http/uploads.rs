@@ -135,10 +135,16 @@ fn parse_id(raw_id: &str) -> Result<JobId, ApiError> {
     raw_id.parse().map_err(|_| not_found(raw_id))
 }
 
+/// A URL fileflow will connect to, from field `field`: refused names and IP-literal hosts
+/// are known now (names are checked again when resolved).
+fn destination(state: &AppState, field: &'static str, raw: &str) -> Result<SourceUrl, ApiError> {
+    let url = SourceUrl::parse(raw).map_err(|e| ApiError::invalid(field, e))?;
+    state.guard.check_url(url.as_url()).map_err(|e| ApiError::invalid(field, e))?;
+    Ok(url)
+}
+
 pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller) -> Result<NewJob, ApiError> {
-    let source = SourceUrl::parse(body.required_str("file_url")?).map_err(|e| ApiError::invalid("file_url", e))?;
-    // Refused names and IP-literal hosts are known now; names are checked again when resolved.
-    state.guard.check_url(source.as_url()).map_err(|e| ApiError::invalid("file_url", e))?;
+    let source = destination(state, "file_url", body.required_str("file_url")?)?;
     let bucket =
         BucketName::parse(body.required_str("bucket_name")?).map_err(|e| ApiError::invalid("bucket_name", e))?;
     let key = ObjectKey::parse(body.required_str("object_name")?).map_err(|e| ApiError::invalid("object_name", e))?;
@@ -159,9 +165,7 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
                     "webhooks need a signing secret: start fileflow with --webhook-secret",
                 ));
             }
-            let url = SourceUrl::parse(raw).map_err(|e| ApiError::invalid("notify_url", e))?;
-            state.guard.check_url(url.as_url()).map_err(|e| ApiError::invalid("notify_url", e))?;
-            Some(url)
+            Some(destination(state, "notify_url", raw)?)
         }
     };
     let if_exists = body

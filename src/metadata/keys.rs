@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt as _;
 use sqlx::Row;
 
-use super::{PgDb, RepoError, SqliteDb, from_millis, to_millis};
+use super::{PgDb, RepoError, SqliteDb, from_db, from_millis, to_db, to_millis};
 use crate::auth::{ApiKey, IssuedKey, KeyLimits, KeyStore, NewKey, Role, Scope};
 
 macro_rules! key_columns {
@@ -33,15 +33,14 @@ where
     let id: String = row.try_get("id")?;
     let role: String = row.try_get("role")?;
     let buckets: String = row.try_get("buckets")?;
-    let non_negative = |v: Option<i64>| v.map(|v| u64::try_from(v).unwrap_or(0));
     let key = ApiKey {
         name: row.try_get("name")?,
         role: role.parse::<Role>().map_err(|e| corrupt(format!("key {id}: {e}")))?,
         scope: Scope::from_json(&buckets).map_err(|e| corrupt(format!("key {id}: buckets: {e}")))?,
         limits: KeyLimits {
             rate_limit: row.try_get::<Option<i32>, _>("rate_limit")?.map(|r| u32::try_from(r).unwrap_or(0)),
-            max_unfinished: non_negative(row.try_get("max_unfinished")?),
-            max_file_size: non_negative(row.try_get("max_file_size")?),
+            max_unfinished: row.try_get::<Option<i64>, _>("max_unfinished")?.map(from_db),
+            max_file_size: row.try_get::<Option<i64>, _>("max_file_size")?.map(from_db),
         },
         notify_url: row.try_get("notify_url")?,
         created_at,
@@ -49,10 +48,6 @@ where
         id,
     };
     Ok((key, row.try_get("secret_sha256")?))
-}
-
-fn limit_value(limit: Option<u64>) -> Option<i64> {
-    limit.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
 fn rate_value(rate: Option<u32>) -> Option<i32> {
@@ -88,8 +83,8 @@ impl KeyStore for SqliteDb {
                 .bind(buckets)
                 .bind(digest)
                 .bind(rate_value(limits.rate_limit))
-                .bind(limit_value(limits.max_unfinished))
-                .bind(limit_value(limits.max_file_size))
+                .bind(limits.max_unfinished.map(to_db))
+                .bind(limits.max_file_size.map(to_db))
                 .bind(to_millis(now))
                 .bind(notify_url)
                 .fetch_one(c)
@@ -146,8 +141,8 @@ impl KeyStore for PgDb {
         .bind(key.scope.to_json())
         .bind(&issued.secret_sha256)
         .bind(rate_value(key.limits.rate_limit))
-        .bind(limit_value(key.limits.max_unfinished))
-        .bind(limit_value(key.limits.max_file_size))
+        .bind(key.limits.max_unfinished.map(to_db))
+        .bind(key.limits.max_file_size.map(to_db))
         .bind(now)
         .bind(&key.notify_url)
         .fetch_one(&self.pool)

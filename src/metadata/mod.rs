@@ -90,6 +90,17 @@ pub(crate) fn millis(length: std::time::Duration) -> i64 {
     i64::try_from(length.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
+/// A size or count as the databases keep it: a signed 64-bit integer (no real size
+/// reaches the cap).
+pub(crate) fn to_db(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A size or count read back (a negative value, which fileflow never writes, reads as 0).
+pub(crate) fn from_db(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
 /// What one reconciliation sweep looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sweep {

@@ -14,7 +14,7 @@ use tokio::sync::{Notify, mpsc};
 use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through};
 use super::{
     Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyUse, Lease, ListFilter,
-    Reconciled, RepoError, Requeue, Sweep, cancel_answer,
+    Reconciled, RepoError, Requeue, Sweep, cancel_answer, from_db, to_db,
 };
 use crate::domain::{SealedHeaders, SourceUrl};
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement};
@@ -138,19 +138,9 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
     .bind(batch.iter().map(|(_, now, _)| *now).collect::<Vec<_>>())
     .bind(batch.iter().map(|(.., token)| token.as_str()).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.grant.owner.as_deref()).collect::<Vec<_>>())
-    .bind(
-        batch
-            .iter()
-            .map(|(job, ..)| job.grant.max_file_size.map(|m| i64::try_from(m).unwrap_or(i64::MAX)))
-            .collect::<Vec<_>>(),
-    )
+    .bind(batch.iter().map(|(job, ..)| job.grant.max_file_size.map(to_db)).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.grant.may_create_bucket).collect::<Vec<_>>())
-    .bind(
-        batch
-            .iter()
-            .map(|(job, ..)| job.expected_size.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
-            .collect::<Vec<_>>(),
-    )
+    .bind(batch.iter().map(|(job, ..)| job.expected_size.map(to_db)).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.if_exists.as_str()).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.notify_url.as_ref().map(SourceUrl::as_str)).collect::<Vec<_>>())
     .fetch_all(executor)
@@ -187,10 +177,10 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         content_type: row.try_get("content_type")?,
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
-        expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(|n| u64::try_from(n).unwrap_or(0)),
+        expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(from_db),
         notify_url: row.try_get("notify_url")?,
-        bytes_done: row.try_get::<Option<i64>, _>("bytes_done")?.map(|n| u64::try_from(n).unwrap_or(0)),
-        bytes_total: row.try_get::<Option<i64>, _>("bytes_total")?.map(|n| u64::try_from(n).unwrap_or(0)),
+        bytes_done: row.try_get::<Option<i64>, _>("bytes_done")?.map(from_db),
+        bytes_total: row.try_get::<Option<i64>, _>("bytes_total")?.map(from_db),
         if_exists: row
             .try_get::<String, _>("if_exists")?
             .parse()
@@ -198,7 +188,7 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         request_headers: headers.map(SealedHeaders::from_stored),
         grant: Grant {
             owner: row.try_get("owner_key")?,
-            max_file_size: row.try_get::<Option<i64>, _>("max_file_size")?.map(|m| u64::try_from(m).unwrap_or(0)),
+            max_file_size: row.try_get::<Option<i64>, _>("max_file_size")?.map(from_db),
             may_create_bucket: row.try_get("may_create_bucket")?,
         },
         object_version: row.try_get("object_version")?,
@@ -329,7 +319,7 @@ impl JobRepository for PgRepository {
         .bind(owner)
         .fetch_one(&self.db.pool)
         .await?;
-        Ok(u64::try_from(count).unwrap_or(0))
+        Ok(from_db(count))
     }
 
     async fn claim_many(&self, requests: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError> {
@@ -429,7 +419,7 @@ impl JobRepository for PgRepository {
         .bind(sweep.pending)
         .fetch_one(&self.db.pool)
         .await?;
-        let count = |name: &str| row.try_get::<i64, _>(name).map(|n| u64::try_from(n).unwrap_or(0));
+        let count = |name: &str| row.try_get::<i64, _>(name).map(from_db);
         let swept = Reconciled { pending: count("pending")?, expired: count("expired")? };
         if swept.total() > 0 {
             self.db.outboxed.notify_waiters();
@@ -455,7 +445,7 @@ impl JobRepository for PgRepository {
             .bind(id.0)
             .bind(owner)
             .bind(&stored.etag)
-            .bind(i64::try_from(stored.size).unwrap_or(i64::MAX))
+            .bind(to_db(stored.size))
             .bind(&stored.sha256)
             .bind(&stored.md5)
             .bind(&stored.content_type)
@@ -525,8 +515,8 @@ impl JobRepository for PgRepository {
         )
         .bind(id.0)
         .bind(owner)
-        .bind(i64::try_from(done).unwrap_or(i64::MAX))
-        .bind(total.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
+        .bind(to_db(done))
+        .bind(total.map(to_db))
         .fetch_optional(&self.db.pool)
         .await?;
         Ok(answer)

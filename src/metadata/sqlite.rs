@@ -20,7 +20,7 @@ use super::group_commit::{MAX_BATCH, Pending, all_or_each, group_commit, through
 use super::writer::Writer;
 use super::{
     Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyUse, Lease, ListFilter,
-    Reconciled, RepoError, Requeue, Sweep, millis,
+    Reconciled, RepoError, Requeue, Sweep, from_db, millis, to_db,
 };
 use crate::domain::{SealedHeaders, SourceUrl};
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
@@ -187,7 +187,7 @@ async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>,
                         .bind(id.0)
                         .bind(owner)
                         .bind(&stored.etag)
-                        .bind(i64::try_from(stored.size).unwrap_or(i64::MAX))
+                        .bind(to_db(stored.size))
                         .bind(&stored.sha256)
                         .bind(&stored.md5)
                         .bind(&stored.content_type)
@@ -298,9 +298,9 @@ async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<J
             .bind(job.expected_md5.as_ref().map(|s| s.as_str()))
             .bind(job.headers.as_ref().map(SealedHeaders::as_str))
             .bind(job.grant.owner.as_deref())
-            .bind(job.grant.max_file_size.map(|m| i64::try_from(m).unwrap_or(i64::MAX)))
+            .bind(job.grant.max_file_size.map(to_db))
             .bind(job.grant.may_create_bucket)
-            .bind(job.expected_size.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
+            .bind(job.expected_size.map(to_db))
             .bind(job.if_exists.as_str())
             .bind(job.notify_url.as_ref().map(SourceUrl::as_str))
             .bind(to_millis(*now));
@@ -339,10 +339,10 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         content_type: row.try_get("content_type")?,
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
-        expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(|n| u64::try_from(n).unwrap_or(0)),
+        expected_size: row.try_get::<Option<i64>, _>("expected_size")?.map(from_db),
         notify_url: row.try_get("notify_url")?,
-        bytes_done: row.try_get::<Option<i64>, _>("bytes_done")?.map(|n| u64::try_from(n).unwrap_or(0)),
-        bytes_total: row.try_get::<Option<i64>, _>("bytes_total")?.map(|n| u64::try_from(n).unwrap_or(0)),
+        bytes_done: row.try_get::<Option<i64>, _>("bytes_done")?.map(from_db),
+        bytes_total: row.try_get::<Option<i64>, _>("bytes_total")?.map(from_db),
         if_exists: row
             .try_get::<String, _>("if_exists")?
             .parse()
@@ -350,7 +350,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         request_headers: row.try_get::<Option<String>, _>("request_headers")?.map(SealedHeaders::from_stored),
         grant: Grant {
             owner: row.try_get("owner_key")?,
-            max_file_size: row.try_get::<Option<i64>, _>("max_file_size")?.map(|m| u64::try_from(m).unwrap_or(0)),
+            max_file_size: row.try_get::<Option<i64>, _>("max_file_size")?.map(from_db),
             may_create_bucket: row.try_get("may_create_bucket")?,
         },
         object_version: row.try_get("object_version")?,
@@ -511,7 +511,7 @@ impl JobRepository for SqliteRepository {
         .bind(owner)
         .fetch_one(&self.db.reads)
         .await?;
-        Ok(u64::try_from(count).unwrap_or(0))
+        Ok(from_db(count))
     }
 
     async fn claim_many(&self, requests: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError> {
@@ -705,8 +705,8 @@ impl JobRepository for SqliteRepository {
                 )
                 .bind(id.0)
                 .bind(owner)
-                .bind(i64::try_from(done).unwrap_or(i64::MAX))
-                .bind(total.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
+                .bind(to_db(done))
+                .bind(total.map(to_db))
                 .fetch_optional(c)
                 .boxed()
             })
