@@ -255,9 +255,9 @@ async fn slow_clients_cannot_hold_the_api() {
     for mut socket in slow.into_iter().chain([idle]) {
         let mut buf = [0u8; 1024];
         let read = tokio::time::timeout(std::time::Duration::from_secs(3), socket.read(&mut buf)).await;
-        let read = read.expect("the server closed the connection in time");
-        assert!(matches!(read, Ok(_) | Err(_)), "closed");
-        if let Ok(n) = read {
+        // The read ends in time: the server hung up (end of stream or a reset), or first
+        // answered 408.
+        if let Ok(n) = read.expect("the server closed the connection in time") {
             let answer = String::from_utf8_lossy(&buf[..n]);
             assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
         }
