@@ -8,11 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE, RETRY_AFTER};
 use reqwest::{StatusCode, redirect};
 use url::Url;
 
-use super::{DestinationGuard, Fetched, Fetcher, Refused};
+use super::{DestinationGuard, Fetched, Fetcher, RangeFrom, Refused};
 use crate::lifecycle::JobError;
 
 /// Limits on talking to origins.
@@ -188,6 +188,22 @@ fn classify(err: reqwest::Error) -> JobError {
     JobError::transient(format!("{what}: {}", describe(&err)))
 }
 
+/// What names this version of the file for `If-Range` (RFC 9110 §13.1.5): a strong entity
+/// tag, else the `Last-Modified` date.
+fn validator(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let text = |name| headers.get(name).and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok());
+    text(ETAG).filter(|tag| tag.starts_with('"')).or_else(|| text(LAST_MODIFIED)).map(str::to_owned)
+}
+
+/// `Content-Range: bytes first-last/total` as (first, total); total `None` when it says `*`.
+fn content_range(headers: &reqwest::header::HeaderMap) -> Option<(u64, Option<u64>)> {
+    let value = headers.get(CONTENT_RANGE)?.to_str().ok()?;
+    let (range, total) = value.strip_prefix("bytes ")?.split_once('/')?;
+    let first = range.split_once('-')?.0.trim().parse().ok()?;
+    let total = if total.trim() == "*" { None } else { Some(total.trim().parse().ok()?) };
+    Some((first, total))
+}
+
 /// `Retry-After` as a delay: either seconds or an HTTP date.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
@@ -211,7 +227,12 @@ fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> Job
 
 #[async_trait]
 impl Fetcher for HttpFetcher {
-    async fn fetch(&self, url: &Url, headers: &[(String, String)]) -> Result<Fetched, JobError> {
+    async fn fetch(
+        &self,
+        url: &Url,
+        headers: &[(String, String)],
+        from: Option<&RangeFrom>,
+    ) -> Result<Fetched, JobError> {
         let mut hop = url.clone();
         let mut redirects = 0;
         let response = loop {
@@ -220,6 +241,9 @@ impl Fetcher for HttpFetcher {
                 _ => JobError { message: format!("redirect {}", e.message), ..e },
             })?;
             let mut request = self.client.get(hop.clone());
+            if let Some(from) = from {
+                request = request.header(RANGE, format!("bytes={}-", from.offset)).header(IF_RANGE, &from.validator);
+            }
             if same_origin(url, &hop) {
                 for (name, value) in headers {
                     request = request.header(name, value);
@@ -246,12 +270,24 @@ impl Fetcher for HttpFetcher {
         if !status.is_success() {
             return Err(status_error(status, response.headers()));
         }
-        let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        Ok(Fetched {
-            content_length: response.content_length(),
-            content_type,
-            body: response.bytes_stream().map_err(classify).boxed(),
-        })
+        let head = response.headers();
+        let content_type = head.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let validator = validator(head);
+        let (start, content_length) = match (status, from) {
+            (StatusCode::PARTIAL_CONTENT, Some(from)) => match content_range(head) {
+                Some((first, total)) if first == from.offset => (first, total),
+                _ => {
+                    // Not the range asked for: ask again for the whole file.
+                    tracing::warn!(offset = from.offset, "origin answered another range than asked; fetching the whole file");
+                    return Box::pin(self.fetch(url, headers, None)).await;
+                }
+            },
+            (StatusCode::PARTIAL_CONTENT, None) => {
+                return Err(JobError::transient("origin answered 206 to a request for the whole file"));
+            }
+            _ => (0, response.content_length()),
+        };
+        Ok(Fetched { content_length, content_type, validator, start, body: response.bytes_stream().map_err(classify).boxed() })
     }
 }
 

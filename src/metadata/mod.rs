@@ -347,6 +347,16 @@ pub trait JobRepository: Send + Sync + 'static {
         total: Option<u64>,
     ) -> Result<Option<bool>, RepoError>;
 
+    /// The checkpoint a transfer of the job saved, if one is kept (see [`JobRepository::save_checkpoint`]).
+    async fn checkpoint(&self, id: JobId) -> Result<Option<String>, RepoError>;
+
+    /// Keep `checkpoint` (where `owner`'s transfer of the job stands, `done` bytes in the
+    /// store for good) in place of the one before, if `owner` still holds the job; `false` if not.
+    async fn save_checkpoint(&self, id: JobId, owner: &str, done: u64, checkpoint: &str) -> Result<bool, RepoError>;
+
+    /// Forget the job's checkpoint: its transfer will start from the beginning.
+    async fn clear_checkpoint(&self, id: JobId) -> Result<(), RepoError>;
+
     /// Move a `failed` job back to `pending` with a fresh retry budget, and queue it, atomically.
     async fn requeue_failed(&self, id: JobId, now: DateTime<Utc>) -> Result<Requeue, RepoError>;
 

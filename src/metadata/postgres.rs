@@ -341,7 +341,7 @@ impl JobRepository for PgRepository {
                  ORDER BY f.id FOR UPDATE OF f SKIP LOCKED) \
              UPDATE files SET status = 'processing', lease_owner = asked.aowner, \
                  lease_expires_at = now() + asked.ams * interval '1 millisecond', next_attempt_at = NULL, \
-                 bytes_done = 0, bytes_total = NULL, updated_at = now() \
+                 updated_at = now() \
              FROM asked, claimable WHERE files.id = asked.aid AND files.id = claimable.cid \
              RETURNING {COLUMNS}, lease_owner"
         ))
@@ -520,6 +520,36 @@ impl JobRepository for PgRepository {
         .fetch_optional(&self.db.pool)
         .await?;
         Ok(answer)
+    }
+
+    async fn checkpoint(&self, id: JobId) -> Result<Option<String>, RepoError> {
+        let body = sqlx::query_scalar("SELECT body FROM checkpoints WHERE job_id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(body)
+    }
+
+    async fn save_checkpoint(&self, id: JobId, owner: &str, done: u64, checkpoint: &str) -> Result<bool, RepoError> {
+        let saved = sqlx::query(
+            "WITH held AS ( \
+                 UPDATE files SET bytes_done = GREATEST(COALESCE(bytes_done, 0), $3) \
+                 WHERE id = $1 AND status = 'processing' AND lease_owner = $2 RETURNING id) \
+             INSERT INTO checkpoints (job_id, body, saved_at) SELECT id, $4, now() FROM held \
+             ON CONFLICT (job_id) DO UPDATE SET body = excluded.body, saved_at = excluded.saved_at",
+        )
+        .bind(id.0)
+        .bind(owner)
+        .bind(to_db(done))
+        .bind(checkpoint)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(saved.rows_affected() == 1)
+    }
+
+    async fn clear_checkpoint(&self, id: JobId) -> Result<(), RepoError> {
+        sqlx::query("DELETE FROM checkpoints WHERE job_id = $1").bind(id.0).execute(&self.db.pool).await?;
+        Ok(())
     }
 
     async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {

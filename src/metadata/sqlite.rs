@@ -208,7 +208,7 @@ async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>,
 async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError> {
     let mut sql = String::from(
         "UPDATE files SET status = 'processing', lease_owner = v.column2, lease_expires_at = ?1 + v.column3, \
-         next_attempt_at = NULL, bytes_done = 0, bytes_total = NULL, updated_at = ?1 FROM (VALUES ",
+         next_attempt_at = NULL, updated_at = ?1 FROM (VALUES ",
     );
     for i in 0..batch.len() {
         let sep = if i == 0 { "" } else { "," };
@@ -712,6 +712,55 @@ impl JobRepository for SqliteRepository {
             })
             .await?;
         Ok(answer)
+    }
+
+    async fn checkpoint(&self, id: JobId) -> Result<Option<String>, RepoError> {
+        let body = sqlx::query_scalar("SELECT body FROM checkpoints WHERE job_id = ?1")
+            .bind(id.0)
+            .fetch_optional(&self.db.reads)
+            .await?;
+        Ok(body)
+    }
+
+    async fn save_checkpoint(&self, id: JobId, owner: &str, done: u64, checkpoint: &str) -> Result<bool, RepoError> {
+        let (owner, checkpoint) = (owner.to_owned(), checkpoint.to_owned());
+        self.db
+            .write(move |c| {
+                async move {
+                    let held = sqlx::query(
+                        "UPDATE files SET bytes_done = MAX(COALESCE(bytes_done, 0), ?3) \
+                         WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
+                    )
+                    .bind(id.0)
+                    .bind(owner)
+                    .bind(to_db(done))
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+                        == 1;
+                    if held {
+                        sqlx::query(
+                            "INSERT INTO checkpoints (job_id, body, saved_at) VALUES (?1, ?2, ?3) \
+                             ON CONFLICT (job_id) DO UPDATE SET body = excluded.body, saved_at = excluded.saved_at",
+                        )
+                        .bind(id.0)
+                        .bind(checkpoint)
+                        .bind(to_millis(Utc::now()))
+                        .execute(&mut *c)
+                        .await?;
+                    }
+                    Ok(held)
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    async fn clear_checkpoint(&self, id: JobId) -> Result<(), RepoError> {
+        self.db
+            .write(move |c| sqlx::query("DELETE FROM checkpoints WHERE job_id = ?1").bind(id.0).execute(c).boxed())
+            .await?;
+        Ok(())
     }
 
     async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {

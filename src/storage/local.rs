@@ -4,21 +4,26 @@
 use std::path::Path;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::{Path as StorePath, PathPart};
 use object_store::{ObjectStoreExt as _, PutPayload, WriteMultipart};
 
 use super::{
-    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PutOutcome, ReadError, StoredBody, WriteOptions, read_head,
+    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PartialWrite, PutOutcome, ReadError, StoredBody, WriteOptions,
+    WriteProgress, read_head,
 };
 use crate::domain::{BucketName, ObjectKey};
-use crate::lifecycle::JobError;
+use crate::lifecycle::{JobError, JobId};
 
 /// Bytes buffered before a write is handed to the file system.
 const CHUNK: usize = 1024 * 1024;
 /// Writes in flight per upload; with [`CHUNK`] this bounds an upload's buffers.
 const WRITES_IN_FLIGHT: usize = 2;
+/// How much a resumable write stages between the points it can be resumed from (each one
+/// an fsync of the staging file and a checkpoint in the database).
+const RESUMABLE_PART: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug)]
 pub struct LocalStore {
@@ -107,6 +112,93 @@ impl ObjectStore for LocalStore {
         }
     }
 
+    fn resumable_part_size(&self) -> Option<u64> {
+        Some(RESUMABLE_PART)
+    }
+
+    async fn put_resumable(
+        &self,
+        bucket: &BucketName,
+        key: &ObjectKey,
+        _options: WriteOptions<'_>,
+        body: ByteStream,
+        fence: &dyn Fence,
+        job: JobId,
+        from: Option<PartialWrite>,
+        progress: &dyn WriteProgress,
+    ) -> Result<PutOutcome, JobError> {
+        let location = Self::location(bucket, key);
+        let failed = |what: &str, e: &dyn std::fmt::Display| JobError::transient(format!("local store: {what}: {e}"));
+        let target = self.fs.path_to_filesystem(&location).map_err(|e| failed("bad location", &e))?;
+        let staging = staging_path(&target, job);
+        let mut write = match from {
+            Some(write) => write,
+            None => PartialWrite { id: job.to_string(), part_size: RESUMABLE_PART, stored: 0, parts: Vec::new() },
+        };
+        let file = match open_staging(&staging, write.stored).await {
+            Ok(Some(file)) => file,
+            Ok(None) => {
+                progress.gone();
+                return Err(JobError::transient("local store: the staged part of the file is gone; starting over"));
+            }
+            Err(e) => return Err(failed("cannot open staging file", &e)),
+        };
+        let mut staged = Staged { file: Some(file), pending: None };
+        let mut reported = write.stored > 0;
+        let written: Result<(), JobError> = async {
+            let mut body = body;
+            let mut buffer: Vec<Bytes> = Vec::new();
+            let mut buffered = 0;
+            let mut offset = write.stored;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                offset += chunk.len() as u64;
+                buffered += chunk.len();
+                buffer.push(chunk);
+                let part_end = offset % RESUMABLE_PART == 0;
+                if part_end {
+                    progress.part_taken(offset);
+                }
+                if buffered >= CHUNK || part_end {
+                    staged.write(std::mem::take(&mut buffer)).await.map_err(|e| failed("write failed", &e))?;
+                    buffered = 0;
+                }
+                if part_end {
+                    staged.sync().await.map_err(|e| failed("sync failed", &e))?;
+                    write.stored = offset;
+                    progress.stored(&write).await?;
+                    reported = true;
+                }
+            }
+            staged.write(buffer).await.map_err(|e| failed("write failed", &e))?;
+            staged.sync().await.map_err(|e| failed("sync failed", &e))?;
+            fence.check().await
+        }
+        .await;
+        if let Err(error) = written {
+            if !reported {
+                let _ = tokio::fs::remove_file(&staging).await;
+            }
+            return Err(error);
+        }
+        publish(&staging, &target).await.map_err(|e| failed("cannot move the file into place", &e))?;
+        let meta = self.fs.head(&location).await.map_err(|e| failed("cannot read the stored file", &e))?;
+        Ok(PutOutcome { etag: None, version: meta.e_tag })
+    }
+
+    async fn discard(&self, bucket: &BucketName, key: &ObjectKey, write: &PartialWrite) -> Result<(), JobError> {
+        let target = self
+            .fs
+            .path_to_filesystem(&Self::location(bucket, key))
+            .map_err(|e| JobError::transient(format!("local store: bad location: {e}")))?;
+        let job = write.id.parse().map_err(|_| JobError::permanent("local store: not a staging file's name"))?;
+        match tokio::fs::remove_file(staging_path(&target, JobId(job))).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(JobError::transient(format!("local store: cannot remove a staging file: {e}"))),
+        }
+    }
+
     async fn sweep_abandoned(&self, older_than: std::time::Duration) -> std::io::Result<u64> {
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || remove_stale_staging(&root, older_than))
@@ -133,6 +225,94 @@ impl ObjectStore for LocalStore {
             Err(e) => Err(ReadError::Store(e.to_string())),
         }
     }
+}
+
+/// The staging file of `job`'s resumable write to `target`: `<target>#<job id>`, which the
+/// sweep of abandoned staging files also knows.
+fn staging_path(target: &Path, job: JobId) -> std::path::PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_owned();
+    name.push(format!("#{job}"));
+    target.with_file_name(name)
+}
+
+/// Open the staging file to go on after its first `stored` bytes (truncating anything
+/// after them), or a new one when `stored` is 0. `None`: the file is gone or shorter.
+async fn open_staging(path: &Path, stored: u64) -> std::io::Result<Option<std::fs::File>> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        if stored == 0 {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            return std::fs::File::create(&path).map(Some);
+        }
+        let file = match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if file.metadata()?.len() < stored {
+            return Ok(None);
+        }
+        file.set_len(stored)?;
+        let mut file = file;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(stored))?;
+        Ok(Some(file))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// A staging file written on the blocking pool, one write in flight while the next is gathered.
+struct Staged {
+    file: Option<std::fs::File>,
+    pending: Option<tokio::task::JoinHandle<std::io::Result<std::fs::File>>>,
+}
+
+impl Staged {
+    /// The file, once the write in flight is done.
+    async fn settled(&mut self) -> std::io::Result<std::fs::File> {
+        if let Some(pending) = self.pending.take() {
+            return pending.await.map_err(std::io::Error::other)?;
+        }
+        self.file.take().ok_or_else(|| std::io::Error::other("an earlier write failed"))
+    }
+
+    /// Start writing `chunks` after what is written.
+    async fn write(&mut self, chunks: Vec<Bytes>) -> std::io::Result<()> {
+        let mut file = self.settled().await?;
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            for chunk in &chunks {
+                std::io::Write::write_all(&mut file, chunk)?;
+            }
+            Ok(file)
+        }));
+        Ok(())
+    }
+
+    /// Wait for the writes and make them durable.
+    async fn sync(&mut self) -> std::io::Result<()> {
+        let file = self.settled().await?;
+        let file = tokio::task::spawn_blocking(move || file.sync_data().map(|()| file))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.file = Some(file);
+        Ok(())
+    }
+}
+
+/// Rename a synced staging file into place and make the rename durable.
+async fn publish(staging: &Path, target: &Path) -> std::io::Result<()> {
+    let (staging, target) = (staging.to_owned(), target.to_owned());
+    tokio::task::spawn_blocking(move || {
+        std::fs::rename(&staging, &target)?;
+        match target.parent() {
+            Some(dir) => std::fs::File::open(dir)?.sync_all(),
+            None => Ok(()),
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Whether `name` is a staging file of the file system store: `<object>#<digits>` (an

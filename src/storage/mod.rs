@@ -87,6 +87,57 @@ impl Fence for Unfenced {
     }
 }
 
+/// Where a resumable write stands: what another attempt, in this process or another, needs
+/// to go on with it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartialWrite {
+    /// The store's name for the write: an S3 multipart upload's id, a staging file's name.
+    pub id: String,
+    /// Bytes in every part but the last.
+    pub part_size: u64,
+    /// Bytes in the store for good (whole parts), from the file's start.
+    pub stored: u64,
+    /// The parts in the store, in order (S3: their part ids).
+    pub parts: Vec<String>,
+}
+
+/// Told by a resumable write how far it has got.
+#[async_trait]
+pub trait WriteProgress: Send + Sync {
+    /// The write has taken exactly `offset` bytes of the file (a part's end) and has not
+    /// read past them yet.
+    fn part_taken(&self, offset: u64);
+    /// The parts up to `write.stored` are in the store for good: an attempt that fails from
+    /// now on can be resumed from there. An error stops the write.
+    async fn stored(&self, write: &PartialWrite) -> Result<(), JobError>;
+    /// The partial write the attempt was to go on with is no longer in the store.
+    fn gone(&self);
+}
+
+/// `body`, which starts at `start` in its file, with no chunk running past the end of a
+/// `part_size` part, so a resumable write can cut its parts between chunks.
+pub fn split_at_parts(body: ByteStream, start: u64, part_size: u64) -> ByteStream {
+    let state = (body, start, None::<Bytes>);
+    futures::stream::unfold(state, move |(mut body, offset, held)| async move {
+        let chunk = match held {
+            Some(chunk) => chunk,
+            None => match body.next().await? {
+                Ok(chunk) => chunk,
+                Err(e) => return Some((Err(e), (body, offset, None))),
+            },
+        };
+        let to_part_end = part_size - offset % part_size;
+        if (chunk.len() as u64) <= to_part_end {
+            let len = chunk.len() as u64;
+            return Some((Ok(chunk), (body, offset + len, None)));
+        }
+        let mut rest = chunk;
+        let head = rest.split_to(to_part_end as usize);
+        Some((Ok(head), (body, offset + to_part_end, Some(rest))))
+    })
+    .boxed()
+}
+
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
     /// Store `body` at `bucket/key`, all or nothing: if the stream yields an error, or the
@@ -106,6 +157,39 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// What the store has at `bucket/key` (`None`: nothing, or no such bucket).
     async fn head(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<ObjectInfo>, ReadError>;
+
+    /// The part size of [`ObjectStore::put_resumable`]; `None` if the store cannot resume writes.
+    fn resumable_part_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Store the file whose bytes from `from.stored` on (from its start when `from` is
+    /// `None`) are `body`, in parts of [`ObjectStore::resumable_part_size`]; no chunk of
+    /// `body` may run past a part's end (see [`split_at_parts`]). Each part in the store
+    /// for good is reported to `progress`; when the write then fails, its parts are kept,
+    /// so a later attempt given the last [`PartialWrite`] reported can go on from there,
+    /// and [`ObjectStore::discard`] removes them once no attempt will. A write that fails
+    /// before reporting anything removes what it made. `job` names the write: one at a
+    /// time per job. The `fence` is asked as in [`ObjectStore::put`].
+    #[allow(clippy::too_many_arguments)]
+    async fn put_resumable(
+        &self,
+        _bucket: &BucketName,
+        _key: &ObjectKey,
+        _options: WriteOptions<'_>,
+        _body: ByteStream,
+        _fence: &dyn Fence,
+        _job: crate::lifecycle::JobId,
+        _from: Option<PartialWrite>,
+        _progress: &dyn WriteProgress,
+    ) -> Result<PutOutcome, JobError> {
+        Err(JobError::permanent("this object store cannot resume writes"))
+    }
+
+    /// Remove the parts a resumable write kept.
+    async fn discard(&self, _bucket: &BucketName, _key: &ObjectKey, _write: &PartialWrite) -> Result<(), JobError> {
+        Ok(())
+    }
 
     /// Remove what writes left behind when their process died mid-way (staging files),
     /// if older than `older_than` (no live write is that old); returns how many. Stores

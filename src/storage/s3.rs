@@ -2,13 +2,15 @@
 //! is the MD5 as in the seed; larger ones as multipart uploads that are aborted on failure.
 //! Download links are SigV4 presigned GET URLs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, Checksum};
+use object_store::multipart::{MultipartStore as _, PartId};
 use object_store::path::Path as StorePath;
 use object_store::signer::Signer;
 use object_store::{
@@ -18,10 +20,11 @@ use object_store::{
 use url::Url;
 
 use super::{
-    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PutOutcome, ReadError, StoredBody, WriteOptions, read_head,
+    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PartialWrite, PutOutcome, ReadError, StoredBody, WriteOptions,
+    WriteProgress, read_head,
 };
 use crate::domain::{BucketName, ObjectKey};
-use crate::lifecycle::{Job, JobError};
+use crate::lifecycle::{Job, JobError, JobId};
 use crate::links::DownloadLinks;
 
 /// S3's smallest part; objects up to this size go up in one PUT.
@@ -177,6 +180,127 @@ impl S3Store {
     }
 }
 
+/// Parts of a resumable upload in flight at once.
+const PARTS_IN_FLIGHT: usize = 2;
+
+impl S3Store {
+    /// A resumable upload: parts go up through the store's own multipart calls, at most
+    /// [`PARTS_IN_FLIGHT`] at a time, and each one in the store is reported in order.
+    async fn upload_resumable(
+        &self,
+        store: &Arc<AmazonS3>,
+        location: &StorePath,
+        content_type: &str,
+        mut body: ByteStream,
+        fence: &dyn Fence,
+        from: Option<PartialWrite>,
+        progress: &dyn WriteProgress,
+    ) -> Result<PutOutcome, JobError> {
+        let part_size = self.part_size() as u64;
+        let resumed = from.is_some();
+        let mut write = match from {
+            Some(write) => write,
+            None => {
+                let options = PutMultipartOptions { attributes: content_type_attr(content_type), ..Default::default() };
+                let id = store
+                    .create_multipart_opts(location, options)
+                    .await
+                    .map_err(|e| classify(&e, "S3 multipart"))?;
+                PartialWrite { id, part_size, stored: 0, parts: Vec::new() }
+            }
+        };
+        let mut reported = resumed;
+        let result: Result<PutOutcome, JobError> = async {
+            let mut in_flight = VecDeque::new();
+            let mut part: Vec<Bytes> = Vec::new();
+            let mut part_len = 0u64;
+            let mut offset = write.stored;
+            let mut ended = false;
+            while !ended {
+                match body.next().await {
+                    Some(Err(e)) => {
+                        // Keep what is in flight: a next attempt goes on after it.
+                        while let Some((upload, len)) = in_flight.pop_front() {
+                            reported |= self.part_done(upload, len, &mut write, resumed, progress).await?;
+                        }
+                        return Err(e);
+                    }
+                    Some(Ok(chunk)) => {
+                        part_len += chunk.len() as u64;
+                        offset += chunk.len() as u64;
+                        part.push(chunk);
+                        if part_len < part_size {
+                            continue;
+                        }
+                        progress.part_taken(offset);
+                    }
+                    // The file ended with its last part: nothing more to upload.
+                    None if part_len == 0 && (write.stored > 0 || !in_flight.is_empty()) => break,
+                    None => ended = true,
+                }
+                let index = write.parts.len() + in_flight.len();
+                let (store, location, id) = (store.clone(), location.clone(), write.id.clone());
+                let payload = PutPayload::from_iter(std::mem::take(&mut part));
+                let upload = tokio::spawn(async move { store.put_part(&location, &id, index, payload).await });
+                in_flight.push_back((upload, std::mem::take(&mut part_len)));
+                while in_flight.len() >= PARTS_IN_FLIGHT {
+                    let (upload, len) = in_flight.pop_front().expect("parts in flight");
+                    reported |= self.part_done(upload, len, &mut write, resumed, progress).await?;
+                }
+            }
+            while let Some((upload, len)) = in_flight.pop_front() {
+                reported |= self.part_done(upload, len, &mut write, resumed, progress).await?;
+            }
+            fence.check().await?;
+            let parts = write.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
+            let done = store
+                .complete_multipart(location, &write.id, parts)
+                .await
+                .map_err(|e| classify_mid_upload(&e, "S3 multipart completion"))?;
+            Ok(PutOutcome::tagged(done.e_tag))
+        }
+        .await;
+        if result.is_err() && !reported {
+            // Nothing to go on with: remove what was uploaded.
+            if let Err(e) = store.abort_multipart(location, &write.id).await {
+                tracing::warn!(error = %e, "could not abort a multipart upload");
+            }
+        }
+        result
+    }
+
+    /// Wait for the next part's upload and add it to `write`; a whole part (every one but
+    /// the last) is reported to `progress`, and then `true` is returned.
+    async fn part_done(
+        &self,
+        upload: tokio::task::JoinHandle<object_store::Result<PartId>>,
+        len: u64,
+        write: &mut PartialWrite,
+        resumed: bool,
+        progress: &dyn WriteProgress,
+    ) -> Result<bool, JobError> {
+        let part = upload.await.map_err(|e| JobError::transient(format!("S3 part upload: {e}")))?;
+        let part = part.map_err(|e| self.part_failed(&e, resumed, progress))?;
+        write.parts.push(part.content_id);
+        if len < write.part_size {
+            // The last part is not a place to go on from: a next attempt uploads it again.
+            return Ok(false);
+        }
+        write.stored += len;
+        progress.stored(write).await?;
+        Ok(true)
+    }
+
+    /// What a failed part upload means; a resumed upload that the store no longer has is
+    /// reported gone, so the next attempt starts over.
+    fn part_failed(&self, e: &object_store::Error, resumed: bool, progress: &dyn WriteProgress) -> JobError {
+        if resumed && matches!(e, object_store::Error::NotFound { .. }) {
+            progress.gone();
+        }
+        classify_mid_upload(e, "S3 part upload")
+    }
+}
+
 /// Aborts a multipart upload whose attempt was dropped midway (lease lost, shutdown).
 struct AbortOnDrop(Option<WriteMultipart>);
 
@@ -257,6 +381,38 @@ impl ObjectStore for S3Store {
         self.upload(&store, &location(key), options.content_type, &mut body, fence)
             .await
             .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
+    }
+
+    fn resumable_part_size(&self) -> Option<u64> {
+        Some(self.part_size() as u64)
+    }
+
+    async fn put_resumable(
+        &self,
+        bucket: &BucketName,
+        key: &ObjectKey,
+        options: WriteOptions<'_>,
+        body: ByteStream,
+        fence: &dyn Fence,
+        _job: JobId,
+        from: Option<PartialWrite>,
+        progress: &dyn WriteProgress,
+    ) -> Result<PutOutcome, JobError> {
+        let store = self.bucket(bucket.as_str())?;
+        if from.is_none() && self.settings.create_buckets && options.may_create_bucket {
+            self.ensure_bucket(&store, bucket).await?;
+        }
+        self.upload_resumable(&store, &location(key), options.content_type, body, fence, from, progress)
+            .await
+            .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
+    }
+
+    async fn discard(&self, bucket: &BucketName, key: &ObjectKey, write: &PartialWrite) -> Result<(), JobError> {
+        let store = self.bucket(bucket.as_str())?;
+        match store.abort_multipart(&location(key), &write.id).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(classify(&e, "S3 multipart abort")),
+        }
     }
 
     async fn head(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<ObjectInfo>, ReadError> {

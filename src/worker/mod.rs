@@ -5,12 +5,13 @@
 //! to stop.
 
 mod hosts;
+mod resume;
 mod sniff;
 mod verify;
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -27,11 +28,12 @@ use crate::lifecycle::{
 use crate::metadata::{Claim, JobRepository, Lease, RepoError};
 use crate::queue::{Delivery, Queue, QueueError};
 use crate::secrets::HeaderSealer;
-use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions};
+use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions, split_at_parts};
 pub use hosts::Hosts;
 use hosts::{NotNow, host_of};
 
-pub use verify::{Digests, Expectations, verified};
+use resume::{Checkpoint, Recorder};
+pub use verify::{Digests, Expectations, HashState, Verifier, verified};
 
 /// A fence that also refuses when an object appeared at the key meanwhile (`if_exists: fail`).
 struct AbsentFence<'a> {
@@ -74,7 +76,9 @@ impl Progress {
     /// No size declared.
     const UNKNOWN: u64 = u64::MAX;
 
-    fn start(&self, total: Option<u64>) {
+    /// The transfer starts at byte `done` of a file of `total` bytes.
+    fn start(&self, done: u64, total: Option<u64>) {
+        self.0.0.store(done, Ordering::Relaxed);
         self.0.1.store(total.unwrap_or(Self::UNKNOWN), Ordering::Relaxed);
     }
 
@@ -293,7 +297,7 @@ impl Worker {
             let cancel = CancellationToken::new();
             let progress = Progress::default();
             let transfer =
-                tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job, &fence, &cancel, &progress));
+                tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job, &lease.owner, &fence, &cancel, &progress));
             let mut transfer = std::pin::pin!(transfer);
             let outcome = tokio::select! {
                 outcome = &mut transfer => outcome,
@@ -461,13 +465,35 @@ impl Worker {
         }
     }
 
-    /// One attempt: origin → verify → store.
+    /// One attempt under `owner`'s lease, and what its end means for a checkpoint saved on
+    /// the way: kept for the next attempt after a transient error, forgotten otherwise
+    /// (with the partial write it names, unless that became the object).
     async fn transfer(
         &self,
         job: &Job,
+        owner: &str,
         fence: &dyn Fence,
         cancel: &CancellationToken,
         progress: &Progress,
+    ) -> Result<StoredObject, JobError> {
+        let checkpointed = AtomicBool::new(job.bytes_done.is_some_and(|done| done > 0));
+        let outcome = self.transfer_once(job, owner, fence, cancel, progress, &checkpointed).await;
+        let ended = !matches!(&outcome, Err(e) if e.is_transient());
+        if ended && checkpointed.load(Ordering::Relaxed) {
+            self.forget_checkpoint(job, outcome.is_err()).await;
+        }
+        outcome
+    }
+
+    /// One attempt: origin → verify → store. Sets `checkpointed` when it may save checkpoints.
+    async fn transfer_once(
+        &self,
+        job: &Job,
+        owner: &str,
+        fence: &dyn Fence,
+        cancel: &CancellationToken,
+        progress: &Progress,
+        checkpointed: &AtomicBool,
     ) -> Result<StoredObject, JobError> {
         // The row was validated on the way in; a row that no longer parses is corrupt.
         let corrupt =
@@ -492,9 +518,27 @@ impl Worker {
             Some(sealed) => self.sealer.open(sealed).map_err(|e| JobError::permanent(e.to_string()))?,
             None => RequestHeaders::default(),
         };
+        // Progress from an earlier attempt: it may have saved a checkpoint to go on from.
+        let saved = match job.bytes_done {
+            Some(done) if done > 0 => self.saved_checkpoint(job.id).await,
+            _ => None,
+        };
+        let part_size = self.store.resumable_part_size();
+        let from = saved.as_ref().and_then(|c| c.range(part_size));
         let fetched = tokio::select! {
-            fetched = self.fetcher.fetch(&url, headers.pairs()) => fetched?,
+            fetched = self.fetcher.fetch(&url, headers.pairs(), from.as_ref()) => fetched?,
             () = cancel.cancelled() => return Err(JobError::cancelled()),
+        };
+        let resumed = match saved {
+            Some(checkpoint) if fetched.start > 0 => Some(checkpoint),
+            Some(_) => {
+                if from.is_some() {
+                    tracing::info!(job_id = %job.id, "the origin cannot send the rest of the same file; starting over");
+                }
+                self.forget_checkpoint(job, true).await;
+                None
+            }
+            None => None,
         };
         let max_size =
             job.grant.max_file_size.map_or(self.settings.max_file_size, |m| m.min(self.settings.max_file_size));
@@ -506,9 +550,13 @@ impl Worker {
             )));
         }
         // A cancel ends the body with an error, so the store aborts what it has written.
-        progress.start(fetched.content_length);
+        progress.start(fetched.start, fetched.content_length);
         let body = progress.count(until_cancelled(at_least(fetched.body, self.settings.min_rate), cancel.clone()));
-        let (content_type, body) = sniff::content_type(fetched.content_type, body).await;
+        let (content_type, body) = match &resumed {
+            // The start of the file, where its type shows, was read by the first attempt.
+            Some(c) => (c.content_type.clone(), body),
+            None => sniff::content_type(fetched.content_type, body).await,
+        };
         let expect = Expectations {
             max_size,
             declared_length: fetched.content_length,
@@ -516,14 +564,45 @@ impl Worker {
             md5: job.expected_md5.clone(),
             size: job.expected_size,
         };
-        let (body, digests) = verified(body, expect);
         let options = WriteOptions { content_type: &content_type, may_create_bucket: job.grant.may_create_bucket };
-        let put = self.store.put(&bucket, &key, options, body, fence).await?;
-        let digests = digests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| JobError::transient("store finished before the body ended"))?;
+        // Large files from an origin that names its version are stored part by part, with
+        // a checkpoint after each, so a cut transfer goes on where it stopped.
+        let resumable = match (part_size, &fetched.validator, fetched.content_length) {
+            (Some(part), Some(_), Some(length)) => resumed.is_some() || length > part,
+            _ => false,
+        };
+        let (put, verifier) = match (part_size, fetched.validator) {
+            (Some(part), Some(validator)) if resumable => {
+                checkpointed.store(true, Ordering::Relaxed);
+                let body = split_at_parts(body, fetched.start, part);
+                let (body, verifier) = verified(body, expect, resumed.as_ref().map(|c| &c.hashes));
+                let recorder = Recorder {
+                    repo: &*self.repo,
+                    id: job.id,
+                    owner,
+                    validator,
+                    total: fetched.content_length,
+                    content_type: content_type.clone(),
+                    verifier: verifier.clone(),
+                    taken: Default::default(),
+                    gone: Default::default(),
+                };
+                let from = resumed.map(|c| c.write);
+                let put = self.store.put_resumable(&bucket, &key, options, body, fence, job.id, from, &recorder).await;
+                if let Err(e) = &put
+                    && recorder.is_gone()
+                {
+                    tracing::info!(job_id = %job.id, error = %e, "the stored part of the file is gone; the next attempt starts over");
+                    self.forget_checkpoint(job, true).await;
+                }
+                (put?, verifier)
+            }
+            _ => {
+                let (body, verifier) = verified(body, expect, None);
+                (self.store.put(&bucket, &key, options, body, fence).await?, verifier)
+            }
+        };
+        let digests = verifier.digests().ok_or_else(|| JobError::transient("store finished before the body ended"))?;
         Ok(StoredObject {
             etag: put.etag.unwrap_or_else(|| digests.md5.clone()),
             size: digests.size,
@@ -532,6 +611,36 @@ impl Worker {
             content_type: Some(content_type),
             version: put.version,
         })
+    }
+
+    /// The job's saved checkpoint, if it has one that reads.
+    async fn saved_checkpoint(&self, id: JobId) -> Option<Checkpoint> {
+        let body = match self.repo.checkpoint(id).await {
+            Ok(body) => body?,
+            Err(e) => {
+                tracing::warn!(job_id = %id, error = %e, "cannot read the transfer's checkpoint; starting over");
+                return None;
+            }
+        };
+        serde_json::from_str(&body)
+            .inspect_err(|e| tracing::warn!(job_id = %id, error = %e, "unreadable checkpoint; starting over"))
+            .ok()
+    }
+
+    /// Forget the job's checkpoint, so a next attempt starts over; with `discard`, also
+    /// remove the partial write it names (not when that write became the object).
+    async fn forget_checkpoint(&self, job: &Job, discard: bool) {
+        let id = job.id;
+        let Some(checkpoint) = self.saved_checkpoint(id).await else { return };
+        let (Ok(bucket), Ok(key)) = (BucketName::parse(&job.bucket_name), ObjectKey::parse(&job.object_name)) else {
+            return;
+        };
+        if discard && let Err(e) = self.store.discard(&bucket, &key, &checkpoint.write).await {
+            tracing::warn!(job_id = %id, error = %e, "cannot remove a partial write");
+        }
+        if let Err(e) = self.repo.clear_checkpoint(id).await {
+            tracing::warn!(job_id = %id, error = %e, "cannot forget the transfer's checkpoint");
+        }
     }
 }
 

@@ -16,6 +16,7 @@ mod download_links;
 mod failures;
 mod origin_requests;
 mod polite;
+mod resume;
 mod submit;
 mod webhooks;
 mod workflow;

@@ -21,6 +21,12 @@
 //! - `/versioned/{name}/{size}?seed=S&slow_ms=N` — the file of seed `S + 1000 × version`,
 //!   where the test changes `name`'s version ([`Origin::set_version`]) as an origin whose
 //!   file is replaced; headers at once, then the body in 8 pieces over `slow_ms`.
+//! - `/resumable/{name}/{size}?seed=S&cut=N&validator=etag|date|none&ranges=no&every_ms=M` —
+//!   the file of [`Origin::set_version`]'s version, named by a strong ETag (or a
+//!   `Last-Modified` date, or nothing); answers `Range: bytes=N-` with 206 unless
+//!   `ranges=no` or its `If-Range` names another version; the first request breaks the
+//!   connection once the file's byte `cut` is reached; `every_ms` paces 1 MiB pieces.
+//!   [`Origin::bytes_sent`] counts body bytes sent, [`Origin::ranges_asked`] the ranges asked.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -78,7 +84,7 @@ pub fn content_stream(seed: u64, size: u64) -> impl futures::Stream<Item = Resul
 }
 
 #[derive(Clone, Default)]
-struct Counters(Arc<Mutex<HashMap<String, u32>>>);
+struct Counters(Arc<Mutex<HashMap<String, u32>>>, Arc<Mutex<HashMap<String, u64>>>, Arc<Mutex<HashMap<String, Vec<String>>>>);
 
 impl Counters {
     fn hit(&self, name: &str) -> u32 {
@@ -121,6 +127,7 @@ impl Origin {
             .route("/png", get(png))
             .route("/gzip/{size}", get(gzip))
             .route("/versioned/{name}/{size}", get(versioned))
+            .route("/resumable/{name}/{size}", get(resumable))
             .layer(axum::middleware::from_fn_with_state(counters.clone(), count))
             .with_state(counters.clone());
         let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
@@ -161,6 +168,16 @@ impl Origin {
     /// The seed of `/versioned/{name}/…?seed=seed` at `version`.
     pub fn versioned_seed(seed: u64, version: u32) -> u64 {
         seed + 1000 * u64::from(version)
+    }
+
+    /// Body bytes `/resumable/{name}/…` has sent (also those of a connection it broke).
+    pub fn bytes_sent(&self, name: &str) -> u64 {
+        self.counters.1.lock().unwrap().get(&format!("sent:{name}")).copied().unwrap_or(0)
+    }
+
+    /// The `Range` headers of the requests to `/resumable/{name}/…`, in order ("" for none).
+    pub fn ranges_asked(&self, name: &str) -> Vec<String> {
+        self.counters.2.lock().unwrap().get(name).cloned().unwrap_or_default()
     }
 
     /// How many requests reached `path` (without its query).
@@ -279,6 +296,74 @@ async fn versioned(
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_LENGTH, size.into());
     (headers, Body::from_stream(stream)).into_response()
+}
+
+async fn resumable(
+    State(c): State<Counters>,
+    Path((name, size)): Path<(String, u64)>,
+    Query(q): Query<HashMap<String, String>>,
+    request: HeaderMap,
+) -> Response {
+    let version = c.0.lock().unwrap().get(&format!("version:{name}")).copied().unwrap_or(0);
+    let request_no = c.hit(&format!("resumable:{name}"));
+    let seed = Origin::versioned_seed(seed_of(&q), version);
+    let arg = |k: &str| q.get(k).map(String::as_str);
+    let etag = format!("\"{name}-v{version}\"");
+    // A date that moves with the version.
+    let modified = httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + u64::from(version)));
+    let validator = match arg("validator").unwrap_or("etag") {
+        "etag" => Some((header::ETAG, etag)),
+        "date" => Some((header::LAST_MODIFIED, modified)),
+        _ => None,
+    };
+    let range = request.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    c.2.lock().unwrap().entry(name.clone()).or_default().push(range.clone());
+    let same_version = match (request.get(header::IF_RANGE).and_then(|v| v.to_str().ok()), &validator) {
+        (Some(asked), Some((_, current))) => asked == current,
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
+    let from = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|&n| n < size && same_version && arg("ranges") != Some("no"));
+    let start = from.unwrap_or(0);
+    let cut = arg("cut").and_then(|n| n.parse::<u64>().ok()).filter(|_| request_no == 1);
+    let every = Duration::from_millis(arg("every_ms").and_then(|n| n.parse().ok()).unwrap_or(0));
+    let piece = 1024 * 1024u64;
+    let end = cut.map_or(size, |cut| cut.clamp(start, size));
+    let counters = c.clone();
+    let sent = name.clone();
+    let pieces = futures::stream::iter((start..end).step_by(piece as usize)).then(move |at| {
+        let (counters, sent) = (counters.clone(), sent.clone());
+        async move {
+            tokio::time::sleep(every).await;
+            let len = piece.min(end - at);
+            *counters.1.lock().unwrap().entry(format!("sent:{sent}")).or_default() += len;
+            Ok::<_, std::io::Error>(Bytes::from(content_range(seed, at, len as usize)))
+        }
+    });
+    let broken = futures::stream::iter(cut.map(|_| {
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "origin breaks the connection"))
+    }));
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_LENGTH, (size - start).into());
+    headers.insert(header::CONTENT_TYPE, "application/octet-stream".parse().unwrap());
+    if arg("ranges") != Some("no") {
+        headers.insert(header::ACCEPT_RANGES, "bytes".parse().unwrap());
+    }
+    if let Some((name, value)) = validator {
+        headers.insert(name, value.parse().unwrap());
+    }
+    let status = match from {
+        Some(from) => {
+            headers.insert(header::CONTENT_RANGE, format!("bytes {from}-{}/{size}", size - 1).parse().unwrap());
+            StatusCode::PARTIAL_CONTENT
+        }
+        None => StatusCode::OK,
+    };
+    (status, headers, Body::from_stream(pieces.chain(broken))).into_response()
 }
 
 async fn redirect(Path((hops, size)): Path<(u32, u64)>, Query(q): Query<HashMap<String, String>>) -> Response {

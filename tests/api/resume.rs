@@ -1,0 +1,91 @@
+//! Resumable transfers: a large transfer cut by a transient error goes on from the last
+//! part in the store on its next attempt (`Range` with `If-Range`), and starts over when
+//! the origin cannot send a range or the file changed meanwhile.
+
+use std::time::Duration;
+
+use crate::helpers::{Origin, TestApp, sha256_hex, spawn_app, spawn_app_with};
+use crate::origin::content;
+
+const MIB: u64 = 1024 * 1024;
+/// 40 MiB, cut at 36 MiB (90 %).
+const SIZE: u64 = 40 * MIB;
+const CUT: u64 = 36 * MIB;
+
+async fn cut_transfer(app: &TestApp, origin: &Origin, name: &str, query: &str) -> serde_json::Value {
+    let url = origin.url(&format!("/resumable/{name}/{SIZE}?seed=7&cut={CUT}{query}"));
+    let id = app.submit(&url, &app.bucket, &format!("{name}.bin")).await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["retry_count"], 1, "one cut, one more attempt: {job}");
+    job
+}
+
+/// The offset the second request asked for (0: the whole file again).
+fn second_range(origin: &Origin, name: &str) -> u64 {
+    let ranges = origin.ranges_asked(name);
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    assert_eq!(ranges[0], "", "the first request asks for the whole file");
+    ranges[1].strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_cut_transfer_goes_on_from_the_last_stored_part() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    for (name, query) in [("tagged", ""), ("dated", "&validator=date")] {
+        let job = cut_transfer(&app, &origin, name, query).await;
+        let expected = content(7, SIZE);
+        assert_eq!(job["sha256"], sha256_hex(&expected), "{job}");
+        assert_eq!(job["size"], SIZE, "{job}");
+        assert!(app.read_object(&format!("{name}.bin")).await == expected, "{name}: stored bytes differ");
+
+        let from = second_range(&origin, name);
+        let sent = origin.bytes_sent(name);
+        // The parts stored before the cut are not fetched again: at most one part's worth
+        // (16 MiB on disk, 5 MiB on S3) of the 36 MiB received is.
+        assert!(from > 0 && from <= CUT && CUT - from <= 16 * MIB, "{name}: resumed from {from}");
+        assert_eq!(sent, CUT + (SIZE - from), "{name}: origin sent {sent}");
+        println!("{name}: resumed from {} MiB; origin sent {:.2}× the file", from / MIB, sent as f64 / SIZE as f64);
+    }
+    assert_eq!(app.stored_objects().await.len(), 2, "no staging files left: {:?}", app.stored_objects().await);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_origin_that_cannot_resume_is_fetched_again_from_the_start() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    for (name, query) in [("unnamed", "&validator=none"), ("rangeless", "&ranges=no")] {
+        let job = cut_transfer(&app, &origin, name, query).await;
+        assert_eq!(job["sha256"], sha256_hex(&content(7, SIZE)), "{job}");
+        if query.contains("none") {
+            assert_eq!(origin.ranges_asked(name), ["", ""], "without a validator no range is asked");
+        }
+        assert_eq!(origin.bytes_sent(name), CUT + SIZE, "{name}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_file_changed_between_attempts_is_fetched_whole() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| {
+        s.retry_base_delay = Duration::from_secs(2);
+        s.retry_max_delay = Duration::from_secs(2);
+    })
+    .await;
+    let url = origin.url(&format!("/resumable/changing/{SIZE}?seed=7&cut={CUT}"));
+    let id = app.submit(&url, &app.bucket, "changing.bin").await;
+    let waiting = app.wait_until(&id, Duration::from_secs(30), |j| j["retry_count"] == 1).await;
+    assert_eq!(waiting["status"], "pending", "{waiting}");
+    origin.set_version("changing", 1);
+    let job = app.finished(&id).await;
+    let changed = content(Origin::versioned_seed(7, 1), SIZE);
+    assert_eq!(job["sha256"], sha256_hex(&changed), "the new version, whole: {job}");
+    assert!(app.read_object("changing.bin").await == changed);
+    assert!(second_range(&origin, "changing") > 0, "a range was asked, with If-Range");
+    assert_eq!(origin.bytes_sent("changing"), CUT + SIZE, "the origin sent the new version whole");
+    assert_eq!(app.stored_objects().await.len(), 1, "{:?}", app.stored_objects().await);
+    app.stop().await;
+}
