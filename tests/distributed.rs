@@ -201,3 +201,30 @@ async fn a_message_for_an_unknown_job_is_dead_lettered() {
     assert_eq!(header("fileflow-origin-topic"), Some(topic.clone()));
     assert!(String::from_utf8_lossy(message.payload().unwrap()).contains("987654"));
 }
+
+#[tokio::test]
+async fn a_transfer_cut_by_a_dead_worker_goes_on_in_another_with_the_same_upload() {
+    const MIB: u64 = 1024 * 1024;
+    let Some(stack) = stack().await else { return };
+    let size = 48 * MIB;
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = stack.with(&[]);
+    let api = start_role("api", dir.path(), &env).await;
+    let mut doomed = start_role("worker", dir.path(), &env).await;
+    let url = origin.url(&format!("/resumable/worker-killed/{size}?seed=9&every_ms=40"));
+    let id = api.submit_to(&url, &stack.bucket, "resumed.bin").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.job(&id).await["bytes_done"].as_u64().unwrap_or(0) < 24 * MIB {
+        assert!(Instant::now() < deadline, "the transfer never got far");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.kill().await;
+    let _next = start_role("worker", dir.path(), &env).await;
+    api.wait_all_completed(1, Duration::from_secs(120)).await;
+    assert!(stack.stored("resumed.bin").await == content(9, size), "stored bytes differ");
+    let ranges = origin.ranges_asked("worker-killed");
+    let from: u64 = ranges[1].strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).unwrap().parse().unwrap();
+    assert!(from >= 15 * MIB, "went on from {from}: {ranges:?}");
+    println!("went on from {} MiB in another worker; origin sent {} MiB for {} MiB", from / MIB, origin.bytes_sent("worker-killed") / MIB, size / MIB);
+}

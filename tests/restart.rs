@@ -245,3 +245,40 @@ async fn a_webhook_outlives_a_kill_9_and_is_delivered_after_the_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_transfer_cut_by_kill_9_goes_on_from_its_last_part_after_the_restart() {
+    const MIB: u64 = 1024 * 1024;
+    let size = 64 * MIB;
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("FILEFLOW_JOB_LEASE", "1s")];
+    let mut first = start(dir.path(), &env).await;
+    // 1 MiB every 40 ms: a few seconds, checkpoints every 16 MiB on the way.
+    let id = first.submit(&origin.url(&format!("/resumable/killed/{size}?seed=5&every_ms=40")), "resumed.bin").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let done = first.job(&id).await["bytes_done"].as_u64().unwrap_or(0);
+        if done >= 40 * MIB {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the transfer never got far");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill().await;
+    let staged = std::fs::read_dir(dir.path().join("objects/file-bucket")).unwrap().count();
+    assert_eq!(staged, 1, "the staging file stays for the next process");
+
+    let second = start(dir.path(), &env).await;
+    second.wait_all_completed(1, Duration::from_secs(60)).await;
+    let job = second.job(&id).await;
+    let expected = content(5, size);
+    assert_eq!(job["size"], size, "{job}");
+    let stored = std::fs::read(dir.path().join("objects/file-bucket/resumed.bin")).unwrap();
+    assert!(stored == expected, "stored bytes differ");
+    let ranges = origin.ranges_asked("killed");
+    let from: u64 = ranges[1].strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).unwrap().parse().unwrap();
+    assert!(from >= 32 * MIB, "went on from {from}: {ranges:?}");
+    assert_eq!(std::fs::read_dir(dir.path().join("objects/file-bucket")).unwrap().count(), 1, "no staging file left");
+    println!("went on from {} MiB; origin sent {} MiB for a {} MiB file", from / MIB, origin.bytes_sent("killed") / MIB, size / MIB);
+}

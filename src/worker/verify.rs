@@ -243,10 +243,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_saved_state_goes_on_where_the_first_part_ended() {
-        let (first, verifier) = verified(body(&[b"hello", b" "]), expect(), None);
         // A first attempt that got 6 bytes and then broke off.
-        let broken = first.chain(futures::stream::once(async { Err(JobError::transient("cut")) })).boxed();
-        assert!(broken.try_collect::<Vec<_>>().await.is_err());
+        let broken = body(&[b"hello", b" "]).chain(futures::stream::once(async { Err(JobError::transient("cut")) }));
+        let (first, verifier) = verified(broken.boxed(), expect(), None);
+        assert!(first.try_collect::<Vec<_>>().await.is_err());
         let saved = verifier.state();
         assert_eq!(saved.size, 6);
         let saved: HashState = serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();

@@ -250,6 +250,15 @@ impl TestApp {
     }
 
     /// Everything in this test's bucket: objects, and on disk any leftover staging files.
+    /// Partial writes left in the store: S3 multipart uploads neither completed nor aborted
+    /// (on disk, staging files show among [`TestApp::stored_objects`]).
+    pub async fn unfinished_uploads(&self) -> usize {
+        match &self.s3 {
+            Some(s3) => s3.unfinished_uploads(&self.bucket).await,
+            None => 0,
+        }
+    }
+
     pub async fn stored_objects(&self) -> Vec<String> {
         match &self.s3 {
             Some(s3) => {

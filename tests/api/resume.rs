@@ -49,6 +49,7 @@ async fn a_cut_transfer_goes_on_from_the_last_stored_part() {
         println!("{name}: resumed from {} MiB; origin sent {:.2}× the file", from / MIB, sent as f64 / SIZE as f64);
     }
     assert_eq!(app.stored_objects().await.len(), 2, "no staging files left: {:?}", app.stored_objects().await);
+    assert_eq!(app.unfinished_uploads().await, 0);
     app.stop().await;
 }
 
@@ -87,5 +88,37 @@ async fn a_file_changed_between_attempts_is_fetched_whole() {
     assert!(second_range(&origin, "changing") > 0, "a range was asked, with If-Range");
     assert_eq!(origin.bytes_sent("changing"), CUT + SIZE, "the origin sent the new version whole");
     assert_eq!(app.stored_objects().await.len(), 1, "{:?}", app.stored_objects().await);
+    assert_eq!(app.unfinished_uploads().await, 0, "the first version's parts were removed");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_or_failing_a_resumable_transfer_leaves_no_parts() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| {
+        s.retry_base_delay = Duration::from_secs(1);
+        s.retry_max_delay = Duration::from_secs(1);
+    })
+    .await;
+    // Cancelled mid-way, after parts are in the store.
+    let url = origin.url(&format!("/resumable/cancelled/{SIZE}?seed=7&every_ms=50"));
+    let id = app.submit(&url, &app.bucket, "cancelled.bin").await;
+    app.wait_until(&id, Duration::from_secs(30), |j| j["bytes_done"].as_u64().unwrap_or(0) >= 20 * MIB).await;
+    let (status, _, job) = app.call(reqwest::Method::POST, &format!("/api/v1/uploads/{id}/cancel"), None, None).await;
+    assert_eq!(status, 202, "{job}");
+    app.wait_until(&id, Duration::from_secs(10), |j| j["status"] == "cancelled").await;
+
+    // Cut once, then the file is gone from the origin: the job fails for good.
+    let url = origin.url(&format!("/resumable/vanishing/{SIZE}?seed=7&cut={CUT}&validator=etag"));
+    let id = app.submit_body(&serde_json::json!({
+        "file_url": url, "bucket_name": app.bucket, "object_name": "vanishing.bin", "sha256": "0".repeat(64)
+    })).await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["last_error"].as_str().unwrap_or_default().contains("checksum mismatch"), "{job}");
+    assert_eq!(job["retry_count"], 1, "{job}");
+
+    assert!(app.stored_objects().await.is_empty(), "left behind: {:?}", app.stored_objects().await);
+    assert_eq!(app.unfinished_uploads().await, 0, "parts left behind");
     app.stop().await;
 }

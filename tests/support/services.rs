@@ -51,6 +51,23 @@ pub fn s3() -> Option<S3> {
 }
 
 impl S3 {
+    /// How many multipart uploads are begun and neither completed nor aborted in `bucket`.
+    #[allow(dead_code)]
+    pub async fn unfinished_uploads(&self, bucket: &str) -> usize {
+        use object_store::signer::{SignedUrlOptions, Signer};
+        let options = SignedUrlOptions::default().with_query([("uploads", "")]);
+        let url = self
+            .bucket(bucket)
+            .signed_url_opts(reqwest::Method::GET, &object_store::path::Path::from(""), std::time::Duration::from_secs(60), &options)
+            .await
+            .unwrap();
+        let response = reqwest::Client::builder().no_proxy().build().unwrap().get(url).send().await.unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert!(status.is_success(), "ListMultipartUploads: {status}: {body}");
+        body.matches("<Upload>").count()
+    }
+
     pub fn bucket(&self, bucket: &str) -> object_store::aws::AmazonS3 {
         object_store::aws::AmazonS3Builder::new()
             .with_endpoint(&self.endpoint)
