@@ -3,7 +3,8 @@
 //! 1. accept — `POST /api/v1/upload` latency and throughput under closed-loop load;
 //! 2. pipeline — many small files from a local origin into the disk store and into S3;
 //! 3. scale-out — one, two and four workers in one Kafka consumer group, against a slow origin;
-//! 4. large file — one big file into the disk store and into S3, with fileflow's peak memory.
+//! 4. large file — one big file into the disk store and into S3, with fileflow's peak memory;
+//! 5. resume — one big file cut at 90 % by the origin, with and without resumable transfers.
 //!
 //! Each fileflow figure is measured on a release `fileflow` process beside the ceiling (a
 //! bare GET→PUT loop through the same HTTP and storage clients) and `rclone copyurl`.
@@ -11,7 +12,7 @@
 //! `FILEFLOW_BENCH_REPORT` names a file, into it (BENCHMARKS.md).
 //!
 //! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, pipeline, scale,
-//! large), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
+//! large, resume), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
 //! (2 GiB), `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400).
 
 #[path = "../../tests/support/origin.rs"]
@@ -387,6 +388,48 @@ impl Bench {
         table
     }
 
+    async fn resume(&mut self) -> Table {
+        let size = env_number("FILEFLOW_BENCH_LARGE_BYTES", 2 << 30);
+        let cut = size / 10 * 9;
+        let mib = size as f64 / MIB;
+        let mut table = Table::new(
+            &format!("Resume: {mib:.0} MiB cut at 90 %"),
+            "One file from the local origin, whose first answer breaks the connection after 90 % of the body; \
+             the job's next attempt fetches it again. fileflow: one `fileflow serve` process (embedded stack, \
+             default settings), time from the accept to the completion. With resume, the origin names the file's \
+             version (a strong ETag) and answers ranges; without, it names no version, so the next attempt starts \
+             over. Bytes fetched: what the origin sent, over the file's size; fetched twice: what was sent beyond \
+             the file's size.",
+            &["store", "transfer", "seconds", "bytes fetched ÷ size", "fetched twice MiB", "next attempt asked for"],
+        );
+        let mut targets = vec![("disk", Vec::new())];
+        match &self.s3 {
+            Some(s3) => targets.push(("S3 (Garage)", s3.env())),
+            None => self.notes.push("resume into S3: not run (no FILEFLOW_TEST_S3_*)".into()),
+        }
+        for (store, env) in targets {
+            for (transfer, validator) in [("resumed", "etag"), ("started over", "none")] {
+                let name = services::unique("resume");
+                let path = format!("/resumable/{name}/{size}?seed={{n}}&cut={cut}&validator={validator}");
+                let (secs, completed, _, _) = self.fileflow_run(&env, None, 1, "bench-resume", path).await;
+                if completed != 1 {
+                    self.notes.push(format!("resume, {store}, {transfer}: the job did not complete"));
+                }
+                let sent = self.origin.bytes_sent(&name);
+                let asked = self.origin.ranges_asked(&name).get(1).cloned().unwrap_or_default();
+                table.row(vec![
+                    store.into(),
+                    transfer.into(),
+                    f2(secs),
+                    f2(sent as f64 / size as f64),
+                    f1(sent.saturating_sub(size) as f64 / MIB),
+                    if asked.is_empty() { "the whole file".into() } else { asked },
+                ]);
+            }
+        }
+        table
+    }
+
     async fn large(&mut self) -> Table {
         let size = env_number("FILEFLOW_BENCH_LARGE_BYTES", 2 << 30);
         let mib = size as f64 / MIB;
@@ -460,7 +503,7 @@ async fn main() {
     println!("{context}");
     let mut tables = Vec::new();
     for (part, title) in
-        [("accept", "accept"), ("pipeline", "pipeline"), ("scale", "scale-out"), ("large", "large file")]
+        [("accept", "accept"), ("pipeline", "pipeline"), ("scale", "scale-out"), ("large", "large file"), ("resume", "resume")]
     {
         if !wanted(part) {
             continue;
@@ -470,6 +513,7 @@ async fn main() {
             "accept" => bench.accept().await,
             "pipeline" => bench.pipeline().await,
             "scale" => bench.scale().await,
+            "resume" => bench.resume().await,
             _ => bench.large().await,
         };
         println!("\n{}", table.markdown());
