@@ -133,7 +133,7 @@ async fn concurrent_claims_and_completions(repo: Arc<dyn JobRepository>) {
                 assert_eq!((job.id, job.status), (id, JobStatus::Processing));
                 assert!(winners.insert(id, who).is_none(), "job {id} claimed twice");
             }
-            (_, _, Claim::Busy { .. }) => {}
+            (_, _, Claim::Busy { .. } | Claim::Waiting { .. }) => {}
             (id, _, other) => panic!("job {id}: unexpected {other:?}"),
         }
     }
@@ -230,11 +230,11 @@ async fn a_batch_of_claims_is_decided_request_by_request(repo: Arc<dyn JobReposi
     assert_eq!(claims[4], Claim::NotFound);
     // The job asked for twice goes to exactly one of the two leases.
     let (winner, loser) = match (&claims[0], &claims[5]) {
-        (Claim::Claimed(job), Claim::Busy { .. }) => {
+        (Claim::Claimed(job), Claim::Busy { .. } | Claim::Waiting { .. }) => {
             assert_eq!(job.id, twice.id);
             ("w1", "w6")
         }
-        (Claim::Busy { .. }, Claim::Claimed(job)) => {
+        (Claim::Busy { .. } | Claim::Waiting { .. }, Claim::Claimed(job)) => {
             assert_eq!(job.id, twice.id);
             ("w6", "w1")
         }
@@ -244,6 +244,45 @@ async fn a_batch_of_claims_is_decided_request_by_request(repo: Arc<dyn JobReposi
     assert!(repo.settle(twice.id, winner, &Settlement::Completed(stored()), t).await.unwrap());
     assert!(repo.settle(free.id, "w2", &Settlement::Completed(stored()), t).await.unwrap());
     assert!(repo.claim_many(&[]).await.unwrap().is_empty());
+}
+
+/// One job at a time writes an object: of two due jobs for one bucket and key, only the
+/// older is claimed (in one batch or apart, also when claims race); the other waits until
+/// the first is settled, while jobs for other keys are claimed as usual.
+async fn one_job_at_a_time_writes_an_object(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let first = repo.create(&new_job("same"), t).await.unwrap();
+    let second = repo.create(&new_job("same"), t).await.unwrap();
+    let other = repo.create(&new_job("other"), t).await.unwrap();
+    let claims =
+        repo.claim_many(&[(second.id, lease("w2")), (first.id, lease("w1")), (other.id, lease("w3"))]).await.unwrap();
+    assert!(matches!(&claims[0], Claim::Waiting { at } if *at > t), "{:?}", claims[0]);
+    assert!(matches!(&claims[1], Claim::Claimed(job) if job.id == first.id), "{:?}", claims[1]);
+    assert!(matches!(&claims[2], Claim::Claimed(job) if job.id == other.id), "{:?}", claims[2]);
+    assert!(matches!(repo.claim(second.id, &lease("w4")).await.unwrap(), Claim::Waiting { .. }));
+    assert!(repo.settle(first.id, "w1", &Settlement::Completed(stored()), t).await.unwrap());
+    assert!(matches!(repo.claim(second.id, &lease("w4")).await.unwrap(), Claim::Claimed(_)));
+    assert!(repo.settle(second.id, "w4", &Settlement::Completed(stored()), t).await.unwrap());
+
+    // Claims racing for ten jobs of one object, each from its own task: one at a time.
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(repo.create(&new_job("raced"), t).await.unwrap().id);
+    }
+    let mut done = 0;
+    while done < ids.len() {
+        let claims = futures::future::join_all(ids.iter().enumerate().map(|(i, id)| {
+            let repo = repo.clone();
+            let id = *id;
+            async move { (id, i, repo.claim(id, &lease(&format!("r{i}"))).await.unwrap()) }
+        }))
+        .await;
+        let won: Vec<_> = claims.iter().filter(|(_, _, c)| matches!(c, Claim::Claimed(_))).collect();
+        assert_eq!(won.len(), 1, "exactly one writer at a time: {claims:?}");
+        let (id, i, _) = won[0];
+        assert!(repo.settle(*id, &format!("r{i}"), &Settlement::Completed(stored()), t).await.unwrap());
+        done += 1;
+    }
 }
 
 async fn retries_releases_and_requeues(repo: Arc<dyn JobRepository>) {
@@ -455,6 +494,7 @@ conformance!(
     concurrent_claims_and_completions,
     claims_are_exclusive_until_the_lease_lapses,
     a_batch_of_claims_is_decided_request_by_request,
+    one_job_at_a_time_writes_an_object,
     retries_releases_and_requeues,
     jobs_belong_to_their_key,
     idempotency_keys_last_a_day,

@@ -216,10 +216,19 @@ pub enum Claim {
     NotDue {
         at: DateTime<Utc>,
     },
+    /// The job is due but cannot start yet: another job is writing its bucket and key (one
+    /// job at a time writes an object), or another claim held its row a moment ago. Try
+    /// again at this time.
+    Waiting {
+        at: DateTime<Utc>,
+    },
     /// The job is already completed, failed or cancelled: nothing to do.
     Finished(JobStatus),
     NotFound,
 }
+
+/// How long a due job whose object another job is writing waits before it is asked for again.
+pub const KEY_BUSY_PAUSE: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
 impl Claim {
     /// Why a conditional claim matched nothing, from the job as it is now (`None`: no
@@ -230,8 +239,7 @@ impl Claim {
             status @ (JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled) => Self::Finished(status),
             JobStatus::Pending => match current.next_attempt_at {
                 Some(at) if at > now => Self::NotDue { at },
-                // Claimed by another worker a moment ago.
-                _ => Self::Busy { until: current.lease_expires_at.unwrap_or(now) },
+                _ => Self::Waiting { at: now + KEY_BUSY_PAUSE },
             },
             JobStatus::Processing => Self::Busy { until: current.lease_expires_at.unwrap_or(now) },
         }

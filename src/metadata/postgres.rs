@@ -71,6 +71,37 @@ impl PgRepository {
 
     /// Why the jobs in `ids` that a claim did not take were refused, as the database sees
     /// them now.
+    /// The claim statement of [`JobRepository::claim_many`].
+    async fn claim_statement(&self, requests: &[(JobId, Lease)]) -> Result<Vec<PgRow>, RepoError> {
+        let rows = sqlx::query(&format!(
+            "WITH asked AS ( \
+                 SELECT DISTINCT ON (aid) aid, aowner, ams, n \
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) WITH ORDINALITY AS a (aid, aowner, ams, n) \
+                 ORDER BY aid, n), \
+             claimable AS ( \
+                 SELECT f.id AS cid FROM files f JOIN asked ON asked.aid = f.id \
+                 WHERE ((f.status = 'pending' AND (f.next_attempt_at IS NULL OR f.next_attempt_at <= now())) \
+                    OR (f.status = 'processing' AND f.lease_expires_at <= now())) \
+                   AND NOT EXISTS (SELECT 1 FROM files o \
+                       WHERE o.bucket_name = f.bucket_name AND o.object_name = f.object_name AND o.id <> f.id \
+                         AND (o.status = 'processing' \
+                           OR (o.status = 'pending' AND o.id < f.id AND o.id IN (SELECT aid FROM asked) \
+                               AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())))) \
+                 ORDER BY f.id FOR UPDATE OF f SKIP LOCKED) \
+             UPDATE files SET status = 'processing', lease_owner = asked.aowner, \
+                 lease_expires_at = now() + asked.ams * interval '1 millisecond', next_attempt_at = NULL, \
+                 updated_at = now() \
+             FROM asked, claimable WHERE files.id = asked.aid AND files.id = claimable.cid \
+             RETURNING {COLUMNS}, lease_owner"
+        ))
+        .bind(requests.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
+        .bind(requests.iter().map(|(_, lease)| lease.owner.as_str()).collect::<Vec<_>>())
+        .bind(requests.iter().map(|(_, lease)| lease.millis()).collect::<Vec<_>>())
+        .fetch_all(&self.db.pool)
+        .await?;
+        Ok(rows)
+    }
+
     async fn refusals(&self, ids: &[i64]) -> Result<HashMap<i64, Claim>, RepoError> {
         let rows = sqlx::query(
             "SELECT id, status, lease_expires_at, next_attempt_at, now() AS db_now FROM files WHERE id = ANY($1)",
@@ -328,28 +359,20 @@ impl JobRepository for PgRepository {
         }
         // One statement: rows are locked in id order and rows another claim holds are
         // skipped, so batches cannot deadlock; expiry and due times are judged by the
-        // database's clock; either every claim of the batch is taken or none is.
-        let rows = sqlx::query(&format!(
-            "WITH asked AS ( \
-                 SELECT DISTINCT ON (aid) aid, aowner, ams, n \
-                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) WITH ORDINALITY AS a (aid, aowner, ams, n) \
-                 ORDER BY aid, n), \
-             claimable AS ( \
-                 SELECT f.id AS cid FROM files f JOIN asked ON asked.aid = f.id \
-                 WHERE (f.status = 'pending' AND (f.next_attempt_at IS NULL OR f.next_attempt_at <= now())) \
-                    OR (f.status = 'processing' AND f.lease_expires_at <= now()) \
-                 ORDER BY f.id FOR UPDATE OF f SKIP LOCKED) \
-             UPDATE files SET status = 'processing', lease_owner = asked.aowner, \
-                 lease_expires_at = now() + asked.ams * interval '1 millisecond', next_attempt_at = NULL, \
-                 updated_at = now() \
-             FROM asked, claimable WHERE files.id = asked.aid AND files.id = claimable.cid \
-             RETURNING {COLUMNS}, lease_owner"
-        ))
-        .bind(requests.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
-        .bind(requests.iter().map(|(_, lease)| lease.owner.as_str()).collect::<Vec<_>>())
-        .bind(requests.iter().map(|(_, lease)| lease.millis()).collect::<Vec<_>>())
-        .fetch_all(&self.db.pool)
-        .await?;
+        // database's clock; either every claim of the batch is taken or none is. A claim
+        // running at the same time as one for another job of the same object can fail on
+        // the one-writer-per-key index: tried again, it sees that job and leaves this one.
+        let mut tries = 0;
+        let rows = loop {
+            match self.claim_statement(requests).await {
+                Err(RepoError::Database(sqlx::Error::Database(e)))
+                    if e.constraint() == Some("files_one_writer_per_key_idx") && tries < 3 =>
+                {
+                    tries += 1;
+                }
+                rows => break rows?,
+            }
+        };
         let mut claimed = HashMap::with_capacity(rows.len());
         for row in &rows {
             let owner: String = row.try_get("lease_owner")?;

@@ -214,12 +214,21 @@ async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)]) -> Result<Vec<Claim
         let sep = if i == 0 { "" } else { "," };
         let _ = write!(sql, "{sep}({})", placeholders(3 * i + 2, 3));
     }
+    let ids: Vec<String> = (0..batch.len()).map(|i| format!("?{}", 3 * i + 2)).collect();
+    // One job at a time writes an object: none while another job for it is processing,
+    // and of the batch's due jobs for one object only the oldest.
     let _ = write!(
         sql,
         ") AS v WHERE files.id = v.column1 \
          AND ((files.status = 'pending' AND (files.next_attempt_at IS NULL OR files.next_attempt_at <= ?1)) \
               OR (files.status = 'processing' AND files.lease_expires_at <= ?1)) \
-         RETURNING {COLUMNS}, lease_owner"
+         AND NOT EXISTS (SELECT 1 FROM files o \
+             WHERE o.bucket_name = files.bucket_name AND o.object_name = files.object_name AND o.id <> files.id \
+               AND (o.status = 'processing' \
+                 OR (o.status = 'pending' AND o.id < files.id AND o.id IN ({}) \
+                     AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?1)))) \
+         RETURNING {COLUMNS}, lease_owner",
+        ids.join(",")
     );
     let owned = batch.to_vec();
     let (now, mut claimed) = db

@@ -236,6 +236,11 @@ impl Worker {
                 self.queue.defer(delivery, until).await?;
                 WorkOutcome::Deferred(id)
             }
+            Claim::Waiting { at } => {
+                tracing::debug!(job_id = %id, "another job is writing the same object; delivery deferred");
+                self.queue.retry(delivery, delivery.attempt, at).await?;
+                WorkOutcome::Deferred(id)
+            }
             Claim::NotDue { at } => {
                 // Deliver it again when due (not only left to the reconciler): this may be
                 // the retry's own message, released a moment early by a clock that differs

@@ -327,3 +327,32 @@ async fn progress_shows_while_a_transfer_runs() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn jobs_writing_one_object_run_one_after_another_and_the_last_to_finish_wins() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    // Four jobs for one key and two for another, all at once; each takes about 400 ms.
+    let mut same = Vec::new();
+    for seed in 1..=4u64 {
+        same.push(app.submit(&origin.url(&format!("/delay/400/70000?seed={seed}")), &app.bucket, "shared.bin").await);
+    }
+    for seed in 5..=6u64 {
+        app.submit(&origin.url(&format!("/delay/400/70000?seed={seed}")), &app.bucket, "elsewhere.bin").await;
+    }
+    let mut finished = Vec::new();
+    for id in &same {
+        let job = app.finished(id).await;
+        assert_eq!(job["status"], "completed", "{job}");
+        finished.push(job);
+    }
+    // The record of the job that finished last describes the object.
+    finished.sort_by_key(|job| job["updated_at"].as_str().unwrap().to_owned());
+    let last = finished.last().unwrap();
+    assert_eq!(sha256_hex(&app.read_object("shared.bin").await), last["sha256"].as_str().unwrap(), "{last}");
+    // One at a time per object (so at most one per key and the other key's two: 1 + 1 at
+    // once), and one after another: each started after the one before it had finished.
+    assert!(origin.most_at_once() <= 2, "{} requests at once", origin.most_at_once());
+    println!("order: {:?}", finished.iter().map(|j| j["id"].clone()).collect::<Vec<_>>());
+    app.stop().await;
+}
