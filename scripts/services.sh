@@ -2,7 +2,8 @@
 # Real servers for the distributed test suite, installed once per machine into a cache
 # outside the checkout and started on free loopback ports.
 #
-#   scripts/services.sh install      install PostgreSQL, Tansu (Kafka protocol) and Garage (S3)
+#   scripts/services.sh install      install PostgreSQL, Tansu (Kafka protocol), Garage (S3),
+#                                    and Chromium with chromedriver (the dashboard test)
 #   scripts/services.sh start DIR    start all three (and a PostgreSQL for the chaos suite)
 #                                    with state under DIR; writes DIR/env
 #   scripts/services.sh stop DIR     stop what `start DIR` started
@@ -36,6 +37,13 @@ install_garage() {
     [ -n "$GARAGE_VERSION" ] && version=(--version "$GARAGE_VERSION")
     CARGO_TARGET_DIR="$CACHE/garage-build" cargo install garage "${version[@]}" --locked --root "$CACHE/garage" -q
     rm -rf "$CACHE/garage-build"
+}
+
+install_chromium() {
+    if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then return; fi
+    log "installing Chromium and its WebDriver (Debian packages, for the dashboard's browser test)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 }
 
 free_port() {
@@ -174,6 +182,7 @@ case "${1:-}" in
         install_postgres
         install_tansu
         install_garage
+        install_chromium
         ;;
     *)
         echo "usage: $0 install | start DIR | stop DIR" >&2

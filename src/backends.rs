@@ -10,6 +10,7 @@ use url::Url;
 
 use crate::auth::KeyStore;
 use crate::config::{Settings, StorageKind};
+use crate::events::{Announcing, ChangeFeed};
 use crate::links::{DownloadLinks, LinkSigner};
 use crate::metadata::{JobRepository, PgDb, PgRepository, RepoError, SqliteDb, SqliteRepository};
 use crate::queue::kafka::KafkaSettings;
@@ -45,6 +46,9 @@ pub struct Backends {
     /// Present when fileflow serves its own signed download links.
     pub signer: Option<Arc<LinkSigner>>,
     pub queue: QueueSource,
+    /// Job changes as they happen (fed by the repository on SQLite, by the database's
+    /// notifications on PostgreSQL: see [`crate::events`]).
+    pub changes: Arc<ChangeFeed>,
 }
 
 /// Open the metadata database named by the settings and apply pending migrations (every
@@ -118,8 +122,12 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
     let database = open_database(settings).await?;
     let keys = database.keys();
     let outbox = database.outbox();
+    let changes = Arc::new(ChangeFeed::default());
     let (repo, queue): (Arc<dyn JobRepository>, QueueSource) = match (database, &settings.kafka_brokers) {
-        (Database::Sqlite(db), None) => (Arc::new(SqliteRepository::new(db.clone())), QueueSource::Embedded(db)),
+        (Database::Sqlite(db), None) => {
+            let repo = Arc::new(SqliteRepository::new(db.clone()));
+            (Arc::new(Announcing::new(repo, changes.clone())), QueueSource::Embedded(db))
+        }
         (Database::Postgres(db), Some(brokers)) => {
             let kafka = KafkaSettings {
                 brokers: brokers.clone(),
@@ -163,5 +171,5 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
         }
     };
     let sealer = Arc::new(HeaderSealer::load(settings.encryption_key.as_deref(), &settings.data_dir)?);
-    Ok(Backends { repo, keys, outbox, sealer, store, links, signer, queue })
+    Ok(Backends { repo, keys, outbox, sealer, store, links, signer, queue, changes })
 }

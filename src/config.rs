@@ -20,6 +20,8 @@ pub struct Cli {
     pub settings: Settings,
 }
 
+// Parsed once per run: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// API and workers in one process (the embedded default needs nothing else).
@@ -34,6 +36,116 @@ pub enum Command {
     Keys {
         #[command(subcommand)]
         action: KeysCommand,
+    },
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+impl ClientCommand {
+    /// Where the server is, who asks, how answers print.
+    pub fn args(&self) -> &ClientArgs {
+        match self {
+            Self::Submit { args, .. }
+            | Self::Jobs { args, .. }
+            | Self::Job { args, .. }
+            | Self::Retry { args, .. }
+            | Self::Cancel { args, .. }
+            | Self::Url { args, .. } => args,
+        }
+    }
+}
+
+/// Where the server a client command talks to is, who asks, and how answers print.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct ClientArgs {
+    /// The fileflow server's base URL.
+    #[arg(long, env = "FILEFLOW_SERVER", default_value = "http://127.0.0.1:8000")]
+    pub server: url::Url,
+    /// An API key (`ffk_…`), when the server asks for one.
+    #[arg(long, env = "FILEFLOW_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// `table` for people, `json` (the API's own answers) for scripts.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+/// Client commands: they talk to a running fileflow over its HTTP API.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum ClientCommand {
+    /// Submit a job (or, with --from, every URL of a list) and print its id.
+    Submit {
+        #[command(flatten)]
+        args: ClientArgs,
+        /// The file to fetch.
+        url: Option<url::Url>,
+        #[arg(long)]
+        bucket: String,
+        /// The object's key (with a URL).
+        #[arg(long)]
+        key: Option<String>,
+        /// A URL list in Storage Transfer Service format (`TsvHttpData-1.0`: url, size,
+        /// base64 MD5); each file goes to `<prefix><host>/<path>`.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Prefix of the keys of a --from list.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// The content's SHA-256 (hex), checked before the object is stored.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// The content's MD5 (hex), checked before the object is stored.
+        #[arg(long)]
+        md5: Option<String>,
+        /// `overwrite` (default), `skip` or `fail` when the object already exists.
+        #[arg(long)]
+        if_exists: Option<String>,
+        /// A webhook called when the job ends.
+        #[arg(long)]
+        notify_url: Option<String>,
+        /// Follow the job to its end (a progress bar on a terminal); exit non-zero unless it completes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        #[command(flatten)]
+        args: ClientArgs,
+        /// Only jobs in this status (pending, processing, completed, failed, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only jobs older than this id (the next page).
+        #[arg(long)]
+        before: Option<String>,
+    },
+    /// Show a job.
+    Job {
+        #[command(flatten)]
+        args: ClientArgs,
+        id: String,
+    },
+    /// Run a failed job again.
+    Retry {
+        #[command(flatten)]
+        args: ClientArgs,
+        id: String,
+    },
+    /// Cancel a job: a waiting one at once, a running transfer within about a second.
+    Cancel {
+        #[command(flatten)]
+        args: ClientArgs,
+        id: String,
+    },
+    /// Print a time-limited download link for a completed job.
+    Url {
+        #[command(flatten)]
+        args: ClientArgs,
+        id: String,
+        /// How long the link works, e.g. `10m` (the server's default when left out).
+        #[arg(long)]
+        expires_in: Option<humantime::Duration>,
     },
 }
 
@@ -106,6 +218,11 @@ pub struct Settings {
     /// Address the HTTP API listens on.
     #[arg(long, env = "FILEFLOW_LISTEN", default_value = "127.0.0.1:8000", global = true)]
     pub listen: SocketAddr,
+
+    /// Also serve `/metrics` (open) and `/healthz` on this address: for worker processes,
+    /// which have no API, and for scraping without an API key.
+    #[arg(long, env = "FILEFLOW_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Directory for the embedded database, the local object store and the link-signing key.
     #[arg(long, env = "FILEFLOW_DATA_DIR", default_value = "./fileflow-data", global = true)]

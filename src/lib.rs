@@ -11,13 +11,16 @@
 
 pub mod auth;
 pub mod backends;
+pub mod client;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod fetch;
 pub mod http;
 pub mod lifecycle;
 pub mod links;
 pub mod metadata;
+pub mod metrics;
 pub mod queue;
 pub mod reconciler;
 pub mod relay;

@@ -1,3 +1,5 @@
+use std::process::ExitCode;
+
 use anyhow::Context;
 use clap::Parser;
 use fileflow::backends::open_database;
@@ -5,19 +7,25 @@ use fileflow::config::{Cli, Command};
 use fileflow::startup::{Application, shutdown_signal};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    if let Command::Client(command) = cli.command {
+        // A client prints answers, not the server's logs.
+        return fileflow::client::run(command, &mut std::io::stdout()).await;
+    }
     fileflow::telemetry::init(cli.settings.log_format);
     if cli.command == Command::Migrate {
         std::fs::create_dir_all(&cli.settings.data_dir)
             .with_context(|| format!("cannot create {}", cli.settings.data_dir.display()))?;
         open_database(&cli.settings).await?;
         tracing::info!("database is up to date");
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     if let Command::Keys { action } = cli.command {
-        return fileflow::auth::cli::run(&cli.settings, action, &mut std::io::stdout()).await;
+        fileflow::auth::cli::run(&cli.settings, action, &mut std::io::stdout()).await?;
+        return Ok(ExitCode::SUCCESS);
     }
     let app = Application::build(cli.settings, cli.command).await?;
-    app.run_until_stopped(shutdown_signal()).await
+    app.run_until_stopped(shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
 }

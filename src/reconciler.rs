@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::metadata::{IDEMPOTENCY_WINDOW, JobRepository, Sweep};
+use crate::metrics::{Kind, Metrics};
 use crate::queue::Backlog;
 
 /// Most jobs announced again per sweep, so one sweep stays a bounded piece of work.
@@ -34,6 +35,7 @@ pub async fn run(
     repo: Arc<dyn JobRepository>,
     backlog: Option<Arc<dyn Backlog>>,
     settings: ReconcileSettings,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(settings.interval);
@@ -45,8 +47,11 @@ pub async fn run(
         }
         let pending = match &backlog {
             None => true,
-            Some(backlog) => match backlog.drained().await {
-                Ok(drained) => drained,
+            Some(backlog) => match backlog.lag().await {
+                Ok(lag) => {
+                    metrics.consumer_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
+                    lag == 0
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot tell whether the queue has caught up");
                     false
@@ -55,11 +60,15 @@ pub async fn run(
         };
         let sweep = Sweep { grace: settings.grace, limit: SWEEP_LIMIT, pending };
         match repo.reconcile(&sweep).await {
-            Ok(swept) if swept.total() > 0 => tracing::warn!(
-                pending = swept.pending,
-                expired_leases = swept.expired,
-                "reconciler announced stuck jobs again"
-            ),
+            Ok(swept) if swept.total() > 0 => {
+                metrics.reannounced.get_or_create(&Kind { kind: "pending" }).inc_by(swept.pending);
+                metrics.reannounced.get_or_create(&Kind { kind: "expired_lease" }).inc_by(swept.expired);
+                tracing::warn!(
+                    pending = swept.pending,
+                    expired_leases = swept.expired,
+                    "reconciler announced stuck jobs again"
+                )
+            }
             Ok(_) => tracing::debug!("reconciler found nothing stuck"),
             Err(e) => tracing::warn!(error = %e, "reconciler sweep failed; will try again"),
         }

@@ -18,6 +18,7 @@ use crate::fetch::{
 };
 use crate::http::{self, AppState, ServerLimits};
 use crate::lifecycle::RetryPolicy;
+use crate::metrics::Metrics;
 use crate::queue::kafka::{KafkaBacklog, KafkaQueue, ensure_topics};
 use crate::queue::{Backlog, ConsumerLock, EmbeddedQueue, Queue};
 use crate::reconciler::{self, ReconcileSettings};
@@ -58,6 +59,8 @@ pub struct Application {
     /// Sends webhooks (API processes, when a webhook secret is set).
     dispatcher: Option<Dispatcher>,
     settings: Settings,
+    metrics: Arc<Metrics>,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Application {
@@ -157,6 +160,11 @@ impl Application {
             }),
             _ => None,
         };
+        let metrics = Arc::new(Metrics::new());
+        let metrics_listener = match settings.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?),
+            None => None,
+        };
         let worker = match queue.clone() {
             Some(queue) => {
                 let fetch = FetchSettings {
@@ -174,6 +182,7 @@ impl Application {
                     fetcher: Arc::new(fetcher),
                     sealer: backends.sealer.clone(),
                     hosts: Arc::new(Hosts::new(settings.per_host_concurrency)),
+                    metrics: metrics.clone(),
                     settings: WorkerSettings {
                         policy: RetryPolicy {
                             max_retries: settings.max_retries,
@@ -205,6 +214,8 @@ impl Application {
             backlog,
             dispatcher,
             settings,
+            metrics,
+            metrics_listener,
         })
     }
 
@@ -231,6 +242,8 @@ impl Application {
                 max_file_size: self.settings.max_file_size.as_u64(),
                 outbox: self.backends.outbox.clone(),
                 webhooks_signed: self.settings.webhook_secret.is_some(),
+                metrics: self.metrics.clone(),
+                changes: self.backends.changes.clone(),
             };
             let limits = ServerLimits {
                 max_connections: self.settings.max_connections,
@@ -240,6 +253,30 @@ impl Application {
             tracing::info!(port = self.port, "API listening");
             tokio::spawn(http::serve(listener, router, limits, stop.clone().cancelled_owned()))
         });
+        let metrics_server = self.metrics_listener.map(|listener| {
+            tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
+            let limits = ServerLimits { max_connections: 64, header_timeout: self.settings.header_timeout };
+            tokio::spawn(http::serve(
+                listener,
+                http::metrics_router(self.metrics.clone()),
+                limits,
+                stop.clone().cancelled_owned(),
+            ))
+        });
+        // On PostgreSQL an API process hears job changes from the database itself.
+        let listener = match (&self.backends.queue, api.is_some()) {
+            (QueueSource::Kafka { db, .. }, true) => {
+                Some(tokio::spawn(crate::events::listen(db.pool.clone(), self.backends.changes.clone(), stop.clone())))
+            }
+            _ => None,
+        };
+        let sampler = tokio::spawn(crate::metrics::sample(
+            self.metrics.clone(),
+            self.backends.repo.clone(),
+            self.backends.outbox.clone(),
+            self.queue.clone(),
+            stop.clone(),
+        ));
         let relay = self.relay.map(|relay| {
             tracing::info!("outbox relay started");
             tokio::spawn(relay.run(stop.clone()))
@@ -248,7 +285,14 @@ impl Application {
         let reconciler = api.is_some().then(|| {
             let settings =
                 ReconcileSettings { interval: self.settings.reconcile_interval, grace: self.settings.reconcile_grace };
-            tokio::spawn(reconciler::run(self.backends.repo.clone(), self.backlog.clone(), settings, stop.clone()))
+            let metrics = self.metrics.clone();
+            tokio::spawn(reconciler::run(
+                self.backends.repo.clone(),
+                self.backlog.clone(),
+                settings,
+                metrics,
+                stop.clone(),
+            ))
         });
         let sweeper = self.worker.as_ref().map(|worker| {
             // No attempt outlives the transfer timeout: a staging file older than that
@@ -277,12 +321,21 @@ impl Application {
             }
         }
         stop.cancel();
+        // Open event streams end, so the API's connections can drain.
+        self.backends.changes.stopped.cancel();
+        if let Some(listener) = listener {
+            let _ = listener.await;
+        }
         if let Some(api) = api {
             let _ = api.await;
         }
         if let Some(relay) = relay {
             let _ = relay.await;
         }
+        if let Some(server) = metrics_server {
+            let _ = server.await;
+        }
+        let _ = sampler.await;
         if let Some(reconciler) = reconciler {
             let _ = reconciler.await;
         }

@@ -120,6 +120,9 @@ pub trait WebhookOutbox: Send + Sync + 'static {
 
     /// A job's deliveries and their tries, oldest first.
     async fn deliveries_of(&self, job: JobId) -> Result<Vec<DeliveryView>, RepoError>;
+
+    /// Deliveries neither delivered nor given up.
+    async fn depth(&self) -> Result<u64, RepoError>;
 }
 
 /// Longest a receiver may take to answer.

@@ -226,5 +226,10 @@ async fn a_transfer_cut_by_a_dead_worker_goes_on_in_another_with_the_same_upload
     let ranges = origin.ranges_asked("worker-killed");
     let from: u64 = ranges[1].strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).unwrap().parse().unwrap();
     assert!(from >= 15 * MIB, "went on from {from}: {ranges:?}");
-    println!("went on from {} MiB in another worker; origin sent {} MiB for {} MiB", from / MIB, origin.bytes_sent("worker-killed") / MIB, size / MIB);
+    println!(
+        "went on from {} MiB in another worker; origin sent {} MiB for {} MiB",
+        from / MIB,
+        origin.bytes_sent("worker-killed") / MIB,
+        size / MIB
+    );
 }

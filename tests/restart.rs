@@ -280,5 +280,10 @@ async fn a_transfer_cut_by_kill_9_goes_on_from_its_last_part_after_the_restart()
     let from: u64 = ranges[1].strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).unwrap().parse().unwrap();
     assert!(from >= 32 * MIB, "went on from {from}: {ranges:?}");
     assert_eq!(std::fs::read_dir(dir.path().join("objects/file-bucket")).unwrap().count(), 1, "no staging file left");
-    println!("went on from {} MiB; origin sent {} MiB for a {} MiB file", from / MIB, origin.bytes_sent("killed") / MIB, size / MIB);
+    println!(
+        "went on from {} MiB; origin sent {} MiB for a {} MiB file",
+        from / MIB,
+        origin.bytes_sent("killed") / MIB,
+        size / MIB
+    );
 }

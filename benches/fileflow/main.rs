@@ -502,9 +502,13 @@ async fn main() {
     let context = report::context();
     println!("{context}");
     let mut tables = Vec::new();
-    for (part, title) in
-        [("accept", "accept"), ("pipeline", "pipeline"), ("scale", "scale-out"), ("large", "large file"), ("resume", "resume")]
-    {
+    for (part, title) in [
+        ("accept", "accept"),
+        ("pipeline", "pipeline"),
+        ("scale", "scale-out"),
+        ("large", "large file"),
+        ("resume", "resume"),
+    ] {
         if !wanted(part) {
             continue;
         }

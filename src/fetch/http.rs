@@ -278,7 +278,10 @@ impl Fetcher for HttpFetcher {
                 Some((first, total)) if first == from.offset => (first, total),
                 _ => {
                     // Not the range asked for: ask again for the whole file.
-                    tracing::warn!(offset = from.offset, "origin answered another range than asked; fetching the whole file");
+                    tracing::warn!(
+                        offset = from.offset,
+                        "origin answered another range than asked; fetching the whole file"
+                    );
                     return Box::pin(self.fetch(url, headers, None)).await;
                 }
             },
@@ -287,7 +290,13 @@ impl Fetcher for HttpFetcher {
             }
             _ => (0, response.content_length()),
         };
-        Ok(Fetched { content_length, content_type, validator, start, body: response.bytes_stream().map_err(classify).boxed() })
+        Ok(Fetched {
+            content_length,
+            content_type,
+            validator,
+            start,
+            body: response.bytes_stream().map_err(classify).boxed(),
+        })
     }
 }
 

@@ -40,6 +40,10 @@ pub trait Fetcher: Send + Sync + 'static {
     /// Start fetching `url` with the caller's extra request `headers`, from `from`'s offset
     /// when the origin still has that version and can send a range (else the whole file,
     /// with [`Fetched::start`] 0); errors are classified transient or permanent.
-    async fn fetch(&self, url: &Url, headers: &[(String, String)], from: Option<&RangeFrom>)
-    -> Result<Fetched, JobError>;
+    async fn fetch(
+        &self,
+        url: &Url,
+        headers: &[(String, String)],
+        from: Option<&RangeFrom>,
+    ) -> Result<Fetched, JobError>;
 }

@@ -66,6 +66,7 @@ async fn create_batch(
             Err(error) => json!({ "error": error.body() }),
         })
         .collect();
+    state.metrics.accepted.inc_by(valid.len() as u64);
     tracing::info!(accepted = valid.len(), refused = results.len() - valid.len(), "batch accepted");
     Ok((StatusCode::MULTI_STATUS, Json(json!({ "results": results }))).into_response())
 }

@@ -3,8 +3,10 @@
 
 mod auth;
 mod batch;
+mod dashboard;
 mod downloads;
 mod error;
+mod events;
 mod extract;
 mod health;
 mod serve;
@@ -13,17 +15,21 @@ mod uploads;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Router};
 use tower_http::timeout::TimeoutLayer;
 
-use crate::auth::Gate;
+use crate::auth::{Caller, Gate};
+use crate::events::ChangeFeed;
 use crate::fetch::DestinationGuard;
 use crate::links::{DownloadLinks, LinkSigner};
 use crate::metadata::JobRepository;
+use crate::metrics::Metrics;
 use crate::secrets::HeaderSealer;
 use crate::storage::ObjectStore;
 use crate::webhooks::WebhookOutbox;
@@ -53,6 +59,9 @@ pub struct AppState {
     pub outbox: Arc<dyn WebhookOutbox>,
     /// Whether webhooks can be signed (a secret is configured): `notify_url` needs it.
     pub webhooks_signed: bool,
+    pub metrics: Arc<Metrics>,
+    /// Job changes as they happen, for the event streams.
+    pub changes: Arc<ChangeFeed>,
 }
 
 /// The API. `request_timeout` bounds reading a request (its body is read inside the
@@ -64,24 +73,53 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     // which carry their own authority.
     let keyed = uploads::router()
         .merge(batch::router())
+        .merge(events::router())
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
     Router::new()
         .merge(keyed)
         .merge(downloads::router())
         .merge(health::router())
+        .merge(dashboard::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(state.metrics.clone(), log_request))
         .with_state(state)
 }
 
-/// One structured line per request. The query string is left out: it may hold a signature.
-async fn log_request(request: Request, next: Next) -> Response {
+/// `/metrics`: Prometheus text, for admin keys (and the open API).
+async fn metrics(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
+    if !caller.is_admin() {
+        return Err(ApiError::Forbidden("metrics are for admin keys".into()));
+    }
+    Ok(metrics_text(&state.metrics))
+}
+
+/// The metrics as an HTTP answer.
+pub fn metrics_text(metrics: &Metrics) -> Response {
+    ([(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], metrics.render()).into_response()
+}
+
+/// A worker process's own small server on `--metrics-listen`: `/metrics` and `/healthz`,
+/// open (it is meant for a private network or loopback).
+pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(|State(m): State<Arc<Metrics>>| async move { metrics_text(&m) }))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
+        .with_state(metrics)
+}
+
+/// One structured line per request, and its count and latency by route. The query string
+/// is left out: it may hold a signature.
+async fn log_request(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
     let response = next.run(request).await;
-    let latency_us = started.elapsed().as_micros() as u64;
-    tracing::info!(%method, uri = %path, status = response.status().as_u16(), latency_us, "request");
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    metrics.request(method.as_str(), &route, status, elapsed);
+    tracing::info!(%method, uri = %path, status, latency_us = elapsed.as_micros() as u64, "request");
     response
 }

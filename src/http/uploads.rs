@@ -39,12 +39,12 @@ pub fn router() -> Router<AppState> {
 
 /// A job as the API shows it.
 #[derive(Serialize)]
-struct JobView {
+pub(super) struct JobView {
     id: JobId,
     file_url: String,
     bucket_name: String,
     object_name: String,
-    status: JobStatus,
+    pub(super) status: JobStatus,
     retry_count: u32,
     last_error: Option<String>,
     etag: Option<String>,
@@ -111,13 +111,13 @@ fn timestamp(t: DateTime<Utc>) -> String {
 }
 
 impl AppState {
-    async fn view(&self, job: Job) -> Result<JobView, ApiError> {
+    pub(super) async fn view(&self, job: Job) -> Result<JobView, ApiError> {
         Ok(job_view(job, &*self.links).await?)
     }
 
     /// The job `raw_id`, if the caller may see it: another key's job is not found, so ids
     /// reveal nothing about other tenants.
-    async fn find(&self, raw_id: &str, caller: &Caller) -> Result<Job, ApiError> {
+    pub(super) async fn find(&self, raw_id: &str, caller: &Caller) -> Result<Job, ApiError> {
         let job = self.repo.get(parse_id(raw_id)?).await?.ok_or_else(|| not_found(raw_id))?;
         if !caller.may_see(job.grant.owner.as_deref()) {
             return Err(not_found(raw_id));
@@ -274,6 +274,7 @@ async fn create_upload(
     if replayed {
         tracing::info!(job_id = %job.id, "job request replayed under its idempotency key");
     } else {
+        state.metrics.accepted.inc();
         tracing::info!(job_id = %job.id, bucket = %job.bucket_name, key = %job.object_name, "job accepted");
     }
     Ok(accepted(&job, replayed))

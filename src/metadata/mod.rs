@@ -370,4 +370,8 @@ pub trait JobRepository: Send + Sync + 'static {
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), RepoError>;
+
+    /// Job announcements waiting for the outbox relay (`None`: no outbox, the queue is in
+    /// the database).
+    async fn outbox_depth(&self) -> Result<Option<u64>, RepoError>;
 }

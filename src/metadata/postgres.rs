@@ -613,4 +613,9 @@ impl JobRepository for PgRepository {
         sqlx::query("SELECT 1").execute(&self.db.pool).await?;
         Ok(())
     }
+
+    async fn outbox_depth(&self) -> Result<Option<u64>, RepoError> {
+        let depth: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&self.db.pool).await?;
+        Ok(Some(from_db(depth)))
+    }
 }

@@ -834,4 +834,8 @@ impl JobRepository for SqliteRepository {
         sqlx::query("SELECT 1").execute(&self.db.reads).await?;
         Ok(())
     }
+
+    async fn outbox_depth(&self) -> Result<Option<u64>, RepoError> {
+        Ok(None)
+    }
 }

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::{PgDb, RepoError, SqliteDb, from_millis, millis, to_millis};
+use super::{PgDb, RepoError, SqliteDb, from_db, from_millis, millis, to_millis};
 use crate::lifecycle::JobId;
 use crate::webhooks::{AttemptView, Attempted, DeliveryView, DueDelivery, WebhookOutbox, message_id};
 
@@ -106,6 +106,9 @@ const DELIVERIES_PG: &str = "SELECT id, event, url, delivered_at, given_up_at, n
 const ATTEMPTS_PG: &str = "SELECT a.delivery_id, a.attempted_at, a.status, a.error FROM webhook_attempts a \
     JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.job_id = $1 ORDER BY a.attempted_at";
 
+/// Deliveries neither delivered nor given up (the partial due index covers them).
+const UNSETTLED: &str = "SELECT count(*) FROM webhook_deliveries WHERE delivered_at IS NULL AND given_up_at IS NULL";
+
 #[async_trait]
 impl WebhookOutbox for SqliteDb {
     async fn claim_due(&self, limit: u32, hold: Duration) -> Result<Vec<DueDelivery>, RepoError> {
@@ -174,6 +177,11 @@ impl WebhookOutbox for SqliteDb {
         .await
     }
 
+    async fn depth(&self) -> Result<u64, RepoError> {
+        let depth: i64 = sqlx::query_scalar(UNSETTLED).fetch_one(&self.reads).await?;
+        Ok(from_db(depth))
+    }
+
     async fn deliveries_of(&self, job: JobId) -> Result<Vec<DeliveryView>, RepoError> {
         let deliveries = sqlx::query(DELIVERIES_SQLITE).bind(job.0).fetch_all(&self.reads).await?;
         let attempts = sqlx::query(ATTEMPTS_SQLITE).bind(job.0).fetch_all(&self.reads).await?;
@@ -231,6 +239,11 @@ impl WebhookOutbox for PgDb {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn depth(&self) -> Result<u64, RepoError> {
+        let depth: i64 = sqlx::query_scalar(UNSETTLED).fetch_one(&self.pool).await?;
+        Ok(from_db(depth))
     }
 
     async fn deliveries_of(&self, job: JobId) -> Result<Vec<DeliveryView>, RepoError> {

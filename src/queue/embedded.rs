@@ -175,6 +175,11 @@ impl ConsumerLock {
 
 #[async_trait]
 impl Queue for EmbeddedQueue {
+    async fn depth(&self) -> Option<u64> {
+        let depth: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM queue").fetch_one(&self.db.reads).await;
+        depth.ok().and_then(|d| u64::try_from(d).ok())
+    }
+
     async fn receive_many(&self, max: usize) -> Result<Vec<Delivery>, QueueError> {
         loop {
             // Register for wake-ups before looking, so a job queued in between is not missed.

@@ -32,7 +32,8 @@ impl From<sqlx::Error> for QueueError {
 /// that backlog). A queue that lives in the database needs no such probe.
 #[async_trait]
 pub trait Backlog: Send + Sync + 'static {
-    async fn drained(&self) -> Result<bool, QueueError>;
+    /// Messages the workers have not consumed yet.
+    async fn lag(&self) -> Result<u64, QueueError>;
 }
 
 /// One message handed to one worker.
@@ -97,4 +98,9 @@ pub trait Queue: Send + Sync + 'static {
     /// Stop receiving and let go of the backend (Kafka: commit what was stored and leave
     /// the consumer group) within `timeout`. Nothing to do by default.
     async fn close(&self, _timeout: std::time::Duration) {}
+
+    /// Messages in the queue, waiting or held, when the queue can count them cheaply.
+    async fn depth(&self) -> Option<u64> {
+        None
+    }
 }

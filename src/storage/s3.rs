@@ -186,6 +186,7 @@ const PARTS_IN_FLIGHT: usize = 2;
 impl S3Store {
     /// A resumable upload: parts go up through the store's own multipart calls, at most
     /// [`PARTS_IN_FLIGHT`] at a time, and each one in the store is reported in order.
+    #[allow(clippy::too_many_arguments)]
     async fn upload_resumable(
         &self,
         store: &Arc<AmazonS3>,
@@ -202,10 +203,8 @@ impl S3Store {
             Some(write) => write,
             None => {
                 let options = PutMultipartOptions { attributes: content_type_attr(content_type), ..Default::default() };
-                let id = store
-                    .create_multipart_opts(location, options)
-                    .await
-                    .map_err(|e| classify(&e, "S3 multipart"))?;
+                let id =
+                    store.create_multipart_opts(location, options).await.map_err(|e| classify(&e, "S3 multipart"))?;
                 PartialWrite { id, part_size, stored: 0, parts: Vec::new() }
             }
         };

@@ -10,8 +10,8 @@ mod sniff;
 mod verify;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -26,6 +26,7 @@ use crate::lifecycle::{
     IfExists, Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle,
 };
 use crate::metadata::{Claim, JobRepository, Lease, RepoError};
+use crate::metrics::Metrics;
 use crate::queue::{Delivery, Queue, QueueError};
 use crate::secrets::HeaderSealer;
 use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions, split_at_parts};
@@ -166,6 +167,7 @@ pub struct Worker {
     /// Transfers in flight per origin host, and hosts that asked for a pause.
     pub hosts: Arc<Hosts>,
     pub settings: WorkerSettings,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -297,12 +299,15 @@ impl Worker {
                 None => None,
             };
             let started = Instant::now();
+            let _in_flight = self.metrics.transfer();
             tracing::info!(job_id = %id, attempt, bucket = %job.bucket_name, key = %job.object_name, "job started");
             let fence = LeaseFence { repo: &*self.repo, id, owner: &lease.owner, margin: self.fence_margin() };
             let cancel = CancellationToken::new();
             let progress = Progress::default();
-            let transfer =
-                tokio::time::timeout(self.settings.transfer_timeout, self.transfer(&job, &lease.owner, &fence, &cancel, &progress));
+            let transfer = tokio::time::timeout(
+                self.settings.transfer_timeout,
+                self.transfer(&job, &lease.owner, &fence, &cancel, &progress),
+            );
             let mut transfer = std::pin::pin!(transfer);
             let outcome = tokio::select! {
                 outcome = &mut transfer => outcome,
@@ -368,6 +373,7 @@ impl Worker {
         elapsed: Duration,
     ) -> Result<WorkOutcome, WorkerError> {
         let (id, elapsed_ms) = (delivery.job_id, elapsed.as_millis() as u64);
+        self.metrics.outcome(&settlement, elapsed);
         Ok(match settlement {
             Settlement::Completed(stored) => {
                 self.queue.finished(delivery, None).await?;

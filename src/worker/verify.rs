@@ -169,7 +169,8 @@ fn restore(state: &HashState) -> Result<(Sha256, Md5, u64), JobError> {
     let broken = |what: &str| JobError::transient(format!("saved {what} hash state is unreadable; starting over"));
     let sha256 = BASE64.decode(&state.sha256).map_err(|_| broken("SHA-256"))?;
     let md5 = BASE64.decode(&state.md5).map_err(|_| broken("MD5"))?;
-    let sha256 = sha256.as_slice().try_into().ok().and_then(|s| Sha256::deserialize(s).ok()).ok_or_else(|| broken("SHA-256"))?;
+    let sha256 =
+        sha256.as_slice().try_into().ok().and_then(|s| Sha256::deserialize(s).ok()).ok_or_else(|| broken("SHA-256"))?;
     let md5 = md5.as_slice().try_into().ok().and_then(|s| Md5::deserialize(s).ok()).ok_or_else(|| broken("MD5"))?;
     Ok((sha256, md5, state.size))
 }
@@ -254,7 +255,10 @@ mod tests {
         let whole = Expectations { declared_length: Some(11), sha256: Some(HELLO_SHA256.into()), ..expect() };
         let (rest, verifier) = verified(body(&[b"world"]), whole, Some(&saved));
         assert_eq!(rest.try_collect::<Vec<_>>().await.unwrap().concat(), b"world");
-        assert_eq!(verifier.digests().unwrap(), Digests { size: 11, sha256: HELLO_SHA256.into(), md5: HELLO_MD5.into() });
+        assert_eq!(
+            verifier.digests().unwrap(),
+            Digests { size: 11, sha256: HELLO_SHA256.into(), md5: HELLO_MD5.into() }
+        );
 
         let garbled = HashState { sha256: "AAAA".into(), ..saved };
         let err = verified(body(&[b"world"]), expect(), Some(&garbled)).0.try_collect::<Vec<_>>().await.unwrap_err();

@@ -110,9 +110,11 @@ async fn cancelling_or_failing_a_resumable_transfer_leaves_no_parts() {
 
     // Cut once, then the file is gone from the origin: the job fails for good.
     let url = origin.url(&format!("/resumable/vanishing/{SIZE}?seed=7&cut={CUT}&validator=etag"));
-    let id = app.submit_body(&serde_json::json!({
-        "file_url": url, "bucket_name": app.bucket, "object_name": "vanishing.bin", "sha256": "0".repeat(64)
-    })).await;
+    let id = app
+        .submit_body(&serde_json::json!({
+            "file_url": url, "bucket_name": app.bucket, "object_name": "vanishing.bin", "sha256": "0".repeat(64)
+        }))
+        .await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert!(job["last_error"].as_str().unwrap_or_default().contains("checksum mismatch"), "{job}");

@@ -84,7 +84,11 @@ pub fn content_stream(seed: u64, size: u64) -> impl futures::Stream<Item = Resul
 }
 
 #[derive(Clone, Default)]
-struct Counters(Arc<Mutex<HashMap<String, u32>>>, Arc<Mutex<HashMap<String, u64>>>, Arc<Mutex<HashMap<String, Vec<String>>>>);
+struct Counters(
+    Arc<Mutex<HashMap<String, u32>>>,
+    Arc<Mutex<HashMap<String, u64>>>,
+    Arc<Mutex<HashMap<String, Vec<String>>>>,
+);
 
 impl Counters {
     fn hit(&self, name: &str) -> u32 {
@@ -310,7 +314,8 @@ async fn resumable(
     let arg = |k: &str| q.get(k).map(String::as_str);
     let etag = format!("\"{name}-v{version}\"");
     // A date that moves with the version.
-    let modified = httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + u64::from(version)));
+    let modified =
+        httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + u64::from(version)));
     let validator = match arg("validator").unwrap_or("etag") {
         "etag" => Some((header::ETAG, etag)),
         "date" => Some((header::LAST_MODIFIED, modified)),
@@ -344,9 +349,9 @@ async fn resumable(
             Ok::<_, std::io::Error>(Bytes::from(content_range(seed, at, len as usize)))
         }
     });
-    let broken = futures::stream::iter(cut.map(|_| {
-        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "origin breaks the connection"))
-    }));
+    let broken = futures::stream::iter(
+        cut.map(|_| Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "origin breaks the connection"))),
+    );
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_LENGTH, (size - start).into());
     headers.insert(header::CONTENT_TYPE, "application/octet-stream".parse().unwrap());

@@ -58,7 +58,12 @@ impl S3 {
         let options = SignedUrlOptions::default().with_query([("uploads", "")]);
         let url = self
             .bucket(bucket)
-            .signed_url_opts(reqwest::Method::GET, &object_store::path::Path::from(""), std::time::Duration::from_secs(60), &options)
+            .signed_url_opts(
+                reqwest::Method::GET,
+                &object_store::path::Path::from(""),
+                std::time::Duration::from_secs(60),
+                &options,
+            )
             .await
             .unwrap();
         let response = reqwest::Client::builder().no_proxy().build().unwrap().get(url).send().await.unwrap();

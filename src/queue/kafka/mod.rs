@@ -156,10 +156,10 @@ impl KafkaBacklog {
 
 #[async_trait]
 impl super::Backlog for KafkaBacklog {
-    async fn drained(&self) -> Result<bool, QueueError> {
+    async fn lag(&self) -> Result<u64, QueueError> {
         let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
         let lag = tokio::task::spawn_blocking(move || Self::lag(&consumer, &topic)).await.map_err(backend)??;
-        Ok(lag == 0)
+        Ok(u64::try_from(lag).unwrap_or(0))
     }
 }
 

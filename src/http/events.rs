@@ -1,0 +1,90 @@
+//! `GET /api/v1/uploads/{id}/events` and `GET /api/v1/events`: Server-Sent Events, one
+//! `data:` JSON per change of a job (status, progress), with keep-alives. A job's stream
+//! starts with the job as it is, sends the job again at each change, and ends once the job
+//! has finished; the stream of all jobs sends each change (`id`, `status`, `bytes_done`,
+//! `bytes_total`) of the jobs the caller may see, until the client goes.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::routing::get;
+use axum::{Extension, Router};
+use futures::stream::{self, Stream, StreamExt as _};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{ApiError, AppState};
+use crate::auth::Caller;
+use crate::events::JobChange;
+
+/// How often an idle stream sends a comment, so proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/uploads/{id}/events", get(job_events)).route("/api/v1/events", get(all_events))
+}
+
+fn data(value: &impl serde::Serialize) -> Event {
+    Event::default().json_data(value).expect("a job serializes")
+}
+
+/// The next change from `changes` that `keep` accepts; `None` once the feed closed or
+/// the process is stopping. A subscriber that fell behind goes on with what is newest.
+async fn next_change(
+    changes: &mut tokio::sync::broadcast::Receiver<JobChange>,
+    state: &AppState,
+    keep: impl Fn(&JobChange) -> bool,
+) -> Option<JobChange> {
+    loop {
+        let received = tokio::select! {
+            () = state.changes.stopped.cancelled() => return None,
+            received = changes.recv() => received,
+        };
+        match received {
+            Ok(change) if keep(&change) => return Some(change),
+            Ok(_) => {}
+            Err(RecvError::Lagged(skipped)) => tracing::debug!(skipped, "an event stream fell behind"),
+            Err(RecvError::Closed) => return None,
+        }
+    }
+}
+
+async fn job_events(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // Subscribe before reading the job, so no change falls in between.
+    let changes = state.changes.subscribe();
+    let job = state.find(&id, &caller).await?;
+    let job_id = job.id.to_string();
+    let first = state.view(job).await?;
+    let finished = first.status.is_final();
+    let rest =
+        stream::unfold((changes, state, job_id, finished), |(mut changes, state, job_id, finished)| async move {
+            if finished {
+                return None;
+            }
+            next_change(&mut changes, &state, |c| c.id == job_id).await?;
+            // The job as it is now (a change may have come before its row was readable elsewhere).
+            let job = state.repo.get(job_id.parse().ok()?).await.ok()??;
+            let view = state.view(job).await.ok()?;
+            let finished = view.status.is_final();
+            Some((Ok(data(&view)), (changes, state, job_id, finished)))
+        });
+    let stream = stream::once(async move { Ok(data(&first)) }).chain(rest);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+async fn all_events(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let changes = state.changes.subscribe();
+    let stream = stream::unfold((changes, state, caller), |(mut changes, state, caller)| async move {
+        let change = next_change(&mut changes, &state, |c| caller.may_see(c.owner.as_deref())).await?;
+        Some((Ok(data(&change)), (changes, state, caller)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
