@@ -254,7 +254,8 @@ impl Application {
             tokio::spawn(http::serve(listener, router, limits, stop.clone().cancelled_owned()))
         });
         let metrics_server = self.metrics_listener.map(|listener| {
-            tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
+            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(%addr, "metrics listening");
             let limits = ServerLimits { max_connections: 64, header_timeout: self.settings.header_timeout };
             tokio::spawn(http::serve(
                 listener,

@@ -16,7 +16,9 @@ pub fn init(format: LogFormat) {
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        // The spans a line was logged in (a request with its `request_id`, a job with its
+        // `job_id`) come with it, under `spans`.
+        builder.json().flatten_event(true).with_current_span(false).with_span_list(true).init();
     } else {
         builder.init();
     }

@@ -233,3 +233,65 @@ async fn a_transfer_cut_by_a_dead_worker_goes_on_in_another_with_the_same_upload
         size / MIB
     );
 }
+
+#[tokio::test]
+async fn an_api_streams_what_a_worker_in_another_process_does_and_workers_serve_metrics() {
+    use futures::StreamExt as _;
+    let Some(stack) = stack().await else { return };
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = stack.with(&[]);
+    let api = start_role("api", dir.path(), &env).await;
+    let worker_env = stack.with(&[("FILEFLOW_METRICS_LISTEN", "127.0.0.1:0")]);
+    let worker = start_role("worker", dir.path(), &worker_env).await;
+
+    let id = api.submit_to(&origin.url("/slow/4194304?every_ms=20"), &stack.bucket, "streamed.bin").await;
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/api/v1/uploads/{id}/events", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(chunk) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends with the job: {seen}");
+    let events: Vec<serde_json::Value> =
+        seen.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| serde_json::from_str(d.trim()).unwrap()).collect();
+    assert_eq!(events.last().unwrap()["status"], "completed", "{events:?}");
+    assert!(
+        events.iter().any(|e| e["status"] == "processing" && e["bytes_done"].as_u64().is_some_and(|d| d > 0)),
+        "progress the worker reported reached the API through PostgreSQL: {events:?}"
+    );
+
+    // The worker has no API; its metrics are on --metrics-listen.
+    let addr = worker
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|e| e["message"] == "metrics listening")
+        .and_then(|e| e["addr"].as_str().map(str::to_owned))
+        .expect("the worker says where its metrics are");
+    let text = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.lines().any(|l| l == "fileflow_jobs_completed_total 1"), "{text}");
+    assert!(text.lines().any(|l| l == "fileflow_bytes_stored_total 4194304"), "{text}");
+}

@@ -22,7 +22,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
+use tracing::Instrument as _;
 
 use crate::auth::{Caller, Gate};
 use crate::events::ChangeFeed;
@@ -84,6 +86,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
         .layer(middleware::from_fn_with_state(state.metrics.clone(), log_request))
+        // Every request gets an id (a caller's own `X-Request-Id` is kept), in its answer
+        // and on every log line written while it is served.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }
 
@@ -109,17 +115,22 @@ pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
         .with_state(metrics)
 }
 
-/// One structured line per request, and its count and latency by route. The query string
-/// is left out: it may hold a signature.
+/// One structured line per request, and its count and latency by route; every line logged
+/// while the request is served carries its `request_id`. The query string is left out: it
+/// may hold a signature.
 async fn log_request(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
-    let response = next.run(request).await;
+    let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let span = tracing::info_span!("request", %request_id);
+    let response = next.run(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     metrics.request(method.as_str(), &route, status, elapsed);
-    tracing::info!(%method, uri = %path, status, latency_us = elapsed.as_micros() as u64, "request");
+    span.in_scope(|| {
+        tracing::info!(%method, uri = %path, status, latency_us = elapsed.as_micros() as u64, "request");
+    });
     response
 }

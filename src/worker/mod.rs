@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use url::Url;
 
 use crate::domain::{BucketName, ObjectKey, RequestHeaders};
@@ -204,6 +205,19 @@ impl Worker {
     /// fails on the way, the delivery is acknowledged, handed back or let go of: a worker
     /// never sits on a message.
     async fn work(
+        &self,
+        delivery: Delivery,
+        lease: Lease,
+        claim: Claim,
+        abort: &CancellationToken,
+        slot: Option<Slot>,
+    ) -> Result<WorkOutcome, WorkerError> {
+        // Every line logged on the job's behalf (fetch, store, bookkeeping) names it.
+        let span = tracing::info_span!("job", job_id = %delivery.job_id);
+        self.work_on(delivery, lease, claim, abort, slot).instrument(span).await
+    }
+
+    async fn work_on(
         &self,
         delivery: Delivery,
         lease: Lease,
