@@ -214,33 +214,26 @@ impl Worker {
     ) -> Result<WorkOutcome, WorkerError> {
         // Every line logged on the job's behalf (fetch, store, bookkeeping) names it.
         let span = tracing::info_span!("job", job_id = %delivery.job_id);
-        self.work_on(delivery, lease, claim, abort, slot).instrument(span).await
-    }
-
-    async fn work_on(
-        &self,
-        delivery: Delivery,
-        lease: Lease,
-        claim: Claim,
-        abort: &CancellationToken,
-        slot: Option<Slot>,
-    ) -> Result<WorkOutcome, WorkerError> {
-        let outcome = match self.claimed(&delivery, claim).await {
-            Ok(Claimed::Job(job)) => self.attempt_and_record(&delivery, &lease, *job, abort, slot).await,
-            Ok(Claimed::Done(outcome)) => Ok(outcome),
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(WorkOutcome::LeaseLost(id)) => {
-                self.queue.abandon(&delivery).await;
-                Ok(WorkOutcome::LeaseLost(id))
-            }
-            Ok(outcome) => Ok(outcome),
-            Err(e) => {
-                self.queue.abandon(&delivery).await;
-                Err(e)
+        async move {
+            let outcome = match self.claimed(&delivery, claim).await {
+                Ok(Claimed::Job(job)) => self.attempt_and_record(&delivery, &lease, *job, abort, slot).await,
+                Ok(Claimed::Done(outcome)) => Ok(outcome),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(WorkOutcome::LeaseLost(id)) => {
+                    self.queue.abandon(&delivery).await;
+                    Ok(WorkOutcome::LeaseLost(id))
+                }
+                Ok(outcome) => Ok(outcome),
+                Err(e) => {
+                    self.queue.abandon(&delivery).await;
+                    Err(e)
+                }
             }
         }
+        .instrument(span)
+        .await
     }
 
     /// What a claim means for the delivery: a job to work on, or an outcome already.
