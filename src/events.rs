@@ -27,7 +27,7 @@ pub const CHANNEL: &str = "fileflow_jobs";
 const BACKLOG: usize = 4096;
 
 /// One change of a job, as the event streams send it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct JobChange {
     pub id: String,
     pub status: String,
@@ -35,6 +35,7 @@ pub struct JobChange {
     pub bytes_total: Option<u64>,
     /// The API key that owns the job (who may see it), never sent.
     #[serde(skip_serializing, default)]
+    #[schema(ignore)]
     pub owner: Option<String>,
 }
 

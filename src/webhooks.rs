@@ -81,7 +81,7 @@ pub enum Attempted {
 }
 
 /// One try, as the job's view shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AttemptView {
     pub at: DateTime<Utc>,
     /// The receiver's HTTP status, when it answered.
@@ -90,7 +90,7 @@ pub struct AttemptView {
 }
 
 /// A job's delivery, with its tries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DeliveryView {
     pub id: String,
     #[serde(rename = "type")]

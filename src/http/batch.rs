@@ -15,6 +15,7 @@ use base64::Engine;
 use chrono::Utc;
 use serde_json::{Map, Value, json};
 
+use super::error::{ErrorBody, ErrorDetail};
 use super::extract::JsonObject;
 use super::uploads::{check_unfinished_quota, parse_new_job};
 use super::{ApiError, AppState};
@@ -30,7 +31,36 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/uploads/batch", post(create_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY)))
 }
 
-async fn create_batch(
+/// One item's outcome: the job it became, or why it was refused.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub(super) enum BatchResult {
+    Accepted { id: String },
+    Refused { error: ErrorDetail },
+}
+
+/// The batch's answer: one result per item, in order.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(super) struct BatchResults {
+    results: Vec<BatchResult>,
+}
+
+/// Submit up to 1,000 jobs: a JSON list of upload bodies, or a Storage Transfer Service URL
+/// list (`TsvHttpData-1.0`) with `bucket_name` and `prefix`.
+#[utoipa::path(post, path = "/api/v1/uploads/batch", tag = "uploads",
+    request_body(description = "`{\"items\": [upload bodies]}`, or a TsvHttpData-1.0 URL list", content(
+        (serde_json::Value = "application/json"),
+        (String = "text/tab-separated-values"),
+    )),
+    params(("bucket_name" = Option<String>, Query, description = "the bucket of a URL list's files"),
+        ("prefix" = Option<String>, Query, description = "the keys' prefix for a URL list")),
+    responses((status = 207, description = "one result per item, in order", body = BatchResults),
+        (status = 415, description = "neither JSON nor a URL list", body = ErrorBody),
+        (status = 422, description = "an empty or too long list; nothing written", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
+    ))]
+pub(super) async fn create_batch(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(query): Query<HashMap<String, String>>,
@@ -56,19 +86,16 @@ async fn create_batch(
     let valid: Vec<_> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
     check_unfinished_quota(&state, &caller, valid.len() as u64).await?;
     let mut created = state.repo.create_all(&valid, Utc::now()).await?.into_iter();
-    let results: Vec<Value> = parsed
+    let results: Vec<BatchResult> = parsed
         .iter()
         .map(|item| match item {
-            Ok(_) => {
-                let job = created.next().expect("one job per valid item");
-                json!({ "id": job.id.to_string() })
-            }
-            Err(error) => json!({ "error": error.body() }),
+            Ok(_) => BatchResult::Accepted { id: created.next().expect("one job per valid item").id.to_string() },
+            Err(error) => BatchResult::Refused { error: error.body() },
         })
         .collect();
     state.metrics.accepted.inc_by(valid.len() as u64);
     tracing::info!(accepted = valid.len(), refused = results.len() - valid.len(), "batch accepted");
-    Ok((StatusCode::MULTI_STATUS, Json(json!({ "results": results }))).into_response())
+    Ok((StatusCode::MULTI_STATUS, Json(BatchResults { results })).into_response())
 }
 
 type Item = Result<Map<String, Value>, ApiError>;

@@ -20,7 +20,16 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/downloads/{id}", get(download))
 }
 
-async fn download(
+/// The stored object, through a link fileflow signed (no API key: the link is the authority).
+#[utoipa::path(get, path = "/api/v1/downloads/{id}", tag = "downloads", security(()),
+    params(("id" = String, Path, description = "the upload's id"),
+        ("expires" = i64, Query, description = "when the link ends, unix seconds"),
+        ("signature" = String, Query, description = "the link's signature")),
+    responses((status = 200, description = "the object's bytes", content_type = "application/octet-stream"),
+        (status = 403, description = "the link is not valid or has expired", body = super::error::ErrorBody),
+        (status = 404, description = "the object was replaced or is not there", body = super::error::ErrorBody),
+    ))]
+pub(super) async fn download(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,

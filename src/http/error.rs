@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -74,10 +73,27 @@ impl From<crate::metadata::RepoError> for ApiError {
     }
 }
 
+/// What went wrong, as every error answer says it.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// `invalid_json`, `unsupported_media_type`, `invalid_field`, `not_found`, `wrong_state`,
+    /// `forbidden`, `unauthorized`, `rate_limited`, `payload_too_large`, `internal`, …
+    pub code: &'static str,
+    pub message: String,
+    /// The field at fault (422 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// An error answer: `{"error":{…}}`.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
 impl ApiError {
-    /// The `{"code","message"[,"field"]}` object that says what went wrong (an internal
-    /// error is logged in full and shown without detail).
-    pub fn body(&self) -> serde_json::Value {
+    /// What went wrong (an internal error is logged in full and shown without detail).
+    pub fn body(&self) -> ErrorDetail {
         let message = match self {
             Self::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "request failed");
@@ -85,17 +101,17 @@ impl ApiError {
             }
             other => other.to_string(),
         };
-        let mut error = json!({ "code": self.code(), "message": message });
-        if let Self::InvalidField { field, .. } = self {
-            error["field"] = json!(field);
-        }
-        error
+        let field = match self {
+            Self::InvalidField { field, .. } => Some(field.to_string()),
+            _ => None,
+        };
+        ErrorDetail { code: self.code(), message, field }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status_code(), Json(json!({ "error": self.body() }))).into_response();
+        let mut response = (self.status_code(), Json(ErrorBody { error: self.body() })).into_response();
         let headers = response.headers_mut();
         match &self {
             Self::Unauthorized { invalid, .. } => {

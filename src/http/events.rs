@@ -14,6 +14,7 @@ use axum::{Extension, Router};
 use futures::stream::{self, Stream, StreamExt as _};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::uploads::JobView;
 use super::{ApiError, AppState};
 use crate::auth::Caller;
 use crate::events::JobChange;
@@ -50,7 +51,14 @@ async fn next_change(
     }
 }
 
-async fn job_events(
+/// A job's changes as Server-Sent Events: the job now, then at each change of its status or
+/// progress (each `data:` is the job as `GET /api/v1/uploads/{id}` shows it); ends after it finishes.
+#[utoipa::path(get, path = "/api/v1/uploads/{id}/events", tag = "events",
+    params(("id" = String, Path, description = "the upload's id")),
+    responses((status = 200, description = "an event stream of JobView", content_type = "text/event-stream", body = JobView),
+        (status = 404, description = "no such upload (or another key's)", body = super::error::ErrorBody),
+    ))]
+pub(super) async fn job_events(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -77,7 +85,10 @@ async fn job_events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
-async fn all_events(
+/// Every change of the jobs the key may see, as Server-Sent Events of `JobChange`.
+#[utoipa::path(get, path = "/api/v1/events", tag = "events",
+    responses((status = 200, description = "an event stream of JobChange", content_type = "text/event-stream", body = JobChange)))]
+pub(super) async fn all_events(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {

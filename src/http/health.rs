@@ -13,12 +13,15 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The process is up.
-async fn healthz() -> axum::Json<Value> {
+#[utoipa::path(get, path = "/healthz", tag = "health", security(()), responses((status = 200, description = "up")))]
+pub(super) async fn healthz() -> axum::Json<Value> {
     axum::Json(json!({ "status": "ok" }))
 }
 
 /// The process can serve requests: its database answers.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Value>) {
+#[utoipa::path(get, path = "/readyz", tag = "health", security(()),
+    responses((status = 200, description = "ready"), (status = 503, description = "the database does not answer")))]
+pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Value>) {
     match state.repo.ping().await {
         Ok(()) => (StatusCode::OK, axum::Json(json!({ "status": "ready" }))),
         Err(e) => {

@@ -9,6 +9,7 @@ mod error;
 mod events;
 mod extract;
 mod health;
+mod openapi;
 mod serve;
 mod uploads;
 
@@ -37,6 +38,7 @@ use crate::storage::ObjectStore;
 use crate::webhooks::WebhookOutbox;
 
 pub use error::ApiError;
+pub use openapi::document as openapi_document;
 pub use serve::{ServerLimits, serve};
 pub use uploads::job_json;
 
@@ -83,6 +85,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(downloads::router())
         .merge(health::router())
         .merge(dashboard::router())
+        .merge(openapi::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
         .layer(middleware::from_fn_with_state(state.metrics.clone(), log_request))
@@ -93,7 +96,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .with_state(state)
 }
 
-/// `/metrics`: Prometheus text, for admin keys (and the open API).
+/// Prometheus metrics (OpenMetrics text), for admin keys (and the open API).
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "the metrics", content_type = "application/openmetrics-text"),
+        (status = 403, description = "not an admin key", body = error::ErrorBody)))]
 async fn metrics(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
     if !caller.is_admin() {
         return Err(ApiError::Forbidden("metrics are for admin keys".into()));

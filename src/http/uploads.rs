@@ -9,8 +9,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
-use serde_json::json;
 
+use super::error::ErrorBody;
 use super::extract::JsonObject;
 use super::{ApiError, AppState};
 use crate::auth::Caller;
@@ -38,8 +38,9 @@ pub fn router() -> Router<AppState> {
 }
 
 /// A job as the API shows it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct JobView {
+    #[schema(value_type = String)]
     id: JobId,
     file_url: String,
     bucket_name: String,
@@ -241,7 +242,63 @@ pub(super) async fn check_unfinished_quota(state: &AppState, caller: &Caller, ad
     Ok(())
 }
 
-async fn create_upload(
+/// What `POST /api/v1/upload` takes (its fields are read one by one, so each mistake
+/// names its field; this type describes them).
+#[allow(dead_code)]
+#[derive(utoipa::ToSchema)]
+pub(super) struct UploadRequest {
+    /// Absolute http/https URL without credentials, at most 2048 bytes.
+    file_url: String,
+    /// An S3 bucket name.
+    bucket_name: String,
+    /// The object's key: 1–1024 bytes of UTF-8.
+    object_name: String,
+    /// The content's SHA-256, hex, checked before the object is stored.
+    sha256: Option<String>,
+    /// The content's MD5, hex, checked before the object is stored.
+    md5: Option<String>,
+    /// The content's size in bytes, checked before the object is stored.
+    size: Option<u64>,
+    /// Request headers sent to the origin (and only to it), e.g. `Authorization`.
+    headers: Option<std::collections::HashMap<String, String>>,
+    /// A webhook called when the job ends (Standard Webhooks).
+    notify_url: Option<String>,
+    if_exists: Option<IfExists>,
+}
+
+/// The answer to an accepted upload.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct Accepted {
+    id: String,
+    message: &'static str,
+}
+
+/// A page of uploads, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct UploadList {
+    uploads: Vec<JobView>,
+    /// Pass as `before` for the next page; null on the last.
+    next_before: Option<String>,
+}
+
+/// A time-limited download link.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct DownloadLink {
+    url: String,
+    expires_at: String,
+}
+
+/// Submit a job: fetch `file_url` into `bucket_name` as `object_name`.
+#[utoipa::path(post, path = "/api/v1/upload", tag = "uploads", request_body = UploadRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key and body answer the original job")),
+    responses(
+        (status = 202, description = "accepted", body = Accepted, headers(("location" = String, description = "/api/v1/uploads/{id}"))),
+        (status = 403, description = "the key may not write there", body = ErrorBody),
+        (status = 422, description = "an invalid field; nothing written", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
+    ))]
+pub(super) async fn create_upload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
@@ -287,7 +344,7 @@ fn accepted(job: &Job, replayed: bool) -> Response {
     let mut response = (
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
-        Json(json!({ "id": job.id.to_string(), "message": "file upload initiated successfully" })),
+        Json(Accepted { id: job.id.to_string(), message: "file upload initiated successfully" }),
     )
         .into_response();
     if replayed {
@@ -355,7 +412,14 @@ fn request_digest(value: &serde_json::Value) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
-async fn get_upload(
+/// An upload, with its webhook deliveries.
+#[utoipa::path(get, path = "/api/v1/uploads/{id}", tag = "uploads", params(("id" = String, Path, description = "the upload's id")),
+    responses((status = 200, description = "the upload", body = JobView),
+        (status = 404, description = "no such upload (or another key's)", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
+    ))]
+pub(super) async fn get_upload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -370,11 +434,23 @@ async fn get_upload(
     Ok(Json(view))
 }
 
-async fn list_uploads(
+/// Uploads the key may see, newest first.
+#[utoipa::path(get, path = "/api/v1/uploads", tag = "uploads",
+    params(
+        ("status" = Option<JobStatus>, Query, description = "only uploads in this status"),
+        ("limit" = Option<u32>, Query, description = "1–1000, default 50"),
+        ("before" = Option<String>, Query, description = "only uploads older than this id (the next page)"),
+    ),
+    responses((status = 200, description = "a page", body = UploadList),
+        (status = 422, description = "an invalid parameter", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
+    ))]
+pub(super) async fn list_uploads(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<UploadList>, ApiError> {
     let status =
         query.get("status").map(|s| s.parse::<JobStatus>()).transpose().map_err(|e| ApiError::invalid("status", e))?;
     let limit = match query.get("limit") {
@@ -398,15 +474,25 @@ async fn list_uploads(
     for job in jobs {
         uploads.push(state.view(job).await?);
     }
-    Ok(Json(json!({ "uploads": uploads, "next_before": next })))
+    Ok(Json(UploadList { uploads, next_before: next }))
 }
 
-async fn download_url(
+/// A time-limited download link for a completed upload.
+#[utoipa::path(get, path = "/api/v1/uploads/{id}/url", tag = "uploads",
+    params(("id" = String, Path, description = "the upload's id"),
+        ("expires_in" = Option<u64>, Query, description = "seconds, default 3600, at most 604800")),
+    responses((status = 200, description = "the link", body = DownloadLink),
+        (status = 409, description = "the upload has not completed", body = ErrorBody),
+        (status = 404, description = "no such upload (or another key's)", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
+    ))]
+pub(super) async fn download_url(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<DownloadLink>, ApiError> {
     let expires_in = match query.get("expires_in") {
         None => DEFAULT_LINK_SECS,
         Some(raw) => raw.parse::<i64>().ok().filter(|s| (1..=MAX_LINK_SECS).contains(s)).ok_or_else(|| {
@@ -419,10 +505,18 @@ async fn download_url(
     }
     let expires_at = Utc::now() + chrono::Duration::seconds(expires_in);
     let url = state.links.link(&job, expires_at).await?;
-    Ok(Json(json!({ "url": url.to_string(), "expires_at": timestamp(expires_at) })))
+    Ok(Json(DownloadLink { url: url.to_string(), expires_at: timestamp(expires_at) }))
 }
 
-async fn retry_upload(
+/// Run a failed upload again, with a fresh retry budget.
+#[utoipa::path(post, path = "/api/v1/uploads/{id}/retry", tag = "uploads", params(("id" = String, Path, description = "the upload's id")),
+    responses((status = 202, description = "re-queued", body = JobView),
+        (status = 409, description = "the upload has not failed", body = ErrorBody),
+        (status = 404, description = "no such upload (or another key's)", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
+    ))]
+pub(super) async fn retry_upload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -442,7 +536,14 @@ async fn retry_upload(
 
 /// Cancel a job: a waiting one is `cancelled` at once; a running one is asked to stop (it
 /// shows `cancelled` once its worker has, within about a second); 409 once finished.
-async fn cancel_upload(
+#[utoipa::path(post, path = "/api/v1/uploads/{id}/cancel", tag = "uploads", params(("id" = String, Path, description = "the upload's id")),
+    responses((status = 202, description = "cancelled, or asked to stop", body = JobView),
+        (status = 409, description = "the upload has finished", body = ErrorBody),
+        (status = 404, description = "no such upload (or another key's)", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
+    ))]
+pub(super) async fn cancel_upload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -466,6 +567,8 @@ async fn cancel_upload(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

@@ -37,7 +37,7 @@ impl Serialize for JobId {
 /// a worker hands the job back; `processing → failed` when it gives up; `failed → pending`
 /// when a caller asks for a retry; `pending` or `processing → cancelled` when a caller
 /// cancels (a transfer under way stops first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Pending,
@@ -98,7 +98,7 @@ impl fmt::Display for JobStatus {
 }
 
 /// What a job does when its object already exists.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum IfExists {
     /// Replace it (the default).
