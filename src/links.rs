@@ -124,6 +124,7 @@ mod tests {
             cancel_requested: false,
             bytes_done: None,
             bytes_total: None,
+            traceparent: None,
             created_at: now,
             updated_at: now,
             next_attempt_at: None,

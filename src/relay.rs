@@ -43,7 +43,7 @@ impl OutboxRelay {
     pub async fn run_once(&self) -> Result<usize, RelayError> {
         let mut tx = self.db.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT o.id, o.attempt, f.id AS job_id, f.file_url, f.bucket_name, f.object_name \
+            "SELECT o.id, o.attempt, f.id AS job_id, f.file_url, f.bucket_name, f.object_name, f.traceparent \
              FROM outbox o JOIN files f ON f.id = o.job_id ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
         )
         .bind(BATCH)
@@ -62,10 +62,13 @@ impl OutboxRelay {
                 bucket_name: row.try_get("bucket_name")?,
                 object_name: row.try_get("object_name")?,
             };
-            messages.push((message, u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(1)));
+            let attempt = u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(1);
+            messages.push((message, attempt, row.try_get::<Option<String>, _>("traceparent")?));
         }
-        futures::future::try_join_all(messages.iter().map(|(m, attempt)| self.publisher.publish_job(m, *attempt)))
-            .await?;
+        futures::future::try_join_all(
+            messages.iter().map(|(m, attempt, trace)| self.publisher.publish_job(m, *attempt, trace.as_deref())),
+        )
+        .await?;
         // The jobs were handed to the broker now: the reconciler measures from here.
         sqlx::query(
             "WITH sent AS (DELETE FROM outbox WHERE id = ANY($1) RETURNING job_id) \

@@ -295,3 +295,45 @@ async fn an_api_streams_what_a_worker_in_another_process_does_and_workers_serve_
     assert!(text.lines().any(|l| l == "fileflow_jobs_completed_total 1"), "{text}");
     assert!(text.lines().any(|l| l == "fileflow_bytes_stored_total 4194304"), "{text}");
 }
+
+#[tokio::test]
+async fn a_requests_trace_reaches_the_worker_through_the_kafka_message() {
+    let Some(stack) = stack().await else { return };
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = stack.with(&[]);
+    let api = start_role("api", dir.path(), &env).await;
+    let worker = start_role("worker", dir.path(), &env).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let body = serde_json::json!({
+        "file_url": origin.url("/file/2000"), "bucket_name": stack.bucket, "object_name": "traced.bin"
+    });
+    let answer = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{}/api/v1/upload", api.base))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    assert!(answer.headers().contains_key("x-request-id"));
+    let id = answer.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    api.wait_all_completed(1, Duration::from_secs(60)).await;
+    let in_trace = |events: &[serde_json::Value], message: &str| {
+        events.iter().any(|e| {
+            e["message"] == message
+                && e["spans"].as_array().is_some_and(|spans| spans.iter().any(|s| s["trace_id"] == trace_id))
+        })
+    };
+    assert!(in_trace(&api.events.lock().unwrap(), "job accepted"), "the API logged the request's trace");
+    let worker_events = worker.events.lock().unwrap().clone();
+    assert!(in_trace(&worker_events, "job completed"), "the worker logged the job in the same trace");
+    assert!(
+        worker_events.iter().any(|e| e["message"] == "job completed"
+            && e["spans"].as_array().is_some_and(|s| s.iter().any(|s| s["job_id"] == id.as_str()))),
+        "with its job id"
+    );
+}

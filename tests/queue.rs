@@ -38,6 +38,7 @@ impl Backend {
             notify_url: None,
             headers: None,
             grant: Grant::open(),
+            traceparent: None,
         };
         let id = self.repo.create(&job, Utc::now()).await.unwrap().id;
         if let Some(relay) = &self.relay {

@@ -28,8 +28,11 @@ fn new_job(key: &str) -> NewJob {
         // The repository keeps sealed headers as they are given (the API seals them).
         headers: Some(SealedHeaders::from_stored("v1.c2VhbGVk".into())),
         grant: Grant::open(),
+        traceparent: Some(TRACEPARENT.into()),
     }
 }
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn lease(owner: &str) -> Lease {
     Lease { owner: owner.into(), length: Duration::from_secs(30) }
@@ -72,6 +75,7 @@ async fn create_get_and_list(repo: Arc<dyn JobRepository>) {
     assert_eq!(got.request_headers.as_ref().map(SealedHeaders::as_str), Some("v1.c2VhbGVk"));
     assert_eq!(got.grant, Grant::open());
     assert_eq!((got.expected_size, got.if_exists), (Some(5), fileflow::lifecycle::IfExists::Skip));
+    assert_eq!(got.traceparent.as_deref(), Some(TRACEPARENT), "the creating request's trace is kept");
     assert_eq!(repo.get(fileflow::lifecycle::JobId(a.id.0 + 1000)).await.unwrap(), None);
 
     let all = repo.list(&ListFilter { limit: 10, ..Default::default() }).await.unwrap();

@@ -20,6 +20,8 @@ use super::extract::JsonObject;
 use super::uploads::{check_unfinished_quota, parse_new_job};
 use super::{ApiError, AppState};
 use crate::auth::Caller;
+use crate::lifecycle::NewJob;
+use crate::telemetry::TraceParent;
 
 /// Most items in one batch.
 pub const MAX_ITEMS: usize = 1000;
@@ -63,6 +65,7 @@ pub(super) struct BatchResults {
 pub(super) async fn create_batch(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(trace): Extension<TraceParent>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -81,7 +84,10 @@ pub(super) async fn create_batch(
     // Parse every item; the valid ones are written together, in order.
     let parsed: Vec<Result<_, ApiError>> = items
         .into_iter()
-        .map(|item| item.and_then(|object| parse_new_job(&JsonObject(object), &state, &caller)))
+        .map(|item| {
+            let job = item.and_then(|object| parse_new_job(&JsonObject(object), &state, &caller));
+            job.map(|job| NewJob { traceparent: Some(trace.header()), ..job })
+        })
         .collect();
     let valid: Vec<_> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
     check_unfinished_quota(&state, &caller, valid.len() as u64).await?;

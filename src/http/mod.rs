@@ -35,6 +35,7 @@ use crate::metadata::JobRepository;
 use crate::metrics::Metrics;
 use crate::secrets::HeaderSealer;
 use crate::storage::ObjectStore;
+use crate::telemetry::TraceParent;
 use crate::webhooks::WebhookOutbox;
 
 pub use error::ApiError;
@@ -124,13 +125,15 @@ pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
 /// One structured line per request, and its count and latency by route; every line logged
 /// while the request is served carries its `request_id`. The query string is left out: it
 /// may hold a signature.
-async fn log_request(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+async fn log_request(State(metrics): State<Arc<Metrics>>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
+    let trace = TraceParent::continue_or_start(request.headers().get("traceparent").and_then(|v| v.to_str().ok()));
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
     let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let span = tracing::info_span!("request", %request_id);
+    let span = tracing::info_span!("request", %request_id, trace_id = %trace.trace_id);
+    request.extensions_mut().insert(trace);
     let response = next.run(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();

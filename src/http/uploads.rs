@@ -18,6 +18,7 @@ use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, So
 use crate::lifecycle::{Grant, IfExists, Job, JobId, JobStatus, NewJob};
 use crate::links::DownloadLinks;
 use crate::metadata::{Cancel, Created, IdempotencyKey, ListFilter, Requeue};
+use crate::telemetry::TraceParent;
 use crate::webhooks::DeliveryView;
 use sha2::Digest as _;
 
@@ -222,6 +223,8 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         notify_url,
         headers: state.sealer.seal(&headers),
         grant,
+        // Set by the handler, from its request's trace context.
+        traceparent: None,
     })
 }
 
@@ -301,10 +304,12 @@ pub(super) struct DownloadLink {
 pub(super) async fn create_upload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(trace): Extension<TraceParent>,
     headers: HeaderMap,
     body: JsonObject,
 ) -> Result<Response, ApiError> {
-    let new_job = parse_new_job(&body, &state, &caller)?;
+    let mut new_job = parse_new_job(&body, &state, &caller)?;
+    new_job.traceparent = Some(trace.header());
     let once = idempotency_key(&headers, &caller, &body)?;
     if let Err(refused) = check_unfinished_quota(&state, &caller, 1).await {
         // A retry of a request that was accepted is answered, whatever the quota says now.

@@ -147,6 +147,8 @@ pub struct NewJob {
     pub headers: Option<SealedHeaders>,
     /// Who asked, and what that allows the job.
     pub grant: Grant,
+    /// The W3C `traceparent` of the request that created the job.
+    pub traceparent: Option<String>,
 }
 
 /// What the caller who created a job allowed it: recorded with the job, so workers apply
@@ -203,6 +205,8 @@ pub struct Job {
     pub updated_at: DateTime<Utc>,
     /// When the next attempt is due, while a retry is scheduled.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The W3C `traceparent` of the request that created the job.
+    pub traceparent: Option<String>,
 }
 
 /// What a successful attempt stored.

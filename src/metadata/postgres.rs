@@ -148,11 +148,12 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
         "WITH created AS ( \
              INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
              created_at, updated_at, accept_token, owner_key, max_file_size, may_create_bucket, expected_size, \
-             if_exists, notify_url) \
-             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z, e, w \
+             if_exists, notify_url, traceparent) \
+             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z, e, w, p \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], \
-             $8::text[], $9::text[], $10::bigint[], $11::boolean[], $12::bigint[], $13::text[], $14::text[]) \
-             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, e, w, n) \
+             $8::text[], $9::text[], $10::bigint[], $11::boolean[], $12::bigint[], $13::text[], $14::text[], \
+             $15::text[]) \
+             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, e, w, p, n) \
              ORDER BY n \
              ON CONFLICT (accept_token) DO NOTHING \
              RETURNING {COLUMNS}), \
@@ -174,6 +175,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
     .bind(batch.iter().map(|(job, ..)| job.expected_size.map(to_db)).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.if_exists.as_str()).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.notify_url.as_ref().map(SourceUrl::as_str)).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.traceparent.as_deref()).collect::<Vec<_>>())
     .fetch_all(executor)
     .await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
@@ -184,7 +186,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
     sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at, \
-    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total";
+    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent";
 
 fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -212,6 +214,7 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         notify_url: row.try_get("notify_url")?,
         bytes_done: row.try_get::<Option<i64>, _>("bytes_done")?.map(from_db),
         bytes_total: row.try_get::<Option<i64>, _>("bytes_total")?.map(from_db),
+        traceparent: row.try_get("traceparent")?,
         if_exists: row
             .try_get::<String, _>("if_exists")?
             .parse()

@@ -288,13 +288,13 @@ async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<J
     let mut sql = String::from(
         "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, \
          request_headers, owner_key, max_file_size, may_create_bucket, expected_size, if_exists, notify_url, \
-         created_at, updated_at, status, retry_count) VALUES ",
+         traceparent, created_at, updated_at, status, retry_count) VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 13 * i;
+        let p = 14 * i;
         let sep = if i == 0 { "" } else { "," };
-        // created_at and updated_at are both the 13th value.
-        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 13), p + 13);
+        // created_at and updated_at are both the 14th value.
+        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 14), p + 14);
     }
     let _ = write!(sql, " RETURNING {COLUMNS}");
     let mut query = sqlx::query(&sql);
@@ -312,6 +312,7 @@ async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<J
             .bind(job.expected_size.map(to_db))
             .bind(job.if_exists.as_str())
             .bind(job.notify_url.as_ref().map(SourceUrl::as_str))
+            .bind(job.traceparent.as_deref())
             .bind(to_millis(*now));
     }
     let rows = query.fetch_all(c).await?;
@@ -324,7 +325,7 @@ async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> Result<Vec<J
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
     etag, size, sha256, md5, content_type, expected_sha256, expected_md5, request_headers, \
     created_at, updated_at, next_attempt_at, owner_key, max_file_size, may_create_bucket, object_version, \
-    cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total";
+    cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent";
 
 fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -352,6 +353,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         notify_url: row.try_get("notify_url")?,
         bytes_done: row.try_get::<Option<i64>, _>("bytes_done")?.map(from_db),
         bytes_total: row.try_get::<Option<i64>, _>("bytes_total")?.map(from_db),
+        traceparent: row.try_get("traceparent")?,
         if_exists: row
             .try_get::<String, _>("if_exists")?
             .parse()

@@ -124,6 +124,7 @@ impl EmbeddedQueue {
                     job_id: JobId(row.try_get("job_id")?),
                     attempt: u32::try_from(attempt).unwrap_or(1),
                     token: row.try_get("locked_by")?,
+                    traceparent: None,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;

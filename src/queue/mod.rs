@@ -44,6 +44,9 @@ pub struct Delivery {
     pub attempt: u32,
     /// Identifies this hand-over to the backend (lock owner, offset, …).
     pub token: String,
+    /// The W3C `traceparent` the message carried (Kafka; the embedded queue's jobs carry
+    /// theirs in their row).
+    pub traceparent: Option<String>,
 }
 
 #[async_trait]

@@ -213,10 +213,14 @@ impl Worker {
         slot: Option<Slot>,
     ) -> Result<WorkOutcome, WorkerError> {
         // Every line logged on the job's behalf (fetch, store, bookkeeping) names it.
-        let span = tracing::info_span!("job", job_id = %delivery.job_id);
+        let span = tracing::info_span!("job", job_id = %delivery.job_id, trace_id = tracing::field::Empty);
+        record_trace(&span, delivery.traceparent.as_deref());
         async move {
             let outcome = match self.claimed(&delivery, claim).await {
-                Ok(Claimed::Job(job)) => self.attempt_and_record(&delivery, &lease, *job, abort, slot).await,
+                Ok(Claimed::Job(job)) => {
+                    record_trace(&tracing::Span::current(), job.traceparent.as_deref());
+                    self.attempt_and_record(&delivery, &lease, *job, abort, slot).await
+                }
                 Ok(Claimed::Done(outcome)) => Ok(outcome),
                 Err(e) => Err(e),
             };
@@ -818,6 +822,14 @@ pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToke
     }
     while let Some(joined) = tasks.join_next().await {
         log_panic(joined);
+    }
+}
+
+/// Put the trace id of a `traceparent` on the job's span (the request that created the job
+/// logged the same one).
+fn record_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(trace) = traceparent.and_then(crate::telemetry::TraceParent::parse) {
+        span.record("trace_id", trace.trace_id.as_str());
     }
 }
 

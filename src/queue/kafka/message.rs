@@ -14,6 +14,8 @@ pub struct JobMessage {
 }
 
 pub const ATTEMPT_HEADER: &str = "fileflow-attempt";
+/// The W3C trace context of the request that created the job.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 pub const DUE_AT_HEADER: &str = "fileflow-due-at-ms";
 pub const ERROR_HEADER: &str = "fileflow-error";
 pub const ORIGIN_TOPIC_HEADER: &str = "fileflow-origin-topic";

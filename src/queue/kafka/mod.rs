@@ -29,7 +29,7 @@ use crate::lifecycle::JobId;
 pub use message::JobMessage;
 use message::{
     ATTEMPT_HEADER, DUE_AT_HEADER, ERROR_HEADER, ORIGIN_OFFSET_HEADER, ORIGIN_PARTITION_HEADER, ORIGIN_TOPIC_HEADER,
-    due_at_from_header,
+    TRACEPARENT_HEADER, due_at_from_header,
 };
 use offsets::PartitionOffsets;
 
@@ -187,9 +187,19 @@ impl KafkaPublisher {
     }
 
     /// Announce a job on the jobs topic (the seed's message) for its `attempt`.
-    pub async fn publish_job(&self, message: &JobMessage, attempt: u32) -> Result<(), QueueError> {
+    /// Announce a job on the jobs topic (the seed's message) for its `attempt`, with the
+    /// trace context of the request that created it.
+    pub async fn publish_job(
+        &self,
+        message: &JobMessage,
+        attempt: u32,
+        traceparent: Option<&str>,
+    ) -> Result<(), QueueError> {
         let payload = serde_json::to_vec(message).map_err(backend)?;
-        let headers = OwnedHeaders::new().insert(Header { key: ATTEMPT_HEADER, value: Some(&attempt.to_string()) });
+        let mut headers = OwnedHeaders::new().insert(Header { key: ATTEMPT_HEADER, value: Some(&attempt.to_string()) });
+        if let Some(traceparent) = traceparent {
+            headers = headers.insert(Header { key: TRACEPARENT_HEADER, value: Some(traceparent) });
+        }
         self.send(&self.settings.topic, &message.id, &payload, headers).await
     }
 }
@@ -385,7 +395,10 @@ impl Inner {
             .map_err(|e| format!("unparseable job message: {e}"))
             .and_then(|m| m.id.parse::<i64>().map_err(|_| format!("job message has a non-numeric id {:?}", m.id)));
         let (delivery, unusable) = match parsed {
-            Ok(id) => (Some(Delivery { job_id: JobId(id), attempt, token: origin.token() }), None),
+            Ok(id) => {
+                let traceparent = header(TRACEPARENT_HEADER).and_then(|v| String::from_utf8(v).ok());
+                (Some(Delivery { job_id: JobId(id), attempt, token: origin.token(), traceparent }), None)
+            }
             Err(reason) => (None, Some(reason)),
         };
         let pending = Pending { origin: origin.clone(), due_at: due_at.unwrap_or(now), delivery, payload, unusable };
@@ -476,9 +489,12 @@ impl Inner {
 
     async fn send_retry(&self, delivery: &Delivery, attempt: u32, due_at: DateTime<Utc>) -> Result<(), QueueError> {
         let payload = self.payload_of(delivery)?;
-        let headers = OwnedHeaders::new()
+        let mut headers = OwnedHeaders::new()
             .insert(Header { key: ATTEMPT_HEADER, value: Some(&attempt.to_string()) })
             .insert(Header { key: DUE_AT_HEADER, value: Some(&due_at.timestamp_millis().to_string()) });
+        if let Some(traceparent) = &delivery.traceparent {
+            headers = headers.insert(Header { key: TRACEPARENT_HEADER, value: Some(traceparent) });
+        }
         let topic = self.publisher.settings.retry_topic();
         self.publisher.send(&topic, &delivery.job_id.to_string(), &payload, headers).await
     }
