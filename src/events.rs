@@ -261,8 +261,15 @@ impl JobRepository for Announcing {
         self.inner.checkpoint(id).await
     }
 
-    async fn save_checkpoint(&self, id: JobId, owner: &str, done: u64, checkpoint: &str) -> Result<bool, RepoError> {
-        self.inner.save_checkpoint(id, owner, done, checkpoint).await
+    async fn save_checkpoint(
+        &self,
+        id: JobId,
+        owner: &str,
+        done: u64,
+        total: Option<u64>,
+        checkpoint: &str,
+    ) -> Result<bool, RepoError> {
+        self.inner.save_checkpoint(id, owner, done, total, checkpoint).await
     }
 
     async fn clear_checkpoint(&self, id: JobId) -> Result<(), RepoError> {

@@ -458,6 +458,27 @@ async fn progress_is_recorded_for_the_lease_holder(repo: Arc<dyn JobRepository>)
     assert_eq!((done.bytes_done, done.bytes_total), (Some(5), Some(5)));
 }
 
+/// Checkpoints: only the lease holder saves one (each replacing the one before), saving
+/// moves the job's progress to at least what is stored, and a cleared one is gone.
+async fn checkpoints_are_kept_for_the_lease_holder(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let job = repo.create(&new_job("cp"), t).await.unwrap();
+    assert_eq!(repo.checkpoint(job.id).await.unwrap(), None);
+    repo.claim(job.id, &lease("w")).await.unwrap();
+    assert!(repo.save_checkpoint(job.id, "w", 16, Some(100), "first").await.unwrap());
+    assert!(repo.save_checkpoint(job.id, "w", 32, Some(100), "second").await.unwrap());
+    assert!(!repo.save_checkpoint(job.id, "someone-else", 48, None, "theirs").await.unwrap());
+    assert_eq!(repo.checkpoint(job.id).await.unwrap().as_deref(), Some("second"));
+    let got = repo.get(job.id).await.unwrap().unwrap();
+    assert_eq!((got.bytes_done, got.bytes_total), (Some(32), Some(100)));
+    // Progress reported beyond the stored part is not taken back by a checkpoint.
+    repo.report_progress(job.id, "w", 40, Some(100)).await.unwrap();
+    assert!(repo.save_checkpoint(job.id, "w", 32, Some(100), "again").await.unwrap());
+    assert_eq!(repo.get(job.id).await.unwrap().unwrap().bytes_done, Some(40));
+    repo.clear_checkpoint(job.id).await.unwrap();
+    assert_eq!(repo.checkpoint(job.id).await.unwrap(), None);
+}
+
 async fn sqlite() -> (Arc<dyn JobRepository>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let db = SqliteDb::connect(&SqliteDb::default_url(dir.path())).await.unwrap();
@@ -502,7 +523,8 @@ conformance!(
     retries_releases_and_requeues,
     jobs_belong_to_their_key,
     idempotency_keys_last_a_day,
-    progress_is_recorded_for_the_lease_holder
+    progress_is_recorded_for_the_lease_holder,
+    checkpoints_are_kept_for_the_lease_holder
 );
 
 /// PostgreSQL announces a job through its outbox in the same commit as the job's row.

@@ -358,9 +358,17 @@ pub trait JobRepository: Send + Sync + 'static {
     /// The checkpoint a transfer of the job saved, if one is kept (see [`JobRepository::save_checkpoint`]).
     async fn checkpoint(&self, id: JobId) -> Result<Option<String>, RepoError>;
 
-    /// Keep `checkpoint` (where `owner`'s transfer of the job stands, `done` bytes in the
-    /// store for good) in place of the one before, if `owner` still holds the job; `false` if not.
-    async fn save_checkpoint(&self, id: JobId, owner: &str, done: u64, checkpoint: &str) -> Result<bool, RepoError>;
+    /// Keep `checkpoint` (where `owner`'s transfer of the job stands: `done` bytes of a file
+    /// of `total` in the store for good) in place of the one before, if `owner` still holds
+    /// the job; `false` if not. The job's progress shows at least `done` of `total`.
+    async fn save_checkpoint(
+        &self,
+        id: JobId,
+        owner: &str,
+        done: u64,
+        total: Option<u64>,
+        checkpoint: &str,
+    ) -> Result<bool, RepoError>;
 
     /// Forget the job's checkpoint: its transfer will start from the beginning.
     async fn clear_checkpoint(&self, id: JobId) -> Result<(), RepoError>;

@@ -556,10 +556,18 @@ impl JobRepository for PgRepository {
         Ok(body)
     }
 
-    async fn save_checkpoint(&self, id: JobId, owner: &str, done: u64, checkpoint: &str) -> Result<bool, RepoError> {
+    async fn save_checkpoint(
+        &self,
+        id: JobId,
+        owner: &str,
+        done: u64,
+        total: Option<u64>,
+        checkpoint: &str,
+    ) -> Result<bool, RepoError> {
         let saved = sqlx::query(
             "WITH held AS ( \
-                 UPDATE files SET bytes_done = GREATEST(COALESCE(bytes_done, 0), $3) \
+                 UPDATE files SET bytes_done = GREATEST(COALESCE(bytes_done, 0), $3), \
+                     bytes_total = COALESCE($5, bytes_total) \
                  WHERE id = $1 AND status = 'processing' AND lease_owner = $2 RETURNING id) \
              INSERT INTO checkpoints (job_id, body, saved_at) SELECT id, $4, now() FROM held \
              ON CONFLICT (job_id) DO UPDATE SET body = excluded.body, saved_at = excluded.saved_at",
@@ -568,6 +576,7 @@ impl JobRepository for PgRepository {
         .bind(owner)
         .bind(to_db(done))
         .bind(checkpoint)
+        .bind(total.map(to_db))
         .execute(&self.db.pool)
         .await?;
         Ok(saved.rows_affected() == 1)

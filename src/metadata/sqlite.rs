@@ -733,18 +733,27 @@ impl JobRepository for SqliteRepository {
         Ok(body)
     }
 
-    async fn save_checkpoint(&self, id: JobId, owner: &str, done: u64, checkpoint: &str) -> Result<bool, RepoError> {
+    async fn save_checkpoint(
+        &self,
+        id: JobId,
+        owner: &str,
+        done: u64,
+        total: Option<u64>,
+        checkpoint: &str,
+    ) -> Result<bool, RepoError> {
         let (owner, checkpoint) = (owner.to_owned(), checkpoint.to_owned());
         self.db
             .write(move |c| {
                 async move {
                     let held = sqlx::query(
-                        "UPDATE files SET bytes_done = MAX(COALESCE(bytes_done, 0), ?3) \
+                        "UPDATE files SET bytes_done = MAX(COALESCE(bytes_done, 0), ?3), \
+                         bytes_total = COALESCE(?4, bytes_total) \
                          WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
                     )
                     .bind(id.0)
                     .bind(owner)
                     .bind(to_db(done))
+                    .bind(total.map(to_db))
                     .execute(&mut *c)
                     .await?
                     .rows_affected()

@@ -86,7 +86,7 @@ impl WriteProgress for Recorder<'_> {
             write: write.clone(),
         };
         let body = serde_json::to_string(&checkpoint).expect("a checkpoint serializes");
-        match self.repo.save_checkpoint(self.id, self.owner, write.stored, &body).await {
+        match self.repo.save_checkpoint(self.id, self.owner, write.stored, self.total, &body).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(JobError::transient("the job's lease was lost while its transfer was under way")),
             Err(e) => Err(JobError::transient(format!("cannot save the transfer's checkpoint: {e}"))),
