@@ -53,7 +53,14 @@ struct Harness {
 }
 
 async fn harness() -> Harness {
-    let origin = Origin::start_on("127.0.0.2").await;
+    // The rebinding canary listens on 127.0.0.1 at the origin's port, which some other
+    // test's server may hold: take an origin whose port is free there.
+    let (origin, rebind_canary) = loop {
+        let origin = Origin::start_on("127.0.0.2").await;
+        if let Ok(canary) = Canary::try_start(&format!("127.0.0.1:{}", origin.addr.port())).await {
+            break (origin, canary);
+        }
+    };
     let canary = Canary::start("127.0.0.1:0").await;
     let canary_v6 = match tokio::net::TcpListener::bind(("::1", canary.addr.port())).await {
         Ok(probe) => {
@@ -62,7 +69,6 @@ async fn harness() -> Harness {
         }
         Err(_) => None,
     };
-    let rebind_canary = Canary::start(&format!("127.0.0.1:{}", origin.addr.port())).await;
     let dns = Arc::new(
         TestDns::default()
             .answer("good.test", &[&["127.0.0.2"]])

@@ -455,8 +455,13 @@ pub struct Canary {
 
 impl Canary {
     pub async fn start(addr: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        Self::try_start(addr).await.unwrap()
+    }
+
+    /// [`Canary::start`], or the error when the address is taken.
+    pub async fn try_start(addr: &str) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
         let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = hits.clone();
         tokio::spawn(async move {
@@ -465,7 +470,7 @@ impl Canary {
                 drop(socket);
             }
         });
-        Self { addr, hits }
+        Ok(Self { addr, hits })
     }
 
     pub fn hits(&self) -> usize {
