@@ -418,6 +418,13 @@ pub struct Settings {
     /// Log format.
     #[arg(long, env = "FILEFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto, global = true)]
     pub log_format: LogFormat,
+
+    /// Export traces over OTLP/HTTP (protobuf) to this collector, e.g.
+    /// `http://127.0.0.1:4318` (spans go to its `/v1/traces`). Without it, the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` turn export on;
+    /// with none of them, nothing is exported.
+    #[arg(long, env = "FILEFLOW_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<Url>,
 }
 
 impl Settings {

@@ -13,7 +13,20 @@ async fn main() -> anyhow::Result<ExitCode> {
         // A client prints answers, not the server's logs.
         return fileflow::client::run(command, &mut std::io::stdout()).await;
     }
-    fileflow::telemetry::init(cli.settings.log_format);
+    let process = match &cli.command {
+        Command::Serve => "serve",
+        Command::Api => "api",
+        Command::Worker => "worker",
+        _ => "admin",
+    };
+    let telemetry = fileflow::telemetry::init(cli.settings.log_format, cli.settings.otlp_endpoint.as_ref(), process)?;
+    let result = run(cli).await;
+    // Sending the last spans may block for a moment: off the runtime's threads.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if cli.command == Command::Migrate {
         std::fs::create_dir_all(&cli.settings.data_dir)
             .with_context(|| format!("cannot create {}", cli.settings.data_dir.display()))?;

@@ -1,6 +1,9 @@
 //! The distributed layout as separate processes against the real servers: an API and
 //! workers sharing one consumer group, killed without warning.
 
+#[path = "support/collector.rs"]
+mod collector;
+
 #[path = "support/origin.rs"]
 mod origin;
 
@@ -300,8 +303,10 @@ async fn an_api_streams_what_a_worker_in_another_process_does_and_workers_serve_
 async fn a_requests_trace_reaches_the_worker_through_the_kafka_message() {
     let Some(stack) = stack().await else { return };
     let origin = Origin::start().await;
+    let collector = collector::Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let env = stack.with(&[]);
+    let endpoint = collector.endpoint();
+    let env = stack.with(&[("FILEFLOW_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")]);
     let api = start_role("api", dir.path(), &env).await;
     let worker = start_role("worker", dir.path(), &env).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -336,4 +341,18 @@ async fn a_requests_trace_reaches_the_worker_through_the_kafka_message() {
             && e["spans"].as_array().is_some_and(|s| s.iter().any(|s| s["job_id"] == id.as_str()))),
         "with its job id"
     );
+    // Both processes export their spans to the collector, joined into the caller's trace.
+    let spans = collector
+        .wait_for(Duration::from_secs(20), |spans| {
+            spans.iter().any(|s| s.name == "transfer" && s.trace_id == trace_id)
+                && spans.iter().any(|s| s.name == "POST /api/v1/upload" && s.trace_id == trace_id)
+        })
+        .await;
+    let request = spans.iter().find(|s| s.name == "POST /api/v1/upload" && s.trace_id == trace_id).unwrap();
+    let transfer = spans.iter().find(|s| s.name == "transfer" && s.trace_id == trace_id).unwrap();
+    assert_eq!((request.process.as_str(), transfer.process.as_str()), ("api", "worker"));
+    assert_eq!(request.parent_span_id, "00f067aa0ba902b7");
+    assert_eq!(transfer.parent_span_id, request.span_id, "the worker's span is the request's child");
+    assert_eq!(transfer.attribute("job_id"), Some(id.as_str()));
+    assert_eq!(transfer.attribute("outcome"), Some("completed"));
 }

@@ -127,17 +127,24 @@ pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
 /// may hold a signature.
 async fn log_request(State(metrics): State<Arc<Metrics>>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let trace = TraceParent::continue_or_start(request.headers().get("traceparent").and_then(|v| v.to_str().ok()));
+    let caller = request.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
     let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let span = tracing::info_span!("request", %request_id, trace_id = %trace.trace_id);
+    let span = tracing::info_span!("request", %request_id, trace_id = tracing::field::Empty,
+        otel.name = format!("{method} {route}"), otel.kind = "server", http.request.method = %method,
+        http.route = %route, http.response.status_code = tracing::field::Empty, otel.status_code = tracing::field::Empty);
+    let trace = crate::telemetry::join(&span, caller.as_ref());
     request.extensions_mut().insert(trace);
     let response = next.run(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     metrics.request(method.as_str(), &route, status, elapsed);
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
     span.in_scope(|| {
         tracing::info!(%method, uri = %path, status, latency_us = elapsed.as_micros() as u64, "request");
     });

@@ -248,6 +248,16 @@ impl Settlement {
             Self::Cancelled => JobStatus::Cancelled,
         }
     }
+
+    /// What the attempt came to, as logs and traces name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Completed(_) => "completed",
+            Self::RetryScheduled { .. } => "retry",
+            Self::Failed { .. } => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// Decide what an attempt's outcome means for a job that had `retries_so_far` retries.

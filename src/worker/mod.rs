@@ -219,7 +219,13 @@ impl Worker {
             let outcome = match self.claimed(&delivery, claim).await {
                 Ok(Claimed::Job(job)) => {
                     record_trace(&tracing::Span::current(), job.traceparent.as_deref());
-                    self.attempt_and_record(&delivery, &lease, *job, abort, slot).await
+                    // The attempt, exported as a child of the request that created the job.
+                    let transfer = tracing::info_span!("transfer", job_id = %job.id, attempt = job.retry_count + 1,
+                        trace_id = tracing::field::Empty, otel.kind = "consumer", outcome = tracing::field::Empty,
+                        otel.status_code = tracing::field::Empty, otel.status_description = tracing::field::Empty);
+                    let parent = job.traceparent.as_deref().and_then(crate::telemetry::TraceParent::parse);
+                    crate::telemetry::join(&transfer, parent.as_ref());
+                    self.attempt_and_record(&delivery, &lease, *job, abort, slot).instrument(transfer).await
                 }
                 Ok(Claimed::Done(outcome)) => Ok(outcome),
                 Err(e) => Err(e),
@@ -385,6 +391,12 @@ impl Worker {
     ) -> Result<WorkOutcome, WorkerError> {
         let (id, elapsed_ms) = (delivery.job_id, elapsed.as_millis() as u64);
         self.metrics.outcome(&settlement, elapsed);
+        let transfer = tracing::Span::current();
+        transfer.record("outcome", settlement.name());
+        if let Settlement::Failed { last_error } | Settlement::RetryScheduled { last_error, .. } = &settlement {
+            transfer.record("otel.status_code", "ERROR");
+            transfer.record("otel.status_description", last_error.as_str());
+        }
         Ok(match settlement {
             Settlement::Completed(stored) => {
                 self.queue.finished(delivery, None).await?;
