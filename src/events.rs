@@ -114,7 +114,8 @@ pub async fn listen(pool: sqlx::PgPool, feed: Arc<ChangeFeed>, stop: Cancellatio
 pub struct Announcing {
     inner: Arc<dyn JobRepository>,
     feed: Arc<ChangeFeed>,
-    owners: Mutex<HashMap<i64, Option<String>>>,
+    /// The key (owner) of each job this process holds, by job and lease holder.
+    owners: Mutex<HashMap<(i64, String), Option<String>>>,
 }
 
 impl Announcing {
@@ -122,15 +123,21 @@ impl Announcing {
         Self { inner, feed, owners: Mutex::default() }
     }
 
-    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Option<String>>> {
+    /// How many jobs' owners are remembered: the jobs this process holds.
+    pub fn remembered(&self) -> usize {
+        self.owners().len()
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, String), Option<String>>> {
         self.owners.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A change of a job this process claimed; `last` forgets its owner.
-    fn change(&self, id: JobId, status: JobStatus, progress: Option<(u64, Option<u64>)>, last: bool) {
+    /// A change of a job `holder` claimed in this process; `last` forgets its owner.
+    fn change(&self, id: JobId, holder: &str, status: JobStatus, progress: Option<(u64, Option<u64>)>, last: bool) {
+        let held = (id.0, holder.to_owned());
         let owner = match last {
-            true => self.owners().remove(&id.0),
-            false => self.owners().get(&id.0).cloned(),
+            true => self.owners().remove(&held),
+            false => self.owners().get(&held).cloned(),
         };
         self.feed.publish(JobChange {
             id: id.to_string(),
@@ -186,9 +193,9 @@ impl JobRepository for Announcing {
 
     async fn claim_many(&self, requests: &[(JobId, Lease)]) -> Result<Vec<Claim>, RepoError> {
         let claims = self.inner.claim_many(requests).await?;
-        for claim in &claims {
+        for (claim, (_, lease)) in claims.iter().zip(requests) {
             if let Claim::Claimed(job) = claim {
-                self.owners().insert(job.id.0, job.grant.owner.clone());
+                self.owners().insert((job.id.0, lease.owner.clone()), job.grant.owner.clone());
                 self.feed.job(job);
             }
         }
@@ -196,7 +203,12 @@ impl JobRepository for Announcing {
     }
 
     async fn renew(&self, id: JobId, lease: &Lease) -> Result<bool, RepoError> {
-        self.inner.renew(id, lease).await
+        let renewed = self.inner.renew(id, lease).await?;
+        if !renewed {
+            // The lease is lost: this holder will neither settle nor release the job.
+            self.owners().remove(&(id.0, lease.owner.clone()));
+        }
+        Ok(renewed)
     }
 
     async fn holds(&self, id: JobId, owner: &str, margin: std::time::Duration) -> Result<bool, RepoError> {
@@ -214,7 +226,11 @@ impl JobRepository for Announcing {
         settlement: &Settlement,
         now: DateTime<Utc>,
     ) -> Result<bool, RepoError> {
-        let settled = self.inner.settle(id, owner, settlement, now).await?;
+        let settled = self.inner.settle(id, owner, settlement, now).await;
+        if !matches!(settled, Ok(true)) {
+            self.owners().remove(&(id.0, owner.to_owned()));
+        }
+        let settled = settled?;
         if settled {
             let (status, progress) = match settlement {
                 Settlement::Completed(stored) => (JobStatus::Completed, Some((stored.size, Some(stored.size)))),
@@ -222,15 +238,19 @@ impl JobRepository for Announcing {
                 Settlement::Failed { .. } => (JobStatus::Failed, None),
                 Settlement::Cancelled => (JobStatus::Cancelled, None),
             };
-            self.change(id, status, progress, true);
+            self.change(id, owner, status, progress, true);
         }
         Ok(settled)
     }
 
     async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {
-        let released = self.inner.release(id, owner, now).await?;
+        let released = self.inner.release(id, owner, now).await;
+        if !matches!(released, Ok(true)) {
+            self.owners().remove(&(id.0, owner.to_owned()));
+        }
+        let released = released?;
         if released {
-            self.change(id, JobStatus::Pending, None, true);
+            self.change(id, owner, JobStatus::Pending, None, true);
         }
         Ok(released)
     }
@@ -251,8 +271,11 @@ impl JobRepository for Announcing {
         total: Option<u64>,
     ) -> Result<Option<bool>, RepoError> {
         let answer = self.inner.report_progress(id, owner, done, total).await?;
+        if answer.is_none() {
+            self.owners().remove(&(id.0, owner.to_owned()));
+        }
         if answer.is_some() {
-            self.change(id, JobStatus::Processing, Some((done, total)), false);
+            self.change(id, owner, JobStatus::Processing, Some((done, total)), false);
         }
         Ok(answer)
     }

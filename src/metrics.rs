@@ -174,8 +174,8 @@ impl Metrics {
             Settlement::RetryScheduled { .. } => {
                 self.retried.inc();
             }
-            Settlement::Failed { last_error } => {
-                self.failed.get_or_create(&Reason { reason: failure_reason(last_error) }).inc();
+            Settlement::Failed { cause, .. } => {
+                self.failed.get_or_create(&Reason { reason: cause.label() }).inc();
             }
             Settlement::Cancelled => {
                 self.cancelled.inc();
@@ -202,30 +202,6 @@ pub struct InFlight(Arc<Metrics>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.dec();
-    }
-}
-
-/// A bounded label for why a job failed, from its last error.
-pub fn failure_reason(error: &str) -> &'static str {
-    let has = |needle: &str| error.contains(needle);
-    if has("checksum mismatch") || has("size mismatch") {
-        "verification"
-    } else if has("too large") {
-        "too_large"
-    } else if has("origin answered HTTP") {
-        "origin_status"
-    } else if has("refused") || has("not allowed") || has("redirect") {
-        "destination"
-    } else if has("already exists") {
-        "exists"
-    } else if has("bucket") {
-        "store"
-    } else if has("timed out") || has("did not finish within") || has("slower than") {
-        "timeout"
-    } else if has("interrupted") || has("cannot connect") || has("request failed") {
-        "network"
-    } else {
-        "other"
     }
 }
 
@@ -270,7 +246,7 @@ pub async fn sample(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::StoredObject;
+    use crate::lifecycle::{Cause, StoredObject};
 
     #[test]
     fn outcomes_and_requests_are_rendered_under_their_names() {
@@ -280,7 +256,7 @@ mod tests {
             StoredObject { etag: "e".into(), size: 2048, sha256: None, md5: None, content_type: None, version: None };
         metrics.outcome(&Settlement::Completed(stored), Duration::from_millis(30));
         metrics
-            .outcome(&Settlement::Failed { last_error: "origin answered HTTP 404 Not Found".into() }, Duration::ZERO);
+            .outcome(&Settlement::Failed { last_error: "HTTP 404".into(), cause: Cause::OriginStatus }, Duration::ZERO);
         metrics.request("POST", "/api/v1/upload", 202, Duration::from_micros(300));
         let flying = metrics.transfer();
         let text = metrics.render();
@@ -298,14 +274,5 @@ mod tests {
         }
         drop(flying);
         assert!(metrics.render().lines().any(|l| l == "fileflow_transfers_in_flight 0"));
-    }
-
-    #[test]
-    fn failure_reasons_are_few() {
-        assert_eq!(failure_reason("checksum mismatch: expected sha256 …"), "verification");
-        assert_eq!(failure_reason("file too large: origin declares 9 bytes"), "too_large");
-        assert_eq!(failure_reason("origin answered HTTP 503 Service Unavailable"), "origin_status");
-        assert_eq!(failure_reason("origin body interrupted: received 1 of 2 declared bytes"), "network");
-        assert_eq!(failure_reason("something new"), "other");
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use fileflow::domain::{BucketName, ObjectKey, SourceUrl};
-use fileflow::lifecycle::{Grant, JobId, NewJob, Settlement, StoredObject};
+use fileflow::lifecycle::{Cause, Grant, JobId, NewJob, Settlement, StoredObject};
 use fileflow::metadata::{Claim, JobRepository, Lease, PgDb, PgRepository, SqliteDb, SqliteRepository};
 use fileflow::queue::kafka::{KafkaBacklog, KafkaQueue, KafkaSettings, ensure_topics};
 use fileflow::queue::{Backlog, Delivery, EmbeddedQueue, Queue};
@@ -276,7 +276,7 @@ async fn embedded_final_outcomes_remove_their_messages() {
     };
     let outcomes = [
         Settlement::Completed(stored),
-        Settlement::Failed { last_error: "HTTP 404".into() },
+        Settlement::Failed { last_error: "HTTP 404".into(), cause: Cause::OriginStatus },
         Settlement::RetryScheduled { retry_count: 1, last_error: "HTTP 503".into(), due_at: Utc::now() },
     ];
     let mut ids = Vec::new();

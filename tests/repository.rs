@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use fileflow::auth::{IssuedKey, KeyLimits, KeyStore, NewKey, Role, Scope};
 use fileflow::domain::{BucketName, ObjectKey, SealedHeaders, SourceUrl};
-use fileflow::lifecycle::{Grant, JobStatus, NewJob, Settlement, StoredObject};
+use fileflow::lifecycle::{Cause, Grant, JobStatus, NewJob, Settlement, StoredObject};
 use fileflow::metadata::{
     Claim, Created, IdempotencyKey, JobRepository, Lease, ListFilter, PgDb, PgRepository, Requeue, SqliteDb,
     SqliteRepository, Sweep,
@@ -310,7 +310,11 @@ async fn retries_releases_and_requeues(repo: Arc<dyn JobRepository>) {
 
     assert_eq!(repo.requeue_failed(job.id, t).await.unwrap(), Requeue::NotFailed(JobStatus::Pending));
     repo.claim(job.id, &lease("w")).await.unwrap();
-    assert!(repo.settle(job.id, "w", &Settlement::Failed { last_error: "HTTP 404".into() }, t).await.unwrap());
+    assert!(
+        repo.settle(job.id, "w", &Settlement::Failed { last_error: "HTTP 404".into(), cause: Cause::OriginStatus }, t)
+            .await
+            .unwrap()
+    );
     match repo.requeue_failed(job.id, t).await.unwrap() {
         Requeue::Requeued(job) => assert_eq!((job.status, job.retry_count), (JobStatus::Pending, 0)),
         other => panic!("expected a requeue, got {other:?}"),
@@ -629,4 +633,37 @@ async fn sqlite_sweep_gives_an_unfinished_job_its_queue_row_back() {
     let queued: Vec<i64> =
         sqlx::query_scalar("SELECT job_id FROM queue ORDER BY job_id").fetch_all(&db.reads).await.unwrap();
     assert_eq!(queued, [job.id.0, other.id.0]);
+}
+
+/// The announcing wrapper (SQLite's `serve`) remembers the owners of the jobs it holds, and
+/// forgets each one whatever ends its hold: an outcome, a release, or a lost lease.
+#[tokio::test]
+async fn announcing_forgets_jobs_whose_lease_was_lost() {
+    let (inner, _dir) = sqlite().await;
+    let repo = fileflow::events::Announcing::new(inner, Default::default());
+    let t = now();
+    let mut ids = Vec::new();
+    for key in ["a", "b", "c", "d"] {
+        ids.push(repo.create(&new_job(key), t).await.unwrap().id);
+    }
+    let asked: Vec<_> = ids.iter().map(|id| (*id, short_lease("w", 50))).collect();
+    let claims = repo.claim_many(&asked).await.unwrap();
+    assert!(claims.iter().all(|c| matches!(c, Claim::Claimed(_))), "{claims:?}");
+    assert_eq!(repo.remembered(), 4);
+    assert!(repo.settle(ids[0], "w", &Settlement::Completed(stored()), t).await.unwrap());
+    assert!(repo.release(ids[1], "w", t).await.unwrap());
+    assert_eq!(repo.remembered(), 2);
+    // The other two lose their leases to a second worker; the first finds out by renewing
+    // one and by reporting progress on the other.
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let taken: Vec<_> = ids[2..].iter().map(|id| (*id, lease("v"))).collect();
+    repo.claim_many(&taken).await.unwrap();
+    assert!(!repo.renew(ids[2], &short_lease("w", 50)).await.unwrap());
+    assert_eq!(repo.report_progress(ids[3], "w", 1, Some(5)).await.unwrap(), None);
+    // The second worker's claims are remembered; the lost ones were not kept twice.
+    assert_eq!(repo.remembered(), 2);
+    assert!(repo.settle(ids[2], "v", &Settlement::Cancelled, t).await.unwrap());
+    assert!(!repo.settle(ids[3], "w", &Settlement::Cancelled, t).await.unwrap());
+    assert!(repo.settle(ids[3], "v", &Settlement::Cancelled, t).await.unwrap());
+    assert_eq!(repo.remembered(), 0);
 }

@@ -13,7 +13,7 @@ use reqwest::{StatusCode, redirect};
 use url::Url;
 
 use super::{DestinationGuard, Fetched, Fetcher, RangeFrom, Refused};
-use crate::lifecycle::JobError;
+use crate::lifecycle::{Cause, JobError};
 
 /// Limits on talking to origins.
 #[derive(Debug, Clone)]
@@ -82,7 +82,7 @@ impl HttpFetcher {
     /// Check `url` before a request to it: always its scheme, credentials and host; and
     /// through a proxy (which resolves names itself) every address its name resolves to.
     async fn check_destination(&self, url: &Url) -> Result<(), JobError> {
-        let refused = |r: Refused| JobError::permanent(r.to_string());
+        let refused = |r: Refused| JobError::permanent(r.to_string()).because(Cause::Destination);
         self.guard.check_url(url).map_err(refused)?;
         if let (Some(lookup), Some(url::Host::Domain(name))) = (&self.proxied_lookup, url.host()) {
             let ips =
@@ -172,20 +172,20 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
 /// Classify a failed request or body read.
 fn classify(err: reqwest::Error) -> JobError {
     if let Some(refused) = find_cause::<Refused>(&err) {
-        return JobError::permanent(refused.to_string());
+        return JobError::permanent(refused.to_string()).because(Cause::Destination);
     }
-    let what = if err.is_timeout() {
-        "origin timed out"
+    let (what, cause) = if err.is_timeout() {
+        ("origin timed out", Cause::Timeout)
     } else if err.is_connect() {
-        "cannot connect to origin"
+        ("cannot connect to origin", Cause::Network)
     } else if err.is_body() || err.is_decode() {
-        "origin body interrupted"
+        ("origin body interrupted", Cause::Network)
     } else {
-        "origin request failed"
+        ("origin request failed", Cause::Network)
     };
     // Strip the URL: it may carry tokens in its query string.
     let err = err.without_url();
-    JobError::transient(format!("{what}: {}", describe(&err)))
+    JobError::transient(format!("{what}: {}", describe(&err))).because(cause)
 }
 
 /// What names this version of the file for `If-Range` (RFC 9110 §13.1.5): a strong entity
@@ -219,9 +219,9 @@ fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> Job
     let transient =
         status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS;
     if transient {
-        JobError::transient(message).with_retry_after(retry_after(headers))
+        JobError::transient(message).with_retry_after(retry_after(headers)).because(Cause::OriginStatus)
     } else {
-        JobError::permanent(message)
+        JobError::permanent(message).because(Cause::OriginStatus)
     }
 }
 
@@ -258,11 +258,13 @@ impl Fetcher for HttpFetcher {
             let Some(next) = target.and_then(|t| hop.join(t).ok()) else {
                 return Err(JobError::permanent(format!(
                     "origin answered HTTP {status} without a redirect that can be followed"
-                )));
+                ))
+                .because(Cause::OriginStatus));
             };
             redirects += 1;
             if redirects > self.max_redirects {
-                return Err(JobError::permanent(format!("origin redirected more than {} times", self.max_redirects)));
+                return Err(JobError::permanent(format!("origin redirected more than {} times", self.max_redirects))
+                    .because(Cause::Destination));
             }
             hop = next;
         };
@@ -286,7 +288,8 @@ impl Fetcher for HttpFetcher {
                 }
             },
             (StatusCode::PARTIAL_CONTENT, None) => {
-                return Err(JobError::transient("origin answered 206 to a request for the whole file"));
+                return Err(JobError::transient("origin answered 206 to a request for the whole file")
+                    .because(Cause::OriginStatus));
             }
             _ => (0, response.content_length()),
         };

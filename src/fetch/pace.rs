@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use tokio::time::Sleep;
 
-use crate::lifecycle::JobError;
+use crate::lifecycle::{Cause, JobError};
 use crate::storage::ByteStream;
 
 /// The slowest transfer tolerated: at least `bytes_per_second` on average over every
@@ -63,7 +63,7 @@ pub fn at_least(body: ByteStream, rate: MinRate) -> ByteStream {
                             state.seen,
                             humantime::format_duration(rate.window),
                             rate.bytes_per_second
-                        ));
+                        )).because(Cause::Timeout);
                         return Some((Err(error), state));
                     }
                     state.seen = 0;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{Decision, JobError, RetryPolicy};
+use super::{Cause, Decision, JobError, RetryPolicy};
 use crate::domain::{BucketName, Md5Hex, ObjectKey, SealedHeaders, Sha256Hex, SourceUrl};
 
 /// A job's identifier: the `files` row id, shown as a string as in the seed (`"21"`).
@@ -234,6 +234,8 @@ pub enum Settlement {
     },
     Failed {
         last_error: String,
+        /// What part of the work failed.
+        cause: Cause,
     },
     /// The attempt stopped because a caller cancelled the job.
     Cancelled,
@@ -277,7 +279,7 @@ pub fn settle(
                 last_error: error.message,
                 due_at: now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX),
             },
-            Decision::GiveUp => Settlement::Failed { last_error: error.message },
+            Decision::GiveUp => Settlement::Failed { last_error: error.message, cause: error.cause },
         },
     }
 }
@@ -351,12 +353,12 @@ mod tests {
         let now = Utc::now();
         let policy = RetryPolicy::default();
         assert_eq!(
-            settle(3, Err(JobError::transient("HTTP 503")), &policy, now, 0.0),
-            Settlement::Failed { last_error: "HTTP 503".into() }
+            settle(3, Err(JobError::transient("HTTP 503").because(Cause::OriginStatus)), &policy, now, 0.0),
+            Settlement::Failed { last_error: "HTTP 503".into(), cause: Cause::OriginStatus }
         );
         assert_eq!(
             settle(0, Err(JobError::permanent("HTTP 404")), &policy, now, 0.0),
-            Settlement::Failed { last_error: "HTTP 404".into() }
+            Settlement::Failed { last_error: "HTTP 404".into(), cause: Cause::Other }
         );
         assert_eq!(settle(0, Err(JobError::cancelled()), &policy, now, 0.0), Settlement::Cancelled);
     }

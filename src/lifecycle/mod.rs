@@ -7,6 +7,6 @@ mod error;
 mod job;
 mod retry;
 
-pub use error::{ErrorKind, JobError};
+pub use error::{Cause, ErrorKind, JobError};
 pub use job::{Grant, IfExists, Job, JobId, JobStatus, NewJob, Settlement, StoredObject, lease_renew_interval, settle};
 pub use retry::{Decision, RetryPolicy};

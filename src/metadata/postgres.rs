@@ -488,7 +488,7 @@ impl JobRepository for PgRepository {
             .bind(last_error)
             .bind(*due_at)
             .bind(now),
-            Settlement::Failed { last_error } => sqlx::query(
+            Settlement::Failed { last_error, .. } => sqlx::query(
                 "UPDATE files SET status = 'failed', last_error = $3, lease_owner = NULL, lease_expires_at = NULL, \
                  next_attempt_at = NULL, updated_at = $4 \
                  WHERE id = $1 AND status = 'processing' AND lease_owner = $2",

@@ -641,7 +641,7 @@ impl JobRepository for SqliteRepository {
                     })
                     .await?
             }
-            Settlement::Failed { last_error } => {
+            Settlement::Failed { last_error, .. } => {
                 let last_error = last_error.clone();
                 self.db
                     .write(move |c| {

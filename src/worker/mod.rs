@@ -24,7 +24,7 @@ use url::Url;
 use crate::domain::{BucketName, ObjectKey, RequestHeaders};
 use crate::fetch::{Fetcher, MinRate, at_least};
 use crate::lifecycle::{
-    IfExists, Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle,
+    Cause, IfExists, Job, JobError, JobId, RetryPolicy, Settlement, StoredObject, lease_renew_interval, settle,
 };
 use crate::metadata::{Claim, JobRepository, Lease, RepoError};
 use crate::metrics::Metrics;
@@ -52,13 +52,14 @@ impl Fence for AbsentFence<'_> {
         match self.store.head(self.bucket, self.key).await {
             Ok(None) => Ok(()),
             Ok(Some(_)) => Err(object_exists(self.bucket, self.key)),
-            Err(e) => Err(JobError::transient(format!("cannot tell whether {}/{} exists: {e}", self.bucket, self.key))),
+            Err(e) => Err(JobError::transient(format!("cannot tell whether {}/{} exists: {e}", self.bucket, self.key))
+                .because(Cause::Store)),
         }
     }
 }
 
 fn object_exists(bucket: &BucketName, key: &ObjectKey) -> JobError {
-    JobError::permanent(format!("{bucket}/{key} already exists (if_exists: fail)"))
+    JobError::permanent(format!("{bucket}/{key} already exists (if_exists: fail)")).because(Cause::Exists)
 }
 
 /// How often a transfer under way records its progress and asks whether its job was cancelled.
@@ -334,7 +335,8 @@ impl Worker {
                 Err(JobError::transient(format!(
                     "transfer did not finish within {}",
                     humantime::format_duration(self.settings.transfer_timeout)
-                )))
+                ))
+                .because(Cause::Timeout))
             });
             if let Err(JobError { retry_after: Some(pause), .. }) = &outcome {
                 // The origin asked for a pause: its host's other jobs wait for it too.
@@ -393,7 +395,7 @@ impl Worker {
         self.metrics.outcome(&settlement, elapsed);
         let transfer = tracing::Span::current();
         transfer.record("outcome", settlement.name());
-        if let Settlement::Failed { last_error } | Settlement::RetryScheduled { last_error, .. } = &settlement {
+        if let Settlement::Failed { last_error, .. } | Settlement::RetryScheduled { last_error, .. } = &settlement {
             transfer.record("otel.status_code", "ERROR");
             transfer.record("otel.status_description", last_error.as_str());
         }
@@ -415,7 +417,7 @@ impl Worker {
                 tracing::info!(job_id = %id, attempt, outcome = "cancelled", elapsed_ms, "job cancelled");
                 WorkOutcome::Cancelled(id)
             }
-            Settlement::Failed { last_error } => {
+            Settlement::Failed { last_error, .. } => {
                 self.queue.finished(delivery, Some(&last_error)).await?;
                 tracing::error!(job_id = %id, attempt, outcome = "failed", error = %last_error,
                     elapsed_ms, "job failed");
@@ -435,11 +437,9 @@ impl Worker {
         if job.if_exists == IfExists::Overwrite {
             return Ok(None);
         }
-        let existing = self
-            .store
-            .head(bucket, key)
-            .await
-            .map_err(|e| JobError::transient(format!("cannot tell whether {bucket}/{key} exists: {e}")))?;
+        let existing = self.store.head(bucket, key).await.map_err(|e| {
+            JobError::transient(format!("cannot tell whether {bucket}/{key} exists: {e}")).because(Cause::Store)
+        })?;
         let Some(existing) = existing else { return Ok(None) };
         match job.if_exists {
             IfExists::Skip => Ok(Some(StoredObject {
@@ -581,7 +581,8 @@ impl Worker {
         {
             return Err(JobError::permanent(format!(
                 "file too large: origin declares {length} bytes, the limit is {max_size}"
-            )));
+            ))
+            .because(Cause::TooLarge));
         }
         // A cancel ends the body with an error, so the store aborts what it has written.
         progress.start(fetched.start, fetched.content_length);
@@ -629,11 +630,12 @@ impl Worker {
                     tracing::info!(job_id = %job.id, error = %e, "the stored part of the file is gone; the next attempt starts over");
                     self.forget_checkpoint(job, true).await;
                 }
-                (put?, verifier)
+                (put.map_err(|e| e.or_because(Cause::Store))?, verifier)
             }
             _ => {
                 let (body, verifier) = verified(body, expect, None);
-                (self.store.put(&bucket, &key, options, body, fence).await?, verifier)
+                let put = self.store.put(&bucket, &key, options, body, fence).await;
+                (put.map_err(|e| e.or_because(Cause::Store))?, verifier)
             }
         };
         let digests = verifier.digests().ok_or_else(|| JobError::transient("store finished before the body ended"))?;

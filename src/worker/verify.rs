@@ -10,7 +10,7 @@ use md5::Md5;
 use sha2::digest::common::hazmat::SerializableState as _;
 use sha2::{Digest, Sha256};
 
-use crate::lifecycle::JobError;
+use crate::lifecycle::{Cause, JobError};
 use crate::storage::ByteStream;
 
 /// What the stream promises to deliver.
@@ -89,7 +89,8 @@ impl State {
             return Err(JobError::transient(format!(
                 "origin body interrupted: received {} of {declared} declared bytes",
                 h.size
-            )));
+            ))
+            .because(Cause::Network));
         }
         if let Some(expected) = self.expect.size
             && h.size != expected
@@ -97,7 +98,8 @@ impl State {
             return Err(JobError::permanent(format!(
                 "size mismatch: expected {expected} bytes, content has {}",
                 h.size
-            )));
+            ))
+            .because(Cause::Verification));
         }
         let sha256 = hex::encode(h.sha256.finalize_reset());
         let md5 = hex::encode(h.md5.finalize_reset());
@@ -107,7 +109,8 @@ impl State {
             {
                 return Err(JobError::permanent(format!(
                     "checksum mismatch: expected {name} {expected}, content has {actual}"
-                )));
+                ))
+                .because(Cause::Verification));
             }
         }
         h.digests = Some(Digests { size: h.size, sha256, md5 });
@@ -138,7 +141,8 @@ pub fn verified(body: ByteStream, expect: Expectations, from: Option<&HashState>
                     Err(JobError::permanent(format!(
                         "file too large: more than the limit of {} bytes",
                         st.expect.max_size
-                    )))
+                    ))
+                    .because(Cause::TooLarge))
                 } else {
                     h.sha256.update(&chunk);
                     h.md5.update(&chunk);

@@ -3,7 +3,9 @@
 
 use fileflow::auth::KeyLimits;
 
-use crate::helpers::{Origin, TestApp, spawn_app};
+use serde_json::json;
+
+use crate::helpers::{Origin, TestApp, spawn_app, spawn_app_with};
 
 async fn scrape(app: &TestApp, key: Option<&str>) -> (u16, String) {
     let mut request = app.client.get(app.url("/metrics"));
@@ -61,5 +63,40 @@ async fn metrics_count_what_jobs_and_requests_did() {
     assert_eq!(scrape(&app, None).await.0, 401);
     assert_eq!(scrape(&app, Some(&submitter)).await.0, 403);
     assert_eq!(scrape(&app, Some(&admin)).await.0, 200);
+    app.stop().await;
+}
+
+/// Failed jobs are counted by what failed, as the worker classified it where it happened.
+#[tokio::test]
+async fn failed_jobs_are_counted_by_what_failed() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| {
+        s.max_file_size = bytesize::ByteSize::b(10_000);
+        s.max_retries = 1;
+    })
+    .await;
+    let existing = app.submit(&origin.url("/file/100"), &app.bucket, "there.bin").await;
+    assert_eq!(app.finished(&existing).await["status"], "completed");
+    let failing = [
+        json!({ "file_url": origin.url("/status/404"), "object_name": "gone.bin" }),
+        json!({ "file_url": origin.url("/status/503"), "object_name": "down.bin" }),
+        json!({ "file_url": origin.url("/file/20000"), "object_name": "big.bin" }),
+        json!({ "file_url": origin.url("/file/100"), "object_name": "sum.bin", "sha256": "0".repeat(64) }),
+        json!({ "file_url": origin.url("/reset/4000"), "object_name": "cut.bin" }),
+        json!({ "file_url": origin.url("/file/100"), "object_name": "there.bin", "if_exists": "fail" }),
+    ];
+    for mut body in failing {
+        body["bucket_name"] = json!(app.bucket);
+        let id = app.submit_body(&body).await;
+        assert_eq!(app.finished(&id).await["status"], "failed", "{body}");
+    }
+    let (_, text) = scrape(&app, None).await;
+    for (reason, expected) in
+        [("origin_status", 2.0), ("too_large", 1.0), ("verification", 1.0), ("network", 1.0), ("exists", 1.0)]
+    {
+        let name = format!("fileflow_jobs_failed_total{{reason=\"{reason}\"}}");
+        assert_eq!(sample(&text, &name), Some(expected), "{name} in\n{text}");
+    }
+    assert_eq!(sample(&text, "fileflow_jobs_failed_total{reason=\"other\"}"), None, "{text}");
     app.stop().await;
 }
