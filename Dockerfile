@@ -9,7 +9,7 @@ COPY tests ./tests
 RUN cargo build --release --locked --bin fileflow
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 && rm -rf /var/lib/apt/lists/* \
     && useradd --system --home /var/lib/fileflow --create-home fileflow
 COPY --from=build /src/target/release/fileflow /usr/local/bin/fileflow
 USER fileflow

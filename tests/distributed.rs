@@ -356,3 +356,131 @@ async fn a_requests_trace_reaches_the_worker_through_the_kafka_message() {
     assert_eq!(transfer.attribute("job_id"), Some(id.as_str()));
     assert_eq!(transfer.attribute("outcome"), Some("completed"));
 }
+
+/// A Kafka reached over TLS (a broker behind a TLS endpoint it advertises): the client
+/// settings given as `FILEFLOW_KAFKA_OPTION_*` reach every Kafka client of the API and the
+/// worker, and jobs run. Without the certificate authority the API cannot publish: its
+/// jobs wait in the outbox.
+#[tokio::test]
+async fn a_kafka_behind_tls_is_reached_through_the_client_settings() {
+    let Some(stack) = stack().await else { return };
+    let (Some(brokers), Some(ca)) =
+        (services::service("FILEFLOW_TEST_KAFKA_TLS"), services::service("FILEFLOW_TEST_KAFKA_TLS_CA"))
+    else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = [
+        ("FILEFLOW_KAFKA_BROKERS", brokers.as_str()),
+        ("FILEFLOW_KAFKA_OPTION_SECURITY_PROTOCOL", "SSL"),
+        ("FILEFLOW_KAFKA_OPTION_SSL_CA_LOCATION", ca.as_str()),
+    ];
+    let env = stack.with(&tls);
+    let api = start_role("api", dir.path(), &env).await;
+    let _worker = start_role("worker", dir.path(), &env).await;
+    for i in 0..3u64 {
+        api.submit_to(&origin.url(&format!("/file/{}?seed={i}", 1000 + i)), &stack.bucket, &format!("tls/{i}")).await;
+    }
+    api.wait_all_completed(3, Duration::from_secs(60)).await;
+    drop(api);
+
+    // The system's roots do not know the broker's certificate.
+    let untrusted = stack.with(&tls[..2]);
+    let api = start_role("api", dir.path(), &untrusted).await;
+    let id = api.submit_to(&origin.url("/file/100"), &stack.bucket, "tls/untrusted").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pool = sqlx::PgPool::connect(&stack.database_url).await.unwrap();
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&pool).await.unwrap();
+    assert_eq!(waiting, 1, "a job was published to a broker whose certificate is not trusted");
+    assert_eq!(api.job(&id).await["status"], "pending");
+}
+
+/// SASL settings reach the client: a stand-in broker records what fileflow's Kafka client
+/// asks after ApiVersions: the SASL handshake, naming the mechanism asked for. The password
+/// is in no log line.
+#[tokio::test]
+async fn sasl_settings_reach_the_kafka_client_and_the_password_is_not_logged() {
+    let Some(stack) = stack().await else { return };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker = listener.local_addr().unwrap().to_string();
+    // It answers ApiVersions (saying it speaks SASL) and keeps the next request.
+    let first_request = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut socket, _) = listener.accept().await.unwrap();
+        loop {
+            let length = socket.read_u32().await.unwrap();
+            let mut frame = vec![0; length as usize];
+            socket.read_exact(&mut frame).await.unwrap();
+            if i16::from_be_bytes([frame[0], frame[1]]) != 18 {
+                return frame;
+            }
+            // ApiVersions v3: error 0, [ApiVersions 0-3, SaslHandshake 0-1, SaslAuthenticate 0-2].
+            let mut answer = frame[4..8].to_vec();
+            answer.extend(0i16.to_be_bytes());
+            answer.push(4);
+            for (key, min, max) in [(18i16, 0i16, 3i16), (17, 0, 1), (36, 0, 2)] {
+                answer.extend(key.to_be_bytes());
+                answer.extend(min.to_be_bytes());
+                answer.extend(max.to_be_bytes());
+                answer.push(0);
+            }
+            answer.extend(0i32.to_be_bytes());
+            answer.push(0);
+            socket.write_u32(answer.len() as u32).await.unwrap();
+            socket.write_all(&answer).await.unwrap();
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let password = "correct-horse-battery-staple";
+    let env =
+        stack.with(&[("FILEFLOW_KAFKA_BROKERS", broker.as_str()), ("FILEFLOW_KAFKA_OPTION_SASL_PASSWORD", password)]);
+    let api = tokio::process::Command::new(env!("CARGO_BIN_EXE_fileflow"))
+        .args(["api", "--kafka-option", "security.protocol=SASL_PLAINTEXT", "--kafka-option", "sasl.mechanism=PLAIN"])
+        .args(["--kafka-option", "sasl.username=fileflow"])
+        .env("FILEFLOW_LISTEN", "127.0.0.1:0")
+        .env("FILEFLOW_DATA_DIR", dir.path())
+        .env("FILEFLOW_LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .envs(env)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let frame =
+        tokio::time::timeout(Duration::from_secs(20), first_request).await.expect("the client connects").unwrap();
+    let api_key = i16::from_be_bytes([frame[0], frame[1]]);
+    assert_eq!(api_key, 17, "the request after ApiVersions is SaslHandshake");
+    assert!(frame.windows(5).any(|w| w == b"PLAIN"), "it names the mechanism: {frame:?}");
+    let mut api = api;
+    api.start_kill().unwrap();
+    let output = api.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!log.is_empty());
+    assert!(!log.contains(password), "the password was logged");
+}
+
+/// A setting librdkafka does not know, or one that is fileflow's own, stops the start
+/// with a message naming it.
+#[tokio::test]
+async fn a_bad_kafka_option_is_a_clear_start_up_error() {
+    let Some(stack) = stack().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for (option, says) in [
+        ("no.such.setting=1", "no.such.setting"),
+        ("security.protocol=carrier-pigeon", "security.protocol"),
+        ("group.id=mine", "group.id"),
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fileflow"))
+            .args(["api", "--kafka-option", option])
+            .env("FILEFLOW_LISTEN", "127.0.0.1:0")
+            .env("FILEFLOW_DATA_DIR", dir.path())
+            .envs(stack.with(&[]))
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(30), output).await.expect("it stops").unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{option}: started anyway");
+        assert!(stderr.contains(says), "{option}: {stderr}");
+    }
+}

@@ -84,6 +84,7 @@ async fn kafka_with_settings() -> Option<(Backend, KafkaSettings)> {
         partitions: 2,
         replication_factor: 0,
         max_poll_interval: Duration::from_secs(60),
+        options: Vec::new(),
     };
     ensure_topics(&settings).await.unwrap();
     let queue: Arc<dyn Queue> = KafkaQueue::start(&settings, 4).unwrap();

@@ -49,6 +49,7 @@ impl S3 {
     pub fn store(&self) -> S3Store {
         S3Store::new(S3Settings {
             endpoint: Some(self.endpoint.parse().expect("FILEFLOW_TEST_S3_ENDPOINT is a URL")),
+            public_endpoint: None,
             region: self.region.clone(),
             access_key_id: self.access_key.clone(),
             secret_access_key: self.secret_key.clone(),

@@ -37,6 +37,9 @@ const MAX_PARTS: u64 = 10_000;
 pub struct S3Settings {
     /// Path-style addressing is used when an endpoint is given (MinIO, Garage).
     pub endpoint: Option<Url>,
+    /// The endpoint download links name, when users reach the store at another address
+    /// than fileflow does (path-style too).
+    pub public_endpoint: Option<Url>,
     pub region: String,
     pub access_key_id: String,
     pub secret_access_key: String,
@@ -49,6 +52,8 @@ pub struct S3Settings {
 pub struct S3Store {
     settings: S3Settings,
     buckets: Mutex<HashMap<String, Arc<AmazonS3>>>,
+    /// Clients for the public endpoint, by bucket: they only sign links.
+    signers: Mutex<HashMap<String, Arc<AmazonS3>>>,
     /// Buckets seen to exist (only tracked when creating buckets).
     existing: Mutex<HashSet<String>>,
     http: reqwest::Client,
@@ -57,7 +62,7 @@ pub struct S3Store {
 impl S3Store {
     pub fn new(settings: S3Settings) -> Self {
         let http = reqwest::Client::builder().no_proxy().build().expect("a plain client builds");
-        Self { settings, buckets: Mutex::default(), existing: Mutex::default(), http }
+        Self { settings, buckets: Mutex::default(), signers: Mutex::default(), existing: Mutex::default(), http }
     }
 
     fn part_size(&self) -> usize {
@@ -66,7 +71,24 @@ impl S3Store {
     }
 
     fn bucket(&self, bucket: &str) -> Result<Arc<AmazonS3>, JobError> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        self.client(&self.buckets, bucket, self.settings.endpoint.as_ref())
+    }
+
+    /// The client that signs download links: the public endpoint's, if there is one.
+    fn signer(&self, bucket: &str) -> Result<Arc<AmazonS3>, JobError> {
+        match &self.settings.public_endpoint {
+            Some(public) => self.client(&self.signers, bucket, Some(public)),
+            None => self.bucket(bucket),
+        }
+    }
+
+    fn client(
+        &self,
+        cache: &Mutex<HashMap<String, Arc<AmazonS3>>>,
+        bucket: &str,
+        endpoint: Option<&Url>,
+    ) -> Result<Arc<AmazonS3>, JobError> {
+        let mut buckets = cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(store) = buckets.get(bucket) {
             return Ok(store.clone());
         }
@@ -77,7 +99,7 @@ impl S3Store {
             .with_secret_access_key(&self.settings.secret_access_key)
             // The store verifies every PUT and part against its SHA-256 (x-amz-checksum-sha256).
             .with_checksum_algorithm(Checksum::SHA256);
-        if let Some(endpoint) = &self.settings.endpoint {
+        if let Some(endpoint) = endpoint {
             builder = builder
                 .with_endpoint(endpoint.as_str().trim_end_matches('/'))
                 .with_virtual_hosted_style_request(false)
@@ -444,7 +466,7 @@ impl ObjectStore for S3Store {
 #[async_trait]
 impl DownloadLinks for S3Store {
     async fn link(&self, job: &Job, expires_at: DateTime<Utc>) -> anyhow::Result<Url> {
-        let store = self.bucket(&job.bucket_name).map_err(|e| anyhow::anyhow!(e.message))?;
+        let store = self.signer(&job.bucket_name).map_err(|e| anyhow::anyhow!(e.message))?;
         let key = ObjectKey::parse(&job.object_name)?;
         // Whole seconds, rounded up: a link asked for 600 s says X-Amz-Expires=600.
         let millis = (expires_at - Utc::now()).num_milliseconds().max(0) as u64;

@@ -181,3 +181,71 @@ async fn a_link_serves_only_the_version_it_was_made_for() {
     assert!(fresh.bytes().await.unwrap() == content(2, 5000));
     app.stop().await;
 }
+
+/// Links name the address users reach the store at (`--s3-public-endpoint`, or
+/// `--public-url` for fileflow's own links), not the one fileflow talks to; here a
+/// forwarder stands in for that public address, under another host name.
+#[tokio::test]
+async fn links_name_the_public_address_and_open_there() {
+    let forwarder = Forwarder::start().await;
+    let public = format!("http://localhost:{}", forwarder.port);
+    let origin = Origin::start().await;
+    let app = crate::helpers::spawn_app_with(|s| match s.storage {
+        fileflow::config::StorageKind::S3 => s.s3_public_endpoint = Some(public.parse().unwrap()),
+        _ => s.public_url = Some(public.parse().unwrap()),
+    })
+    .await;
+    let store = match app.settings.storage {
+        fileflow::config::StorageKind::S3 => app.settings.s3_endpoint.clone().unwrap(),
+        _ => url::Url::parse(&app.base).unwrap(),
+    };
+    forwarder.to(format!("{}:{}", store.host_str().unwrap(), store.port_or_known_default().unwrap()));
+    let id = app.submit(&origin.url("/file/30000?seed=4"), &app.bucket, "public.bin").await;
+    assert_eq!(app.finished(&id).await["status"], "completed");
+    let (status, link) = app.get(&format!("/api/v1/uploads/{id}/url")).await;
+    assert_eq!(status, 200, "{link}");
+    let url = url::Url::parse(link["url"].as_str().unwrap()).unwrap();
+    assert_eq!((url.host_str(), url.port()), (Some("localhost"), Some(forwarder.port)), "{url}");
+    let response = app.client.get(url.clone()).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{url}");
+    assert!(response.bytes().await.unwrap() == content(4, 30_000));
+    assert!(forwarder.connections() >= 1, "the link was not opened through the public address");
+    app.stop().await;
+}
+
+/// A TCP forwarder: what connects to its port is joined to the target set later.
+struct Forwarder {
+    port: u16,
+    target: std::sync::Arc<std::sync::OnceLock<String>>,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Forwarder {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (to, count) = (target.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let to = to.get().cloned().expect("a target before the first connection");
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { port, target, connections }
+    }
+
+    fn to(&self, target: String) {
+        self.target.set(target).unwrap();
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -5,6 +5,7 @@
 
 mod message;
 mod offsets;
+mod options;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ use message::{
     TRACEPARENT_HEADER, due_at_from_header,
 };
 use offsets::PartitionOffsets;
+pub use options::{ENV_PREFIX as OPTION_ENV_PREFIX, KafkaOption, gather as gather_options};
 
 /// How the Kafka queue connects and names things.
 #[derive(Debug, Clone)]
@@ -47,6 +49,8 @@ pub struct KafkaSettings {
     /// Longest a worker may hold a message (a whole transfer) before the group gives its
     /// partitions to another member.
     pub max_poll_interval: Duration,
+    /// librdkafka settings for every client (TLS, SASL, …), applied in order.
+    pub options: Vec<KafkaOption>,
 }
 
 impl KafkaSettings {
@@ -61,8 +65,16 @@ impl KafkaSettings {
     fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers).set("client.id", "fileflow");
+        for option in &self.options {
+            config.set(&option.key, &option.value);
+        }
         config
     }
+}
+
+/// A client that cannot be made: librdkafka refused a setting (its message names it).
+fn client_error(e: rdkafka::error::KafkaError) -> QueueError {
+    QueueError::Backend(format!("cannot create a Kafka client (check --kafka-option / {OPTION_ENV_PREFIX}*): {e}"))
 }
 
 fn backend(e: impl std::fmt::Display) -> QueueError {
@@ -90,7 +102,8 @@ async fn replication_factor(
 
 /// Create the three topics when missing, replicated as [`KafkaSettings::replication_factor`] says.
 pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), QueueError> {
-    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(settings.client_config().create().map_err(backend)?);
+    let admin: Arc<AdminClient<DefaultClientContext>> =
+        Arc::new(settings.client_config().create().map_err(client_error)?);
     let (main, retry, dlq) = (settings.topic.clone(), settings.retry_topic(), settings.dlq_topic());
     let replicas = replication_factor(settings, &admin).await?;
     let topics = [
@@ -123,7 +136,7 @@ impl KafkaBacklog {
             .set("group.id", &settings.group)
             .set("enable.auto.commit", "false")
             .create()
-            .map_err(backend)?;
+            .map_err(client_error)?;
         Ok(Self { consumer: Arc::new(consumer), topic: settings.topic.clone() })
     }
 
@@ -172,8 +185,12 @@ pub struct KafkaPublisher {
 
 impl KafkaPublisher {
     pub fn new(settings: &KafkaSettings) -> Result<Self, QueueError> {
-        let producer =
-            settings.client_config().set("acks", "all").set("message.timeout.ms", "30000").create().map_err(backend)?;
+        let producer = settings
+            .client_config()
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .map_err(client_error)?;
         Ok(Self { producer, settings: settings.clone() })
     }
 
@@ -309,7 +326,7 @@ impl KafkaQueue {
             // Notice soon when a topic comes back (a broker that lost its state).
             .set("topic.metadata.refresh.interval.ms", "5000")
             .create_with_context(context)
-            .map_err(backend)?;
+            .map_err(client_error)?;
         consumer.subscribe(&[&settings.topic, &settings.retry_topic()]).map_err(backend)?;
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let inner = Arc::new(Inner { consumer, publisher: KafkaPublisher::new(settings)?, state });
