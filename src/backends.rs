@@ -15,7 +15,7 @@ use crate::links::{DownloadLinks, LinkSigner};
 use crate::metadata::{JobRepository, PgDb, PgRepository, RepoError, SqliteDb, SqliteRepository};
 use crate::queue::kafka::KafkaSettings;
 use crate::secrets::HeaderSealer;
-use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
+use crate::storage::{AzureSettings, AzureStore, GcsSettings, GcsStore, LocalStore, ObjectStore, S3Settings, S3Store};
 use crate::webhooks::WebhookOutbox;
 
 /// The metadata database, migrated.
@@ -170,6 +170,30 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
                 create_buckets: settings.create_buckets,
                 max_file_size: settings.max_file_size.as_u64(),
             }));
+            (store.clone(), store, None)
+        }
+        StorageKind::Azure => {
+            let store = Arc::new(AzureStore::new(AzureSettings {
+                account: settings.azure_account.clone(),
+                access_key: settings.azure_access_key.clone(),
+                endpoint: settings.azure_endpoint.clone(),
+                public_endpoint: settings.azure_public_endpoint.clone(),
+                create_buckets: settings.create_buckets,
+                max_file_size: settings.max_file_size.as_u64(),
+            }));
+            (store.clone(), store, None)
+        }
+        StorageKind::Gcs => {
+            let store = GcsStore::new(GcsSettings {
+                service_account: settings.gcs_service_account.clone(),
+                endpoint: settings.gcs_endpoint.clone(),
+                public_endpoint: settings.gcs_public_endpoint.clone(),
+                project: settings.gcs_project.clone(),
+                create_buckets: settings.create_buckets,
+                max_file_size: settings.max_file_size.as_u64(),
+            })
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+            let store = Arc::new(store);
             (store.clone(), store, None)
         }
     };

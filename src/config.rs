@@ -204,6 +204,10 @@ pub enum StorageKind {
     Fs,
     /// An S3-compatible store.
     S3,
+    /// Azure Blob Storage (a job's bucket is a container).
+    Azure,
+    /// Google Cloud Storage.
+    Gcs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -296,7 +300,43 @@ pub struct Settings {
     #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true, global = true)]
     pub s3_secret_access_key: Option<String>,
 
-    /// Create a missing bucket instead of failing the job (S3).
+    /// Azure storage account (the standard AZURE_STORAGE_ACCOUNT_NAME variable; the other
+    /// `AZURE_*` credential variables of object_store are read too).
+    #[arg(long, env = "AZURE_STORAGE_ACCOUNT_NAME", global = true)]
+    pub azure_account: Option<String>,
+
+    /// Azure account key, base64 (AZURE_STORAGE_ACCOUNT_KEY; prefer it to the flag). Signs
+    /// download links; needed to create containers.
+    #[arg(long, env = "AZURE_STORAGE_ACCOUNT_KEY", hide_env_values = true, global = true)]
+    pub azure_access_key: Option<String>,
+
+    /// The account's blob endpoint (AZURE_STORAGE_ENDPOINT), e.g.
+    /// `http://127.0.0.1:10000/devstoreaccount1` for Azurite. Default: the public cloud's.
+    #[arg(long, env = "AZURE_STORAGE_ENDPOINT", global = true)]
+    pub azure_endpoint: Option<Url>,
+
+    /// The blob endpoint download links name, when users reach the account elsewhere.
+    #[arg(long, env = "FILEFLOW_AZURE_PUBLIC_ENDPOINT", global = true)]
+    pub azure_public_endpoint: Option<Url>,
+
+    /// GCS service account file (GOOGLE_SERVICE_ACCOUNT; the other `GOOGLE_*` variables of
+    /// object_store are read too). Links are signed with its key when it has one.
+    #[arg(long, env = "GOOGLE_SERVICE_ACCOUNT", global = true)]
+    pub gcs_service_account: Option<String>,
+
+    /// GCS base URL, for an emulator (default `https://storage.googleapis.com`).
+    #[arg(long, env = "FILEFLOW_GCS_ENDPOINT", global = true)]
+    pub gcs_endpoint: Option<Url>,
+
+    /// The GCS base URL download links name, when users reach the service elsewhere.
+    #[arg(long, env = "FILEFLOW_GCS_PUBLIC_ENDPOINT", global = true)]
+    pub gcs_public_endpoint: Option<Url>,
+
+    /// The project buckets fileflow creates belong to (GOOGLE_CLOUD_PROJECT).
+    #[arg(long, env = "GOOGLE_CLOUD_PROJECT", global = true)]
+    pub gcs_project: Option<String>,
+
+    /// Create a missing bucket instead of failing the job (S3, Azure, GCS).
     #[arg(long, env = "FILEFLOW_CREATE_BUCKETS", global = true)]
     pub create_buckets: bool,
 

@@ -1,5 +1,8 @@
 //! The object store port: where fetched bytes end up.
 
+mod azure;
+mod cloud;
+mod gcs;
 mod local;
 mod s3;
 
@@ -11,6 +14,9 @@ use futures::stream::BoxStream;
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::JobError;
 
+pub use azure::{AzureSettings, AzureStore};
+pub use cloud::{Cloud, CloudLimits, CloudStore};
+pub use gcs::{GcsSettings, GcsStore};
 pub use local::LocalStore;
 pub use s3::{S3Settings, S3Store};
 

@@ -1,0 +1,155 @@
+//! Azure Blob Storage as a [`Cloud`]: a job's bucket is a container. Credentials come from
+//! object_store's standard `AZURE_*` variables (account key, SAS, client secret, managed
+//! identity, …); an explicit account, key and endpoint (Azurite, a sovereign cloud) win.
+//! Links are SAS URLs signed with the account key; containers are created with a
+//! SharedKey-signed Create Container request, so creating them needs the account key.
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, KeyInit, Mac};
+use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
+use sha2::Sha256;
+use url::Url;
+
+use super::cloud::{Cloud, CloudLimits, CloudStore, by_status};
+use crate::domain::BucketName;
+use crate::lifecycle::JobError;
+
+/// The Blob service version fileflow's own requests (Create Container) speak.
+const API_VERSION: &str = "2021-08-06";
+
+/// How to reach the account.
+#[derive(Debug, Clone, Default)]
+pub struct AzureSettings {
+    /// The storage account (`AZURE_STORAGE_ACCOUNT_NAME`).
+    pub account: Option<String>,
+    /// Its access key (`AZURE_STORAGE_ACCOUNT_KEY`), base64.
+    pub access_key: Option<String>,
+    /// The account's blob endpoint, e.g. `http://127.0.0.1:10000/devstoreaccount1` for
+    /// Azurite (default `https://<account>.blob.core.windows.net`).
+    pub endpoint: Option<Url>,
+    /// The endpoint download links name, when users reach the account elsewhere.
+    pub public_endpoint: Option<Url>,
+    pub create_buckets: bool,
+    pub max_file_size: u64,
+}
+
+pub type AzureStore = CloudStore<Azure>;
+
+impl AzureStore {
+    pub fn new(settings: AzureSettings) -> Self {
+        let limits = CloudLimits { create_buckets: settings.create_buckets, max_file_size: settings.max_file_size };
+        let http = reqwest::Client::builder().no_proxy().build().expect("a plain client builds");
+        CloudStore::with(Azure { settings, http }, limits)
+    }
+}
+
+pub struct Azure {
+    settings: AzureSettings,
+    http: reqwest::Client,
+}
+
+impl Azure {
+    /// The account's blob endpoint, as fileflow reaches it.
+    fn endpoint(&self) -> Result<Url, JobError> {
+        if let Some(endpoint) = &self.settings.endpoint {
+            return Ok(endpoint.clone());
+        }
+        let account = self.settings.account.as_deref().ok_or_else(|| {
+            JobError::permanent("Azure: no storage account (AZURE_STORAGE_ACCOUNT_NAME or --azure-account)")
+        })?;
+        Url::parse(&format!("https://{account}.blob.core.windows.net"))
+            .map_err(|e| JobError::permanent(format!("Azure: bad account name: {e}")))
+    }
+}
+
+#[async_trait]
+impl Cloud for Azure {
+    type Client = MicrosoftAzure;
+
+    fn name(&self) -> &'static str {
+        "Azure"
+    }
+
+    fn client(&self, bucket: &str, public: bool) -> Result<MicrosoftAzure, JobError> {
+        let mut builder = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+        if let Some(account) = &self.settings.account {
+            builder = builder.with_account(account);
+        }
+        if let Some(key) = &self.settings.access_key {
+            builder = builder.with_access_key(key);
+        }
+        let endpoint = match public {
+            true => self.settings.public_endpoint.as_ref().or(self.settings.endpoint.as_ref()),
+            false => self.settings.endpoint.as_ref(),
+        };
+        if let Some(endpoint) = endpoint {
+            builder = builder
+                .with_endpoint(endpoint.as_str().trim_end_matches('/').to_owned())
+                .with_allow_http(endpoint.scheme() == "http");
+        }
+        builder.build().map_err(|e| JobError::permanent(format!("Azure configuration: {e}")))
+    }
+
+    /// Create Container, signed with the account key (SharedKey).
+    async fn create_bucket(&self, _client: &MicrosoftAzure, bucket: &BucketName) -> Result<(), JobError> {
+        let (Some(account), Some(key)) = (&self.settings.account, &self.settings.access_key) else {
+            return Err(JobError::permanent(format!(
+                "Azure: cannot create container {bucket} without the account name and key"
+            )));
+        };
+        let key = BASE64.decode(key).map_err(|e| JobError::permanent(format!("Azure: the account key: {e}")))?;
+        let mut url = self.endpoint()?;
+        url.path_segments_mut()
+            .map_err(|()| JobError::permanent("Azure: the endpoint cannot be a base"))?
+            .pop_if_empty()
+            .push(bucket.as_str());
+        url.set_query(Some("restype=container"));
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        let signature = shared_key_signature(&key, account, &url, &date);
+        let response = self
+            .http
+            .put(url)
+            .header("x-ms-date", &date)
+            .header("x-ms-version", API_VERSION)
+            .header("content-length", "0")
+            .header("authorization", format!("SharedKey {account}:{signature}"))
+            .send()
+            .await
+            .map_err(|e| JobError::transient(format!("Azure: Create Container failed: {e}")))?;
+        let status = response.status();
+        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+            return Ok(());
+        }
+        let body = response.text().await.unwrap_or_default();
+        Err(by_status(status.as_u16(), format!("Azure: cannot create container {bucket}: HTTP {status}: {body}")))
+    }
+
+    fn is_missing_bucket(&self, text: &str) -> bool {
+        text.contains("ContainerNotFound")
+    }
+
+    /// object_store's Azure client stages blocks only for blobs without properties, so a
+    /// resumed blob would lose its content type: uploads start over instead.
+    fn resumable(&self) -> bool {
+        false
+    }
+}
+
+/// The SharedKey signature of a body-less PUT with only `x-ms-date` and `x-ms-version`
+/// (<https://learn.microsoft.com/rest/api/storageservices/authorize-with-shared-key>).
+fn shared_key_signature(key: &[u8], account: &str, url: &Url, date: &str) -> String {
+    // VERB, then eleven standard headers all empty (Content-Length is empty when 0).
+    let mut to_sign = format!("PUT{}", "\n".repeat(12));
+    to_sign.push_str(&format!("x-ms-date:{date}\nx-ms-version:{API_VERSION}\n"));
+    to_sign.push_str(&format!("/{account}{}", url.path()));
+    let mut query: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    query.sort();
+    for (name, value) in query {
+        to_sign.push_str(&format!("\n{}:{value}", name.to_ascii_lowercase()));
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(to_sign.as_bytes());
+    BASE64.encode(mac.finalize().into_bytes())
+}

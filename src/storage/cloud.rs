@@ -1,0 +1,459 @@
+//! Object stores reached through object_store's cloud backends — S3 (any S3-compatible
+//! service), Azure Blob Storage and Google Cloud Storage — one implementation with what
+//! differs between them behind [`Cloud`]: small objects in one PUT; larger ones as
+//! multipart (block) uploads that are aborted on failure; resumable uploads part by part;
+//! download links signed by each service's own scheme.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as StorePath;
+use object_store::signer::Signer;
+use object_store::{
+    Attribute, Attributes, ObjectStore as _, ObjectStoreExt as _, PutMultipartOptions, PutOptions, PutPayload,
+    WriteMultipart,
+};
+use url::Url;
+
+use super::{
+    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PartialWrite, PutOutcome, ReadError, StoredBody, WriteOptions,
+    WriteProgress, read_head,
+};
+use crate::domain::{BucketName, ObjectKey};
+use crate::lifecycle::{Job, JobError, JobId};
+use crate::links::DownloadLinks;
+
+/// The smallest part (S3's; the others take it too); objects up to this size go up in one PUT.
+const MIN_PART: usize = 5 * 1024 * 1024;
+/// The most parts per upload (S3's 10,000; Azure allows 50,000 blocks, GCS 10,000).
+const MAX_PARTS: u64 = 10_000;
+
+/// What differs between the services: how a client for one bucket is made, how a bucket
+/// is created, and what the service calls a missing bucket.
+#[async_trait]
+pub trait Cloud: Send + Sync + 'static {
+    type Client: object_store::ObjectStore + MultipartStore + Signer;
+
+    /// The service's name in messages: `S3`, `Azure`, `GCS`.
+    fn name(&self) -> &'static str;
+
+    /// A client for `bucket` (an S3 or GCS bucket, an Azure container); `public`: one whose
+    /// signed links name the address users reach the store at.
+    fn client(&self, bucket: &str, public: bool) -> Result<Self::Client, JobError>;
+
+    /// Create `bucket` (absent: an error saying it cannot be created).
+    async fn create_bucket(&self, client: &Self::Client, bucket: &BucketName) -> Result<(), JobError>;
+
+    /// Whether an error's text is the service saying the bucket does not exist.
+    fn is_missing_bucket(&self, text: &str) -> bool;
+
+    /// Whether uploads can go on from their stored parts in a later attempt (the
+    /// service's multipart calls keep the object's content type).
+    fn resumable(&self) -> bool {
+        true
+    }
+}
+
+/// Store-wide settings of a [`CloudStore`].
+#[derive(Debug, Clone, Copy)]
+pub struct CloudLimits {
+    /// Create a missing bucket instead of failing the job.
+    pub create_buckets: bool,
+    /// The largest file accepted: parts grow so no upload needs more than 10,000.
+    pub max_file_size: u64,
+}
+
+pub struct CloudStore<C: Cloud> {
+    cloud: C,
+    limits: CloudLimits,
+    /// Clients by bucket and whether they sign public links.
+    clients: Mutex<HashMap<(String, bool), Arc<C::Client>>>,
+    /// Buckets seen to exist (only tracked when creating buckets).
+    existing: Mutex<HashSet<String>>,
+}
+
+impl<C: Cloud> CloudStore<C> {
+    pub fn with(cloud: C, limits: CloudLimits) -> Self {
+        Self { cloud, limits, clients: Mutex::default(), existing: Mutex::default() }
+    }
+
+    fn part_size(&self) -> usize {
+        let needed = self.limits.max_file_size.div_ceil(MAX_PARTS);
+        MIN_PART.max(usize::try_from(needed).unwrap_or(usize::MAX))
+    }
+
+    fn bucket(&self, bucket: &str) -> Result<Arc<C::Client>, JobError> {
+        self.client(bucket, false)
+    }
+
+    /// The client that signs download links.
+    fn signer(&self, bucket: &str) -> Result<Arc<C::Client>, JobError> {
+        self.client(bucket, true)
+    }
+
+    fn client(&self, bucket: &str, public: bool) -> Result<Arc<C::Client>, JobError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (bucket.to_owned(), public);
+        if let Some(client) = clients.get(&key) {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(self.cloud.client(bucket, public)?);
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// Create the bucket unless it is known to exist.
+    async fn ensure_bucket(&self, store: &C::Client, bucket: &BucketName) -> Result<(), JobError> {
+        if self.existing.lock().unwrap_or_else(|p| p.into_inner()).contains(bucket.as_str()) {
+            return Ok(());
+        }
+        match store.list_with_delimiter(Some(&StorePath::from("fileflow-bucket-probe"))).await {
+            Ok(_) => {}
+            Err(e) if self.classify(&e, "").message.contains("bucket does not exist") => {
+                self.cloud.create_bucket(store, bucket).await?;
+                tracing::info!(%bucket, store = self.cloud.name(), "bucket created");
+            }
+            Err(e) => return Err(self.classify(&e, "bucket check")),
+        }
+        self.existing.lock().unwrap_or_else(|p| p.into_inner()).insert(bucket.as_str().to_owned());
+        Ok(())
+    }
+
+    /// Upload `body`: read ahead up to one part; a body that ends by then goes up in one
+    /// PUT, a longer one as a multipart upload.
+    async fn upload(
+        &self,
+        store: &C::Client,
+        location: &StorePath,
+        content_type: &str,
+        rest: &mut ByteStream,
+        fence: &dyn Fence,
+    ) -> Result<PutOutcome, JobError> {
+        let parts = match read_head(rest, MIN_PART).await? {
+            Head::Whole(parts) => {
+                fence.check().await?;
+                let options = PutOptions { attributes: content_type_attr(content_type), ..Default::default() };
+                let put = store
+                    .put_opts(location, PutPayload::from_iter(parts), options)
+                    .await
+                    .map_err(|e| self.classify(&e, "PUT"))?;
+                return Ok(PutOutcome::tagged(put.e_tag));
+            }
+            Head::Start(parts) => parts,
+        };
+        let options = PutMultipartOptions { attributes: content_type_attr(content_type), ..Default::default() };
+        let upload = store.put_multipart_opts(location, options).await.map_err(|e| self.classify(&e, "multipart"))?;
+        let mut writer = AbortOnDrop(Some(WriteMultipart::new_with_chunk_size(upload, self.part_size())));
+        let streamed: Result<(), JobError> = async {
+            let w = writer.0.as_mut().expect("present until finished");
+            for part in parts {
+                w.put(part);
+            }
+            while let Some(chunk) = rest.next().await {
+                let chunk = chunk?;
+                w.wait_for_capacity(1).await.map_err(|e| self.classify_mid_upload(&e, "part upload"))?;
+                w.put(chunk);
+            }
+            // Parts already sent are done; the last one and the completion come after the check.
+            w.wait_for_capacity(0).await.map_err(|e| self.classify_mid_upload(&e, "part upload"))?;
+            fence.check().await
+        }
+        .await;
+        let w = writer.0.take().expect("present until finished");
+        match streamed {
+            Ok(()) => {
+                let done = w.finish().await.map_err(|e| self.classify_mid_upload(&e, "multipart completion"))?;
+                Ok(PutOutcome::tagged(done.e_tag))
+            }
+            Err(e) => {
+                if let Err(abort) = w.abort().await {
+                    tracing::warn!(error = %abort, "could not abort a multipart upload");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Parts of a resumable upload in flight at once.
+const PARTS_IN_FLIGHT: usize = 2;
+
+impl<C: Cloud> CloudStore<C> {
+    /// A resumable upload: parts go up through the store's own multipart calls, at most
+    /// [`PARTS_IN_FLIGHT`] at a time, and each one in the store is reported in order.
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_resumable(
+        &self,
+        store: &Arc<C::Client>,
+        location: &StorePath,
+        content_type: &str,
+        mut body: ByteStream,
+        fence: &dyn Fence,
+        from: Option<PartialWrite>,
+        progress: &dyn WriteProgress,
+    ) -> Result<PutOutcome, JobError> {
+        let part_size = self.part_size() as u64;
+        let resumed = from.is_some();
+        let mut write = match from {
+            Some(write) => write,
+            None => {
+                let options = PutMultipartOptions { attributes: content_type_attr(content_type), ..Default::default() };
+                let id =
+                    store.create_multipart_opts(location, options).await.map_err(|e| self.classify(&e, "multipart"))?;
+                PartialWrite { id, part_size, stored: 0, parts: Vec::new() }
+            }
+        };
+        let mut reported = resumed;
+        let result: Result<PutOutcome, JobError> = async {
+            let mut in_flight = VecDeque::new();
+            let mut part: Vec<Bytes> = Vec::new();
+            let mut part_len = 0u64;
+            let mut offset = write.stored;
+            let mut ended = false;
+            while !ended {
+                match body.next().await {
+                    Some(Err(e)) => {
+                        // Keep what is in flight: a next attempt goes on after it.
+                        while let Some((upload, len)) = in_flight.pop_front() {
+                            reported |= self.part_done(upload, len, &mut write, resumed, progress).await?;
+                        }
+                        return Err(e);
+                    }
+                    Some(Ok(chunk)) => {
+                        part_len += chunk.len() as u64;
+                        offset += chunk.len() as u64;
+                        part.push(chunk);
+                        if part_len < part_size {
+                            continue;
+                        }
+                        progress.part_taken(offset);
+                    }
+                    // The file ended with its last part: nothing more to upload.
+                    None if part_len == 0 && (write.stored > 0 || !in_flight.is_empty()) => break,
+                    None => ended = true,
+                }
+                let index = write.parts.len() + in_flight.len();
+                let (store, location, id) = (store.clone(), location.clone(), write.id.clone());
+                let payload = PutPayload::from_iter(std::mem::take(&mut part));
+                let upload = tokio::spawn(async move { store.put_part(&location, &id, index, payload).await });
+                in_flight.push_back((upload, std::mem::take(&mut part_len)));
+                while in_flight.len() >= PARTS_IN_FLIGHT {
+                    let (upload, len) = in_flight.pop_front().expect("parts in flight");
+                    reported |= self.part_done(upload, len, &mut write, resumed, progress).await?;
+                }
+            }
+            while let Some((upload, len)) = in_flight.pop_front() {
+                reported |= self.part_done(upload, len, &mut write, resumed, progress).await?;
+            }
+            fence.check().await?;
+            let parts = write.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
+            let done = store
+                .complete_multipart(location, &write.id, parts)
+                .await
+                .map_err(|e| self.classify_mid_upload(&e, "multipart completion"))?;
+            Ok(PutOutcome::tagged(done.e_tag))
+        }
+        .await;
+        if result.is_err() && !reported {
+            // Nothing to go on with: remove what was uploaded.
+            if let Err(e) = store.abort_multipart(location, &write.id).await {
+                tracing::warn!(error = %e, "could not abort a multipart upload");
+            }
+        }
+        result
+    }
+
+    /// Wait for the next part's upload and add it to `write`; a whole part (every one but
+    /// the last) is reported to `progress`, and then `true` is returned.
+    async fn part_done(
+        &self,
+        upload: tokio::task::JoinHandle<object_store::Result<PartId>>,
+        len: u64,
+        write: &mut PartialWrite,
+        resumed: bool,
+        progress: &dyn WriteProgress,
+    ) -> Result<bool, JobError> {
+        let part = upload.await.map_err(|e| JobError::transient(format!("{} part upload: {e}", self.cloud.name())))?;
+        let part = part.map_err(|e| self.part_failed(&e, resumed, progress))?;
+        write.parts.push(part.content_id);
+        if len < write.part_size {
+            // The last part is not a place to go on from: a next attempt uploads it again.
+            return Ok(false);
+        }
+        write.stored += len;
+        progress.stored(write).await?;
+        Ok(true)
+    }
+
+    /// What a failed part upload means; a resumed upload that the store no longer has is
+    /// reported gone, so the next attempt starts over.
+    fn part_failed(&self, e: &object_store::Error, resumed: bool, progress: &dyn WriteProgress) -> JobError {
+        if resumed && matches!(e, object_store::Error::NotFound { .. }) {
+            progress.gone();
+        }
+        self.classify_mid_upload(e, "part upload")
+    }
+
+    /// What a failed request means for the job: a missing bucket and refused credentials
+    /// are permanent, the rest may pass. `what` names the request.
+    fn classify(&self, e: &object_store::Error, what: &str) -> JobError {
+        use object_store::Error as E;
+        let what = format!("{} {what}", self.cloud.name());
+        match e {
+            E::NotFound { .. } => JobError::permanent(format!("{what}: the bucket does not exist")),
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } => JobError::permanent(format!("{what}: {e}")),
+            _ => {
+                let text = e.to_string();
+                if self.cloud.is_missing_bucket(&text) {
+                    JobError::permanent(format!("{what}: the bucket does not exist"))
+                } else {
+                    JobError::transient(format!("{what}: {text}"))
+                }
+            }
+        }
+    }
+
+    /// [`classify`](Self::classify) for the requests of a multipart upload already begun
+    /// (parts, completion): there "not found" means the upload is gone, not the bucket: a
+    /// completion the store carried out but whose answer was lost, then retried, finds no
+    /// upload. Trying the job again uploads it afresh.
+    fn classify_mid_upload(&self, e: &object_store::Error, what: &str) -> JobError {
+        match e {
+            object_store::Error::NotFound { .. } => JobError::transient(format!(
+                "{} {what}: the multipart upload is gone (completed by a lost answer, or aborted)",
+                self.cloud.name()
+            )),
+            _ => self.classify(e, what),
+        }
+    }
+}
+
+/// Aborts a multipart upload whose attempt was dropped midway (lease lost, shutdown).
+struct AbortOnDrop(Option<WriteMultipart>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(writer) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(e) = writer.abort().await {
+                    tracing::warn!(error = %e, "could not abort an abandoned multipart upload");
+                }
+            });
+        }
+    }
+}
+
+fn content_type_attr(content_type: &str) -> Attributes {
+    let mut attributes = Attributes::new();
+    attributes.insert(Attribute::ContentType, content_type.to_owned().into());
+    attributes
+}
+
+fn location(key: &ObjectKey) -> StorePath {
+    StorePath::from_iter(key.as_str().split('/'))
+}
+
+#[async_trait]
+impl<C: Cloud> ObjectStore for CloudStore<C> {
+    async fn put(
+        &self,
+        bucket: &BucketName,
+        key: &ObjectKey,
+        options: WriteOptions<'_>,
+        mut body: ByteStream,
+        fence: &dyn Fence,
+    ) -> Result<PutOutcome, JobError> {
+        let store = self.bucket(bucket.as_str())?;
+        if self.limits.create_buckets && options.may_create_bucket {
+            self.ensure_bucket(&store, bucket).await?;
+        }
+        self.upload(&store, &location(key), options.content_type, &mut body, fence)
+            .await
+            .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
+    }
+
+    fn resumable_part_size(&self) -> Option<u64> {
+        self.cloud.resumable().then(|| self.part_size() as u64)
+    }
+
+    async fn put_resumable(
+        &self,
+        bucket: &BucketName,
+        key: &ObjectKey,
+        options: WriteOptions<'_>,
+        body: ByteStream,
+        fence: &dyn Fence,
+        _job: JobId,
+        from: Option<PartialWrite>,
+        progress: &dyn WriteProgress,
+    ) -> Result<PutOutcome, JobError> {
+        let store = self.bucket(bucket.as_str())?;
+        if from.is_none() && self.limits.create_buckets && options.may_create_bucket {
+            self.ensure_bucket(&store, bucket).await?;
+        }
+        self.upload_resumable(&store, &location(key), options.content_type, body, fence, from, progress)
+            .await
+            .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
+    }
+
+    async fn discard(&self, bucket: &BucketName, key: &ObjectKey, write: &PartialWrite) -> Result<(), JobError> {
+        let store = self.bucket(bucket.as_str())?;
+        match store.abort_multipart(&location(key), &write.id).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.classify(&e, "multipart abort")),
+        }
+    }
+
+    async fn head(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<ObjectInfo>, ReadError> {
+        let store = self.bucket(bucket.as_str()).map_err(|e| ReadError::Store(e.message))?;
+        match store.head(&location(key)).await {
+            Ok(meta) => {
+                let tagged = PutOutcome::tagged(meta.e_tag);
+                Ok(Some(ObjectInfo { size: meta.size, etag: tagged.etag, version: tagged.version }))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) if self.cloud.is_missing_bucket(&e.to_string()) => Ok(None),
+            Err(e) => Err(ReadError::Store(e.to_string())),
+        }
+    }
+
+    async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError> {
+        let store = self.bucket(bucket.as_str()).map_err(|e| ReadError::Store(e.message))?;
+        match store.get(&location(key)).await {
+            Ok(found) => Ok(StoredBody {
+                size: found.meta.size,
+                version: found.meta.e_tag.clone(),
+                body: found.into_stream().map_err(std::io::Error::other).boxed(),
+            }),
+            Err(object_store::Error::NotFound { .. }) => Err(ReadError::NotFound),
+            Err(e) => Err(ReadError::Store(e.to_string())),
+        }
+    }
+}
+
+#[async_trait]
+impl<C: Cloud> DownloadLinks for CloudStore<C> {
+    async fn link(&self, job: &Job, expires_at: DateTime<Utc>) -> anyhow::Result<Url> {
+        let store = self.signer(&job.bucket_name).map_err(|e| anyhow::anyhow!(e.message))?;
+        let key = ObjectKey::parse(&job.object_name)?;
+        // Whole seconds, rounded up: a link asked for 600 s says so (X-Amz-Expires=600, …).
+        let millis = (expires_at - Utc::now()).num_milliseconds().max(0) as u64;
+        let lifetime = std::time::Duration::from_secs(millis.div_ceil(1000));
+        Ok(store.signed_url(reqwest::Method::GET, &location(&key), lifetime).await?)
+    }
+}
+
+/// An HTTP answer's status as a job error: 5xx, 408 and 429 may pass, the rest will not.
+pub(super) fn by_status(status: u16, message: String) -> JobError {
+    match status {
+        500..=599 | 408 | 429 => JobError::transient(message),
+        _ => JobError::permanent(message),
+    }
+}
