@@ -87,6 +87,13 @@ impl<C: Cloud> CloudStore<C> {
         MIN_PART.max(usize::try_from(needed).unwrap_or(usize::MAX))
     }
 
+    /// Create `bucket` now, whatever the store's bucket creation setting says (an existing
+    /// one is fine).
+    pub async fn create_bucket(&self, bucket: &BucketName) -> Result<(), JobError> {
+        let client = self.bucket(bucket.as_str())?;
+        self.cloud.create_bucket(&client, bucket).await
+    }
+
     fn bucket(&self, bucket: &str) -> Result<Arc<C::Client>, JobError> {
         self.client(bucket, false)
     }

@@ -123,6 +123,7 @@ impl Cloud for Gcs {
     }
 
     fn is_missing_bucket(&self, text: &str) -> bool {
-        text.contains("NoSuchBucket") || text.contains("bucket does not exist")
+        // GCS says NoSuchBucket; fake-gcs-server answers 500 "no bucket named …".
+        text.contains("NoSuchBucket") || text.contains("no bucket named")
     }
 }

@@ -18,6 +18,8 @@ pub struct TestApp {
     /// The bucket this test stores into (unique per test on S3).
     pub bucket: String,
     s3: Option<crate::services::S3>,
+    /// The object store this test's bucket is in, when it is not the disk.
+    remote: Option<std::sync::Arc<dyn object_store::ObjectStore>>,
     pub client: reqwest::Client,
     pub settings: Settings,
     _data_dir: Option<tempfile::TempDir>,
@@ -43,7 +45,32 @@ pub async fn stack_settings(data_dir: PathBuf) -> Settings {
     if distributed() {
         use_distributed_stack(&mut settings).await;
     }
+    if store() == "azure" {
+        use_azure(&mut settings);
+    }
     settings
+}
+
+/// The store the suite runs on besides the stack's own (`FILEFLOW_TEST_STORE=azure`):
+/// the embedded stack with Azure Blob Storage (Azurite) instead of the disk.
+pub fn store() -> String {
+    std::env::var("FILEFLOW_TEST_STORE").unwrap_or_default()
+}
+
+fn use_azure(settings: &mut Settings) {
+    let azure = crate::services::azure().expect("FILEFLOW_TEST_STORE=azure needs Azurite");
+    settings.storage = fileflow::config::StorageKind::Azure;
+    settings.azure_endpoint = Some(azure.endpoint.parse().unwrap());
+    settings.azure_account = Some(azure.account);
+    settings.azure_access_key = Some(azure.key);
+    settings.create_buckets = true;
+    // Names this test's container.
+    settings.kafka_topic = crate::services::unique("jobs");
+}
+
+/// Whether download links are the store's own (presigned S3, Azure SAS), not fileflow's.
+pub fn store_links() -> bool {
+    distributed() || store() == "azure"
 }
 
 /// Point `settings` at the distributed stack's servers (fresh database, topics and group).
@@ -106,13 +133,28 @@ async fn start_as(role: Command, settings: Settings, data_dir: Option<tempfile::
     }));
     let s3 = (settings.storage == fileflow::config::StorageKind::S3).then(|| crate::services::s3().unwrap());
     let bucket = match &settings.kafka_topic {
-        topic if s3.is_some() => format!("bucket-{topic}"),
+        topic if settings.storage != fileflow::config::StorageKind::Fs => format!("bucket-{topic}"),
         _ => "file-bucket".to_owned(),
+    };
+    let remote: Option<std::sync::Arc<dyn object_store::ObjectStore>> = match settings.storage {
+        fileflow::config::StorageKind::S3 => Some(std::sync::Arc::new(s3.as_ref().unwrap().bucket(&bucket))),
+        fileflow::config::StorageKind::Azure => Some(std::sync::Arc::new(
+            object_store::azure::MicrosoftAzureBuilder::new()
+                .with_account(settings.azure_account.clone().unwrap())
+                .with_access_key(settings.azure_access_key.clone().unwrap())
+                .with_endpoint(settings.azure_endpoint.as_ref().unwrap().as_str().trim_end_matches('/').to_owned())
+                .with_allow_http(true)
+                .with_container_name(&bucket)
+                .build()
+                .unwrap(),
+        )),
+        _ => None,
     };
     TestApp {
         base,
         bucket,
         s3,
+        remote,
         client: reqwest::Client::builder().no_proxy().build().unwrap(),
         settings,
         _data_dir: data_dir,
@@ -146,6 +188,15 @@ impl TestApp {
     pub async fn ensure_bucket(&self) {
         if let Some(s3) = &self.s3 {
             s3.create_bucket(&self.bucket).await;
+        }
+        if self.settings.storage == fileflow::config::StorageKind::Azure {
+            let store = fileflow::storage::AzureStore::new(fileflow::storage::AzureSettings {
+                account: self.settings.azure_account.clone(),
+                access_key: self.settings.azure_access_key.clone(),
+                endpoint: self.settings.azure_endpoint.clone(),
+                ..Default::default()
+            });
+            store.create_bucket(&fileflow::domain::BucketName::parse(&self.bucket).unwrap()).await.unwrap();
         }
     }
 
@@ -234,14 +285,14 @@ impl TestApp {
     }
 
     pub async fn try_read_object(&self, key: &str) -> Option<Vec<u8>> {
-        match &self.s3 {
-            Some(s3) => {
+        match &self.remote {
+            Some(remote) => {
                 use object_store::ObjectStoreExt;
                 let path = object_store::path::Path::from_iter(key.split('/'));
-                match s3.bucket(&self.bucket).get(&path).await {
+                match remote.get(&path).await {
                     Ok(found) => Some(found.bytes().await.unwrap().to_vec()),
                     Err(object_store::Error::NotFound { .. }) => None,
-                    Err(e) if e.to_string().contains("NoSuchBucket") => None,
+                    Err(e) if missing_bucket(&e) => None,
                     Err(e) => panic!("cannot read {key}: {e}"),
                 }
             }
@@ -260,19 +311,13 @@ impl TestApp {
     }
 
     pub async fn stored_objects(&self) -> Vec<String> {
-        match &self.s3 {
-            Some(s3) => {
+        match &self.remote {
+            Some(remote) => {
                 use futures::TryStreamExt;
-                use object_store::ObjectStore;
-                let listed: Result<Vec<_>, _> = s3.bucket(&self.bucket).list(None).try_collect().await;
+                let listed: Result<Vec<_>, _> = remote.list(None).try_collect().await;
                 match listed {
                     Ok(objects) => objects.into_iter().map(|o| o.location.to_string()).collect(),
-                    Err(e)
-                        if e.to_string().contains("NoSuchBucket")
-                            || matches!(e, object_store::Error::NotFound { .. }) =>
-                    {
-                        Vec::new()
-                    }
+                    Err(e) if missing_bucket(&e) || matches!(e, object_store::Error::NotFound { .. }) => Vec::new(),
                     Err(e) => panic!("cannot list {}: {e}", self.bucket),
                 }
             }
@@ -314,4 +359,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn md5_hex(bytes: &[u8]) -> String {
     use md5::Digest;
     hex::encode(md5::Md5::digest(bytes))
+}
+
+/// A store's way of saying the bucket (container) does not exist.
+fn missing_bucket(e: &object_store::Error) -> bool {
+    let text = e.to_string();
+    text.contains("NoSuchBucket") || text.contains("ContainerNotFound")
 }

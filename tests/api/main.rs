@@ -15,6 +15,7 @@ mod destinations;
 mod download_links;
 mod events;
 mod failures;
+mod gcs;
 mod metrics;
 mod openapi;
 mod origin_requests;

@@ -31,6 +31,9 @@ fn second_range(origin: &Origin, name: &str) -> u64 {
 
 #[tokio::test]
 async fn a_cut_transfer_goes_on_from_the_last_stored_part() {
+    if !resumes() {
+        return;
+    }
     let origin = Origin::start().await;
     let app = spawn_app().await;
     for (name, query) in [("tagged", ""), ("dated", "&validator=date")] {
@@ -70,6 +73,9 @@ async fn an_origin_that_cannot_resume_is_fetched_again_from_the_start() {
 
 #[tokio::test]
 async fn a_file_changed_between_attempts_is_fetched_whole() {
+    if !resumes() {
+        return;
+    }
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
         s.retry_base_delay = Duration::from_secs(2);
@@ -94,6 +100,9 @@ async fn a_file_changed_between_attempts_is_fetched_whole() {
 
 #[tokio::test]
 async fn cancelling_or_failing_a_resumable_transfer_leaves_no_parts() {
+    if !resumes() {
+        return;
+    }
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
         s.retry_base_delay = Duration::from_secs(1);
@@ -123,4 +132,9 @@ async fn cancelling_or_failing_a_resumable_transfer_leaves_no_parts() {
     assert!(app.stored_objects().await.is_empty(), "left behind: {:?}", app.stored_objects().await);
     assert_eq!(app.unfinished_uploads().await, 0, "parts left behind");
     app.stop().await;
+}
+
+/// Whether this run's store resumes uploads (Azure's starts over: see the README).
+fn resumes() -> bool {
+    crate::helpers::store() != "azure"
 }

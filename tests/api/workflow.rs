@@ -22,7 +22,12 @@ async fn a_completed_job_has_the_origins_bytes_and_their_checksums() {
     assert_eq!(job["size"], 300_000);
     assert_eq!(job["sha256"], sha256_hex(&expected));
     assert_eq!(job["md5"], md5_hex(&expected));
-    assert_eq!(job["etag"], md5_hex(&expected), "the ETag is the MD5, as S3 reports for one PUT");
+    if crate::helpers::store() == "azure" {
+        // Azure names its own versions (`0x…`); the MD5 is in `md5`.
+        assert!(job["etag"].as_str().is_some_and(|e| e.starts_with("0x")), "{job}");
+    } else {
+        assert_eq!(job["etag"], md5_hex(&expected), "the ETag is the MD5, as S3 reports for one PUT");
+    }
     assert_eq!(job["content_type"], "image/jpeg");
     let stored = app.read_object("photos/kitty2.jpg").await;
     assert!(stored == expected, "stored bytes differ from the origin's");

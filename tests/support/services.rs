@@ -111,3 +111,18 @@ impl S3 {
         ]
     }
 }
+
+/// Connection details of the Azure Blob Storage emulator (Azurite).
+pub struct Azure {
+    pub endpoint: String,
+    pub account: String,
+    pub key: String,
+}
+
+pub fn azure() -> Option<Azure> {
+    Some(Azure {
+        endpoint: service("FILEFLOW_TEST_AZURE_ENDPOINT")?,
+        account: service("FILEFLOW_TEST_AZURE_ACCOUNT")?,
+        key: service("FILEFLOW_TEST_AZURE_KEY")?,
+    })
+}
