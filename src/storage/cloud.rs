@@ -68,11 +68,14 @@ pub struct CloudLimits {
     pub max_file_size: u64,
 }
 
+/// A store's clients, by bucket and whether they sign public links.
+type Clients<T> = HashMap<(String, bool), Arc<T>>;
+
 pub struct CloudStore<C: Cloud> {
     cloud: C,
     limits: CloudLimits,
     /// Clients by bucket and whether they sign public links.
-    clients: Mutex<HashMap<(String, bool), Arc<C::Client>>>,
+    clients: Mutex<Clients<C::Client>>,
     /// Buckets seen to exist (only tracked when creating buckets).
     existing: Mutex<HashSet<String>>,
 }
