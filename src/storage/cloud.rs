@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as StorePath;
 use object_store::signer::Signer;
@@ -436,15 +436,7 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
 
     async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError> {
         let store = self.bucket(bucket.as_str()).map_err(|e| ReadError::Store(e.message))?;
-        match store.get(&location(key)).await {
-            Ok(found) => Ok(StoredBody {
-                size: found.meta.size,
-                version: found.meta.e_tag.clone(),
-                body: found.into_stream().map_err(std::io::Error::other).boxed(),
-            }),
-            Err(object_store::Error::NotFound { .. }) => Err(ReadError::NotFound),
-            Err(e) => Err(ReadError::Store(e.to_string())),
-        }
+        super::stored_body(store.get(&location(key)).await)
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::{Path as StorePath, PathPart};
 use object_store::{ObjectStoreExt as _, PutPayload, WriteMultipart};
@@ -215,15 +215,7 @@ impl ObjectStore for LocalStore {
     }
 
     async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError> {
-        match self.fs.get(&Self::location(bucket, key)).await {
-            Ok(found) => Ok(StoredBody {
-                size: found.meta.size,
-                version: found.meta.e_tag.clone(),
-                body: found.into_stream().map_err(std::io::Error::other).boxed(),
-            }),
-            Err(object_store::Error::NotFound { .. }) => Err(ReadError::NotFound),
-            Err(e) => Err(ReadError::Store(e.to_string())),
-        }
+        super::stored_body(self.fs.get(&Self::location(bucket, key)).await)
     }
 }
 

@@ -226,3 +226,17 @@ async fn read_head(body: &mut ByteStream, limit: usize) -> Result<Head, JobError
     }
     Ok(Head::Start(chunks))
 }
+
+/// An object_store read, as a [`StoredBody`] or why there is none.
+fn stored_body(read: object_store::Result<object_store::GetResult>) -> Result<StoredBody, ReadError> {
+    use futures::TryStreamExt as _;
+    match read {
+        Ok(found) => Ok(StoredBody {
+            size: found.meta.size,
+            version: found.meta.e_tag.clone(),
+            body: found.into_stream().map_err(std::io::Error::other).boxed(),
+        }),
+        Err(object_store::Error::NotFound { .. }) => Err(ReadError::NotFound),
+        Err(e) => Err(ReadError::Store(e.to_string())),
+    }
+}
