@@ -10,7 +10,6 @@ use url::Url;
 
 use crate::auth::{AuthMode, Role};
 use crate::metadata::Durability;
-use crate::queue::kafka::KafkaOption;
 
 #[derive(Debug, Parser)]
 #[command(name = "fileflow", version, about = "Fetch files from URLs into object storage, asynchronously and safely.")]
@@ -252,8 +251,10 @@ pub struct Settings {
     /// `sasl.username=…`, `ssl.ca.location=…`). Also read from the environment as
     /// `FILEFLOW_KAFKA_OPTION_<KEY>` (`FILEFLOW_KAFKA_OPTION_SASL_PASSWORD` is `sasl.password`;
     /// flags win). Secret values are never logged.
-    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = KafkaOption::parse, global = true)]
-    pub kafka_options: Vec<KafkaOption>,
+    // Kept as given and checked at start (`queue::kafka::gather_options`): a parse error
+    // here would echo the value, which may be a secret.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", global = true)]
+    pub kafka_options: Vec<String>,
 
     /// The jobs topic; retries go to `<topic>-retry`, give-ups to `<topic>-dlq`.
     #[arg(long, env = "FILEFLOW_KAFKA_TOPIC", default_value = "upload_file_topic", global = true)]

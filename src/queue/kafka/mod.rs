@@ -74,7 +74,15 @@ impl KafkaSettings {
 
 /// A client that cannot be made: librdkafka refused a setting (its message names it).
 fn client_error(e: rdkafka::error::KafkaError) -> QueueError {
-    QueueError::Backend(format!("cannot create a Kafka client (check --kafka-option / {OPTION_ENV_PREFIX}*): {e}"))
+    let why = match e {
+        // Its text would show the setting's value, which may be a secret.
+        rdkafka::error::KafkaError::ClientConfig(_, _, key, _) if options::is_secret(&key) => {
+            format!("librdkafka refused the setting `{key}` (its value is not shown)")
+        }
+        rdkafka::error::KafkaError::ClientConfig(_, description, key, _) => format!("{description} (setting `{key}`)"),
+        other => other.to_string(),
+    };
+    QueueError::Backend(format!("cannot create a Kafka client (check --kafka-option / {OPTION_ENV_PREFIX}*): {why}"))
 }
 
 fn backend(e: impl std::fmt::Display) -> QueueError {

@@ -45,8 +45,13 @@ impl KafkaOption {
 
     /// Whether the value is a secret (a password, a private key, a token).
     pub fn is_secret(&self) -> bool {
-        ["password", "secret", ".key", "jaas", "token", "credentials"].iter().any(|word| self.key.contains(word))
+        is_secret(&self.key)
     }
+}
+
+/// Whether a setting's value is a secret, by its name.
+pub fn is_secret(key: &str) -> bool {
+    ["password", "secret", ".key", "jaas", "token", "credentials"].iter().any(|word| key.contains(word))
 }
 
 impl fmt::Debug for KafkaOption {
@@ -59,12 +64,9 @@ impl fmt::Debug for KafkaOption {
 }
 
 /// The options from the environment (`FILEFLOW_KAFKA_OPTION_SECURITY_PROTOCOL=SASL_SSL`:
-/// the rest of the name lowercased, `_` read as `.`), in name order, then `flags`, which
-/// win over them.
-pub fn gather(
-    env: impl IntoIterator<Item = (String, String)>,
-    flags: &[KafkaOption],
-) -> Result<Vec<KafkaOption>, String> {
+/// the rest of the name lowercased, `_` read as `.`), in name order, then `flags`
+/// (`key=value` each), which win over them. Errors never show a value.
+pub fn gather(env: impl IntoIterator<Item = (String, String)>, flags: &[String]) -> Result<Vec<KafkaOption>, String> {
     let mut from_env: Vec<(String, String)> = env
         .into_iter()
         .filter_map(|(name, value)| {
@@ -76,7 +78,9 @@ pub fn gather(
     for (key, value) in from_env {
         options.push(KafkaOption::new(&key, &value).map_err(|e| format!("{ENV_PREFIX}…: {e}"))?);
     }
-    options.extend(flags.iter().cloned());
+    for flag in flags {
+        options.push(KafkaOption::parse(flag).map_err(|e| format!("--kafka-option: {e}"))?);
+    }
     Ok(options)
 }
 
@@ -106,7 +110,7 @@ mod tests {
             ("FILEFLOW_KAFKA_BROKERS", "ignored:9092"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
-        let flags = [KafkaOption::parse("sasl.mechanism=PLAIN").unwrap()];
+        let flags = ["sasl.mechanism=PLAIN".to_owned()];
         let options = gather(env, &flags).unwrap();
         let pairs: Vec<_> = options.iter().map(|o| (o.key.as_str(), o.value.as_str())).collect();
         assert_eq!(
@@ -115,5 +119,7 @@ mod tests {
         );
         let owned = [("FILEFLOW_KAFKA_OPTION_GROUP_ID".to_owned(), "x".to_owned())];
         assert!(gather(owned, &[]).unwrap_err().contains("group.id"));
+        let secret = gather([], &["hunter2".to_owned()]).unwrap_err();
+        assert!(secret.starts_with("--kafka-option") && !secret.contains("hunter2"), "{secret}");
     }
 }
