@@ -178,6 +178,7 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
                 access_key: settings.azure_access_key.clone(),
                 endpoint: settings.azure_endpoint.clone(),
                 public_endpoint: settings.azure_public_endpoint.clone(),
+                use_emulator: settings.azure_use_emulator,
                 create_buckets: settings.create_buckets,
                 max_file_size: settings.max_file_size.as_u64(),
             }));

@@ -316,6 +316,11 @@ pub struct Settings {
     #[arg(long, env = "AZURE_STORAGE_ENDPOINT", global = true)]
     pub azure_endpoint: Option<Url>,
 
+    /// Use Azurite (AZURE_STORAGE_USE_EMULATOR): its development account and key at
+    /// `http://127.0.0.1:10000` (or AZURITE_BLOB_STORAGE_URL), unless given.
+    #[arg(long, env = "AZURE_STORAGE_USE_EMULATOR", global = true)]
+    pub azure_use_emulator: bool,
+
     /// The blob endpoint download links name, when users reach the account elsewhere.
     #[arg(long, env = "FILEFLOW_AZURE_PUBLIC_ENDPOINT", global = true)]
     pub azure_public_endpoint: Option<Url>,

@@ -31,14 +31,31 @@ pub struct AzureSettings {
     pub endpoint: Option<Url>,
     /// The endpoint download links name, when users reach the account elsewhere.
     pub public_endpoint: Option<Url>,
+    /// Azurite (`AZURE_STORAGE_USE_EMULATOR`): its development account and key, at
+    /// `AZURITE_BLOB_STORAGE_URL` or `http://127.0.0.1:10000`, unless given.
+    pub use_emulator: bool,
     pub create_buckets: bool,
     pub max_file_size: u64,
 }
 
 pub type AzureStore = CloudStore<Azure>;
 
+/// Azurite's documented development account and key.
+const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
+const EMULATOR_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
 impl AzureStore {
-    pub fn new(settings: AzureSettings) -> Self {
+    pub fn new(mut settings: AzureSettings) -> Self {
+        if settings.use_emulator {
+            // Everything explicit from here on: object_store's emulator mode ignores an endpoint.
+            let account = settings.account.get_or_insert_with(|| EMULATOR_ACCOUNT.to_owned()).clone();
+            settings.access_key.get_or_insert_with(|| EMULATOR_KEY.to_owned());
+            if settings.endpoint.is_none() {
+                let base =
+                    std::env::var("AZURITE_BLOB_STORAGE_URL").unwrap_or_else(|_| "http://127.0.0.1:10000".into());
+                settings.endpoint = Url::parse(&format!("{}/{account}", base.trim_end_matches('/'))).ok();
+            }
+        }
         let limits = CloudLimits { create_buckets: settings.create_buckets, max_file_size: settings.max_file_size };
         let http = reqwest::Client::builder().no_proxy().build().expect("a plain client builds");
         CloudStore::with(Azure { settings, http }, limits)
@@ -73,7 +90,7 @@ impl Cloud for Azure {
     }
 
     fn client(&self, bucket: &str, public: bool) -> Result<MicrosoftAzure, JobError> {
-        let mut builder = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+        let mut builder = MicrosoftAzureBuilder::from_env().with_container_name(bucket).with_use_emulator(false);
         if let Some(account) = &self.settings.account {
             builder = builder.with_account(account);
         }
