@@ -430,6 +430,11 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_RECONCILE_GRACE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
     pub reconcile_grace: Duration,
 
+    /// Delete finished jobs (completed, failed, cancelled) this long after they finished,
+    /// in bounded batches at each sweep, e.g. `30d`; their objects stay. Default: kept.
+    #[arg(long, env = "FILEFLOW_RETENTION", value_parser = humantime::parse_duration, global = true)]
+    pub retention: Option<Duration>,
+
     /// Redirects followed per fetch.
     #[arg(long, env = "FILEFLOW_MAX_REDIRECTS", default_value_t = 5, global = true)]
     pub max_redirects: usize,

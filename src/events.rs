@@ -179,6 +179,10 @@ impl JobRepository for Announcing {
         self.inner.forget_idempotency_keys(before, limit).await
     }
 
+    async fn forget_finished(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {
+        self.inner.forget_finished(before, limit).await
+    }
+
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError> {
         self.inner.get(id).await
     }

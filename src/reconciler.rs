@@ -27,6 +27,8 @@ pub const SWEEP_LIMIT: u32 = 1000;
 pub struct ReconcileSettings {
     pub interval: Duration,
     pub grace: Duration,
+    /// Finished jobs older than this are deleted (`None`: kept for good).
+    pub retention: Option<Duration>,
 }
 
 /// Sweep every `interval` until `stop`; failures are logged and tried again next time.
@@ -76,6 +78,14 @@ pub async fn run(
         let before = chrono::Utc::now() - chrono::Duration::from_std(IDEMPOTENCY_WINDOW).expect("a day fits");
         if let Err(e) = repo.forget_idempotency_keys(before, SWEEP_LIMIT).await {
             tracing::warn!(error = %e, "cannot clear old idempotency keys; will try again");
+        }
+        // Retention: finished jobs past their age go, a bounded batch per sweep.
+        if let Some(age) = settings.retention.and_then(|age| chrono::Duration::from_std(age).ok()) {
+            match repo.forget_finished(chrono::Utc::now() - age, SWEEP_LIMIT).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(deleted, "deleted finished jobs past the retention age"),
+                Err(e) => tracing::warn!(error = %e, "cannot delete old finished jobs; will try again"),
+            }
         }
     }
 }

@@ -284,8 +284,11 @@ impl Application {
         });
         let dispatcher = self.dispatcher.map(|dispatcher| tokio::spawn(dispatcher.run(stop.clone())));
         let reconciler = api.is_some().then(|| {
-            let settings =
-                ReconcileSettings { interval: self.settings.reconcile_interval, grace: self.settings.reconcile_grace };
+            let settings = ReconcileSettings {
+                interval: self.settings.reconcile_interval,
+                grace: self.settings.reconcile_grace,
+                retention: self.settings.retention,
+            };
             let metrics = self.metrics.clone();
             tokio::spawn(reconciler::run(
                 self.backends.repo.clone(),

@@ -517,7 +517,48 @@ macro_rules! conformance {
     )*};
 }
 
+/// Retention: finished jobs past the age go, oldest first and a bounded batch at a time,
+/// with their checkpoints and keys; unfinished and recent ones stay, and so does one whose
+/// webhook is still to be delivered.
+async fn finished_jobs_past_the_retention_age_are_deleted(repo: Arc<dyn JobRepository>) {
+    let t = now();
+    let old = t - chrono::Duration::days(2);
+    let mut jobs = Vec::new();
+    for key in ["done", "broke", "waiting", "recent", "notified", "older"] {
+        let mut new = new_job(key);
+        if key == "notified" {
+            new.notify_url = Some(SourceUrl::parse("https://hooks.example.com/fileflow").unwrap());
+        }
+        jobs.push(repo.create(&new, old).await.unwrap().id);
+    }
+    let asked: Vec<_> = jobs.iter().map(|id| (*id, lease("w"))).collect();
+    repo.claim_many(&asked).await.unwrap();
+    let (done, broke, waiting, recent, notified, older) = (jobs[0], jobs[1], jobs[2], jobs[3], jobs[4], jobs[5]);
+    let failed = Settlement::Failed { last_error: "HTTP 404".into(), cause: Cause::OriginStatus };
+    assert!(repo.settle(older, "w", &Settlement::Completed(stored()), old - chrono::Duration::hours(1)).await.unwrap());
+    assert!(repo.settle(done, "w", &Settlement::Completed(stored()), old).await.unwrap());
+    assert!(repo.settle(broke, "w", &failed, old).await.unwrap());
+    assert!(repo.release(waiting, "w", old).await.unwrap());
+    assert!(repo.settle(recent, "w", &Settlement::Completed(stored()), t).await.unwrap());
+    assert!(repo.settle(notified, "w", &Settlement::Completed(stored()), old).await.unwrap());
+    repo.save_checkpoint(done, "w", 1, Some(5), "state").await.ok();
+
+    let cutoff = t - chrono::Duration::days(1);
+    assert_eq!(repo.forget_finished(cutoff, 1).await.unwrap(), 1, "a bounded batch");
+    assert!(repo.get(older).await.unwrap().is_none(), "the oldest goes first");
+    assert_eq!(repo.forget_finished(cutoff, 100).await.unwrap(), 2);
+    for gone in [done, broke] {
+        assert!(repo.get(gone).await.unwrap().is_none());
+    }
+    assert_eq!(repo.checkpoint(done).await.unwrap(), None);
+    for kept in [waiting, recent, notified] {
+        assert!(repo.get(kept).await.unwrap().is_some(), "job {kept} was deleted");
+    }
+    assert_eq!(repo.forget_finished(cutoff, 100).await.unwrap(), 0);
+}
+
 conformance!(
+    finished_jobs_past_the_retention_age_are_deleted,
     create_get_and_list,
     concurrent_creates_each_get_their_own_job,
     concurrent_claims_and_completions,

@@ -297,6 +297,12 @@ pub trait JobRepository: Send + Sync + 'static {
     /// Forget idempotency keys recorded before `before`, at most `limit` of them; returns how many.
     async fn forget_idempotency_keys(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError>;
 
+    /// Delete finished jobs (completed, failed, cancelled) last changed before `before`,
+    /// oldest first, at most `limit` of them, with what hangs off them (checkpoints,
+    /// idempotency keys, webhook deliveries); a job whose webhook is still to be delivered
+    /// stays until it is. Returns how many. The stored objects stay.
+    async fn forget_finished(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError>;
+
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError>;
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError>;

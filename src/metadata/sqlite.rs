@@ -489,6 +489,26 @@ impl JobRepository for SqliteRepository {
         Ok(done.rows_affected())
     }
 
+    async fn forget_finished(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {
+        let done = self
+            .db
+            .write(move |c| {
+                sqlx::query(
+                    "DELETE FROM files WHERE id IN \
+                     (SELECT id FROM files WHERE status IN ('completed', 'failed', 'cancelled') AND updated_at < ?1 \
+                      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries w WHERE w.job_id = files.id \
+                                      AND w.delivered_at IS NULL AND w.given_up_at IS NULL) \
+                      ORDER BY updated_at LIMIT ?2)",
+                )
+                .bind(to_millis(before))
+                .bind(i64::from(limit))
+                .execute(c)
+                .boxed()
+            })
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError> {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM files WHERE id = ?1"))
             .bind(id.0)
