@@ -12,7 +12,7 @@ use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
 use sha2::Sha256;
 use url::Url;
 
-use super::cloud::{Cloud, CloudLimits, CloudStore, by_status};
+use super::cloud::{Cloud, CloudLimits, CloudStore};
 use crate::domain::BucketName;
 use crate::lifecycle::JobError;
 
@@ -57,14 +57,12 @@ impl AzureStore {
             }
         }
         let limits = CloudLimits { create_buckets: settings.create_buckets, max_file_size: settings.max_file_size };
-        let http = reqwest::Client::builder().no_proxy().build().expect("a plain client builds");
-        CloudStore::with(Azure { settings, http }, limits)
+        CloudStore::with(Azure { settings }, limits)
     }
 }
 
 pub struct Azure {
     settings: AzureSettings,
-    http: reqwest::Client,
 }
 
 impl Azure {
@@ -110,7 +108,12 @@ impl Cloud for Azure {
     }
 
     /// Create Container, signed with the account key (SharedKey).
-    async fn create_bucket(&self, _client: &MicrosoftAzure, bucket: &BucketName) -> Result<(), JobError> {
+    async fn create_bucket(
+        &self,
+        http: &reqwest::Client,
+        _client: &MicrosoftAzure,
+        bucket: &BucketName,
+    ) -> Result<reqwest::RequestBuilder, JobError> {
         let (Some(account), Some(key)) = (&self.settings.account, &self.settings.access_key) else {
             return Err(JobError::permanent(format!(
                 "Azure: cannot create container {bucket} without the account name and key"
@@ -125,22 +128,16 @@ impl Cloud for Azure {
         url.set_query(Some("restype=container"));
         let date = httpdate::fmt_http_date(std::time::SystemTime::now());
         let signature = shared_key_signature(&key, account, &url, &date);
-        let response = self
-            .http
+        Ok(http
             .put(url)
             .header("x-ms-date", &date)
             .header("x-ms-version", API_VERSION)
             .header("content-length", "0")
-            .header("authorization", format!("SharedKey {account}:{signature}"))
-            .send()
-            .await
-            .map_err(|e| JobError::transient(format!("Azure: Create Container failed: {e}")))?;
-        let status = response.status();
-        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
-            return Ok(());
-        }
-        let body = response.text().await.unwrap_or_default();
-        Err(by_status(status.as_u16(), format!("Azure: cannot create container {bucket}: HTTP {status}: {body}")))
+            .header("authorization", format!("SharedKey {account}:{signature}")))
+    }
+
+    fn public_elsewhere(&self) -> bool {
+        self.settings.public_endpoint.is_some()
     }
 
     fn is_missing_bucket(&self, text: &str) -> bool {

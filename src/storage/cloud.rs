@@ -46,8 +46,17 @@ pub trait Cloud: Send + Sync + 'static {
     /// signed links name the address users reach the store at.
     fn client(&self, bucket: &str, public: bool) -> Result<Self::Client, JobError>;
 
-    /// Create `bucket` (absent: an error saying it cannot be created).
-    async fn create_bucket(&self, client: &Self::Client, bucket: &BucketName) -> Result<(), JobError>;
+    /// The request that creates `bucket` (signed as the service wants), or an error saying
+    /// why it cannot be created. A success or a conflict (it exists) answers it.
+    async fn create_bucket(
+        &self,
+        http: &reqwest::Client,
+        client: &Self::Client,
+        bucket: &BucketName,
+    ) -> Result<reqwest::RequestBuilder, JobError>;
+
+    /// Whether download links name another address than fileflow reaches the store at.
+    fn public_elsewhere(&self) -> bool;
 
     /// Whether an error's text is the service saying the bucket does not exist.
     fn is_missing_bucket(&self, text: &str) -> bool;
@@ -76,13 +85,16 @@ pub struct CloudStore<C: Cloud> {
     limits: CloudLimits,
     /// Clients by bucket and whether they sign public links.
     clients: Mutex<Clients<C::Client>>,
+    /// For the requests fileflow makes itself (bucket creation).
+    http: reqwest::Client,
     /// Buckets seen to exist (only tracked when creating buckets).
     existing: Mutex<HashSet<String>>,
 }
 
 impl<C: Cloud> CloudStore<C> {
     pub fn with(cloud: C, limits: CloudLimits) -> Self {
-        Self { cloud, limits, clients: Mutex::default(), existing: Mutex::default() }
+        let http = reqwest::Client::builder().no_proxy().build().expect("a plain client builds");
+        Self { cloud, limits, clients: Mutex::default(), http, existing: Mutex::default() }
     }
 
     fn part_size(&self) -> usize {
@@ -94,7 +106,22 @@ impl<C: Cloud> CloudStore<C> {
     /// one is fine).
     pub async fn create_bucket(&self, bucket: &BucketName) -> Result<(), JobError> {
         let client = self.bucket(bucket.as_str())?;
-        self.cloud.create_bucket(&client, bucket).await
+        let name = self.cloud.name();
+        let request = self.cloud.create_bucket(&self.http, &client, bucket).await?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| JobError::transient(format!("{name}: cannot create bucket {bucket}: {e}")))?;
+        let status = response.status();
+        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+            return Ok(());
+        }
+        let body = response.text().await.unwrap_or_default();
+        let message = format!("{name}: cannot create bucket {bucket}: HTTP {status}: {body}");
+        Err(match status.as_u16() {
+            500..=599 | 408 | 429 => JobError::transient(message),
+            _ => JobError::permanent(message),
+        })
     }
 
     fn bucket(&self, bucket: &str) -> Result<Arc<C::Client>, JobError> {
@@ -103,7 +130,7 @@ impl<C: Cloud> CloudStore<C> {
 
     /// The client that signs download links.
     fn signer(&self, bucket: &str) -> Result<Arc<C::Client>, JobError> {
-        self.client(bucket, true)
+        self.client(bucket, self.cloud.public_elsewhere())
     }
 
     fn client(&self, bucket: &str, public: bool) -> Result<Arc<C::Client>, JobError> {
@@ -125,7 +152,7 @@ impl<C: Cloud> CloudStore<C> {
         match store.list_with_delimiter(Some(&StorePath::from("fileflow-bucket-probe"))).await {
             Ok(_) => {}
             Err(e) if self.classify(&e, "").message.contains("bucket does not exist") => {
-                self.cloud.create_bucket(store, bucket).await?;
+                self.create_bucket(bucket).await?;
                 tracing::info!(%bucket, store = self.cloud.name(), "bucket created");
             }
             Err(e) => return Err(self.classify(&e, "bucket check")),
@@ -449,13 +476,5 @@ impl<C: Cloud> DownloadLinks for CloudStore<C> {
         let millis = (expires_at - Utc::now()).num_milliseconds().max(0) as u64;
         let lifetime = std::time::Duration::from_secs(millis.div_ceil(1000));
         Ok(store.signed_url(reqwest::Method::GET, &location(&key), lifetime).await?)
-    }
-}
-
-/// An HTTP answer's status as a job error: 5xx, 408 and 429 may pass, the rest will not.
-pub(super) fn by_status(status: u16, message: String) -> JobError {
-    match status {
-        500..=599 | 408 | 429 => JobError::transient(message),
-        _ => JobError::permanent(message),
     }
 }

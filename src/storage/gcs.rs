@@ -12,7 +12,7 @@ use object_store::StaticCredentialProvider;
 use object_store::gcp::{GcpSigningCredential, GoogleCloudStorage, GoogleCloudStorageBuilder, ServiceAccountKey};
 use url::Url;
 
-use super::cloud::{Cloud, CloudLimits, CloudStore, by_status};
+use super::cloud::{Cloud, CloudLimits, CloudStore};
 use crate::domain::BucketName;
 use crate::lifecycle::JobError;
 
@@ -37,12 +37,11 @@ pub type GcsStore = CloudStore<Gcs>;
 impl GcsStore {
     pub fn new(settings: GcsSettings) -> Result<Self, JobError> {
         let limits = CloudLimits { create_buckets: settings.create_buckets, max_file_size: settings.max_file_size };
-        let http = reqwest::Client::builder().no_proxy().build().expect("a plain client builds");
         let signing = match &settings.service_account {
             Some(path) => local_signing_key(path)?,
             None => None,
         };
-        Ok(CloudStore::with(Gcs { settings, signing, http }, limits))
+        Ok(CloudStore::with(Gcs { settings, signing }, limits))
     }
 }
 
@@ -50,7 +49,6 @@ pub struct Gcs {
     settings: GcsSettings,
     /// The service account's own key, when its file has one: links are signed with it.
     signing: Option<Arc<StaticCredentialProvider<GcpSigningCredential>>>,
-    http: reqwest::Client,
 }
 
 /// The signing key of a service account file that holds one (`client_email`, `private_key`).
@@ -93,7 +91,12 @@ impl Cloud for Gcs {
     }
 
     /// The JSON API's buckets.insert, with the client's own credentials.
-    async fn create_bucket(&self, client: &GoogleCloudStorage, bucket: &BucketName) -> Result<(), JobError> {
+    async fn create_bucket(
+        &self,
+        http: &reqwest::Client,
+        client: &GoogleCloudStorage,
+        bucket: &BucketName,
+    ) -> Result<reqwest::RequestBuilder, JobError> {
         let Some(project) = &self.settings.project else {
             return Err(JobError::permanent(format!(
                 "GCS: cannot create bucket {bucket} without a project (GOOGLE_CLOUD_PROJECT or --gcs-project)"
@@ -108,18 +111,15 @@ impl Cloud for Gcs {
             .get_credential()
             .await
             .map_err(|e| JobError::transient(format!("GCS: no credentials to create bucket {bucket}: {e}")))?;
-        let mut request = self.http.post(url).json(&serde_json::json!({ "name": bucket.as_str() }));
-        if !token.bearer.is_empty() {
-            request = request.bearer_auth(&token.bearer);
-        }
-        let response =
-            request.send().await.map_err(|e| JobError::transient(format!("GCS: buckets.insert failed: {e}")))?;
-        let status = response.status();
-        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
-            return Ok(());
-        }
-        let body = response.text().await.unwrap_or_default();
-        Err(by_status(status.as_u16(), format!("GCS: cannot create bucket {bucket}: HTTP {status}: {body}")))
+        let request = http.post(url).json(&serde_json::json!({ "name": bucket.as_str() }));
+        Ok(match token.bearer.is_empty() {
+            true => request,
+            false => request.bearer_auth(&token.bearer),
+        })
+    }
+
+    fn public_elsewhere(&self) -> bool {
+        self.settings.public_endpoint.is_some()
     }
 
     fn is_missing_bucket(&self, text: &str) -> bool {

@@ -34,14 +34,12 @@ pub type S3Store = CloudStore<S3>;
 impl S3Store {
     pub fn new(settings: S3Settings) -> Self {
         let limits = CloudLimits { create_buckets: settings.create_buckets, max_file_size: settings.max_file_size };
-        let http = reqwest::Client::builder().no_proxy().build().expect("a plain client builds");
-        CloudStore::with(S3 { settings, http }, limits)
+        CloudStore::with(S3 { settings }, limits)
     }
 }
 
 pub struct S3 {
     settings: S3Settings,
-    http: reqwest::Client,
 }
 
 #[async_trait]
@@ -73,27 +71,22 @@ impl Cloud for S3 {
         builder.build().map_err(|e| JobError::permanent(format!("S3 configuration: {e}")))
     }
 
-    /// Create `bucket` with a presigned CreateBucket request.
-    async fn create_bucket(&self, client: &AmazonS3, bucket: &BucketName) -> Result<(), JobError> {
+    /// A presigned CreateBucket request.
+    async fn create_bucket(
+        &self,
+        http: &reqwest::Client,
+        client: &AmazonS3,
+        _bucket: &BucketName,
+    ) -> Result<reqwest::RequestBuilder, JobError> {
         let url = client
             .signed_url(reqwest::Method::PUT, &StorePath::from(""), std::time::Duration::from_secs(60))
             .await
             .map_err(|e| JobError::transient(format!("S3: cannot sign CreateBucket: {e}")))?;
-        let response = self
-            .http
-            .put(url)
-            .send()
-            .await
-            .map_err(|e| JobError::transient(format!("S3: CreateBucket failed: {e}")))?;
-        let status = response.status();
-        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
-            return Ok(());
-        }
-        let body = response.text().await.unwrap_or_default();
-        Err(super::cloud::by_status(
-            status.as_u16(),
-            format!("S3: cannot create bucket {bucket}: HTTP {status}: {body}"),
-        ))
+        Ok(http.put(url))
+    }
+
+    fn public_elsewhere(&self) -> bool {
+        self.settings.public_endpoint.is_some()
     }
 
     fn is_missing_bucket(&self, text: &str) -> bool {

@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::queue::{Delivery, Queue, QueueError};
 use crate::secrets::HeaderSealer;
 use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions, split_at_parts};
+use crate::telemetry::TraceParent;
 pub use hosts::Hosts;
 use hosts::{NotNow, host_of};
 
@@ -215,16 +216,16 @@ impl Worker {
     ) -> Result<WorkOutcome, WorkerError> {
         // Every line logged on the job's behalf (fetch, store, bookkeeping) names it.
         let span = tracing::info_span!("job", job_id = %delivery.job_id, trace_id = tracing::field::Empty);
-        record_trace(&span, delivery.traceparent.as_deref());
+        record_trace(&span, delivery.traceparent.as_deref().and_then(TraceParent::parse).as_ref());
         async move {
             let outcome = match self.claimed(&delivery, claim).await {
                 Ok(Claimed::Job(job)) => {
-                    record_trace(&tracing::Span::current(), job.traceparent.as_deref());
+                    let parent = job.traceparent.as_deref().and_then(TraceParent::parse);
+                    record_trace(&tracing::Span::current(), parent.as_ref());
                     // The attempt, exported as a child of the request that created the job.
                     let transfer = tracing::info_span!("transfer", job_id = %job.id, attempt = job.retry_count + 1,
                         trace_id = tracing::field::Empty, otel.kind = "consumer", outcome = tracing::field::Empty,
                         otel.status_code = tracing::field::Empty, otel.status_description = tracing::field::Empty);
-                    let parent = job.traceparent.as_deref().and_then(crate::telemetry::TraceParent::parse);
                     crate::telemetry::join(&transfer, parent.as_ref());
                     self.attempt_and_record(&delivery, &lease, *job, abort, slot).instrument(transfer).await
                 }
@@ -841,8 +842,8 @@ pub async fn run_pool(worker: Worker, concurrency: usize, stop: CancellationToke
 
 /// Put the trace id of a `traceparent` on the job's span (the request that created the job
 /// logged the same one).
-fn record_trace(span: &tracing::Span, traceparent: Option<&str>) {
-    if let Some(trace) = traceparent.and_then(crate::telemetry::TraceParent::parse) {
+fn record_trace(span: &tracing::Span, trace: Option<&TraceParent>) {
+    if let Some(trace) = trace {
         span.record("trace_id", trace.trace_id.as_str());
     }
 }
