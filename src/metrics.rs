@@ -65,6 +65,7 @@ pub struct Metrics {
     pub outbox_depth: Gauge,
     pub webhook_outbox_depth: Gauge,
     pub reannounced: Family<Kind, Counter>,
+    pub sweep_duration: Histogram,
     pub requests: Family<Request, Counter>,
     pub request_duration: Family<Route, Histogram, fn() -> Histogram>,
 }
@@ -95,6 +96,7 @@ impl Metrics {
             outbox_depth: Gauge::default(),
             webhook_outbox_depth: Gauge::default(),
             reannounced: Family::default(),
+            sweep_duration: latency_buckets(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_buckets),
             registry: Registry::default(),
@@ -145,6 +147,11 @@ impl Metrics {
             "fileflow_reconciler_reannounced",
             "Jobs the reconciler announced again (kind: pending overdue, expired lease)",
             m.reannounced.clone(),
+        );
+        registry.register(
+            "fileflow_reconciler_sweep_duration_seconds",
+            "Duration of each reconciler sweep (stuck jobs, old idempotency keys, retention)",
+            m.sweep_duration.clone(),
         );
         registry.register("fileflow_http_requests", "API requests answered, by route and status", m.requests.clone());
         registry.register(

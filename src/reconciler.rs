@@ -47,6 +47,7 @@ pub async fn run(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let started = std::time::Instant::now();
         let pending = match &backlog {
             None => true,
             Some(backlog) => match backlog.lag().await {
@@ -87,5 +88,6 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %e, "cannot delete old finished jobs; will try again"),
             }
         }
+        metrics.sweep_duration.observe(started.elapsed().as_secs_f64());
     }
 }

@@ -344,6 +344,9 @@ async fn jobs_belong_to_their_key(repo: Arc<dyn JobRepository>) {
     assert_eq!(ids(repo.list(&of("key-a", None)).await.unwrap()), [a2.id, a1.id]);
     assert_eq!(ids(repo.list(&of("key-b", Some(JobStatus::Pending))).await.unwrap()), [b1.id]);
     assert!(repo.list(&of("key-c", None)).await.unwrap().is_empty());
+    // Owner, status and cursor together: the next page of key-a's pending jobs.
+    let next_page = ListFilter { before: Some(a2.id), ..of("key-a", Some(JobStatus::Pending)) };
+    assert_eq!(ids(repo.list(&next_page).await.unwrap()), [a1.id]);
     let everyone = ListFilter { limit: 10, ..Default::default() };
     assert_eq!(ids(repo.list(&everyone).await.unwrap()), [open.id, a2.id, b1.id, a1.id]);
 

@@ -1,5 +1,5 @@
-//! The load generator: closed-loop clients that submit jobs as fast as fileflow accepts
-//! them, each sending its next request when the last one is answered.
+//! The load generator: closed-loop clients, each sending its next request when the last one
+//! is answered, and open-loop (paced) load, requests sent at a fixed rate whatever the answers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,10 +15,6 @@ pub fn client() -> reqwest::Client {
 pub fn upload_body(file_url: &str, bucket: &str, n: usize) -> Vec<u8> {
     serde_json::to_vec(&json!({ "file_url": file_url, "bucket_name": bucket, "object_name": format!("bench/{n:06}") }))
         .expect("JSON serialises")
-}
-
-async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> reqwest::Result<reqwest::Response> {
-    client.post(url).header("content-type", "application/json").body(body).send().await
 }
 
 pub struct Latencies {
@@ -51,24 +47,46 @@ impl Latencies {
     }
 }
 
-/// `connections` clients submit jobs back to back for `warmup + measure`; only answers
-/// to requests sent after the warm-up count. `file_url(n)` names job `n`'s source.
-pub async fn closed_loop(
+/// How request `n` of a load run is made.
+pub trait MakeRequest: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static {}
+impl<F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static> MakeRequest for F {}
+
+/// `POST /api/v1/upload` of job `n`, whose source `file_url(n)` names, into `bucket`.
+pub fn upload(
     base: &str,
+    bucket: &str,
+    file_url: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> impl MakeRequest {
+    let (url, bucket) = (format!("{base}/api/v1/upload"), bucket.to_owned());
+    move |client: &reqwest::Client, n| {
+        client.post(&url).header("content-type", "application/json").body(upload_body(&file_url(n), &bucket, n))
+    }
+}
+
+/// Send `request` and read its whole answer; whether it succeeded.
+async fn answered(request: reqwest::RequestBuilder) -> bool {
+    match request.send().await.and_then(|r| r.error_for_status()) {
+        Ok(r) => r.bytes().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Closed loop: `connections` clients send requests back to back for `warmup + measure`,
+/// each its next as soon as the last is answered; only requests sent after the warm-up count.
+pub async fn closed_loop(
     connections: usize,
     warmup: Duration,
     measure: Duration,
-    file_url: impl Fn(usize) -> String + Send + Sync + 'static,
+    request: impl MakeRequest,
 ) -> Latencies {
     let client = client();
-    let url = format!("{base}/api/v1/upload");
     let next = Arc::new(AtomicUsize::new(0));
-    let file_url = Arc::new(file_url);
+    let request = Arc::new(request);
     let started = Instant::now();
     let (measure_from, measure_to) = (started + warmup, started + warmup + measure);
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let (client, url, next, file_url) = (client.clone(), url.clone(), next.clone(), file_url.clone());
+        let (client, next, request) = (client.clone(), next.clone(), request.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
@@ -77,13 +95,7 @@ pub async fn closed_loop(
                 if sent >= measure_to {
                     break;
                 }
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                let body = upload_body(&file_url(n), "bench-accept", n);
-                let response = post(&client, &url, body).await.and_then(|r| r.error_for_status());
-                let ok = match response {
-                    Ok(r) => r.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
+                let ok = answered(request(&client, next.fetch_add(1, Ordering::Relaxed))).await;
                 if sent >= measure_from {
                     if ok {
                         latencies.push(sent.elapsed().as_micros() as u64);
@@ -101,6 +113,39 @@ pub async fn closed_loop(
         let (latencies, e) = task.await.expect("a load task does not panic");
         all.extend(latencies);
         errors += e;
+    }
+    all.sort_unstable();
+    Latencies { sorted_us: all, errors, secs: measure.as_secs_f64() }
+}
+
+/// Open loop: `rate` requests a second for `warmup + measure`, each sent at its own time
+/// whatever became of the ones before, as independent users send them (a closed loop
+/// would hold the next request back while one is slow, and so hide the slow spell).
+/// Latency counts from the request's scheduled time, so a request the generator itself
+/// sent late counts that wait too. Requests scheduled after the warm-up count.
+pub async fn paced(rate: f64, warmup: Duration, measure: Duration, request: impl MakeRequest) -> Latencies {
+    let client = client();
+    let request = Arc::new(request);
+    let started = Instant::now();
+    let measure_from = started + warmup;
+    let total = (rate * (warmup + measure).as_secs_f64()) as usize;
+    let mut tasks = Vec::with_capacity(total);
+    for n in 0..total {
+        let due = started + Duration::from_secs_f64(n as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let (client, request) = (client.clone(), request.clone());
+        tasks.push(tokio::spawn(async move {
+            let ok = answered(request(&client, n)).await;
+            (due >= measure_from).then(|| (ok, due.elapsed().as_micros() as u64))
+        }));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for task in tasks {
+        match task.await.expect("a load task does not panic") {
+            Some((true, us)) => all.push(us),
+            Some((false, _)) => errors += 1,
+            None => {}
+        }
     }
     all.sort_unstable();
     Latencies { sorted_us: all, errors, secs: measure.as_secs_f64() }
@@ -143,12 +188,11 @@ pub async fn submit_all(
     bucket: &str,
     file_url: impl Fn(usize) -> String + Send + Sync + 'static,
 ) {
-    let (client, url, bucket) = (client(), format!("{base}/api/v1/upload"), bucket.to_owned());
+    let (client, request) = (client(), Arc::new(upload(base, bucket, file_url)));
     each_index(connections, jobs, move |n| {
-        let (client, url) = (client.clone(), url.clone());
-        let body = upload_body(&file_url(n), &bucket, n);
+        let sent = request(&client, n).send();
         async move {
-            let response = post(&client, &url, body).await.expect("fileflow answers");
+            let response = sent.await.expect("fileflow answers");
             assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED, "job {n} was not accepted");
         }
     })

@@ -11,14 +11,16 @@
 //! `scripts/bench` starts the servers and runs this; the tables go to stdout and, when
 //! `FILEFLOW_BENCH_REPORT` names a file, into it (BENCHMARKS.md).
 //!
-//! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, pipeline, scale,
-//! large, resume), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
+//! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, pipeline,
+//! scale, large, resume, growth), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
 //! (2 GiB), `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400).
 
 #[path = "../../tests/support/origin.rs"]
 mod origin;
 
 mod baselines;
+mod busy;
+mod growth;
 mod load;
 mod process;
 mod progress;
@@ -142,11 +144,9 @@ impl Bench {
             let data = self.dir(&services::unique("accept"));
             let api = Fileflow::start("api", &data, &stack_env).await;
             for clients in [1, 8, 32] {
+                let request = load::upload(&api.base, "bench-accept", self.url("/file/16384?seed={n}".into()));
                 let latencies =
-                    load::closed_loop(&api.base, clients, Duration::from_secs(3), Duration::from_secs(10), {
-                        self.url("/file/16384?seed={n}".into())
-                    })
-                    .await;
+                    load::closed_loop(clients, Duration::from_secs(3), Duration::from_secs(10), request).await;
                 table.row(vec![
                     name.into(),
                     clients.to_string(),
@@ -163,7 +163,8 @@ impl Bench {
     }
 
     /// Run `jobs` jobs through one fileflow process; returns (seconds from the first
-    /// accept to the last completion, completed, failed, peak RSS MiB).
+    /// accept to the last completion, completed, failed, peak RSS MiB, CPU seconds the
+    /// process used from its start to the last completion).
     async fn fileflow_run(
         &self,
         role_env: &[(String, String)],
@@ -171,7 +172,7 @@ impl Bench {
         jobs: usize,
         bucket: &str,
         path: String,
-    ) -> (f64, i64, i64, f64) {
+    ) -> (f64, i64, i64, f64, f64) {
         let data = self.dir(&services::unique("run"));
         let serve = Fileflow::start("serve", &data, role_env).await;
         let db = match database {
@@ -186,9 +187,9 @@ impl Bench {
         load::submit_all(&serve.base, SUBMITTERS, jobs, bucket, self.url(path)).await;
         let progress = db.wait_for(jobs, Duration::from_secs(1800)).await;
         let secs = (progress.last_update_ms - started) as f64 / 1000.0;
-        let rss = serve.peak_rss_mib();
+        let (rss, cpu) = (serve.peak_rss_mib(), serve.cpu_seconds());
         serve.stop().await;
-        (secs, progress.completed, progress.failed, rss)
+        (secs, progress.completed, progress.failed, rss, cpu)
     }
 
     async fn pipeline(&mut self) -> Table {
@@ -214,6 +215,7 @@ impl Bench {
                 "MiB/s",
                 "fileflow ÷ this",
                 "peak RSS MiB",
+                "CPU µs per job",
             ],
         );
         let mut disk = self.disk_target("pipeline");
@@ -255,7 +257,7 @@ impl Bench {
         let path = "/file/16384?seed={n}".to_owned();
         for Target { name, env: mut stack_env, distributed, store, rclone } in targets {
             // fileflow and the ceiling take turns, so a slow spell of the machine hits both.
-            let (mut runs, mut ceilings, mut peak_rss) = (Vec::new(), Vec::new(), 0f64);
+            let (mut runs, mut ceilings, mut peak_rss, mut cpu) = (Vec::new(), Vec::new(), 0f64, Vec::new());
             for round in 0..rounds {
                 // Every turn starts from an empty database, topic and group.
                 let mut database = None;
@@ -264,8 +266,9 @@ impl Bench {
                     (stack_env, database) = (fresh_env, Some(url));
                 }
                 let bucket = services::unique("bench-pipeline");
-                let (secs, completed, failed, rss) =
+                let (secs, completed, failed, rss, cpu_secs) =
                     self.fileflow_run(&stack_env, database.as_deref(), jobs, &bucket, path.clone()).await;
+                cpu.push(cpu_secs * 1e6 / jobs as f64);
                 if failed > 0 || completed < jobs as i64 {
                     self.notes.push(format!("pipeline, {name}: {completed} completed, {failed} failed of {jobs}"));
                 }
@@ -289,6 +292,7 @@ impl Bench {
                 mib(rate),
                 "1.00".into(),
                 f1(peak_rss),
+                format!("{:.0}", median(&mut cpu)),
             ]);
             table.row(vec![
                 name.into(),
@@ -298,6 +302,7 @@ impl Bench {
                 range(&ceilings),
                 mib(ceiling_rate),
                 f2(rate / ceiling_rate),
+                "-".into(),
                 "-".into(),
             ]);
             if rclone_ok {
@@ -311,6 +316,7 @@ impl Bench {
                     "-".into(),
                     mib(rclone_rate),
                     f2(rate / rclone_rate),
+                    "-".into(),
                     "-".into(),
                 ]);
             }
@@ -411,7 +417,7 @@ impl Bench {
             for (transfer, validator) in [("resumed", "etag"), ("started over", "none")] {
                 let name = services::unique("resume");
                 let path = format!("/resumable/{name}/{size}?seed={{n}}&cut={cut}&validator={validator}");
-                let (secs, completed, _, _) = self.fileflow_run(&env, None, 1, "bench-resume", path).await;
+                let (secs, completed, ..) = self.fileflow_run(&env, None, 1, "bench-resume", path).await;
                 if completed != 1 {
                     self.notes.push(format!("resume, {store}, {transfer}: the job did not complete"));
                 }
@@ -456,7 +462,8 @@ impl Bench {
             self.notes.push("large file into S3: not run (no FILEFLOW_TEST_S3_*)".into());
         }
         for Target { name, env: stack_env, store, rclone, .. } in targets {
-            let (secs, completed, _, rss) = self.fileflow_run(&stack_env, None, 1, "bench-large", path.clone()).await;
+            let (secs, completed, _, rss, _) =
+                self.fileflow_run(&stack_env, None, 1, "bench-large", path.clone()).await;
             if completed != 1 {
                 self.notes.push(format!("large file, {name}: the fileflow job did not complete"));
             }
@@ -504,10 +511,12 @@ async fn main() {
     let mut tables = Vec::new();
     for (part, title) in [
         ("accept", "accept"),
+        ("busy", "accept while the workers run"),
         ("pipeline", "pipeline"),
         ("scale", "scale-out"),
         ("large", "large file"),
         ("resume", "resume"),
+        ("growth", "cost as the jobs pile up"),
     ] {
         if !wanted(part) {
             continue;
@@ -515,6 +524,13 @@ async fn main() {
         println!("== {title}");
         let table = match part {
             "accept" => bench.accept().await,
+            "busy" => bench.busy().await,
+            "growth" => {
+                let (growth, plans) = bench.growth().await;
+                println!("\n{}", growth.markdown());
+                tables.push(growth);
+                plans
+            }
             "pipeline" => bench.pipeline().await,
             "scale" => bench.scale().await,
             "resume" => bench.resume().await,

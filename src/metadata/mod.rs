@@ -59,6 +59,55 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
+impl ListFilter {
+    /// The `WHERE` conditions of this filter and the `LIMIT`, with only the conditions it
+    /// sets, each a plain comparison: an `? IS NULL OR …` form would keep the planner from
+    /// reading by `files_status_idx`/`files_owner_idx` and from starting at the cursor, so a
+    /// deep or status-filtered page would read every newer row. Values are numbered in the
+    /// order of [`ListFilter::bind`]; `placeholder(n)` names the n-th (from 1).
+    pub fn sql(&self, placeholder: fn(usize) -> String) -> String {
+        let mut conditions = Vec::new();
+        let mut next = 0;
+        let mut value = || {
+            next += 1;
+            placeholder(next)
+        };
+        if self.owner.is_some() {
+            conditions.push(format!("owner_key = {}", value()));
+        }
+        if self.status.is_some() {
+            conditions.push(format!("status = {}", value()));
+        }
+        if self.before.is_some() {
+            conditions.push(format!("id < {}", value()));
+        }
+        let filter = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+        format!("{filter} ORDER BY id DESC LIMIT {}", value())
+    }
+
+    /// Bind this filter's values to `query`, in the order [`ListFilter::sql`] numbers them.
+    pub fn bind<'q, DB>(
+        &self,
+        mut query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    ) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+    where
+        DB: sqlx::Database,
+        String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    {
+        if let Some(owner) = &self.owner {
+            query = query.bind(owner.clone());
+        }
+        if let Some(status) = self.status {
+            query = query.bind(status.as_str().to_owned());
+        }
+        if let Some(before) = self.before {
+            query = query.bind(before.0);
+        }
+        query.bind(i64::from(self.limit))
+    }
+}
+
 /// A worker's hold on a job while it works on it.
 ///
 /// `owner` is a fencing token: unique per claim, so two workers can never share one, and

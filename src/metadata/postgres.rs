@@ -17,7 +17,7 @@ use super::{
     Reconciled, RepoError, Requeue, Sweep, cancel_answer, from_db, to_db,
 };
 use crate::domain::{SealedHeaders, SourceUrl};
-use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement};
+use crate::lifecycle::{Grant, Job, JobId, NewJob, Settlement};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -345,19 +345,8 @@ impl JobRepository for PgRepository {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError> {
-        // An owner's jobs are read through files_owner_idx, which a `$4 IS NULL OR`
-        // condition would keep the planner from using.
-        let owner = if filter.owner.is_some() { "owner_key = $4" } else { "$4::text IS NULL" };
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM files WHERE {owner} AND ($1::text IS NULL OR status = $1) \
-             AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
-        ))
-        .bind(filter.status.map(JobStatus::as_str))
-        .bind(filter.before.map(|id| id.0))
-        .bind(i64::from(filter.limit))
-        .bind(filter.owner.as_deref())
-        .fetch_all(&self.db.pool)
-        .await?;
+        let sql = format!("SELECT {COLUMNS} FROM files {}", filter.sql(|n| format!("${n}")));
+        let rows = filter.bind(sqlx::query(&sql)).fetch_all(&self.db.pool).await?;
         rows.iter().map(job_from_row).collect()
     }
 

@@ -518,20 +518,8 @@ impl JobRepository for SqliteRepository {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError> {
-        // An owner's jobs are read through files_owner_idx, which a `?4 IS NULL OR`
-        // condition would keep the planner from using.
-        let owner = if filter.owner.is_some() { "owner_key = ?4" } else { "?4 IS NULL" };
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM files \
-             WHERE {owner} AND (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) \
-             ORDER BY id DESC LIMIT ?3"
-        ))
-        .bind(filter.status.map(JobStatus::as_str))
-        .bind(filter.before.map(|id| id.0))
-        .bind(i64::from(filter.limit))
-        .bind(filter.owner.as_deref())
-        .fetch_all(&self.db.reads)
-        .await?;
+        let sql = format!("SELECT {COLUMNS} FROM files {}", filter.sql(|n| format!("?{n}")));
+        let rows = filter.bind(sqlx::query(&sql)).fetch_all(&self.db.reads).await?;
         rows.iter().map(job_from_row).collect()
     }
 

@@ -1,0 +1,119 @@
+//! Accepting while the workers run: open-loop load on the default `fileflow serve`, whose
+//! workers run the jobs it accepts, beside the same on an API-only process; and the same
+//! while retention deletes old jobs.
+
+use std::time::Duration;
+
+use crate::load;
+use crate::process::Fileflow;
+use crate::progress::JobsDb;
+use crate::report::Table;
+use crate::{Bench, env_number, f2, services};
+
+/// Finished jobs in the database of the retention runs.
+const RETAINED: u64 = 200_000;
+
+struct Run {
+    process: &'static str,
+    role: &'static str,
+    durability: &'static str,
+    rate: f64,
+    /// Extra settings, and whether the database starts with `RETAINED` finished jobs.
+    env: Vec<(&'static str, &'static str)>,
+    seeded: bool,
+}
+
+impl Bench {
+    pub async fn busy(&mut self) -> Table {
+        let measure = Duration::from_secs(env_number("FILEFLOW_BENCH_BUSY_SECS", 10));
+        let warmup = Duration::from_secs(3);
+        let mut table = Table::new(
+            "Accept while the workers run",
+            &format!(
+                "Open-loop load: jobs offered at a fixed rate, each request sent on time whatever became of the \
+                 ones before; latency from the request's scheduled time to the whole 202 answer; {}s warm-up, then \
+                 {}s measured. Every job is a distinct 1 KiB file from the local origin into the disk store. \
+                 `serve` is the default process, whose workers (concurrency 8) run what it accepts meanwhile; \
+                 `api` accepts only. Durability: power-loss is `synchronous=FULL` (the default), process-crash \
+                 `synchronous=NORMAL`. Retention rows: a database holding {RETAINED} finished jobs a day old, with \
+                 retention off, then `--retention 1h` and a sweep every second (each deletes at most 1,000). CPU: \
+                 the fileflow process's CPU time over the run, in cores.",
+                warmup.as_secs(),
+                measure.as_secs()
+            ),
+            &[
+                "process",
+                "durability",
+                "offered/s",
+                "answered/s",
+                "p50 ms",
+                "p99 ms",
+                "p99.9 ms",
+                "max ms",
+                "errors",
+                "jobs completed meanwhile",
+                "old jobs deleted meanwhile",
+                "fileflow CPU (cores)",
+            ],
+        );
+        let full = "power-loss";
+        let normal = "process-crash";
+        let serve = |durability, rate| Run {
+            process: "serve",
+            role: "serve",
+            durability,
+            rate,
+            env: Vec::new(),
+            seeded: false,
+        };
+        let mut runs = Vec::new();
+        for rate in [2000.0, 5000.0] {
+            runs.push(serve(full, rate));
+            runs.push(Run { process: "api", role: "api", ..serve(full, rate) });
+            runs.push(serve(normal, rate));
+        }
+        runs.push(Run { process: "serve, retention off", seeded: true, ..serve(full, 2000.0) });
+        runs.push(Run {
+            process: "serve, retention 1h",
+            seeded: true,
+            env: vec![("FILEFLOW_RETENTION", "1h"), ("FILEFLOW_RECONCILE_INTERVAL", "1s")],
+            ..serve(full, 2000.0)
+        });
+        for run in runs {
+            let data = self.dir(&services::unique("busy"));
+            let mut env: Vec<(String, String)> =
+                run.env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            env.push(("FILEFLOW_SQLITE_DURABILITY".into(), run.durability.into()));
+            if run.seeded {
+                Fileflow::start("api", &data, &env).await.stop().await;
+                JobsDb::sqlite(&data).await.seed_finished(RETAINED).await;
+            }
+            let fileflow = Fileflow::start(run.role, &data, &env).await;
+            let db = JobsDb::sqlite(&data).await;
+            let old_before = db.jobs_in("bench-growth").await;
+            let cpu_before = fileflow.cpu_seconds();
+            let started = std::time::Instant::now();
+            let request = load::upload(&fileflow.base, "bench-busy", self.url("/file/1024?seed={n}".into()));
+            let latencies = load::paced(run.rate, warmup, measure, request).await;
+            let cores = (fileflow.cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64();
+            let completed = db.progress().await.completed;
+            let deleted = old_before - db.jobs_in("bench-growth").await;
+            fileflow.stop().await;
+            table.row(vec![
+                run.process.into(),
+                run.durability.into(),
+                format!("{:.0}", run.rate),
+                format!("{:.0}", latencies.per_sec()),
+                f2(latencies.quantile_ms(0.50)),
+                f2(latencies.quantile_ms(0.99)),
+                f2(latencies.quantile_ms(0.999)),
+                f2(latencies.max_ms()),
+                latencies.errors.to_string(),
+                if run.role == "serve" { completed.to_string() } else { "-".into() },
+                if run.seeded { deleted.to_string() } else { "-".into() },
+                f2(cores),
+            ]);
+        }
+        table
+    }
+}
