@@ -31,7 +31,7 @@ impl Bench {
             "Accept while the workers run",
             &format!(
                 "Open-loop load: jobs offered at a fixed rate, each request sent on time whatever became of the \
-                 ones before; latency from the request's scheduled time to the whole 202 answer; {}s warm-up, then \
+                 ones before; latency from sending the request to reading the whole 202 answer; {}s warm-up, then \
                  {}s measured. Every job is a distinct 1 KiB file from the local origin into the disk store. \
                  `serve` is the default process, whose workers (concurrency 8) run what it accepts meanwhile; \
                  `api` accepts only. Durability: power-loss is `synchronous=FULL` (the default), process-crash \
@@ -91,12 +91,13 @@ impl Bench {
             let fileflow = Fileflow::start(run.role, &data, &env).await;
             let db = JobsDb::sqlite(&data).await;
             let old_before = db.jobs_in("bench-growth").await;
+            let completed_before = db.progress().await.completed;
             let cpu_before = fileflow.cpu_seconds();
             let started = std::time::Instant::now();
             let request = load::upload(&fileflow.base, "bench-busy", self.url("/file/1024?seed={n}".into()));
             let latencies = load::paced(run.rate, warmup, measure, request).await;
             let cores = (fileflow.cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64();
-            let completed = db.progress().await.completed;
+            let completed = db.progress().await.completed - completed_before;
             let deleted = old_before - db.jobs_in("bench-growth").await;
             fileflow.stop().await;
             table.row(vec![

@@ -336,8 +336,8 @@ impl Bench {
                  AND (status = 'pending' OR (status = 'processing' AND lease_expires_at <= ?1)) \
                  AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.job_id = files.id) ORDER BY id LIMIT 1000"
                     .to_owned(),
-                "SELECT id FROM files WHERE status IN ('completed', 'failed', 'cancelled') AND updated_at < ?1 \
-                 ORDER BY updated_at LIMIT 1000"
+                "SELECT id FROM files INDEXED BY files_finished_updated_idx \
+                 WHERE status IN ('completed', 'failed', 'cancelled') AND updated_at < ?1 ORDER BY updated_at LIMIT 1000"
                     .to_owned(),
             )
         };

@@ -121,8 +121,9 @@ pub async fn closed_loop(
 /// Open loop: `rate` requests a second for `warmup + measure`, each sent at its own time
 /// whatever became of the ones before, as independent users send them (a closed loop
 /// would hold the next request back while one is slow, and so hide the slow spell).
-/// Latency counts from the request's scheduled time, so a request the generator itself
-/// sent late counts that wait too. Requests scheduled after the warm-up count.
+/// Latency counts from sending the request (the runtime's timer wakes the generator at
+/// millisecond steps, so measuring from the scheduled time would add up to a millisecond
+/// of the generator's own to every figure). Requests scheduled after the warm-up count.
 pub async fn paced(rate: f64, warmup: Duration, measure: Duration, request: impl MakeRequest) -> Latencies {
     let client = client();
     let request = Arc::new(request);
@@ -135,8 +136,9 @@ pub async fn paced(rate: f64, warmup: Duration, measure: Duration, request: impl
         tokio::time::sleep_until(due.into()).await;
         let (client, request) = (client.clone(), request.clone());
         tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
             let ok = answered(request(&client, n)).await;
-            (due >= measure_from).then(|| (ok, due.elapsed().as_micros() as u64))
+            (due >= measure_from).then(|| (ok, sent.elapsed().as_micros() as u64))
         }));
     }
     let (mut all, mut errors) = (Vec::new(), 0);
