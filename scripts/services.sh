@@ -92,7 +92,7 @@ start_postgres() { # dir
     chown postgres:postgres "$dir/pg" "$dir/pgsock" "$dir/pglog"
     runuser -u postgres -- "$bindir/initdb" -D "$dir/pg" --auth=trust --username=postgres -E UTF8 >"$dir/pg-init.log" 2>&1
     runuser -u postgres -- "$bindir/pg_ctl" -D "$dir/pg" -l "$dir/pglog/postgres.log" -w -t 60 \
-        -o "-p $port -k $dir/pgsock -c listen_addresses=127.0.0.1 -c max_connections=500 -c fsync=off" start >/dev/null
+        -o "-p $port -k $dir/pgsock -c listen_addresses=127.0.0.1 -c max_connections=500 -c fsync=off -c shared_preload_libraries=pg_stat_statements" start >/dev/null
     echo "FILEFLOW_TEST_POSTGRES=postgres://postgres@127.0.0.1:$port/postgres" >>"$dir/env"
     log "PostgreSQL on 127.0.0.1:$port"
 }
@@ -169,6 +169,7 @@ TOML
         echo "FILEFLOW_TEST_S3_REGION=garage"
         echo "FILEFLOW_TEST_S3_ACCESS_KEY=GKfileflow0000000000000000"
         echo "FILEFLOW_TEST_S3_SECRET_KEY=0000000000000000000000000000000000000000000000000000000000000000"
+        echo "FILEFLOW_TEST_S3_ADMIN=http://127.0.0.1:$admin"
     } >>"$dir/env"
     log "Garage S3 on 127.0.0.1:$s3"
 }

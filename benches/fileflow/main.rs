@@ -12,7 +12,7 @@
 //! `FILEFLOW_BENCH_REPORT` names a file, into it (BENCHMARKS.md).
 //!
 //! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, pipeline,
-//! scale, large, resume, growth), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
+//! scale, large, resume, growth, costs), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
 //! (2 GiB), `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400).
 
 #[path = "../../tests/support/origin.rs"]
@@ -20,6 +20,7 @@ mod origin;
 
 mod baselines;
 mod busy;
+mod costs;
 mod growth;
 mod load;
 mod process;
@@ -442,9 +443,20 @@ impl Bench {
         let mut table = Table::new(
             &format!("Large file: {mib:.0} MiB"),
             "One file from the local origin. fileflow: one `fileflow serve` process (embedded stack), time from \
-             the accept to the completion, and the process's peak resident memory (VmHWM) over its whole life. \
-             Ceiling: one streamed GET→PUT through fileflow's own HTTP client and store. rclone: `rclone copyurl`.",
-            &["store", "runner", "seconds", "MiB/s", "fileflow ÷ this", "peak RSS MiB"],
+             the accept to the completion, and the process's peak resident memory (VmHWM) over its whole life; \
+             once from an origin that sends an ETag (stored resumably, part by part, as from most origins), once \
+             from one that names no version. Ceiling: one streamed GET→PUT through fileflow's own HTTP client and \
+             store. rclone: `rclone copyurl`. Ratios: the first fileflow row's speed over this row's.",
+            &[
+                "store",
+                "runner",
+                "seconds",
+                "MiB/s",
+                "fileflow ÷ this",
+                "peak RSS MiB",
+                "fileflow CPU s",
+                "Garage CPU s",
+            ],
         );
         let path = format!("/file/{size}?seed={{n}}");
         let disk = self.dir("large-ceiling-disk");
@@ -462,13 +474,40 @@ impl Bench {
             self.notes.push("large file into S3: not run (no FILEFLOW_TEST_S3_*)".into());
         }
         for Target { name, env: stack_env, store, rclone, .. } in targets {
-            let (secs, completed, _, rss, _) =
-                self.fileflow_run(&stack_env, None, 1, "bench-large", path.clone()).await;
-            if completed != 1 {
-                self.notes.push(format!("large file, {name}: the fileflow job did not complete"));
+            // Most origins name a file's version (ETag, Last-Modified), which makes fileflow
+            // store it resumably, part by part; an origin that names none is stored in one go.
+            let mut secs = 0.0;
+            for (runner, file) in [
+                (
+                    "fileflow (origin sends an ETag)",
+                    format!("/resumable/{}/{size}?seed={{n}}", services::unique("large")),
+                ),
+                ("fileflow (origin names no version)", path.clone()),
+            ] {
+                let garage = costs::cpu_of("garage");
+                let (run_secs, completed, _, rss, cpu) =
+                    self.fileflow_run(&stack_env, None, 1, "bench-large", file).await;
+                let garage = costs::cpu_of("garage") - garage;
+                if completed != 1 {
+                    self.notes.push(format!("large file, {name}, {runner}: the fileflow job did not complete"));
+                }
+                if secs == 0.0 {
+                    secs = run_secs;
+                }
+                table.row(vec![
+                    name.into(),
+                    runner.into(),
+                    f2(run_secs),
+                    f1(mib / run_secs),
+                    f2(secs / run_secs),
+                    f1(rss),
+                    f1(cpu),
+                    f1(garage),
+                ]);
             }
-            table.row(vec![name.into(), "fileflow".into(), f2(secs), f1(mib / secs), "1.00".into(), f1(rss)]);
+            let garage = costs::cpu_of("garage");
             let ceiling = baselines::ceiling(store, "bench-ceiling", 1, 1, self.url(path.clone())).await;
+            let garage = costs::cpu_of("garage") - garage;
             table.row(vec![
                 name.into(),
                 "ceiling: bare GET→PUT".into(),
@@ -476,9 +515,13 @@ impl Bench {
                 f1(mib / ceiling),
                 f2(ceiling / secs),
                 "-".into(),
+                "-".into(),
+                f1(garage),
             ]);
             if baselines::rclone_installed() {
+                let garage = costs::cpu_of("garage");
                 let rclone = baselines::rclone(rclone, 1, 1, self.url(path.clone())).await;
+                let garage = costs::cpu_of("garage") - garage;
                 table.row(vec![
                     name.into(),
                     "rclone copyurl".into(),
@@ -486,6 +529,8 @@ impl Bench {
                     f1(mib / rclone),
                     f2(rclone / secs),
                     "-".into(),
+                    "-".into(),
+                    f1(garage),
                 ]);
             }
             // Free the disk before the next store.
@@ -517,6 +562,7 @@ async fn main() {
         ("large", "large file"),
         ("resume", "resume"),
         ("growth", "cost as the jobs pile up"),
+        ("costs", "per job, on the distributed stack"),
     ] {
         if !wanted(part) {
             continue;
@@ -525,11 +571,11 @@ async fn main() {
         let table = match part {
             "accept" => bench.accept().await,
             "busy" => bench.busy().await,
-            "growth" => {
-                let (growth, plans) = bench.growth().await;
-                println!("\n{}", growth.markdown());
-                tables.push(growth);
-                plans
+            "growth" | "costs" => {
+                let (first, second) = if part == "growth" { bench.growth().await } else { bench.costs().await };
+                println!("\n{}", first.markdown());
+                tables.push(first);
+                second
             }
             "pipeline" => bench.pipeline().await,
             "scale" => bench.scale().await,

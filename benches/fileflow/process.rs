@@ -101,6 +101,18 @@ impl Fileflow {
         (ticks(11) + ticks(12)) / 100.0
     }
 
+    /// Time the process's threads have spent runnable but waiting for a CPU, in seconds
+    /// (the second field of each thread's schedstat).
+    pub fn cpu_wait_seconds(&self) -> f64 {
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else { return 0.0 };
+        let waited_ns: f64 = threads
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .sum();
+        waited_ns / 1e9
+    }
+
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }

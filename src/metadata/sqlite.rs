@@ -129,17 +129,6 @@ impl SqliteDb {
         Ok(Self { reads, writer, queued: Arc::new(Notify::new()), file, _alive: alive })
     }
 
-    /// [`write`](Self::write), ahead of the writes queued that way: for writes a caller is
-    /// waiting on (accepting a job), so they do not queue behind the workers' bookkeeping.
-    pub async fn write_first<T, E, F>(&self, work: F) -> Result<T, E>
-    where
-        T: Send + 'static,
-        E: From<sqlx::Error> + Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, E>> + Send + 'static,
-    {
-        self.writer.run_first(work).await
-    }
-
     /// Run `work` on the write connection, after the writes queued before it. The work
     /// runs to its end even if the caller stops waiting.
     pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
@@ -334,7 +323,7 @@ async fn claim_state(db: &SqliteDb, id: JobId) -> Result<Option<ClaimState>, Rep
 /// trigger files_new_job_enqueues); returns the jobs in the order given.
 async fn insert_jobs(db: &SqliteDb, batch: &[NewJobAt]) -> Result<Vec<Job>, RepoError> {
     let owned = batch.to_vec();
-    db.write_first(move |c| Box::pin(async move { insert_on(c, &owned).await })).await
+    db.write(move |c| Box::pin(async move { insert_on(c, &owned).await })).await
 }
 
 /// [`insert_jobs`] on a connection the caller holds (inside its transaction).
@@ -439,7 +428,7 @@ impl JobRepository for SqliteRepository {
         let batch: Vec<NewJobAt> = jobs.iter().map(|job| (job.clone(), now)).collect();
         let created = self
             .db
-            .write_first(move |c| {
+            .write(move |c| {
                 Box::pin(async move {
                     let mut tx = c.begin().await?;
                     let mut created = Vec::with_capacity(batch.len());
@@ -462,7 +451,7 @@ impl JobRepository for SqliteRepository {
         // looking the key up and recording it.
         let outcome = self
             .db
-            .write_first(move |c| {
+            .write(move |c| {
                 Box::pin(async move {
                     let mut tx = c.begin().await?;
                     sqlx::query("DELETE FROM idempotency_keys WHERE owner = ?1 AND key = ?2 AND created_at < ?3")
@@ -545,8 +534,8 @@ impl JobRepository for SqliteRepository {
 
     async fn forget_finished(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {
         // In statements of at most DELETE_CHUNK jobs: each holds the one write connection
-        // only briefly, so accepts (which go first) slip in between them. Deleting 1,000
-        // jobs with their cascades in one statement held it for about 100 ms.
+        // only briefly, so the writes queued meanwhile (accepts) go between them. Deleting
+        // 1,000 jobs with their cascades in one statement held it for about 100 ms.
         let mut deleted = 0;
         while deleted < u64::from(limit) {
             let chunk = (u64::from(limit) - deleted).min(DELETE_CHUNK);

@@ -19,54 +19,25 @@ type Job = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, ()>
 #[derive(Clone, Debug)]
 pub(crate) struct Writer {
     jobs: mpsc::UnboundedSender<Job>,
-    first: mpsc::UnboundedSender<Job>,
 }
 
 impl Writer {
     /// Start the task that owns `connection`; it ends when the last clone is dropped.
     pub(crate) fn start(mut connection: SqliteConnection) -> Self {
         let (jobs, mut queued) = mpsc::unbounded_channel::<Job>();
-        let (first, mut queued_first) = mpsc::unbounded_channel::<Job>();
         tokio::spawn(async move {
-            loop {
-                let job = tokio::select! {
-                    biased;
-                    Some(job) = queued_first.recv() => job,
-                    Some(job) = queued.recv() => job,
-                    else => break,
-                };
+            while let Some(job) = queued.recv().await {
                 // A panic fails that request (its answer is dropped), not the writer.
                 if AssertUnwindSafe(job(&mut connection)).catch_unwind().await.is_err() {
                     tracing::error!("a database write panicked");
                 }
             }
         });
-        Self { jobs, first }
+        Self { jobs }
     }
 
     /// Run `work` on the write connection after the work queued before it.
     pub(crate) async fn run<T, E, F>(&self, work: F) -> Result<T, E>
-    where
-        T: Send + 'static,
-        E: From<sqlx::Error> + Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, E>> + Send + 'static,
-    {
-        self.queue(&self.jobs, work).await
-    }
-
-    /// Run `work` on the write connection before the work queued by [`Writer::run`] (after
-    /// the statement under way, and after other work queued this way): for writes someone
-    /// is waiting on to answer a request, ahead of the workers' bookkeeping.
-    pub(crate) async fn run_first<T, E, F>(&self, work: F) -> Result<T, E>
-    where
-        T: Send + 'static,
-        E: From<sqlx::Error> + Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, E>> + Send + 'static,
-    {
-        self.queue(&self.first, work).await
-    }
-
-    async fn queue<T, E, F>(&self, queue: &mpsc::UnboundedSender<Job>, work: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<sqlx::Error> + Send + 'static,
@@ -78,7 +49,7 @@ impl Writer {
                 let _ = reply.send(work(connection).await);
             })
         });
-        queue.send(job).map_err(|_| sqlx::Error::PoolClosed)?;
+        self.jobs.send(job).map_err(|_| sqlx::Error::PoolClosed)?;
         answer.await.map_err(|_| sqlx::Error::PoolClosed)?
     }
 }

@@ -193,7 +193,9 @@ impl<C: Cloud> CloudStore<C> {
             }
             while let Some(chunk) = rest.next().await {
                 let chunk = chunk?;
-                w.wait_for_capacity(1).await.map_err(|e| self.classify_mid_upload(&e, "part upload"))?;
+                w.wait_for_capacity(PARTS_IN_FLIGHT - 1)
+                    .await
+                    .map_err(|e| self.classify_mid_upload(&e, "part upload"))?;
                 w.put(chunk);
             }
             // Parts already sent are done; the last one and the completion come after the check.
@@ -217,8 +219,10 @@ impl<C: Cloud> CloudStore<C> {
     }
 }
 
-/// Parts of a resumable upload in flight at once.
-const PARTS_IN_FLIGHT: usize = 2;
+/// Parts of an upload in flight at once. Measured with 1 GiB into Garage on two cores:
+/// 2 in flight 129 MiB/s, 4 161 MiB/s, 8 157 MiB/s; each part in flight holds its bytes
+/// (5 MiB on S3), so 4 keeps a transfer's memory near 25 MiB.
+const PARTS_IN_FLIGHT: usize = 4;
 
 impl<C: Cloud> CloudStore<C> {
     /// A resumable upload: parts go up through the store's own multipart calls, at most
