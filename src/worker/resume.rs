@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 
-use super::verify::{HashState, Verifier};
+use super::verify::{HashState, PendingState, Verifier};
 use crate::fetch::RangeFrom;
 use crate::lifecycle::{JobError, JobId};
 use crate::metadata::JobRepository;
@@ -48,7 +48,7 @@ pub struct Recorder<'a> {
     pub content_type: String,
     pub verifier: Verifier,
     /// Hash states at the ends of parts taken but not yet stored, oldest first.
-    pub taken: Mutex<VecDeque<HashState>>,
+    pub taken: Mutex<VecDeque<PendingState>>,
     /// The store no longer has the partial write this attempt went on with.
     pub gone: AtomicBool,
 }
@@ -78,6 +78,7 @@ impl WriteProgress for Recorder<'_> {
                 _ => return Err(JobError::transient(format!("no hash state at offset {}", write.stored))),
             }
         };
+        let hashes = hashes.ready().await?;
         let checkpoint = Checkpoint {
             validator: self.validator.clone(),
             total: self.total,

@@ -5,10 +5,13 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
 use futures::StreamExt;
 use md5::Md5;
-use sha2::digest::common::hazmat::SerializableState as _;
+use sha2::digest::common::hazmat::SerializableState;
 use sha2::{Digest, Sha256};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::lifecycle::{Cause, JobError};
 use crate::storage::ByteStream;
@@ -44,9 +47,93 @@ pub struct HashState {
     md5: String,
 }
 
+/// Bodies longer than this are hashed beside the transfer (see [`Lane`]); shorter ones,
+/// most of them, in the stream itself, where a hand-over to a thread would cost more than
+/// the hashing.
+const HASH_BESIDE_AFTER: u64 = 1 << 20;
+
+/// Bytes a hashing thread may have waiting, at most; the body waits beyond that.
+const LANE_BACKLOG: u32 = 16 << 20;
+
+/// One hash of a long body, computed on a thread of its own, so MD5 and SHA-256 run at
+/// once, each beside the transfer, instead of one after the other in the stream between
+/// the origin and the store (measured here: a 1 GiB file into the disk store moved at
+/// about 340 MiB/s, the speed of the two hashes in a row). Work is done in the order
+/// given, so a state asked for after some bytes is the state at exactly that point.
+#[derive(Clone)]
+struct Lane {
+    work: mpsc::UnboundedSender<LaneWork>,
+    /// Bytes that may still be handed over before the thread catches up.
+    room: Arc<Semaphore>,
+}
+
+enum LaneWork {
+    Bytes(Bytes),
+    /// The hash's state so far, serialized.
+    State(oneshot::Sender<Vec<u8>>),
+    /// The digest; the lane ends.
+    Finish(oneshot::Sender<Vec<u8>>),
+}
+
+impl Lane {
+    fn start<H>(mut hasher: H) -> Lane
+    where
+        H: Digest + SerializableState + Send + 'static,
+    {
+        let (work, mut queued) = mpsc::unbounded_channel();
+        let room = Arc::new(Semaphore::new(LANE_BACKLOG as usize));
+        let freed = room.clone();
+        tokio::task::spawn_blocking(move || {
+            while let Some(work) = queued.blocking_recv() {
+                match work {
+                    LaneWork::Bytes(bytes) => {
+                        hasher.update(&bytes);
+                        freed.add_permits(permits(&bytes) as usize);
+                    }
+                    LaneWork::State(reply) => {
+                        let _ = reply.send(hasher.serialize().to_vec());
+                    }
+                    LaneWork::Finish(reply) => {
+                        let _ = reply.send(hasher.finalize().to_vec());
+                        return;
+                    }
+                }
+            }
+        });
+        Lane { work, room }
+    }
+
+    async fn feed(&self, bytes: Bytes) -> Result<(), JobError> {
+        let room = self.room.acquire_many(permits(&bytes)).await.map_err(|_| lane_gone())?;
+        room.forget();
+        self.work.send(LaneWork::Bytes(bytes)).map_err(|_| lane_gone())
+    }
+
+    fn ask(&self, what: fn(oneshot::Sender<Vec<u8>>) -> LaneWork) -> oneshot::Receiver<Vec<u8>> {
+        let (reply, answer) = oneshot::channel();
+        // A lane that has gone drops the reply; the receiver then says so.
+        let _ = self.work.send(what(reply));
+        answer
+    }
+}
+
+fn permits(bytes: &Bytes) -> u32 {
+    u32::try_from(bytes.len()).unwrap_or(u32::MAX).min(LANE_BACKLOG)
+}
+
+fn lane_gone() -> JobError {
+    JobError::transient("a hashing thread stopped")
+}
+
+enum Hashers {
+    /// In the stream.
+    Here { sha256: Sha256, md5: Md5 },
+    /// Each on its own lane.
+    Beside { sha256: Lane, md5: Lane },
+}
+
 struct Hashing {
-    sha256: Sha256,
-    md5: Md5,
+    hashers: Hashers,
     size: u64,
     digests: Option<Digests>,
 }
@@ -54,6 +141,34 @@ struct Hashing {
 /// A verified stream's running hashes and, once it ended well, its digests.
 #[derive(Clone)]
 pub struct Verifier(Arc<Mutex<Hashing>>);
+
+/// The hashes at one point of a body, once the hashing has got there.
+pub struct PendingState {
+    pub size: u64,
+    sha256: Snapshot,
+    md5: Snapshot,
+}
+
+enum Snapshot {
+    Ready(Vec<u8>),
+    Later(oneshot::Receiver<Vec<u8>>),
+}
+
+impl Snapshot {
+    async fn bytes(self) -> Result<Vec<u8>, JobError> {
+        match self {
+            Snapshot::Ready(bytes) => Ok(bytes),
+            Snapshot::Later(answer) => answer.await.map_err(|_| lane_gone()),
+        }
+    }
+}
+
+impl PendingState {
+    pub async fn ready(self) -> Result<HashState, JobError> {
+        let (sha256, md5) = (self.sha256.bytes().await?, self.md5.bytes().await?);
+        Ok(HashState { size: self.size, sha256: BASE64.encode(sha256), md5: BASE64.encode(md5) })
+    }
+}
 
 impl Verifier {
     fn lock(&self) -> std::sync::MutexGuard<'_, Hashing> {
@@ -65,10 +180,59 @@ impl Verifier {
         self.lock().digests.clone()
     }
 
-    /// The hashes of the bytes that have gone by so far.
-    pub fn state(&self) -> HashState {
+    /// The hashes of the bytes that have gone by so far (ready once they are hashed).
+    pub fn state(&self) -> PendingState {
         let h = self.lock();
-        HashState { size: h.size, sha256: BASE64.encode(h.sha256.serialize()), md5: BASE64.encode(h.md5.serialize()) }
+        let (sha256, md5) = match &h.hashers {
+            Hashers::Here { sha256, md5 } => {
+                (Snapshot::Ready(sha256.serialize().to_vec()), Snapshot::Ready(md5.serialize().to_vec()))
+            }
+            Hashers::Beside { sha256, md5 } => {
+                (Snapshot::Later(sha256.ask(LaneWork::State)), Snapshot::Later(md5.ask(LaneWork::State)))
+            }
+        };
+        PendingState { size: h.size, sha256, md5 }
+    }
+
+    /// Count and hash `chunk`: here while the body is short, beside it once it is long.
+    async fn take(&self, chunk: &Bytes, max_size: u64) -> Result<(), JobError> {
+        let lanes = {
+            let mut h = self.lock();
+            h.size += chunk.len() as u64;
+            if h.size > max_size {
+                return Err(JobError::permanent(format!("file too large: more than the limit of {max_size} bytes"))
+                    .because(Cause::TooLarge));
+            }
+            let long = h.size > HASH_BESIDE_AFTER;
+            match &mut h.hashers {
+                Hashers::Here { sha256, md5 } if !long => {
+                    sha256.update(chunk);
+                    md5.update(chunk);
+                    return Ok(());
+                }
+                Hashers::Here { sha256, md5 } => {
+                    let (sha256, md5) = (Lane::start(sha256.clone()), Lane::start(md5.clone()));
+                    h.hashers = Hashers::Beside { sha256: sha256.clone(), md5: md5.clone() };
+                    (sha256, md5)
+                }
+                Hashers::Beside { sha256, md5 } => (sha256.clone(), md5.clone()),
+            }
+        };
+        lanes.0.feed(chunk.clone()).await?;
+        lanes.1.feed(chunk.clone()).await
+    }
+
+    /// The digests of everything taken, hex.
+    async fn finish_hashes(&self) -> Result<(String, String), JobError> {
+        let lanes = match &mut self.lock().hashers {
+            Hashers::Here { sha256, md5 } => {
+                return Ok((hex::encode(sha256.finalize_reset()), hex::encode(md5.finalize_reset())));
+            }
+            Hashers::Beside { sha256, md5 } => (sha256.ask(LaneWork::Finish), md5.ask(LaneWork::Finish)),
+        };
+        let sha256 = lanes.0.await.map_err(|_| lane_gone())?;
+        let md5 = lanes.1.await.map_err(|_| lane_gone())?;
+        Ok((hex::encode(sha256), hex::encode(md5)))
     }
 }
 
@@ -81,28 +245,23 @@ struct State {
 
 impl State {
     /// The end of the body: the last chance to refuse it, before the store commits.
-    fn finish(&mut self) -> Result<(), JobError> {
-        let mut h = self.hashing.lock();
+    async fn finish(&mut self) -> Result<(), JobError> {
+        let size = self.hashing.lock().size;
         if let Some(declared) = self.expect.declared_length
-            && h.size != declared
+            && size != declared
         {
             return Err(JobError::transient(format!(
-                "origin body interrupted: received {} of {declared} declared bytes",
-                h.size
+                "origin body interrupted: received {size} of {declared} declared bytes"
             ))
             .because(Cause::Network));
         }
         if let Some(expected) = self.expect.size
-            && h.size != expected
+            && size != expected
         {
-            return Err(JobError::permanent(format!(
-                "size mismatch: expected {expected} bytes, content has {}",
-                h.size
-            ))
-            .because(Cause::Verification));
+            return Err(JobError::permanent(format!("size mismatch: expected {expected} bytes, content has {size}"))
+                .because(Cause::Verification));
         }
-        let sha256 = hex::encode(h.sha256.finalize_reset());
-        let md5 = hex::encode(h.md5.finalize_reset());
+        let (sha256, md5) = self.hashing.finish_hashes().await?;
         for (name, expected, actual) in [("sha256", &self.expect.sha256, &sha256), ("md5", &self.expect.md5, &md5)] {
             if let Some(expected) = expected
                 && expected != actual
@@ -113,7 +272,7 @@ impl State {
                 .because(Cause::Verification));
             }
         }
-        h.digests = Some(Digests { size: h.size, sha256, md5 });
+        self.hashing.lock().digests = Some(Digests { size, sha256, md5 });
         Ok(())
     }
 }
@@ -127,31 +286,20 @@ pub fn verified(body: ByteStream, expect: Expectations, from: Option<&HashState>
         Ok(None) => (Sha256::new(), Md5::new(), 0),
         Err(e) => return (futures::stream::once(async move { Err(e) }).boxed(), Verifier::empty()),
     };
-    let hashing = Verifier(Arc::new(Mutex::new(Hashing { sha256, md5, size, digests: None })));
+    let hashing =
+        Verifier(Arc::new(Mutex::new(Hashing { hashers: Hashers::Here { sha256, md5 }, size, digests: None })));
     let state = State { body, expect, hashing: hashing.clone(), done: false };
     let stream = futures::stream::unfold(state, |mut st| async move {
         if st.done {
             return None;
         }
         let item = match st.body.next().await {
-            Some(Ok(chunk)) => {
-                let mut h = st.hashing.lock();
-                h.size += chunk.len() as u64;
-                if h.size > st.expect.max_size {
-                    Err(JobError::permanent(format!(
-                        "file too large: more than the limit of {} bytes",
-                        st.expect.max_size
-                    ))
-                    .because(Cause::TooLarge))
-                } else {
-                    h.sha256.update(&chunk);
-                    h.md5.update(&chunk);
-                    drop(h);
-                    return Some((Ok(chunk), st));
-                }
-            }
+            Some(Ok(chunk)) => match st.hashing.take(&chunk, st.expect.max_size).await {
+                Ok(()) => return Some((Ok(chunk), st)),
+                Err(e) => Err(e),
+            },
             Some(Err(e)) => Err(e),
-            None => match st.finish() {
+            None => match st.finish().await {
                 Ok(()) => return None,
                 Err(e) => Err(e),
             },
@@ -164,7 +312,8 @@ pub fn verified(body: ByteStream, expect: Expectations, from: Option<&HashState>
 
 impl Verifier {
     fn empty() -> Self {
-        Self(Arc::new(Mutex::new(Hashing { sha256: Sha256::new(), md5: Md5::new(), size: 0, digests: None })))
+        let hashers = Hashers::Here { sha256: Sha256::new(), md5: Md5::new() };
+        Self(Arc::new(Mutex::new(Hashing { hashers, size: 0, digests: None })))
     }
 }
 
@@ -252,7 +401,7 @@ mod tests {
         let broken = body(&[b"hello", b" "]).chain(futures::stream::once(async { Err(JobError::transient("cut")) }));
         let (first, verifier) = verified(broken.boxed(), expect(), None);
         assert!(first.try_collect::<Vec<_>>().await.is_err());
-        let saved = verifier.state();
+        let saved = verifier.state().ready().await.unwrap();
         assert_eq!(saved.size, 6);
         let saved: HashState = serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
 
@@ -267,5 +416,41 @@ mod tests {
         let garbled = HashState { sha256: "AAAA".into(), ..saved };
         let err = verified(body(&[b"world"]), expect(), Some(&garbled)).0.try_collect::<Vec<_>>().await.unwrap_err();
         assert!(err.is_transient() && err.message.contains("unreadable"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_long_body_is_hashed_beside_the_stream_with_states_at_exact_points() {
+        let data: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let chunks = |from: usize| {
+            let parts: Vec<Result<Bytes, JobError>> =
+                data[from..].chunks(64 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+            futures::stream::iter(parts).boxed()
+        };
+        let whole = Digests {
+            size: data.len() as u64,
+            sha256: hex::encode(Sha256::digest(&data)),
+            md5: hex::encode(Md5::digest(&data)),
+        };
+        let (mut stream, verifier) = verified(chunks(0), expect_large(), None);
+        let (mut seen, mut states) = (0, Vec::new());
+        while let Some(chunk) = stream.next().await {
+            seen += chunk.unwrap().len();
+            if seen % (1 << 20) == 0 {
+                // Past the first MiB the hashes run on their own threads.
+                states.push(verifier.state());
+            }
+        }
+        assert_eq!(verifier.digests().unwrap(), whole);
+        assert_eq!(states.len(), 3);
+        for pending in states {
+            let saved = pending.ready().await.unwrap();
+            let (rest, resumed) = verified(chunks(saved.size as usize), expect_large(), Some(&saved));
+            rest.try_collect::<Vec<_>>().await.unwrap();
+            assert_eq!(resumed.digests().unwrap(), whole, "resumed from {}", saved.size);
+        }
+    }
+
+    fn expect_large() -> Expectations {
+        Expectations { max_size: 1 << 30, ..Default::default() }
     }
 }
