@@ -20,13 +20,30 @@ const PARTITIONS: u32 = 8;
 /// CPU seconds used so far by every process whose command name is `name` (children
 /// of PostgreSQL included: each connection is a `postgres` process).
 pub fn cpu_of(name: &str) -> f64 {
+    cpu_where(name, |_| true)
+}
+
+/// PostgreSQL's CPU seconds so far: (client connections, background processes — WAL
+/// writer, checkpointer, autovacuum…). A connection's process title names its client's
+/// address.
+fn postgres_cpu() -> (f64, f64) {
+    let connection = |title: &str| title.contains("127.0.0.1(");
+    (cpu_where("postgres", connection), cpu_where("postgres", |t| !connection(t)))
+}
+
+/// [`cpu_of`], of the processes whose command line `title` accepts.
+fn cpu_where(name: &str, title: impl Fn(&str) -> bool) -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else { return 0.0 };
     dir.filter_map(Result::ok)
-        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
-        .filter_map(|stat| {
+        .filter_map(|entry| {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            Some((stat, String::from_utf8_lossy(&cmdline).into_owned()))
+        })
+        .filter_map(|(stat, cmdline)| {
             let (head, rest) = stat.rsplit_once(')')?;
             let comm = head.split_once('(')?.1;
-            (comm == name).then_some(())?;
+            (comm == name && title(&cmdline)).then_some(())?;
             let fields: Vec<&str> = rest.split_whitespace().collect();
             let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
             Some((ticks(11) + ticks(12)) / 100.0)
@@ -88,21 +105,24 @@ struct PgStats {
     rows: f64,
     wal_bytes: f64,
     commits: f64,
-    top: Vec<(String, f64, f64, f64)>,
+    exec_ms: f64,
+    top: Vec<(String, f64, f64, f64, f64)>,
 }
 
 async fn pg_stats(pool: &sqlx::PgPool) -> PgStats {
     let totals = sqlx::query(
         "SELECT coalesce(sum(calls), 0)::float8, coalesce(sum(rows), 0)::float8, \
                 coalesce(sum(wal_bytes), 0)::float8, \
-                (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())::float8 \
+                (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())::float8, \
+                coalesce(sum(total_exec_time), 0)::float8 \
          FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .fetch_one(pool)
     .await
     .expect("pg_stat_statements");
     let top = sqlx::query(
-        "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls::float8, rows::float8, wal_bytes::float8 \
+        "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls::float8, rows::float8, wal_bytes::float8, \
+                total_exec_time \
          FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          ORDER BY calls DESC LIMIT 10",
     )
@@ -114,7 +134,8 @@ async fn pg_stats(pool: &sqlx::PgPool) -> PgStats {
         rows: totals.get(1),
         wal_bytes: totals.get(2),
         commits: totals.get(3),
-        top: top.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect(),
+        exec_ms: totals.get(4),
+        top: top.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect(),
     }
 }
 
@@ -137,7 +158,7 @@ impl Bench {
         let mut statements = Table::new(
             "PostgreSQL statements the run sent most",
             "From `pg_stat_statements` of the run above, per job.",
-            &["statement (start)", "calls per job", "rows per job", "WAL bytes per job"],
+            &["statement (start)", "calls per job", "rows per job", "WAL bytes per job", "execution ms per job"],
         );
         let Some(d) = self.distributed.clone() else {
             self.notes.push("costs: not run (no FILEFLOW_TEST_POSTGRES/KAFKA/S3_*)".into());
@@ -173,8 +194,10 @@ impl Bench {
             None => BTreeMap::new(),
         };
         let cpu = |fileflow: &[&Fileflow]| {
+            let (connections, background) = postgres_cpu();
             [
-                ("PostgreSQL", cpu_of("postgres")),
+                ("PostgreSQL connections", connections),
+                ("PostgreSQL background (WAL writer, checkpointer, autovacuum)", background),
                 ("Kafka (Tansu)", cpu_of("tansu")),
                 ("S3 (Garage)", cpu_of("garage")),
                 ("fileflow api ×2", fileflow[..2].iter().map(|f| f.cpu_seconds()).sum()),
@@ -213,15 +236,17 @@ impl Bench {
                 ("rows returned or changed", after.rows - before.rows),
                 ("transactions committed", after.commits - before.commits),
                 ("WAL bytes of fileflow's statements", after.wal_bytes - before.wal_bytes),
+                ("statement execution ms (in the executor)", after.exec_ms - before.exec_ms),
             ] {
                 table.row(vec!["PostgreSQL".into(), measure.into(), f2(per(total)), format!("{total:.0}")]);
             }
-            for (query, calls, rows, wal_bytes) in after.top {
+            for (query, calls, rows, wal_bytes, exec_ms) in after.top {
                 statements.row(vec![
                     format!("`{}`", query.replace('|', "\\|")),
                     f2(per(calls)),
                     f2(per(rows)),
                     format!("{:.0}", per(wal_bytes)),
+                    format!("{:.3}", per(exec_ms)),
                 ]);
             }
         }

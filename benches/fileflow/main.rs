@@ -190,6 +190,8 @@ impl Bench {
         let secs = (progress.last_update_ms - started) as f64 / 1000.0;
         let (rss, cpu) = (serve.peak_rss_mib(), serve.cpu_seconds());
         serve.stop().await;
+        // What it stored is not needed again (and large files would fill the disk).
+        let _ = std::fs::remove_dir_all(&data);
         (secs, progress.completed, progress.failed, rss, cpu)
     }
 
@@ -446,12 +448,15 @@ impl Bench {
              the accept to the completion, and the process's peak resident memory (VmHWM) over its whole life; \
              once from an origin that sends an ETag (stored resumably, part by part, as from most origins), once \
              from one that names no version. Ceiling: one streamed GET→PUT through fileflow's own HTTP client and \
-             store. rclone: `rclone copyurl`. Ratios: the first fileflow row's speed over this row's.",
+             store. rclone: `rclone copyurl`. The runners take turns, three times; medians, and the range of \
+             MiB/s. Ratios: the first fileflow row's speed over this row's. CPU: the fileflow process's and \
+             Garage's, per run.",
             &[
                 "store",
                 "runner",
                 "seconds",
                 "MiB/s",
+                "MiB/s (range)",
                 "fileflow ÷ this",
                 "peak RSS MiB",
                 "fileflow CPU s",
@@ -460,6 +465,7 @@ impl Bench {
         );
         let path = format!("/file/{size}?seed={{n}}");
         let disk = self.dir("large-ceiling-disk");
+        let rclone_disk = self.dir("large-rclone-disk");
         let mut targets = vec![self.disk_target("large")];
         if let Some(s3) = &self.s3 {
             let rclone = RcloneTarget::S3 { env: s3.rclone_env(), bucket: "bench-ceiling".into() };
@@ -473,68 +479,84 @@ impl Bench {
         } else {
             self.notes.push("large file into S3: not run (no FILEFLOW_TEST_S3_*)".into());
         }
+        let rounds = env_number("FILEFLOW_BENCH_ROUNDS", 3).max(1) as usize;
+        let rclone_ok = baselines::rclone_installed();
         for Target { name, env: stack_env, store, rclone, .. } in targets {
             // Most origins name a file's version (ETag, Last-Modified), which makes fileflow
             // store it resumably, part by part; an origin that names none is stored in one go.
-            let mut secs = 0.0;
-            for (runner, file) in [
-                (
-                    "fileflow (origin sends an ETag)",
-                    format!("/resumable/{}/{size}?seed={{n}}", services::unique("large")),
-                ),
-                ("fileflow (origin names no version)", path.clone()),
-            ] {
-                let garage = costs::cpu_of("garage");
-                let (run_secs, completed, _, rss, cpu) =
-                    self.fileflow_run(&stack_env, None, 1, "bench-large", file).await;
-                let garage = costs::cpu_of("garage") - garage;
-                if completed != 1 {
-                    self.notes.push(format!("large file, {name}, {runner}: the fileflow job did not complete"));
+            // The runners take turns, `rounds` times, so a slow spell of the machine hits all.
+            let runners = [
+                "fileflow (origin sends an ETag)",
+                "fileflow (origin names no version)",
+                "ceiling: bare GET→PUT",
+                "rclone copyurl",
+            ];
+            let mut runs: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); runners.len()];
+            for _ in 0..rounds {
+                for (r, runner) in runners.iter().enumerate() {
+                    let garage = costs::cpu_of("garage");
+                    let (secs, rss, cpu) = match r {
+                        0 | 1 => {
+                            let file = match r {
+                                0 => format!("/resumable/{}/{size}?seed={{n}}", services::unique("large")),
+                                _ => path.clone(),
+                            };
+                            let (secs, completed, _, rss, cpu) =
+                                self.fileflow_run(&stack_env, None, 1, "bench-large", file).await;
+                            if completed != 1 {
+                                self.notes.push(format!("large file, {name}, {runner}: the job did not complete"));
+                            }
+                            (secs, rss, cpu)
+                        }
+                        2 => {
+                            let url = self.url(path.clone());
+                            (baselines::ceiling(store.clone(), "bench-ceiling", 1, 1, url).await, 0.0, 0.0)
+                        }
+                        _ if rclone_ok => {
+                            (baselines::rclone(rclone.clone(), 1, 1, self.url(path.clone())).await, 0.0, 0.0)
+                        }
+                        _ => continue,
+                    };
+                    runs[r].push((secs, rss, cpu, costs::cpu_of("garage") - garage));
+                    // Free the disk for the next run.
+                    for dir in [&disk, &rclone_disk] {
+                        let _ = std::fs::remove_dir_all(dir);
+                        std::fs::create_dir_all(dir).expect("the scratch directory is writable");
+                    }
                 }
-                if secs == 0.0 {
-                    secs = run_secs;
-                }
+            }
+            let medians: Vec<Option<[f64; 4]>> = runs
+                .iter()
+                .map(|runs| {
+                    (!runs.is_empty()).then(|| {
+                        let column = |pick: fn(&(f64, f64, f64, f64)) -> f64| {
+                            median(&mut runs.iter().map(pick).collect::<Vec<_>>())
+                        };
+                        [column(|r| r.0), column(|r| r.1), column(|r| r.2), column(|r| r.3)]
+                    })
+                })
+                .collect();
+            let first = medians[0].map_or(f64::NAN, |m| m[0]);
+            for (runner, median) in runners.iter().zip(&medians) {
+                let Some([secs, rss, cpu, garage]) = *median else { continue };
+                let fileflow = runner.starts_with("fileflow");
+                let range = {
+                    let r = &runs[runners.iter().position(|x| x == runner).expect("a runner")];
+                    let (lo, hi) = r.iter().fold((f64::MAX, 0f64), |(lo, hi), x| (lo.min(x.0), hi.max(x.0)));
+                    format!("{:.0}–{:.0}", mib / hi, mib / lo)
+                };
                 table.row(vec![
                     name.into(),
-                    runner.into(),
-                    f2(run_secs),
-                    f1(mib / run_secs),
-                    f2(secs / run_secs),
-                    f1(rss),
-                    f1(cpu),
-                    f1(garage),
+                    (*runner).into(),
+                    f2(secs),
+                    f1(mib / secs),
+                    range,
+                    f2(secs / first),
+                    if fileflow { f1(rss) } else { "-".into() },
+                    if fileflow { f1(cpu) } else { "-".into() },
+                    if name.starts_with("S3") { f1(garage) } else { "-".into() },
                 ]);
             }
-            let garage = costs::cpu_of("garage");
-            let ceiling = baselines::ceiling(store, "bench-ceiling", 1, 1, self.url(path.clone())).await;
-            let garage = costs::cpu_of("garage") - garage;
-            table.row(vec![
-                name.into(),
-                "ceiling: bare GET→PUT".into(),
-                f2(ceiling),
-                f1(mib / ceiling),
-                f2(ceiling / secs),
-                "-".into(),
-                "-".into(),
-                f1(garage),
-            ]);
-            if baselines::rclone_installed() {
-                let garage = costs::cpu_of("garage");
-                let rclone = baselines::rclone(rclone, 1, 1, self.url(path.clone())).await;
-                let garage = costs::cpu_of("garage") - garage;
-                table.row(vec![
-                    name.into(),
-                    "rclone copyurl".into(),
-                    f2(rclone),
-                    f1(mib / rclone),
-                    f2(rclone / secs),
-                    "-".into(),
-                    "-".into(),
-                    f1(garage),
-                ]);
-            }
-            // Free the disk before the next store.
-            let _ = std::fs::remove_dir_all(&disk);
         }
         table
     }

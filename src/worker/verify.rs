@@ -52,8 +52,9 @@ pub struct HashState {
 /// the hashing.
 const HASH_BESIDE_AFTER: u64 = 1 << 20;
 
-/// Bytes a hashing thread may have waiting, at most; the body waits beyond that.
-const LANE_BACKLOG: u32 = 16 << 20;
+/// Bytes a hashing thread may have waiting, at most; the body waits beyond that. The
+/// chunks are the ones the store holds anyway, so this is what the hashing may lag behind.
+const LANE_BACKLOG: u32 = 4 << 20;
 
 /// One hash of a long body, computed on a thread of its own, so MD5 and SHA-256 run at
 /// once, each beside the transfer, instead of one after the other in the stream between
