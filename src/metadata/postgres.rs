@@ -71,7 +71,11 @@ impl PgRepository {
 
     /// Why the jobs in `ids` that a claim did not take were refused, as the database sees
     /// them now.
-    /// The claim statement of [`JobRepository::claim_many`].
+    /// The claim statement of [`JobRepository::claim_many`]. One writer per object: a job
+    /// is not claimed while another for its object is processing (read through the partial
+    /// index files_one_writer_per_key_idx) or while an older due job for it is in the same
+    /// batch (read from the batch's rows). As one condition joined by OR, neither could use
+    /// an index and every claim read the whole table (5.5 ms a claim at 4,000 jobs).
     async fn claim_statement(&self, requests: &[(JobId, Lease)]) -> Result<Vec<PgRow>, RepoError> {
         let rows = sqlx::query(&format!(
             "WITH asked AS ( \
@@ -83,10 +87,12 @@ impl PgRepository {
                  WHERE ((f.status = 'pending' AND (f.next_attempt_at IS NULL OR f.next_attempt_at <= now())) \
                     OR (f.status = 'processing' AND f.lease_expires_at <= now())) \
                    AND NOT EXISTS (SELECT 1 FROM files o \
-                       WHERE o.bucket_name = f.bucket_name AND o.object_name = f.object_name AND o.id <> f.id \
-                         AND (o.status = 'processing' \
-                           OR (o.status = 'pending' AND o.id < f.id AND o.id IN (SELECT aid FROM asked) \
-                               AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())))) \
+                       WHERE o.bucket_name = f.bucket_name AND o.object_name = f.object_name \
+                         AND o.status = 'processing' AND o.id <> f.id) \
+                   AND NOT EXISTS (SELECT 1 FROM asked x JOIN files o ON o.id = x.aid \
+                       WHERE o.id < f.id AND o.status = 'pending' \
+                         AND o.bucket_name = f.bucket_name AND o.object_name = f.object_name \
+                         AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())) \
                  ORDER BY f.id FOR UPDATE OF f SKIP LOCKED) \
              UPDATE files SET status = 'processing', lease_owner = asked.aowner, \
                  lease_expires_at = now() + asked.ams * interval '1 millisecond', next_attempt_at = NULL, \

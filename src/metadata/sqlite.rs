@@ -259,17 +259,22 @@ async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)]) -> Result<Vec<Claim
     }
     let ids: Vec<String> = (0..batch.len()).map(|i| format!("?{}", 3 * i + 2)).collect();
     // One job at a time writes an object: none while another job for it is processing,
-    // and of the batch's due jobs for one object only the oldest.
+    // and of the batch's due jobs for one object only the oldest. Two conditions, not one
+    // with an OR: the first reads files_one_writer_per_key_idx (its `status = 'processing'`
+    // matches the partial index), the second only the batch's rows; as one condition
+    // neither could use an index, and every claim read the whole table.
     let _ = write!(
         sql,
         ") AS v WHERE files.id = v.column1 \
          AND ((files.status = 'pending' AND (files.next_attempt_at IS NULL OR files.next_attempt_at <= ?1)) \
               OR (files.status = 'processing' AND files.lease_expires_at <= ?1)) \
          AND NOT EXISTS (SELECT 1 FROM files o \
-             WHERE o.bucket_name = files.bucket_name AND o.object_name = files.object_name AND o.id <> files.id \
-               AND (o.status = 'processing' \
-                 OR (o.status = 'pending' AND o.id < files.id AND o.id IN ({}) \
-                     AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?1)))) \
+             WHERE o.bucket_name = files.bucket_name AND o.object_name = files.object_name \
+               AND o.status = 'processing' AND o.id <> files.id) \
+         AND NOT EXISTS (SELECT 1 FROM files o \
+             WHERE o.id IN ({}) AND o.id < files.id AND o.status = 'pending' \
+               AND o.bucket_name = files.bucket_name AND o.object_name = files.object_name \
+               AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?1)) \
          RETURNING {COLUMNS}, lease_owner",
         ids.join(",")
     );
