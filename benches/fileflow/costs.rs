@@ -202,6 +202,7 @@ impl Bench {
                 ("S3 (Garage)", cpu_of("garage")),
                 ("fileflow api ×2", fileflow[..2].iter().map(|f| f.cpu_seconds()).sum()),
                 ("fileflow worker ×4", fileflow[2..].iter().map(|f| f.cpu_seconds()).sum()),
+                ("the benchmark (origin and clients)", process::cpu_seconds(std::process::id())),
             ]
         };
         let everyone: Vec<&Fileflow> = apis.iter().chain(workers.iter()).collect();
@@ -281,8 +282,10 @@ impl Bench {
         } else {
             self.notes.push("costs: no FILEFLOW_TEST_S3_ADMIN; S3 requests are missing".into());
         }
+        let mut all = 0.0;
         for ((name, before), (_, after)) in cpu_before.iter().zip(cpu_after.iter()) {
             let total = after - before;
+            all += total;
             table.row(vec![
                 (*name).into(),
                 "CPU ms".into(),
@@ -290,6 +293,14 @@ impl Bench {
                 format!("{:.1} s = {:.2} cores", total, total / secs),
             ]);
         }
+        // The model's check: all of it shares this machine's cores.
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get) as f64;
+        table.row(vec![
+            "everything".into(),
+            format!("CPU ms; the jobs/s {cores:.0} cores allow at that cost"),
+            format!("{:.3}", 1000.0 * per(all)),
+            format!("{:.0} jobs/s", cores / per(all)),
+        ]);
         pool.close().await;
         for fileflow in apis.into_iter().chain(workers) {
             fileflow.stop().await;

@@ -318,7 +318,28 @@ impl Bench {
         let failed = || Bind::Text("failed".into());
         let now = now_ms();
         // The list statements are fileflow's own; the others are the parts of
-        // `JobRepository::{get, reconcile, forget_finished}` that read the growing table.
+        // `JobRepository::{get, claim_many, reconcile, forget_finished}` that read the
+        // growing table.
+        let claim = if postgres {
+            "SELECT f.id FROM files f WHERE f.id = ANY(ARRAY[$1::bigint]) \
+             AND ((f.status = 'pending' AND (f.next_attempt_at IS NULL OR f.next_attempt_at <= now())) \
+                OR (f.status = 'processing' AND f.lease_expires_at <= now())) \
+               AND NOT EXISTS (SELECT 1 FROM files o WHERE o.bucket_name = f.bucket_name \
+                   AND o.object_name = f.object_name AND o.status = 'processing' AND o.id <> f.id) \
+               AND NOT EXISTS (SELECT 1 FROM (SELECT id, bucket_name, object_name, status FROM files \
+                   WHERE id = ANY(ARRAY[$1::bigint]) OFFSET 0) o \
+                   WHERE o.id < f.id AND o.bucket_name = f.bucket_name AND o.object_name = f.object_name \
+                     AND o.status = 'pending') \
+             FOR UPDATE OF f SKIP LOCKED"
+        } else {
+            "SELECT files.id FROM files WHERE files.id IN (?1) \
+               AND ((files.status = 'pending' AND (files.next_attempt_at IS NULL OR files.next_attempt_at <= ?2)) \
+                 OR (files.status = 'processing' AND files.lease_expires_at <= ?2)) \
+               AND NOT EXISTS (SELECT 1 FROM files o WHERE o.bucket_name = files.bucket_name \
+                   AND o.object_name = files.object_name AND o.status = 'processing' AND o.id <> files.id) \
+               AND NOT EXISTS (SELECT 1 FROM files o WHERE o.id IN (?1) AND o.id < files.id AND o.status = 'pending' \
+                   AND o.bucket_name = files.bucket_name AND o.object_name = files.object_name)"
+        };
         let (sweep, retention) = if postgres {
             (
                 "SELECT f.id FROM files f WHERE f.status IN ('pending', 'processing') \
@@ -353,6 +374,11 @@ impl Bench {
                 vec![failed(), Bind::Int(deep_cursor), Bind::Int(50)],
             ),
             ("GET one", format!("SELECT * FROM files WHERE id = {}", p(1)), vec![Bind::Int(deep_cursor)]),
+            (
+                "claim (one writer per object)",
+                claim.to_owned(),
+                if postgres { vec![Bind::Int(deep_cursor)] } else { vec![Bind::Int(deep_cursor), Bind::Int(now)] },
+            ),
             ("reconciler: stuck jobs", sweep, vec![Bind::Int(if postgres { 30_000 } else { now })]),
             ("retention: oldest finished", retention, vec![Bind::Int(now - 3_600_000)]),
         ];

@@ -92,13 +92,7 @@ impl Fileflow {
 
     /// CPU time the process has used so far (user and system), in seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        // The fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime, fields 14 and 15 of the line (12 and 13 after the name), in
-        // the kernel's USER_HZ ticks, which Linux fixes at 100 a second for /proc.
-        (ticks(11) + ticks(12)) / 100.0
+        cpu_seconds(self.pid)
     }
 
     /// Time the process's threads have spent runnable but waiting for a CPU, in seconds
@@ -116,6 +110,17 @@ impl Fileflow {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// CPU time process `pid` has used so far (user and system), in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime, fields 14 and 15 of the line (12 and 13 after the name), in the
+    // kernel's USER_HZ ticks, which Linux fixes at 100 a second for /proc.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Wait until a group of workers holds every one of `partitions` partitions, each worker
