@@ -227,8 +227,9 @@ impl Bench {
              prepared statement, which it settles on after five runs).",
             &["database", "query", "plan"],
         );
-        let mut stacks: Vec<(&str, Vec<(String, String)>, Option<String>)> =
-            vec![("SQLite (embedded)", Vec::new(), None)];
+        // (name, the process's environment, PostgreSQL's URL for the distributed stack)
+        type Stack = (&'static str, Vec<(String, String)>, Option<String>);
+        let mut stacks: Vec<Stack> = vec![("SQLite (embedded)", Vec::new(), None)];
         match &self.distributed {
             Some(d) => {
                 let (env, url) = d.fresh_stack(8, false).await;
