@@ -357,7 +357,15 @@ impl JobRepository for PgRepository {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError> {
-        let sql = format!("SELECT {COLUMNS} FROM files {}", filter.sql(|n| format!("${n}")));
+        // The page's ids first, then its rows: for the ids alone the planner reads the
+        // filter's index (an index-only scan of files_status_idx or files_owner_idx); asked
+        // for whole rows it walked the primary key backwards filtering on the status, which
+        // passes every newer job of another status (15,000 pending ones before the first
+        // failed one: 14 ms, against 0.4 ms this way, at 1 M jobs).
+        let sql = format!(
+            "SELECT {COLUMNS} FROM files WHERE id = ANY(ARRAY(SELECT id FROM files {})) ORDER BY id DESC",
+            filter.sql(|n| format!("${n}"))
+        );
         let rows = filter.bind(sqlx::query(&sql)).fetch_all(&self.db.pool).await?;
         rows.iter().map(job_from_row).collect()
     }
