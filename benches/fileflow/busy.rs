@@ -135,7 +135,6 @@ impl Bench {
             let fileflow = Fileflow::start(run.role, &data, &env).await;
             let db = JobsDb::sqlite(&data).await;
             let old_before = db.jobs_in("bench-growth").await;
-            let completed_before = db.progress().await.completed;
             let (cpu_before, wait_before) = (fileflow.cpu_seconds(), fileflow.cpu_wait_seconds());
             let probing = Arc::new(AtomicBool::new(false));
             let probe = sync_probe(&data, probing.clone());
@@ -147,7 +146,8 @@ impl Bench {
             let waiting = (fileflow.cpu_wait_seconds() - wait_before) / elapsed;
             probing.store(true, Ordering::Relaxed);
             let sync = p99_ms(&probe.join().expect("the probe does not panic"));
-            let completed = db.progress().await.completed - completed_before;
+            // Only this run's jobs: retention deletes old completed ones meanwhile.
+            let completed = db.completed_in("bench-busy").await;
             let deleted = old_before - db.jobs_in("bench-growth").await;
             fileflow.stop().await;
             table.row(vec![

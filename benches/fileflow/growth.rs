@@ -96,6 +96,25 @@ impl JobsDb {
         .expect("count(*)")
     }
 
+    /// The completed jobs in `bucket`.
+    pub async fn completed_in(&self, bucket: &str) -> i64 {
+        match self {
+            JobsDb::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT count(*) FROM files WHERE bucket_name = ?1 AND status = 'completed'")
+                    .bind(bucket)
+                    .fetch_one(pool)
+                    .await
+            }
+            JobsDb::Postgres(pool) => {
+                sqlx::query_scalar("SELECT count(*) FROM files WHERE bucket_name = $1 AND status = 'completed'")
+                    .bind(bucket)
+                    .fetch_one(pool)
+                    .await
+            }
+        }
+        .expect("count(*)")
+    }
+
     /// The jobs in `bucket`.
     pub async fn jobs_in(&self, bucket: &str) -> i64 {
         match self {
