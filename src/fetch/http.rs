@@ -215,14 +215,10 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> JobError {
-    let message = format!("origin answered HTTP {status}");
-    let transient =
-        status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS;
-    if transient {
-        JobError::transient(message).with_retry_after(retry_after(headers)).because(Cause::OriginStatus)
-    } else {
-        JobError::permanent(message).because(Cause::OriginStatus)
-    }
+    let error = JobError::for_http_status(status.as_u16(), format!("origin answered HTTP {status}"))
+        .because(Cause::OriginStatus);
+    // Only an answer that may pass asks for a pause (a permanent one ends the job).
+    if error.is_transient() { error.with_retry_after(retry_after(headers)) } else { error }
 }
 
 #[async_trait]

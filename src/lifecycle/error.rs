@@ -70,6 +70,15 @@ impl JobError {
         Self { kind: ErrorKind::Permanent, cause: Cause::Other, message: message.into(), retry_after: None }
     }
 
+    /// The error for an HTTP answer with `status`: 5xx, 408 and 429 may pass (transient),
+    /// the rest will not (permanent).
+    pub fn for_http_status(status: u16, message: impl Into<String>) -> Self {
+        match status {
+            500..=599 | 408 | 429 => Self::transient(message),
+            _ => Self::permanent(message),
+        }
+    }
+
     pub fn cancelled() -> Self {
         Self {
             kind: ErrorKind::Cancelled,

@@ -118,10 +118,7 @@ impl<C: Cloud> CloudStore<C> {
         }
         let body = response.text().await.unwrap_or_default();
         let message = format!("{name}: cannot create bucket {bucket}: HTTP {status}: {body}");
-        Err(match status.as_u16() {
-            500..=599 | 408 | 429 => JobError::transient(message),
-            _ => JobError::permanent(message),
-        })
+        Err(JobError::for_http_status(status.as_u16(), message))
     }
 
     fn bucket(&self, bucket: &str) -> Result<Arc<C::Client>, JobError> {
