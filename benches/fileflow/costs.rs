@@ -41,12 +41,8 @@ fn cpu_where(name: &str, title: impl Fn(&str) -> bool) -> f64 {
             Some((stat, String::from_utf8_lossy(&cmdline).into_owned()))
         })
         .filter_map(|(stat, cmdline)| {
-            let (head, rest) = stat.rsplit_once(')')?;
-            let comm = head.split_once('(')?.1;
-            (comm == name && title(&cmdline)).then_some(())?;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            Some((ticks(11) + ticks(12)) / 100.0)
+            let comm = stat.split_once('(')?.1.rsplit_once(')')?.0;
+            (comm == name && title(&cmdline)).then(|| process::stat_cpu_seconds(&stat))
         })
         .sum()
 }
