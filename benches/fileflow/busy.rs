@@ -134,7 +134,7 @@ impl Bench {
             }
             let fileflow = Fileflow::start(run.role, &data, &env).await;
             let db = JobsDb::sqlite(&data).await;
-            let old_before = db.jobs_in("bench-growth").await;
+            let old_before = db.jobs_in("bench-growth", false).await;
             let (cpu_before, wait_before) = (fileflow.cpu_seconds(), fileflow.cpu_wait_seconds());
             let probing = Arc::new(AtomicBool::new(false));
             let probe = sync_probe(&data, probing.clone());
@@ -147,8 +147,8 @@ impl Bench {
             probing.store(true, Ordering::Relaxed);
             let sync = p99_ms(&probe.join().expect("the probe does not panic"));
             // Only this run's jobs: retention deletes old completed ones meanwhile.
-            let completed = db.completed_in("bench-busy").await;
-            let deleted = old_before - db.jobs_in("bench-growth").await;
+            let completed = db.jobs_in("bench-busy", true).await;
+            let deleted = old_before - db.jobs_in("bench-growth", false).await;
             fileflow.stop().await;
             table.row(vec![
                 run.process.into(),

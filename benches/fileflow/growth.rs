@@ -96,39 +96,17 @@ impl JobsDb {
         .expect("count(*)")
     }
 
-    /// The completed jobs in `bucket`.
-    pub async fn completed_in(&self, bucket: &str) -> i64 {
+    /// The jobs in `bucket`, or only its completed ones.
+    pub async fn jobs_in(&self, bucket: &str, completed_only: bool) -> i64 {
+        let completed = if completed_only { " AND status = 'completed'" } else { "" };
         match self {
             JobsDb::Sqlite(pool) => {
-                sqlx::query_scalar("SELECT count(*) FROM files WHERE bucket_name = ?1 AND status = 'completed'")
-                    .bind(bucket)
-                    .fetch_one(pool)
-                    .await
+                let sql = format!("SELECT count(*) FROM files WHERE bucket_name = ?1{completed}");
+                sqlx::query_scalar(&sql).bind(bucket).fetch_one(pool).await
             }
             JobsDb::Postgres(pool) => {
-                sqlx::query_scalar("SELECT count(*) FROM files WHERE bucket_name = $1 AND status = 'completed'")
-                    .bind(bucket)
-                    .fetch_one(pool)
-                    .await
-            }
-        }
-        .expect("count(*)")
-    }
-
-    /// The jobs in `bucket`.
-    pub async fn jobs_in(&self, bucket: &str) -> i64 {
-        match self {
-            JobsDb::Sqlite(pool) => {
-                sqlx::query_scalar("SELECT count(*) FROM files WHERE bucket_name = ?1")
-                    .bind(bucket)
-                    .fetch_one(pool)
-                    .await
-            }
-            JobsDb::Postgres(pool) => {
-                sqlx::query_scalar("SELECT count(*) FROM files WHERE bucket_name = $1")
-                    .bind(bucket)
-                    .fetch_one(pool)
-                    .await
+                let sql = format!("SELECT count(*) FROM files WHERE bucket_name = $1{completed}");
+                sqlx::query_scalar(&sql).bind(bucket).fetch_one(pool).await
             }
         }
         .expect("count(*)")
