@@ -12,7 +12,7 @@ use reqwest::header::{CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED
 use reqwest::{StatusCode, redirect};
 use url::Url;
 
-use super::{DestinationGuard, Fetched, Fetcher, RangeFrom, Refused};
+use super::{DestinationGuard, Fetched, Fetcher, PartialAnswer, RangeFrom, Refused};
 use crate::lifecycle::{Cause, JobError};
 
 /// Limits on talking to origins.
@@ -195,13 +195,14 @@ fn validator(headers: &reqwest::header::HeaderMap) -> Option<String> {
     text(ETAG).filter(|tag| tag.starts_with('"')).or_else(|| text(LAST_MODIFIED)).map(str::to_owned)
 }
 
-/// `Content-Range: bytes first-last/total` as (first, total); total `None` when it says `*`.
-fn content_range(headers: &reqwest::header::HeaderMap) -> Option<(u64, Option<u64>)> {
+/// `Content-Range: bytes first-last/total` as (first, last, total); total `None` when it says `*`.
+fn content_range(headers: &reqwest::header::HeaderMap) -> Option<(u64, u64, Option<u64>)> {
     let value = headers.get(CONTENT_RANGE)?.to_str().ok()?;
-    let (range, total) = value.strip_prefix("bytes ")?.split_once('/')?;
-    let first = range.split_once('-')?.0.trim().parse().ok()?;
+    let (range, total) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let (first, last): (u64, u64) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
     let total = if total.trim() == "*" { None } else { Some(total.trim().parse().ok()?) };
-    Some((first, total))
+    (first <= last).then_some((first, last, total))
 }
 
 /// `Retry-After` as a delay: either seconds or an HTTP date.
@@ -271,22 +272,33 @@ impl Fetcher for HttpFetcher {
         let head = response.headers();
         let content_type = head.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let validator = validator(head);
+        let partial = PartialAnswer {
+            range: content_range(head),
+            validator: validator.clone(),
+            length: response.content_length(),
+        };
         let (start, content_length) = match (status, from) {
-            (StatusCode::PARTIAL_CONTENT, Some(from)) => match content_range(head) {
-                Some((first, total)) if first == from.offset => (first, total),
-                _ => {
-                    // Not the range asked for: ask again for the whole file.
-                    tracing::warn!(
-                        offset = from.offset,
-                        "origin answered another range than asked; fetching the whole file"
-                    );
+            (StatusCode::PARTIAL_CONTENT, Some(from)) => match from.continues(&partial) {
+                Ok(()) => (from.offset, Some(from.total)),
+                Err(why) => {
+                    // Not provably the rest of the same file: never store it; ask for the
+                    // whole file once instead (the caller drops its checkpoint).
+                    tracing::warn!(offset = from.offset, reason = %why,
+                        "origin's partial answer does not continue the stored part; fetching the whole file");
+                    drop(response);
                     return Box::pin(self.fetch(url, headers, None)).await;
                 }
             },
-            (StatusCode::PARTIAL_CONTENT, None) => {
-                return Err(JobError::transient("origin answered 206 to a request for the whole file")
+            (StatusCode::PARTIAL_CONTENT, None) => match partial.range {
+                // A 206 that holds the whole file is the whole file.
+                Some((0, last, Some(total))) if last + 1 == total => (0, Some(total)),
+                _ => {
+                    return Err(JobError::transient(
+                        "origin answered 206 with part of the file to a request for all of it",
+                    )
                     .because(Cause::OriginStatus));
-            }
+                }
+            },
             _ => (0, response.content_length()),
         };
         Ok(Fetched {
@@ -313,6 +325,21 @@ mod tests {
         for code in [400, 401, 403, 404, 410, 451] {
             let e = status_error(StatusCode::from_u16(code).unwrap(), &none);
             assert!(!e.is_transient(), "{code} should be permanent");
+        }
+    }
+
+    #[test]
+    fn reads_content_range() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (value, read) in [
+            ("bytes 10-99/100", Some((10, 99, Some(100)))),
+            ("bytes 10-99/*", Some((10, 99, None))),
+            ("bytes 99-10/100", None),
+            ("bytes */100", None),
+            ("items 1-2/3", None),
+        ] {
+            headers.insert(CONTENT_RANGE, value.parse().unwrap());
+            assert_eq!(content_range(&headers), read, "{value}");
         }
     }
 

@@ -150,6 +150,8 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
     let bucket =
         BucketName::parse(body.required_str("bucket_name")?).map_err(|e| ApiError::invalid("bucket_name", e))?;
     let key = ObjectKey::parse(body.required_str("object_name")?).map_err(|e| ApiError::invalid("object_name", e))?;
+    // A key this store can never hold is refused now, not after a fetch.
+    state.store.check_key(&bucket, &key).map_err(|e| ApiError::invalid("object_name", e))?;
     let expected_sha256 =
         body.optional_str("sha256")?.map(Sha256Hex::parse).transpose().map_err(|e| ApiError::invalid("sha256", e))?;
     let expected_md5 =

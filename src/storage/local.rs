@@ -15,12 +15,17 @@ use super::{
     WriteProgress, read_head,
 };
 use crate::domain::{BucketName, ObjectKey};
-use crate::lifecycle::{JobError, JobId};
+use crate::lifecycle::{Cause, JobError, JobId};
 
 /// Bytes buffered before a write is handed to the file system.
 const CHUNK: usize = 1024 * 1024;
 /// Writes in flight per upload; with [`CHUNK`] this bounds an upload's buffers.
 const WRITES_IN_FLIGHT: usize = 2;
+/// The longest file name the store writes: Linux file systems take 255 bytes, and a
+/// staging file adds `#` and a job id (up to 19 digits) to an object's name.
+const MAX_NAME: usize = 255 - 20;
+/// The longest path the store writes below its root (PATH_MAX is 4,096 bytes with its NUL).
+const MAX_PATH: usize = 4095 - 20;
 /// How much a resumable write stages between the points it can be resumed from (each one
 /// an fsync of the staging file and a checkpoint in the database).
 const RESUMABLE_PART: u64 = 16 * 1024 * 1024;
@@ -38,6 +43,57 @@ impl LocalStore {
         std::fs::create_dir_all(root)?;
         let fs = LocalFileSystem::new_with_prefix(root).map_err(std::io::Error::other)?.with_fsync(true);
         Ok(Self { fs, root: root.to_owned() })
+    }
+
+    /// A write's failure as the job sees it: permanent when the file system can never take
+    /// this key (a name too long, an object where a folder must be or the other way round,
+    /// no permission, read-only, over quota), transient otherwise; worded without the
+    /// server's paths.
+    fn write_error(
+        &self,
+        what: &str,
+        bucket: &BucketName,
+        key: &ObjectKey,
+        err: &(dyn std::error::Error + 'static),
+    ) -> JobError {
+        use std::io::ErrorKind as K;
+        let Some(io) = super::io_cause(err) else {
+            let text = self.scrub(&err.to_string());
+            return JobError::transient(format!("local store: cannot {what} {bucket}/{key}: {text}"))
+                .because(Cause::Store);
+        };
+        let never = match io.kind() {
+            K::InvalidFilename => Some("a name in the key is longer than the file system allows"),
+            K::NotADirectory => Some("a part of the key's path is an object, not a folder"),
+            K::IsADirectory | K::DirectoryNotEmpty => Some("the key is a folder that holds other objects"),
+            K::PermissionDenied => Some("permission denied by the file system"),
+            K::ReadOnlyFilesystem => Some("the file system is read-only"),
+            K::QuotaExceeded => Some("the disk quota is exceeded"),
+            K::FileTooLarge => Some("the file is larger than the file system allows"),
+            _ => None,
+        };
+        match never {
+            Some(why) => JobError::permanent(format!("local store: cannot {what} {bucket}/{key}: {why}")),
+            // An OS error's text names no path; any other is reduced to its kind.
+            None if io.raw_os_error().is_some() => {
+                JobError::transient(format!("local store: cannot {what} {bucket}/{key}: {io}"))
+            }
+            None => JobError::transient(format!("local store: cannot {what} {bucket}/{key}: {}", io.kind())),
+        }
+        .because(Cause::Store)
+    }
+
+    /// `text` without the store's own location on the server.
+    fn scrub(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        let canonical = self.root.canonicalize().unwrap_or_else(|_| self.root.clone());
+        for root in [canonical, self.root.clone()] {
+            let root = root.to_string_lossy();
+            if !root.is_empty() {
+                text = text.replace(&*root, "<data-dir>");
+            }
+        }
+        text
     }
 
     fn location(bucket: &BucketName, key: &ObjectKey) -> StorePath {
@@ -67,18 +123,15 @@ impl ObjectStore for LocalStore {
                     .fs
                     .put(&location, PutPayload::from_iter(chunks))
                     .await
-                    .map_err(|e| JobError::transient(format!("local store: write failed: {e}")))?;
+                    .map_err(|e| self.write_error("write", bucket, key, &e))?;
                 // The file's entity tag (inode, modification time, size): a later write
                 // at the same key is a new file with another one.
                 return Ok(PutOutcome { etag: None, version: put.e_tag });
             }
             Head::Start(chunks) => chunks,
         };
-        let upload = self
-            .fs
-            .put_multipart(&location)
-            .await
-            .map_err(|e| JobError::transient(format!("local store: cannot start write: {e}")))?;
+        let upload =
+            self.fs.put_multipart(&location).await.map_err(|e| self.write_error("start writing", bucket, key, &e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK);
         for chunk in start {
             writer.put(chunk);
@@ -89,7 +142,7 @@ impl ObjectStore for LocalStore {
                 writer
                     .wait_for_capacity(WRITES_IN_FLIGHT)
                     .await
-                    .map_err(|e| JobError::transient(format!("local store: write failed: {e}")))?;
+                    .map_err(|e| self.write_error("write", bucket, key, &e))?;
                 writer.put(chunk);
             }
             fence.check().await
@@ -97,10 +150,7 @@ impl ObjectStore for LocalStore {
         .await;
         match written {
             Ok(()) => {
-                let put = writer
-                    .finish()
-                    .await
-                    .map_err(|e| JobError::transient(format!("local store: cannot finish write: {e}")))?;
+                let put = writer.finish().await.map_err(|e| self.write_error("finish writing", bucket, key, &e))?;
                 Ok(PutOutcome { etag: None, version: put.e_tag })
             }
             Err(error) => {
@@ -110,6 +160,22 @@ impl ObjectStore for LocalStore {
                 Err(error)
             }
         }
+    }
+
+    fn check_key(&self, bucket: &BucketName, key: &ObjectKey) -> Result<(), String> {
+        let location = Self::location(bucket, key);
+        if let Some(part) = location.parts().find(|part| part.as_ref().len() > MAX_NAME) {
+            return Err(format!(
+                "the local store keeps each part of a key as a file name of at most {MAX_NAME} bytes; \
+                 one part is {} bytes (as stored)",
+                part.as_ref().len()
+            ));
+        }
+        let depth = self.root.canonicalize().map_or(0, |root| root.as_os_str().len()) + 1 + location.as_ref().len();
+        if depth > MAX_PATH {
+            return Err(format!("the key is too long for the local store's file system paths ({MAX_PATH} bytes)"));
+        }
+        Ok(())
     }
 
     fn resumable_part_size(&self) -> Option<u64> {
@@ -128,8 +194,8 @@ impl ObjectStore for LocalStore {
         progress: &dyn WriteProgress,
     ) -> Result<PutOutcome, JobError> {
         let location = Self::location(bucket, key);
-        let failed = |what: &str, e: &dyn std::fmt::Display| JobError::transient(format!("local store: {what}: {e}"));
-        let target = self.fs.path_to_filesystem(&location).map_err(|e| failed("bad location", &e))?;
+        let failed = |what: &str, e: &(dyn std::error::Error + 'static)| self.write_error(what, bucket, key, e);
+        let target = self.fs.path_to_filesystem(&location).map_err(|e| failed("locate", &e))?;
         let staging = staging_path(&target, job);
         let mut write = match from {
             Some(write) => write,
@@ -141,7 +207,7 @@ impl ObjectStore for LocalStore {
                 progress.gone();
                 return Err(JobError::transient("local store: the staged part of the file is gone; starting over"));
             }
-            Err(e) => return Err(failed("cannot open staging file", &e)),
+            Err(e) => return Err(failed("stage", &e)),
         };
         let mut staged = Staged { file: Some(file), pending: None };
         let mut reported = write.stored > 0;
@@ -160,18 +226,18 @@ impl ObjectStore for LocalStore {
                     progress.part_taken(offset);
                 }
                 if buffered >= CHUNK || part_end {
-                    staged.write(std::mem::take(&mut buffer)).await.map_err(|e| failed("write failed", &e))?;
+                    staged.write(std::mem::take(&mut buffer)).await.map_err(|e| failed("write", &e))?;
                     buffered = 0;
                 }
                 if part_end {
-                    staged.sync().await.map_err(|e| failed("sync failed", &e))?;
+                    staged.sync().await.map_err(|e| failed("sync", &e))?;
                     write.stored = offset;
                     progress.stored(&write).await?;
                     reported = true;
                 }
             }
-            staged.write(buffer).await.map_err(|e| failed("write failed", &e))?;
-            staged.sync().await.map_err(|e| failed("sync failed", &e))?;
+            staged.write(buffer).await.map_err(|e| failed("write", &e))?;
+            staged.sync().await.map_err(|e| failed("sync", &e))?;
             fence.check().await
         }
         .await;
@@ -181,8 +247,8 @@ impl ObjectStore for LocalStore {
             }
             return Err(error);
         }
-        publish(&staging, &target).await.map_err(|e| failed("cannot move the file into place", &e))?;
-        let meta = self.fs.head(&location).await.map_err(|e| failed("cannot read the stored file", &e))?;
+        publish(&staging, &target).await.map_err(|e| failed("move into place", &e))?;
+        let meta = self.fs.head(&location).await.map_err(|e| failed("read back", &e))?;
         Ok(PutOutcome { etag: None, version: meta.e_tag })
     }
 
@@ -190,7 +256,7 @@ impl ObjectStore for LocalStore {
         let target = self
             .fs
             .path_to_filesystem(&Self::location(bucket, key))
-            .map_err(|e| JobError::transient(format!("local store: bad location: {e}")))?;
+            .map_err(|e| JobError::transient(format!("local store: bad location: {}", self.scrub(&e.to_string()))))?;
         let job = write.id.parse().map_err(|_| JobError::permanent("local store: not a staging file's name"))?;
         match tokio::fs::remove_file(staging_path(&target, JobId(job))).await {
             Ok(()) => Ok(()),
@@ -210,12 +276,15 @@ impl ObjectStore for LocalStore {
         match self.fs.head(&Self::location(bucket, key)).await {
             Ok(meta) => Ok(Some(ObjectInfo { size: meta.size, etag: None, version: meta.e_tag })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(ReadError::Store(e.to_string())),
+            Err(e) => Err(ReadError::Store(self.scrub(&e.to_string()))),
         }
     }
 
     async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError> {
-        super::stored_body(self.fs.get(&Self::location(bucket, key)).await)
+        super::stored_body(self.fs.get(&Self::location(bucket, key)).await).map_err(|e| match e {
+            ReadError::Store(text) => ReadError::Store(self.scrub(&text)),
+            other => other,
+        })
     }
 }
 

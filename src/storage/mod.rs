@@ -158,6 +158,13 @@ pub trait ObjectStore: Send + Sync + 'static {
         fence: &dyn Fence,
     ) -> Result<PutOutcome, JobError>;
 
+    /// Whether this store can hold an object at `bucket/key` at all (a file name's length on
+    /// disk, say); `Err` says why not, for the caller who asked. Stores that take every
+    /// valid key answer `Ok`.
+    fn check_key(&self, _bucket: &BucketName, _key: &ObjectKey) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Open a stored object for reading.
     async fn get(&self, bucket: &BucketName, key: &ObjectKey) -> Result<StoredBody, ReadError>;
 
@@ -225,6 +232,18 @@ async fn read_head(body: &mut ByteStream, limit: usize) -> Result<Head, JobError
         chunks.push(chunk);
     }
     Ok(Head::Start(chunks))
+}
+
+/// The I/O error at the root of `err`, if any: what the file system itself said.
+pub(crate) fn io_cause<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// An object_store read, as a [`StoredBody`] or why there is none.

@@ -443,16 +443,67 @@ impl Worker {
         })?;
         let Some(existing) = existing else { return Ok(None) };
         match job.if_exists {
-            IfExists::Skip => Ok(Some(StoredObject {
-                etag: existing.etag.or_else(|| existing.version.clone()).unwrap_or_default(),
-                size: existing.size,
-                sha256: None,
-                md5: None,
-                content_type: None,
-                version: existing.version,
-            })),
+            IfExists::Skip => self.same_content(job, bucket, key, existing).await.map(Some),
             _ => Err(object_exists(bucket, key)),
         }
+    }
+
+    /// For `if_exists: skip`: the object at the key as the job's outcome, if it matches
+    /// every size and digest the job declares. Its size comes from the store; declared
+    /// digests are checked by reading the object back (no store keeps SHA-256, and only
+    /// some keep an MD5 of the whole object), so a skip is never taken on trust.
+    async fn same_content(
+        &self,
+        job: &Job,
+        bucket: &BucketName,
+        key: &ObjectKey,
+        existing: crate::storage::ObjectInfo,
+    ) -> Result<StoredObject, JobError> {
+        let other = |what: String| {
+            JobError::permanent(format!(
+                "an object with other content is at the key {bucket}/{key} (if_exists: skip): {what}"
+            ))
+            .because(Cause::Exists)
+        };
+        if let Some(size) = job.expected_size
+            && size != existing.size
+        {
+            return Err(other(format!("its size is {} bytes, the job declares {size}", existing.size)));
+        }
+        let mut digests = None;
+        if job.expected_sha256.is_some() || job.expected_md5.is_some() {
+            let stored = self.store.get(bucket, key).await.map_err(|e| {
+                JobError::transient(format!("cannot read {bucket}/{key} to compare it: {e}")).because(Cause::Store)
+            })?;
+            let object = format!("{bucket}/{key}");
+            let body = stored.body.map(move |chunk| {
+                chunk.map_err(|e| JobError::transient(format!("cannot read {object}: {e}")).because(Cause::Store))
+            });
+            let (mut body, verifier) =
+                verified(body.boxed(), Expectations { max_size: u64::MAX, ..Default::default() }, None);
+            while let Some(chunk) = body.next().await {
+                chunk?;
+            }
+            let read = verifier.digests().ok_or_else(|| JobError::transient("the stored object's read ended early"))?;
+            for (name, declared, actual) in
+                [("sha256", &job.expected_sha256, &read.sha256), ("md5", &job.expected_md5, &read.md5)]
+            {
+                if let Some(declared) = declared
+                    && !declared.eq_ignore_ascii_case(actual)
+                {
+                    return Err(other(format!("its {name} is {actual}, the job declares {declared}")));
+                }
+            }
+            digests = Some(read);
+        }
+        Ok(StoredObject {
+            etag: existing.etag.or_else(|| existing.version.clone()).unwrap_or_default(),
+            size: existing.size,
+            sha256: digests.as_ref().map(|d| d.sha256.clone()),
+            md5: digests.map(|d| d.md5),
+            content_type: None,
+            version: existing.version,
+        })
     }
 
     /// About once a second, record the transfer's progress and ask whether a caller
@@ -565,7 +616,11 @@ impl Worker {
             () = cancel.cancelled() => return Err(JobError::cancelled()),
         };
         let resumed = match saved {
-            Some(checkpoint) if fetched.start > 0 => Some(checkpoint),
+            // The fetcher hands back a body past byte 0 only as the proven rest of the file
+            // this checkpoint was saved from (see `RangeFrom::continues`).
+            Some(checkpoint) if fetched.start > 0 && from.as_ref().is_some_and(|f| f.offset == fetched.start) => {
+                Some(checkpoint)
+            }
             Some(_) => {
                 if from.is_some() {
                     tracing::info!(job_id = %job.id, "the origin cannot send the rest of the same file; starting over");
@@ -575,6 +630,11 @@ impl Worker {
             }
             None => None,
         };
+        if fetched.start > 0 && resumed.is_none() {
+            // Never reached: a body that starts past byte 0 is never stored as a whole object.
+            return Err(JobError::transient("origin sent part of the file where the whole was asked for")
+                .because(Cause::OriginStatus));
+        }
         let max_size =
             job.grant.max_file_size.map_or(self.settings.max_file_size, |m| m.min(self.settings.max_file_size));
         if let Some(length) = fetched.content_length
@@ -632,6 +692,12 @@ impl Worker {
                     self.forget_checkpoint(job, true).await;
                 }
                 (put.map_err(|e| e.or_because(Cause::Store))?, verifier)
+            }
+            _ if resumed.is_some() => {
+                // A resumed body continues stored parts: it cannot be stored on its own.
+                self.forget_checkpoint(job, true).await;
+                return Err(JobError::transient("cannot go on with the stored part of the file; starting over")
+                    .because(Cause::Store));
             }
             _ => {
                 let (body, verifier) = verified(body, expect, None);

@@ -31,10 +31,12 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// The request for the rest of the file, if a store with parts of `part_size` can go
-    /// on with this checkpoint (same part size, and something left to fetch).
+    /// on with this checkpoint (same part size, a known total, and something left to
+    /// fetch). Without a known total no answer could prove it is the same file.
     pub fn range(&self, part_size: Option<u64>) -> Option<RangeFrom> {
-        let fits = part_size == Some(self.write.part_size) && self.total.is_none_or(|total| self.write.stored < total);
-        fits.then(|| RangeFrom { offset: self.write.stored, validator: self.validator.clone() })
+        let total = self.total?;
+        let fits = part_size == Some(self.write.part_size) && self.write.stored < total;
+        fits.then(|| RangeFrom { offset: self.write.stored, validator: self.validator.clone(), total })
     }
 }
 

@@ -281,3 +281,47 @@ async fn take_over_lease(app: &crate::helpers::TestApp, id: &str) -> bool {
         }
     }
 }
+
+/// Keys the disk store can never hold: refused at submit when the store can tell (a file
+/// name longer than the file system takes), else failed at once, with one fetch, no retry,
+/// and an error that names no server path.
+#[tokio::test]
+async fn keys_the_disk_store_can_never_hold_fail_at_once() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    if app.settings.storage != fileflow::config::StorageKind::Fs {
+        app.stop().await;
+        return;
+    }
+    let long = format!("dir/{}.bin", "n".repeat(300));
+    let refused = app
+        .post_upload(&json!({ "file_url": origin.url("/file/10"), "bucket_name": app.bucket, "object_name": long }))
+        .await;
+    assert_eq!(refused.status(), 422);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("object_name"), "{body}");
+    assert!(app.stored_objects().await.is_empty());
+
+    let data_dir = app.settings.data_dir.canonicalize().unwrap();
+    assert_eq!(
+        app.finished(&app.submit(&origin.url("/file/100"), &app.bucket, "a").await).await["status"],
+        "completed"
+    );
+    assert_eq!(
+        app.finished(&app.submit(&origin.url("/file/101"), &app.bucket, "c/d").await).await["status"],
+        "completed"
+    );
+    for (key, path, why) in [("a/b", "/file/102", "is an object, not a folder"), ("c", "/file/103", "a folder")] {
+        let job = app.finished(&app.submit(&origin.url(path), &app.bucket, key).await).await;
+        assert_eq!(job["status"], "failed", "{key}: {job}");
+        assert_eq!(job["retry_count"], 0, "{key}: permanent: {job}");
+        let error = job["last_error"].as_str().unwrap();
+        assert!(error.contains(why), "{key}: {job}");
+        assert!(
+            !error.contains(&*data_dir.to_string_lossy()) && !error.contains("/tmp"),
+            "{key}: a server path: {job}"
+        );
+        assert_eq!(origin.hits(path), 1, "{key}: fetched once");
+    }
+    app.stop().await;
+}

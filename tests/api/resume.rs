@@ -140,3 +140,70 @@ async fn cancelling_or_failing_a_resumable_transfer_leaves_no_parts() {
 fn resumes() -> bool {
     crate::helpers::store() != "azure"
 }
+
+/// Origins answer `Range` sloppily in every way RFC 9110 allows and some it does not. A
+/// partial answer continues the stored part only when it proves the same file; otherwise
+/// the whole file is fetched once, in the same attempt, and the job holds exactly the
+/// origin's current bytes.
+#[tokio::test]
+async fn sloppy_partial_answers_never_make_a_wrong_object() {
+    if !resumes() {
+        return;
+    }
+    const HALF: u64 = SIZE / 2;
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    for lie in ["unknown_total", "wrong_start", "short_total", "not_to_end", "no_validator"] {
+        let name = format!("lie-{}", lie.replace('_', "-"));
+        let url = origin.url(&format!("/resumable/{name}/{SIZE}?seed=7&cut={HALF}&lie={lie}"));
+        let id = app.submit(&url, &app.bucket, &format!("{name}.bin")).await;
+        let job = app.finished(&id).await;
+        let expected = content(7, SIZE);
+        assert_eq!(job["status"], "completed", "{lie}: {job}");
+        assert_eq!(job["retry_count"], 1, "{lie}: one cut, then the whole file in the same attempt: {job}");
+        assert_eq!(job["size"], SIZE, "{lie}: {job}");
+        assert_eq!(job["sha256"], sha256_hex(&expected), "{lie}: {job}");
+        assert!(app.read_object(&format!("{name}.bin")).await == expected, "{lie}: stored bytes differ");
+        let ranges = origin.ranges_asked(&name);
+        assert_eq!(ranges.len(), 3, "{lie}: whole, a range, whole again: {ranges:?}");
+        assert!(ranges[1].starts_with("bytes=") && ranges[2].is_empty(), "{lie}: {ranges:?}");
+    }
+    // A whole file answered 206 with the whole file's range is the whole file.
+    let url = origin.url(&format!("/resumable/whole-206/{}?seed=7&lie=whole_as_206", 3 * MIB));
+    let id = app.submit(&url, &app.bucket, "whole-206.bin").await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["sha256"], sha256_hex(&content(7, 3 * MIB)), "{job}");
+    assert_eq!(app.stored_objects().await.len(), 6, "no staging files left: {:?}", app.stored_objects().await);
+    assert_eq!(app.unfinished_uploads().await, 0, "no parts left behind");
+    app.stop().await;
+}
+
+/// The file changes between attempts and the origin ignores `If-Range`: its 206 of the new
+/// version (with the new ETag) must not be spliced onto the old version's stored part.
+#[tokio::test]
+async fn a_changed_file_behind_an_origin_that_ignores_if_range_is_fetched_whole() {
+    if !resumes() {
+        return;
+    }
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| {
+        s.retry_base_delay = Duration::from_secs(2);
+        s.retry_max_delay = Duration::from_secs(2);
+    })
+    .await;
+    let url = origin.url(&format!("/resumable/deaf/{SIZE}?seed=7&cut={}&lie=ignore_if_range", SIZE / 2));
+    let id = app.submit(&url, &app.bucket, "deaf.bin").await;
+    let waiting = app.wait_until(&id, Duration::from_secs(30), |j| j["retry_count"] == 1).await;
+    assert_eq!(waiting["status"], "pending", "{waiting}");
+    origin.set_version("deaf", 1);
+    let job = app.finished(&id).await;
+    let changed = content(Origin::versioned_seed(7, 1), SIZE);
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["retry_count"], 1, "{job}");
+    assert_eq!(job["sha256"], sha256_hex(&changed), "the new version, whole: {job}");
+    assert!(app.read_object("deaf.bin").await == changed, "stored bytes are not the new version");
+    assert_eq!(origin.ranges_asked("deaf").len(), 3, "{:?}", origin.ranges_asked("deaf"));
+    assert_eq!(app.unfinished_uploads().await, 0, "the first version's parts were removed");
+    app.stop().await;
+}

@@ -287,6 +287,36 @@ async fn if_exists_decides_what_happens_to_an_object_already_there() {
     assert_eq!(origin.hits("/file/2000"), hits, "skip fetched nothing");
     assert!(app.read_object("kept").await == content(1, 2000));
 
+    // Skip completes only with what the caller declared: other content at the key fails
+    // the job, names why, and stays as it was.
+    let sha = |seed: u64, size: u64| crate::helpers::sha256_hex(&content(seed, size));
+    let declared = |extra: serde_json::Value| {
+        let mut body = json!({ "file_url": origin.url("/file/2000?seed=2"), "bucket_name": app.bucket,
+            "object_name": "kept", "if_exists": "skip" });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let app = &app;
+        async move {
+            let id = app.submit_body(&body).await;
+            app.finished(&id).await
+        }
+    };
+    for (what, extra) in [
+        ("size", json!({ "size": 1000 })),
+        ("sha256", json!({ "sha256": sha(2, 2000) })),
+        ("md5", json!({ "md5": "0".repeat(32) })),
+    ] {
+        let refused = declared(extra).await;
+        assert_eq!(refused["status"], "failed", "{what}: {refused}");
+        let error = refused["last_error"].as_str().unwrap();
+        assert!(error.contains("an object with other content is at the key") && error.contains(what), "{refused}");
+        assert_eq!(refused["retry_count"], 0, "permanent: {refused}");
+    }
+    let same = declared(json!({ "size": 2000, "sha256": sha(1, 2000) })).await;
+    assert_eq!(same["status"], "completed", "the same content is skipped: {same}");
+    assert_eq!(same["sha256"], sha(1, 2000), "{same}");
+    assert_eq!(origin.hits("/file/2000"), hits, "skip fetched nothing");
+    assert!(app.read_object("kept").await == content(1, 2000));
+
     let failed = submit(3, "kept", Some("fail")).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     assert!(failed["last_error"].as_str().unwrap().contains("already exists"), "{failed}");

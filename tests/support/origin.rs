@@ -27,6 +27,13 @@
 //!   `ranges=no` or its `If-Range` names another version; the first request breaks the
 //!   connection once the file's byte `cut` is reached; `every_ms` paces 1 MiB pieces.
 //!   [`Origin::bytes_sent`] counts body bytes sent, [`Origin::ranges_asked`] the ranges asked.
+//!   `lie=` makes its partial answers sloppy as real origins' are: `unknown_total`
+//!   (`Content-Range: …/*`), `ignore_if_range` (206 of the current version whatever
+//!   `If-Range` says), `wrong_start` (the range starts 1 MiB before the one asked),
+//!   `short_total` (the 206 says the file is 1 MiB shorter and ends there), `no_validator`
+//!   (the 206 carries no ETag or Last-Modified), `not_to_end` (the 206 stops 1 MiB short of
+//!   the end and says so), `whole_as_206` (a request for the whole file answered 206 with
+//!   the whole file's range).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -323,17 +330,34 @@ async fn resumable(
     };
     let range = request.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     c.2.lock().unwrap().entry(name.clone()).or_default().push(range.clone());
+    let lie = arg("lie").unwrap_or("");
     let same_version = match (request.get(header::IF_RANGE).and_then(|v| v.to_str().ok()), &validator) {
+        _ if lie == "ignore_if_range" => true,
         (Some(asked), Some((_, current))) => asked == current,
         (Some(_), None) => false,
         (None, _) => true,
     };
-    let from = range
+    let asked = range
         .strip_prefix("bytes=")
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|n| n.parse::<u64>().ok())
         .filter(|&n| n < size && same_version && arg("ranges") != Some("no"));
+    const LIE: u64 = 1024 * 1024;
+    let from = match (asked, lie) {
+        (Some(n), "wrong_start") => Some(n.saturating_sub(LIE)),
+        (None, "whole_as_206") => Some(0),
+        (from, _) => from,
+    };
+    // The last byte this answer sends, and the total it declares ("*" when unknown).
+    let (last, total) = match (asked, lie) {
+        (Some(_), "short_total") => (size - LIE - 1, (size - LIE).to_string()),
+        (Some(_), "not_to_end") => (size - LIE - 1, size.to_string()),
+        (Some(_), "unknown_total") => (size - 1, "*".to_owned()),
+        _ => (size - 1, size.to_string()),
+    };
+    let validator = validator.filter(|_| !(asked.is_some() && lie == "no_validator"));
     let start = from.unwrap_or(0);
+    let size = last + 1;
     let cut = arg("cut").and_then(|n| n.parse::<u64>().ok()).filter(|_| request_no == 1);
     let every = Duration::from_millis(arg("every_ms").and_then(|n| n.parse().ok()).unwrap_or(0));
     let piece = 1024 * 1024u64;
@@ -363,7 +387,7 @@ async fn resumable(
     }
     let status = match from {
         Some(from) => {
-            headers.insert(header::CONTENT_RANGE, format!("bytes {from}-{}/{size}", size - 1).parse().unwrap());
+            headers.insert(header::CONTENT_RANGE, format!("bytes {from}-{last}/{total}").parse().unwrap());
             StatusCode::PARTIAL_CONTENT
         }
         None => StatusCode::OK,
