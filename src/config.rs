@@ -10,6 +10,7 @@ use url::Url;
 
 use crate::auth::{AuthMode, Role};
 use crate::metadata::Durability;
+pub use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(name = "fileflow", version, about = "Fetch files from URLs into object storage, asynchronously and safely.")]
@@ -207,14 +208,6 @@ pub enum StorageKind {
     Azure,
     /// Google Cloud Storage.
     Gcs,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// JSON lines when standard error is not a terminal, readable text when it is.
-    Auto,
-    Json,
-    Text,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -466,7 +459,7 @@ pub struct Settings {
     /// Key that signs webhooks (`whsec_` and base64, as in the Standard Webhooks
     /// specification); jobs may ask for a `notify_url` only when it is set.
     #[arg(long, env = "FILEFLOW_WEBHOOK_SECRET", hide_env_values = true, global = true)]
-    pub webhook_secret: Option<crate::webhooks::WebhookSecret>,
+    pub webhook_secret: Option<crate::secrets::WebhookSecret>,
 
     /// Connections the API serves at once; more wait to be accepted.
     #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS", default_value_t = 1024, global = true)]

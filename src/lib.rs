@@ -11,7 +11,7 @@
 
 pub mod auth;
 pub mod backends;
-pub mod client;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod events;
@@ -29,4 +29,5 @@ pub mod startup;
 pub mod storage;
 pub mod telemetry;
 pub mod webhooks;
+pub mod wire;
 pub mod worker;

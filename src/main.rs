@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     if let Command::Client(command) = cli.command {
         // A client prints answers, not the server's logs.
-        return fileflow::client::run(command, &mut std::io::stdout()).await;
+        return fileflow::cli::client::run(command, &mut std::io::stdout()).await;
     }
     let process = match &cli.command {
         Command::Serve => "serve",
@@ -35,7 +35,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Command::Keys { action } = cli.command {
-        fileflow::auth::cli::run(&cli.settings, action, &mut std::io::stdout()).await?;
+        fileflow::cli::keys::run(&cli.settings, action, &mut std::io::stdout()).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let app = Application::build(cli.settings, cli.command).await?;

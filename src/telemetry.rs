@@ -17,7 +17,14 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 use url::Url;
 
-use crate::config::LogFormat;
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// JSON lines when standard error is not a terminal, readable text when it is.
+    Auto,
+    Json,
+    Text,
+}
 
 /// The spans fileflow exports: an API request, and one attempt at a job's transfer (a
 /// child of the request that created the job, in whichever process runs it). Log lines

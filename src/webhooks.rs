@@ -11,119 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use chrono::{DateTime, Utc};
-use hmac::{Hmac, KeyInit, Mac};
-use serde::Serialize;
-use sha2::Sha256;
+use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::fetch::describe;
-use crate::lifecycle::{JobError, JobId, RetryPolicy};
+use crate::lifecycle::{JobError, RetryPolicy};
 use crate::links::DownloadLinks;
-use crate::metadata::{JobRepository, RepoError};
-
-/// The key webhooks are signed with: `whsec_` and base64, as in the specification.
-#[derive(Clone)]
-pub struct WebhookSecret(Vec<u8>);
-
-impl std::fmt::Debug for WebhookSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WebhookSecret(<secret>)")
-    }
-}
-
-impl std::str::FromStr for WebhookSecret {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        let encoded = text.trim().strip_prefix("whsec_").unwrap_or(text.trim());
-        let key = STANDARD.decode(encoded).map_err(|_| "a webhook secret is `whsec_` followed by base64".to_owned())?;
-        if key.len() < 24 {
-            return Err("a webhook secret needs at least 24 bytes".into());
-        }
-        Ok(Self(key))
-    }
-}
-
-impl WebhookSecret {
-    /// `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`.
-    pub fn sign(&self, id: &str, timestamp: i64, body: &str) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
-        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
-    }
-}
-
-/// The `webhook-id` of delivery `id`: the same on every try of it.
-pub fn message_id(id: i64) -> String {
-    format!("msg_{id}")
-}
-
-/// A delivery due to be sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DueDelivery {
-    pub id: i64,
-    pub job_id: JobId,
-    pub event: String,
-    pub url: String,
-    /// Tries made before this one.
-    pub attempts: u32,
-}
-
-/// What a try came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Attempted {
-    Delivered,
-    RetryAt(DateTime<Utc>),
-    GaveUp,
-}
-
-/// One try, as the job's view shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct AttemptView {
-    pub at: DateTime<Utc>,
-    /// The receiver's HTTP status, when it answered.
-    pub status: Option<u16>,
-    pub error: Option<String>,
-}
-
-/// A job's delivery, with its tries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct DeliveryView {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub event: String,
-    pub url: String,
-    pub delivered_at: Option<DateTime<Utc>>,
-    pub given_up_at: Option<DateTime<Utc>>,
-    pub next_attempt_at: Option<DateTime<Utc>>,
-    pub attempts: Vec<AttemptView>,
-}
-
-/// The deliveries outbox, in the metadata database.
-#[async_trait]
-pub trait WebhookOutbox: Send + Sync + 'static {
-    /// Take up to `limit` due deliveries for `hold` (no one else takes them meanwhile).
-    async fn claim_due(&self, limit: u32, hold: Duration) -> Result<Vec<DueDelivery>, RepoError>;
-
-    /// Record one try of delivery `id` and what it came to.
-    async fn record_attempt(
-        &self,
-        id: i64,
-        at: DateTime<Utc>,
-        status: Option<u16>,
-        error: Option<&str>,
-        outcome: Attempted,
-    ) -> Result<(), RepoError>;
-
-    /// A job's deliveries and their tries, oldest first.
-    async fn deliveries_of(&self, job: JobId) -> Result<Vec<DeliveryView>, RepoError>;
-
-    /// Deliveries neither delivered nor given up.
-    async fn depth(&self) -> Result<u64, RepoError>;
-}
+use crate::metadata::JobRepository;
+pub use crate::metadata::{Attempted, DueDelivery, WebhookOutbox, message_id};
+pub use crate::secrets::WebhookSecret;
+pub use crate::wire::{AttemptView, DeliveryView};
 
 /// Longest a receiver may take to answer.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -196,7 +93,7 @@ impl Dispatcher {
     /// Post the delivery; the receiver's status, or why there was none.
     async fn send(&self, due: &DueDelivery) -> Result<u16, String> {
         let job = self.repo.get(due.job_id).await.map_err(|e| e.to_string())?.ok_or("the job is gone")?;
-        let data = crate::http::job_json(job, &*self.links).await.map_err(|e| e.to_string())?;
+        let data = crate::wire::job_json(job, &*self.links).await.map_err(|e| e.to_string())?;
         let timestamp = Utc::now();
         let body =
             serde_json::json!({ "type": due.event, "timestamp": timestamp.to_rfc3339(), "data": data }).to_string();

@@ -5,9 +5,6 @@
 //! address and no key has been created, so `fileflow serve` on a laptop works with no
 //! setup; once a key exists, or on any other address, every `/api/` request needs one.
 
-pub mod cli;
-pub mod keys;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -15,32 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use crate::metadata::RepoError;
-pub use keys::{ApiKey, IssuedKey, KeyLimits, NewKey, Role, Scope};
-
-/// Where API keys are kept: the metadata database.
-#[async_trait]
-pub trait KeyStore: Send + Sync + 'static {
-    /// Record a new key under the issued id and digest.
-    async fn create_key(&self, issued: &IssuedKey, key: &NewKey, now: DateTime<Utc>) -> Result<ApiKey, RepoError>;
-
-    /// Every key, revoked ones included, oldest first.
-    async fn list_keys(&self) -> Result<Vec<ApiKey>, RepoError>;
-
-    /// Revoke a key; `false` when there is no such key or it was already revoked.
-    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> Result<bool, RepoError>;
-
-    /// The key with this id and the digest of its secret.
-    async fn find_key(&self, id: &str) -> Result<Option<(ApiKey, String)>, RepoError>;
-
-    /// Whether any key was ever created (revoked ones count: the API stays protected).
-    async fn has_keys(&self) -> Result<bool, RepoError>;
-}
+pub use crate::domain::{ApiKey, IssuedKey, KeyLimits, NewKey, Role, Scope};
+pub use crate::metadata::KeyStore;
 
 /// `--auth`: whether the API asks for keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -159,13 +135,13 @@ impl Gate {
             return Ok(Caller::Open);
         }
         let presented = bearer.ok_or(Refusal::Missing)?;
-        let id = keys::key_id(presented).ok_or(Refusal::Invalid)?;
+        let id = crate::domain::api_key::key_id(presented).ok_or(Refusal::Invalid)?;
         let found = self.keys.find_key(id).await.map_err(|e| {
             tracing::error!(error = %e, "cannot look up an API key");
             Refusal::Unavailable
         })?;
         let Some((key, digest)) = found else { return Err(Refusal::Invalid) };
-        if !keys::matches(presented, &digest) || key.revoked_at.is_some() {
+        if !crate::domain::api_key::matches(presented, &digest) || key.revoked_at.is_some() {
             return Err(Refusal::Invalid);
         }
         self.check_rate(&key)?;

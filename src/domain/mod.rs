@@ -3,12 +3,14 @@
 //! Each type is parsed once, at the edge, and can only hold a valid value afterwards
 //! ("parse, don't validate").
 
+pub mod api_key;
 mod bucket_name;
 mod checksum;
 mod object_key;
 mod request_headers;
 mod source_url;
 
+pub use api_key::{ApiKey, IssuedKey, KeyLimits, NewKey, Role, Scope};
 pub use bucket_name::BucketName;
 pub use checksum::{Md5Hex, Sha256Hex};
 pub use object_key::ObjectKey;

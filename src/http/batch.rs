@@ -15,10 +15,11 @@ use base64::Engine;
 use chrono::Utc;
 use serde_json::{Map, Value, json};
 
+use super::error::ApiError;
 use super::error::{ErrorBody, ErrorDetail};
 use super::extract::JsonObject;
+use super::state::AppState;
 use super::uploads::{check_unfinished_quota, parse_new_job};
-use super::{ApiError, AppState};
 use crate::auth::Caller;
 use crate::lifecycle::NewJob;
 use crate::telemetry::TraceParent;

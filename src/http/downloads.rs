@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::Utc;
 
-use super::{ApiError, AppState};
+use super::error::ApiError;
+use super::state::AppState;
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{JobId, JobStatus};
 use crate::storage::ReadError;

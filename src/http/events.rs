@@ -14,10 +14,11 @@ use axum::{Extension, Router};
 use futures::stream::{self, Stream, StreamExt as _};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::uploads::JobView;
-use super::{ApiError, AppState};
+use super::error::ApiError;
+use super::state::AppState;
 use crate::auth::Caller;
 use crate::events::JobChange;
+use crate::wire::JobView;
 
 /// How often an idle stream sends a comment, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);

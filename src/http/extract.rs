@@ -5,7 +5,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use serde_json::{Map, Value};
 
-use super::ApiError;
+use super::error::ApiError;
 
 /// A JSON object body. Field checks are left to the handler, so each error names its field.
 pub struct JsonObject(pub Map<String, Value>);

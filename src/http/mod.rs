@@ -9,65 +9,36 @@ mod error;
 mod events;
 mod extract;
 mod health;
+mod metrics;
 mod openapi;
 mod serve;
+mod state;
 mod uploads;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
-use axum::http::header::CONTENT_TYPE;
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Extension, Router};
+use axum::response::Response;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument as _;
 
-use crate::auth::{Caller, Gate};
-use crate::events::ChangeFeed;
-use crate::fetch::DestinationGuard;
-use crate::links::{DownloadLinks, LinkSigner};
-use crate::metadata::JobRepository;
 use crate::metrics::Metrics;
-use crate::secrets::HeaderSealer;
-use crate::storage::ObjectStore;
 use crate::telemetry::TraceParent;
-use crate::webhooks::WebhookOutbox;
 
+pub use crate::wire::job_json;
 pub use error::ApiError;
+pub use metrics::{metrics_router, metrics_text};
 pub use openapi::document as openapi_document;
 pub use serve::{ServerLimits, serve};
-pub use uploads::job_json;
+pub use state::AppState;
 
 /// Largest request body the API reads; an upload request is a few hundred bytes.
 const MAX_BODY: usize = 64 * 1024;
-
-#[derive(Clone)]
-pub struct AppState {
-    pub repo: Arc<dyn JobRepository>,
-    pub store: Arc<dyn ObjectStore>,
-    pub links: Arc<dyn DownloadLinks>,
-    /// Set when fileflow signs and serves download links itself.
-    pub signer: Option<Arc<LinkSigner>>,
-    pub guard: DestinationGuard,
-    /// Who may call the API.
-    pub gate: Arc<Gate>,
-    /// Encrypts per-job origin headers before they reach the database.
-    pub sealer: Arc<HeaderSealer>,
-    /// The server's largest file; a key's own limit can only lower it.
-    pub max_file_size: u64,
-    /// Webhook deliveries and their tries, for the job's view.
-    pub outbox: Arc<dyn WebhookOutbox>,
-    /// Whether webhooks can be signed (a secret is configured): `notify_url` needs it.
-    pub webhooks_signed: bool,
-    pub metrics: Arc<Metrics>,
-    /// Job changes as they happen, for the event streams.
-    pub changes: Arc<ChangeFeed>,
-}
 
 /// The API. `request_timeout` bounds reading a request (its body is read inside the
 /// handler) and producing its answer; a download's body streams on after it. (A body-level
@@ -79,7 +50,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let keyed = uploads::router()
         .merge(batch::router())
         .merge(events::router())
-        .route("/metrics", get(metrics))
+        .merge(metrics::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
     Router::new()
         .merge(keyed)
@@ -95,31 +66,6 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
-}
-
-/// Prometheus metrics (OpenMetrics text), for admin keys (and the open API).
-#[utoipa::path(get, path = "/metrics", tag = "metrics",
-    responses((status = 200, description = "the metrics", content_type = "application/openmetrics-text"),
-        (status = 403, description = "not an admin key", body = error::ErrorBody)))]
-async fn metrics(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
-    if !caller.is_admin() {
-        return Err(ApiError::Forbidden("metrics are for admin keys".into()));
-    }
-    Ok(metrics_text(&state.metrics))
-}
-
-/// The metrics as an HTTP answer.
-pub fn metrics_text(metrics: &Metrics) -> Response {
-    ([(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], metrics.render()).into_response()
-}
-
-/// A worker process's own small server on `--metrics-listen`: `/metrics` and `/healthz`,
-/// open (it is meant for a private network or loopback).
-pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/metrics", get(|State(m): State<Arc<Metrics>>| async move { metrics_text(&m) }))
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
-        .with_state(metrics)
 }
 
 /// One structured line per request, and its count and latency by route; every line logged

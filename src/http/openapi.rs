@@ -9,7 +9,8 @@ use axum::routing::get;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{AppState, batch, downloads, events, health, uploads};
+use super::state::AppState;
+use super::{batch, downloads, events, health, uploads};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,7 +28,7 @@ use super::{AppState, batch, downloads, events, health, uploads};
         downloads::download,
         health::healthz,
         health::readyz,
-        super::metrics,
+        super::metrics::metrics,
     ),
     modifiers(&BearerKeys),
     security(("api_key" = [])),

@@ -7,23 +7,23 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::Utc;
 use serde::Serialize;
 
+use super::error::ApiError;
 use super::error::ErrorBody;
 use super::extract::JsonObject;
-use super::{ApiError, AppState};
+use super::state::AppState;
 use crate::auth::Caller;
 use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, SourceUrl};
 use crate::lifecycle::{Grant, IfExists, Job, JobId, JobStatus, NewJob};
-use crate::links::DownloadLinks;
 use crate::metadata::{Cancel, Created, IdempotencyKey, ListFilter, Requeue};
 use crate::telemetry::TraceParent;
-use crate::webhooks::DeliveryView;
+use crate::wire::JobView;
+use crate::wire::{DEFAULT_LINK_SECS, job_view, timestamp};
 use sha2::Digest as _;
 
-/// Default and longest lifetimes of a download link (the longest is S3's presign limit).
-const DEFAULT_LINK_SECS: i64 = 3600;
+/// The longest lifetime of a download link (S3's presign limit).
 const MAX_LINK_SECS: i64 = 7 * 24 * 3600;
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
@@ -36,80 +36,6 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/uploads/{id}/url", get(download_url))
         .route("/api/v1/uploads/{id}/retry", post(retry_upload))
         .route("/api/v1/uploads/{id}/cancel", post(cancel_upload))
-}
-
-/// A job as the API shows it.
-#[derive(Serialize, utoipa::ToSchema)]
-pub(super) struct JobView {
-    #[schema(value_type = String)]
-    id: JobId,
-    file_url: String,
-    bucket_name: String,
-    object_name: String,
-    pub(super) status: JobStatus,
-    retry_count: u32,
-    last_error: Option<String>,
-    etag: Option<String>,
-    size: Option<u64>,
-    sha256: Option<String>,
-    md5: Option<String>,
-    content_type: Option<String>,
-    if_exists: IfExists,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    notify_url: Option<String>,
-    /// Bytes received by the transfer under way (or the last one), and the declared size.
-    bytes_done: Option<u64>,
-    bytes_total: Option<u64>,
-    created_at: String,
-    updated_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next_attempt_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    download_url: Option<String>,
-    /// The job's webhook deliveries and their tries (a single job's view only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    webhooks: Option<Vec<DeliveryView>>,
-}
-
-/// A job as the API shows it, as JSON (webhooks carry it too).
-pub async fn job_json(job: Job, links: &dyn DownloadLinks) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::to_value(job_view(job, links).await?)?)
-}
-
-async fn job_view(job: Job, links: &dyn DownloadLinks) -> anyhow::Result<JobView> {
-    let download_url = if job.status == JobStatus::Completed {
-        let expires_at = Utc::now() + chrono::Duration::seconds(DEFAULT_LINK_SECS);
-        Some(links.link(&job, expires_at).await?.to_string())
-    } else {
-        None
-    };
-    Ok(JobView {
-        id: job.id,
-        file_url: job.file_url,
-        bucket_name: job.bucket_name,
-        object_name: job.object_name,
-        status: job.status,
-        retry_count: job.retry_count,
-        last_error: job.last_error,
-        etag: job.etag,
-        size: job.size,
-        sha256: job.sha256,
-        md5: job.md5,
-        content_type: job.content_type,
-        if_exists: job.if_exists,
-        notify_url: job.notify_url,
-        bytes_done: job.bytes_done,
-        bytes_total: job.bytes_total,
-        created_at: timestamp(job.created_at),
-        updated_at: timestamp(job.updated_at),
-        next_attempt_at: job.next_attempt_at.map(timestamp),
-        download_url,
-        webhooks: None,
-    })
-}
-
-fn timestamp(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 impl AppState {

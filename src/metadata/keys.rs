@@ -6,7 +6,26 @@ use futures::FutureExt as _;
 use sqlx::Row;
 
 use super::{PgDb, RepoError, SqliteDb, from_db, from_millis, to_db, to_millis};
-use crate::auth::{ApiKey, IssuedKey, KeyLimits, KeyStore, NewKey, Role, Scope};
+use crate::domain::{ApiKey, IssuedKey, KeyLimits, NewKey, Role, Scope};
+
+/// Where API keys are kept: the metadata database.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Record a new key under the issued id and digest.
+    async fn create_key(&self, issued: &IssuedKey, key: &NewKey, now: DateTime<Utc>) -> Result<ApiKey, RepoError>;
+
+    /// Every key, revoked ones included, oldest first.
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, RepoError>;
+
+    /// Revoke a key; `false` when there is no such key or it was already revoked.
+    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> Result<bool, RepoError>;
+
+    /// The key with this id and the digest of its secret.
+    async fn find_key(&self, id: &str) -> Result<Option<(ApiKey, String)>, RepoError>;
+
+    /// Whether any key was ever created (revoked ones count: the API stays protected).
+    async fn has_keys(&self) -> Result<bool, RepoError>;
+}
 
 macro_rules! key_columns {
     () => {

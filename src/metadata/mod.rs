@@ -5,6 +5,7 @@
 
 mod group_commit;
 mod keys;
+mod outbox;
 mod postgres;
 mod sqlite;
 mod webhooks;
@@ -15,6 +16,8 @@ use chrono::{DateTime, Utc};
 
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
+pub use keys::KeyStore;
+pub use outbox::{Attempted, DueDelivery, WebhookOutbox, message_id};
 pub use postgres::{PgDb, PgRepository};
 pub use sqlite::{Durability, SqliteDb, SqliteRepository};
 pub(crate) use sqlite::{from_millis, to_millis};

@@ -6,9 +6,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
+use super::outbox::{Attempted, DueDelivery, WebhookOutbox, message_id};
 use super::{PgDb, RepoError, SqliteDb, from_db, from_millis, millis, to_millis};
 use crate::lifecycle::JobId;
-use crate::webhooks::{AttemptView, Attempted, DeliveryView, DueDelivery, WebhookOutbox, message_id};
+use crate::wire::{AttemptView, DeliveryView};
 
 fn due_from_row<R: Row>(row: &R) -> Result<DueDelivery, RepoError>
 where

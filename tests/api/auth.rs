@@ -346,7 +346,7 @@ async fn a_public_listener_without_keys_refuses_to_start() {
         output: fileflow::config::OutputFormat::Json,
     };
     let mut out = Vec::new();
-    fileflow::auth::cli::run(&settings, create, &mut out).await.unwrap();
+    fileflow::cli::keys::run(&settings, create, &mut out).await.unwrap();
     let key: Value = serde_json::from_slice(&out).unwrap();
     let app = crate::helpers::start(settings.clone(), None).await;
     assert_eq!(app.call(Method::GET, "/api/v1/uploads", None, None).await.0, 401);

@@ -177,7 +177,7 @@ impl TestApp {
             output: OutputFormat::Json,
         };
         let mut out = Vec::new();
-        fileflow::auth::cli::run(&self.settings, action, &mut out).await.expect("keys create");
+        fileflow::cli::keys::run(&self.settings, action, &mut out).await.expect("keys create");
         let created: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(created["role"], role);
         (created["id"].as_str().unwrap().to_owned(), created["key"].as_str().unwrap().to_owned())
@@ -203,7 +203,7 @@ impl TestApp {
     /// Revoke a key through `fileflow keys revoke`.
     pub async fn revoke_key(&self, id: &str) {
         let mut out = Vec::new();
-        fileflow::auth::cli::run(&self.settings, KeysCommand::Revoke { id: id.to_owned() }, &mut out)
+        fileflow::cli::keys::run(&self.settings, KeysCommand::Revoke { id: id.to_owned() }, &mut out)
             .await
             .expect("keys revoke");
     }

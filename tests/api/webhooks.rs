@@ -168,7 +168,7 @@ async fn a_keys_default_webhook_announces_its_jobs() {
         output: fileflow::config::OutputFormat::Json,
     };
     let mut out = Vec::new();
-    fileflow::auth::cli::run(&app.settings, create, &mut out).await.unwrap();
+    fileflow::cli::keys::run(&app.settings, create, &mut out).await.unwrap();
     let created: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(created["notify_url"], hook.as_str());
     let key = created["key"].as_str().unwrap();

@@ -6,7 +6,7 @@ use anyhow::Context;
 use chrono::{SecondsFormat, Utc};
 use serde_json::json;
 
-use super::{ApiKey, IssuedKey, KeyLimits, NewKey, Scope};
+use crate::auth::{ApiKey, IssuedKey, KeyLimits, NewKey, Scope};
 use crate::backends::open_database;
 use crate::config::{KeysCommand, OutputFormat, Settings};
 

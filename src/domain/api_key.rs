@@ -15,7 +15,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::domain::{BucketName, ObjectKey};
+use super::{BucketName, ObjectKey};
 
 const PREFIX: &str = "ffk_";
 
