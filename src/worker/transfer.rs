@@ -1,0 +1,365 @@
+//! The transfer itself: origin → verify → store, going on from a checkpoint when the origin
+//! proves it is the same file, and what an object already at the key means.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use super::Worker;
+use super::resume::{Checkpoint, Recorder};
+use super::sniff;
+use super::verify::{Expectations, verified};
+use crate::domain::{BucketName, ObjectKey, RequestHeaders};
+use crate::fetch::at_least;
+use crate::lifecycle::{Cause, IfExists, Job, JobError, JobId, StoredObject};
+use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions, split_at_parts};
+
+/// A fence that also refuses when an object appeared at the key meanwhile (`if_exists: fail`).
+pub(super) struct AbsentFence<'a> {
+    inner: &'a dyn Fence,
+    store: &'a dyn ObjectStore,
+    bucket: &'a BucketName,
+    key: &'a ObjectKey,
+}
+
+#[async_trait::async_trait]
+impl Fence for AbsentFence<'_> {
+    async fn check(&self) -> Result<(), JobError> {
+        self.inner.check().await?;
+        match self.store.head(self.bucket, self.key).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(object_exists(self.bucket, self.key)),
+            Err(e) => Err(JobError::transient(format!("cannot tell whether {}/{} exists: {e}", self.bucket, self.key))
+                .because(Cause::Store)),
+        }
+    }
+}
+
+pub(super) fn object_exists(bucket: &BucketName, key: &ObjectKey) -> JobError {
+    JobError::permanent(format!("{bucket}/{key} already exists (if_exists: fail)")).because(Cause::Exists)
+}
+
+/// Bytes a transfer has received, and the size its origin declared.
+#[derive(Debug, Clone)]
+pub(super) struct Progress(Arc<(AtomicU64, AtomicU64)>);
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self(Arc::new((AtomicU64::new(0), AtomicU64::new(Self::UNKNOWN))))
+    }
+}
+
+impl Progress {
+    /// No size declared.
+    const UNKNOWN: u64 = u64::MAX;
+
+    /// The transfer starts at byte `done` of a file of `total` bytes.
+    pub(super) fn start(&self, done: u64, total: Option<u64>) {
+        self.0.0.store(done, Ordering::Relaxed);
+        self.0.1.store(total.unwrap_or(Self::UNKNOWN), Ordering::Relaxed);
+    }
+
+    pub(super) fn read(&self) -> (u64, Option<u64>) {
+        let total = self.0.1.load(Ordering::Relaxed);
+        (self.0.0.load(Ordering::Relaxed), (total != Self::UNKNOWN).then_some(total))
+    }
+
+    /// `body`, counted as it goes by.
+    pub(super) fn count(&self, body: ByteStream) -> ByteStream {
+        let counter = self.clone();
+        body.inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                counter.0.0.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        })
+        .boxed()
+    }
+}
+
+/// `body`, ended with a "cancelled" error as soon as `cancel` fires (also while it waits
+/// for the origin).
+pub(super) fn until_cancelled(body: ByteStream, cancel: CancellationToken) -> ByteStream {
+    let stopped = cancel.clone();
+    let cancelled = futures::stream::once(async move { stopped.is_cancelled() })
+        .filter_map(|stopped| async move { stopped.then(|| Err(JobError::cancelled())) });
+    body.take_until(cancel.cancelled_owned()).chain(cancelled).boxed()
+}
+
+impl Worker {
+    /// For `if_exists: skip` and `fail`: what an object already at the key means. Skip
+    /// completes with it as it is; fail fails the job; otherwise the transfer goes on.
+    pub(super) async fn existing_object(
+        &self,
+        job: &Job,
+        bucket: &BucketName,
+        key: &ObjectKey,
+    ) -> Result<Option<StoredObject>, JobError> {
+        if job.if_exists == IfExists::Overwrite {
+            return Ok(None);
+        }
+        let existing = self.store.head(bucket, key).await.map_err(|e| {
+            JobError::transient(format!("cannot tell whether {bucket}/{key} exists: {e}")).because(Cause::Store)
+        })?;
+        let Some(existing) = existing else { return Ok(None) };
+        match job.if_exists {
+            IfExists::Skip => self.same_content(job, bucket, key, existing).await.map(Some),
+            _ => Err(object_exists(bucket, key)),
+        }
+    }
+
+    /// For `if_exists: skip`: the object at the key as the job's outcome, if it matches
+    /// every size and digest the job declares. Its size comes from the store; declared
+    /// digests are checked by reading the object back (no store keeps SHA-256, and only
+    /// some keep an MD5 of the whole object), so a skip is never taken on trust.
+    pub(super) async fn same_content(
+        &self,
+        job: &Job,
+        bucket: &BucketName,
+        key: &ObjectKey,
+        existing: crate::storage::ObjectInfo,
+    ) -> Result<StoredObject, JobError> {
+        let other = |what: String| {
+            JobError::permanent(format!(
+                "an object with other content is at the key {bucket}/{key} (if_exists: skip): {what}"
+            ))
+            .because(Cause::Exists)
+        };
+        if let Some(size) = job.expected_size
+            && size != existing.size
+        {
+            return Err(other(format!("its size is {} bytes, the job declares {size}", existing.size)));
+        }
+        let mut digests = None;
+        if job.expected_sha256.is_some() || job.expected_md5.is_some() {
+            let stored = self.store.get(bucket, key).await.map_err(|e| {
+                JobError::transient(format!("cannot read {bucket}/{key} to compare it: {e}")).because(Cause::Store)
+            })?;
+            let object = format!("{bucket}/{key}");
+            let body = stored.body.map(move |chunk| {
+                chunk.map_err(|e| JobError::transient(format!("cannot read {object}: {e}")).because(Cause::Store))
+            });
+            let (mut body, verifier) =
+                verified(body.boxed(), Expectations { max_size: u64::MAX, ..Default::default() }, None);
+            while let Some(chunk) = body.next().await {
+                chunk?;
+            }
+            let read = verifier.digests().ok_or_else(|| JobError::transient("the stored object's read ended early"))?;
+            for (name, declared, actual) in
+                [("sha256", &job.expected_sha256, &read.sha256), ("md5", &job.expected_md5, &read.md5)]
+            {
+                if let Some(declared) = declared
+                    && !declared.eq_ignore_ascii_case(actual)
+                {
+                    return Err(other(format!("its {name} is {actual}, the job declares {declared}")));
+                }
+            }
+            digests = Some(read);
+        }
+        Ok(StoredObject {
+            etag: existing.etag.or_else(|| existing.version.clone()).unwrap_or_default(),
+            size: existing.size,
+            sha256: digests.as_ref().map(|d| d.sha256.clone()),
+            md5: digests.map(|d| d.md5),
+            content_type: None,
+            version: existing.version,
+        })
+    }
+
+    /// One attempt under `owner`'s lease, and what its end means for a checkpoint saved on
+    /// the way: kept for the next attempt after a transient error, forgotten otherwise
+    /// (with the partial write it names, unless that became the object).
+    pub(super) async fn transfer(
+        &self,
+        job: &Job,
+        owner: &str,
+        fence: &dyn Fence,
+        cancel: &CancellationToken,
+        progress: &Progress,
+    ) -> Result<StoredObject, JobError> {
+        let checkpointed = AtomicBool::new(job.bytes_done.is_some_and(|done| done > 0));
+        let outcome = self.transfer_once(job, owner, fence, cancel, progress, &checkpointed).await;
+        let ended = !matches!(&outcome, Err(e) if e.is_transient());
+        if ended && checkpointed.load(Ordering::Relaxed) {
+            self.forget_checkpoint(job, outcome.is_err()).await;
+        }
+        outcome
+    }
+
+    /// One attempt: origin → verify → store. Sets `checkpointed` when it may save checkpoints.
+    pub(super) async fn transfer_once(
+        &self,
+        job: &Job,
+        owner: &str,
+        fence: &dyn Fence,
+        cancel: &CancellationToken,
+        progress: &Progress,
+        checkpointed: &AtomicBool,
+    ) -> Result<StoredObject, JobError> {
+        // The row was validated on the way in; a row that no longer parses is corrupt.
+        let corrupt =
+            |what: &str, e: &dyn std::fmt::Display| JobError::permanent(format!("stored {what} is invalid: {e}"));
+        let url = Url::parse(&job.file_url).map_err(|e| corrupt("file_url", &e))?;
+        let bucket = BucketName::parse(&job.bucket_name).map_err(|e| corrupt("bucket_name", &e))?;
+        let key = ObjectKey::parse(&job.object_name).map_err(|e| corrupt("object_name", &e))?;
+
+        if let Some(done) = self.existing_object(job, &bucket, &key).await? {
+            return Ok(done);
+        }
+        let absent;
+        let fence: &dyn Fence = match job.if_exists {
+            // Checked again just before the object becomes visible.
+            IfExists::Fail => {
+                absent = AbsentFence { inner: fence, store: &*self.store, bucket: &bucket, key: &key };
+                &absent
+            }
+            IfExists::Overwrite | IfExists::Skip => fence,
+        };
+        let headers = match &job.request_headers {
+            Some(sealed) => self.sealer.open(sealed).map_err(|e| JobError::permanent(e.to_string()))?,
+            None => RequestHeaders::default(),
+        };
+        // Progress from an earlier attempt: it may have saved a checkpoint to go on from.
+        let saved = match job.bytes_done {
+            Some(done) if done > 0 => self.saved_checkpoint(job.id).await,
+            _ => None,
+        };
+        let part_size = self.store.resumable_part_size();
+        let from = saved.as_ref().and_then(|c| c.range(part_size));
+        let fetched = tokio::select! {
+            fetched = self.fetcher.fetch(&url, headers.pairs(), from.as_ref()) => fetched?,
+            () = cancel.cancelled() => return Err(JobError::cancelled()),
+        };
+        let resumed = match saved {
+            // The fetcher hands back a body past byte 0 only as the proven rest of the file
+            // this checkpoint was saved from (see `RangeFrom::continues`).
+            Some(checkpoint) if fetched.start > 0 && from.as_ref().is_some_and(|f| f.offset == fetched.start) => {
+                Some(checkpoint)
+            }
+            Some(_) => {
+                if from.is_some() {
+                    tracing::info!(job_id = %job.id, "the origin cannot send the rest of the same file; starting over");
+                }
+                self.forget_checkpoint(job, true).await;
+                None
+            }
+            None => None,
+        };
+        if fetched.start > 0 && resumed.is_none() {
+            // Never reached: a body that starts past byte 0 is never stored as a whole object.
+            return Err(JobError::transient("origin sent part of the file where the whole was asked for")
+                .because(Cause::OriginStatus));
+        }
+        let max_size =
+            job.grant.max_file_size.map_or(self.settings.max_file_size, |m| m.min(self.settings.max_file_size));
+        if let Some(length) = fetched.content_length
+            && length > max_size
+        {
+            return Err(JobError::permanent(format!(
+                "file too large: origin declares {length} bytes, the limit is {max_size}"
+            ))
+            .because(Cause::TooLarge));
+        }
+        // A cancel ends the body with an error, so the store aborts what it has written.
+        progress.start(fetched.start, fetched.content_length);
+        let body = progress.count(until_cancelled(at_least(fetched.body, self.settings.min_rate), cancel.clone()));
+        let (content_type, body) = match &resumed {
+            // The start of the file, where its type shows, was read by the first attempt.
+            Some(c) => (c.content_type.clone(), body),
+            None => sniff::content_type(fetched.content_type, body).await,
+        };
+        let expect = Expectations {
+            max_size,
+            declared_length: fetched.content_length,
+            sha256: job.expected_sha256.clone(),
+            md5: job.expected_md5.clone(),
+            size: job.expected_size,
+        };
+        let options = WriteOptions { content_type: &content_type, may_create_bucket: job.grant.may_create_bucket };
+        // Large files from an origin that names its version are stored part by part, with
+        // a checkpoint after each, so a cut transfer goes on where it stopped.
+        let resumable = match (part_size, &fetched.validator, fetched.content_length) {
+            (Some(part), Some(_), Some(length)) => resumed.is_some() || length > part,
+            _ => false,
+        };
+        let (put, verifier) = match (part_size, fetched.validator) {
+            (Some(part), Some(validator)) if resumable => {
+                checkpointed.store(true, Ordering::Relaxed);
+                let body = split_at_parts(body, fetched.start, part);
+                let (body, verifier) = verified(body, expect, resumed.as_ref().map(|c| &c.hashes));
+                let recorder = Recorder {
+                    repo: &*self.repo,
+                    id: job.id,
+                    owner,
+                    validator,
+                    total: fetched.content_length,
+                    content_type: content_type.clone(),
+                    verifier: verifier.clone(),
+                    taken: Default::default(),
+                    gone: Default::default(),
+                };
+                let from = resumed.map(|c| c.write);
+                let put = self.store.put_resumable(&bucket, &key, options, body, fence, job.id, from, &recorder).await;
+                if let Err(e) = &put
+                    && recorder.is_gone()
+                {
+                    tracing::info!(job_id = %job.id, error = %e, "the stored part of the file is gone; the next attempt starts over");
+                    self.forget_checkpoint(job, true).await;
+                }
+                (put.map_err(|e| e.or_because(Cause::Store))?, verifier)
+            }
+            _ if resumed.is_some() => {
+                // A resumed body continues stored parts: it cannot be stored on its own.
+                self.forget_checkpoint(job, true).await;
+                return Err(JobError::transient("cannot go on with the stored part of the file; starting over")
+                    .because(Cause::Store));
+            }
+            _ => {
+                let (body, verifier) = verified(body, expect, None);
+                let put = self.store.put(&bucket, &key, options, body, fence).await;
+                (put.map_err(|e| e.or_because(Cause::Store))?, verifier)
+            }
+        };
+        let digests = verifier.digests().ok_or_else(|| JobError::transient("store finished before the body ended"))?;
+        Ok(StoredObject {
+            etag: put.etag.unwrap_or_else(|| digests.md5.clone()),
+            size: digests.size,
+            sha256: Some(digests.sha256),
+            md5: Some(digests.md5),
+            content_type: Some(content_type),
+            version: put.version,
+        })
+    }
+
+    /// The job's saved checkpoint, if it has one that reads.
+    pub(super) async fn saved_checkpoint(&self, id: JobId) -> Option<Checkpoint> {
+        let body = match self.repo.checkpoint(id).await {
+            Ok(body) => body?,
+            Err(e) => {
+                tracing::warn!(job_id = %id, error = %e, "cannot read the transfer's checkpoint; starting over");
+                return None;
+            }
+        };
+        serde_json::from_str(&body)
+            .inspect_err(|e| tracing::warn!(job_id = %id, error = %e, "unreadable checkpoint; starting over"))
+            .ok()
+    }
+
+    /// Forget the job's checkpoint, so a next attempt starts over; with `discard`, also
+    /// remove the partial write it names (not when that write became the object).
+    pub(super) async fn forget_checkpoint(&self, job: &Job, discard: bool) {
+        let id = job.id;
+        let Some(checkpoint) = self.saved_checkpoint(id).await else { return };
+        let (Ok(bucket), Ok(key)) = (BucketName::parse(&job.bucket_name), ObjectKey::parse(&job.object_name)) else {
+            return;
+        };
+        if discard && let Err(e) = self.store.discard(&bucket, &key, &checkpoint.write).await {
+            tracing::warn!(job_id = %id, error = %e, "cannot remove a partial write");
+        }
+        if let Err(e) = self.repo.clear_checkpoint(id).await {
+            tracing::warn!(job_id = %id, error = %e, "cannot forget the transfer's checkpoint");
+        }
+    }
+}
