@@ -96,15 +96,16 @@ impl DownloadLinks for LinkSigner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{BucketName, ObjectKey, SourceUrl};
     use crate::lifecycle::{JobId, JobStatus};
 
     fn job(id: i64, key: &str) -> Job {
         let now = Utc::now();
         Job {
             id: JobId(id),
-            file_url: "https://example.com/a".into(),
-            bucket_name: "file-bucket".into(),
-            object_name: key.into(),
+            file_url: SourceUrl::parse("https://example.com/a").unwrap(),
+            bucket_name: BucketName::parse("file-bucket").unwrap(),
+            object_name: ObjectKey::parse(key).unwrap(),
             status: JobStatus::Completed,
             retry_count: 0,
             last_error: None,

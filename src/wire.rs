@@ -57,9 +57,9 @@ pub async fn job_view(job: Job, links: &dyn DownloadLinks) -> anyhow::Result<Job
     };
     Ok(JobView {
         id: job.id,
-        file_url: job.file_url,
-        bucket_name: job.bucket_name,
-        object_name: job.object_name,
+        file_url: job.file_url.as_str().to_owned(),
+        bucket_name: job.bucket_name.as_str().to_owned(),
+        object_name: job.object_name.as_str().to_owned(),
         status: job.status,
         retry_count: job.retry_count,
         last_error: job.last_error,

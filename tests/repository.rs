@@ -102,8 +102,8 @@ async fn concurrent_creates_each_get_their_own_job(repo: Arc<dyn JobRepository>)
     let mut ids = std::collections::HashSet::new();
     for create in creates.collect::<Vec<_>>() {
         let (i, job) = create.await.unwrap();
-        assert_eq!(job.object_name, format!("k/{i}"));
-        assert_eq!(job.file_url, format!("https://example.com/{i}.bin"));
+        assert_eq!(job.object_name.as_str(), format!("k/{i}"));
+        assert_eq!(job.file_url.as_str(), format!("https://example.com/{i}.bin"));
         assert_eq!(job.request_headers.is_none(), i % 2 == 0, "job {i}");
         assert!(ids.insert(job.id), "id {} handed out twice", job.id);
         assert_eq!(repo.get(job.id).await.unwrap().unwrap(), job);

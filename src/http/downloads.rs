@@ -13,7 +13,7 @@ use chrono::Utc;
 
 use super::error::ApiError;
 use super::state::AppState;
-use crate::domain::{BucketName, ObjectKey};
+use crate::domain::ObjectKey;
 use crate::lifecycle::{JobId, JobStatus};
 use crate::storage::ReadError;
 
@@ -48,9 +48,8 @@ pub(super) async fn download(
     if job.status != JobStatus::Completed {
         return Err(ApiError::NotFound(format!("upload {} has no stored object", job.id)));
     }
-    let bucket = BucketName::parse(&job.bucket_name).map_err(|e| anyhow::anyhow!("job {}: {e}", job.id))?;
-    let key = ObjectKey::parse(&job.object_name).map_err(|e| anyhow::anyhow!("job {}: {e}", job.id))?;
-    let object = match state.store.get(&bucket, &key).await {
+    let (bucket, key) = (&job.bucket_name, &job.object_name);
+    let object = match state.store.get(bucket, key).await {
         Ok(object) => object,
         Err(ReadError::NotFound) => {
             return Err(ApiError::NotFound("the stored object is gone".into()));
@@ -66,7 +65,7 @@ pub(super) async fn download(
         )));
     }
     let content_type = job.content_type.unwrap_or_else(|| "application/octet-stream".into());
-    let disposition = disposition(&content_type, &key);
+    let disposition = disposition(&content_type, key);
     Ok((
         [
             (header::CONTENT_TYPE, content_type),

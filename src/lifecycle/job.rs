@@ -174,9 +174,9 @@ impl Grant {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
     pub id: JobId,
-    pub file_url: String,
-    pub bucket_name: String,
-    pub object_name: String,
+    pub file_url: SourceUrl,
+    pub bucket_name: BucketName,
+    pub object_name: ObjectKey,
     pub status: JobStatus,
     pub retry_count: u32,
     pub last_error: Option<String>,

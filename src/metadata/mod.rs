@@ -33,6 +33,17 @@ pub enum RepoError {
     Corrupt { id: i64, reason: String },
 }
 
+/// A column of job `id`'s row, parsed as its type: rows hold only values that parsed when
+/// the job was created, so one that no longer does is a corrupt row.
+fn parsed<T>(
+    id: i64,
+    column: &str,
+    value: String,
+    parse: impl FnOnce(&str) -> Result<T, crate::domain::InvalidValue>,
+) -> Result<T, RepoError> {
+    parse(&value).map_err(|e| RepoError::Corrupt { id, reason: format!("{column}: {e}") })
+}
+
 impl RepoError {
     /// Whether the database could not be reached or is not accepting work yet (down,
     /// restarting, shutting down), as opposed to refusing the request.

@@ -16,7 +16,7 @@ use super::{
     Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyUse, Lease, ListFilter,
     Reconciled, RepoError, Requeue, Sweep, cancel_answer, from_db, to_db,
 };
-use crate::domain::{SealedHeaders, SourceUrl};
+use crate::domain::{BucketName, ObjectKey, SealedHeaders, SourceUrl};
 use crate::lifecycle::{Grant, Job, JobId, NewJob, Settlement};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -209,9 +209,9 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let headers: Option<String> = row.try_get("request_headers")?;
     Ok(Job {
         id: JobId(id),
-        file_url: row.try_get("file_url")?,
-        bucket_name: row.try_get("bucket_name")?,
-        object_name: row.try_get("object_name")?,
+        file_url: super::parsed(id, "file_url", row.try_get("file_url")?, SourceUrl::parse)?,
+        bucket_name: super::parsed(id, "bucket_name", row.try_get("bucket_name")?, BucketName::parse)?,
+        object_name: super::parsed(id, "object_name", row.try_get("object_name")?, ObjectKey::parse)?,
         status: status.parse().map_err(corrupt)?,
         retry_count: u32::try_from(retry_count).map_err(|_| corrupt("negative retry_count".into()))?,
         last_error: row.try_get("last_error")?,

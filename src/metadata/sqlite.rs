@@ -22,7 +22,7 @@ use super::{
     Cancel, Claim, ClaimState, Created, IDEMPOTENCY_WINDOW, IdempotencyKey, JobRepository, KeyUse, Lease, ListFilter,
     Reconciled, RepoError, Requeue, Sweep, from_db, millis, to_db,
 };
-use crate::domain::{SealedHeaders, SourceUrl};
+use crate::domain::{BucketName, ObjectKey, SealedHeaders, SourceUrl};
 use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, Settlement, StoredObject};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -384,9 +384,9 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let size: Option<i64> = row.try_get("size")?;
     Ok(Job {
         id: JobId(id),
-        file_url: row.try_get("file_url")?,
-        bucket_name: row.try_get("bucket_name")?,
-        object_name: row.try_get("object_name")?,
+        file_url: super::parsed(id, "file_url", row.try_get("file_url")?, SourceUrl::parse)?,
+        bucket_name: super::parsed(id, "bucket_name", row.try_get("bucket_name")?, BucketName::parse)?,
+        object_name: super::parsed(id, "object_name", row.try_get("object_name")?, ObjectKey::parse)?,
         status,
         retry_count: u32::try_from(retry_count).map_err(|_| corrupt("negative retry_count"))?,
         last_error: row.try_get("last_error")?,

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
-use url::Url;
 
 use super::hosts::{NotNow, host_of};
 use super::pool::{Slot, Transferring};
@@ -163,7 +162,7 @@ impl Worker {
         // for one under its lease, and goes back to the queue if the pool stops meanwhile.
         // A job also waits for a place among its origin host's transfers (without holding a
         // transfer slot), or goes back to the queue while the host is busy or asked for a pause.
-        let host = Url::parse(&job.file_url).map(|url| host_of(&url)).unwrap_or_default();
+        let host = host_of(job.file_url.as_url());
         let run = async {
             if job.cancel_requested {
                 // Cancelled while it waited for a retry or after its last worker was gone:

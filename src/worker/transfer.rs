@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
-use url::Url;
 
 use super::Worker;
 use super::resume::{Checkpoint, Recorder};
@@ -198,21 +197,16 @@ impl Worker {
         progress: &Progress,
         checkpointed: &AtomicBool,
     ) -> Result<StoredObject, JobError> {
-        // The row was validated on the way in; a row that no longer parses is corrupt.
-        let corrupt =
-            |what: &str, e: &dyn std::fmt::Display| JobError::permanent(format!("stored {what} is invalid: {e}"));
-        let url = Url::parse(&job.file_url).map_err(|e| corrupt("file_url", &e))?;
-        let bucket = BucketName::parse(&job.bucket_name).map_err(|e| corrupt("bucket_name", &e))?;
-        let key = ObjectKey::parse(&job.object_name).map_err(|e| corrupt("object_name", &e))?;
+        let (url, bucket, key) = (job.file_url.as_url(), &job.bucket_name, &job.object_name);
 
-        if let Some(done) = self.existing_object(job, &bucket, &key).await? {
+        if let Some(done) = self.existing_object(job, bucket, key).await? {
             return Ok(done);
         }
         let absent;
         let fence: &dyn Fence = match job.if_exists {
             // Checked again just before the object becomes visible.
             IfExists::Fail => {
-                absent = AbsentFence { inner: fence, store: &*self.store, bucket: &bucket, key: &key };
+                absent = AbsentFence { inner: fence, store: &*self.store, bucket, key };
                 &absent
             }
             IfExists::Overwrite | IfExists::Skip => fence,
@@ -229,7 +223,7 @@ impl Worker {
         let part_size = self.store.resumable_part_size();
         let from = saved.as_ref().and_then(|c| c.range(part_size));
         let fetched = tokio::select! {
-            fetched = self.fetcher.fetch(&url, headers.pairs(), from.as_ref()) => fetched?,
+            fetched = self.fetcher.fetch(url, headers.pairs(), from.as_ref()) => fetched?,
             () = cancel.cancelled() => return Err(JobError::cancelled()),
         };
         let resumed = match saved {
@@ -301,7 +295,7 @@ impl Worker {
                     gone: Default::default(),
                 };
                 let from = resumed.map(|c| c.write);
-                let put = self.store.put_resumable(&bucket, &key, options, body, fence, job.id, from, &recorder).await;
+                let put = self.store.put_resumable(bucket, key, options, body, fence, job.id, from, &recorder).await;
                 if let Err(e) = &put
                     && recorder.is_gone()
                 {
@@ -318,7 +312,7 @@ impl Worker {
             }
             _ => {
                 let (body, verifier) = verified(body, expect, None);
-                let put = self.store.put(&bucket, &key, options, body, fence).await;
+                let put = self.store.put(bucket, key, options, body, fence).await;
                 (put.map_err(|e| e.or_because(Cause::Store))?, verifier)
             }
         };
@@ -352,10 +346,8 @@ impl Worker {
     pub(super) async fn forget_checkpoint(&self, job: &Job, discard: bool) {
         let id = job.id;
         let Some(checkpoint) = self.saved_checkpoint(id).await else { return };
-        let (Ok(bucket), Ok(key)) = (BucketName::parse(&job.bucket_name), ObjectKey::parse(&job.object_name)) else {
-            return;
-        };
-        if discard && let Err(e) = self.store.discard(&bucket, &key, &checkpoint.write).await {
+        let (bucket, key) = (&job.bucket_name, &job.object_name);
+        if discard && let Err(e) = self.store.discard(bucket, key, &checkpoint.write).await {
             tracing::warn!(job_id = %id, error = %e, "cannot remove a partial write");
         }
         if let Err(e) = self.repo.clear_checkpoint(id).await {

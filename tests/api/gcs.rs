@@ -75,9 +75,9 @@ fn completed(bucket: &str, key: &str) -> Job {
     let now = Utc::now();
     Job {
         id: JobId(1),
-        file_url: "https://example.com/a".into(),
-        bucket_name: bucket.into(),
-        object_name: key.into(),
+        file_url: fileflow::domain::SourceUrl::parse("https://example.com/a").unwrap(),
+        bucket_name: fileflow::domain::BucketName::parse(bucket).unwrap(),
+        object_name: fileflow::domain::ObjectKey::parse(key).unwrap(),
         status: JobStatus::Completed,
         retry_count: 0,
         last_error: None,
