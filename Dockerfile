@@ -6,6 +6,7 @@ COPY src ./src
 COPY migrations ./migrations
 COPY benches ./benches
 COPY tests ./tests
+COPY vendor ./vendor
 RUN cargo build --release --locked --bin fileflow
 
 FROM debian:bookworm-slim

@@ -4,14 +4,21 @@
 //! Every scenario keeps a history of what the clients were told (every id answered 202),
 //! lets the faults end, waits for the jobs to settle, and a checker counts from outside:
 //! - lost: an accepted id the record does not know;
-//! - stuck: a job not finished once the faults ended plus the bound (lease + sweep + grace
-//!   and a margin);
+//! - stuck: a job still unfinished when the checker gives up waiting;
+//! - slow: a job unfinished, after the faults ended, for longer than lease + sweep + grace,
+//!   plus an allowance for the Kafka group to recover and the time the jobs left over by
+//!   the faults take at one worker's concurrency; each job's time is printed;
 //! - failed: jobs that gave up (none should: the faults are all transient);
 //! - wrong bytes: a completed job whose stored object differs from its record (size,
 //!   SHA-256) or from what the origin served;
-//! - duplicate transfers: fetches from the origin beyond the attempts the record counts
-//!   (allowed: delivery is at-least-once, and a killed or frozen worker's attempt is not
-//!   an attempt the record knows of); and jobs whose completion was logged twice.
+//! - duplicates: two job rows for one submission, an object at a key no client sent, a
+//!   job whose completion was logged twice;
+//! - duplicate transfers (reported, allowed): fetches from the origin beyond the attempts
+//!   the record counts (delivery is at-least-once, and a killed or frozen worker's attempt
+//!   is not an attempt the record knows of).
+//!
+//! And no fileflow process may end but by the test's own kill -9: a crash (SIGSEGV, a
+//! panic's abort) fails the scenario; nothing is restarted behind the test's back.
 //!
 //! `FILEFLOW_CHAOS_ROUNDS` sets how many rounds of faults each scenario runs (default 2; a
 //! soak: `FILEFLOW_CHAOS_ROUNDS=20 ./scripts/test`).
@@ -28,12 +35,15 @@ mod process;
 #[path = "support/services.rs"]
 mod services;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt as _;
 use object_store::ObjectStoreExt as _;
 use serde_json::{Value, json};
 use sha2::Digest as _;
@@ -188,6 +198,8 @@ struct Cluster {
     api_base: Arc<Mutex<Option<String>>>,
     workers: Vec<Fileflow>,
     gone: Vec<Fileflow>,
+    /// Processes that ended without the test ending them (a crash, a panic, an exit).
+    deaths: Vec<String>,
 }
 
 impl Cluster {
@@ -199,7 +211,7 @@ impl Cluster {
             started.push(Self::spawn("worker", &dir, &env).await);
         }
         let api_base = Arc::new(Mutex::new(Some(api.base.clone())));
-        Self { env, dir, api, api_base, workers: started, gone: Vec::new() }
+        Self { env, dir, api, api_base, workers: started, gone: Vec::new(), deaths: Vec::new() }
     }
 
     async fn spawn(role: &str, dir: &tempfile::TempDir, env: &[(String, String)]) -> Fileflow {
@@ -207,9 +219,19 @@ impl Cluster {
         start_role(role, dir.path(), &env).await
     }
 
+    /// kill -9 `process`, noting it as a death if it had already ended on its own (or ended
+    /// of anything but the test's SIGKILL).
+    async fn end(deaths: &mut Vec<String>, role: &str, process: &mut Fileflow) {
+        let before = process.child.try_wait().unwrap();
+        let status = process.kill().await;
+        if before.is_some() || status.signal() != Some(SIGKILL) {
+            deaths.push(describe_death(role, process, status));
+        }
+    }
+
     async fn kill_api(&mut self) {
         *self.api_base.lock().unwrap() = None;
-        self.api.kill().await;
+        Self::end(&mut self.deaths, "api", &mut self.api).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         self.restart_api().await;
     }
@@ -243,32 +265,25 @@ impl Cluster {
     /// kill -9 worker `i` in the middle of a transfer, and start another in its place.
     async fn kill_worker(&mut self, i: usize) {
         self.until_transferring(i).await;
-        self.workers[i].kill().await;
+        Self::end(&mut self.deaths, &format!("worker {i}"), &mut self.workers[i]).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let fresh = Self::spawn("worker", &self.dir, &self.env).await;
         let dead = std::mem::replace(&mut self.workers[i], fresh);
         self.gone.push(dead);
     }
 
-    /// Start again every process that ended on its own, as a supervisor (systemd,
-    /// Kubernetes) would; returns how many had ended.
-    async fn revive_dead(&mut self) -> usize {
-        let mut revived = 0;
-        if let Some(status) = self.api.child.try_wait().unwrap() {
-            eprintln!("api ended on its own ({status}); restarting it");
-            self.restart_api().await;
-            revived += 1;
-        }
-        for i in 0..self.workers.len() {
-            if let Some(status) = self.workers[i].child.try_wait().unwrap() {
-                eprintln!("worker {i} ended on its own ({status}); restarting it");
-                let fresh = Self::spawn("worker", &self.dir, &self.env).await;
-                let dead = std::mem::replace(&mut self.workers[i], fresh);
-                self.gone.push(dead);
-                revived += 1;
+    /// Every process that ended without the test ending it, during the scenario or now.
+    /// None is restarted: a harness that restarts a crashed process hides the crash.
+    fn unexpected_deaths(&mut self) -> Vec<String> {
+        let mut deaths = std::mem::take(&mut self.deaths);
+        let running = std::iter::once(("api".to_owned(), &mut self.api))
+            .chain(self.workers.iter_mut().enumerate().map(|(i, w)| (format!("worker {i}"), w)));
+        for (role, process) in running {
+            if let Some(status) = process.child.try_wait().unwrap() {
+                deaths.push(describe_death(&role, process, status));
             }
         }
-        revived
+        deaths
     }
 
     /// The last log events of the processes still running, for a failed scenario.
@@ -295,6 +310,21 @@ impl Cluster {
     }
 }
 
+/// SIGKILL's number: the only signal that may end a process here (the test sends it).
+const SIGKILL: i32 = 9;
+
+/// How a process ended, with its last log lines, for the failure message.
+fn describe_death(role: &str, process: &Fileflow, status: std::process::ExitStatus) -> String {
+    let how = match (status.signal(), status.core_dumped()) {
+        (Some(signal), true) => format!("killed by signal {signal} (core dumped)"),
+        (Some(signal), false) => format!("killed by signal {signal}"),
+        (None, _) => format!("exited on its own ({status})"),
+    };
+    let events = process.events.lock().unwrap();
+    let last: Vec<String> = events.iter().rev().take(5).map(|e| e.to_string()).collect();
+    format!("{role} {} {how}; its last log lines, newest first: {last:?}", process.base)
+}
+
 // ---------------------------------------------------------------- history and checker
 
 /// What the origin served for an accepted job.
@@ -316,14 +346,22 @@ struct Accepted {
     path: String,
     key: String,
     served: Served,
+    /// When the 202 came.
+    at: DateTime<Utc>,
 }
 
+/// What the clients were told: every job accepted, and every key sent (accepted or not:
+/// a request whose answer was lost may still have made a job).
 #[derive(Clone, Default)]
-struct History(Arc<Mutex<Vec<Accepted>>>);
+struct History(Arc<Mutex<(Vec<Accepted>, HashSet<String>)>>);
 
 impl History {
     fn accepted(&self) -> Vec<Accepted> {
-        self.0.lock().unwrap().clone()
+        self.0.lock().unwrap().0.clone()
+    }
+
+    fn keys_sent(&self) -> HashSet<String> {
+        self.0.lock().unwrap().1.clone()
     }
 }
 
@@ -348,11 +386,12 @@ fn submit_in_background(
                 continue;
             };
             let body = json!({"file_url": format!("{origin_url}{path}"), "bucket_name": bucket, "object_name": key});
+            history.0.lock().unwrap().1.insert(key.clone());
             let answer = client.post(format!("{base}/api/v1/upload")).json(&body).send().await;
             match answer {
                 Ok(response) if response.status() == 202 => {
                     let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-                    history.0.lock().unwrap().push(Accepted { id, path, key, served });
+                    history.0.lock().unwrap().0.push(Accepted { id, path, key, served, at: Utc::now() });
                 }
                 _ => refused += 1,
             }
@@ -361,8 +400,9 @@ fn submit_in_background(
     })
 }
 
-/// A job's record as the checker reads it: id, status, size, sha256, last_error, retry_count.
-type Record = (i64, String, Option<i64>, Option<String>, Option<String>, i32);
+/// A job's record as the checker reads it: id, status, size, sha256, last_error,
+/// retry_count, updated_at (when it finished, for a finished job).
+type Record = (i64, String, Option<i64>, Option<String>, Option<String>, i32, DateTime<Utc>);
 
 #[derive(Debug, Default)]
 struct Counts {
@@ -372,44 +412,81 @@ struct Counts {
     stuck: usize,
     failed: usize,
     wrong_bytes: usize,
-    duplicate_transfers: usize,
+    /// Job rows beyond one for a key the clients sent once.
+    duplicate_rows: usize,
+    /// Objects in the bucket at a key no client sent (a second object for a submission).
+    stray_objects: usize,
+    /// Jobs whose completion was logged more than once.
     completed_twice: usize,
+    /// Fetches from the origin beyond the attempts the records count (allowed: delivery is
+    /// at-least-once, and a killed or frozen worker's attempt is not one the record knows).
+    duplicate_transfers: usize,
+    /// The longest a job stayed unfinished once the faults had ended (or once accepted, if
+    /// later), the bound it is held to ([`unfinished_bound`]) and the jobs over it.
+    longest_unfinished: Duration,
+    bound: Duration,
+    slow: usize,
 }
+
+/// How long a job may stay unfinished once the faults end, with `backlog` jobs still to do
+/// then: its lease may lapse, the next sweep finds it, the grace period passes; the group
+/// recovers (the allowance below); and the jobs ahead of it take their turn, at one
+/// worker's concurrency (the group may well give every partition to one member).
+fn unfinished_bound(backlog: usize) -> Duration {
+    let parse = |d: &str| humantime::parse_duration(d).unwrap();
+    let drain = PER_JOB * u32::try_from(backlog).unwrap_or(u32::MAX) / CONCURRENCY;
+    parse(LEASE) + parse(SWEEP) + parse(GRACE) + ALLOWANCE + drain
+}
+
+/// On top of lease + sweep + grace: the Kafka group noticing a killed member (its session
+/// timeout, 6 s) and handing its partitions on (a rejoin, about 3 s), and a margin.
+const ALLOWANCE: Duration = Duration::from_secs(12);
+/// One job's work: the origin answers after 600 ms, then the store and the record.
+const PER_JOB: Duration = Duration::from_millis(700);
+/// Jobs a worker runs at once (`FILEFLOW_WORKER_CONCURRENCY`).
+const CONCURRENCY: u32 = 2;
 
 /// Wait (up to [`SETTLE_WITHIN`]) until every accepted job is finished, then count.
 async fn check(
     scenario: &str,
     history: &History,
-    database_url: &str,
-    store: &object_store::aws::AmazonS3,
+    faults_ended: DateTime<Utc>,
+    stack: &Stack,
     origin: &Origin,
     completions: impl Fn() -> HashMap<String, usize>,
 ) -> Counts {
     let accepted = history.accepted();
     let ids: Vec<i64> = accepted.iter().map(|a| a.id.parse().unwrap()).collect();
-    let pool = sqlx::PgPool::connect(database_url).await.expect("the database is back");
+    let pool = sqlx::PgPool::connect(&stack.database_url).await.expect("the database is back");
     let deadline = Instant::now() + SETTLE_WITHIN;
     let rows = loop {
-        let rows: Vec<Record> =
-            sqlx::query_as("SELECT id, status, size, sha256, last_error, retry_count FROM files WHERE id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&pool)
-                .await
-                .unwrap();
+        let rows: Vec<Record> = sqlx::query_as(
+            "SELECT id, status, size, sha256, last_error, retry_count, updated_at FROM files WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
         let finished = rows.iter().filter(|r| r.1 == "completed" || r.1 == "failed").count();
         if finished == ids.len() || Instant::now() > deadline {
             break rows;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
+    let checked_at = Utc::now();
     let rows: HashMap<String, _> = rows.into_iter().map(|r| (r.0.to_string(), r)).collect();
     let mut counts = Counts { accepted: accepted.len(), ..Default::default() };
+    let mut unfinished_for = Vec::new();
     for job in &accepted {
-        let Some((_, status, size, sha256, last_error, retry_count)) = rows.get(&job.id) else {
+        let Some((_, status, size, sha256, last_error, retry_count, updated_at)) = rows.get(&job.id) else {
             counts.lost += 1;
             eprintln!("[{scenario}] lost: job {}", job.id);
             continue;
         };
+        let finished = status == "completed" || status == "failed";
+        let since = job.at.max(faults_ended);
+        let until = if finished { *updated_at } else { checked_at };
+        unfinished_for.push(((until - since).to_std().unwrap_or_default(), job.id.clone()));
         let attempts = usize::try_from(*retry_count).unwrap_or(0) + 1;
         let path = job.path.split('?').next().unwrap_or_default();
         counts.duplicate_transfers += (origin.hits(path) as usize).saturating_sub(attempts);
@@ -426,7 +503,7 @@ async fn check(
                 continue;
             }
         }
-        let stored = store.get(&object_store::path::Path::from(job.key.as_str())).await;
+        let stored = stack.store.get(&object_store::path::Path::from(job.key.as_str())).await;
         let stored = match stored {
             Ok(found) => found.bytes().await.unwrap().to_vec(),
             Err(e) => {
@@ -450,26 +527,91 @@ async fn check(
             );
         }
     }
+    counts.duplicate_rows = duplicate_rows(scenario, &pool, &stack.bucket).await;
+    counts.stray_objects = stray_objects(scenario, &stack.store, &history.keys_sent()).await;
     counts.completed_twice = completions().values().filter(|n| **n > 1).count();
+    unfinished_for.sort_unstable_by(|a, b| b.cmp(a));
+    counts.longest_unfinished = unfinished_for.first().map(|(d, _)| *d).unwrap_or_default();
+    // The backlog the faults left: jobs that finished (or not) after they ended.
+    let backlog = unfinished_for.iter().filter(|(d, _)| !d.is_zero()).count();
+    counts.bound = unfinished_bound(backlog);
+    counts.slow = unfinished_for.iter().filter(|(d, _)| *d > counts.bound).count();
+    let each: Vec<String> = unfinished_for.iter().map(|(d, id)| format!("{id}={:.1}", d.as_secs_f64())).collect();
     println!(
-        "chaos [{scenario}]: accepted {}, completed {}, lost {}, stuck {}, failed {}, wrong bytes {}, duplicate transfers {} (completed twice {})",
+        "chaos [{scenario}]: each job's longest time unfinished after the faults (s; bound {:?} with {backlog} jobs left): {}",
+        counts.bound,
+        each.join(" ")
+    );
+    println!(
+        "chaos [{scenario}]: accepted {}, completed {}, lost {}, stuck {}, failed {}, wrong bytes {}, duplicate rows {}, \
+         stray objects {}, completed twice {}, longest unfinished {:.1} s ({} over the bound), duplicate transfers {}",
         counts.accepted,
         counts.completed,
         counts.lost,
         counts.stuck,
         counts.failed,
         counts.wrong_bytes,
+        counts.duplicate_rows,
+        counts.stray_objects,
+        counts.completed_twice,
+        counts.longest_unfinished.as_secs_f64(),
+        counts.slow,
         counts.duplicate_transfers,
-        counts.completed_twice
     );
     counts
+}
+
+/// Job rows beyond the first for each key of the scenario's bucket (each key was sent once).
+async fn duplicate_rows(scenario: &str, pool: &sqlx::PgPool, bucket: &str) -> usize {
+    let repeated: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT object_name, count(*) FROM files WHERE bucket_name = $1 GROUP BY object_name HAVING count(*) > 1",
+    )
+    .bind(bucket)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for (key, rows) in &repeated {
+        eprintln!("[{scenario}] duplicate rows: {rows} jobs for the one submission of {key}");
+    }
+    repeated.iter().map(|(_, rows)| usize::try_from(rows - 1).unwrap_or(0)).sum()
+}
+
+/// Objects in the bucket at keys no client sent.
+async fn stray_objects(scenario: &str, store: &object_store::aws::AmazonS3, sent: &HashSet<String>) -> usize {
+    use object_store::ObjectStore as _;
+    let listed: Vec<object_store::ObjectMeta> = match store.list(None).try_collect().await {
+        Ok(listed) => listed,
+        // No job ever completed: the bucket may not even exist.
+        Err(object_store::Error::NotFound { .. }) => Vec::new(),
+        Err(e) => panic!("[{scenario}] cannot list the bucket: {e}"),
+    };
+    let stray: Vec<_> = listed.iter().filter(|o| !sent.contains(o.location.as_ref())).collect();
+    for object in &stray {
+        eprintln!("[{scenario}] stray object: {} ({} bytes)", object.location, object.size);
+    }
+    stray.len()
 }
 
 fn assert_promise_held(scenario: &str, counts: &Counts) {
     assert!(counts.accepted > 0, "[{scenario}] no job was accepted");
     assert_eq!((counts.lost, counts.stuck, counts.wrong_bytes), (0, 0, 0), "[{scenario}] {counts:?}");
     assert_eq!(counts.failed, 0, "[{scenario}] transient faults failed jobs: {counts:?}");
-    assert_eq!(counts.completed_twice, 0, "[{scenario}] an outcome was recorded twice: {counts:?}");
+    assert_eq!(
+        (counts.duplicate_rows, counts.stray_objects, counts.completed_twice),
+        (0, 0, 0),
+        "[{scenario}] duplicates (rows, objects, completions): {counts:?}"
+    );
+    assert_eq!(
+        counts.slow, 0,
+        "[{scenario}] jobs stayed unfinished longer than lease + sweep + grace + allowance + backlog ({:?}) after the faults: {counts:?}",
+        counts.bound
+    );
+}
+
+/// No fileflow process ended but by the test's own kill -9.
+fn assert_no_process_died(scenario: &str, cluster: &mut Cluster) {
+    let deaths = cluster.unexpected_deaths();
+    assert!(deaths.is_empty(), "[{scenario}] processes died of causes the test did not bring: {deaths:#?}");
 }
 
 // ---------------------------------------------------------------- scenarios
@@ -510,7 +652,7 @@ async fn stack(chaos_pg: Option<&ChaosPostgres>, own_broker: bool, faulty_s3: bo
         ("FILEFLOW_KAFKA_TOPIC", services::unique("chaos")),
         ("FILEFLOW_KAFKA_GROUP", services::unique("chaos-workers")),
         ("FILEFLOW_KAFKA_PARTITIONS", "4".into()),
-        ("FILEFLOW_WORKER_CONCURRENCY", "2".into()),
+        ("FILEFLOW_WORKER_CONCURRENCY", CONCURRENCY.to_string()),
         ("FILEFLOW_JOB_LEASE", LEASE.into()),
         ("FILEFLOW_RECONCILE_INTERVAL", SWEEP.into()),
         ("FILEFLOW_RECONCILE_GRACE", GRACE.into()),
@@ -550,15 +692,13 @@ async fn run_scenario(
     let submitting =
         submit_in_background(cluster.api_base.clone(), &origin, &stack.bucket, jobs, pace, history.clone());
     faults(&mut cluster, &mut stack).await;
+    let faults_ended = Utc::now();
     submitting.await.unwrap();
-    let revived = cluster.revive_dead().await;
-    if revived > 0 {
-        println!("chaos [{name}]: {revived} processes ended on their own during the faults and were restarted");
-    }
-    let counts = check(name, &history, &stack.database_url, &stack.store, &origin, || cluster.completions()).await;
-    if counts.lost + counts.stuck + counts.failed + counts.wrong_bytes > 0 {
+    let counts = check(name, &history, faults_ended, &stack, &origin, || cluster.completions()).await;
+    if counts.lost + counts.stuck + counts.failed + counts.wrong_bytes + counts.slow > 0 {
         cluster.print_recent_logs();
     }
+    assert_no_process_died(name, &mut cluster);
     assert_promise_held(name, &counts);
     stack
 }
@@ -685,11 +825,12 @@ async fn a_frozen_worker_cannot_replace_a_newer_result() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.workers[0].signal("-CONT");
+    let woken = Utc::now();
     // Give the woken worker time to try to finish what it had started.
     tokio::time::sleep(Duration::from_secs(5)).await;
     cluster.workers.push(taker);
-    let counts =
-        check("frozen worker", &history, &stack.database_url, &stack.store, &origin, || cluster.completions()).await;
+    let counts = check("frozen worker", &history, woken, &stack, &origin, || cluster.completions()).await;
+    assert_no_process_died("frozen worker", &mut cluster);
     assert_promise_held("frozen worker", &counts);
     for job in history.accepted() {
         let stored = stack.store.get(&object_store::path::Path::from(job.key.as_str())).await.unwrap();

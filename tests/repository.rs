@@ -660,6 +660,126 @@ async fn postgres_sweep_announces_again_what_the_queue_lost() {
     assert_eq!(repo.reconcile(&sweep(Duration::from_millis(10), 2)).await.unwrap().total(), 2);
 }
 
+/// How many jobs the sweep storms below work on, and how they run: `SWEEPERS` sweeps at
+/// once (API replicas), each `ROUNDS` times in a row, `SWEEP_LIMIT` jobs a sweep at most.
+const STORM_JOBS: usize = 300;
+const SWEEPERS: usize = 16;
+const ROUNDS: usize = 12;
+const SWEEP_LIMIT: u32 = 25;
+
+/// `STORM_JOBS` jobs created an hour ago, every third of them claimed under a lease that
+/// has already lapsed (its worker died).
+async fn overdue_jobs(repo: &Arc<dyn JobRepository>) -> Vec<i64> {
+    let t = now() - chrono::Duration::hours(1);
+    let mut ids = Vec::new();
+    for i in 0..STORM_JOBS {
+        let job = repo.create(&new_job(&format!("storm/{i}")), t).await.unwrap();
+        if i % 3 == 0 {
+            assert!(matches!(repo.claim(job.id, &short_lease("dead", 1)).await.unwrap(), Claim::Claimed(_)));
+        }
+        ids.push(job.id.0);
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    ids
+}
+
+/// `SWEEPERS` sweeps at once, each at least `ROUNDS` times and on until every job is
+/// announced, then a few more; returns how many jobs they said they announced between them.
+/// (A sweep that finds another at work announces nothing, so the count decides when to stop.)
+async fn sweep_storm(repo: &Arc<dyn JobRepository>, grace: Duration) -> u64 {
+    let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let sweepers: Vec<_> = (0..SWEEPERS)
+        .map(|_| {
+            let (repo, total) = (repo.clone(), total.clone());
+            tokio::spawn(async move {
+                let (mut rounds, mut after_all) = (0, 0);
+                while rounds < ROUNDS || after_all < 3 {
+                    let announced = repo.reconcile(&sweep(grace, SWEEP_LIMIT)).await.unwrap().total();
+                    total.fetch_add(announced, std::sync::atomic::Ordering::SeqCst);
+                    rounds += 1;
+                    if total.load(std::sync::atomic::Ordering::SeqCst) >= STORM_JOBS as u64 {
+                        after_all += 1;
+                    }
+                    assert!(std::time::Instant::now() < deadline, "the sweeps did not announce every job within 60 s");
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    for sweeper in sweepers {
+        sweeper.await.unwrap();
+    }
+    total.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Under load, concurrent sweeps (many API replicas) announce each lost job exactly once
+/// between them: one outbox row per job, and the counts they report add up to the jobs.
+/// Then, with a relay draining the outbox while the sweeps go on, a job already announced
+/// is not announced again within the grace period.
+#[tokio::test]
+async fn postgres_concurrent_sweeps_announce_each_job_once() {
+    let Some(url) = services::fresh_postgres().await else { return };
+    let db = PgDb::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    let repo: Arc<dyn JobRepository> = Arc::new(PgRepository::new(db.clone()));
+    let mut ids = overdue_jobs(&repo).await;
+    ids.sort_unstable();
+    // The relay published them all, and the broker lost them.
+    sqlx::query("DELETE FROM outbox").execute(&db.pool).await.unwrap();
+
+    // No grace period: only the outbox rows tell a sweep that a job is on its way.
+    let reported = sweep_storm(&repo, Duration::ZERO).await;
+    let announced: Vec<i64> =
+        sqlx::query_scalar("SELECT job_id FROM outbox ORDER BY job_id").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(announced, ids, "each job announced exactly once (a repeated id is a duplicate)");
+    assert_eq!(reported, STORM_JOBS as u64, "the sweeps' counts add up to the jobs");
+
+    // Lost again; this time a relay drains the outbox while the sweeps run, so only each
+    // job's `announced_at` and the grace period keep it from going out twice.
+    sqlx::query("DELETE FROM outbox").execute(&db.pool).await.unwrap();
+    sqlx::query("UPDATE files SET announced_at = NULL").execute(&db.pool).await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = {
+        let (pool, stop) = (db.pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut published = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch: Vec<i64> =
+                    sqlx::query_scalar("DELETE FROM outbox RETURNING job_id").fetch_all(&pool).await.unwrap();
+                published.extend(batch);
+                tokio::task::yield_now().await;
+            }
+            published
+        })
+    };
+    let reported = sweep_storm(&repo, Duration::from_secs(60)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut announced = relay.await.unwrap();
+    announced.extend(sqlx::query_scalar::<_, i64>("SELECT job_id FROM outbox").fetch_all(&db.pool).await.unwrap());
+    announced.sort_unstable();
+    assert_eq!(announced, ids, "each job announced exactly once within the grace period");
+    assert_eq!(reported, STORM_JOBS as u64);
+}
+
+/// The embedded stack has the same property: concurrent sweeps give each job that lost its
+/// queue row exactly one back, and their counts add up.
+#[tokio::test]
+async fn sqlite_concurrent_sweeps_give_each_job_one_queue_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::connect(&SqliteDb::default_url(dir.path())).await.unwrap();
+    db.migrate().await.unwrap();
+    let repo: Arc<dyn JobRepository> = Arc::new(SqliteRepository::new(db.clone()));
+    let mut ids = overdue_jobs(&repo).await;
+    ids.sort_unstable();
+    sqlx::query("DELETE FROM queue").execute(&db.reads).await.unwrap();
+    let reported = sweep_storm(&repo, Duration::ZERO).await;
+    let queued: Vec<i64> =
+        sqlx::query_scalar("SELECT job_id FROM queue ORDER BY job_id").fetch_all(&db.reads).await.unwrap();
+    assert_eq!(queued, ids);
+    assert_eq!(reported, STORM_JOBS as u64, "the sweeps' counts add up to the jobs");
+}
+
 /// The embedded stack's sweep: an unfinished job that lost its queue row gets it back.
 #[tokio::test]
 async fn sqlite_sweep_gives_an_unfinished_job_its_queue_row_back() {

@@ -444,14 +444,25 @@ impl JobRepository for PgRepository {
     }
 
     async fn reconcile(&self, sweep: &Sweep) -> Result<Reconciled, RepoError> {
-        // One statement: the advisory lock makes it one sweep at a time across processes;
-        // a job with an outbox row is still on its way and is left alone.
+        // One sweep at a time across processes. The lock is taken in a statement of its own,
+        // before the sweep's: under READ COMMITTED each statement reads a snapshot taken
+        // when it starts, so a sweep that got the lock the moment another committed still
+        // sees what that one did (its outbox rows, its `announced_at`). Taken inside the
+        // sweep's statement, the lock came after the snapshot, and two sweeps one after
+        // the other both announced the same jobs.
+        let mut tx = self.db.pool.begin().await?;
+        let mine: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(RECONCILE_LOCK).fetch_one(&mut *tx).await?;
+        if !mine {
+            // Another sweep is at it; it announces what this one would have.
+            return Ok(Reconciled::default());
+        }
+        // A job with an outbox row is still on its way and is left alone.
         let row = sqlx::query(
-            "WITH sweeper AS (SELECT pg_try_advisory_xact_lock($3) AS mine), \
-             stuck AS ( \
-                 SELECT f.id, f.status, f.retry_count FROM files f, sweeper \
-                 WHERE sweeper.mine AND f.status IN ('pending', 'processing') \
-                   AND ((f.status = 'pending' AND $4 \
+            "WITH stuck AS ( \
+                 SELECT f.id, f.status, f.retry_count FROM files f \
+                 WHERE f.status IN ('pending', 'processing') \
+                   AND ((f.status = 'pending' AND $3 \
                          AND greatest(f.updated_at, f.announced_at, f.next_attempt_at) \
                              < now() - $1 * interval '1 millisecond') \
                      OR (f.status = 'processing' AND f.lease_expires_at <= now() \
@@ -465,10 +476,10 @@ impl JobRepository for PgRepository {
         )
         .bind(super::millis(sweep.grace))
         .bind(i64::from(sweep.limit))
-        .bind(RECONCILE_LOCK)
         .bind(sweep.pending)
-        .fetch_one(&self.db.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         let count = |name: &str| row.try_get::<i64, _>(name).map(from_db);
         let swept = Reconciled { pending: count("pending")?, expired: count("expired")? };
         if swept.total() > 0 {

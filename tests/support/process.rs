@@ -18,6 +18,13 @@ pub struct Fileflow {
     pub events: Arc<Mutex<Vec<Value>>>,
 }
 
+/// The `fileflow` program under test: cargo's build of it, or `FILEFLOW_TEST_BIN` (a copy
+/// of that build kept aside, when several checkouts share one target directory and another
+/// one's build may replace the file while a suite runs).
+pub fn binary() -> String {
+    std::env::var("FILEFLOW_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_fileflow").to_owned())
+}
+
 /// Start `fileflow serve` on a free port and wait until it listens.
 pub async fn start(data_dir: &Path, env: &[(&str, &str)]) -> Fileflow {
     start_role("serve", data_dir, env).await
@@ -25,7 +32,7 @@ pub async fn start(data_dir: &Path, env: &[(&str, &str)]) -> Fileflow {
 
 /// Start `fileflow <role>` and wait until it is up (listening, or workers started).
 pub async fn start_role(role: &str, data_dir: &Path, env: &[(&str, &str)]) -> Fileflow {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fileflow"))
+    let mut child = Command::new(binary())
         .arg(role)
         .env("FILEFLOW_LISTEN", "127.0.0.1:0")
         .env("FILEFLOW_DATA_DIR", data_dir)
@@ -133,8 +140,14 @@ impl Fileflow {
             .collect()
     }
 
-    pub async fn kill(&mut self) {
-        self.child.start_kill().unwrap();
-        self.child.wait().await.unwrap();
+    /// kill -9 and reap; returns how the process ended (SIGKILL, unless it had already
+    /// ended on its own).
+    pub async fn kill(&mut self) -> std::process::ExitStatus {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            return status;
+        }
+        // It may end on its own between the check and the signal: the status says so.
+        let _ = self.child.start_kill();
+        self.child.wait().await.unwrap()
     }
 }
