@@ -350,6 +350,21 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_PUBLIC_URL", global = true)]
     pub public_url: Option<Url>,
 
+    /// Host names (or addresses) the API is served under besides loopback, the listen
+    /// address and --public-url's host (comma-separated): `files.example.com`,
+    /// `.example.com` for a domain and its subdomains, `*` for any (only behind a proxy that
+    /// checks `Host` itself). A request for another host gets 421 `misdirected_request`:
+    /// the defence against DNS rebinding. When listening on `0.0.0.0` or `::`, any IP
+    /// literal is served; names still have to be listed.
+    #[arg(long, env = "FILEFLOW_ALLOWED_HOSTS", value_delimiter = ',', global = true)]
+    pub allowed_hosts: Vec<String>,
+
+    /// Browser apps allowed to call the API from their pages (comma-separated origins such
+    /// as `https://app.example.com`): they get CORS answers, and their state-changing
+    /// requests are let through. Such requests from other sites' pages get 403 `forbidden`.
+    #[arg(long, env = "FILEFLOW_CORS_ORIGINS", value_delimiter = ',', global = true)]
+    pub cors_origins: Vec<Url>,
+
     /// Allow fetching from loopback, private and other non-public addresses.
     #[arg(long, env = "FILEFLOW_FETCH_ALLOW_PRIVATE", global = true)]
     pub fetch_allow_private: bool,

@@ -16,7 +16,7 @@ use crate::config::{Command, Settings};
 use crate::fetch::{
     DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, MinRate, SystemLookup, guarded_client,
 };
-use crate::http::{self, AppState, ServerLimits};
+use crate::http::{self, AppState, ServerLimits, SitePolicy};
 use crate::lifecycle::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::queue::kafka::{KafkaBacklog, KafkaQueue, ensure_topics};
@@ -48,6 +48,8 @@ pub struct Application {
     guard: DestinationGuard,
     /// Who may call the API (API processes).
     gate: Option<Arc<Gate>>,
+    /// Which hosts the API is served under and which sites may change things.
+    sites: Arc<SitePolicy>,
     worker: Option<Worker>,
     /// The workers' queue, closed at the end (Kafka leaves its consumer group).
     queue: Option<Arc<dyn Queue>>,
@@ -89,6 +91,13 @@ impl Application {
             Some(url) => url.clone(),
             None => Url::parse(&format!("http://{}:{port}", settings.listen.ip()))?,
         };
+        let sites = SitePolicy::new(
+            settings.listen,
+            settings.public_url.as_ref(),
+            &settings.allowed_hosts,
+            &settings.cors_origins,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         let backends = backends::build(&settings, public_url).await?;
         let allow = HostList::parse(&settings.fetch_allow).map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
         let deny = HostList::parse(&settings.fetch_deny).map_err(|e| anyhow::anyhow!("--fetch-deny: {e}"))?;
@@ -207,6 +216,7 @@ impl Application {
             backends,
             guard,
             gate,
+            sites: Arc::new(sites),
             worker,
             queue,
             _consumer_lock: consumer_lock,
@@ -244,6 +254,7 @@ impl Application {
                 webhooks_signed: self.settings.webhook_secret.is_some(),
                 metrics: self.metrics.clone(),
                 changes: self.backends.changes.clone(),
+                sites: self.sites.clone(),
             };
             let limits = ServerLimits {
                 max_connections: self.settings.max_connections,

@@ -11,6 +11,7 @@ mod extract;
 mod health;
 mod openapi;
 mod serve;
+mod sites;
 mod uploads;
 
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use crate::webhooks::WebhookOutbox;
 pub use error::ApiError;
 pub use openapi::document as openapi_document;
 pub use serve::{ServerLimits, serve};
+pub use sites::SitePolicy;
 pub use uploads::job_json;
 
 /// Largest request body the API reads; an upload request is a few hundred bytes.
@@ -67,6 +69,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Job changes as they happen, for the event streams.
     pub changes: Arc<ChangeFeed>,
+    /// Which hosts the API is served under and which sites' pages may change things.
+    pub sites: Arc<SitePolicy>,
 }
 
 /// The API. `request_timeout` bounds reading a request (its body is read inside the
@@ -89,6 +93,11 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(openapi::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
+        // Outermost first: the Host check (DNS rebinding), CORS answers for --cors-origins,
+        // then the cross-site check of state-changing requests.
+        .layer(middleware::from_fn_with_state(state.sites.clone(), sites::check_origin))
+        .layer(tower::util::option_layer(state.sites.cors_layer()))
+        .layer(middleware::from_fn_with_state(state.sites.clone(), sites::check_host))
         .layer(middleware::from_fn_with_state(state.metrics.clone(), log_request))
         // Every request gets an id (a caller's own `X-Request-Id` is kept), in its answer
         // and on every log line written while it is served.

@@ -21,6 +21,7 @@ mod openapi;
 mod origin_requests;
 mod polite;
 mod resume;
+mod sites;
 mod submit;
 mod webhooks;
 mod workflow;
