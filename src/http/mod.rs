@@ -141,8 +141,10 @@ async fn log_request(State(metrics): State<Arc<Metrics>>, mut request: Request, 
     let path = request.uri().path().to_owned();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
     let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    // Span names and attributes, like metric labels, never carry a method the client made up.
+    let label = crate::metrics::method_label(method.as_str());
     let span = tracing::info_span!("request", %request_id, trace_id = tracing::field::Empty,
-        otel.name = format!("{method} {route}"), otel.kind = "server", http.request.method = %method,
+        otel.name = format!("{label} {route}"), otel.kind = "server", http.request.method = label,
         http.route = %route, http.response.status_code = tracing::field::Empty, otel.status_code = tracing::field::Empty);
     let trace = crate::telemetry::join(&span, caller.as_ref());
     request.extensions_mut().insert(trace);
