@@ -487,6 +487,18 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS", default_value_t = 1024, global = true)]
     pub max_connections: usize,
 
+    /// Connections one client address may hold at once (default: an eighth of
+    /// --max-connections); more are answered 429 and closed, so one client cannot take
+    /// them all. Behind a reverse proxy every client has the proxy's address: raise it there.
+    #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS_PER_IP", global = true)]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// Requests per second one client address may make without a valid API key, once keys
+    /// are needed: an address over it gets 429 `rate_limited` before any key is looked up,
+    /// so a flood of bad keys cannot starve callers with good ones. `0`: no limit.
+    #[arg(long, env = "FILEFLOW_UNAUTHENTICATED_RATE_LIMIT", default_value_t = 20, global = true)]
+    pub unauthenticated_rate_limit: u32,
+
     /// Longest a client may take to send a request's headers (also how long an idle
     /// connection is kept).
     #[arg(long, env = "FILEFLOW_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
@@ -509,6 +521,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// --max-connections-per-ip, or its default: an eighth of --max-connections.
+    pub fn connections_per_ip(&self) -> usize {
+        self.max_connections_per_ip.unwrap_or(self.max_connections / 8).max(1)
+    }
+
     /// The settings a bare `fileflow serve` runs with, rooted at `data_dir`.
     pub fn defaults(data_dir: PathBuf) -> Self {
         let mut cli = Cli::parse_from(["fileflow", "serve"]);

@@ -109,7 +109,15 @@ impl Application {
                     max_unfinished: Some(settings.key_max_unfinished).filter(|&n| n > 0),
                     max_file_size: None,
                 };
-                Some(Arc::new(Gate::new(settings.auth, settings.listen, backends.keys.clone(), defaults).await?))
+                let gate = Gate::new(
+                    settings.auth,
+                    settings.listen,
+                    backends.keys.clone(),
+                    defaults,
+                    settings.unauthenticated_rate_limit,
+                )
+                .await?;
+                Some(Arc::new(gate))
             }
             false => None,
         };
@@ -258,6 +266,7 @@ impl Application {
             };
             let limits = ServerLimits {
                 max_connections: self.settings.max_connections,
+                max_connections_per_ip: self.settings.connections_per_ip(),
                 header_timeout: self.settings.header_timeout,
             };
             let router = http::router(state, self.settings.request_timeout);
@@ -267,7 +276,11 @@ impl Application {
         let metrics_server = self.metrics_listener.map(|listener| {
             let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(%addr, "metrics listening");
-            let limits = ServerLimits { max_connections: 64, header_timeout: self.settings.header_timeout };
+            let limits = ServerLimits {
+                max_connections: 64,
+                max_connections_per_ip: 64,
+                header_timeout: self.settings.header_timeout,
+            };
             tokio::spawn(http::serve(
                 listener,
                 http::metrics_router(self.metrics.clone()),

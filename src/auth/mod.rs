@@ -9,7 +9,7 @@ pub mod cli;
 pub mod keys;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::metadata::RepoError;
 pub use keys::{ApiKey, IssuedKey, KeyLimits, NewKey, Role, Scope};
@@ -93,6 +93,9 @@ pub enum Refusal {
     Invalid,
     /// Over the key's request rate; try again after this long.
     RateLimited(Duration),
+    /// The address sent too many requests without a valid key; try again after this long.
+    /// Decided before any key is looked up.
+    TooManyStrangers(Duration),
     /// The key could not be looked up (the database is unavailable): neither let in nor
     /// told its key is bad.
     Unavailable,
@@ -118,6 +121,62 @@ pub struct Gate {
     door: Door,
     pub defaults: KeyLimits,
     rates: Mutex<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
+    /// Requests without a valid key, per client address.
+    strangers: Option<Strangers>,
+}
+
+/// How many requests without a valid key an address may send at once, in seconds of its rate.
+const STRANGER_BURST_SECONDS: u32 = 5;
+/// Addresses tracked before the ones that went quiet are forgotten.
+const STRANGERS_TRACKED: usize = 10_000;
+
+/// The per-address allowance of requests without a valid key: each refused request (401)
+/// spends one; an address with none left is turned away (429) before its key is looked up,
+/// until its allowance refills. Callers with good keys from other addresses are unaffected.
+struct Strangers {
+    refused: DefaultKeyedRateLimiter<IpAddr>,
+    /// Addresses out of allowance, and until when.
+    benched: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl Strangers {
+    fn new(per_second: u32) -> Option<Self> {
+        let rate = NonZeroU32::new(per_second)?;
+        let burst = rate.saturating_mul(NonZeroU32::new(STRANGER_BURST_SECONDS).expect("not zero"));
+        Some(Self {
+            refused: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            benched: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// How long `ip` must still wait, if it is out of allowance.
+    fn waiting(&self, ip: IpAddr) -> Option<Duration> {
+        let mut benched = self.benched.lock().unwrap_or_else(|p| p.into_inner());
+        let until = *benched.get(&ip)?;
+        let now = Instant::now();
+        if until > now {
+            return Some(until - now);
+        }
+        benched.remove(&ip);
+        None
+    }
+
+    /// Spend one of `ip`'s allowance on a refused request.
+    fn refused(&self, ip: IpAddr) {
+        if self.refused.len() > STRANGERS_TRACKED {
+            self.refused.retain_recent();
+        }
+        if let Err(not_until) = self.refused.check_key(&ip) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let mut benched = self.benched.lock().unwrap_or_else(|p| p.into_inner());
+            if benched.len() > STRANGERS_TRACKED {
+                let now = Instant::now();
+                benched.retain(|_, until| *until > now);
+            }
+            benched.insert(ip, Instant::now() + wait);
+            tracing::warn!(%ip, "too many requests without a valid API key from one address; refusing it for a while");
+        }
+    }
 }
 
 impl Gate {
@@ -128,6 +187,7 @@ impl Gate {
         listen: SocketAddr,
         keys: Arc<dyn KeyStore>,
         defaults: KeyLimits,
+        unauthenticated_rate: u32,
     ) -> anyhow::Result<Self> {
         let have_keys = keys.has_keys().await?;
         let loopback = listen.ip().is_loopback();
@@ -149,15 +209,30 @@ impl Gate {
                 Door::OpenUntilAKeyExists { closed: AtomicBool::new(false), checked: Mutex::new(Instant::now()) }
             }
         };
-        Ok(Self { keys, door, defaults, rates: Mutex::new(HashMap::new()) })
+        let strangers = Strangers::new(unauthenticated_rate);
+        Ok(Self { keys, door, defaults, rates: Mutex::new(HashMap::new()), strangers })
     }
 
-    /// The caller presenting `bearer` (the token of an `Authorization: Bearer` header), if
-    /// allowed in.
-    pub async fn admit(&self, bearer: Option<&str>) -> Result<Caller, Refusal> {
+    /// The caller presenting `bearer` (the token of an `Authorization: Bearer` header) from
+    /// `peer`, if allowed in.
+    pub async fn admit(&self, bearer: Option<&str>, peer: Option<IpAddr>) -> Result<Caller, Refusal> {
         if self.is_open().await {
             return Ok(Caller::Open);
         }
+        let strangers = self.strangers.as_ref().zip(peer);
+        if let Some((strangers, ip)) = strangers
+            && let Some(wait) = strangers.waiting(ip)
+        {
+            return Err(Refusal::TooManyStrangers(wait));
+        }
+        let admitted = self.admit_key(bearer).await;
+        if let (Some((strangers, ip)), Err(Refusal::Missing | Refusal::Invalid)) = (strangers, &admitted) {
+            strangers.refused(ip);
+        }
+        admitted
+    }
+
+    async fn admit_key(&self, bearer: Option<&str>) -> Result<Caller, Refusal> {
         let presented = bearer.ok_or(Refusal::Missing)?;
         let id = keys::key_id(presented).ok_or(Refusal::Invalid)?;
         let found = self.keys.find_key(id).await.map_err(|e| {

@@ -1,7 +1,9 @@
 //! The API's door: every `/api/` route but signed downloads passes through [`authenticate`],
 //! which puts the [`Caller`] in the request for the handlers to judge what it may see.
 
-use axum::extract::{Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -20,7 +22,8 @@ pub async fn authenticate(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
         .map(str::trim);
-    let caller: Caller = state.gate.admit(bearer).await.map_err(|refusal| match refusal {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let caller: Caller = state.gate.admit(bearer, peer).await.map_err(|refusal| match refusal {
         Refusal::Missing => ApiError::Unauthorized {
             message: "this API needs a key: send `Authorization: Bearer <key>`",
             invalid: false,
@@ -32,6 +35,10 @@ pub async fn authenticate(
         Refusal::RateLimited(wait) => {
             ApiError::RateLimited { message: "too many requests for this API key".into(), retry_after: wait }
         }
+        Refusal::TooManyStrangers(wait) => ApiError::RateLimited {
+            message: "too many requests without a valid API key from this address".into(),
+            retry_after: wait,
+        },
         Refusal::Unavailable => ApiError::Internal(anyhow::anyhow!("API keys cannot be looked up now")),
     })?;
     request.extensions_mut().insert(caller);

@@ -16,6 +16,7 @@ mod download_links;
 mod events;
 mod failures;
 mod gcs;
+mod limits;
 mod metrics;
 mod openapi;
 mod origin_requests;
