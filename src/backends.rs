@@ -2,6 +2,8 @@
 //! embedded (SQLite + embedded queue) and distributed (PostgreSQL + Kafka); either can
 //! store objects on the local disk or in S3.
 
+use std::path::Path;
+use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,9 +62,26 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
     };
     match url.split_once(':').map(|(scheme, _)| scheme) {
         Some("sqlite") => {
+            // The database holds every job's URL and the keys' records: its file is made
+            // private before SQLite opens it (its WAL and shared-memory files take the
+            // database file's mode), and files of an older start are made private too.
+            let file = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+                .ok()
+                .map(|o| o.get_filename().to_path_buf())
+                .filter(|f| !f.as_os_str().is_empty() && f != Path::new(":memory:"));
+            if let Some(file) = &file {
+                crate::files::create_private(file).with_context(|| format!("cannot create {}", file.display()))?;
+            }
             let db = SqliteDb::connect_with(&url, settings.sqlite_durability)
                 .await
                 .with_context(|| format!("cannot open {url}"))?;
+            for suffix in ["-wal", "-shm"] {
+                if let Some(file) = &file {
+                    let mut name = file.clone().into_os_string();
+                    name.push(suffix);
+                    crate::files::make_private(Path::new(&name))?;
+                }
+            }
             db.migrate().await.context("cannot migrate the SQLite database")?;
             Ok(Database::Sqlite(db))
         }
@@ -117,7 +136,7 @@ async fn open_postgres(url: &str) -> anyhow::Result<PgDb> {
 
 /// Build every adapter from the settings. `public_url` is where this process's API is reached.
 pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backends> {
-    std::fs::create_dir_all(&settings.data_dir)
+    crate::files::create_dir(&settings.data_dir, settings.file_mode)
         .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
     let database = open_database(settings).await?;
     let keys = database.keys();
@@ -152,8 +171,8 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
     let (store, links, signer): (Arc<dyn ObjectStore>, Arc<dyn DownloadLinks>, _) = match settings.storage {
         StorageKind::Fs => {
             let root = settings.data_dir.join("objects");
-            let store =
-                LocalStore::new(&root).with_context(|| format!("cannot open object store {}", root.display()))?;
+            let store = LocalStore::with_mode(&root, settings.file_mode)
+                .with_context(|| format!("cannot open object store {}", root.display()))?;
             let signer = Arc::new(LinkSigner::load_or_create(&settings.data_dir, public_url)?);
             (Arc::new(store), signer.clone(), Some(signer))
         }

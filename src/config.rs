@@ -232,6 +232,14 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_DATA_DIR", default_value = "./fileflow-data", global = true)]
     pub data_dir: PathBuf,
 
+    /// Mode of stored objects in the local store (`fs`), in octal: `0600` (the default) for
+    /// this user only, `0640` or `0660` to let the group read (and write) them; their
+    /// directories, the objects directory and the data directory then let the group in
+    /// too. Everything else under the data directory (database, keys) stays 0600 in 0700
+    /// directories, whatever the umask.
+    #[arg(long, env = "FILEFLOW_FILE_MODE", default_value = "0600", global = true)]
+    pub file_mode: crate::files::FileMode,
+
     /// Metadata database: `sqlite://PATH` (default: `<data-dir>/fileflow.db`) or `postgres://…`.
     #[arg(long, env = "FILEFLOW_DATABASE_URL", global = true)]
     pub database_url: Option<String>,

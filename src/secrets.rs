@@ -102,6 +102,7 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<Vec<u8>> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     anyhow::ensure!(key.len() >= 32, "{} holds a key shorter than 32 bytes", path.display());
+    crate::files::make_private(path).with_context(|| format!("cannot make {} private", path.display()))?;
     Ok(key)
 }
 

@@ -21,6 +21,7 @@ mod metrics;
 mod openapi;
 mod origin_requests;
 mod polite;
+mod private_files;
 mod resume;
 mod sites;
 mod submit;
