@@ -13,7 +13,7 @@ use url::Url;
 use crate::auth::KeyStore;
 use crate::config::{Settings, StorageKind};
 use crate::events::{Announcing, ChangeFeed};
-use crate::links::{DownloadLinks, LinkSigner};
+use crate::links::{CappedLinks, DownloadLinks, LinkSigner};
 use crate::metadata::{JobRepository, PgDb, PgRepository, RepoError, SqliteDb, SqliteRepository};
 use crate::queue::kafka::KafkaSettings;
 use crate::secrets::HeaderSealer;
@@ -218,5 +218,6 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
         }
     };
     let sealer = Arc::new(HeaderSealer::load(settings.encryption_key.as_deref(), &settings.data_dir)?);
+    let links = Arc::new(CappedLinks { inner: links, max: settings.max_link_lifetime });
     Ok(Backends { repo, keys, outbox, sealer, store, links, signer, queue, changes })
 }

@@ -354,6 +354,13 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_CREATE_BUCKETS", global = true)]
     pub create_buckets: bool,
 
+    /// Longest a download link may last (`expires_in` above it is refused; job views and
+    /// webhooks get links shortened to it). A store's own presigned links (S3, Azure, GCS)
+    /// cannot be revoked, not even by revoking the key that asked for them: this bounds
+    /// them. fileflow's own links (the `fs` store) also stop once their key is revoked.
+    #[arg(long, env = "FILEFLOW_MAX_LINK_LIFETIME", default_value = "7d", value_parser = humantime::parse_duration, global = true)]
+    pub max_link_lifetime: Duration,
+
     /// Base URL that fileflow's own download links point at (default: `http://<listen>`).
     #[arg(long, env = "FILEFLOW_PUBLIC_URL", global = true)]
     pub public_url: Option<Url>,

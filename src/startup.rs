@@ -168,6 +168,7 @@ impl Application {
                     .connect_timeout(settings.connect_timeout)
                     .build()
                     .context("cannot build the webhook HTTP client")?,
+                guard: guard.clone(),
                 secret: secret.clone(),
                 policy: RetryPolicy {
                     max_retries: WEBHOOK_RETRIES,

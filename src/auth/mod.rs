@@ -123,7 +123,13 @@ pub struct Gate {
     rates: Mutex<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
     /// Requests without a valid key, per client address.
     strangers: Option<Strangers>,
+    /// Whether keys were valid when last looked up for a stream or a link, and when.
+    validity: Mutex<HashMap<String, (Instant, bool)>>,
 }
+
+/// How long a key's validity, looked up for an open stream or a signed link, is trusted:
+/// a revoked key's streams and links stop within this (plus a stream's check interval).
+const VALIDITY_TTL: Duration = Duration::from_millis(500);
 
 /// How many requests without a valid key an address may send at once, in seconds of its rate.
 const STRANGER_BURST_SECONDS: u32 = 5;
@@ -210,7 +216,14 @@ impl Gate {
             }
         };
         let strangers = Strangers::new(unauthenticated_rate);
-        Ok(Self { keys, door, defaults, rates: Mutex::new(HashMap::new()), strangers })
+        Ok(Self {
+            keys,
+            door,
+            defaults,
+            rates: Mutex::new(HashMap::new()),
+            strangers,
+            validity: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The caller presenting `bearer` (the token of an `Authorization: Bearer` header) from
@@ -245,6 +258,35 @@ impl Gate {
         }
         self.check_rate(&key)?;
         Ok(Caller::Key(Arc::new(key)))
+    }
+
+    /// Whether the key `id` exists and is not revoked (looked up at most once per
+    /// [`VALIDITY_TTL`] per key).
+    pub async fn key_valid(&self, id: &str) -> Result<bool, RepoError> {
+        {
+            let validity = self.validity.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, valid)) = validity.get(id)
+                && at.elapsed() < VALIDITY_TTL
+            {
+                return Ok(*valid);
+            }
+        }
+        let valid = matches!(self.keys.find_key(id).await?, Some((key, _)) if key.revoked_at.is_none());
+        self.validity.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), (Instant::now(), valid));
+        Ok(valid)
+    }
+
+    /// Whether `caller`, admitted when its request began, would still be: its key is not
+    /// revoked, or the open API is still open. Long-lived answers (event streams) ask this
+    /// as they go. When it cannot be told (the database does not answer), no.
+    pub async fn still_admits(&self, caller: &Caller) -> bool {
+        match caller {
+            Caller::Open => self.is_open().await,
+            Caller::Key(key) => self.key_valid(&key.id).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot tell whether an API key is still valid; ending its stream");
+                false
+            }),
+        }
     }
 
     /// Whether the API is open now. An API open until a key exists looks for keys at most

@@ -72,14 +72,20 @@ pub(super) struct JobView {
 }
 
 /// A job as the API shows it, as JSON (webhooks carry it too).
-pub async fn job_json(job: Job, links: &dyn DownloadLinks) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::to_value(job_view(job, links).await?)?)
+/// Its download link is minted for the key `minted_by` (revoking that key ends the links
+/// fileflow signs).
+pub async fn job_json(
+    job: Job,
+    links: &dyn DownloadLinks,
+    minted_by: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::to_value(job_view(job, links, minted_by).await?)?)
 }
 
-async fn job_view(job: Job, links: &dyn DownloadLinks) -> anyhow::Result<JobView> {
+async fn job_view(job: Job, links: &dyn DownloadLinks, minted_by: Option<&str>) -> anyhow::Result<JobView> {
     let download_url = if job.status == JobStatus::Completed {
         let expires_at = Utc::now() + chrono::Duration::seconds(DEFAULT_LINK_SECS);
-        Some(links.link(&job, expires_at).await?.to_string())
+        Some(links.link(&job, expires_at, minted_by).await?.to_string())
     } else {
         None
     };
@@ -113,8 +119,9 @@ fn timestamp(t: DateTime<Utc>) -> String {
 }
 
 impl AppState {
-    pub(super) async fn view(&self, job: Job) -> Result<JobView, ApiError> {
-        Ok(job_view(job, &*self.links).await?)
+    /// The job as `caller` sees it (its download link minted for the caller's key).
+    pub(super) async fn view(&self, job: Job, caller: &Caller) -> Result<JobView, ApiError> {
+        Ok(job_view(job, &*self.links, caller.key_id()).await?)
     }
 
     /// The job `raw_id`, if the caller may see it: another key's job is not found, so ids
@@ -434,7 +441,7 @@ pub(super) async fn get_upload(
         Some(_) => Some(state.outbox.deliveries_of(job.id).await?),
         None => None,
     };
-    let mut view = state.view(job).await?;
+    let mut view = state.view(job, &caller).await?;
     view.webhooks = deliveries;
     Ok(Json(view))
 }
@@ -477,7 +484,7 @@ pub(super) async fn list_uploads(
     let next = if jobs.len() == limit as usize { jobs.last().map(|j| j.id.to_string()) } else { None };
     let mut uploads = Vec::with_capacity(jobs.len());
     for job in jobs {
-        uploads.push(state.view(job).await?);
+        uploads.push(state.view(job, &caller).await?);
     }
     Ok(Json(UploadList { uploads, next_before: next }))
 }
@@ -498,18 +505,20 @@ pub(super) async fn download_url(
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<DownloadLink>, ApiError> {
-    let expires_in = match query.get("expires_in") {
-        None => DEFAULT_LINK_SECS,
-        Some(raw) => raw.parse::<i64>().ok().filter(|s| (1..=MAX_LINK_SECS).contains(s)).ok_or_else(|| {
-            ApiError::invalid("expires_in", format!("must be a number of seconds from 1 to {MAX_LINK_SECS}"))
-        })?,
-    };
+    let max = state.links.max_lifetime().map_or(MAX_LINK_SECS, |m| (m.as_secs() as i64).clamp(1, MAX_LINK_SECS));
+    let expires_in =
+        match query.get("expires_in") {
+            None => DEFAULT_LINK_SECS.min(max),
+            Some(raw) => raw.parse::<i64>().ok().filter(|s| (1..=max).contains(s)).ok_or_else(|| {
+                ApiError::invalid("expires_in", format!("must be a number of seconds from 1 to {max}"))
+            })?,
+        };
     let job = state.find(&id, &caller).await?;
     if job.status != JobStatus::Completed {
         return Err(ApiError::Conflict(format!("upload {} is {}, not completed", job.id, job.status)));
     }
     let expires_at = Utc::now() + chrono::Duration::seconds(expires_in);
-    let url = state.links.link(&job, expires_at).await?;
+    let url = state.links.link(&job, expires_at, caller.key_id()).await?;
     Ok(Json(DownloadLink { url: url.to_string(), expires_at: timestamp(expires_at) }))
 }
 
@@ -530,7 +539,7 @@ pub(super) async fn retry_upload(
     match state.repo.requeue_failed(job_id, Utc::now()).await? {
         Requeue::Requeued(job) => {
             tracing::info!(job_id = %job.id, "failed job re-queued");
-            Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
+            Ok((StatusCode::ACCEPTED, Json(state.view(*job, &caller).await?)).into_response())
         }
         Requeue::NotFailed(status) => {
             Err(ApiError::Conflict(format!("upload {} is {status}; only failed uploads can be retried", job_id)))
@@ -557,11 +566,11 @@ pub(super) async fn cancel_upload(
     match state.repo.cancel(job_id, Utc::now()).await? {
         Cancel::Cancelled(job) => {
             tracing::info!(job_id = %job.id, "job cancelled");
-            Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
+            Ok((StatusCode::ACCEPTED, Json(state.view(*job, &caller).await?)).into_response())
         }
         Cancel::Requested(job) => {
             tracing::info!(job_id = %job.id, "cancel requested from the job's worker");
-            Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
+            Ok((StatusCode::ACCEPTED, Json(state.view(*job, &caller).await?)).into_response())
         }
         Cancel::Finished(status) => {
             Err(ApiError::Conflict(format!("upload {job_id} is {status}; only unfinished uploads can be cancelled")))

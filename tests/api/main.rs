@@ -23,6 +23,7 @@ mod origin_requests;
 mod polite;
 mod private_files;
 mod resume;
+mod revocation;
 mod sites;
 mod submit;
 mod webhooks;
