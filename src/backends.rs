@@ -57,7 +57,7 @@ pub struct Backends {
 /// command does this on start; concurrent starts are safe: the migrator takes a lock).
 pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
     let url = match &settings.database_url {
-        Some(url) => url.clone(),
+        Some(url) => url.expose().to_owned(),
         None => SqliteDb::default_url(&settings.data_dir),
     };
     match url.split_once(':').map(|(scheme, _)| scheme) {
@@ -155,8 +155,11 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
                 partitions: settings.kafka_partitions,
                 replication_factor: settings.kafka_replication_factor,
                 max_poll_interval: settings.transfer_timeout + std::time::Duration::from_secs(60),
-                options: crate::queue::kafka::gather_options(std::env::vars(), &settings.kafka_options)
-                    .map_err(|e| anyhow::anyhow!("Kafka client settings: {e}"))?,
+                options: crate::queue::kafka::gather_options(
+                    std::env::vars(),
+                    &settings.kafka_options.iter().map(|o| o.expose().to_owned()).collect::<Vec<_>>(),
+                )
+                .map_err(|e| anyhow::anyhow!("Kafka client settings: {e}"))?,
             };
             (Arc::new(PgRepository::new(db.clone())), QueueSource::Kafka { settings: kafka, db })
         }
@@ -177,15 +180,18 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
             (Arc::new(store), signer.clone(), Some(signer))
         }
         StorageKind::S3 => {
-            let needed = |value: &Option<String>, name: &str| {
-                value.clone().with_context(|| format!("--storage s3 needs {name}"))
-            };
+            let needed =
+                |value: Option<String>, name: &str| value.with_context(|| format!("--storage s3 needs {name}"));
             let store = Arc::new(S3Store::new(S3Settings {
                 endpoint: settings.s3_endpoint.clone(),
                 public_endpoint: settings.s3_public_endpoint.clone(),
                 region: settings.s3_region.clone(),
-                access_key_id: needed(&settings.s3_access_key_id, "AWS_ACCESS_KEY_ID")?,
-                secret_access_key: needed(&settings.s3_secret_access_key, "AWS_SECRET_ACCESS_KEY")?,
+                access_key_id: needed(settings.s3_access_key_id.clone(), "AWS_ACCESS_KEY_ID")?,
+                secret_access_key: needed(
+                    settings.s3_secret_access_key.as_ref().map(|s| s.expose().to_owned()),
+                    "AWS_SECRET_ACCESS_KEY",
+                )?
+                .into(),
                 create_buckets: settings.create_buckets,
                 max_file_size: settings.max_file_size.as_u64(),
             }));
@@ -217,7 +223,7 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
             (store.clone(), store, None)
         }
     };
-    let sealer = Arc::new(HeaderSealer::load(settings.encryption_key.as_deref(), &settings.data_dir)?);
+    let sealer = Arc::new(HeaderSealer::load(settings.encryption_key.as_ref(), &settings.data_dir)?);
     let links = Arc::new(CappedLinks { inner: links, max: settings.max_link_lifetime });
     Ok(Backends { repo, keys, outbox, sealer, store, links, signer, queue, changes })
 }

@@ -63,7 +63,7 @@ pub struct ClientArgs {
     pub server: url::Url,
     /// An API key (`ffk_…`), when the server asks for one.
     #[arg(long, env = "FILEFLOW_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<crate::secrets::Secret>,
     /// `table` for people, `json` (the API's own answers) for scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -242,7 +242,7 @@ pub struct Settings {
 
     /// Metadata database: `sqlite://PATH` (default: `<data-dir>/fileflow.db`) or `postgres://…`.
     #[arg(long, env = "FILEFLOW_DATABASE_URL", global = true)]
-    pub database_url: Option<String>,
+    pub database_url: Option<crate::secrets::Secret>,
 
     /// What a commit of the embedded (SQLite) database survives before a job is answered
     /// 202: `power-loss` (synchronous=FULL) or `process-crash` (synchronous=NORMAL, faster;
@@ -262,7 +262,7 @@ pub struct Settings {
     // Kept as given and checked at start (`queue::kafka::gather_options`): a parse error
     // here would echo the value, which may be a secret.
     #[arg(long = "kafka-option", value_name = "KEY=VALUE", global = true)]
-    pub kafka_options: Vec<String>,
+    pub kafka_options: Vec<crate::secrets::Secret>,
 
     /// The jobs topic; retries go to `<topic>-retry`, give-ups to `<topic>-dlq`.
     #[arg(long, env = "FILEFLOW_KAFKA_TOPIC", default_value = "upload_file_topic", global = true)]
@@ -307,7 +307,7 @@ pub struct Settings {
 
     /// S3 secret key (the standard AWS_SECRET_ACCESS_KEY variable; prefer it to the flag).
     #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true, global = true)]
-    pub s3_secret_access_key: Option<String>,
+    pub s3_secret_access_key: Option<crate::secrets::Secret>,
 
     /// Azure storage account (the standard AZURE_STORAGE_ACCOUNT_NAME variable; the other
     /// `AZURE_*` credential variables of object_store are read too).
@@ -317,7 +317,7 @@ pub struct Settings {
     /// Azure account key, base64 (AZURE_STORAGE_ACCOUNT_KEY; prefer it to the flag). Signs
     /// download links; needed to create containers.
     #[arg(long, env = "AZURE_STORAGE_ACCOUNT_KEY", hide_env_values = true, global = true)]
-    pub azure_access_key: Option<String>,
+    pub azure_access_key: Option<crate::secrets::Secret>,
 
     /// The account's blob endpoint (AZURE_STORAGE_ENDPOINT), e.g.
     /// `http://127.0.0.1:10000/devstoreaccount1` for Azurite. Default: the public cloud's.
@@ -491,7 +491,7 @@ pub struct Settings {
     /// process sharing a database needs the same key; when left out, the key in
     /// `<data-dir>/encryption.key` is used (generated on first start).
     #[arg(long, env = "FILEFLOW_ENCRYPTION_KEY", hide_env_values = true, global = true)]
-    pub encryption_key: Option<String>,
+    pub encryption_key: Option<crate::secrets::Secret>,
 
     /// Key that signs webhooks (`whsec_` and base64, as in the Standard Webhooks
     /// specification); jobs may ask for a `notify_url` only when it is set.

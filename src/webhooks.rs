@@ -31,7 +31,13 @@ pub struct WebhookSecret(Vec<u8>);
 
 impl std::fmt::Debug for WebhookSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WebhookSecret(<secret>)")
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::fmt::Display for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
     }
 }
 
