@@ -503,8 +503,8 @@ pub struct Settings {
     pub max_connections: usize,
 
     /// Connections one client address may hold at once (default: an eighth of
-    /// --max-connections); more are answered 429 and closed, so one client cannot take
-    /// them all. Behind a reverse proxy every client has the proxy's address: raise it there.
+    /// --max-connections, at least 16 or all of them when fewer); more are answered 429 and
+    /// closed, so one client cannot take them all. Behind a reverse proxy every client has the proxy's address: raise it there.
     #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS_PER_IP", global = true)]
     pub max_connections_per_ip: Option<usize>,
 
@@ -536,9 +536,12 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// --max-connections-per-ip, or its default: an eighth of --max-connections.
+    /// --max-connections-per-ip, or its default: an eighth of --max-connections, but at
+    /// least 16 (or all of them, when fewer), so a small server does not refuse one busy
+    /// client outright.
     pub fn connections_per_ip(&self) -> usize {
-        self.max_connections_per_ip.unwrap_or(self.max_connections / 8).max(1)
+        let share = (self.max_connections / 8).max(self.max_connections.min(16));
+        self.max_connections_per_ip.unwrap_or(share).max(1)
     }
 
     /// The settings a bare `fileflow serve` runs with, rooted at `data_dir`.
@@ -580,6 +583,11 @@ mod tests {
         assert!(!s.fetch_allow_private);
         assert_eq!(s.storage, StorageKind::Fs);
         assert_eq!(s.auth, AuthMode::Auto);
+        assert_eq!(s.connections_per_ip(), 128, "an eighth of 1024");
+        let small = Settings { max_connections: 8, ..s.clone() };
+        assert_eq!(small.connections_per_ip(), 8, "all of a small server's");
+        let medium = Settings { max_connections: 64, ..s };
+        assert_eq!(medium.connections_per_ip(), 16, "at least 16");
     }
 
     #[test]
