@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::metadata::RepoError;
 pub use keys::{ApiKey, IssuedKey, KeyLimits, NewKey, Role, Scope};
@@ -136,51 +136,92 @@ const STRANGER_BURST_SECONDS: u32 = 5;
 /// Addresses tracked before the ones that went quiet are forgotten.
 const STRANGERS_TRACKED: usize = 10_000;
 
-/// The per-address allowance of requests without a valid key: each refused request (401)
-/// spends one; an address with none left is turned away (429) before its key is looked up,
-/// until its allowance refills. Callers with good keys from other addresses are unaffected.
+/// The per-address allowance of requests without a valid key (a token bucket: `rate` per
+/// second, up to `burst`). Each refused request (401) spends one; an address with none left
+/// is turned away (429) before its key is looked up, until its allowance refills. Once an
+/// address has spent any, each of its requests reserves one before the lookup and gets it
+/// back if its key was good, so however many it sends at once, no more than its allowance
+/// reach the key store. (governor's limiters cannot give a reservation back.) Callers from
+/// addresses that send no bad keys never wait here.
 struct Strangers {
-    refused: DefaultKeyedRateLimiter<IpAddr>,
-    /// Addresses out of allowance, and until when.
-    benched: Mutex<HashMap<IpAddr, Instant>>,
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+struct Bucket {
+    /// What is left; below zero when more requests failed at once than the allowance held.
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
+        self.tokens = (self.tokens + rate * now.saturating_duration_since(self.at).as_secs_f64()).min(burst);
+        self.at = now;
+    }
+}
+
+/// What [`Strangers::reserve`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reserved {
+    /// The address has its whole allowance: nothing was taken.
+    Nothing,
+    /// One was taken, to be given back if the key is good.
+    One,
 }
 
 impl Strangers {
     fn new(per_second: u32) -> Option<Self> {
-        let rate = NonZeroU32::new(per_second)?;
-        let burst = rate.saturating_mul(NonZeroU32::new(STRANGER_BURST_SECONDS).expect("not zero"));
-        Some(Self {
-            refused: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
-            benched: Mutex::new(HashMap::new()),
-        })
+        let rate = f64::from(NonZeroU32::new(per_second)?.get());
+        Some(Self { rate, burst: rate * f64::from(STRANGER_BURST_SECONDS), buckets: Mutex::new(HashMap::new()) })
     }
 
-    /// How long `ip` must still wait, if it is out of allowance.
-    fn waiting(&self, ip: IpAddr) -> Option<Duration> {
-        let mut benched = self.benched.lock().unwrap_or_else(|p| p.into_inner());
-        let until = *benched.get(&ip)?;
+    /// Before a lookup for `ip`: how long it must wait if its allowance is spent.
+    fn reserve(&self, ip: IpAddr) -> Result<Reserved, Duration> {
         let now = Instant::now();
-        if until > now {
-            return Some(until - now);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(bucket) = buckets.get_mut(&ip) else { return Ok(Reserved::Nothing) };
+        bucket.refill(now, self.rate, self.burst);
+        if bucket.tokens >= self.burst {
+            buckets.remove(&ip);
+            return Ok(Reserved::Nothing);
         }
-        benched.remove(&ip);
-        None
+        if bucket.tokens < 1.0 {
+            return Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate));
+        }
+        bucket.tokens -= 1.0;
+        Ok(Reserved::One)
     }
 
-    /// Spend one of `ip`'s allowance on a refused request.
-    fn refused(&self, ip: IpAddr) {
-        if self.refused.len() > STRANGERS_TRACKED {
-            self.refused.retain_recent();
-        }
-        if let Err(not_until) = self.refused.check_key(&ip) {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let mut benched = self.benched.lock().unwrap_or_else(|p| p.into_inner());
-            if benched.len() > STRANGERS_TRACKED {
-                let now = Instant::now();
-                benched.retain(|_, until| *until > now);
+    /// After the lookup: a refused request spends one of the allowance (unless reserved),
+    /// an admitted one gives its reservation back.
+    fn settle(&self, ip: IpAddr, reserved: Reserved, refused: bool) {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        match (reserved, refused) {
+            (Reserved::One, false) => {
+                if let Some(bucket) = buckets.get_mut(&ip) {
+                    bucket.tokens = (bucket.tokens + 1.0).min(self.burst);
+                }
             }
-            benched.insert(ip, Instant::now() + wait);
-            tracing::warn!(%ip, "too many requests without a valid API key from one address; refusing it for a while");
+            (Reserved::Nothing, true) => {
+                if buckets.len() >= STRANGERS_TRACKED {
+                    // Forget the addresses whose allowance is whole again.
+                    let (rate, burst) = (self.rate, self.burst);
+                    buckets.retain(|_, b| {
+                        b.refill(now, rate, burst);
+                        b.tokens < burst
+                    });
+                }
+                let bucket = buckets.entry(ip).or_insert(Bucket { tokens: self.burst, at: now });
+                bucket.refill(now, self.rate, self.burst);
+                bucket.tokens -= 1.0;
+            }
+            _ => {}
+        }
+        if refused && buckets.get(&ip).is_some_and(|b| b.tokens < 1.0) {
+            tracing::debug!(%ip, "too many requests without a valid API key from one address");
         }
     }
 }
@@ -232,16 +273,12 @@ impl Gate {
         if self.is_open().await {
             return Ok(Caller::Open);
         }
-        let strangers = self.strangers.as_ref().zip(peer);
-        if let Some((strangers, ip)) = strangers
-            && let Some(wait) = strangers.waiting(ip)
-        {
-            return Err(Refusal::TooManyStrangers(wait));
-        }
+        let Some((strangers, ip)) = self.strangers.as_ref().zip(peer) else {
+            return self.admit_key(bearer).await;
+        };
+        let reserved = strangers.reserve(ip).map_err(Refusal::TooManyStrangers)?;
         let admitted = self.admit_key(bearer).await;
-        if let (Some((strangers, ip)), Err(Refusal::Missing | Refusal::Invalid)) = (strangers, &admitted) {
-            strangers.refused(ip);
-        }
+        strangers.settle(ip, reserved, matches!(admitted, Err(Refusal::Missing | Refusal::Invalid)));
         admitted
     }
 
@@ -347,5 +384,45 @@ impl Gate {
         limiter
             .check()
             .map_err(|not_until| Refusal::RateLimited(not_until.wait_time_from(DefaultClock::default().now())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_that_spent_its_allowance_waits_and_good_keys_give_reservations_back() {
+        let strangers = Strangers::new(2).unwrap(); // 2/s, a burst of 10
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        // An address with no failures takes nothing, however much it asks.
+        for _ in 0..50 {
+            assert_eq!(strangers.reserve(other), Ok(Reserved::Nothing));
+        }
+        // Ten refusals spend the burst; then it waits, before any lookup.
+        for _ in 0..10 {
+            let reserved = strangers.reserve(ip).unwrap();
+            strangers.settle(ip, reserved, true);
+        }
+        let wait = strangers.reserve(ip).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(500), "{wait:?}");
+        assert_eq!(strangers.reserve(other), Ok(Reserved::Nothing), "other addresses are untouched");
+    }
+
+    #[test]
+    fn requests_in_flight_at_once_cannot_pass_the_allowance() {
+        let strangers = Strangers::new(2).unwrap();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let first = strangers.reserve(ip).unwrap();
+        strangers.settle(ip, first, true); // one failure: 9 left
+        // 30 requests reach the gate before any lookup ends: only 9 are let through.
+        let reserved: Vec<_> = (0..30).map(|_| strangers.reserve(ip)).collect();
+        assert_eq!(reserved.iter().filter(|r| r.is_ok()).count(), 9);
+        // Good keys among them give their reservations back.
+        for _ in 0..9 {
+            strangers.settle(ip, Reserved::One, false);
+        }
+        assert!(strangers.reserve(ip).is_ok());
     }
 }

@@ -11,6 +11,9 @@ use axum::response::Response;
 use super::{ApiError, AppState};
 use crate::auth::{Caller, Refusal};
 
+/// How long an answer to an address out of its keyless allowance is held.
+const TARPIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub async fn authenticate(
     State(state): State<AppState>,
     mut request: Request,
@@ -23,7 +26,14 @@ pub async fn authenticate(
         .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
         .map(str::trim);
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let caller: Caller = state.gate.admit(bearer, peer).await.map_err(|refusal| match refusal {
+    let admitted = state.gate.admit(bearer, peer).await;
+    if let Err(Refusal::TooManyStrangers(_)) = &admitted {
+        // Hold the answer a moment: a client that floods with bad keys gets one answer per
+        // connection per TARPIT, not as many as it can send (its connections are capped
+        // per address), so it cannot spend the server's time that other clients need.
+        tokio::time::sleep(TARPIT).await;
+    }
+    let caller: Caller = admitted.map_err(|refusal| match refusal {
         Refusal::Missing => ApiError::Unauthorized {
             message: "this API needs a key: send `Authorization: Bearer <key>`",
             invalid: false,
@@ -37,7 +47,7 @@ pub async fn authenticate(
         }
         Refusal::TooManyStrangers(wait) => ApiError::RateLimited {
             message: "too many requests without a valid API key from this address".into(),
-            retry_after: wait,
+            retry_after: wait.saturating_sub(TARPIT),
         },
         Refusal::Unavailable => ApiError::Internal(anyhow::anyhow!("API keys cannot be looked up now")),
     })?;
