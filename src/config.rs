@@ -591,6 +591,32 @@ mod tests {
     }
 
     #[test]
+    fn no_secret_setting_shows_in_debug() {
+        let cli = Cli::parse_from([
+            "fileflow",
+            "serve",
+            "--database-url",
+            "postgres://fileflow:pg-s3cret@db/fileflow",
+            "--s3-secret-access-key",
+            "aws-s3cret",
+            "--azure-access-key",
+            "azure-s3cret",
+            "--encryption-key",
+            "enc-s3cret",
+            "--webhook-secret",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "--kafka-option",
+            "sasl.password=kafka-s3cret",
+        ]);
+        let shown = format!("{cli:?} {:#?}", cli.settings);
+        for secret in ["s3cret", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"] {
+            assert!(!shown.contains(secret), "{secret} shows in {shown}");
+        }
+        assert!(shown.contains("[redacted]"));
+        assert_eq!(cli.settings.encryption_key.unwrap().expose(), "enc-s3cret");
+    }
+
+    #[test]
     fn keys_create_takes_a_role_buckets_and_limits() {
         let cli = Cli::parse_from([
             "fileflow",
