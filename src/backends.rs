@@ -2,6 +2,8 @@
 //! embedded (SQLite + embedded queue) and distributed (PostgreSQL + Kafka); either can
 //! store objects on the local disk or in S3.
 
+use std::path::Path;
+use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use url::Url;
 use crate::auth::KeyStore;
 use crate::config::{Settings, StorageKind};
 use crate::events::{Announcing, ChangeFeed};
-use crate::links::{DownloadLinks, LinkSigner};
+use crate::links::{CappedLinks, DownloadLinks, LinkSigner};
 use crate::metadata::{JobRepository, PgDb, PgRepository, RepoError, SqliteDb, SqliteRepository};
 use crate::queue::kafka::KafkaSettings;
 use crate::secrets::HeaderSealer;
@@ -55,14 +57,31 @@ pub struct Backends {
 /// command does this on start; concurrent starts are safe: the migrator takes a lock).
 pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
     let url = match &settings.database_url {
-        Some(url) => url.clone(),
+        Some(url) => url.expose().to_owned(),
         None => SqliteDb::default_url(&settings.data_dir),
     };
     match url.split_once(':').map(|(scheme, _)| scheme) {
         Some("sqlite") => {
+            // The database holds every job's URL and the keys' records: its file is made
+            // private before SQLite opens it (its WAL and shared-memory files take the
+            // database file's mode), and files of an older start are made private too.
+            let file = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+                .ok()
+                .map(|o| o.get_filename().to_path_buf())
+                .filter(|f| !f.as_os_str().is_empty() && f != Path::new(":memory:"));
+            if let Some(file) = &file {
+                crate::files::create_private(file).with_context(|| format!("cannot create {}", file.display()))?;
+            }
             let db = SqliteDb::connect_with(&url, settings.sqlite_durability)
                 .await
                 .with_context(|| format!("cannot open {url}"))?;
+            for suffix in ["-wal", "-shm"] {
+                if let Some(file) = &file {
+                    let mut name = file.clone().into_os_string();
+                    name.push(suffix);
+                    crate::files::make_private(Path::new(&name))?;
+                }
+            }
             db.migrate().await.context("cannot migrate the SQLite database")?;
             Ok(Database::Sqlite(db))
         }
@@ -117,7 +136,7 @@ async fn open_postgres(url: &str) -> anyhow::Result<PgDb> {
 
 /// Build every adapter from the settings. `public_url` is where this process's API is reached.
 pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backends> {
-    std::fs::create_dir_all(&settings.data_dir)
+    crate::files::create_dir(&settings.data_dir, settings.file_mode)
         .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
     let database = open_database(settings).await?;
     let keys = database.keys();
@@ -136,8 +155,11 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
                 partitions: settings.kafka_partitions,
                 replication_factor: settings.kafka_replication_factor,
                 max_poll_interval: settings.transfer_timeout + std::time::Duration::from_secs(60),
-                options: crate::queue::kafka::gather_options(std::env::vars(), &settings.kafka_options)
-                    .map_err(|e| anyhow::anyhow!("Kafka client settings: {e}"))?,
+                options: crate::queue::kafka::gather_options(
+                    std::env::vars(),
+                    &settings.kafka_options.iter().map(|o| o.expose().to_owned()).collect::<Vec<_>>(),
+                )
+                .map_err(|e| anyhow::anyhow!("Kafka client settings: {e}"))?,
             };
             (Arc::new(PgRepository::new(db.clone())), QueueSource::Kafka { settings: kafka, db })
         }
@@ -152,21 +174,24 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
     let (store, links, signer): (Arc<dyn ObjectStore>, Arc<dyn DownloadLinks>, _) = match settings.storage {
         StorageKind::Fs => {
             let root = settings.data_dir.join("objects");
-            let store =
-                LocalStore::new(&root).with_context(|| format!("cannot open object store {}", root.display()))?;
+            let store = LocalStore::with_mode(&root, settings.file_mode)
+                .with_context(|| format!("cannot open object store {}", root.display()))?;
             let signer = Arc::new(LinkSigner::load_or_create(&settings.data_dir, public_url)?);
             (Arc::new(store), signer.clone(), Some(signer))
         }
         StorageKind::S3 => {
-            let needed = |value: &Option<String>, name: &str| {
-                value.clone().with_context(|| format!("--storage s3 needs {name}"))
-            };
+            let needed =
+                |value: Option<String>, name: &str| value.with_context(|| format!("--storage s3 needs {name}"));
             let store = Arc::new(S3Store::new(S3Settings {
                 endpoint: settings.s3_endpoint.clone(),
                 public_endpoint: settings.s3_public_endpoint.clone(),
                 region: settings.s3_region.clone(),
-                access_key_id: needed(&settings.s3_access_key_id, "AWS_ACCESS_KEY_ID")?,
-                secret_access_key: needed(&settings.s3_secret_access_key, "AWS_SECRET_ACCESS_KEY")?,
+                access_key_id: needed(settings.s3_access_key_id.clone(), "AWS_ACCESS_KEY_ID")?,
+                secret_access_key: needed(
+                    settings.s3_secret_access_key.as_ref().map(|s| s.expose().to_owned()),
+                    "AWS_SECRET_ACCESS_KEY",
+                )?
+                .into(),
                 create_buckets: settings.create_buckets,
                 max_file_size: settings.max_file_size.as_u64(),
             }));
@@ -198,6 +223,7 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
             (store.clone(), store, None)
         }
     };
-    let sealer = Arc::new(HeaderSealer::load(settings.encryption_key.as_deref(), &settings.data_dir)?);
+    let sealer = Arc::new(HeaderSealer::load(settings.encryption_key.as_ref(), &settings.data_dir)?);
+    let links = Arc::new(CappedLinks { inner: links, max: settings.max_link_lifetime });
     Ok(Backends { repo, keys, outbox, sealer, store, links, signer, queue, changes })
 }

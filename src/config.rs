@@ -64,7 +64,7 @@ pub struct ClientArgs {
     pub server: url::Url,
     /// An API key (`ffk_…`), when the server asks for one.
     #[arg(long, env = "FILEFLOW_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<crate::secrets::Secret>,
     /// `table` for people, `json` (the API's own answers) for scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -225,9 +225,17 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_DATA_DIR", default_value = "./fileflow-data", global = true)]
     pub data_dir: PathBuf,
 
+    /// Mode of stored objects in the local store (`fs`), in octal: `0600` (the default) for
+    /// this user only, `0640` or `0660` to let the group read (and write) them; their
+    /// directories, the objects directory and the data directory then let the group in
+    /// too. Everything else under the data directory (database, keys) stays 0600 in 0700
+    /// directories, whatever the umask.
+    #[arg(long, env = "FILEFLOW_FILE_MODE", default_value = "0600", global = true)]
+    pub file_mode: crate::files::FileMode,
+
     /// Metadata database: `sqlite://PATH` (default: `<data-dir>/fileflow.db`) or `postgres://…`.
     #[arg(long, env = "FILEFLOW_DATABASE_URL", global = true)]
-    pub database_url: Option<String>,
+    pub database_url: Option<crate::secrets::Secret>,
 
     /// What a commit of the embedded (SQLite) database survives before a job is answered
     /// 202: `power-loss` (synchronous=FULL) or `process-crash` (synchronous=NORMAL, faster;
@@ -247,7 +255,7 @@ pub struct Settings {
     // Kept as given and checked at start (`queue::kafka::gather_options`): a parse error
     // here would echo the value, which may be a secret.
     #[arg(long = "kafka-option", value_name = "KEY=VALUE", global = true)]
-    pub kafka_options: Vec<String>,
+    pub kafka_options: Vec<crate::secrets::Secret>,
 
     /// The jobs topic; retries go to `<topic>-retry`, give-ups to `<topic>-dlq`.
     #[arg(long, env = "FILEFLOW_KAFKA_TOPIC", default_value = "upload_file_topic", global = true)]
@@ -292,7 +300,7 @@ pub struct Settings {
 
     /// S3 secret key (the standard AWS_SECRET_ACCESS_KEY variable; prefer it to the flag).
     #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true, global = true)]
-    pub s3_secret_access_key: Option<String>,
+    pub s3_secret_access_key: Option<crate::secrets::Secret>,
 
     /// Azure storage account (the standard AZURE_STORAGE_ACCOUNT_NAME variable; the other
     /// `AZURE_*` credential variables of object_store are read too).
@@ -302,7 +310,7 @@ pub struct Settings {
     /// Azure account key, base64 (AZURE_STORAGE_ACCOUNT_KEY; prefer it to the flag). Signs
     /// download links; needed to create containers.
     #[arg(long, env = "AZURE_STORAGE_ACCOUNT_KEY", hide_env_values = true, global = true)]
-    pub azure_access_key: Option<String>,
+    pub azure_access_key: Option<crate::secrets::Secret>,
 
     /// The account's blob endpoint (AZURE_STORAGE_ENDPOINT), e.g.
     /// `http://127.0.0.1:10000/devstoreaccount1` for Azurite. Default: the public cloud's.
@@ -339,9 +347,31 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_CREATE_BUCKETS", global = true)]
     pub create_buckets: bool,
 
+    /// Longest a download link may last (`expires_in` above it is refused; job views and
+    /// webhooks get links shortened to it). A store's own presigned links (S3, Azure, GCS)
+    /// cannot be revoked, not even by revoking the key that asked for them: this bounds
+    /// them. fileflow's own links (the `fs` store) also stop once their key is revoked.
+    #[arg(long, env = "FILEFLOW_MAX_LINK_LIFETIME", default_value = "7d", value_parser = humantime::parse_duration, global = true)]
+    pub max_link_lifetime: Duration,
+
     /// Base URL that fileflow's own download links point at (default: `http://<listen>`).
     #[arg(long, env = "FILEFLOW_PUBLIC_URL", global = true)]
     pub public_url: Option<Url>,
+
+    /// Host names (or addresses) the API is served under besides loopback, the listen
+    /// address and --public-url's host (comma-separated): `files.example.com`,
+    /// `.example.com` for a domain and its subdomains, `*` for any (only behind a proxy that
+    /// checks `Host` itself). A request for another host gets 421 `misdirected_request`:
+    /// the defence against DNS rebinding. When listening on `0.0.0.0` or `::`, any IP
+    /// literal is served; names still have to be listed.
+    #[arg(long, env = "FILEFLOW_ALLOWED_HOSTS", value_delimiter = ',', global = true)]
+    pub allowed_hosts: Vec<String>,
+
+    /// Browser apps allowed to call the API from their pages (comma-separated origins such
+    /// as `https://app.example.com`): they get CORS answers, and their state-changing
+    /// requests are let through. Such requests from other sites' pages get 403 `forbidden`.
+    #[arg(long, env = "FILEFLOW_CORS_ORIGINS", value_delimiter = ',', global = true)]
+    pub cors_origins: Vec<Url>,
 
     /// Allow fetching from loopback, private and other non-public addresses.
     #[arg(long, env = "FILEFLOW_FETCH_ALLOW_PRIVATE", global = true)]
@@ -454,7 +484,7 @@ pub struct Settings {
     /// process sharing a database needs the same key; when left out, the key in
     /// `<data-dir>/encryption.key` is used (generated on first start).
     #[arg(long, env = "FILEFLOW_ENCRYPTION_KEY", hide_env_values = true, global = true)]
-    pub encryption_key: Option<String>,
+    pub encryption_key: Option<crate::secrets::Secret>,
 
     /// Key that signs webhooks (`whsec_` and base64, as in the Standard Webhooks
     /// specification); jobs may ask for a `notify_url` only when it is set.
@@ -464,6 +494,18 @@ pub struct Settings {
     /// Connections the API serves at once; more wait to be accepted.
     #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS", default_value_t = 1024, global = true)]
     pub max_connections: usize,
+
+    /// Connections one client address may hold at once (default: an eighth of
+    /// --max-connections, at least 16 or all of them when fewer); more are answered 429 and
+    /// closed, so one client cannot take them all. Behind a reverse proxy every client has the proxy's address: raise it there.
+    #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS_PER_IP", global = true)]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// Requests per second one client address may make without a valid API key, once keys
+    /// are needed: an address over it gets 429 `rate_limited` before any key is looked up,
+    /// so a flood of bad keys cannot starve callers with good ones. `0`: no limit.
+    #[arg(long, env = "FILEFLOW_UNAUTHENTICATED_RATE_LIMIT", default_value_t = 20, global = true)]
+    pub unauthenticated_rate_limit: u32,
 
     /// Longest a client may take to send a request's headers (also how long an idle
     /// connection is kept).
@@ -487,6 +529,14 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// --max-connections-per-ip, or its default: an eighth of --max-connections, but at
+    /// least 16 (or all of them, when fewer), so a small server does not refuse one busy
+    /// client outright.
+    pub fn connections_per_ip(&self) -> usize {
+        let share = (self.max_connections / 8).max(self.max_connections.min(16));
+        self.max_connections_per_ip.unwrap_or(share).max(1)
+    }
+
     /// The settings a bare `fileflow serve` runs with, rooted at `data_dir`.
     pub fn defaults(data_dir: PathBuf) -> Self {
         let mut cli = Cli::parse_from(["fileflow", "serve"]);
@@ -526,6 +576,37 @@ mod tests {
         assert!(!s.fetch_allow_private);
         assert_eq!(s.storage, StorageKind::Fs);
         assert_eq!(s.auth, AuthMode::Auto);
+        assert_eq!(s.connections_per_ip(), 128, "an eighth of 1024");
+        let small = Settings { max_connections: 8, ..s.clone() };
+        assert_eq!(small.connections_per_ip(), 8, "all of a small server's");
+        let medium = Settings { max_connections: 64, ..s };
+        assert_eq!(medium.connections_per_ip(), 16, "at least 16");
+    }
+
+    #[test]
+    fn no_secret_setting_shows_in_debug() {
+        let cli = Cli::parse_from([
+            "fileflow",
+            "serve",
+            "--database-url",
+            "postgres://fileflow:pg-s3cret@db/fileflow",
+            "--s3-secret-access-key",
+            "aws-s3cret",
+            "--azure-access-key",
+            "azure-s3cret",
+            "--encryption-key",
+            "enc-s3cret",
+            "--webhook-secret",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "--kafka-option",
+            "sasl.password=kafka-s3cret",
+        ]);
+        let shown = format!("{cli:?} {:#?}", cli.settings);
+        for secret in ["s3cret", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"] {
+            assert!(!shown.contains(secret), "{secret} shows in {shown}");
+        }
+        assert!(shown.contains("[redacted]"));
+        assert_eq!(cli.settings.encryption_key.unwrap().expose(), "enc-s3cret");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod config;
 pub mod domain;
 pub mod events;
 pub mod fetch;
+pub mod files;
 pub mod http;
 pub mod lifecycle;
 pub mod links;

@@ -16,10 +16,36 @@ use url::Url;
 use crate::lifecycle::Job;
 
 /// Makes a link through which anyone holding it can read a completed job's object until
-/// `expires_at`.
+/// `expires_at`, at the request of the API key `minted_by` (none: the open API). fileflow's
+/// own links stop working when that key is revoked; a store's presigned links cannot be
+/// revoked, only kept short (`--max-link-lifetime`).
 #[async_trait]
 pub trait DownloadLinks: Send + Sync + 'static {
-    async fn link(&self, job: &Job, expires_at: DateTime<Utc>) -> anyhow::Result<Url>;
+    async fn link(&self, job: &Job, expires_at: DateTime<Utc>, minted_by: Option<&str>) -> anyhow::Result<Url>;
+
+    /// The longest a link made here may last, if bounded.
+    fn max_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// Links that last at most `max` (`--max-link-lifetime`), whatever is asked for: a store's
+/// presigned links cannot be revoked, so their lifetime is the only bound on them.
+pub struct CappedLinks {
+    pub inner: std::sync::Arc<dyn DownloadLinks>,
+    pub max: std::time::Duration,
+}
+
+#[async_trait]
+impl DownloadLinks for CappedLinks {
+    async fn link(&self, job: &Job, expires_at: DateTime<Utc>, minted_by: Option<&str>) -> anyhow::Result<Url> {
+        let latest = Utc::now() + chrono::Duration::from_std(self.max).unwrap_or(chrono::Duration::MAX);
+        self.inner.link(job, expires_at.min(latest), minted_by).await
+    }
+
+    fn max_lifetime(&self) -> Option<std::time::Duration> {
+        Some(self.max)
+    }
 }
 
 /// Why a signed link was refused.
@@ -29,6 +55,8 @@ pub enum LinkError {
     Expired,
     #[error("this download link is not valid")]
     BadSignature,
+    #[error("the API key this download link was made for has been revoked")]
+    Revoked,
 }
 
 const KEY_FILE: &str = "signing.key";
@@ -58,27 +86,49 @@ impl LinkSigner {
         Ok(Self::new(crate::secrets::load_or_create_key(&data_dir.join(KEY_FILE))?, base))
     }
 
-    fn signature(&self, job: &Job, expires: i64) -> Hmac<Sha256> {
+    fn signature(&self, job: &Job, expires: i64, key: Option<&str>) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
         // Bound to the object and its version, not only the job id, so a link never reads
         // another object, nor the same key after something else was written there.
         let version = job.object_version.as_deref().unwrap_or("");
         mac.update(format!("{}\n{}\n{}\n{version}\n{expires}", job.id, job.bucket_name, job.object_name).as_bytes());
+        // Links of the open API (no key) sign exactly as before keys were recorded.
+        if let Some(key) = key {
+            mac.update(format!("\n{key}").as_bytes());
+        }
         mac
     }
 
-    pub fn sign(&self, job: &Job, expires_at: DateTime<Utc>) -> Url {
+    /// A link to `job`'s object until `expires_at`, made for the API key `key`: it names
+    /// the key (`key=<id>`, signed with the rest), so revoking the key ends the link.
+    pub fn sign(&self, job: &Job, expires_at: DateTime<Utc>, key: Option<&str>) -> Url {
         let expires = expires_at.timestamp();
-        let signature = URL_SAFE_NO_PAD.encode(self.signature(job, expires).finalize().into_bytes());
+        let signature = URL_SAFE_NO_PAD.encode(self.signature(job, expires, key).finalize().into_bytes());
         let mut url = self.base.clone();
         url.set_path(&format!("/api/v1/downloads/{}", job.id));
-        url.query_pairs_mut().append_pair("expires", &expires.to_string()).append_pair("signature", &signature);
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("expires", &expires.to_string());
+            if let Some(key) = key {
+                query.append_pair("key", key);
+            }
+            query.append_pair("signature", &signature);
+        }
         url
     }
 
-    pub fn verify(&self, job: &Job, expires: i64, signature: &str, now: DateTime<Utc>) -> Result<(), LinkError> {
+    /// Whether the link's parts are what fileflow signed for `job` and it has not expired
+    /// (whether its key is still valid is the caller's to check).
+    pub fn verify(
+        &self,
+        job: &Job,
+        expires: i64,
+        key: Option<&str>,
+        signature: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), LinkError> {
         let given = URL_SAFE_NO_PAD.decode(signature).map_err(|_| LinkError::BadSignature)?;
-        self.signature(job, expires).verify_slice(&given).map_err(|_| LinkError::BadSignature)?;
+        self.signature(job, expires, key).verify_slice(&given).map_err(|_| LinkError::BadSignature)?;
         if now.timestamp() >= expires {
             return Err(LinkError::Expired);
         }
@@ -88,8 +138,8 @@ impl LinkSigner {
 
 #[async_trait]
 impl DownloadLinks for LinkSigner {
-    async fn link(&self, job: &Job, expires_at: DateTime<Utc>) -> anyhow::Result<Url> {
-        Ok(self.sign(job, expires_at))
+    async fn link(&self, job: &Job, expires_at: DateTime<Utc>, minted_by: Option<&str>) -> anyhow::Result<Url> {
+        Ok(self.sign(job, expires_at, minted_by))
     }
 }
 
@@ -141,30 +191,44 @@ mod tests {
     fn a_signed_link_verifies_until_it_expires() {
         let signer = LinkSigner::new(vec![7; 32], Url::parse("http://127.0.0.1:8000").unwrap());
         let now = Utc::now();
-        let url = signer.sign(&job(21, "kitty2.jpg"), now + chrono::Duration::seconds(60));
+        let url = signer.sign(&job(21, "kitty2.jpg"), now + chrono::Duration::seconds(60), None);
         assert_eq!(url.path(), "/api/v1/downloads/21");
         let (expires, sig) = params(&url);
-        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, &sig, now), Ok(()));
+        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, None, &sig, now), Ok(()));
         let later = now + chrono::Duration::seconds(61);
-        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, &sig, later), Err(LinkError::Expired));
+        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, None, &sig, later), Err(LinkError::Expired));
     }
 
     #[test]
     fn tampering_with_any_part_breaks_the_link() {
         let signer = LinkSigner::new(vec![7; 32], Url::parse("http://127.0.0.1:8000").unwrap());
         let now = Utc::now();
-        let url = signer.sign(&job(21, "kitty2.jpg"), now + chrono::Duration::seconds(60));
+        let url = signer.sign(&job(21, "kitty2.jpg"), now + chrono::Duration::seconds(60), None);
         let (expires, sig) = params(&url);
         let bad = Err(LinkError::BadSignature);
-        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires + 3600, &sig, now), bad);
-        assert_eq!(signer.verify(&job(22, "kitty2.jpg"), expires, &sig, now), bad);
-        assert_eq!(signer.verify(&job(21, "other.jpg"), expires, &sig, now), bad);
+        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires + 3600, None, &sig, now), bad);
+        assert_eq!(signer.verify(&job(22, "kitty2.jpg"), expires, None, &sig, now), bad);
+        assert_eq!(signer.verify(&job(21, "other.jpg"), expires, None, &sig, now), bad);
         let rewritten = Job { object_version: Some("v2".into()), ..job(21, "kitty2.jpg") };
-        assert_eq!(signer.verify(&rewritten, expires, &sig, now), bad);
-        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, "AAAA", now), bad);
-        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, "not base64!", now), bad);
+        assert_eq!(signer.verify(&rewritten, expires, None, &sig, now), bad);
+        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, None, "AAAA", now), bad);
+        assert_eq!(signer.verify(&job(21, "kitty2.jpg"), expires, None, "not base64!", now), bad);
         let other_key = LinkSigner::new(vec![8; 32], Url::parse("http://127.0.0.1:8000").unwrap());
-        assert_eq!(other_key.verify(&job(21, "kitty2.jpg"), expires, &sig, now), bad);
+        assert_eq!(other_key.verify(&job(21, "kitty2.jpg"), expires, None, &sig, now), bad);
+    }
+
+    #[test]
+    fn a_link_names_the_key_it_was_made_for_and_cannot_be_moved_to_another() {
+        let signer = LinkSigner::new(vec![7; 32], Url::parse("http://127.0.0.1:8000").unwrap());
+        let now = Utc::now();
+        let url = signer.sign(&job(21, "kitty2.jpg"), now + chrono::Duration::seconds(60), Some("k1"));
+        let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+        assert_eq!(q["key"], "k1");
+        let (expires, sig) = params(&url);
+        let j = job(21, "kitty2.jpg");
+        assert_eq!(signer.verify(&j, expires, Some("k1"), &sig, now), Ok(()));
+        assert_eq!(signer.verify(&j, expires, Some("k2"), &sig, now), Err(LinkError::BadSignature));
+        assert_eq!(signer.verify(&j, expires, None, &sig, now), Err(LinkError::BadSignature));
     }
 
     #[test]

@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<ExitCode> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if cli.command == Command::Migrate {
-        std::fs::create_dir_all(&cli.settings.data_dir)
+        fileflow::files::create_dir(&cli.settings.data_dir, cli.settings.file_mode)
             .with_context(|| format!("cannot create {}", cli.settings.data_dir.display()))?;
         open_database(&cli.settings).await?;
         tracing::info!("database is up to date");

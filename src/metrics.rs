@@ -32,7 +32,8 @@ pub struct Kind {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Request {
-    pub method: String,
+    /// One of the standard methods, or `other`: never a value the client made up.
+    pub method: &'static str,
     /// The route's pattern (`/api/v1/uploads/{id}`), never the path itself.
     pub route: String,
     pub status: u16,
@@ -190,9 +191,12 @@ impl Metrics {
         }
     }
 
-    /// Count one answered request.
+    /// Count one answered request. `route` is a route's pattern or a fixed word, `status`
+    /// one fileflow answered: with the method's bounded label, no value here comes from the
+    /// client, so no client can grow the series.
     pub fn request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        self.requests.get_or_create(&Request { method: method.to_owned(), route: route.to_owned(), status }).inc();
+        let method = method_label(method);
+        self.requests.get_or_create(&Request { method, route: route.to_owned(), status }).inc();
         self.request_duration.get_or_create(&Route { route: route.to_owned() }).observe(elapsed.as_secs_f64());
     }
 
@@ -200,6 +204,23 @@ impl Metrics {
     pub fn transfer(self: &Arc<Self>) -> InFlight {
         self.in_flight.inc();
         InFlight(self.clone())
+    }
+}
+
+/// The label of an HTTP method: the standard ones (RFC 9110, and PATCH) as they are, any
+/// other `other`.
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
     }
 }
 
@@ -281,5 +302,16 @@ mod tests {
         }
         drop(flying);
         assert!(metrics.render().lines().any(|l| l == "fileflow_transfers_in_flight 0"));
+    }
+
+    #[test]
+    fn made_up_methods_count_as_other() {
+        let metrics = Metrics::new();
+        for method in ["XA1B2C3D4", "get", "PROPFIND", "POST "] {
+            metrics.request(method, "unmatched", 405, Duration::ZERO);
+        }
+        let text = metrics.render();
+        assert!(text.contains("fileflow_http_requests_total{method=\"other\",route=\"unmatched\",status=\"405\"} 4"));
+        assert!(!text.contains("XA1B2C3D4") && !text.contains("PROPFIND"), "{text}");
     }
 }

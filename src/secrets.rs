@@ -13,6 +13,54 @@ use base64::engine::general_purpose::STANDARD;
 
 use crate::domain::{InvalidValue, RequestHeaders, SealedHeaders};
 
+/// A secret setting (a store's key, the encryption key, a database URL with its password,
+/// an API key): `Debug` and `Display` print `[redacted]`, so no log line, error or panic
+/// message shows it; [`Secret::expose`] is the one way to the value.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self(value.to_owned())
+    }
+}
+
 /// File in the data dir holding the header encryption key when none is configured.
 const HEADER_KEY_FILE: &str = "encryption.key";
 /// Prefix of the stored form: version 1 is base64(nonce ‖ ciphertext).
@@ -25,7 +73,7 @@ pub struct HeaderSealer {
 
 impl std::fmt::Debug for HeaderSealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HeaderSealer(<key>)")
+        f.write_str("HeaderSealer([redacted])")
     }
 }
 
@@ -37,9 +85,9 @@ impl HeaderSealer {
     /// The configured key (`--encryption-key`: 32 bytes in base64), or the one in
     /// `<data_dir>/encryption.key`, generated on first start. Processes that share a
     /// database must share the key: distributed deployments set it on every process.
-    pub fn load(configured: Option<&str>, data_dir: &Path) -> anyhow::Result<Self> {
+    pub fn load(configured: Option<&Secret>, data_dir: &Path) -> anyhow::Result<Self> {
         let key = match configured {
-            Some(text) => STANDARD.decode(text.trim()).context("--encryption-key is not base64")?,
+            Some(text) => STANDARD.decode(text.expose().trim()).context("--encryption-key is not base64")?,
             None => load_or_create_key(&data_dir.join(HEADER_KEY_FILE))?,
         };
         let key: [u8; 32] = key
@@ -102,6 +150,7 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<Vec<u8>> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     anyhow::ensure!(key.len() >= 32, "{} holds a key shorter than 32 bytes", path.display());
+    crate::files::make_private(path).with_context(|| format!("cannot make {} private", path.display()))?;
     Ok(key)
 }
 
@@ -127,7 +176,13 @@ pub struct WebhookSecret(Vec<u8>);
 
 impl std::fmt::Debug for WebhookSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WebhookSecret(<secret>)")
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::fmt::Display for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
     }
 }
 
@@ -156,6 +211,13 @@ impl WebhookSecret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_never_prints() {
+        let secret = Secret::new("hunter2");
+        assert_eq!(format!("{secret} {secret:?} {:?}", Some(&secret)), "[redacted] [redacted] Some([redacted])");
+        assert_eq!(secret.expose(), "hunter2");
+    }
 
     #[test]
     fn headers_round_trip_and_the_stored_form_reveals_nothing() {
@@ -192,7 +254,7 @@ mod tests {
         let a = load_or_create_key(&dir.path().join("k")).unwrap();
         let b = load_or_create_key(&dir.path().join("k")).unwrap();
         assert_eq!(a, b);
-        assert!(HeaderSealer::load(Some(&STANDARD.encode([0u8; 16])), dir.path()).is_err());
-        assert!(HeaderSealer::load(Some(&STANDARD.encode([0u8; 32])), dir.path()).is_ok());
+        assert!(HeaderSealer::load(Some(&STANDARD.encode([0u8; 16]).into()), dir.path()).is_err());
+        assert!(HeaderSealer::load(Some(&STANDARD.encode([0u8; 32]).into()), dir.path()).is_ok());
     }
 }

@@ -16,7 +16,7 @@ use crate::config::{Command, Settings};
 use crate::fetch::{
     DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, MinRate, SystemLookup, guarded_client,
 };
-use crate::http::{self, AppState, ServerLimits};
+use crate::http::{self, AppState, ServerLimits, SitePolicy};
 use crate::lifecycle::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::queue::kafka::{KafkaBacklog, KafkaQueue, ensure_topics};
@@ -48,6 +48,8 @@ pub struct Application {
     guard: DestinationGuard,
     /// Who may call the API (API processes).
     gate: Option<Arc<Gate>>,
+    /// Which hosts the API is served under and which sites may change things.
+    sites: Arc<SitePolicy>,
     worker: Option<Worker>,
     /// The workers' queue, closed at the end (Kafka leaves its consumer group).
     queue: Option<Arc<dyn Queue>>,
@@ -89,6 +91,13 @@ impl Application {
             Some(url) => url.clone(),
             None => Url::parse(&format!("http://{}:{port}", settings.listen.ip()))?,
         };
+        let sites = SitePolicy::new(
+            settings.listen,
+            settings.public_url.as_ref(),
+            &settings.allowed_hosts,
+            &settings.cors_origins,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         let backends = backends::build(&settings, public_url).await?;
         let allow = HostList::parse(&settings.fetch_allow).map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
         let deny = HostList::parse(&settings.fetch_deny).map_err(|e| anyhow::anyhow!("--fetch-deny: {e}"))?;
@@ -100,7 +109,15 @@ impl Application {
                     max_unfinished: Some(settings.key_max_unfinished).filter(|&n| n > 0),
                     max_file_size: None,
                 };
-                Some(Arc::new(Gate::new(settings.auth, settings.listen, backends.keys.clone(), defaults).await?))
+                let gate = Gate::new(
+                    settings.auth,
+                    settings.listen,
+                    backends.keys.clone(),
+                    defaults,
+                    settings.unauthenticated_rate_limit,
+                )
+                .await?;
+                Some(Arc::new(gate))
             }
             false => None,
         };
@@ -151,6 +168,7 @@ impl Application {
                     .connect_timeout(settings.connect_timeout)
                     .build()
                     .context("cannot build the webhook HTTP client")?,
+                guard: guard.clone(),
                 secret: secret.clone(),
                 policy: RetryPolicy {
                     max_retries: WEBHOOK_RETRIES,
@@ -207,6 +225,7 @@ impl Application {
             backends,
             guard,
             gate,
+            sites: Arc::new(sites),
             worker,
             queue,
             _consumer_lock: consumer_lock,
@@ -244,9 +263,11 @@ impl Application {
                 webhooks_signed: self.settings.webhook_secret.is_some(),
                 metrics: self.metrics.clone(),
                 changes: self.backends.changes.clone(),
+                sites: self.sites.clone(),
             };
             let limits = ServerLimits {
                 max_connections: self.settings.max_connections,
+                max_connections_per_ip: self.settings.connections_per_ip(),
                 header_timeout: self.settings.header_timeout,
             };
             let router = http::router(state, self.settings.request_timeout);
@@ -256,7 +277,11 @@ impl Application {
         let metrics_server = self.metrics_listener.map(|listener| {
             let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(%addr, "metrics listening");
-            let limits = ServerLimits { max_connections: 64, header_timeout: self.settings.header_timeout };
+            let limits = ServerLimits {
+                max_connections: 64,
+                max_connections_per_ip: 64,
+                header_timeout: self.settings.header_timeout,
+            };
             tokio::spawn(http::serve(
                 listener,
                 http::metrics_router(self.metrics.clone()),

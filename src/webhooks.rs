@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::fetch::describe;
+use crate::fetch::{DestinationGuard, describe};
 use crate::lifecycle::{JobError, RetryPolicy};
 use crate::links::DownloadLinks;
 use crate::metadata::JobRepository;
@@ -34,7 +34,12 @@ pub struct Dispatcher {
     pub outbox: Arc<dyn WebhookOutbox>,
     pub repo: Arc<dyn JobRepository>,
     pub links: Arc<dyn DownloadLinks>,
+    /// Connects only to addresses the guard allows (it checks every name it resolves).
     pub client: reqwest::Client,
+    /// Checked again before every try: an IP-literal destination is never resolved, so
+    /// the client's resolver never sees it, and the guard may have changed since the job
+    /// was accepted (another process, a restart with other settings).
+    pub guard: DestinationGuard,
     pub secret: WebhookSecret,
     /// Backoff between tries, and how many retries before giving up.
     pub policy: RetryPolicy,
@@ -61,14 +66,23 @@ impl Dispatcher {
 
     /// Try one delivery and record how it went.
     async fn deliver(&self, due: DueDelivery) {
-        let (status, error) = match self.send(&due).await {
-            Ok(status) if (200..300).contains(&status) => (Some(status), None),
-            Ok(status) => (Some(status), Some(format!("the receiver answered HTTP {status}"))),
-            Err(e) => (None, Some(e)),
+        let refused = match url::Url::parse(&due.url) {
+            Ok(url) => self.guard.check_url(&url).err().map(|e| format!("the destination is refused: {}", e.0)),
+            Err(e) => Some(format!("the destination is not a URL: {e}")),
+        };
+        let (status, error) = match &refused {
+            Some(why) => (None, Some(why.clone())),
+            None => match self.send(&due).await {
+                Ok(status) if (200..300).contains(&status) => (Some(status), None),
+                Ok(status) => (Some(status), Some(format!("the receiver answered HTTP {status}"))),
+                Err(e) => (None, Some(e)),
+            },
         };
         let now = Utc::now();
         let outcome = match &error {
             None => Attempted::Delivered,
+            // No try will be let through: give up now.
+            Some(_) if refused.is_some() => Attempted::GaveUp,
             Some(message) => {
                 match self.policy.decide(due.attempts, &JobError::transient(message.clone()), rand::random()) {
                     crate::lifecycle::Decision::Retry { delay, .. } => {
@@ -93,7 +107,9 @@ impl Dispatcher {
     /// Post the delivery; the receiver's status, or why there was none.
     async fn send(&self, due: &DueDelivery) -> Result<u16, String> {
         let job = self.repo.get(due.job_id).await.map_err(|e| e.to_string())?.ok_or("the job is gone")?;
-        let data = crate::wire::job_json(job, &*self.links).await.map_err(|e| e.to_string())?;
+        let data = crate::wire::job_json(job.clone(), &*self.links, job.grant.owner.as_deref())
+            .await
+            .map_err(|e| e.to_string())?;
         let timestamp = Utc::now();
         let body =
             serde_json::json!({ "type": due.event, "timestamp": timestamp.to_rfc3339(), "data": data }).to_string();

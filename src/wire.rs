@@ -44,14 +44,21 @@ pub struct JobView {
 }
 
 /// A job as the API shows it, as JSON (webhooks carry it too).
-pub async fn job_json(job: Job, links: &dyn DownloadLinks) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::to_value(job_view(job, links).await?)?)
+/// Its download link is minted for the key `minted_by` (revoking that key ends the links
+/// fileflow signs).
+pub async fn job_json(
+    job: Job,
+    links: &dyn DownloadLinks,
+    minted_by: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::to_value(job_view(job, links, minted_by).await?)?)
 }
 
-pub async fn job_view(job: Job, links: &dyn DownloadLinks) -> anyhow::Result<JobView> {
+/// A job as the API shows it, its download link minted for the key `minted_by`.
+pub async fn job_view(job: Job, links: &dyn DownloadLinks, minted_by: Option<&str>) -> anyhow::Result<JobView> {
     let download_url = if job.status == JobStatus::Completed {
         let expires_at = Utc::now() + chrono::Duration::seconds(DEFAULT_LINK_SECS);
-        Some(links.link(&job, expires_at).await?.to_string())
+        Some(links.link(&job, expires_at, minted_by).await?.to_string())
     } else {
         None
     };

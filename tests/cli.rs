@@ -147,3 +147,26 @@ async fn on_a_terminal_submit_wait_draws_a_progress_bar() {
     assert!(screen.contains("completed"), "{screen:?}");
     std::fs::write(env!("CARGO_TARGET_TMPDIR").to_owned() + "/cli-terminal.txt", &screen).unwrap();
 }
+
+#[tokio::test]
+async fn with_umask_000_the_data_dir_and_database_are_still_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    // `keys create` is often the first command: it creates the data dir and the database.
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", "umask 000 && exec \"$0\" keys create --name ops --role admin", env!("CARGO_BIN_EXE_fileflow")])
+        .env("FILEFLOW_DATA_DIR", &data_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mode = |name: &str| std::fs::metadata(data_dir.join(name)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(""), 0o700);
+    assert_eq!(mode("fileflow.db"), 0o600);
+    for entry in std::fs::read_dir(&data_dir).unwrap().flatten() {
+        let name = entry.file_name().into_string().unwrap();
+        let expected = if entry.path().is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode(&name), expected, "{name}");
+    }
+}

@@ -11,7 +11,7 @@
 //! `scripts/bench` starts the servers and runs this; the tables go to stdout and, when
 //! `FILEFLOW_BENCH_REPORT` names a file, into it (BENCHMARKS.md).
 //!
-//! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, pipeline,
+//! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, flood, pipeline,
 //! scale, large, resume, growth, costs), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
 //! (2 GiB), `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400).
 
@@ -21,6 +21,7 @@ mod origin;
 mod baselines;
 mod busy;
 mod costs;
+mod flood;
 mod growth;
 mod load;
 mod process;
@@ -579,6 +580,7 @@ async fn main() {
     for (part, title) in [
         ("accept", "accept"),
         ("busy", "accept while the workers run"),
+        ("flood", "accept while another address floods"),
         ("pipeline", "pipeline"),
         ("scale", "scale-out"),
         ("large", "large file"),
@@ -593,6 +595,7 @@ async fn main() {
         let table = match part {
             "accept" => bench.accept().await,
             "busy" => bench.busy().await,
+            "flood" => bench.flood().await,
             "growth" | "costs" => {
                 let (first, second) = if part == "growth" { bench.growth().await } else { bench.costs().await };
                 println!("\n{}", first.markdown());

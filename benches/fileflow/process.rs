@@ -113,6 +113,19 @@ impl Fileflow {
 }
 
 /// CPU time process `pid` has used so far (user and system), in seconds.
+/// Create an admin key in the database of `data_dir` (`fileflow keys create`); its secret.
+pub async fn create_key(data_dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fileflow"))
+        .args(["keys", "create", "--name", "bench", "--role", "admin", "--output", "json"])
+        .env("FILEFLOW_DATA_DIR", data_dir)
+        .output()
+        .await
+        .expect("fileflow keys create runs");
+    assert!(out.status.success(), "keys create: {}", String::from_utf8_lossy(&out.stderr));
+    let created: Value = serde_json::from_slice(&out.stdout).expect("keys create prints JSON");
+    created["key"].as_str().expect("a key").to_owned()
+}
+
 pub fn cpu_seconds(pid: u32) -> f64 {
     stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
 }

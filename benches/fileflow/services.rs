@@ -52,7 +52,7 @@ impl S3 {
             public_endpoint: None,
             region: self.region.clone(),
             access_key_id: self.access_key.clone(),
-            secret_access_key: self.secret_key.clone(),
+            secret_access_key: self.secret_key.clone().into(),
             create_buckets: true,
             max_file_size: 5 << 30,
         })

@@ -23,11 +23,11 @@ const POLL: Duration = Duration::from_millis(250);
 pub struct Client {
     http: reqwest::Client,
     server: Url,
-    api_key: Option<String>,
+    api_key: Option<crate::secrets::Secret>,
 }
 
 impl Client {
-    pub fn new(server: Url, api_key: Option<String>) -> anyhow::Result<Self> {
+    pub fn new(server: Url, api_key: Option<crate::secrets::Secret>) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("fileflow-cli/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
@@ -41,7 +41,7 @@ impl Client {
         let url = self.server.join(path).with_context(|| format!("bad server URL {}", self.server))?;
         let mut builder = self.http.request(method, url);
         if let Some(key) = &self.api_key {
-            builder = builder.bearer_auth(key);
+            builder = builder.bearer_auth(key.expose());
         }
         builder = match request {
             Some(Request::Json(body)) => builder.json(&body),

@@ -12,7 +12,7 @@ use crate::config::{KeysCommand, OutputFormat, Settings};
 
 /// Carry out `action`, writing what it did to `out`.
 pub async fn run(settings: &Settings, action: KeysCommand, out: &mut dyn Write) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&settings.data_dir)
+    crate::files::create_dir(&settings.data_dir, settings.file_mode)
         .with_context(|| format!("cannot create {}", settings.data_dir.display()))?;
     let keys = open_database(settings).await?.keys();
     match action {

@@ -15,6 +15,7 @@ use super::error::ApiError;
 use super::state::AppState;
 use crate::domain::ObjectKey;
 use crate::lifecycle::{JobId, JobStatus};
+use crate::links::LinkError;
 use crate::storage::ReadError;
 
 pub fn router() -> Router<AppState> {
@@ -27,7 +28,7 @@ pub fn router() -> Router<AppState> {
         ("expires" = i64, Query, description = "when the link ends, unix seconds"),
         ("signature" = String, Query, description = "the link's signature")),
     responses((status = 200, description = "the object's bytes", content_type = "application/octet-stream"),
-        (status = 403, description = "the link is not valid or has expired", body = super::error::ErrorBody),
+        (status = 403, description = "the link is not valid, has expired, or its key was revoked", body = super::error::ErrorBody),
         (status = 404, description = "the object was replaced or is not there", body = super::error::ErrorBody),
     ))]
 pub(super) async fn download(
@@ -41,10 +42,17 @@ pub(super) async fn download(
     };
     let expires = query.get("expires").and_then(|e| e.parse::<i64>().ok()).ok_or_else(refused)?;
     let signature = query.get("signature").ok_or_else(refused)?;
+    let key = query.get("key").map(String::as_str);
     let id: JobId = id.parse().map_err(|_| refused())?;
     // An unknown id answers like a bad signature: links reveal nothing about other jobs.
     let job = state.repo.get(id).await?.ok_or_else(refused)?;
-    signer.verify(&job, expires, signature, Utc::now()).map_err(|e| ApiError::Forbidden(e.to_string()))?;
+    signer.verify(&job, expires, key, signature, Utc::now()).map_err(|e| ApiError::Forbidden(e.to_string()))?;
+    // A link made for a key lives no longer than the key.
+    if let Some(key) = key
+        && !state.gate.key_valid(key).await?
+    {
+        return Err(ApiError::Forbidden(LinkError::Revoked.to_string()));
+    }
     if job.status != JobStatus::Completed {
         return Err(ApiError::NotFound(format!("upload {} has no stored object", job.id)));
     }

@@ -20,6 +20,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Addressed to a host fileflow is not served under (DNS rebinding).
+    #[error("{0}")]
+    Misdirected(String),
     /// No key, or one that is not valid. `invalid` says a key was sent (RFC 6750 `invalid_token`).
     #[error("{message}")]
     Unauthorized { message: &'static str, invalid: bool },
@@ -45,6 +48,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -60,6 +64,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "wrong_state",
             Self::Forbidden(_) => "forbidden",
+            Self::Misdirected(_) => "misdirected_request",
             Self::Unauthorized { .. } => "unauthorized",
             Self::RateLimited { .. } => "rate_limited",
             Self::Internal(_) => "internal",
@@ -77,7 +82,7 @@ impl From<crate::metadata::RepoError> for ApiError {
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// `invalid_json`, `unsupported_media_type`, `invalid_field`, `not_found`, `wrong_state`,
-    /// `forbidden`, `unauthorized`, `rate_limited`, `payload_too_large`, `internal`, …
+    /// `forbidden`, `misdirected_request`, `unauthorized`, `rate_limited`, `payload_too_large`, `internal`, …
     pub code: &'static str,
     pub message: String,
     /// The field at fault (422 only).

@@ -22,6 +22,24 @@ use crate::wire::JobView;
 
 /// How often an idle stream sends a comment, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How often a stream checks that its caller may still read it: a revoked key's streams
+/// end within this and the gate's [`crate::auth`] validity cache, under 2 s.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// What a stream needs to go on: the feed, and who it is for, checked now and then.
+struct Listener {
+    changes: tokio::sync::broadcast::Receiver<JobChange>,
+    caller: Caller,
+    recheck: tokio::time::Interval,
+}
+
+impl Listener {
+    fn new(changes: tokio::sync::broadcast::Receiver<JobChange>, caller: Caller) -> Self {
+        let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK, RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { changes, caller, recheck }
+    }
+}
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/uploads/{id}/events", get(job_events)).route("/api/v1/events", get(all_events))
@@ -31,17 +49,25 @@ fn data(value: &impl serde::Serialize) -> Event {
     Event::default().json_data(value).expect("a job serializes")
 }
 
-/// The next change from `changes` that `keep` accepts; `None` once the feed closed or
-/// the process is stopping. A subscriber that fell behind goes on with what is newest.
+/// The next change that `keep` accepts; `None` once the feed closed, the process is
+/// stopping, or the caller may no longer read (its key was revoked). A subscriber that fell
+/// behind goes on with what is newest.
 async fn next_change(
-    changes: &mut tokio::sync::broadcast::Receiver<JobChange>,
+    listener: &mut Listener,
     state: &AppState,
     keep: impl Fn(&JobChange) -> bool,
 ) -> Option<JobChange> {
     loop {
         let received = tokio::select! {
             () = state.changes.stopped.cancelled() => return None,
-            received = changes.recv() => received,
+            _ = listener.recheck.tick() => {
+                if !state.gate.still_admits(&listener.caller).await {
+                    tracing::info!(key = listener.caller.key_id(), "an event stream's caller may no longer read it; ending it");
+                    return None;
+                }
+                continue;
+            }
+            received = listener.changes.recv() => received,
         };
         match received {
             Ok(change) if keep(&change) => return Some(change),
@@ -68,19 +94,20 @@ pub(super) async fn job_events(
     let changes = state.changes.subscribe();
     let job = state.find(&id, &caller).await?;
     let job_id = job.id.to_string();
-    let first = state.view(job).await?;
+    let first = state.view(job, &caller).await?;
     let finished = first.status.is_final();
+    let listener = Listener::new(changes, caller);
     let rest =
-        stream::unfold((changes, state, job_id, finished), |(mut changes, state, job_id, finished)| async move {
+        stream::unfold((listener, state, job_id, finished), |(mut listener, state, job_id, finished)| async move {
             if finished {
                 return None;
             }
-            next_change(&mut changes, &state, |c| c.id == job_id).await?;
+            next_change(&mut listener, &state, |c| c.id == job_id).await?;
             // The job as it is now (a change may have come before its row was readable elsewhere).
             let job = state.repo.get(job_id.parse().ok()?).await.ok()??;
-            let view = state.view(job).await.ok()?;
+            let view = state.view(job, &listener.caller).await.ok()?;
             let finished = view.status.is_final();
-            Some((Ok(data(&view)), (changes, state, job_id, finished)))
+            Some((Ok(data(&view)), (listener, state, job_id, finished)))
         });
     let stream = stream::once(async move { Ok(data(&first)) }).chain(rest);
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
@@ -93,10 +120,11 @@ pub(super) async fn all_events(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let changes = state.changes.subscribe();
-    let stream = stream::unfold((changes, state, caller), |(mut changes, state, caller)| async move {
-        let change = next_change(&mut changes, &state, |c| caller.may_see(c.owner.as_deref())).await?;
-        Some((Ok(data(&change)), (changes, state, caller)))
+    let listener = Listener::new(state.changes.subscribe(), caller);
+    let stream = stream::unfold((listener, state), |(mut listener, state)| async move {
+        let caller = listener.caller.clone();
+        let change = next_change(&mut listener, &state, |c| caller.may_see(c.owner.as_deref())).await?;
+        Some((Ok(data(&change)), (listener, state)))
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
 }

@@ -12,6 +12,7 @@ mod health;
 mod metrics;
 mod openapi;
 mod serve;
+mod sites;
 mod state;
 mod uploads;
 
@@ -35,6 +36,7 @@ pub use error::ApiError;
 pub use metrics::{metrics_router, metrics_text};
 pub use openapi::document as openapi_document;
 pub use serve::{ServerLimits, serve};
+pub use sites::SitePolicy;
 pub use state::AppState;
 
 /// Largest request body the API reads; an upload request is a few hundred bytes.
@@ -60,6 +62,11 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(openapi::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
+        // Outermost first: the Host check (DNS rebinding), CORS answers for --cors-origins,
+        // then the cross-site check of state-changing requests.
+        .layer(middleware::from_fn_with_state(state.sites.clone(), sites::check_origin))
+        .layer(tower::util::option_layer(state.sites.cors_layer()))
+        .layer(middleware::from_fn_with_state(state.sites.clone(), sites::check_host))
         .layer(middleware::from_fn_with_state(state.metrics.clone(), log_request))
         // Every request gets an id (a caller's own `X-Request-Id` is kept), in its answer
         // and on every log line written while it is served.
@@ -78,8 +85,10 @@ async fn log_request(State(metrics): State<Arc<Metrics>>, mut request: Request, 
     let path = request.uri().path().to_owned();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
     let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    // Span names and attributes, like metric labels, never carry a method the client made up.
+    let label = crate::metrics::method_label(method.as_str());
     let span = tracing::info_span!("request", %request_id, trace_id = tracing::field::Empty,
-        otel.name = format!("{method} {route}"), otel.kind = "server", http.request.method = %method,
+        otel.name = format!("{label} {route}"), otel.kind = "server", http.request.method = label,
         http.route = %route, http.response.status_code = tracing::field::Empty, otel.status_code = tracing::field::Empty);
     let trace = crate::telemetry::join(&span, caller.as_ref());
     request.extensions_mut().insert(trace);

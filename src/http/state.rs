@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::sites::SitePolicy;
 use crate::auth::Gate;
 use crate::events::ChangeFeed;
 use crate::fetch::DestinationGuard;
@@ -32,4 +33,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Job changes as they happen, for the event streams.
     pub changes: Arc<ChangeFeed>,
+    /// Which hosts the API is served under and which sites' pages may change things.
+    pub sites: Arc<SitePolicy>,
 }

@@ -39,8 +39,9 @@ pub fn router() -> Router<AppState> {
 }
 
 impl AppState {
-    pub(super) async fn view(&self, job: Job) -> Result<JobView, ApiError> {
-        Ok(job_view(job, &*self.links).await?)
+    /// The job as `caller` sees it (its download link minted for the caller's key).
+    pub(super) async fn view(&self, job: Job, caller: &Caller) -> Result<JobView, ApiError> {
+        Ok(job_view(job, &*self.links, caller.key_id()).await?)
     }
 
     /// The job `raw_id`, if the caller may see it: another key's job is not found, so ids
@@ -362,7 +363,7 @@ pub(super) async fn get_upload(
         Some(_) => Some(state.outbox.deliveries_of(job.id).await?),
         None => None,
     };
-    let mut view = state.view(job).await?;
+    let mut view = state.view(job, &caller).await?;
     view.webhooks = deliveries;
     Ok(Json(view))
 }
@@ -405,7 +406,7 @@ pub(super) async fn list_uploads(
     let next = if jobs.len() == limit as usize { jobs.last().map(|j| j.id.to_string()) } else { None };
     let mut uploads = Vec::with_capacity(jobs.len());
     for job in jobs {
-        uploads.push(state.view(job).await?);
+        uploads.push(state.view(job, &caller).await?);
     }
     Ok(Json(UploadList { uploads, next_before: next }))
 }
@@ -426,18 +427,20 @@ pub(super) async fn download_url(
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<DownloadLink>, ApiError> {
-    let expires_in = match query.get("expires_in") {
-        None => DEFAULT_LINK_SECS,
-        Some(raw) => raw.parse::<i64>().ok().filter(|s| (1..=MAX_LINK_SECS).contains(s)).ok_or_else(|| {
-            ApiError::invalid("expires_in", format!("must be a number of seconds from 1 to {MAX_LINK_SECS}"))
-        })?,
-    };
+    let max = state.links.max_lifetime().map_or(MAX_LINK_SECS, |m| (m.as_secs() as i64).clamp(1, MAX_LINK_SECS));
+    let expires_in =
+        match query.get("expires_in") {
+            None => DEFAULT_LINK_SECS.min(max),
+            Some(raw) => raw.parse::<i64>().ok().filter(|s| (1..=max).contains(s)).ok_or_else(|| {
+                ApiError::invalid("expires_in", format!("must be a number of seconds from 1 to {max}"))
+            })?,
+        };
     let job = state.find(&id, &caller).await?;
     if job.status != JobStatus::Completed {
         return Err(ApiError::Conflict(format!("upload {} is {}, not completed", job.id, job.status)));
     }
     let expires_at = Utc::now() + chrono::Duration::seconds(expires_in);
-    let url = state.links.link(&job, expires_at).await?;
+    let url = state.links.link(&job, expires_at, caller.key_id()).await?;
     Ok(Json(DownloadLink { url: url.to_string(), expires_at: timestamp(expires_at) }))
 }
 
@@ -458,7 +461,7 @@ pub(super) async fn retry_upload(
     match state.repo.requeue_failed(job_id, Utc::now()).await? {
         Requeue::Requeued(job) => {
             tracing::info!(job_id = %job.id, "failed job re-queued");
-            Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
+            Ok((StatusCode::ACCEPTED, Json(state.view(*job, &caller).await?)).into_response())
         }
         Requeue::NotFailed(status) => {
             Err(ApiError::Conflict(format!("upload {} is {status}; only failed uploads can be retried", job_id)))
@@ -485,11 +488,11 @@ pub(super) async fn cancel_upload(
     match state.repo.cancel(job_id, Utc::now()).await? {
         Cancel::Cancelled(job) => {
             tracing::info!(job_id = %job.id, "job cancelled");
-            Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
+            Ok((StatusCode::ACCEPTED, Json(state.view(*job, &caller).await?)).into_response())
         }
         Cancel::Requested(job) => {
             tracing::info!(job_id = %job.id, "cancel requested from the job's worker");
-            Ok((StatusCode::ACCEPTED, Json(state.view(*job).await?)).into_response())
+            Ok((StatusCode::ACCEPTED, Json(state.view(*job, &caller).await?)).into_response())
         }
         Cancel::Finished(status) => {
             Err(ApiError::Conflict(format!("upload {job_id} is {status}; only unfinished uploads can be cancelled")))

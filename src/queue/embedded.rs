@@ -152,8 +152,10 @@ pub struct ConsumerLock {
 impl ConsumerLock {
     /// Take the lock for `consumer`.
     pub fn take(owners: &Path, consumer: &str) -> std::io::Result<Self> {
-        std::fs::create_dir_all(owners)?;
-        let file = std::fs::File::create(owners.join(format!("{consumer}.lock")))?;
+        crate::files::create_dir(owners, crate::files::FileMode::PRIVATE)?;
+        let path = owners.join(format!("{consumer}.lock"));
+        let file = std::fs::File::create(&path)?;
+        crate::files::make_private(&path)?;
         file.try_lock().map_err(std::io::Error::other)?;
         Ok(Self { _file: file })
     }

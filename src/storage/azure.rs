@@ -25,7 +25,7 @@ pub struct AzureSettings {
     /// The storage account (`AZURE_STORAGE_ACCOUNT_NAME`).
     pub account: Option<String>,
     /// Its access key (`AZURE_STORAGE_ACCOUNT_KEY`), base64.
-    pub access_key: Option<String>,
+    pub access_key: Option<crate::secrets::Secret>,
     /// The account's blob endpoint, e.g. `http://127.0.0.1:10000/devstoreaccount1` for
     /// Azurite (default `https://<account>.blob.core.windows.net`).
     pub endpoint: Option<Url>,
@@ -49,7 +49,7 @@ impl AzureStore {
         if settings.use_emulator {
             // Everything explicit from here on: object_store's emulator mode ignores an endpoint.
             let account = settings.account.get_or_insert_with(|| EMULATOR_ACCOUNT.to_owned()).clone();
-            settings.access_key.get_or_insert_with(|| EMULATOR_KEY.to_owned());
+            settings.access_key.get_or_insert_with(|| EMULATOR_KEY.into());
             if settings.endpoint.is_none() {
                 let base =
                     std::env::var("AZURITE_BLOB_STORAGE_URL").unwrap_or_else(|_| "http://127.0.0.1:10000".into());
@@ -93,7 +93,7 @@ impl Cloud for Azure {
             builder = builder.with_account(account);
         }
         if let Some(key) = &self.settings.access_key {
-            builder = builder.with_access_key(key);
+            builder = builder.with_access_key(key.expose());
         }
         let endpoint = match public {
             true => self.settings.public_endpoint.as_ref().or(self.settings.endpoint.as_ref()),
@@ -119,7 +119,8 @@ impl Cloud for Azure {
                 "Azure: cannot create container {bucket} without the account name and key"
             )));
         };
-        let key = BASE64.decode(key).map_err(|e| JobError::permanent(format!("Azure: the account key: {e}")))?;
+        let key =
+            BASE64.decode(key.expose()).map_err(|e| JobError::permanent(format!("Azure: the account key: {e}")))?;
         let mut url = self.endpoint()?;
         url.path_segments_mut()
             .map_err(|()| JobError::permanent("Azure: the endpoint cannot be a base"))?

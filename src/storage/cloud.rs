@@ -470,7 +470,9 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
 
 #[async_trait]
 impl<C: Cloud> DownloadLinks for CloudStore<C> {
-    async fn link(&self, job: &Job, expires_at: DateTime<Utc>) -> anyhow::Result<Url> {
+    // A presigned link cannot name, nor be ended with, the key it was made for: only
+    // `--max-link-lifetime` bounds it.
+    async fn link(&self, job: &Job, expires_at: DateTime<Utc>, _minted_by: Option<&str>) -> anyhow::Result<Url> {
         let store = self.signer(job.bucket_name.as_str()).map_err(|e| anyhow::anyhow!(e.message))?;
         let key = job.object_name.clone();
         // Whole seconds, rounded up: a link asked for 600 s says so (X-Amz-Expires=600, …).

@@ -15,6 +15,7 @@ use super::{
     WriteProgress, read_head,
 };
 use crate::domain::{BucketName, ObjectKey};
+use crate::files::FileMode;
 use crate::lifecycle::{Cause, JobError, JobId};
 
 /// Bytes buffered before a write is handed to the file system.
@@ -34,15 +35,30 @@ const RESUMABLE_PART: u64 = 16 * 1024 * 1024;
 pub struct LocalStore {
     fs: LocalFileSystem,
     root: std::path::PathBuf,
+    /// Mode of stored objects and their directories (private by default).
+    mode: FileMode,
 }
 
 impl LocalStore {
     /// A store rooted at `root` (created if missing). Buckets are directories below it and
     /// are created on first use.
     pub fn new(root: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(root)?;
+        Self::with_mode(root, FileMode::PRIVATE)
+    }
+
+    /// A store whose objects get `mode` (their directories, and `root`, its directory mode).
+    pub fn with_mode(root: &Path, mode: FileMode) -> std::io::Result<Self> {
+        crate::files::create_dir(root, mode)?;
         let fs = LocalFileSystem::new_with_prefix(root).map_err(std::io::Error::other)?.with_fsync(true);
-        Ok(Self { fs, root: root.to_owned() })
+        Ok(Self { fs, root: root.to_owned(), mode })
+    }
+
+    /// Give a stored object and its directories their modes, whatever the umask gave them.
+    fn settle(&self, location: &StorePath) -> Result<(), JobError> {
+        let file = self.fs.path_to_filesystem(location);
+        file.map_err(std::io::Error::other)
+            .and_then(|file| crate::files::settle(&self.root, &file, self.mode))
+            .map_err(|e| JobError::transient(format!("local store: cannot set the object's mode: {e}")))
     }
 
     /// A write's failure as the job sees it: permanent when the file system can never take
@@ -124,6 +140,7 @@ impl ObjectStore for LocalStore {
                     .put(&location, PutPayload::from_iter(chunks))
                     .await
                     .map_err(|e| self.write_error("write", bucket, key, &e))?;
+                self.settle(&location)?;
                 // The file's entity tag (inode, modification time, size): a later write
                 // at the same key is a new file with another one.
                 return Ok(PutOutcome { etag: None, version: put.e_tag });
@@ -151,6 +168,7 @@ impl ObjectStore for LocalStore {
         match written {
             Ok(()) => {
                 let put = writer.finish().await.map_err(|e| self.write_error("finish writing", bucket, key, &e))?;
+                self.settle(&location)?;
                 Ok(PutOutcome { etag: None, version: put.e_tag })
             }
             Err(error) => {
@@ -248,6 +266,7 @@ impl ObjectStore for LocalStore {
             return Err(error);
         }
         publish(&staging, &target).await.map_err(|e| failed("move into place", &e))?;
+        self.settle(&location)?;
         let meta = self.fs.head(&location).await.map_err(|e| failed("read back", &e))?;
         Ok(PutOutcome { etag: None, version: meta.e_tag })
     }

@@ -22,7 +22,7 @@ pub struct S3Settings {
     pub public_endpoint: Option<Url>,
     pub region: String,
     pub access_key_id: String,
-    pub secret_access_key: String,
+    pub secret_access_key: crate::secrets::Secret,
     /// Create a missing bucket instead of failing the job.
     pub create_buckets: bool,
     /// The largest file accepted: parts grow so no upload needs more than 10,000.
@@ -59,7 +59,7 @@ impl Cloud for S3 {
             .with_bucket_name(bucket)
             .with_region(&self.settings.region)
             .with_access_key_id(&self.settings.access_key_id)
-            .with_secret_access_key(&self.settings.secret_access_key)
+            .with_secret_access_key(self.settings.secret_access_key.expose())
             // The store verifies every PUT and part against its SHA-256 (x-amz-checksum-sha256).
             .with_checksum_algorithm(Checksum::SHA256);
         if let Some(endpoint) = endpoint {

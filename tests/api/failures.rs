@@ -258,8 +258,8 @@ async fn a_worker_whose_lease_changed_hands_mid_transfer_stores_nothing() {
 async fn take_over_lease(app: &crate::helpers::TestApp, id: &str) -> bool {
     let id: i64 = id.parse().unwrap();
     match &app.settings.database_url {
-        Some(url) if url.starts_with("postgres") => {
-            let pool = sqlx::PgPool::connect(url).await.unwrap();
+        Some(url) if url.expose().starts_with("postgres") => {
+            let pool = sqlx::PgPool::connect(url.expose()).await.unwrap();
             let done =
                 sqlx::query("UPDATE files SET lease_owner = 'a-later-claim' WHERE id = $1 AND status = 'processing'")
                     .bind(id)

@@ -58,8 +58,10 @@ async fn links_are_v4_signed_with_the_service_accounts_key_for_the_public_endpoi
     let Some((mut settings, _)) = settings() else { return };
     settings.public_endpoint = Some("https://files.example.com".parse().unwrap());
     let store = GcsStore::new(settings).unwrap();
-    let url =
-        store.link(&completed("reports", "2026/q3.pdf"), Utc::now() + chrono::Duration::seconds(600)).await.unwrap();
+    let url = store
+        .link(&completed("reports", "2026/q3.pdf"), Utc::now() + chrono::Duration::seconds(600), None)
+        .await
+        .unwrap();
     assert_eq!(url.host_str(), Some("files.example.com"), "{url}");
     assert_eq!(url.path(), "/reports/2026/q3.pdf");
     let query: std::collections::HashMap<String, String> = url.query_pairs().into_owned().collect();

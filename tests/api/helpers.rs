@@ -62,7 +62,7 @@ fn use_azure(settings: &mut Settings) {
     settings.storage = fileflow::config::StorageKind::Azure;
     settings.azure_endpoint = Some(azure.endpoint.parse().unwrap());
     settings.azure_account = Some(azure.account);
-    settings.azure_access_key = Some(azure.key);
+    settings.azure_access_key = Some(azure.key.into());
     settings.create_buckets = true;
     // Names this test's container.
     settings.kafka_topic = crate::services::unique("jobs");
@@ -76,7 +76,7 @@ pub fn store_links() -> bool {
 /// Point `settings` at the distributed stack's servers (fresh database, topics and group).
 async fn use_distributed_stack(settings: &mut Settings) {
     let s3 = crate::services::s3().expect("FILEFLOW_TEST_STACK=distributed needs S3");
-    settings.database_url = Some(crate::services::fresh_postgres().await.expect("distributed needs PostgreSQL"));
+    settings.database_url = Some(crate::services::fresh_postgres().await.expect("distributed needs PostgreSQL").into());
     settings.kafka_brokers = Some(crate::services::service("FILEFLOW_TEST_KAFKA").expect("distributed needs Kafka"));
     settings.kafka_topic = crate::services::unique("jobs");
     settings.kafka_group = crate::services::unique("workers");
@@ -86,7 +86,7 @@ async fn use_distributed_stack(settings: &mut Settings) {
     settings.s3_region = s3.region.clone();
     settings.create_buckets = true;
     settings.s3_access_key_id = Some(s3.access_key.clone());
-    settings.s3_secret_access_key = Some(s3.secret_key.clone());
+    settings.s3_secret_access_key = Some(s3.secret_key.clone().into());
 }
 
 /// Whether this run uses the distributed stack.
@@ -141,7 +141,7 @@ async fn start_as(role: Command, settings: Settings, data_dir: Option<tempfile::
         fileflow::config::StorageKind::Azure => Some(std::sync::Arc::new(
             object_store::azure::MicrosoftAzureBuilder::new()
                 .with_account(settings.azure_account.clone().unwrap())
-                .with_access_key(settings.azure_access_key.clone().unwrap())
+                .with_access_key(settings.azure_access_key.as_ref().unwrap().expose())
                 .with_endpoint(settings.azure_endpoint.as_ref().unwrap().as_str().trim_end_matches('/').to_owned())
                 .with_allow_http(true)
                 .with_container_name(&bucket)

@@ -100,3 +100,45 @@ async fn failed_jobs_are_counted_by_what_failed() {
     assert_eq!(sample(&text, "fileflow_jobs_failed_total{reason=\"other\"}"), None, "{text}");
     app.stop().await;
 }
+
+/// The series `/metrics` holds (sample lines, comments left out).
+fn series(text: &str) -> usize {
+    text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count()
+}
+
+#[tokio::test]
+async fn made_up_methods_and_paths_do_not_grow_the_metrics() {
+    use futures::StreamExt as _;
+    let app = spawn_app().await;
+    // One of each kind first, so every series they can fall in exists.
+    let odd = |i: usize| reqwest::Method::from_bytes(format!("XA{i:X}B{}", i * 7).as_bytes()).unwrap();
+    let paths = |i: usize| [format!("/api/v1/uploads/{i}"), format!("/no/such/{i}/{}", i * 31), format!("/x{i}")];
+    let send = |i: usize| {
+        let app = &app;
+        async move {
+            let method = if i.is_multiple_of(2) { odd(i) } else { reqwest::Method::GET };
+            let path = &paths(i)[i % 3];
+            let response = app.client.request(method, app.url(path)).send().await.unwrap();
+            response.status().as_u16()
+        }
+    };
+    for i in 0..12 {
+        send(i).await;
+    }
+    // A scrape counts itself after it is written: the first one's series show from the second.
+    scrape(&app, None).await;
+    let (_, before) = scrape(&app, None).await;
+    let statuses: Vec<u16> = futures::stream::iter(12..10_012).map(send).buffer_unordered(16).collect().await;
+    assert_eq!(statuses.len(), 10_000);
+    let (_, after) = scrape(&app, None).await;
+    assert_eq!(series(&after), series(&before), "before:\n{before}\nafter:\n{after}");
+    assert!(!after.contains("XA"), "a made-up method became a label");
+    assert!(!after.contains("/no/such") && !after.contains("/x1"), "a path became a label");
+    let other: f64 = after
+        .lines()
+        .filter(|l| l.starts_with("fileflow_http_requests_total{method=\"other\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(other >= 5_000.0, "made-up methods are counted as other: {other}");
+    app.stop().await;
+}

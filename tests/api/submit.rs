@@ -229,14 +229,14 @@ async fn slow_clients_cannot_hold_the_api() {
     let mut slow = Vec::new();
     for _ in 0..8 {
         let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+        socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ").await.unwrap();
         slow.push(socket);
     }
     let idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
     // Headers complete, body promised and never sent: answered 408 after the request timeout.
     let mut silent_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
     silent_body
-        .write_all(b"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .write_all(b"POST /api/v1/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
         .await
         .unwrap();
     let started = std::time::Instant::now();

@@ -35,9 +35,14 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: String) ->
 
 impl Receiver {
     async fn start(refuse_first: usize) -> (Self, String) {
+        Self::start_on("127.0.0.1", refuse_first).await
+    }
+
+    /// A receiver on the loopback address `ip`.
+    async fn start_on(ip: &str, refuse_first: usize) -> (Self, String) {
         let receiver = Self { refuse_first: Arc::new(Mutex::new(refuse_first)), ..Self::default() };
         let app = axum::Router::new().route("/hook", post(receive)).with_state(receiver.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         (receiver, url)
@@ -179,4 +184,32 @@ async fn a_keys_default_webhook_announces_its_jobs() {
     assert_eq!(got[0].1["type"], "upload.completed");
     assert_eq!(got[0].1["data"]["id"], job["id"]);
     app.stop().await;
+}
+
+#[tokio::test]
+async fn an_ip_literal_destination_is_checked_again_at_every_send() {
+    let origin = Origin::start().await;
+    let (receiver, hook) = Receiver::start_on("127.0.0.2", 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Accepted by a process that allows private destinations (no workers: it stays pending)...
+    let mut settings = crate::helpers::test_settings(dir.path().to_owned());
+    settings.webhook_secret = Some(SECRET.parse().unwrap());
+    let first = crate::helpers::start_api_only(settings.clone()).await;
+    let id = first
+        .submit_body(&json!({ "file_url": origin.url("/file/100"), "bucket_name": "file-bucket",
+            "object_name": "a", "notify_url": hook }))
+        .await;
+    first.stop().await;
+    // ...and finished by one that allows only the origin's address: the hook is refused.
+    settings.fetch_allow_private = false;
+    settings.fetch_allow = vec!["127.0.0.1".into()];
+    let second = crate::helpers::start(settings, None).await;
+    assert_eq!(second.finished(&id).await["status"], "completed");
+    let job = second.wait_until(&id, Duration::from_secs(10), |j| j["webhooks"][0]["given_up_at"].is_string()).await;
+    let tried = &job["webhooks"][0]["attempts"][0];
+    assert!(tried["error"].as_str().unwrap().contains("refused"), "{job}");
+    assert!(job["webhooks"][0]["delivered_at"].is_null(), "{job}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(receiver.seen.lock().unwrap().is_empty(), "the refused destination was called");
+    second.stop().await;
 }
