@@ -1,13 +1,18 @@
 //! fileflow: copy files from URLs into object storage, asynchronously, safely and without
-//! losing work.
+//! losing work. Lower layers never import higher ones (`tests/layout.rs` checks it):
 //!
-//! - [`domain`]: validated input values (bucket names, keys, URLs, checksums);
-//! - [`lifecycle`]: job states and the retry decision, free of I/O;
-//! - ports and their adapters: [`metadata`] (jobs), [`queue`] (deliveries),
-//!   [`storage`] (objects), [`fetch`] (origins, behind the destination guard);
-//! - [`worker`]: one job through the pipeline; [`http`]: the API; [`relay`] and
-//!   [`reconciler`]: what makes queued work reach the workers, and reach them again;
-//! - [`config`], [`backends`], [`startup`]: settings and wiring.
+//! - values: [`domain`] (parsed input, API key values), [`lifecycle`] (job states and the
+//!   retry decision, free of I/O), [`secrets`] and [`files`] (keys kept outside the
+//!   database, private file modes);
+//! - ports and their adapters: [`metadata`] (jobs, keys, the webhook outbox), [`queue`]
+//!   (deliveries), [`storage`] (objects), [`fetch`] (origins, behind the destination
+//!   guard), [`links`] (download links);
+//! - [`wire`]: the JSON a job is shown as, shared by the API, its streams and webhooks;
+//! - work: [`worker`] (one job through the pipeline), [`relay`] and [`reconciler`] (what
+//!   makes queued work reach the workers, and reach them again), [`webhooks`], [`events`];
+//! - edges: [`http`] (the API), [`auth`] (who may call), [`cli`] (the `keys` command and
+//!   the client), [`metrics`], [`telemetry`];
+//! - wiring: [`config`], [`backends`], [`startup`].
 
 pub mod auth;
 pub mod backends;

@@ -1,3 +1,6 @@
+//! The `fileflow` command: parse the command line, then run the server, a worker, a
+//! migration, the `keys` command or the client (see `fileflow --help`).
+
 use std::process::ExitCode;
 
 use anyhow::Context;

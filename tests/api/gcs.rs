@@ -6,7 +6,6 @@
 
 use chrono::Utc;
 use fileflow::domain::BucketName;
-use fileflow::lifecycle::{Grant, Job, JobId, JobStatus};
 use fileflow::links::DownloadLinks;
 use fileflow::storage::{GcsSettings, GcsStore};
 
@@ -59,7 +58,7 @@ async fn links_are_v4_signed_with_the_service_accounts_key_for_the_public_endpoi
     settings.public_endpoint = Some("https://files.example.com".parse().unwrap());
     let store = GcsStore::new(settings).unwrap();
     let url = store
-        .link(&completed("reports", "2026/q3.pdf"), Utc::now() + chrono::Duration::seconds(600), None)
+        .link(&crate::jobs::completed("reports", "2026/q3.pdf"), Utc::now() + chrono::Duration::seconds(600), None)
         .await
         .unwrap();
     assert_eq!(url.host_str(), Some("files.example.com"), "{url}");
@@ -71,37 +70,4 @@ async fn links_are_v4_signed_with_the_service_accounts_key_for_the_public_endpoi
     let signature = &query["X-Goog-Signature"];
     assert_eq!(signature.len(), 512, "a 2048-bit RSA signature in hex: {signature}");
     assert!(signature.bytes().all(|b| b.is_ascii_hexdigit()));
-}
-
-fn completed(bucket: &str, key: &str) -> Job {
-    let now = Utc::now();
-    Job {
-        id: JobId(1),
-        file_url: fileflow::domain::SourceUrl::parse("https://example.com/a").unwrap(),
-        bucket_name: fileflow::domain::BucketName::parse(bucket).unwrap(),
-        object_name: fileflow::domain::ObjectKey::parse(key).unwrap(),
-        status: JobStatus::Completed,
-        retry_count: 0,
-        last_error: None,
-        etag: None,
-        size: Some(1),
-        sha256: None,
-        md5: None,
-        content_type: None,
-        expected_sha256: None,
-        expected_md5: None,
-        expected_size: None,
-        if_exists: Default::default(),
-        notify_url: None,
-        request_headers: None,
-        grant: Grant::open(),
-        object_version: None,
-        cancel_requested: false,
-        bytes_done: None,
-        bytes_total: None,
-        traceparent: None,
-        created_at: now,
-        updated_at: now,
-        next_attempt_at: None,
-    }
 }

@@ -6,6 +6,9 @@ mod origin;
 #[path = "../support/services.rs"]
 mod services;
 
+#[path = "../support/jobs.rs"]
+mod jobs;
+
 mod helpers;
 
 mod auth;
