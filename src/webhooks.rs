@@ -26,8 +26,9 @@ pub use crate::wire::{AttemptView, DeliveryView};
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the dispatcher looks for due deliveries.
 const POLL: Duration = Duration::from_millis(500);
-/// Deliveries taken at once.
-const BATCH: u32 = 32;
+/// Deliveries under way at once, at most (and at most `PER_RECEIVER` of them to one
+/// receiver: see [`WebhookOutbox::claim_due`]).
+const IN_FLIGHT: usize = 64;
 
 /// Sends due deliveries until stopped.
 pub struct Dispatcher {
@@ -46,22 +47,36 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Send due deliveries, each as soon as it is claimed and without waiting for the
+    /// others, until stopped; deliveries under way then get [`SEND_TIMEOUT`] to end.
     pub async fn run(self, stop: CancellationToken) {
+        let this = Arc::new(self);
+        let mut sending = tokio::task::JoinSet::new();
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A delivery that ends frees its receiver's place: look again at once.
             tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => break,
                 _ = tick.tick() => {}
+                Some(_) = sending.join_next(), if !sending.is_empty() => {}
             }
-            let hold = SEND_TIMEOUT * 2;
-            match self.outbox.claim_due(BATCH, hold).await {
+            while sending.try_join_next().is_some() {}
+            let free = IN_FLIGHT.saturating_sub(sending.len());
+            if free == 0 {
+                continue;
+            }
+            match this.outbox.claim_due(free as u32, SEND_TIMEOUT * 2).await {
                 Ok(due) => {
-                    futures::future::join_all(due.into_iter().map(|d| self.deliver(d))).await;
+                    for delivery in due {
+                        let this = this.clone();
+                        sending.spawn(async move { this.deliver(delivery).await });
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot read the webhook outbox; will try again"),
             }
         }
+        let _ = tokio::time::timeout(SEND_TIMEOUT, async { while sending.join_next().await.is_some() {} }).await;
     }
 
     /// Try one delivery and record how it went.

@@ -457,7 +457,12 @@ pub(super) async fn retry_upload(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job_id = state.find(&id, &caller).await?.id;
+    let job = state.find(&id, &caller).await?;
+    if job.status == JobStatus::Failed {
+        // A retry adds an unfinished job, as a submit does: the same quota applies.
+        check_unfinished_quota(&state, &caller, 1).await?;
+    }
+    let job_id = job.id;
     match state.repo.requeue_failed(job_id, Utc::now()).await? {
         Requeue::Requeued(job) => {
             tracing::info!(job_id = %job.id, "failed job re-queued");

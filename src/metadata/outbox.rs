@@ -34,10 +34,16 @@ pub enum Attempted {
     GaveUp,
 }
 
+/// Deliveries to one receiver (one `notify_url`) claimed at once, at most: a receiver that
+/// hangs or fails holds only this many of the dispatchers' places, and only its own
+/// deliveries wait behind it.
+pub const PER_RECEIVER: u32 = 4;
+
 /// The deliveries outbox, in the metadata database.
 #[async_trait]
 pub trait WebhookOutbox: Send + Sync + 'static {
-    /// Take up to `limit` due deliveries for `hold` (no one else takes them meanwhile).
+    /// Take up to `limit` due deliveries for `hold` (no one else takes them meanwhile),
+    /// oldest first, and never more than [`PER_RECEIVER`] claimed at once for one receiver.
     async fn claim_due(&self, limit: u32, hold: Duration) -> Result<Vec<DueDelivery>, RepoError>;
 
     /// Record one try of delivery `id` and what it came to.

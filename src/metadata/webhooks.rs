@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::outbox::{Attempted, DueDelivery, WebhookOutbox, message_id};
+use super::outbox::{Attempted, DueDelivery, PER_RECEIVER, WebhookOutbox, message_id};
 use super::{PgDb, RepoError, SqliteDb, from_db, from_millis, millis, to_millis};
 use crate::lifecycle::JobId;
 use crate::wire::{AttemptView, DeliveryView};
@@ -120,14 +120,20 @@ impl WebhookOutbox for SqliteDb {
                     let now = to_millis(Utc::now());
                     sqlx::query(
                         "UPDATE webhook_deliveries SET claimed_until = ?1 + ?2 WHERE id IN \
-                         (SELECT id FROM webhook_deliveries WHERE delivered_at IS NULL AND given_up_at IS NULL \
-                          AND next_attempt_at <= ?1 AND (claimed_until IS NULL OR claimed_until < ?1) \
-                          ORDER BY next_attempt_at LIMIT ?3) \
+                         (WITH due AS (SELECT id, url, next_attempt_at, ROW_NUMBER() OVER \
+                            (PARTITION BY url ORDER BY next_attempt_at, id) AS nth FROM webhook_deliveries \
+                            WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= ?1 \
+                            AND (claimed_until IS NULL OR claimed_until < ?1)), \
+                          sending AS (SELECT url, count(*) AS n FROM webhook_deliveries \
+                            WHERE delivered_at IS NULL AND given_up_at IS NULL AND claimed_until >= ?1 GROUP BY url) \
+                          SELECT due.id FROM due LEFT JOIN sending ON sending.url = due.url \
+                          WHERE due.nth + COALESCE(sending.n, 0) <= ?4 ORDER BY due.next_attempt_at LIMIT ?3) \
                          RETURNING id, job_id, event, url, attempts",
                     )
                     .bind(now)
                     .bind(hold)
                     .bind(i64::from(limit))
+                    .bind(i64::from(PER_RECEIVER))
                     .fetch_all(c)
                     .await
                 })
@@ -196,15 +202,24 @@ impl WebhookOutbox for SqliteDb {
 #[async_trait]
 impl WebhookOutbox for PgDb {
     async fn claim_due(&self, limit: u32, hold: Duration) -> Result<Vec<DueDelivery>, RepoError> {
+        // The UPDATE checks the claim again: of two dispatchers that picked the same row,
+        // the second finds it claimed once the first commits, and leaves it.
         let rows = sqlx::query(
             "UPDATE webhook_deliveries SET claimed_until = now() + $1 * interval '1 millisecond' WHERE id IN \
-             (SELECT id FROM webhook_deliveries WHERE delivered_at IS NULL AND given_up_at IS NULL \
-              AND next_attempt_at <= now() AND (claimed_until IS NULL OR claimed_until < now()) \
-              ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             (WITH due AS (SELECT id, url, next_attempt_at, ROW_NUMBER() OVER \
+                (PARTITION BY url ORDER BY next_attempt_at, id) AS nth FROM webhook_deliveries \
+                WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= now() \
+                AND (claimed_until IS NULL OR claimed_until < now())), \
+              sending AS (SELECT url, count(*) AS n FROM webhook_deliveries \
+                WHERE delivered_at IS NULL AND given_up_at IS NULL AND claimed_until >= now() GROUP BY url) \
+              SELECT due.id FROM due LEFT JOIN sending ON sending.url = due.url \
+              WHERE due.nth + COALESCE(sending.n, 0) <= $3 ORDER BY due.next_attempt_at LIMIT $2) \
+             AND delivered_at IS NULL AND given_up_at IS NULL AND (claimed_until IS NULL OR claimed_until < now()) \
              RETURNING id, job_id, event, url, attempts",
         )
         .bind(millis(hold) as f64)
         .bind(i64::from(limit))
+        .bind(i64::from(PER_RECEIVER))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(due_from_row).collect()

@@ -256,6 +256,37 @@ async fn a_key_with_its_unfinished_jobs_at_the_limit_must_wait() {
     app.stop().await;
 }
 
+/// A retry adds an unfinished job as a submit does: over the key's quota it waits too.
+#[tokio::test]
+async fn a_retry_counts_against_the_unfinished_quota() {
+    let origin = Origin::start().await;
+    let app = protected().await;
+    let (_, key) = app.create_key("submitter", &[], KeyLimits { max_unfinished: Some(1), ..Default::default() }).await;
+    let failing = json!({ "file_url": origin.url("/status/404"), "bucket_name": app.bucket, "object_name": "gone" });
+    let failed = finished_as(&app, &key, &failing).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let slow = json!({ "file_url": origin.url("/trickle/100?every_ms=200"), "bucket_name": app.bucket, "object_name": "slow" });
+    let (status, _, busy) = app.call(Method::POST, "/api/v1/upload", Some(&key), Some(&slow)).await;
+    assert_eq!(status, 202, "{busy}");
+    let retry = format!("/api/v1/uploads/{}/retry", failed["id"].as_str().unwrap());
+    let (status, headers, answer) = app.call(Method::POST, &retry, Some(&key), None).await;
+    assert_eq!(status, 429, "one unfinished job already: {answer}");
+    assert!(headers.contains_key("retry-after"));
+    let (_, _, still) =
+        app.call(Method::GET, &format!("/api/v1/uploads/{}", failed["id"].as_str().unwrap()), Some(&key), None).await;
+    assert_eq!(still["status"], "failed", "a refused retry changes nothing: {still}");
+    let cancel = format!("/api/v1/uploads/{}/cancel", busy["id"].as_str().unwrap());
+    assert_eq!(app.call(Method::POST, &cancel, Some(&key), None).await.0, 202);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let busy_path = format!("/api/v1/uploads/{}", busy["id"].as_str().unwrap());
+    while app.call(Method::GET, &busy_path, Some(&key), None).await.2["status"] != "cancelled" {
+        assert!(std::time::Instant::now() < deadline, "the cancel did not end the job");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(app.call(Method::POST, &retry, Some(&key), None).await.0, 202, "under the quota again");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_key_with_a_smaller_file_limit_fails_larger_files() {
     let origin = Origin::start().await;

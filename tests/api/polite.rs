@@ -66,3 +66,44 @@ async fn a_hosts_retry_after_pauses_its_jobs_only() {
     assert!(asked_at.elapsed() >= Duration::from_millis(2500), "served after {:?}", asked_at.elapsed());
     app.stop().await;
 }
+
+/// With the default settings, a dozen jobs from an origin that trickles (2 KiB/s, above
+/// the rate floor, so never cut) hold at most half the transfer slots: a small job from
+/// another host, submitted after them, completes at once.
+#[tokio::test]
+async fn a_slow_origin_cannot_take_every_slot_by_default() {
+    let slow = Origin::start().await;
+    let other = Origin::start_on("127.0.0.2").await;
+    let app = spawn_app_with(|_| {}).await;
+    let warm = app.submit(&other.url("/file/10"), &app.bucket, "warm").await;
+    assert_eq!(app.finished(&warm).await["status"], "completed");
+    let mut trickling = Vec::new();
+    for i in 0..12 {
+        let url = slow.url(&format!("/slow/40960?chunk=2048&every_ms=1000&seed={i}"));
+        trickling.push(app.submit(&url, &app.bucket, &format!("slow/{i}")).await);
+    }
+    // The slow jobs have their slots before the small one comes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut receiving = 0;
+        for id in &trickling {
+            receiving += usize::from(app.job(id).await["bytes_done"].as_u64().unwrap_or(0) > 0);
+        }
+        if receiving >= 4 {
+            assert_eq!(receiving, 4, "at most four transfers at once from one host");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slow host's transfers did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let small = app.submit(&other.url("/file/1000"), &app.bucket, "small").await;
+    assert_eq!(app.finished(&small).await["status"], "completed");
+    let waited = started.elapsed();
+    println!("small job done in {waited:?} beside a trickling origin");
+    assert!(waited < Duration::from_secs(2), "the small job waited behind the slow origin: {waited:?}");
+    for id in &trickling {
+        app.call(reqwest::Method::POST, &format!("/api/v1/uploads/{id}/cancel"), None, None).await;
+    }
+    app.stop().await;
+}

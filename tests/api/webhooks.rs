@@ -213,3 +213,41 @@ async fn an_ip_literal_destination_is_checked_again_at_every_send() {
     assert!(receiver.seen.lock().unwrap().is_empty(), "the refused destination was called");
     second.stop().await;
 }
+
+/// A receiver that hangs (accepts and never answers) delays only its own deliveries: one
+/// to another receiver, due after 40 of the hanging one's, still arrives at once.
+#[tokio::test]
+async fn a_hanging_receiver_delays_only_its_own_deliveries() {
+    let origin = Origin::start().await;
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang = format!("http://{}/hook", hanging.local_addr().unwrap());
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let holder = held.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = hanging.accept().await {
+            holder.lock().unwrap().push(socket);
+        }
+    });
+    let (receiver, hook) = Receiver::start(0).await;
+    let app = app().await;
+    let body = |key: String, notify: &str| json!({ "file_url": origin.url("/file/10"), "bucket_name": app.bucket, "object_name": key, "notify_url": notify });
+    let mut stuck = Vec::new();
+    for i in 0..40 {
+        stuck.push(app.submit_body(&body(format!("hang-{i}"), &hang)).await);
+    }
+    for id in &stuck {
+        app.finished(id).await;
+    }
+    // The hanging receiver now holds its share of the dispatcher's places for 10 s each.
+    let id = app.submit_body(&body("fast".into(), &hook)).await;
+    app.finished(&id).await;
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(3);
+    while receiver.seen.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the other receiver's delivery waited behind the hanging one");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    println!("delivered {:?} after its job ended", started.elapsed());
+    assert!(held.lock().unwrap().len() <= 4, "at most 4 deliveries at once to one receiver");
+    app.stop().await;
+}
