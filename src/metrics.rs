@@ -57,6 +57,8 @@ pub struct Metrics {
     pub failed: Family<Reason, Counter>,
     pub retried: Counter,
     pub cancelled: Counter,
+    /// Answers 429 or 503 from origins (each halves its host's window of transfers).
+    pub origin_throttled: Counter,
     pub bytes_stored: Counter,
     pub transfer_duration: Histogram,
     pub transfer_size: Histogram,
@@ -86,6 +88,7 @@ impl Metrics {
             failed: Family::default(),
             retried: Counter::default(),
             cancelled: Counter::default(),
+            origin_throttled: Counter::default(),
             bytes_stored: Counter::default(),
             // 10 ms to about 3 h.
             transfer_duration: Histogram::new(exponential_buckets(0.01, 3.0, 14)),
@@ -103,6 +106,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         let m = &metrics;
+        registry.register(
+            "fileflow_origin_throttled",
+            "Origin answers 429 or 503, each of which halved its host's window of transfers at once",
+            m.origin_throttled.clone(),
+        );
         registry.register(
             "fileflow_jobs_accepted",
             "Jobs accepted (202, and each accepted batch item)",

@@ -216,8 +216,11 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> JobError {
-    let error = JobError::for_http_status(status.as_u16(), format!("origin answered HTTP {status}"))
-        .because(Cause::OriginStatus);
+    let cause = match status {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Cause::Throttled,
+        _ => Cause::OriginStatus,
+    };
+    let error = JobError::for_http_status(status.as_u16(), format!("origin answered HTTP {status}")).because(cause);
     // Only an answer that may pass asks for a pause (a permanent one ends the job).
     if error.is_transient() { error.with_retry_after(retry_after(headers)) } else { error }
 }
@@ -266,6 +269,12 @@ impl Fetcher for HttpFetcher {
             hop = next;
         };
         let status = response.status();
+        if status == StatusCode::RANGE_NOT_SATISFIABLE && from.is_some() {
+            // The file is not what the checkpoint says (it shrank, or changed): start over.
+            tracing::warn!("origin cannot send the rest asked for (416); fetching the whole file");
+            drop(response);
+            return Box::pin(self.fetch(url, headers, None)).await;
+        }
         if !status.is_success() {
             return Err(status_error(status, response.headers()));
         }

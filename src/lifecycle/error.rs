@@ -17,6 +17,8 @@ pub enum ErrorKind {
 pub enum Cause {
     /// The origin answered with an error status, or an answer fileflow cannot use.
     OriginStatus,
+    /// The origin asked fileflow to slow down (429 or 503).
+    Throttled,
     /// The content did not match its declared size or checksums.
     Verification,
     /// Larger than the limit.
@@ -39,6 +41,7 @@ impl Cause {
     pub fn label(self) -> &'static str {
         match self {
             Self::OriginStatus => "origin_status",
+            Self::Throttled => "throttled",
             Self::Verification => "verification",
             Self::TooLarge => "too_large",
             Self::Destination => "destination",

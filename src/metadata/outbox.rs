@@ -34,9 +34,9 @@ pub enum Attempted {
     GaveUp,
 }
 
-/// Deliveries to one receiver (one `notify_url`) claimed at once, at most: a receiver that
-/// hangs or fails holds only this many of the dispatchers' places, and only its own
-/// deliveries wait behind it.
+/// Deliveries to one receiver (the scheme, host and port of a `notify_url`, whatever its
+/// path) claimed at once, at most: a receiver that hangs or fails holds only this many of
+/// the dispatchers' places, and only its own deliveries wait behind it.
 pub const PER_RECEIVER: u32 = 4;
 
 /// The deliveries outbox, in the metadata database.

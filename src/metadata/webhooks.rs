@@ -120,13 +120,13 @@ impl WebhookOutbox for SqliteDb {
                     let now = to_millis(Utc::now());
                     sqlx::query(
                         "UPDATE webhook_deliveries SET claimed_until = ?1 + ?2 WHERE id IN \
-                         (WITH due AS (SELECT id, url, next_attempt_at, ROW_NUMBER() OVER \
-                            (PARTITION BY url ORDER BY next_attempt_at, id) AS nth FROM webhook_deliveries \
+                         (WITH due AS (SELECT id, substr(url, 1, instr(url, '://') + 1 + instr(substr(url, instr(url, '://') + 3), '/')) AS receiver, next_attempt_at, ROW_NUMBER() OVER \
+                            (PARTITION BY substr(url, 1, instr(url, '://') + 1 + instr(substr(url, instr(url, '://') + 3), '/')) ORDER BY next_attempt_at, id) AS nth FROM webhook_deliveries \
                             WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= ?1 \
                             AND (claimed_until IS NULL OR claimed_until < ?1)), \
-                          sending AS (SELECT url, count(*) AS n FROM webhook_deliveries \
-                            WHERE delivered_at IS NULL AND given_up_at IS NULL AND claimed_until >= ?1 GROUP BY url) \
-                          SELECT due.id FROM due LEFT JOIN sending ON sending.url = due.url \
+                          sending AS (SELECT substr(url, 1, instr(url, '://') + 1 + instr(substr(url, instr(url, '://') + 3), '/')) AS receiver, count(*) AS n FROM webhook_deliveries \
+                            WHERE delivered_at IS NULL AND given_up_at IS NULL AND claimed_until >= ?1 GROUP BY 1) \
+                          SELECT due.id FROM due LEFT JOIN sending ON sending.receiver = due.receiver \
                           WHERE due.nth + COALESCE(sending.n, 0) <= ?4 ORDER BY due.next_attempt_at LIMIT ?3) \
                          RETURNING id, job_id, event, url, attempts",
                     )
@@ -206,13 +206,13 @@ impl WebhookOutbox for PgDb {
         // the second finds it claimed once the first commits, and leaves it.
         let rows = sqlx::query(
             "UPDATE webhook_deliveries SET claimed_until = now() + $1 * interval '1 millisecond' WHERE id IN \
-             (WITH due AS (SELECT id, url, next_attempt_at, ROW_NUMBER() OVER \
-                (PARTITION BY url ORDER BY next_attempt_at, id) AS nth FROM webhook_deliveries \
+             (WITH due AS (SELECT id, substring(url from '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*') AS receiver, next_attempt_at, ROW_NUMBER() OVER \
+                (PARTITION BY substring(url from '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*') ORDER BY next_attempt_at, id) AS nth FROM webhook_deliveries \
                 WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= now() \
                 AND (claimed_until IS NULL OR claimed_until < now())), \
-              sending AS (SELECT url, count(*) AS n FROM webhook_deliveries \
-                WHERE delivered_at IS NULL AND given_up_at IS NULL AND claimed_until >= now() GROUP BY url) \
-              SELECT due.id FROM due LEFT JOIN sending ON sending.url = due.url \
+              sending AS (SELECT substring(url from '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*') AS receiver, count(*) AS n FROM webhook_deliveries \
+                WHERE delivered_at IS NULL AND given_up_at IS NULL AND claimed_until >= now() GROUP BY 1) \
+              SELECT due.id FROM due LEFT JOIN sending ON sending.receiver = due.receiver \
               WHERE due.nth + COALESCE(sending.n, 0) <= $3 ORDER BY due.next_attempt_at LIMIT $2) \
              AND delivered_at IS NULL AND given_up_at IS NULL AND (claimed_until IS NULL OR claimed_until < now()) \
              RETURNING id, job_id, event, url, attempts",

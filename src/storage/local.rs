@@ -80,7 +80,8 @@ impl LocalStore {
         };
         let never = match io.kind() {
             K::InvalidFilename => Some("a name in the key is longer than the file system allows"),
-            K::NotADirectory => Some("a part of the key's path is an object, not a folder"),
+            // Creating the key's folders meets a file where a folder must be.
+            K::NotADirectory | K::AlreadyExists => Some("a part of the key's path is an object, not a folder"),
             K::IsADirectory | K::DirectoryNotEmpty => Some("the key is a folder that holds other objects"),
             K::PermissionDenied => Some("permission denied by the file system"),
             K::ReadOnlyFilesystem => Some("the file system is read-only"),
@@ -219,7 +220,7 @@ impl ObjectStore for LocalStore {
             Some(write) => write,
             None => PartialWrite { id: job.to_string(), part_size: RESUMABLE_PART, stored: 0, parts: Vec::new() },
         };
-        let file = match open_staging(&staging, write.stored).await {
+        let file = match open_staging(&staging, write.stored, self.mode).await {
             Ok(Some(file)) => file,
             Ok(None) => {
                 progress.gone();
@@ -295,6 +296,9 @@ impl ObjectStore for LocalStore {
         match self.fs.head(&Self::location(bucket, key)).await {
             Ok(meta) => Ok(Some(ObjectInfo { size: meta.size, etag: None, version: meta.e_tag })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
+            // A part of the key's path is an object: nothing can be at the key (a write
+            // there then fails for good).
+            Err(e) if super::io_cause(&e).is_some_and(|io| io.kind() == std::io::ErrorKind::NotADirectory) => Ok(None),
             Err(e) => Err(ReadError::Store(self.scrub(&e.to_string()))),
         }
     }
@@ -317,14 +321,18 @@ fn staging_path(target: &Path, job: JobId) -> std::path::PathBuf {
 
 /// Open the staging file to go on after its first `stored` bytes (truncating anything
 /// after them), or a new one when `stored` is 0. `None`: the file is gone or shorter.
-async fn open_staging(path: &Path, stored: u64) -> std::io::Result<Option<std::fs::File>> {
+async fn open_staging(path: &Path, stored: u64, mode: FileMode) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
         if stored == 0 {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            return std::fs::File::create(&path).map(Some);
+            // The object's own mode from the start, whatever the umask (it is renamed into place).
+            let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+            crate::files::set_mode(&path, mode.file_bits())?;
+            return Ok(Some(file));
         }
         let file = match std::fs::OpenOptions::new().write(true).open(&path) {
             Ok(file) => file,

@@ -202,6 +202,14 @@ impl Worker {
                 ))
                 .because(Cause::Timeout))
             });
+            match &outcome {
+                Ok(_) => self.hosts.succeeded(&host),
+                Err(e) if e.cause == Cause::Throttled => {
+                    self.hosts.throttled(&host);
+                    self.metrics.origin_throttled.inc();
+                }
+                Err(_) => {}
+            }
             if let Err(JobError { retry_after: Some(pause), .. }) = &outcome {
                 // The origin asked for a pause: its host's other jobs wait for it too.
                 self.hosts.block(&host, Instant::now() + (*pause).min(self.settings.policy.max_delay));
@@ -239,7 +247,13 @@ impl Worker {
             None => None,
         };
         let now = Utc::now();
+        let transient = matches!(&outcome, Err(e) if e.is_transient());
         let settlement = settle(job.retry_count, outcome, &self.settings.policy, now, rand::random());
+        if transient && matches!(settlement, Settlement::Failed { .. }) {
+            // A transient error ended the job (its retries are spent): the checkpoint a next
+            // attempt would have gone on from is dropped, with its partial write.
+            self.forget_checkpoint(&job, true).await;
+        }
         if !self.repo.settle(id, &lease.owner, &settlement, now).await? {
             tracing::warn!(job_id = %id, attempt, "lease lost before the outcome was recorded");
             return Ok(WorkOutcome::LeaseLost(id));

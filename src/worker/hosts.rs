@@ -1,8 +1,11 @@
 //! Politeness towards origins: at most so many transfers at once per origin host (shared
 //! by a worker process's slots), and a host that answered 429 or 503 with `Retry-After` is
-//! left alone until then, while jobs for other hosts keep flowing.
+//! left alone until then, while jobs for other hosts keep flowing. A host's window adapts
+//! (AIMD, as TCP's and aria2's): it halves each time the host answers 429 or 503, and grows
+//! back by one with each transfer from it that ends well, up to the limit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,14 +24,70 @@ pub struct Hosts {
 }
 
 struct HostState {
-    running: Arc<Semaphore>,
+    running: Arc<Window>,
     waiting: usize,
     blocked_until: Option<Instant>,
 }
 
+/// A host's places: as many as its window, which shrinks and grows with how the host answers.
+struct Window {
+    places: Arc<Semaphore>,
+    size: AtomicUsize,
+    /// Places to take away as transfers end (the window shrank below the places in use).
+    owed: AtomicUsize,
+}
+
+impl Window {
+    fn new(size: usize) -> Arc<Self> {
+        Arc::new(Self {
+            places: Arc::new(Semaphore::new(size)),
+            size: AtomicUsize::new(size),
+            owed: AtomicUsize::new(0),
+        })
+    }
+
+    /// Whether no transfer holds a place.
+    fn idle(&self) -> bool {
+        self.places.available_permits() + self.owed.load(Ordering::Relaxed) >= self.size.load(Ordering::Relaxed)
+    }
+
+    /// Halve the window (at least one place).
+    fn shrink(&self) {
+        let size = self.size.load(Ordering::Relaxed);
+        let smaller = (size / 2).max(1);
+        self.size.store(smaller, Ordering::Relaxed);
+        let fewer = size - smaller;
+        let taken = self.places.forget_permits(fewer);
+        self.owed.fetch_add(fewer - taken, Ordering::Relaxed);
+    }
+
+    /// One place more, up to `limit`.
+    fn grow(&self, limit: usize) {
+        if self.size.load(Ordering::Relaxed) >= limit {
+            return;
+        }
+        self.size.fetch_add(1, Ordering::Relaxed);
+        let repaid = self.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| o.checked_sub(1)).is_ok();
+        if !repaid {
+            self.places.add_permits(1);
+        }
+    }
+}
+
 /// A place among a host's transfers, held while the transfer runs.
 pub struct HostPermit {
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
+    window: Arc<Window>,
+}
+
+impl Drop for HostPermit {
+    fn drop(&mut self) {
+        // A window that shrank below the places in use takes this one away.
+        let owed = self.window.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| o.checked_sub(1)).is_ok();
+        if let (true, Some(permit)) = (owed, self.permit.take()) {
+            permit.forget();
+        }
+    }
 }
 
 /// Why a job may not start now: come back at this time.
@@ -48,50 +107,68 @@ impl Hosts {
         let running = {
             let mut state = self.lock();
             if state.len() > MAX_HOSTS {
-                state.retain(|_, h| {
-                    h.waiting > 0 || h.running.available_permits() < self.limit || h.blocked_until.is_some()
-                });
+                state.retain(|_, h| h.waiting > 0 || !h.running.idle() || h.blocked_until.is_some());
             }
-            let limit = self.limit;
-            let entry = state.entry(host.to_owned()).or_insert_with(|| HostState {
-                running: Arc::new(Semaphore::new(limit)),
-                waiting: 0,
-                blocked_until: None,
-            });
+            let entry = self.entry(&mut state, host);
             let now = Instant::now();
             match entry.blocked_until {
                 Some(until) if until > now => return Err(NotNow(until)),
                 Some(_) => entry.blocked_until = None,
                 None => {}
             }
-            if let Ok(permit) = entry.running.clone().try_acquire_owned() {
-                return Ok(HostPermit { _permit: permit });
+            if let Ok(permit) = entry.running.places.clone().try_acquire_owned() {
+                return Ok(HostPermit { permit: Some(permit), window: entry.running.clone() });
             }
-            if entry.waiting >= self.limit {
+            if entry.waiting >= entry.running.size.load(Ordering::Relaxed) {
                 return Err(NotNow(now + BUSY_DEFERRAL));
             }
             entry.waiting += 1;
             entry.running.clone()
         };
         let waited = Waiting { hosts: self, host };
-        let permit = running.acquire_owned().await.expect("the semaphore is never closed");
+        let permit = running.places.clone().acquire_owned().await.expect("the semaphore is never closed");
         drop(waited);
+        let permit = HostPermit { permit: Some(permit), window: running };
         // The host may have asked to be left alone while this job waited.
         match self.lock().get(host).and_then(|h| h.blocked_until) {
             Some(until) if until > Instant::now() => Err(NotNow(until)),
-            _ => Ok(HostPermit { _permit: permit }),
+            _ => Ok(permit),
         }
+    }
+
+    /// `host` answered 429 or 503: halve its window.
+    pub fn throttled(&self, host: &str) {
+        let mut state = self.lock();
+        let window = self.entry(&mut state, host).running.clone();
+        window.shrink();
+        tracing::info!(%host, window = window.size.load(Ordering::Relaxed), "origin host asked to slow down; fewer transfers at once");
+    }
+
+    /// A transfer from `host` ended well: one place more, up to the limit.
+    pub fn succeeded(&self, host: &str) {
+        if let Some(h) = self.lock().get(host) {
+            h.running.grow(self.limit);
+        }
+    }
+
+    /// How many transfers `host` may have at once now.
+    pub fn window(&self, host: &str) -> usize {
+        self.lock().get(host).map_or(self.limit, |h| h.running.size.load(Ordering::Relaxed))
+    }
+
+    fn entry<'a>(&self, state: &'a mut HashMap<String, HostState>, host: &str) -> &'a mut HostState {
+        let limit = self.limit;
+        state.entry(host.to_owned()).or_insert_with(|| HostState {
+            running: Window::new(limit),
+            waiting: 0,
+            blocked_until: None,
+        })
     }
 
     /// `host` asked to be left alone until `until` (a `Retry-After`).
     pub fn block(&self, host: &str, until: Instant) {
         let mut state = self.lock();
-        let limit = self.limit;
-        let entry = state.entry(host.to_owned()).or_insert_with(|| HostState {
-            running: Arc::new(Semaphore::new(limit)),
-            waiting: 0,
-            blocked_until: None,
-        });
+        let entry = self.entry(&mut state, host);
         entry.blocked_until = Some(entry.blocked_until.map_or(until, |b| b.max(until)));
     }
 
@@ -141,6 +218,33 @@ mod tests {
         assert!(hosts.enter("b:80").await.is_ok());
         drop(a);
         assert!(waiters.into_iter().next().unwrap().await.unwrap(), "a waiter got the freed place");
+    }
+
+    #[tokio::test]
+    async fn a_throttling_host_gets_half_the_places_then_one_more_per_success() {
+        let hosts = Hosts::new(8);
+        let held: Vec<_> = futures::future::join_all((0..8).map(|_| hosts.enter("a:80"))).await;
+        hosts.throttled("a:80");
+        assert_eq!(hosts.window("a:80"), 4);
+        hosts.throttled("a:80");
+        assert_eq!(hosts.window("a:80"), 2);
+        // The eight under way finish; only two places remain.
+        drop(held);
+        let two: Vec<_> = futures::future::join_all((0..2).map(|_| hosts.enter("a:80"))).await;
+        assert!(two.iter().all(Result::is_ok));
+        assert!(tokio::time::timeout(Duration::from_millis(50), hosts.enter("a:80")).await.is_err(), "a third waits");
+        drop(two);
+        for _ in 0..10 {
+            hosts.succeeded("a:80");
+        }
+        assert_eq!(hosts.window("a:80"), 8, "back to the limit, not past it");
+        let eight: Vec<_> = futures::future::join_all((0..8).map(|_| hosts.enter("a:80"))).await;
+        assert!(eight.iter().all(Result::is_ok));
+        hosts.throttled("a:80");
+        hosts.throttled("a:80");
+        hosts.throttled("a:80");
+        hosts.throttled("a:80");
+        assert_eq!(hosts.window("a:80"), 1, "never below one");
     }
 
     #[tokio::test]

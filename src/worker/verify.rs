@@ -251,10 +251,9 @@ impl State {
         if let Some(declared) = self.expect.declared_length
             && size != declared
         {
-            return Err(JobError::transient(format!(
-                "origin body interrupted: received {size} of {declared} declared bytes"
-            ))
-            .because(Cause::Network));
+            let what = if size < declared { "origin body interrupted" } else { "origin sent more than it declared" };
+            return Err(JobError::transient(format!("{what}: received {size} of {declared} declared bytes"))
+                .because(Cause::Network));
         }
         if let Some(expected) = self.expect.size
             && size != expected

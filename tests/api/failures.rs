@@ -311,7 +311,13 @@ async fn keys_the_disk_store_can_never_hold_fail_at_once() {
         app.finished(&app.submit(&origin.url("/file/101"), &app.bucket, "c/d").await).await["status"],
         "completed"
     );
-    for (key, path, why) in [("a/b", "/file/102", "is an object, not a folder"), ("c", "/file/103", "a folder")] {
+    // Small files go to the store in one write, large ones through a staging file.
+    let large = format!("/file/{}", 20 * 1024 * 1024);
+    for (key, path, why) in [
+        ("a/b", "/file/102", "is an object, not a folder"),
+        ("c", "/file/103", "a folder"),
+        ("a/large", large.as_str(), "is an object, not a folder"),
+    ] {
         let job = app.finished(&app.submit(&origin.url(path), &app.bucket, key).await).await;
         assert_eq!(job["status"], "failed", "{key}: {job}");
         assert_eq!(job["retry_count"], 0, "{key}: permanent: {job}");

@@ -91,13 +91,21 @@ async fn failed_jobs_are_counted_by_what_failed() {
         assert_eq!(app.finished(&id).await["status"], "failed", "{body}");
     }
     let (_, text) = scrape(&app, None).await;
-    for (reason, expected) in
-        [("origin_status", 2.0), ("too_large", 1.0), ("verification", 1.0), ("network", 1.0), ("exists", 1.0)]
-    {
+    for (reason, expected) in [
+        ("origin_status", 1.0),
+        ("throttled", 1.0),
+        ("too_large", 1.0),
+        ("verification", 1.0),
+        ("network", 1.0),
+        ("exists", 1.0),
+    ] {
         let name = format!("fileflow_jobs_failed_total{{reason=\"{reason}\"}}");
         assert_eq!(sample(&text, &name), Some(expected), "{name} in\n{text}");
     }
     assert_eq!(sample(&text, "fileflow_jobs_failed_total{reason=\"other\"}"), None, "{text}");
+    // Each 503 answer (one per attempt of the failed job) halved its host's window.
+    let attempts = 1.0 + sample(&text, "fileflow_jobs_retried_total").unwrap_or(0.0);
+    assert!(sample(&text, "fileflow_origin_throttled_total").is_some_and(|n| n >= 1.0 && n <= attempts), "{text}");
     app.stop().await;
 }
 

@@ -153,7 +153,7 @@ async fn sloppy_partial_answers_never_make_a_wrong_object() {
     const HALF: u64 = SIZE / 2;
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    for lie in ["unknown_total", "wrong_start", "short_total", "not_to_end", "no_validator"] {
+    for lie in ["unknown_total", "wrong_start", "short_total", "not_to_end", "no_validator", "refuse_range"] {
         let name = format!("lie-{}", lie.replace('_', "-"));
         let url = origin.url(&format!("/resumable/{name}/{SIZE}?seed=7&cut={HALF}&lie={lie}"));
         let id = app.submit(&url, &app.bucket, &format!("{name}.bin")).await;
@@ -174,7 +174,7 @@ async fn sloppy_partial_answers_never_make_a_wrong_object() {
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["sha256"], sha256_hex(&content(7, 3 * MIB)), "{job}");
-    assert_eq!(app.stored_objects().await.len(), 6, "no staging files left: {:?}", app.stored_objects().await);
+    assert_eq!(app.stored_objects().await.len(), 7, "no staging files left: {:?}", app.stored_objects().await);
     assert_eq!(app.unfinished_uploads().await, 0, "no parts left behind");
     app.stop().await;
 }
@@ -205,5 +205,24 @@ async fn a_changed_file_behind_an_origin_that_ignores_if_range_is_fetched_whole(
     assert!(app.read_object("deaf.bin").await == changed, "stored bytes are not the new version");
     assert_eq!(origin.ranges_asked("deaf").len(), 3, "{:?}", origin.ranges_asked("deaf"));
     assert_eq!(app.unfinished_uploads().await, 0, "the first version's parts were removed");
+    app.stop().await;
+}
+
+/// A job whose retries run out on a transient error after parts were stored leaves no
+/// parts or staging file behind.
+#[tokio::test]
+async fn a_job_failed_after_stored_parts_leaves_none_behind() {
+    if !resumes() {
+        return;
+    }
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.max_retries = 0).await;
+    let url = origin.url(&format!("/resumable/spent/{SIZE}?seed=7&cut={CUT}"));
+    let id = app.submit(&url, &app.bucket, "spent.bin").await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["bytes_done"].as_u64().unwrap_or(0) > 0, "parts were stored before the cut: {job}");
+    assert!(app.stored_objects().await.is_empty(), "left behind: {:?}", app.stored_objects().await);
+    assert_eq!(app.unfinished_uploads().await, 0, "parts left behind");
     app.stop().await;
 }

@@ -231,9 +231,10 @@ async fn a_hanging_receiver_delays_only_its_own_deliveries() {
     let (receiver, hook) = Receiver::start(0).await;
     let app = app().await;
     let body = |key: String, notify: &str| json!({ "file_url": origin.url("/file/10"), "bucket_name": app.bucket, "object_name": key, "notify_url": notify });
+    // Each to a path of its own: the receiver is the host, whatever the path.
     let mut stuck = Vec::new();
     for i in 0..40 {
-        stuck.push(app.submit_body(&body(format!("hang-{i}"), &hang)).await);
+        stuck.push(app.submit_body(&body(format!("hang-{i}"), &format!("{hang}/{i}"))).await);
     }
     for id in &stuck {
         app.finished(id).await;

@@ -33,7 +33,7 @@
 //!   `short_total` (the 206 says the file is 1 MiB shorter and ends there), `no_validator`
 //!   (the 206 carries no ETag or Last-Modified), `not_to_end` (the 206 stops 1 MiB short of
 //!   the end and says so), `whole_as_206` (a request for the whole file answered 206 with
-//!   the whole file's range).
+//!   the whole file's range), `refuse_range` (416 to every ranged request).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -356,6 +356,10 @@ async fn resumable(
         _ => (size - 1, size.to_string()),
     };
     let validator = validator.filter(|_| !(asked.is_some() && lie == "no_validator"));
+    if asked.is_some() && lie == "refuse_range" {
+        let unsatisfiable = [(header::CONTENT_RANGE, format!("bytes */{size}"))];
+        return (StatusCode::RANGE_NOT_SATISFIABLE, unsatisfiable).into_response();
+    }
     let start = from.unwrap_or(0);
     let size = last + 1;
     let cut = arg("cut").and_then(|n| n.parse::<u64>().ok()).filter(|_| request_no == 1);
