@@ -30,17 +30,24 @@ impl Secret {
     }
 }
 
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
+/// `Debug` and `Display` that print `[redacted]` and nothing of the value.
+macro_rules! redacted {
+    ($($secret:ty),*) => {$(
+        impl std::fmt::Debug for $secret {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("[redacted]")
+            }
+        }
+
+        impl std::fmt::Display for $secret {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("[redacted]")
+            }
+        }
+    )*};
 }
 
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+redacted!(Secret, WebhookSecret);
 
 impl std::str::FromStr for Secret {
     type Err = std::convert::Infallible;
@@ -173,18 +180,6 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 /// The key webhooks are signed with: `whsec_` and base64, as in the specification.
 #[derive(Clone)]
 pub struct WebhookSecret(Vec<u8>);
-
-impl std::fmt::Debug for WebhookSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl std::fmt::Display for WebhookSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
 
 impl std::str::FromStr for WebhookSecret {
     type Err = String;

@@ -76,18 +76,7 @@ async fn a_file_changed_between_attempts_is_fetched_whole() {
     if !resumes() {
         return;
     }
-    let origin = Origin::start().await;
-    let app = spawn_app_with(|s| {
-        s.retry_base_delay = Duration::from_secs(2);
-        s.retry_max_delay = Duration::from_secs(2);
-    })
-    .await;
-    let url = origin.url(&format!("/resumable/changing/{SIZE}?seed=7&cut={CUT}"));
-    let id = app.submit(&url, &app.bucket, "changing.bin").await;
-    let waiting = app.wait_until(&id, Duration::from_secs(30), |j| j["retry_count"] == 1).await;
-    assert_eq!(waiting["status"], "pending", "{waiting}");
-    origin.set_version("changing", 1);
-    let job = app.finished(&id).await;
+    let (origin, app, job) = changed_between_attempts("changing", &format!("cut={CUT}")).await;
     let changed = content(Origin::versioned_seed(7, 1), SIZE);
     assert_eq!(job["sha256"], sha256_hex(&changed), "the new version, whole: {job}");
     assert!(app.read_object("changing.bin").await == changed);
@@ -134,6 +123,24 @@ async fn cancelling_or_failing_a_resumable_transfer_leaves_no_parts() {
     assert!(app.stored_objects().await.is_empty(), "left behind: {:?}", app.stored_objects().await);
     assert_eq!(app.unfinished_uploads().await, 0, "parts left behind");
     app.stop().await;
+}
+
+/// A transfer of `/resumable/{name}/…?{query}` cut once, the file replaced by its next
+/// version while the job waits for its second attempt; the job once finished.
+async fn changed_between_attempts(name: &str, query: &str) -> (Origin, TestApp, serde_json::Value) {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| {
+        s.retry_base_delay = Duration::from_secs(2);
+        s.retry_max_delay = Duration::from_secs(2);
+    })
+    .await;
+    let url = origin.url(&format!("/resumable/{name}/{SIZE}?seed=7&{query}"));
+    let id = app.submit(&url, &app.bucket, &format!("{name}.bin")).await;
+    let waiting = app.wait_until(&id, Duration::from_secs(30), |j| j["retry_count"] == 1).await;
+    assert_eq!(waiting["status"], "pending", "{waiting}");
+    origin.set_version(name, 1);
+    let job = app.finished(&id).await;
+    (origin, app, job)
 }
 
 /// Whether this run's store resumes uploads (Azure's starts over: see the README).
@@ -186,18 +193,7 @@ async fn a_changed_file_behind_an_origin_that_ignores_if_range_is_fetched_whole(
     if !resumes() {
         return;
     }
-    let origin = Origin::start().await;
-    let app = spawn_app_with(|s| {
-        s.retry_base_delay = Duration::from_secs(2);
-        s.retry_max_delay = Duration::from_secs(2);
-    })
-    .await;
-    let url = origin.url(&format!("/resumable/deaf/{SIZE}?seed=7&cut={}&lie=ignore_if_range", SIZE / 2));
-    let id = app.submit(&url, &app.bucket, "deaf.bin").await;
-    let waiting = app.wait_until(&id, Duration::from_secs(30), |j| j["retry_count"] == 1).await;
-    assert_eq!(waiting["status"], "pending", "{waiting}");
-    origin.set_version("deaf", 1);
-    let job = app.finished(&id).await;
+    let (origin, app, job) = changed_between_attempts("deaf", &format!("cut={}&lie=ignore_if_range", SIZE / 2)).await;
     let changed = content(Origin::versioned_seed(7, 1), SIZE);
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["retry_count"], 1, "{job}");
