@@ -123,7 +123,12 @@ impl SitePolicy {
 
     /// Whether a request addressed to `host` (a `Host` header's value) may be served.
     pub fn host_allowed(&self, host: &str) -> bool {
-        let name = normalize(split_port(host).0);
+        let (name, port) = split_port(host);
+        // Not a host (userinfo, a path) or not a port: nothing fileflow is served under.
+        if name.contains(['@', '/', '\\', ' ']) || port.is_some_and(|p| p.parse::<u16>().is_err()) {
+            return false;
+        }
+        let name = normalize(name);
         if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             let ip = ip.to_canonical();
             if ip.is_loopback() || ip == self.listen.to_canonical() || self.listen.is_unspecified() {
@@ -150,8 +155,13 @@ impl SitePolicy {
         if self.origins.contains(&origin) {
             return true;
         }
-        // The request's own origin: the page was served from the host the request went to.
+        // The request's own origin: the page was served from the host the request went to,
+        // over plain HTTP (fileflow serves no TLS itself; behind a TLS proxy `--public-url`
+        // names the https origin).
         let (Some(host), Some(origin_host)) = (host, url.host_str()) else { return false };
+        if url.scheme() != "http" {
+            return false;
+        }
         let (name, port) = split_port(host);
         let port = match port {
             Some(port) => port.parse::<u16>().ok(),
@@ -192,13 +202,17 @@ fn request_host(request: &Request) -> Option<&str> {
 /// serve under. A request without any `Host` (HTTP/1.0 tools; browsers always send one) is
 /// served.
 pub async fn check_host(State(policy): State<Arc<SitePolicy>>, request: Request, next: Next) -> Response {
-    let host = match request.headers().get(header::HOST) {
-        Some(value) => Some(value.to_str().unwrap_or("\u{fffd}")),
-        None => request.uri().authority().map(|a| a.as_str()),
-    };
-    if let Some(host) = host
-        && !policy.host_allowed(host)
-    {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let header = hosts.next().map(|value| value.to_str().unwrap_or("\u{fffd}"));
+    if hosts.next().is_some() {
+        // RFC 9112 §3.2: a request with more than one Host is refused.
+        return ApiError::Misdirected("a request may name only one Host".into()).into_response();
+    }
+    // In absolute form (`GET http://host/path`) the URI's authority is where the request
+    // goes (RFC 9112 §3.2.2): it must pass too.
+    let authority = request.uri().authority().map(|a| a.as_str());
+    let refused = [header, authority].into_iter().flatten().find(|host| !policy.host_allowed(host));
+    if let Some(host) = refused {
         tracing::warn!(host, "refused a request for a host fileflow is not served under");
         return ApiError::Misdirected(format!(
             "fileflow is not served under the host {host:?}; an operator can allow it with --allowed-hosts \
@@ -243,6 +257,18 @@ mod tests {
         let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
         let cors: Vec<Url> = cors.iter().map(|c| Url::parse(c).unwrap()).collect();
         SitePolicy::new(listen.parse().unwrap(), public.as_ref(), &hosts, &cors).unwrap()
+    }
+
+    #[test]
+    fn hosts_that_are_not_hosts_are_refused() {
+        let policy = SitePolicy::new("127.0.0.1:8000".parse().unwrap(), None, &[], &[]).unwrap();
+        assert!(policy.host_allowed("127.0.0.1:8000") && policy.host_allowed("localhost"));
+        for bad in ["127.0.0.1:8000@evil.com", "localhost:99999", "localhost:x", "127.0.0.1/evil", "evil.com"] {
+            assert!(!policy.host_allowed(bad), "{bad}");
+        }
+        // The page's scheme counts: an https page is not the plain-HTTP API's own origin.
+        assert!(policy.origin_allowed("http://127.0.0.1:8000", Some("127.0.0.1:8000")));
+        assert!(!policy.origin_allowed("https://127.0.0.1:8000", Some("127.0.0.1:8000")));
     }
 
     #[test]
