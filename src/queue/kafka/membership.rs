@@ -27,12 +27,23 @@ pub(super) struct Starvation {
     patience: Duration,
     /// Since when the member has had nothing assigned (`None`: it has partitions).
     since: Option<Instant>,
+    /// The count of assignments and revokes at the last look.
+    rebalances: u64,
 }
 
 impl Starvation {
     /// Rejoin after `first` with nothing assigned, then after twice as long, up to `most`.
     pub(super) fn new(first: Duration, most: Duration, now: Instant) -> Self {
-        Self { first, most, patience: first, since: Some(now) }
+        Self { first, most, patience: first, since: Some(now), rebalances: 0 }
+    }
+
+    /// `rebalances` assignments and revokes so far: one since the last look means the
+    /// group is at work (partitions given, perhaps taken back before a look saw them), so
+    /// a member with nothing counts its time from `now`.
+    pub(super) fn rebalanced(&mut self, rebalances: u64, now: Instant) {
+        if std::mem::replace(&mut self.rebalances, rebalances) != rebalances && self.since.is_some() {
+            self.since = Some(now);
+        }
     }
 
     /// Note how many partitions the member holds at `now`, and whether it is `settled`
@@ -118,6 +129,21 @@ mod tests {
         assert!(starvation.observe(0, true, t0 + 10 * S));
         starvation.nothing_to_assign(t0 + 10 * S);
         assert!(!starvation.observe(0, true, t0 + 19 * S));
+        assert!(starvation.observe(0, true, t0 + 20 * S));
+    }
+
+    #[test]
+    fn a_rebalance_between_two_looks_restarts_the_clock() {
+        let t0 = Instant::now();
+        let mut starvation = Starvation::new(10 * S, 300 * S, t0);
+        starvation.rebalanced(0, t0 + 9 * S);
+        assert!(!starvation.observe(0, true, t0 + 9 * S));
+        // Assigned and revoked between two looks.
+        starvation.rebalanced(2, t0 + 10 * S);
+        assert!(!starvation.observe(0, true, t0 + 10 * S));
+        starvation.rebalanced(2, t0 + 19 * S);
+        assert!(!starvation.observe(0, true, t0 + 19 * S));
+        starvation.rebalanced(2, t0 + 20 * S);
         assert!(starvation.observe(0, true, t0 + 20 * S));
     }
 

@@ -309,6 +309,8 @@ struct State {
     member: u64,
     /// The current member's join state (`steady`, `wait-join`, …), as its last statistics said.
     join_state: Option<String>,
+    /// Assignments and revokes so far: one since the last look means the group is moving.
+    rebalances: u64,
 }
 
 impl State {
@@ -343,6 +345,7 @@ impl ConsumerContext for RebalanceContext {
         if let Rebalance::Revoke(revoked) = rebalance {
             tracing::info!(partitions = revoked.count(), "partitions revoked");
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.rebalances += 1;
             if state.member == self.member {
                 state.forget_deliveries();
             }
@@ -352,6 +355,7 @@ impl ConsumerContext for RebalanceContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // Held messages were dropped at the revoke; their partitions must fetch again.
         if let Rebalance::Assign(assigned) = rebalance {
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).rebalances += 1;
             let names: Vec<String> =
                 assigned.elements().iter().map(|p| format!("{}[{}]", p.topic(), p.partition())).collect();
             tracing::info!(partitions = assigned.count(), assigned = %names.join(" "), "partitions assigned");
@@ -386,6 +390,10 @@ const STARVED_FIRST: Duration = Duration::from_secs(10);
 const STARVED_MOST: Duration = Duration::from_secs(300);
 /// How often the poll loop looks at its assignment.
 const ASSIGNMENT_CHECK: Duration = Duration::from_secs(1);
+/// Longest a member that rejoins waits for its old self to leave the group.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause between the old member's leaving and the new one's joining.
+const LEAVE_SETTLE: Duration = Duration::from_millis(500);
 
 /// A consumer in the workers' group, subscribed to the jobs and retry topics.
 fn join_group(settings: &KafkaSettings, state: &Arc<Mutex<State>>) -> Result<Consumer_, QueueError> {
@@ -498,7 +506,13 @@ impl Inner {
     async fn watch_assignment(&self, starvation: &mut Starvation, settings: &KafkaSettings) {
         let consumer = self.consumer();
         let assigned = consumer.assignment().map(|tpl| tpl.count()).unwrap_or(0);
-        let join_state = self.state.lock().unwrap_or_else(|p| p.into_inner()).join_state.clone();
+        let (join_state, rebalances) = {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            (state.join_state.clone(), state.rebalances)
+        };
+        // A rebalance since the last look (partitions given, maybe taken back before the
+        // look saw them): the group is at work; count from now.
+        starvation.rebalanced(rebalances, Instant::now());
         // `steady`: joined, with nothing; `init`: not joining at all. Anything else is a
         // join under way, which may rightly wait on another member (one that is frozen,
         // or died and whose session has yet to expire).
@@ -541,7 +555,7 @@ impl Inner {
                     join_state = join_state.as_deref().unwrap_or("unknown"),
                     "no partitions assigned while the topics have some: joining the group again as a new member"
                 );
-                if let Err(e) = self.rejoin(settings) {
+                if let Err(e) = self.rejoin(settings).await {
                     tracing::warn!(error = %e, "cannot join the group again; will try later");
                 }
                 starvation.rejoined(Instant::now());
@@ -553,17 +567,27 @@ impl Inner {
     /// Replace the consumer by a new member of the group. The old one is closed off the
     /// runtime (librdkafka's close may wait on the broker); whatever it had delivered and
     /// not yet had acknowledged is delivered again from the committed offsets.
-    fn rejoin(&self, settings: &KafkaSettings) -> Result<(), QueueError> {
+    ///
+    /// The old member leaves first: a coordinator that saw the new one join while the old
+    /// one was still a member (it may even have been made the leader) held the new one
+    /// waiting for a sync that never came (Tansu: 80 s in `wait-sync`, twice).
+    async fn rejoin(&self, settings: &KafkaSettings) -> Result<(), QueueError> {
         {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state.forget_deliveries();
             state.member += 1;
             state.join_state = None;
         }
+        let leaving = self.consumer();
+        let left = tokio::task::spawn_blocking(move || leaving.unsubscribe());
+        if tokio::time::timeout(LEAVE_TIMEOUT, left).await.is_err() {
+            tracing::warn!("the old member did not leave the group in time; joining anyway");
+        }
+        // Let the LeaveGroup reach the coordinator before the new member's JoinGroup.
+        tokio::time::sleep(LEAVE_SETTLE).await;
         let fresh = Arc::new(join_group(settings, &self.state)?);
         let old = std::mem::replace(&mut *self.consumer.write().unwrap_or_else(|p| p.into_inner()), fresh);
         std::thread::spawn(move || {
-            old.unsubscribe();
             // The last reference closes it: wait for the loop and the workers to let go.
             let deadline = Instant::now() + Duration::from_secs(10);
             while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
