@@ -42,6 +42,9 @@ pub async fn run(
 ) {
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Since when overdue `pending` jobs have been held back (the queue not caught up, or
+    // not known to be), and when that was last said.
+    let mut held_back: Option<(std::time::Instant, std::time::Instant)> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -50,16 +53,15 @@ pub async fn run(
         let started = std::time::Instant::now();
         let pending = match &backlog {
             None => true,
-            Some(backlog) => match backlog.lag().await {
-                Ok(lag) => {
-                    metrics.consumer_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
-                    lag == 0
+            Some(backlog) => {
+                let lag = backlog.lag().await;
+                if let Ok(lag) = &lag {
+                    metrics.consumer_lag.set(i64::try_from(*lag).unwrap_or(i64::MAX));
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot tell whether the queue has caught up");
-                    false
-                }
-            },
+                let caught_up = matches!(lag, Ok(0));
+                note_held_back(&mut held_back, caught_up, &lag);
+                caught_up
+            }
         };
         let sweep = Sweep { grace: settings.grace, limit: SWEEP_LIMIT, pending };
         match repo.reconcile(&sweep).await {
@@ -89,5 +91,40 @@ pub async fn run(
             }
         }
         metrics.sweep_duration.observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Held back this long, the reconciler says so (and again as often), with the lag or the
+/// error: overdue jobs wait on the queue, and whoever reads the log should know why.
+const HELD_BACK_REPORT: Duration = Duration::from_secs(30);
+
+fn note_held_back(
+    held_back: &mut Option<(std::time::Instant, std::time::Instant)>,
+    caught_up: bool,
+    lag: &Result<u64, crate::queue::QueueError>,
+) {
+    let now = std::time::Instant::now();
+    if caught_up {
+        if let Some((since, _)) = held_back.take()
+            && now.duration_since(since) >= HELD_BACK_REPORT
+        {
+            tracing::info!(held_back_ms = now.duration_since(since).as_millis() as u64, "the queue has caught up");
+        }
+        return;
+    }
+    let (since, said) = held_back.get_or_insert((now, now));
+    if now.duration_since(*said) < HELD_BACK_REPORT {
+        if let Err(e) = lag {
+            tracing::debug!(error = %e, "cannot tell whether the queue has caught up");
+        }
+        return;
+    }
+    *said = now;
+    let held_back_ms = now.duration_since(*since).as_millis() as u64;
+    match lag {
+        Ok(lag) => tracing::warn!(lag, held_back_ms, "overdue pending jobs held back: the queue has not caught up"),
+        Err(e) => {
+            tracing::warn!(error = %e, held_back_ms, "overdue pending jobs held back: cannot tell whether the queue has caught up")
+        }
     }
 }

@@ -18,6 +18,9 @@ const BATCH: i64 = 200;
 const TOPIC_CHECK: Duration = Duration::from_secs(5);
 /// How often an idle relay looks for rows written by other processes.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Longest one batch may take (the database, then every publish, each bounded by the
+/// publisher's own timeout): past it the batch is abandoned, its rows unlocked and retried.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub struct OutboxRelay {
     db: PgDb,
@@ -31,6 +34,8 @@ pub enum RelayError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    #[error("an outbox batch took longer than {0:?}; abandoned")]
+    TimedOut(Duration),
 }
 
 impl OutboxRelay {
@@ -93,6 +98,8 @@ impl OutboxRelay {
             }
         }
         let mut topics_checked = tokio::time::Instant::now();
+        // Failures in a row, so the relay says when it is publishing again.
+        let mut failures = 0u32;
         loop {
             let woken = self.db.outboxed.notified();
             tokio::pin!(woken);
@@ -106,13 +113,21 @@ impl OutboxRelay {
                     tracing::warn!(error = %e, "cannot check the Kafka topics");
                 }
             }
-            let wait = match self.run_once().await {
+            let batch = tokio::time::timeout(BATCH_TIMEOUT, self.run_once())
+                .await
+                .unwrap_or(Err(RelayError::TimedOut(BATCH_TIMEOUT)));
+            if let (Ok(published), true) = (&batch, failures > 0) {
+                tracing::info!(published, failures, "outbox relay publishing again");
+                failures = 0;
+            }
+            let wait = match batch {
                 Ok(n) if n as i64 == BATCH => continue,
                 Ok(_) => IDLE_POLL,
                 Err(e) => {
-                    tracing::warn!(error = %e, "outbox relay failed; will retry");
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "outbox relay failed; will retry");
                     // A broker that lost its state lost the topics too: create them again.
-                    if matches!(e, RelayError::Queue(_))
+                    if matches!(e, RelayError::Queue(_) | RelayError::TimedOut(_))
                         && let Err(e) = ensure_topics(&self.kafka).await
                     {
                         tracing::warn!(error = %e, "cannot create the Kafka topics");

@@ -46,9 +46,11 @@ pub async fn start_role(role: &str, data_dir: &Path, env: &[(&str, &str)]) -> Fi
         .expect("fileflow starts");
     let events = Arc::new(Mutex::new(Vec::new()));
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut keep = log_file(role, child.id().unwrap_or(0));
     let ready = if role == "worker" { "workers started" } else { "API listening" };
     let port = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await.unwrap() {
+            keep_line(&mut keep, &line);
             let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
             let found = event["message"] == ready;
             let port = event["port"].as_u64();
@@ -65,6 +67,7 @@ pub async fn start_role(role: &str, data_dir: &Path, env: &[(&str, &str)]) -> Fi
     let sink = events.clone();
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
+            keep_line(&mut keep, &line);
             if let Ok(event) = serde_json::from_str::<Value>(&line) {
                 sink.lock().unwrap().push(event);
             }
@@ -75,6 +78,21 @@ pub async fn start_role(role: &str, data_dir: &Path, env: &[(&str, &str)]) -> Fi
         base: format!("http://127.0.0.1:{port}"),
         client: reqwest::Client::builder().no_proxy().build().unwrap(),
         events,
+    }
+}
+
+/// With `FILEFLOW_TEST_LOG_DIR` set, every line a process writes is also kept in
+/// `<dir>/<role>-<pid>.log`, to read a failed run's whole story afterwards.
+fn log_file(role: &str, pid: u32) -> Option<std::fs::File> {
+    let dir = std::env::var_os("FILEFLOW_TEST_LOG_DIR")?;
+    std::fs::create_dir_all(&dir).ok()?;
+    std::fs::File::create(Path::new(&dir).join(format!("{role}-{pid}.log"))).ok()
+}
+
+fn keep_line(file: &mut Option<std::fs::File>, line: &str) {
+    if let Some(f) = file {
+        use std::io::Write as _;
+        let _ = writeln!(f, "{line}");
     }
 }
 

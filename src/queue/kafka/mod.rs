@@ -3,13 +3,14 @@
 //! `upload_file_topic-dlq`. Offsets are stored in order, only once a job's outcome is
 //! durable, and committed by the client's auto-commit.
 
+mod membership;
 mod message;
 mod offsets;
 mod options;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Delivery, Queue, QueueError};
 use crate::lifecycle::JobId;
 
+use membership::Starvation;
 pub use message::JobMessage;
 use message::{
     ATTEMPT_HEADER, DUE_AT_HEADER, ERROR_HEADER, ORIGIN_OFFSET_HEADER, ORIGIN_PARTITION_HEADER, ORIGIN_TOPIC_HEADER,
@@ -100,7 +102,7 @@ async fn replication_factor(
     }
     let admin = admin.clone();
     let brokers = tokio::task::spawn_blocking(move || {
-        let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10)).map_err(backend)?;
+        let metadata = admin.inner().fetch_metadata(None, ADMIN_REQUEST_TIMEOUT).map_err(backend)?;
         Ok::<_, QueueError>(metadata.brokers().len())
     })
     .await
@@ -108,18 +110,44 @@ async fn replication_factor(
     Ok(i32::try_from(brokers).unwrap_or(i32::MAX).clamp(1, 3))
 }
 
-/// Create the three topics when missing, replicated as [`KafkaSettings::replication_factor`] says.
+/// How long the broker has to acknowledge a published message (librdkafka's
+/// `message.timeout.ms`: queued, sent, retried and answered).
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A send is cut this long after [`MESSAGE_TIMEOUT`] even if librdkafka never reports on
+/// it: no await on the broker goes unbounded.
+const SEND_MARGIN: Duration = Duration::from_secs(5);
+/// Longest one admin request (metadata, topic creation) may wait for the broker.
+const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest [`ensure_topics`] may take as a whole.
+const ENSURE_TOPICS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Create the three topics when missing, replicated as [`KafkaSettings::replication_factor`]
+/// says; gives up after [`ENSURE_TOPICS_TIMEOUT`].
 pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), QueueError> {
     let admin: Arc<AdminClient<DefaultClientContext>> =
         Arc::new(settings.client_config().create().map_err(client_error)?);
+    let result =
+        tokio::time::timeout(ENSURE_TOPICS_TIMEOUT, create_topics(settings, &admin)).await.unwrap_or_else(|_| {
+            Err(QueueError::Backend(format!("no answer about the topics within {ENSURE_TOPICS_TIMEOUT:?}")))
+        });
+    // Destroying a client waits for its threads (and their broker connections): off the runtime.
+    tokio::task::spawn_blocking(move || drop(admin));
+    result
+}
+
+async fn create_topics(
+    settings: &KafkaSettings,
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+) -> Result<(), QueueError> {
     let (main, retry, dlq) = (settings.topic.clone(), settings.retry_topic(), settings.dlq_topic());
-    let replicas = replication_factor(settings, &admin).await?;
+    let replicas = replication_factor(settings, admin).await?;
     let topics = [
         NewTopic::new(&main, settings.partitions, TopicReplication::Fixed(replicas)),
         NewTopic::new(&retry, settings.partitions, TopicReplication::Fixed(replicas)),
         NewTopic::new(&dlq, 1, TopicReplication::Fixed(replicas)),
     ];
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let options =
+        AdminOptions::new().operation_timeout(Some(ADMIN_REQUEST_TIMEOUT)).request_timeout(Some(ADMIN_REQUEST_TIMEOUT));
     for result in admin.create_topics(&topics, &options).await.map_err(backend)? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -179,7 +207,12 @@ impl KafkaBacklog {
 impl super::Backlog for KafkaBacklog {
     async fn lag(&self) -> Result<u64, QueueError> {
         let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
-        let lag = tokio::task::spawn_blocking(move || Self::lag(&consumer, &topic)).await.map_err(backend)??;
+        // Each request inside is bounded; so is the whole, whatever the partition count.
+        let asking = tokio::task::spawn_blocking(move || Self::lag(&consumer, &topic));
+        let lag = tokio::time::timeout(ENSURE_TOPICS_TIMEOUT, asking)
+            .await
+            .map_err(|_| QueueError::Backend("no answer about the group's lag in time".into()))?
+            .map_err(backend)??;
         Ok(u64::try_from(lag).unwrap_or(0))
     }
 }
@@ -196,7 +229,7 @@ impl KafkaPublisher {
         let producer = settings
             .client_config()
             .set("acks", "all")
-            .set("message.timeout.ms", "30000")
+            .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string())
             .create()
             .map_err(client_error)?;
         Ok(Self { producer, settings: settings.clone() })
@@ -204,14 +237,18 @@ impl KafkaPublisher {
 
     async fn send(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders) -> Result<(), QueueError> {
         let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| QueueError::Backend(format!("cannot publish to {topic}: {e}")))
+        // The queue wait (a full local queue) counts against the same bound.
+        let sending = self.producer.send(record, MESSAGE_TIMEOUT);
+        match tokio::time::timeout(MESSAGE_TIMEOUT + SEND_MARGIN, sending).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(QueueError::Backend(format!("cannot publish to {topic}: {e}"))),
+            Err(_) => Err(QueueError::Backend(format!(
+                "cannot publish to {topic}: no delivery report within {:?}",
+                MESSAGE_TIMEOUT + SEND_MARGIN
+            ))),
+        }
     }
 
-    /// Announce a job on the jobs topic (the seed's message) for its `attempt`.
     /// Announce a job on the jobs topic (the seed's message) for its `attempt`, with the
     /// trace context of the request that created it.
     pub async fn publish_job(
@@ -267,31 +304,61 @@ struct State {
     held: HashMap<(String, i32), VecDeque<Pending>>,
     /// The message each delivery came in, so a retry or a dead letter carries it on.
     payloads: HashMap<String, Vec<u8>>,
+    /// Which consumer is the current member (one is replaced when it rejoins): a replaced
+    /// one's revoke, as it closes, must not clear what its successor tracks.
+    member: u64,
+    /// The current member's join state (`steady`, `wait-join`, …), as its last statistics said.
+    join_state: Option<String>,
+    /// Assignments and revokes so far: one since the last look means the group is moving.
+    rebalances: u64,
+}
+
+impl State {
+    fn forget_deliveries(&mut self) {
+        self.offsets.clear();
+        self.payloads.clear();
+        self.held.clear();
+    }
 }
 
 /// Clears local bookkeeping when the group moves partitions: what was in flight will be
 /// delivered again from the committed offsets.
 struct RebalanceContext {
     state: Arc<Mutex<State>>,
+    member: u64,
 }
 
-impl ClientContext for RebalanceContext {}
+impl ClientContext for RebalanceContext {
+    /// librdkafka's statistics carry the group member's join state, which the assignment
+    /// watch reads (and logs) to tell a member left with nothing from one still joining.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(group) = statistics.cgrp else { return };
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.member == self.member {
+            state.join_state = Some(group.join_state);
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(revoked) = rebalance {
             tracing::info!(partitions = revoked.count(), "partitions revoked");
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.offsets.clear();
-            state.payloads.clear();
-            state.held.clear();
+            state.rebalances += 1;
+            if state.member == self.member {
+                state.forget_deliveries();
+            }
         }
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // Held messages were dropped at the revoke; their partitions must fetch again.
         if let Rebalance::Assign(assigned) = rebalance {
-            tracing::info!(partitions = assigned.count(), "partitions assigned");
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).rebalances += 1;
+            let names: Vec<String> =
+                assigned.elements().iter().map(|p| format!("{}[{}]", p.topic(), p.partition())).collect();
+            tracing::info!(partitions = assigned.count(), assigned = %names.join(" "), "partitions assigned");
             if let Err(e) = consumer.resume(assigned) {
                 tracing::warn!(error = %e, "cannot resume assigned partitions");
             }
@@ -310,9 +377,46 @@ pub struct KafkaQueue {
 /// What the poll loop and the workers share. The loop holds only this, so dropping the
 /// queue stops the loop and closes the consumer.
 struct Inner {
-    consumer: Consumer_,
+    /// The group member; replaced by a new one when it was left with nothing to read
+    /// (see [`membership`]).
+    consumer: RwLock<Arc<Consumer_>>,
     publisher: KafkaPublisher,
     state: Arc<Mutex<State>>,
+}
+
+/// A member with nothing assigned this long, while the topics have partitions, joins again.
+const STARVED_FIRST: Duration = Duration::from_secs(10);
+/// The longest it waits between fruitless rejoins (more members than partitions).
+const STARVED_MOST: Duration = Duration::from_secs(300);
+/// How often the poll loop looks at its assignment.
+const ASSIGNMENT_CHECK: Duration = Duration::from_secs(1);
+/// Longest a member that rejoins waits for its old self to leave the group.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause between the old member's leaving and the new one's joining.
+const LEAVE_SETTLE: Duration = Duration::from_millis(500);
+
+/// A consumer in the workers' group, subscribed to the jobs and retry topics.
+fn join_group(settings: &KafkaSettings, state: &Arc<Mutex<State>>) -> Result<Consumer_, QueueError> {
+    let member = state.lock().unwrap_or_else(|p| p.into_inner()).member;
+    let context = RebalanceContext { state: state.clone(), member };
+    let consumer: Consumer_ = settings
+        .client_config()
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", settings.max_poll_interval.as_millis().to_string())
+        .set("queued.max.messages.kbytes", "1024")
+        // Notice soon when a topic comes back (a broker that lost its state).
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        // For the join state (see `RebalanceContext::stats`).
+        .set("statistics.interval.ms", "1000")
+        .create_with_context(context)
+        .map_err(client_error)?;
+    consumer.subscribe(&[&settings.topic, &settings.retry_topic()]).map_err(backend)?;
+    Ok(consumer)
 }
 
 impl KafkaQueue {
@@ -320,22 +424,7 @@ impl KafkaQueue {
     /// of the workers.
     pub fn start(settings: &KafkaSettings, buffer: usize) -> Result<Arc<Self>, QueueError> {
         let state = Arc::new(Mutex::new(State::default()));
-        let context = RebalanceContext { state: state.clone() };
-        let consumer: Consumer_ = settings
-            .client_config()
-            .set("group.id", &settings.group)
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "1000")
-            .set("max.poll.interval.ms", settings.max_poll_interval.as_millis().to_string())
-            .set("queued.max.messages.kbytes", "1024")
-            // Notice soon when a topic comes back (a broker that lost its state).
-            .set("topic.metadata.refresh.interval.ms", "5000")
-            .create_with_context(context)
-            .map_err(client_error)?;
-        consumer.subscribe(&[&settings.topic, &settings.retry_topic()]).map_err(backend)?;
+        let consumer = RwLock::new(Arc::new(join_group(settings, &state)?));
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let inner = Arc::new(Inner { consumer, publisher: KafkaPublisher::new(settings)?, state });
         let stop = CancellationToken::new();
@@ -348,10 +437,11 @@ impl KafkaQueue {
         self.stop.cancel();
         let inner = self.inner.clone();
         let closing = tokio::task::spawn_blocking(move || {
-            if let Err(e) = inner.consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            let consumer = inner.consumer();
+            if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
                 tracing::debug!(error = %e, "final commit");
             }
-            inner.consumer.unsubscribe();
+            consumer.unsubscribe();
         });
         let _ = tokio::time::timeout(timeout, closing).await;
     }
@@ -364,11 +454,18 @@ impl Inner {
         let (retry_topic, dlq_topic) = (settings.retry_topic(), settings.dlq_topic());
         let mut topics_checked = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut starvation = Starvation::new(STARVED_FIRST, STARVED_MOST, Instant::now());
+        let mut assignment_checked = Instant::now();
         loop {
+            if assignment_checked.elapsed() >= ASSIGNMENT_CHECK {
+                assignment_checked = Instant::now();
+                self.watch_assignment(&mut starvation, &settings).await;
+            }
+            let consumer = self.consumer();
             let ready = tokio::select! {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => self.due_messages(),
-                message = self.consumer.recv() => match message {
+                message = consumer.recv() => match message {
                     Ok(message) => self.accept(&message, &retry_topic),
                     Err(e) => {
                         tracing::warn!(error = %e, "kafka consumer error");
@@ -398,6 +495,107 @@ impl Inner {
                 }
             }
         }
+    }
+
+    fn consumer(&self) -> Arc<Consumer_> {
+        self.consumer.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Join the group again as a new member when this one has had nothing assigned for
+    /// too long while the topics have partitions (see [`membership`]).
+    async fn watch_assignment(&self, starvation: &mut Starvation, settings: &KafkaSettings) {
+        let consumer = self.consumer();
+        let assigned = consumer.assignment().map(|tpl| tpl.count()).unwrap_or(0);
+        let (join_state, rebalances) = {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            (state.join_state.clone(), state.rebalances)
+        };
+        // A rebalance since the last look (partitions given, maybe taken back before the
+        // look saw them): the group is at work; count from now.
+        starvation.rebalanced(rebalances, Instant::now());
+        // `steady`: joined, with nothing; `init`: not joining at all. Anything else is a
+        // join under way, which may rightly wait on another member (one that is frozen,
+        // or died and whose session has yet to expire).
+        let settled = matches!(join_state.as_deref(), Some("steady" | "init"));
+        let now = Instant::now();
+        if !starvation.observe(assigned, settled, now) {
+            return;
+        }
+        let starved_for = starvation.starved_for(now);
+        let topics = [settings.topic.clone(), settings.retry_topic()];
+        let asking = consumer.clone();
+        let partitions = tokio::task::spawn_blocking(move || {
+            let mut partitions = 0;
+            for topic in &topics {
+                let metadata = asking.fetch_metadata(Some(topic), Duration::from_secs(5)).map_err(backend)?;
+                partitions += metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.error().is_none())
+                    .map(|t| t.partitions().len())
+                    .sum::<usize>();
+            }
+            Ok::<_, QueueError>(partitions)
+        })
+        .await
+        .map_err(backend)
+        .and_then(|r| r);
+        match partitions {
+            Ok(0) => {
+                tracing::info!(
+                    starved_for_ms = starved_for.as_millis() as u64,
+                    "no partitions assigned; the topics have none yet"
+                );
+                starvation.nothing_to_assign(Instant::now());
+            }
+            Ok(partitions) => {
+                tracing::warn!(
+                    starved_for_ms = starved_for.as_millis() as u64,
+                    partitions,
+                    join_state = join_state.as_deref().unwrap_or("unknown"),
+                    "no partitions assigned while the topics have some: joining the group again as a new member"
+                );
+                if let Err(e) = self.rejoin(settings).await {
+                    tracing::warn!(error = %e, "cannot join the group again; will try later");
+                }
+                starvation.rejoined(Instant::now());
+            }
+            Err(e) => tracing::warn!(error = %e, "no partitions assigned, and cannot read the topics' metadata"),
+        }
+    }
+
+    /// Replace the consumer by a new member of the group. The old one is closed off the
+    /// runtime (librdkafka's close may wait on the broker); whatever it had delivered and
+    /// not yet had acknowledged is delivered again from the committed offsets.
+    ///
+    /// The old member leaves first: a coordinator that saw the new one join while the old
+    /// one was still a member (it may even have been made the leader) held the new one
+    /// waiting for a sync that never came (Tansu: 80 s in `wait-sync`, twice).
+    async fn rejoin(&self, settings: &KafkaSettings) -> Result<(), QueueError> {
+        {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.forget_deliveries();
+            state.member += 1;
+            state.join_state = None;
+        }
+        let leaving = self.consumer();
+        let left = tokio::task::spawn_blocking(move || leaving.unsubscribe());
+        if tokio::time::timeout(LEAVE_TIMEOUT, left).await.is_err() {
+            tracing::warn!("the old member did not leave the group in time; joining anyway");
+        }
+        // Let the LeaveGroup reach the coordinator before the new member's JoinGroup.
+        tokio::time::sleep(LEAVE_SETTLE).await;
+        let fresh = Arc::new(join_group(settings, &self.state)?);
+        let old = std::mem::replace(&mut *self.consumer.write().unwrap_or_else(|p| p.into_inner()), fresh);
+        std::thread::spawn(move || {
+            // The last reference closes it: wait for the loop and the workers to let go.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            drop(old);
+        });
+        Ok(())
     }
 
     /// Take in one message: returns it if it can go out now; otherwise holds it and pauses
@@ -470,7 +668,8 @@ impl Inner {
     fn set_paused(&self, origin: &Origin, paused: bool) {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&origin.topic, origin.partition);
-        let result = if paused { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
+        let consumer = self.consumer();
+        let result = if paused { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
         if let Err(e) = result {
             tracing::warn!(topic = %origin.topic, partition = origin.partition, paused, error = %e, "cannot change partition state");
         }
@@ -487,7 +686,7 @@ impl Inner {
         if let Some(offset) = stored {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&origin.topic, origin.partition, Offset::Offset(offset + 1)).map_err(backend)?;
-            if let Err(e) = self.consumer.store_offsets(&tpl) {
+            if let Err(e) = self.consumer().store_offsets(&tpl) {
                 // The partition moved to another member: it will deliver the message again.
                 tracing::warn!(topic = %origin.topic, partition = origin.partition, error = %e, "cannot store offset");
             }
