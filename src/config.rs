@@ -413,9 +413,8 @@ pub struct Settings {
 
     /// Transfers one process runs at once from the same origin host (host and port);
     /// more jobs for it wait, or go back to the queue for a moment, while other hosts'
-    /// jobs go on. Half the default `--worker-concurrency`, so one slow host can hold at
-    /// most half the transfer slots.
-    #[arg(long, env = "FILEFLOW_PER_HOST_CONCURRENCY", default_value_t = 4, global = true)]
+    /// jobs go on.
+    #[arg(long, env = "FILEFLOW_PER_HOST_CONCURRENCY", default_value_t = 8, global = true)]
     pub per_host_concurrency: usize,
 
     /// How long a worker's claim on a job lasts without renewal; a crashed worker's jobs are
