@@ -35,6 +35,8 @@ const RESUMABLE_PART: u64 = 16 * 1024 * 1024;
 pub struct LocalStore {
     fs: LocalFileSystem,
     root: std::path::PathBuf,
+    /// `root` as the file system names it (errors name it so; paths are measured from it).
+    canonical_root: std::path::PathBuf,
     /// Mode of stored objects and their directories (private by default).
     mode: FileMode,
 }
@@ -50,7 +52,8 @@ impl LocalStore {
     pub fn with_mode(root: &Path, mode: FileMode) -> std::io::Result<Self> {
         crate::files::create_dir(root, mode)?;
         let fs = LocalFileSystem::new_with_prefix(root).map_err(std::io::Error::other)?.with_fsync(true);
-        Ok(Self { fs, root: root.to_owned(), mode })
+        let canonical_root = root.canonicalize()?;
+        Ok(Self { fs, root: root.to_owned(), canonical_root, mode })
     }
 
     /// Give a stored object and its directories their modes, whatever the umask gave them.
@@ -103,8 +106,7 @@ impl LocalStore {
     /// `text` without the store's own location on the server.
     fn scrub(&self, text: &str) -> String {
         let mut text = text.to_owned();
-        let canonical = self.root.canonicalize().unwrap_or_else(|_| self.root.clone());
-        for root in [canonical, self.root.clone()] {
+        for root in [&self.canonical_root, &self.root] {
             let root = root.to_string_lossy();
             if !root.is_empty() {
                 text = text.replace(&*root, "<data-dir>");
@@ -190,7 +192,7 @@ impl ObjectStore for LocalStore {
                 part.as_ref().len()
             ));
         }
-        let depth = self.root.canonicalize().map_or(0, |root| root.as_os_str().len()) + 1 + location.as_ref().len();
+        let depth = self.canonical_root.as_os_str().len() + 1 + location.as_ref().len();
         if depth > MAX_PATH {
             return Err(format!("the key is too long for the local store's file system paths ({MAX_PATH} bytes)"));
         }
