@@ -14,11 +14,11 @@ use crate::auth::KeyStore;
 use crate::config::{Settings, StorageKind};
 use crate::events::{Announcing, ChangeFeed};
 use crate::links::{CappedLinks, DownloadLinks, LinkSigner};
+use crate::metadata::WebhookOutbox;
 use crate::metadata::{JobRepository, PgDb, PgRepository, RepoError, SqliteDb, SqliteRepository};
 use crate::queue::kafka::KafkaSettings;
 use crate::secrets::HeaderSealer;
 use crate::storage::{AzureSettings, AzureStore, GcsSettings, GcsStore, LocalStore, ObjectStore, S3Settings, S3Store};
-use crate::webhooks::WebhookOutbox;
 
 /// The metadata database, migrated.
 pub enum Database {

@@ -248,7 +248,7 @@ const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 pub async fn sample(
     metrics: Arc<Metrics>,
     repo: Arc<dyn JobRepository>,
-    webhooks: Arc<dyn crate::webhooks::WebhookOutbox>,
+    webhooks: Arc<dyn crate::metadata::WebhookOutbox>,
     queue: Option<Arc<dyn Queue>>,
     stop: CancellationToken,
 ) {

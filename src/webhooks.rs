@@ -18,9 +18,8 @@ use crate::fetch::{DestinationGuard, describe};
 use crate::lifecycle::{JobError, RetryPolicy};
 use crate::links::DownloadLinks;
 use crate::metadata::JobRepository;
-pub use crate::metadata::{Attempted, DueDelivery, WebhookOutbox, message_id};
-pub use crate::secrets::WebhookSecret;
-pub use crate::wire::{AttemptView, DeliveryView};
+use crate::metadata::{Attempted, DueDelivery, WebhookOutbox, message_id};
+use crate::secrets::WebhookSecret;
 
 /// Longest a receiver may take to answer.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);

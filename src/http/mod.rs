@@ -31,7 +31,6 @@ use tracing::Instrument as _;
 use crate::metrics::Metrics;
 use crate::telemetry::TraceParent;
 
-pub use crate::wire::job_json;
 pub use error::ApiError;
 pub use metrics::{metrics_router, metrics_text};
 pub use openapi::document as openapi_document;
