@@ -11,14 +11,14 @@ use anyhow::{Context, bail};
 use url::Url;
 
 use crate::auth::KeyStore;
-use crate::config::{Settings, StorageKind};
+use crate::config::{DataArgs, Settings, StorageKind};
 use crate::events::{Announcing, ChangeFeed};
 use crate::links::{CappedLinks, DownloadLinks, LinkSigner};
 use crate::metadata::WebhookOutbox;
 use crate::metadata::{JobRepository, PgDb, PgRepository, RepoError, SqliteDb, SqliteRepository};
 use crate::queue::kafka::KafkaSettings;
 use crate::secrets::HeaderSealer;
-use crate::storage::{AzureSettings, AzureStore, GcsSettings, GcsStore, LocalStore, ObjectStore, S3Settings, S3Store};
+use crate::storage::{AzureStore, GcsStore, LocalStore, ObjectStore, S3Store};
 
 /// The metadata database, migrated.
 pub enum Database {
@@ -55,7 +55,7 @@ pub struct Backends {
 
 /// Open the metadata database named by the settings and apply pending migrations (every
 /// command does this on start; concurrent starts are safe: the migrator takes a lock).
-pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
+pub async fn open_database(settings: &DataArgs) -> anyhow::Result<Database> {
     let url = match &settings.database_url {
         Some(url) => url.expose().to_owned(),
         None => SqliteDb::default_url(&settings.data_dir),
@@ -136,31 +136,20 @@ async fn open_postgres(url: &str) -> anyhow::Result<PgDb> {
 
 /// Build every adapter from the settings. `public_url` is where this process's API is reached.
 pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backends> {
-    crate::files::create_dir(&settings.data_dir, settings.file_mode)
-        .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
-    let database = open_database(settings).await?;
+    let data = &settings.data;
+    crate::files::create_dir(&data.data_dir, data.file_mode)
+        .with_context(|| format!("cannot create data dir {}", data.data_dir.display()))?;
+    let database = open_database(data).await?;
     let keys = database.keys();
     let outbox = database.outbox();
     let changes = Arc::new(ChangeFeed::default());
-    let (repo, queue): (Arc<dyn JobRepository>, QueueSource) = match (database, &settings.kafka_brokers) {
+    let kafka = settings.kafka.settings(settings.fetch.transfer_timeout)?;
+    let (repo, queue): (Arc<dyn JobRepository>, QueueSource) = match (database, kafka) {
         (Database::Sqlite(db), None) => {
             let repo = Arc::new(SqliteRepository::new(db.clone()));
             (Arc::new(Announcing::new(repo, changes.clone())), QueueSource::Embedded(db))
         }
-        (Database::Postgres(db), Some(brokers)) => {
-            let kafka = KafkaSettings {
-                brokers: brokers.clone(),
-                topic: settings.kafka_topic.clone(),
-                group: settings.kafka_group.clone(),
-                partitions: settings.kafka_partitions,
-                replication_factor: settings.kafka_replication_factor,
-                max_poll_interval: settings.transfer_timeout + std::time::Duration::from_secs(60),
-                options: crate::queue::kafka::gather_options(
-                    std::env::vars(),
-                    &settings.kafka_options.iter().map(|o| o.expose().to_owned()).collect::<Vec<_>>(),
-                )
-                .map_err(|e| anyhow::anyhow!("Kafka client settings: {e}"))?,
-            };
+        (Database::Postgres(db), Some(kafka)) => {
             (Arc::new(PgRepository::new(db.clone())), QueueSource::Kafka { settings: kafka, db })
         }
         (Database::Sqlite(_), Some(_)) => {
@@ -171,59 +160,30 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
         }
     };
 
-    let (store, links, signer): (Arc<dyn ObjectStore>, Arc<dyn DownloadLinks>, _) = match settings.storage {
+    let store = &settings.store;
+    let (store, links, signer): (Arc<dyn ObjectStore>, Arc<dyn DownloadLinks>, _) = match store.storage {
         StorageKind::Fs => {
-            let root = settings.data_dir.join("objects");
-            let store = LocalStore::with_mode(&root, settings.file_mode)
+            let root = data.data_dir.join("objects");
+            let store = LocalStore::with_mode(&root, data.file_mode)
                 .with_context(|| format!("cannot open object store {}", root.display()))?;
-            let signer = Arc::new(LinkSigner::load_or_create(&settings.data_dir, public_url)?);
+            let signer = Arc::new(LinkSigner::load_or_create(&data.data_dir, public_url)?);
             (Arc::new(store), signer.clone(), Some(signer))
         }
         StorageKind::S3 => {
-            let needed =
-                |value: Option<String>, name: &str| value.with_context(|| format!("--storage s3 needs {name}"));
-            let store = Arc::new(S3Store::new(S3Settings {
-                endpoint: settings.s3_endpoint.clone(),
-                public_endpoint: settings.s3_public_endpoint.clone(),
-                region: settings.s3_region.clone(),
-                access_key_id: needed(settings.s3_access_key_id.clone(), "AWS_ACCESS_KEY_ID")?,
-                secret_access_key: needed(
-                    settings.s3_secret_access_key.as_ref().map(|s| s.expose().to_owned()),
-                    "AWS_SECRET_ACCESS_KEY",
-                )?
-                .into(),
-                create_buckets: settings.create_buckets,
-                max_file_size: settings.max_file_size.as_u64(),
-            }));
+            let store = Arc::new(S3Store::new(store.s3()?));
             (store.clone(), store, None)
         }
         StorageKind::Azure => {
-            let store = Arc::new(AzureStore::new(AzureSettings {
-                account: settings.azure_account.clone(),
-                access_key: settings.azure_access_key.clone(),
-                endpoint: settings.azure_endpoint.clone(),
-                public_endpoint: settings.azure_public_endpoint.clone(),
-                use_emulator: settings.azure_use_emulator,
-                create_buckets: settings.create_buckets,
-                max_file_size: settings.max_file_size.as_u64(),
-            }));
+            let store = Arc::new(AzureStore::new(store.azure()));
             (store.clone(), store, None)
         }
         StorageKind::Gcs => {
-            let store = GcsStore::new(GcsSettings {
-                service_account: settings.gcs_service_account.clone(),
-                endpoint: settings.gcs_endpoint.clone(),
-                public_endpoint: settings.gcs_public_endpoint.clone(),
-                project: settings.gcs_project.clone(),
-                create_buckets: settings.create_buckets,
-                max_file_size: settings.max_file_size.as_u64(),
-            })
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+            let store = GcsStore::new(store.gcs()).map_err(|e| anyhow::anyhow!(e.message))?;
             let store = Arc::new(store);
             (store.clone(), store, None)
         }
     };
-    let sealer = Arc::new(HeaderSealer::load(settings.encryption_key.as_ref(), &settings.data_dir)?);
-    let links = Arc::new(CappedLinks { inner: links, max: settings.max_link_lifetime });
+    let sealer = Arc::new(HeaderSealer::load(settings.auth.encryption_key.as_ref(), &data.data_dir)?);
+    let links = Arc::new(CappedLinks { inner: links, max: settings.server.max_link_lifetime });
     Ok(Backends { repo, keys, outbox, sealer, store, links, signer, queue, changes })
 }

@@ -8,9 +8,18 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use url::Url;
 
-use crate::auth::{AuthMode, Role};
+use anyhow::Context as _;
+
+use crate::auth::{AuthMode, KeyLimits, Role};
+use crate::fetch::{DestinationGuard, FetchSettings, HostList, MinRate};
+use crate::http::{ServerLimits, SitePolicy};
+use crate::lifecycle::RetryPolicy;
 use crate::metadata::Durability;
+use crate::queue::kafka::KafkaSettings;
+use crate::reconciler::ReconcileSettings;
+use crate::storage::{AzureSettings, GcsSettings, S3Settings};
 pub use crate::telemetry::LogFormat;
+use crate::worker::WorkerSettings;
 
 #[derive(Debug, Parser)]
 #[command(name = "fileflow", version, about = "Fetch files from URLs into object storage, asynchronously and safely.")]
@@ -210,8 +219,33 @@ pub enum StorageKind {
     Gcs,
 }
 
+/// Every setting of a process, in groups handed whole to the parts that use them.
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub fetch: FetchArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub sweep: SweepArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// How the API is served: its addresses, the sites it answers, the connections it takes.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "The API server")]
+pub struct ServerArgs {
     /// Address the HTTP API listens on.
     #[arg(long, env = "FILEFLOW_LISTEN", default_value = "127.0.0.1:8000", global = true)]
     pub listen: SocketAddr,
@@ -221,6 +255,67 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_METRICS_LISTEN", global = true)]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Base URL that fileflow's own download links point at (default: `http://<listen>`).
+    #[arg(long, env = "FILEFLOW_PUBLIC_URL", global = true)]
+    pub public_url: Option<Url>,
+
+    /// Host names (or addresses) the API is served under besides loopback, the listen
+    /// address and --public-url's host (comma-separated): `files.example.com`,
+    /// `.example.com` for a domain and its subdomains, `*` for any (only behind a proxy that
+    /// checks `Host` itself). A request for another host gets 421 `misdirected_request`:
+    /// the defence against DNS rebinding. When listening on `0.0.0.0` or `::`, any IP
+    /// literal is served; names still have to be listed.
+    #[arg(long, env = "FILEFLOW_ALLOWED_HOSTS", value_delimiter = ',', global = true)]
+    pub allowed_hosts: Vec<String>,
+
+    /// Browser apps allowed to call the API from their pages (comma-separated origins such
+    /// as `https://app.example.com`): they get CORS answers, and their state-changing
+    /// requests are let through. Such requests from other sites' pages get 403 `forbidden`.
+    #[arg(long, env = "FILEFLOW_CORS_ORIGINS", value_delimiter = ',', global = true)]
+    pub cors_origins: Vec<Url>,
+
+    /// Connections the API serves at once; more wait to be accepted.
+    #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS", default_value_t = 1024, global = true)]
+    pub max_connections: usize,
+
+    /// Connections one client address may hold at once (default: an eighth of
+    /// --max-connections, at least 16 or all of them when fewer); more are answered 429 and
+    /// closed, so one client cannot take them all. Behind a reverse proxy every client has the proxy's address: raise it there.
+    #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS_PER_IP", global = true)]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// Longest a client may take to send a request's headers (also how long an idle
+    /// connection is kept).
+    #[arg(long, env = "FILEFLOW_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub header_timeout: Duration,
+
+    /// Longest an API request may take to be read and answered (downloads stream on).
+    #[arg(long, env = "FILEFLOW_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub request_timeout: Duration,
+
+    /// Longest a download link may last (`expires_in` above it is refused; job views and
+    /// webhooks get links shortened to it). A store's own presigned links (S3, Azure, GCS)
+    /// cannot be revoked, not even by revoking the key that asked for them: this bounds
+    /// them. fileflow's own links (the `fs` store) also stop once their key is revoked.
+    #[arg(long, env = "FILEFLOW_MAX_LINK_LIFETIME", default_value = "7d", value_parser = humantime::parse_duration, global = true)]
+    pub max_link_lifetime: Duration,
+
+    /// Log format.
+    #[arg(long, env = "FILEFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto, global = true)]
+    pub log_format: LogFormat,
+
+    /// Export traces over OTLP/HTTP (protobuf) to this collector, e.g.
+    /// `http://127.0.0.1:4318` (spans go to its `/v1/traces`). Without it, the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` turn export on;
+    /// with none of them, nothing is exported.
+    #[arg(long, env = "FILEFLOW_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<Url>,
+}
+
+/// Where fileflow keeps its own state: the data directory and the metadata database.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "State")]
+pub struct DataArgs {
     /// Directory for the embedded database, the local object store and the link-signing key.
     #[arg(long, env = "FILEFLOW_DATA_DIR", default_value = "./fileflow-data", global = true)]
     pub data_dir: PathBuf,
@@ -242,42 +337,23 @@ pub struct Settings {
     /// a power loss may lose the last accepted jobs).
     #[arg(long, env = "FILEFLOW_SQLITE_DURABILITY", value_enum, default_value_t = Durability::PowerLoss, global = true)]
     pub sqlite_durability: Durability,
+}
 
-    /// Kafka bootstrap servers (`host:port,…`); when set, Kafka is the queue instead of the embedded one.
-    #[arg(long, env = "FILEFLOW_KAFKA_BROKERS", global = true)]
-    pub kafka_brokers: Option<String>,
-
-    /// A librdkafka client setting, `key=value` (repeatable), for every Kafka client: TLS
-    /// and SASL for a managed Kafka (`security.protocol=SASL_SSL`, `sasl.mechanism=SCRAM-SHA-512`,
-    /// `sasl.username=…`, `ssl.ca.location=…`). Also read from the environment as
-    /// `FILEFLOW_KAFKA_OPTION_<KEY>` (`FILEFLOW_KAFKA_OPTION_SASL_PASSWORD` is `sasl.password`;
-    /// flags win). Secret values are never logged.
-    // Kept as given and checked at start (`queue::kafka::gather_options`): a parse error
-    // here would echo the value, which may be a secret.
-    #[arg(long = "kafka-option", value_name = "KEY=VALUE", global = true)]
-    pub kafka_options: Vec<crate::secrets::Secret>,
-
-    /// The jobs topic; retries go to `<topic>-retry`, give-ups to `<topic>-dlq`.
-    #[arg(long, env = "FILEFLOW_KAFKA_TOPIC", default_value = "upload_file_topic", global = true)]
-    pub kafka_topic: String,
-
-    /// Consumer group shared by all workers.
-    #[arg(long, env = "FILEFLOW_KAFKA_GROUP", default_value = "fileflow-workers", global = true)]
-    pub kafka_group: String,
-
-    /// Partitions of the jobs and retry topics when fileflow creates them (the most workers
-    /// that can share the load).
-    #[arg(long, env = "FILEFLOW_KAFKA_PARTITIONS", default_value_t = 6, global = true)]
-    pub kafka_partitions: i32,
-
-    /// Replicas of each topic fileflow creates; `0` (the default) takes min(3, brokers in
-    /// the cluster), so a lone broker works and a real cluster survives losing one.
-    #[arg(long, env = "FILEFLOW_KAFKA_REPLICATION_FACTOR", default_value_t = 0, global = true)]
-    pub kafka_replication_factor: i32,
-
+/// Where objects go.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Object store")]
+pub struct StoreArgs {
     /// Where objects are stored.
     #[arg(long, env = "FILEFLOW_STORAGE", value_enum, default_value_t = StorageKind::Fs, global = true)]
     pub storage: StorageKind,
+
+    /// Largest file fileflow stores (e.g. `500MiB`, `5GiB`); larger ones fail permanently.
+    #[arg(long, env = "FILEFLOW_MAX_FILE_SIZE", default_value = "5GiB", global = true)]
+    pub max_file_size: bytesize::ByteSize,
+
+    /// Create a missing bucket instead of failing the job (S3, Azure, GCS).
+    #[arg(long, env = "FILEFLOW_CREATE_BUCKETS", global = true)]
+    pub create_buckets: bool,
 
     /// S3 endpoint URL (path-style addressing is used when set); credentials come from
     /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION.
@@ -342,85 +418,69 @@ pub struct Settings {
     /// The project buckets fileflow creates belong to (GOOGLE_CLOUD_PROJECT).
     #[arg(long, env = "GOOGLE_CLOUD_PROJECT", global = true)]
     pub gcs_project: Option<String>,
+}
 
-    /// Create a missing bucket instead of failing the job (S3, Azure, GCS).
-    #[arg(long, env = "FILEFLOW_CREATE_BUCKETS", global = true)]
-    pub create_buckets: bool,
+/// The distributed queue.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Kafka")]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (`host:port,…`); when set, Kafka is the queue instead of the embedded one.
+    #[arg(long = "kafka-brokers", env = "FILEFLOW_KAFKA_BROKERS", global = true)]
+    pub brokers: Option<String>,
 
-    /// Longest a download link may last (`expires_in` above it is refused; job views and
-    /// webhooks get links shortened to it). A store's own presigned links (S3, Azure, GCS)
-    /// cannot be revoked, not even by revoking the key that asked for them: this bounds
-    /// them. fileflow's own links (the `fs` store) also stop once their key is revoked.
-    #[arg(long, env = "FILEFLOW_MAX_LINK_LIFETIME", default_value = "7d", value_parser = humantime::parse_duration, global = true)]
-    pub max_link_lifetime: Duration,
+    /// A librdkafka client setting, `key=value` (repeatable), for every Kafka client: TLS
+    /// and SASL for a managed Kafka (`security.protocol=SASL_SSL`, `sasl.mechanism=SCRAM-SHA-512`,
+    /// `sasl.username=…`, `ssl.ca.location=…`). Also read from the environment as
+    /// `FILEFLOW_KAFKA_OPTION_<KEY>` (`FILEFLOW_KAFKA_OPTION_SASL_PASSWORD` is `sasl.password`;
+    /// flags win). Secret values are never logged.
+    // Kept as given and checked at start (`queue::kafka::gather_options`): a parse error
+    // here would echo the value, which may be a secret.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", global = true)]
+    pub options: Vec<crate::secrets::Secret>,
 
-    /// Base URL that fileflow's own download links point at (default: `http://<listen>`).
-    #[arg(long, env = "FILEFLOW_PUBLIC_URL", global = true)]
-    pub public_url: Option<Url>,
+    /// The jobs topic; retries go to `<topic>-retry`, give-ups to `<topic>-dlq`.
+    #[arg(long = "kafka-topic", env = "FILEFLOW_KAFKA_TOPIC", default_value = "upload_file_topic", global = true)]
+    pub topic: String,
 
-    /// Host names (or addresses) the API is served under besides loopback, the listen
-    /// address and --public-url's host (comma-separated): `files.example.com`,
-    /// `.example.com` for a domain and its subdomains, `*` for any (only behind a proxy that
-    /// checks `Host` itself). A request for another host gets 421 `misdirected_request`:
-    /// the defence against DNS rebinding. When listening on `0.0.0.0` or `::`, any IP
-    /// literal is served; names still have to be listed.
-    #[arg(long, env = "FILEFLOW_ALLOWED_HOSTS", value_delimiter = ',', global = true)]
-    pub allowed_hosts: Vec<String>,
+    /// Consumer group shared by all workers.
+    #[arg(long = "kafka-group", env = "FILEFLOW_KAFKA_GROUP", default_value = "fileflow-workers", global = true)]
+    pub group: String,
 
-    /// Browser apps allowed to call the API from their pages (comma-separated origins such
-    /// as `https://app.example.com`): they get CORS answers, and their state-changing
-    /// requests are let through. Such requests from other sites' pages get 403 `forbidden`.
-    #[arg(long, env = "FILEFLOW_CORS_ORIGINS", value_delimiter = ',', global = true)]
-    pub cors_origins: Vec<Url>,
+    /// Partitions of the jobs and retry topics when fileflow creates them (the most workers
+    /// that can share the load).
+    #[arg(long = "kafka-partitions", env = "FILEFLOW_KAFKA_PARTITIONS", default_value_t = 6, global = true)]
+    pub partitions: i32,
 
+    /// Replicas of each topic fileflow creates; `0` (the default) takes min(3, brokers in
+    /// the cluster), so a lone broker works and a real cluster survives losing one.
+    #[arg(
+        long = "kafka-replication-factor",
+        env = "FILEFLOW_KAFKA_REPLICATION_FACTOR",
+        default_value_t = 0,
+        global = true
+    )]
+    pub replication_factor: i32,
+}
+
+/// How origins are reached, and how long and how slowly they may take.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Fetching")]
+pub struct FetchArgs {
     /// Allow fetching from loopback, private and other non-public addresses.
-    #[arg(long, env = "FILEFLOW_FETCH_ALLOW_PRIVATE", global = true)]
-    pub fetch_allow_private: bool,
+    #[arg(long = "fetch-allow-private", env = "FILEFLOW_FETCH_ALLOW_PRIVATE", global = true)]
+    pub allow_private: bool,
 
     /// Hosts, IP addresses or CIDRs fetched from although non-public (comma-separated).
-    #[arg(long, env = "FILEFLOW_FETCH_ALLOW", value_delimiter = ',', global = true)]
-    pub fetch_allow: Vec<String>,
+    #[arg(long = "fetch-allow", env = "FILEFLOW_FETCH_ALLOW", value_delimiter = ',', global = true)]
+    pub allow: Vec<String>,
 
     /// Hosts, IP addresses or CIDRs never fetched from, even if public (comma-separated).
-    #[arg(long, env = "FILEFLOW_FETCH_DENY", value_delimiter = ',', global = true)]
-    pub fetch_deny: Vec<String>,
+    #[arg(long = "fetch-deny", env = "FILEFLOW_FETCH_DENY", value_delimiter = ',', global = true)]
+    pub deny: Vec<String>,
 
     /// Proxy for origin requests (`http://…`); proxy environment variables are ignored.
-    #[arg(long, env = "FILEFLOW_FETCH_PROXY", global = true)]
-    pub fetch_proxy: Option<Url>,
-
-    /// Retries after a transient failure (so at most this + 1 attempts).
-    #[arg(long, env = "FILEFLOW_MAX_RETRIES", default_value_t = 3, global = true)]
-    pub max_retries: u32,
-
-    /// First retry delay; later ones double, with jitter, up to --retry-max-delay.
-    #[arg(long, env = "FILEFLOW_RETRY_BASE_DELAY", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
-    pub retry_base_delay: Duration,
-
-    /// Longest retry delay, also the cap on an origin's Retry-After.
-    #[arg(long, env = "FILEFLOW_RETRY_MAX_DELAY", default_value = "5m", value_parser = humantime::parse_duration, global = true)]
-    pub retry_max_delay: Duration,
-
-    /// Largest file fileflow stores (e.g. `500MiB`, `5GiB`); larger ones fail permanently.
-    #[arg(long, env = "FILEFLOW_MAX_FILE_SIZE", default_value = "5GiB", global = true)]
-    pub max_file_size: bytesize::ByteSize,
-
-    /// Transfers (origin → store) one process runs at once; as many jobs again are kept
-    /// claimed ahead of them, and finished ones have their outcome recorded while the next
-    /// transfers run.
-    #[arg(long, env = "FILEFLOW_WORKER_CONCURRENCY", default_value_t = 8, global = true)]
-    pub worker_concurrency: usize,
-
-    /// Transfers one process runs at once from the same origin host (host and port);
-    /// more jobs for it wait, or go back to the queue for a moment, while other hosts'
-    /// jobs go on.
-    #[arg(long, env = "FILEFLOW_PER_HOST_CONCURRENCY", default_value_t = 8, global = true)]
-    pub per_host_concurrency: usize,
-
-    /// How long a worker's claim on a job lasts without renewal; a crashed worker's jobs are
-    /// picked up again after this.
-    #[arg(long, env = "FILEFLOW_JOB_LEASE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
-    pub job_lease: Duration,
+    #[arg(long = "fetch-proxy", env = "FILEFLOW_FETCH_PROXY", global = true)]
+    pub proxy: Option<Url>,
 
     /// Longest wait for a connection to an origin.
     #[arg(long, env = "FILEFLOW_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
@@ -443,6 +503,58 @@ pub struct Settings {
     #[arg(long, env = "FILEFLOW_MIN_RATE_WINDOW", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
     pub min_rate_window: Duration,
 
+    /// Redirects followed per fetch.
+    #[arg(long, env = "FILEFLOW_MAX_REDIRECTS", default_value_t = 5, global = true)]
+    pub max_redirects: usize,
+}
+
+/// What a transient failure is given.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Retries")]
+pub struct RetryArgs {
+    /// Retries after a transient failure (so at most this + 1 attempts).
+    #[arg(long, env = "FILEFLOW_MAX_RETRIES", default_value_t = 3, global = true)]
+    pub max_retries: u32,
+
+    /// First retry delay; later ones double, with jitter, up to --retry-max-delay.
+    #[arg(long = "retry-base-delay", env = "FILEFLOW_RETRY_BASE_DELAY", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
+    pub base_delay: Duration,
+
+    /// Longest retry delay, also the cap on an origin's Retry-After.
+    #[arg(long = "retry-max-delay", env = "FILEFLOW_RETRY_MAX_DELAY", default_value = "5m", value_parser = humantime::parse_duration, global = true)]
+    pub max_delay: Duration,
+}
+
+/// How many transfers run, how claims last, how a process stops.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Workers")]
+pub struct WorkerArgs {
+    /// Transfers (origin → store) one process runs at once; as many jobs again are kept
+    /// claimed ahead of them, and finished ones have their outcome recorded while the next
+    /// transfers run.
+    #[arg(long, env = "FILEFLOW_WORKER_CONCURRENCY", default_value_t = 8, global = true)]
+    pub worker_concurrency: usize,
+
+    /// Transfers one process runs at once from the same origin host (host and port);
+    /// more jobs for it wait, or go back to the queue for a moment, while other hosts'
+    /// jobs go on.
+    #[arg(long, env = "FILEFLOW_PER_HOST_CONCURRENCY", default_value_t = 8, global = true)]
+    pub per_host_concurrency: usize,
+
+    /// How long a worker's claim on a job lasts without renewal; a crashed worker's jobs are
+    /// picked up again after this.
+    #[arg(long, env = "FILEFLOW_JOB_LEASE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub job_lease: Duration,
+
+    /// On SIGINT/SIGTERM, how long jobs in flight may run on before they are handed back.
+    #[arg(long, env = "FILEFLOW_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_grace: Duration,
+}
+
+/// The API processes' sweep for jobs that should be moving, and for old ones.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Sweeps")]
+pub struct SweepArgs {
     /// How often an API process sweeps for jobs that should be moving and are not (one
     /// process at a time across replicas).
     #[arg(long, env = "FILEFLOW_RECONCILE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
@@ -457,19 +569,16 @@ pub struct Settings {
     /// in bounded batches at each sweep, e.g. `30d`; their objects stay. Default: kept.
     #[arg(long, env = "FILEFLOW_RETENTION", value_parser = humantime::parse_duration, global = true)]
     pub retention: Option<Duration>,
+}
 
-    /// Redirects followed per fetch.
-    #[arg(long, env = "FILEFLOW_MAX_REDIRECTS", default_value_t = 5, global = true)]
-    pub max_redirects: usize,
-
-    /// On SIGINT/SIGTERM, how long jobs in flight may run on before they are handed back.
-    #[arg(long, env = "FILEFLOW_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
-    pub shutdown_grace: Duration,
-
+/// Who may call the API, how often, and the keys that protect what is stored.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Access")]
+pub struct AuthArgs {
     /// Whether API requests need a key: `auto` asks for one unless the API listens on
     /// loopback and no key exists; `required` always; `off` never (logged at every start).
-    #[arg(long, env = "FILEFLOW_AUTH", value_enum, default_value_t = AuthMode::Auto, global = true)]
-    pub auth: AuthMode,
+    #[arg(long = "auth", env = "FILEFLOW_AUTH", value_enum, default_value_t = AuthMode::Auto, global = true)]
+    pub mode: AuthMode,
 
     /// Requests per second one API key may make, unless the key says otherwise (`0`: no limit).
     #[arg(long, env = "FILEFLOW_KEY_RATE_LIMIT", default_value_t = 100, global = true)]
@@ -479,6 +588,12 @@ pub struct Settings {
     /// otherwise (`0`: no limit).
     #[arg(long, env = "FILEFLOW_KEY_MAX_UNFINISHED", default_value_t = 10_000, global = true)]
     pub key_max_unfinished: u64,
+
+    /// Requests per second one client address may make without a valid API key, once keys
+    /// are needed: an address over it gets 429 `rate_limited` before any key is looked up,
+    /// so a flood of bad keys cannot starve callers with good ones. `0`: no limit.
+    #[arg(long, env = "FILEFLOW_UNAUTHENTICATED_RATE_LIMIT", default_value_t = 20, global = true)]
+    pub unauthenticated_rate_limit: u32,
 
     /// Key that encrypts per-job origin headers in the database: 32 bytes in base64. Every
     /// process sharing a database needs the same key; when left out, the key in
@@ -490,45 +605,29 @@ pub struct Settings {
     /// specification); jobs may ask for a `notify_url` only when it is set.
     #[arg(long, env = "FILEFLOW_WEBHOOK_SECRET", hide_env_values = true, global = true)]
     pub webhook_secret: Option<crate::secrets::WebhookSecret>,
-
-    /// Connections the API serves at once; more wait to be accepted.
-    #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS", default_value_t = 1024, global = true)]
-    pub max_connections: usize,
-
-    /// Connections one client address may hold at once (default: an eighth of
-    /// --max-connections, at least 16 or all of them when fewer); more are answered 429 and
-    /// closed, so one client cannot take them all. Behind a reverse proxy every client has the proxy's address: raise it there.
-    #[arg(long, env = "FILEFLOW_MAX_CONNECTIONS_PER_IP", global = true)]
-    pub max_connections_per_ip: Option<usize>,
-
-    /// Requests per second one client address may make without a valid API key, once keys
-    /// are needed: an address over it gets 429 `rate_limited` before any key is looked up,
-    /// so a flood of bad keys cannot starve callers with good ones. `0`: no limit.
-    #[arg(long, env = "FILEFLOW_UNAUTHENTICATED_RATE_LIMIT", default_value_t = 20, global = true)]
-    pub unauthenticated_rate_limit: u32,
-
-    /// Longest a client may take to send a request's headers (also how long an idle
-    /// connection is kept).
-    #[arg(long, env = "FILEFLOW_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
-    pub header_timeout: Duration,
-
-    /// Longest an API request may take to be read and answered (downloads stream on).
-    #[arg(long, env = "FILEFLOW_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
-    pub request_timeout: Duration,
-
-    /// Log format.
-    #[arg(long, env = "FILEFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto, global = true)]
-    pub log_format: LogFormat,
-
-    /// Export traces over OTLP/HTTP (protobuf) to this collector, e.g.
-    /// `http://127.0.0.1:4318` (spans go to its `/v1/traces`). Without it, the standard
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` turn export on;
-    /// with none of them, nothing is exported.
-    #[arg(long, env = "FILEFLOW_OTLP_ENDPOINT", global = true)]
-    pub otlp_endpoint: Option<Url>,
 }
 
 impl Settings {
+    /// The settings a bare `fileflow serve` runs with, rooted at `data_dir`.
+    pub fn defaults(data_dir: PathBuf) -> Self {
+        let mut cli = Cli::parse_from(["fileflow", "serve"]);
+        cli.settings.data.data_dir = data_dir;
+        cli.settings
+    }
+
+    /// The worker's limits and timings.
+    pub fn worker_settings(&self) -> WorkerSettings {
+        WorkerSettings {
+            policy: self.retry.policy(),
+            lease: self.worker.job_lease,
+            max_file_size: self.store.max_file_size.as_u64(),
+            transfer_timeout: self.fetch.transfer_timeout,
+            min_rate: self.fetch.min_rate(),
+        }
+    }
+}
+
+impl ServerArgs {
     /// --max-connections-per-ip, or its default: an eighth of --max-connections, but at
     /// least 16 (or all of them, when fewer), so a small server does not refuse one busy
     /// client outright.
@@ -537,11 +636,134 @@ impl Settings {
         self.max_connections_per_ip.unwrap_or(share).max(1)
     }
 
-    /// The settings a bare `fileflow serve` runs with, rooted at `data_dir`.
-    pub fn defaults(data_dir: PathBuf) -> Self {
-        let mut cli = Cli::parse_from(["fileflow", "serve"]);
-        cli.settings.data_dir = data_dir;
-        cli.settings
+    /// What the API's listener accepts.
+    pub fn limits(&self) -> ServerLimits {
+        ServerLimits {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.connections_per_ip(),
+            header_timeout: self.header_timeout,
+        }
+    }
+
+    /// The hosts the API answers under and the sites that may change things.
+    pub fn sites(&self) -> Result<SitePolicy, String> {
+        SitePolicy::new(self.listen, self.public_url.as_ref(), &self.allowed_hosts, &self.cors_origins)
+    }
+}
+
+impl FetchArgs {
+    /// The HTTP client's timeouts, redirects and proxy.
+    pub fn client(&self) -> FetchSettings {
+        FetchSettings {
+            connect_timeout: self.connect_timeout,
+            read_timeout: self.read_timeout,
+            max_redirects: self.max_redirects,
+            proxy: self.proxy.clone(),
+        }
+    }
+
+    /// The addresses fetches (and webhooks) may reach.
+    pub fn guard(&self) -> anyhow::Result<DestinationGuard> {
+        let allow = HostList::parse(&self.allow).map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
+        let deny = HostList::parse(&self.deny).map_err(|e| anyhow::anyhow!("--fetch-deny: {e}"))?;
+        Ok(DestinationGuard::with_lists(self.allow_private, allow, deny))
+    }
+
+    /// The slowest an origin may send.
+    pub fn min_rate(&self) -> MinRate {
+        MinRate { bytes_per_second: self.min_transfer_rate.as_u64(), window: self.min_rate_window }
+    }
+}
+
+impl RetryArgs {
+    /// The backoff of jobs' transient failures.
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy { max_retries: self.max_retries, base_delay: self.base_delay, max_delay: self.max_delay }
+    }
+}
+
+impl SweepArgs {
+    /// The reconciler's timings.
+    pub fn reconcile(&self) -> ReconcileSettings {
+        ReconcileSettings { interval: self.reconcile_interval, grace: self.reconcile_grace, retention: self.retention }
+    }
+}
+
+impl AuthArgs {
+    /// The limits of keys that do not name their own.
+    pub fn key_defaults(&self) -> KeyLimits {
+        KeyLimits {
+            rate_limit: Some(self.key_rate_limit).filter(|&r| r > 0),
+            max_unfinished: Some(self.key_max_unfinished).filter(|&n| n > 0),
+            max_file_size: None,
+        }
+    }
+}
+
+impl KafkaArgs {
+    /// The Kafka clients' settings, when Kafka is the queue. A poll may wait as long as
+    /// one transfer (`transfer_timeout`) before the group counts the member gone.
+    pub fn settings(&self, transfer_timeout: Duration) -> anyhow::Result<Option<KafkaSettings>> {
+        let Some(brokers) = &self.brokers else { return Ok(None) };
+        let options = crate::queue::kafka::gather_options(
+            std::env::vars(),
+            &self.options.iter().map(|o| o.expose().to_owned()).collect::<Vec<_>>(),
+        )
+        .map_err(|e| anyhow::anyhow!("Kafka client settings: {e}"))?;
+        Ok(Some(KafkaSettings {
+            brokers: brokers.clone(),
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            partitions: self.partitions,
+            replication_factor: self.replication_factor,
+            max_poll_interval: transfer_timeout + Duration::from_secs(60),
+            options,
+        }))
+    }
+}
+
+impl StoreArgs {
+    /// The S3 store's settings.
+    pub fn s3(&self) -> anyhow::Result<S3Settings> {
+        let needed = |value: Option<String>, name: &str| value.with_context(|| format!("--storage s3 needs {name}"));
+        Ok(S3Settings {
+            endpoint: self.s3_endpoint.clone(),
+            public_endpoint: self.s3_public_endpoint.clone(),
+            region: self.s3_region.clone(),
+            access_key_id: needed(self.s3_access_key_id.clone(), "AWS_ACCESS_KEY_ID")?,
+            secret_access_key: needed(
+                self.s3_secret_access_key.as_ref().map(|s| s.expose().to_owned()),
+                "AWS_SECRET_ACCESS_KEY",
+            )?
+            .into(),
+            create_buckets: self.create_buckets,
+            max_file_size: self.max_file_size.as_u64(),
+        })
+    }
+
+    /// The Azure store's settings.
+    pub fn azure(&self) -> AzureSettings {
+        AzureSettings {
+            account: self.azure_account.clone(),
+            access_key: self.azure_access_key.clone(),
+            endpoint: self.azure_endpoint.clone(),
+            public_endpoint: self.azure_public_endpoint.clone(),
+            use_emulator: self.azure_use_emulator,
+            create_buckets: self.create_buckets,
+            max_file_size: self.max_file_size.as_u64(),
+        }
+    }
+
+    /// The GCS store's settings.
+    pub fn gcs(&self) -> GcsSettings {
+        GcsSettings {
+            service_account: self.gcs_service_account.clone(),
+            endpoint: self.gcs_endpoint.clone(),
+            public_endpoint: self.gcs_public_endpoint.clone(),
+            project: self.gcs_project.clone(),
+            create_buckets: self.create_buckets,
+            max_file_size: self.max_file_size.as_u64(),
+        }
     }
 }
 
@@ -561,25 +783,25 @@ mod tests {
             "--fetch-allow-private",
         ]);
         assert_eq!(cli.command, Command::Worker);
-        assert_eq!(cli.settings.max_file_size.as_u64(), 500 * 1024 * 1024);
-        assert_eq!(cli.settings.retry_base_delay, Duration::from_millis(50));
-        assert!(cli.settings.fetch_allow_private);
+        assert_eq!(cli.settings.store.max_file_size.as_u64(), 500 * 1024 * 1024);
+        assert_eq!(cli.settings.retry.base_delay, Duration::from_millis(50));
+        assert!(cli.settings.fetch.allow_private);
     }
 
     #[test]
     fn defaults_match_the_contract() {
         let s = Settings::defaults(PathBuf::from("./fileflow-data"));
-        assert_eq!(s.listen.to_string(), "127.0.0.1:8000");
-        assert_eq!(s.max_retries, 3);
-        assert_eq!(s.max_file_size.as_u64(), 5 << 30);
-        assert_eq!(s.retry_base_delay, Duration::from_secs(1));
-        assert!(!s.fetch_allow_private);
-        assert_eq!(s.storage, StorageKind::Fs);
-        assert_eq!(s.auth, AuthMode::Auto);
-        assert_eq!(s.connections_per_ip(), 128, "an eighth of 1024");
-        let small = Settings { max_connections: 8, ..s.clone() };
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(s.retry.max_retries, 3);
+        assert_eq!(s.store.max_file_size.as_u64(), 5 << 30);
+        assert_eq!(s.retry.base_delay, Duration::from_secs(1));
+        assert!(!s.fetch.allow_private);
+        assert_eq!(s.store.storage, StorageKind::Fs);
+        assert_eq!(s.auth.mode, AuthMode::Auto);
+        assert_eq!(s.server.connections_per_ip(), 128, "an eighth of 1024");
+        let small = ServerArgs { max_connections: 8, ..s.server.clone() };
         assert_eq!(small.connections_per_ip(), 8, "all of a small server's");
-        let medium = Settings { max_connections: 64, ..s };
+        let medium = ServerArgs { max_connections: 64, ..s.server };
         assert_eq!(medium.connections_per_ip(), 16, "at least 16");
     }
 
@@ -606,7 +828,7 @@ mod tests {
             assert!(!shown.contains(secret), "{secret} shows in {shown}");
         }
         assert!(shown.contains("[redacted]"));
-        assert_eq!(cli.settings.encryption_key.unwrap().expose(), "enc-s3cret");
+        assert_eq!(cli.settings.auth.encryption_key.unwrap().expose(), "enc-s3cret");
     }
 
     #[test]

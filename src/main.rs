@@ -22,7 +22,8 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Worker => "worker",
         _ => "admin",
     };
-    let telemetry = fileflow::telemetry::init(cli.settings.log_format, cli.settings.otlp_endpoint.as_ref(), process)?;
+    let telemetry =
+        fileflow::telemetry::init(cli.settings.server.log_format, cli.settings.server.otlp_endpoint.as_ref(), process)?;
     let result = run(cli).await;
     // Sending the last spans may block for a moment: off the runtime's threads.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
@@ -31,14 +32,15 @@ async fn main() -> anyhow::Result<ExitCode> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if cli.command == Command::Migrate {
-        fileflow::files::create_dir(&cli.settings.data_dir, cli.settings.file_mode)
-            .with_context(|| format!("cannot create {}", cli.settings.data_dir.display()))?;
-        open_database(&cli.settings).await?;
+        let data = &cli.settings.data;
+        fileflow::files::create_dir(&data.data_dir, data.file_mode)
+            .with_context(|| format!("cannot create {}", data.data_dir.display()))?;
+        open_database(data).await?;
         tracing::info!("database is up to date");
         return Ok(ExitCode::SUCCESS);
     }
     if let Command::Keys { action } = cli.command {
-        fileflow::cli::keys::run(&cli.settings, action, &mut std::io::stdout()).await?;
+        fileflow::cli::keys::run(&cli.settings.data, action, &mut std::io::stdout()).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let app = Application::build(cli.settings, cli.command).await?;

@@ -10,22 +10,20 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::auth::{Gate, KeyLimits};
+use crate::auth::Gate;
 use crate::backends::{self, Backends, QueueSource};
 use crate::config::{Command, Settings};
-use crate::fetch::{
-    DestinationGuard, FetchSettings, HostList, HttpFetcher, Lookup, MinRate, SystemLookup, guarded_client,
-};
+use crate::fetch::{DestinationGuard, HttpFetcher, Lookup, SystemLookup, guarded_client};
 use crate::http::{self, AppState, ServerLimits, SitePolicy};
 use crate::lifecycle::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::queue::kafka::{KafkaBacklog, KafkaQueue, ensure_topics};
 use crate::queue::{Backlog, ConsumerLock, EmbeddedQueue, Queue};
-use crate::reconciler::{self, ReconcileSettings};
+use crate::reconciler;
 use crate::relay::OutboxRelay;
 use crate::storage::ObjectStore;
 use crate::webhooks::Dispatcher;
-use crate::worker::{Hosts, Worker, WorkerSettings, run_pool};
+use crate::worker::{Hosts, Worker, run_pool};
 
 /// How long workers get, after the grace period, to hand their jobs back.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,46 +73,35 @@ impl Application {
     pub async fn build_with(settings: Settings, role: Command, hooks: Hooks) -> anyhow::Result<Self> {
         let runs_api = matches!(role, Command::Serve | Command::Api);
         let runs_workers = matches!(role, Command::Serve | Command::Worker);
+        let server = &settings.server;
         let listener = if runs_api {
-            let listener = TcpListener::bind(settings.listen)
+            let listener = TcpListener::bind(server.listen)
                 .await
-                .with_context(|| format!("cannot listen on {}", settings.listen))?;
+                .with_context(|| format!("cannot listen on {}", server.listen))?;
             Some(listener)
         } else {
             None
         };
         let port = match &listener {
             Some(l) => l.local_addr()?.port(),
-            None => settings.listen.port(),
+            None => server.listen.port(),
         };
-        let public_url = match &settings.public_url {
+        let public_url = match &server.public_url {
             Some(url) => url.clone(),
-            None => Url::parse(&format!("http://{}:{port}", settings.listen.ip()))?,
+            None => Url::parse(&format!("http://{}:{port}", server.listen.ip()))?,
         };
-        let sites = SitePolicy::new(
-            settings.listen,
-            settings.public_url.as_ref(),
-            &settings.allowed_hosts,
-            &settings.cors_origins,
-        )
-        .map_err(|e| anyhow::anyhow!(e))?;
+        let sites = server.sites().map_err(|e| anyhow::anyhow!(e))?;
         let backends = backends::build(&settings, public_url).await?;
-        let allow = HostList::parse(&settings.fetch_allow).map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
-        let deny = HostList::parse(&settings.fetch_deny).map_err(|e| anyhow::anyhow!("--fetch-deny: {e}"))?;
-        let guard = DestinationGuard::with_lists(settings.fetch_allow_private, allow, deny);
+        let guard = settings.fetch.guard()?;
         let gate = match runs_api {
             true => {
-                let defaults = KeyLimits {
-                    rate_limit: Some(settings.key_rate_limit).filter(|&r| r > 0),
-                    max_unfinished: Some(settings.key_max_unfinished).filter(|&n| n > 0),
-                    max_file_size: None,
-                };
+                let auth = &settings.auth;
                 let gate = Gate::new(
-                    settings.auth,
-                    settings.listen,
+                    auth.mode,
+                    server.listen,
                     backends.keys.clone(),
-                    defaults,
-                    settings.unauthenticated_rate_limit,
+                    auth.key_defaults(),
+                    auth.unauthenticated_rate_limit,
                 )
                 .await?;
                 Some(Arc::new(gate))
@@ -130,7 +117,7 @@ impl Application {
                 // Unique per process start: a restarted process (pid 1 in a container)
                 // must not take its predecessor's leases for its own.
                 let consumer = format!("{}-{}-{:06x}", hostname(), std::process::id(), rand::random::<u32>() >> 8);
-                let queue = EmbeddedQueue::new(db.clone(), settings.job_lease, consumer.clone());
+                let queue = EmbeddedQueue::new(db.clone(), settings.worker.job_lease, consumer.clone());
                 if let Some(file) = &db.file {
                     let owners = std::path::PathBuf::from(format!("{}.owners", file.display()));
                     consumer_lock = Some(
@@ -152,69 +139,46 @@ impl Application {
                 }
                 if runs_workers {
                     ensure_topics(kafka).await.context("cannot create the Kafka topics")?;
-                    Some(KafkaQueue::start(kafka, settings.worker_concurrency)? as Arc<dyn Queue>)
+                    Some(KafkaQueue::start(kafka, settings.worker.worker_concurrency)? as Arc<dyn Queue>)
                 } else {
                     None
                 }
             }
         };
         let lookup = hooks.lookup.unwrap_or_else(|| Arc::new(SystemLookup));
-        let dispatcher = match (&settings.webhook_secret, runs_api) {
+        let dispatcher = match (&settings.auth.webhook_secret, runs_api) {
             (Some(secret), true) => Some(Dispatcher {
                 outbox: backends.outbox.clone(),
                 repo: backends.repo.clone(),
                 links: backends.links.clone(),
                 client: guarded_client(guard.clone(), lookup.clone())
-                    .connect_timeout(settings.connect_timeout)
+                    .connect_timeout(settings.fetch.connect_timeout)
                     .build()
                     .context("cannot build the webhook HTTP client")?,
                 guard: guard.clone(),
                 secret: secret.clone(),
-                policy: RetryPolicy {
-                    max_retries: WEBHOOK_RETRIES,
-                    base_delay: settings.retry_base_delay,
-                    max_delay: settings.retry_max_delay,
-                },
+                policy: RetryPolicy { max_retries: WEBHOOK_RETRIES, ..settings.retry.policy() },
             }),
             _ => None,
         };
         let metrics = Arc::new(Metrics::new());
-        let metrics_listener = match settings.metrics_listen {
+        let metrics_listener = match server.metrics_listen {
             Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?),
             None => None,
         };
         let worker = match queue.clone() {
             Some(queue) => {
-                let fetch = FetchSettings {
-                    connect_timeout: settings.connect_timeout,
-                    read_timeout: settings.read_timeout,
-                    max_redirects: settings.max_redirects,
-                    proxy: settings.fetch_proxy.clone(),
-                };
-                let fetcher =
-                    HttpFetcher::with_lookup(guard.clone(), &fetch, lookup).context("cannot build the HTTP client")?;
+                let fetcher = HttpFetcher::with_lookup(guard.clone(), &settings.fetch.client(), lookup)
+                    .context("cannot build the HTTP client")?;
                 Some(Worker {
                     repo: backends.repo.clone(),
                     queue,
                     store: backends.store.clone(),
                     fetcher: Arc::new(fetcher),
                     sealer: backends.sealer.clone(),
-                    hosts: Arc::new(Hosts::new(settings.per_host_concurrency)),
+                    hosts: Arc::new(Hosts::new(settings.worker.per_host_concurrency)),
                     metrics: metrics.clone(),
-                    settings: WorkerSettings {
-                        policy: RetryPolicy {
-                            max_retries: settings.max_retries,
-                            base_delay: settings.retry_base_delay,
-                            max_delay: settings.retry_max_delay,
-                        },
-                        lease: settings.job_lease,
-                        max_file_size: settings.max_file_size.as_u64(),
-                        transfer_timeout: settings.transfer_timeout,
-                        min_rate: MinRate {
-                            bytes_per_second: settings.min_transfer_rate.as_u64(),
-                            window: settings.min_rate_window,
-                        },
-                    },
+                    settings: settings.worker_settings(),
                 })
             }
             None => None,
@@ -258,19 +222,15 @@ impl Application {
                 guard: self.guard.clone(),
                 gate: self.gate.clone().expect("an API process has a gate"),
                 sealer: self.backends.sealer.clone(),
-                max_file_size: self.settings.max_file_size.as_u64(),
+                max_file_size: self.settings.store.max_file_size.as_u64(),
                 outbox: self.backends.outbox.clone(),
-                webhooks_signed: self.settings.webhook_secret.is_some(),
+                webhooks_signed: self.settings.auth.webhook_secret.is_some(),
                 metrics: self.metrics.clone(),
                 changes: self.backends.changes.clone(),
                 sites: self.sites.clone(),
             };
-            let limits = ServerLimits {
-                max_connections: self.settings.max_connections,
-                max_connections_per_ip: self.settings.connections_per_ip(),
-                header_timeout: self.settings.header_timeout,
-            };
-            let router = http::router(state, self.settings.request_timeout);
+            let limits = self.settings.server.limits();
+            let router = http::router(state, self.settings.server.request_timeout);
             tracing::info!(port = self.port, "API listening");
             tokio::spawn(http::serve(listener, router, limits, stop.clone().cancelled_owned()))
         });
@@ -280,7 +240,7 @@ impl Application {
             let limits = ServerLimits {
                 max_connections: 64,
                 max_connections_per_ip: 64,
-                header_timeout: self.settings.header_timeout,
+                header_timeout: self.settings.server.header_timeout,
             };
             tokio::spawn(http::serve(
                 listener,
@@ -309,11 +269,7 @@ impl Application {
         });
         let dispatcher = self.dispatcher.map(|dispatcher| tokio::spawn(dispatcher.run(stop.clone())));
         let reconciler = api.is_some().then(|| {
-            let settings = ReconcileSettings {
-                interval: self.settings.reconcile_interval,
-                grace: self.settings.reconcile_grace,
-                retention: self.settings.retention,
-            };
+            let settings = self.settings.sweep.reconcile();
             let metrics = self.metrics.clone();
             tokio::spawn(reconciler::run(
                 self.backends.repo.clone(),
@@ -326,11 +282,11 @@ impl Application {
         let sweeper = self.worker.as_ref().map(|worker| {
             // No attempt outlives the transfer timeout: a staging file older than that
             // (and the grace period) was left by a process that died mid-write.
-            let older_than = self.settings.transfer_timeout + self.settings.shutdown_grace;
+            let older_than = self.settings.fetch.transfer_timeout + self.settings.worker.shutdown_grace;
             tokio::spawn(sweep_abandoned_writes(worker.store.clone(), older_than, stop.clone()))
         });
         let mut workers: Option<JoinHandle<()>> = self.worker.map(|worker| {
-            let concurrency = self.settings.worker_concurrency;
+            let concurrency = self.settings.worker.worker_concurrency;
             tracing::info!(concurrency, "workers started");
             tokio::spawn(run_pool(worker, concurrency, stop.clone(), abort.clone()))
         });
@@ -375,7 +331,7 @@ impl Application {
             let _ = sweeper.await;
         }
         if let Some(mut workers) = workers {
-            let grace = self.settings.shutdown_grace;
+            let grace = self.settings.worker.shutdown_grace;
             if tokio::time::timeout(grace, &mut workers).await.is_err() {
                 tracing::warn!(grace = %humantime::format_duration(grace), "jobs still running after the grace period; handing them back");
                 abort.cancel();

@@ -68,7 +68,7 @@ async fn per_job_headers_reach_the_origin_but_are_never_shown_or_logged() {
     }
 
     // At rest the header is encrypted: the database holds no trace of it, nor of its name.
-    let db = app.settings.data_dir.join("fileflow.db");
+    let db = app.settings.data.data_dir.join("fileflow.db");
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
     let stored: String = sqlx::query_scalar("SELECT request_headers FROM files WHERE id = ?1")
         .bind(id.parse::<i64>().unwrap())

@@ -8,10 +8,10 @@ use serde_json::json;
 
 use crate::auth::{ApiKey, IssuedKey, KeyLimits, NewKey, Scope};
 use crate::backends::open_database;
-use crate::config::{KeysCommand, OutputFormat, Settings};
+use crate::config::{DataArgs, KeysCommand, OutputFormat};
 
 /// Carry out `action`, writing what it did to `out`.
-pub async fn run(settings: &Settings, action: KeysCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+pub async fn run(settings: &DataArgs, action: KeysCommand, out: &mut dyn Write) -> anyhow::Result<()> {
     crate::files::create_dir(&settings.data_dir, settings.file_mode)
         .with_context(|| format!("cannot create {}", settings.data_dir.display()))?;
     let keys = open_database(settings).await?.keys();

@@ -12,7 +12,7 @@ use crate::helpers::{Origin, TestApp, spawn_app_with, stack_settings, start_api_
 
 /// An app that asks every request for a key.
 async fn protected() -> TestApp {
-    let app = spawn_app_with(|s| s.auth = AuthMode::Required).await;
+    let app = spawn_app_with(|s| s.auth.mode = AuthMode::Required).await;
     app.ensure_bucket().await;
     app
 }
@@ -225,7 +225,7 @@ async fn a_key_with_its_unfinished_jobs_at_the_limit_must_wait() {
     // No workers: accepted jobs stay pending.
     let dir = tempfile::tempdir().unwrap();
     let mut settings = stack_settings(dir.path().to_owned()).await;
-    settings.auth = AuthMode::Required;
+    settings.auth.mode = AuthMode::Required;
     let app = start_api_only(settings).await;
     let (_, key) = app.create_key("submitter", &[], KeyLimits { max_unfinished: Some(2), ..Default::default() }).await;
     let send_once = |body: &Value| {
@@ -353,14 +353,14 @@ async fn the_api_is_open_on_loopback_until_a_key_exists() {
 async fn a_public_listener_without_keys_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = stack_settings(dir.path().to_owned()).await;
-    settings.listen = "0.0.0.0:0".parse().unwrap();
+    settings.server.listen = "0.0.0.0:0".parse().unwrap();
     let refused = fileflow::startup::Application::build(settings.clone(), fileflow::config::Command::Serve).await;
     let message = format!("{:#}", refused.err().expect("refuses to start"));
     assert!(message.contains("not a loopback address") && message.contains("fileflow keys create"), "{message}");
 
     // Explicitly open: starts (and says so in its log).
     let mut open = settings.clone();
-    open.auth = AuthMode::Off;
+    open.auth.mode = AuthMode::Off;
     let app = crate::helpers::start(open, None).await;
     assert_eq!(app.call(Method::GET, "/api/v1/uploads", None, None).await.0, 200);
     app.stop().await;
@@ -377,7 +377,7 @@ async fn a_public_listener_without_keys_refuses_to_start() {
         output: fileflow::config::OutputFormat::Json,
     };
     let mut out = Vec::new();
-    fileflow::cli::keys::run(&settings, create, &mut out).await.unwrap();
+    fileflow::cli::keys::run(&settings.data, create, &mut out).await.unwrap();
     let key: Value = serde_json::from_slice(&out).unwrap();
     let app = crate::helpers::start(settings.clone(), None).await;
     assert_eq!(app.call(Method::GET, "/api/v1/uploads", None, None).await.0, 401);
@@ -386,7 +386,7 @@ async fn a_public_listener_without_keys_refuses_to_start() {
 
     // `--auth off` stays off although keys exist (also past the open API's look for keys).
     let mut off = settings.clone();
-    off.auth = AuthMode::Off;
+    off.auth.mode = AuthMode::Off;
     let app = crate::helpers::start(off, None).await;
     assert_eq!(app.call(Method::GET, "/api/v1/uploads", None, None).await.0, 200);
     tokio::time::sleep(Duration::from_millis(1200)).await;

@@ -138,7 +138,7 @@ async fn a_batch_refused_whole_writes_nothing() {
 #[tokio::test]
 async fn a_key_outside_its_buckets_gets_forbidden_items() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.auth = AuthMode::Required).await;
+    let app = spawn_app_with(|s| s.auth.mode = AuthMode::Required).await;
     app.ensure_bucket().await;
     let (_, key) = app.create_key("submitter", &[&app.bucket], KeyLimits::default()).await;
     let items = json!({ "items": [

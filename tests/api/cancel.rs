@@ -36,8 +36,8 @@ async fn a_running_transfer_stops_within_a_second_and_stores_nothing() {
 async fn a_waiting_retry_is_dropped() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.retry_base_delay = Duration::from_secs(2);
-        s.retry_max_delay = Duration::from_secs(2);
+        s.retry.base_delay = Duration::from_secs(2);
+        s.retry.max_delay = Duration::from_secs(2);
     })
     .await;
     let id = app.submit(&origin.url("/status/503"), &app.bucket, "later.bin").await;

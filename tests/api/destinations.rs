@@ -84,10 +84,10 @@ async fn harness() -> Harness {
     );
     let app = spawn_app_with_hooks(
         |s| {
-            s.fetch_allow_private = false;
-            s.fetch_allow = vec!["127.0.0.2".into()];
-            s.max_retries = 2;
-            s.connect_timeout = Duration::from_secs(2);
+            s.fetch.allow_private = false;
+            s.fetch.allow = vec!["127.0.0.2".into()];
+            s.retry.max_retries = 2;
+            s.fetch.connect_timeout = Duration::from_secs(2);
         },
         Hooks { lookup: Some(dns) },
     )
@@ -237,10 +237,10 @@ async fn names_are_checked_before_a_proxy_sees_them() {
     let proxy_url = format!("http://{}", proxy.addr);
     let app = spawn_app_with_hooks(
         |s| {
-            s.fetch_allow_private = false;
-            s.fetch_allow = vec!["127.0.0.2".into()];
-            s.fetch_proxy = Some(proxy_url.parse().unwrap());
-            s.max_retries = 0;
+            s.fetch.allow_private = false;
+            s.fetch.allow = vec!["127.0.0.2".into()];
+            s.fetch.proxy = Some(proxy_url.parse().unwrap());
+            s.retry.max_retries = 0;
         },
         Hooks { lookup: Some(dns) },
     )

@@ -200,20 +200,20 @@ async fn links_name_the_public_address_and_open_there() {
     let forwarder = Forwarder::start().await;
     let public = format!("http://localhost:{}", forwarder.port);
     let origin = Origin::start().await;
-    let app = crate::helpers::spawn_app_with(|s| match s.storage {
-        fileflow::config::StorageKind::S3 => s.s3_public_endpoint = Some(public.parse().unwrap()),
+    let app = crate::helpers::spawn_app_with(|s| match s.store.storage {
+        fileflow::config::StorageKind::S3 => s.store.s3_public_endpoint = Some(public.parse().unwrap()),
         fileflow::config::StorageKind::Azure => {
-            let mut endpoint = s.azure_endpoint.clone().unwrap();
+            let mut endpoint = s.store.azure_endpoint.clone().unwrap();
             endpoint.set_host(Some("localhost")).unwrap();
             endpoint.set_port(Some(forwarder.port)).unwrap();
-            s.azure_public_endpoint = Some(endpoint);
+            s.store.azure_public_endpoint = Some(endpoint);
         }
-        _ => s.public_url = Some(public.parse().unwrap()),
+        _ => s.server.public_url = Some(public.parse().unwrap()),
     })
     .await;
-    let store = match app.settings.storage {
-        fileflow::config::StorageKind::S3 => app.settings.s3_endpoint.clone().unwrap(),
-        fileflow::config::StorageKind::Azure => app.settings.azure_endpoint.clone().unwrap(),
+    let store = match app.settings.store.storage {
+        fileflow::config::StorageKind::S3 => app.settings.store.s3_endpoint.clone().unwrap(),
+        fileflow::config::StorageKind::Azure => app.settings.store.azure_endpoint.clone().unwrap(),
         _ => url::Url::parse(&app.base).unwrap(),
     };
     forwarder.to(format!("{}:{}", store.host_str().unwrap(), store.port_or_known_default().unwrap()));

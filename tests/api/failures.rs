@@ -26,9 +26,9 @@ async fn origin_4xx_fails_at_once_without_retries() {
 async fn throttling_and_timeouts_statuses_are_retried() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.max_retries = 1;
+        s.retry.max_retries = 1;
         // Retry-After: 1 is honoured but capped here.
-        s.retry_max_delay = Duration::from_millis(100);
+        s.retry.max_delay = Duration::from_millis(100);
     })
     .await;
     for code in [408, 429, 502] {
@@ -45,7 +45,7 @@ async fn throttling_and_timeouts_statuses_are_retried() {
 #[tokio::test]
 async fn a_connection_reset_mid_body_is_transient_and_leaves_no_object() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.max_retries = 1).await;
+    let app = spawn_app_with(|s| s.retry.max_retries = 1).await;
     let id = app.submit(&origin.url("/reset/3000000"), &app.bucket, "reset.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
@@ -68,7 +68,7 @@ async fn a_connection_reset_mid_body_is_transient_and_leaves_no_object() {
 #[tokio::test]
 async fn a_body_shorter_than_its_content_length_is_transient_and_leaves_no_object() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.max_retries = 1).await;
+    let app = spawn_app_with(|s| s.retry.max_retries = 1).await;
     let id = app.submit(&origin.raw_url("/short/100000"), &app.bucket, "short.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
@@ -82,8 +82,8 @@ async fn a_body_shorter_than_its_content_length_is_transient_and_leaves_no_objec
 async fn a_stalled_origin_hits_the_idle_read_timeout() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.max_retries = 1;
-        s.read_timeout = Duration::from_millis(300);
+        s.retry.max_retries = 1;
+        s.fetch.read_timeout = Duration::from_millis(300);
     })
     .await;
     let id = app.submit(&origin.url("/trickle/10?every_ms=1000"), &app.bucket, "stalled").await;
@@ -100,9 +100,9 @@ async fn a_stalled_origin_hits_the_idle_read_timeout() {
 async fn a_trickling_origin_cannot_hold_a_worker_past_the_transfer_deadline() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.max_retries = 0;
-        s.read_timeout = Duration::from_secs(5);
-        s.transfer_timeout = Duration::from_secs(1);
+        s.retry.max_retries = 0;
+        s.fetch.read_timeout = Duration::from_secs(5);
+        s.fetch.transfer_timeout = Duration::from_secs(1);
     })
     .await;
     let started = std::time::Instant::now();
@@ -122,10 +122,10 @@ async fn a_trickling_origin_cannot_hold_a_worker_past_the_transfer_deadline() {
 async fn an_origin_below_the_rate_floor_is_cut_and_retried() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.max_retries = 1;
-        s.read_timeout = Duration::from_secs(5);
-        s.min_transfer_rate = bytesize::ByteSize::kib(1);
-        s.min_rate_window = Duration::from_secs(1);
+        s.retry.max_retries = 1;
+        s.fetch.read_timeout = Duration::from_secs(5);
+        s.fetch.min_transfer_rate = bytesize::ByteSize::kib(1);
+        s.fetch.min_rate_window = Duration::from_secs(1);
     })
     .await;
     let started = std::time::Instant::now();
@@ -143,7 +143,7 @@ async fn an_origin_below_the_rate_floor_is_cut_and_retried() {
 #[tokio::test]
 async fn a_slow_but_steady_origin_completes() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.read_timeout = Duration::from_secs(2)).await;
+    let app = spawn_app_with(|s| s.fetch.read_timeout = Duration::from_secs(2)).await;
     let id = app.submit(&origin.url("/trickle/20?every_ms=50"), &app.bucket, "steady").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "completed", "{job}");
@@ -154,7 +154,7 @@ async fn a_slow_but_steady_origin_completes() {
 #[tokio::test]
 async fn files_over_the_size_limit_fail_permanently() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.max_file_size = bytesize::ByteSize::b(10_000)).await;
+    let app = spawn_app_with(|s| s.store.max_file_size = bytesize::ByteSize::b(10_000)).await;
     let id = app.submit(&origin.url("/file/10001"), &app.bucket, "big").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
@@ -201,7 +201,7 @@ async fn checksums_given_at_submit_are_verified() {
 #[tokio::test]
 async fn redirects_are_followed_up_to_the_limit() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.max_redirects = 3).await;
+    let app = spawn_app_with(|s| s.fetch.max_redirects = 3).await;
     let ok = app.submit(&origin.url("/redirect/3/1000"), &app.bucket, "redirected").await;
     assert_eq!(app.finished(&ok).await["status"], "completed");
     let too_many = app.submit(&origin.url("/redirect/4/1000"), &app.bucket, "loop").await;
@@ -216,7 +216,7 @@ async fn redirects_are_followed_up_to_the_limit() {
 #[tokio::test]
 async fn a_name_resolving_to_loopback_fails_permanently_when_fetched() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.fetch_allow_private = false).await;
+    let app = spawn_app_with(|s| s.fetch.allow_private = false).await;
     // The machine's own name resolves to a loopback address here (see /etc/hosts).
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned();
     let resolved: Vec<_> = tokio::net::lookup_host((host.as_str(), 0)).await.unwrap().collect();
@@ -241,7 +241,7 @@ async fn a_worker_whose_lease_changed_hands_mid_transfer_stores_nothing() {
     let origin = Origin::start().await;
     // A long lease: the worker's renewal (every 10 s) does not notice the change in time,
     // so only the fence before the store's commit stands in the way.
-    let app = spawn_app_with(|s| s.job_lease = Duration::from_secs(30)).await;
+    let app = spawn_app_with(|s| s.worker.job_lease = Duration::from_secs(30)).await;
     let id = app.submit(&origin.url("/versioned/fenced/20000?slow_ms=2000"), &app.bucket, "fenced").await;
     app.wait_until(&id, Duration::from_secs(10), |job| job["status"] == "processing").await;
     let taken = take_over_lease(&app, &id).await;
@@ -257,7 +257,7 @@ async fn a_worker_whose_lease_changed_hands_mid_transfer_stores_nothing() {
 /// Give the job's lease to another owner, as a later claim does; `true` if it was held.
 async fn take_over_lease(app: &crate::helpers::TestApp, id: &str) -> bool {
     let id: i64 = id.parse().unwrap();
-    match &app.settings.database_url {
+    match &app.settings.data.database_url {
         Some(url) if url.expose().starts_with("postgres") => {
             let pool = sqlx::PgPool::connect(url.expose()).await.unwrap();
             let done =
@@ -269,7 +269,7 @@ async fn take_over_lease(app: &crate::helpers::TestApp, id: &str) -> bool {
             done.rows_affected() == 1
         }
         _ => {
-            let url = fileflow::metadata::SqliteDb::default_url(&app.settings.data_dir);
+            let url = fileflow::metadata::SqliteDb::default_url(&app.settings.data.data_dir);
             let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
             let done =
                 sqlx::query("UPDATE files SET lease_owner = 'a-later-claim' WHERE id = ?1 AND status = 'processing'")
@@ -289,7 +289,7 @@ async fn take_over_lease(app: &crate::helpers::TestApp, id: &str) -> bool {
 async fn keys_the_disk_store_can_never_hold_fail_at_once() {
     let origin = Origin::start().await;
     let app = spawn_app().await;
-    if app.settings.storage != fileflow::config::StorageKind::Fs {
+    if app.settings.store.storage != fileflow::config::StorageKind::Fs {
         app.stop().await;
         return;
     }
@@ -302,7 +302,7 @@ async fn keys_the_disk_store_can_never_hold_fail_at_once() {
     assert!(body["error"]["message"].as_str().unwrap().contains("object_name"), "{body}");
     assert!(app.stored_objects().await.is_empty());
 
-    let data_dir = app.settings.data_dir.canonicalize().unwrap();
+    let data_dir = app.settings.data.data_dir.canonicalize().unwrap();
     assert_eq!(
         app.finished(&app.submit(&origin.url("/file/100"), &app.bucket, "a").await).await["status"],
         "completed"

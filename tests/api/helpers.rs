@@ -30,12 +30,12 @@ pub struct TestApp {
 /// Settings for tests: private origins allowed, fast retries, short leases.
 pub fn test_settings(data_dir: PathBuf) -> Settings {
     let mut s = Settings::defaults(data_dir);
-    s.listen = "127.0.0.1:0".parse().unwrap();
-    s.fetch_allow_private = true;
-    s.retry_base_delay = Duration::from_millis(20);
-    s.retry_max_delay = Duration::from_millis(200);
-    s.job_lease = Duration::from_secs(3);
-    s.shutdown_grace = Duration::from_secs(5);
+    s.server.listen = "127.0.0.1:0".parse().unwrap();
+    s.fetch.allow_private = true;
+    s.retry.base_delay = Duration::from_millis(20);
+    s.retry.max_delay = Duration::from_millis(200);
+    s.worker.job_lease = Duration::from_secs(3);
+    s.worker.shutdown_grace = Duration::from_secs(5);
     s
 }
 
@@ -59,13 +59,13 @@ pub fn store() -> String {
 
 fn use_azure(settings: &mut Settings) {
     let azure = crate::services::azure().expect("FILEFLOW_TEST_STORE=azure needs Azurite");
-    settings.storage = fileflow::config::StorageKind::Azure;
-    settings.azure_endpoint = Some(azure.endpoint.parse().unwrap());
-    settings.azure_account = Some(azure.account);
-    settings.azure_access_key = Some(azure.key.into());
-    settings.create_buckets = true;
+    settings.store.storage = fileflow::config::StorageKind::Azure;
+    settings.store.azure_endpoint = Some(azure.endpoint.parse().unwrap());
+    settings.store.azure_account = Some(azure.account);
+    settings.store.azure_access_key = Some(azure.key.into());
+    settings.store.create_buckets = true;
     // Names this test's container.
-    settings.kafka_topic = crate::services::unique("jobs");
+    settings.kafka.topic = crate::services::unique("jobs");
 }
 
 /// Whether download links are the store's own (presigned S3, Azure SAS), not fileflow's.
@@ -76,17 +76,18 @@ pub fn store_links() -> bool {
 /// Point `settings` at the distributed stack's servers (fresh database, topics and group).
 async fn use_distributed_stack(settings: &mut Settings) {
     let s3 = crate::services::s3().expect("FILEFLOW_TEST_STACK=distributed needs S3");
-    settings.database_url = Some(crate::services::fresh_postgres().await.expect("distributed needs PostgreSQL").into());
-    settings.kafka_brokers = Some(crate::services::service("FILEFLOW_TEST_KAFKA").expect("distributed needs Kafka"));
-    settings.kafka_topic = crate::services::unique("jobs");
-    settings.kafka_group = crate::services::unique("workers");
-    settings.kafka_partitions = 2;
-    settings.storage = fileflow::config::StorageKind::S3;
-    settings.s3_endpoint = Some(s3.endpoint.parse().unwrap());
-    settings.s3_region = s3.region.clone();
-    settings.create_buckets = true;
-    settings.s3_access_key_id = Some(s3.access_key.clone());
-    settings.s3_secret_access_key = Some(s3.secret_key.clone().into());
+    settings.data.database_url =
+        Some(crate::services::fresh_postgres().await.expect("distributed needs PostgreSQL").into());
+    settings.kafka.brokers = Some(crate::services::service("FILEFLOW_TEST_KAFKA").expect("distributed needs Kafka"));
+    settings.kafka.topic = crate::services::unique("jobs");
+    settings.kafka.group = crate::services::unique("workers");
+    settings.kafka.partitions = 2;
+    settings.store.storage = fileflow::config::StorageKind::S3;
+    settings.store.s3_endpoint = Some(s3.endpoint.parse().unwrap());
+    settings.store.s3_region = s3.region.clone();
+    settings.store.create_buckets = true;
+    settings.store.s3_access_key_id = Some(s3.access_key.clone());
+    settings.store.s3_secret_access_key = Some(s3.secret_key.clone().into());
 }
 
 /// Whether this run uses the distributed stack.
@@ -131,18 +132,20 @@ async fn start_as(role: Command, settings: Settings, data_dir: Option<tempfile::
     let running = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
     }));
-    let s3 = (settings.storage == fileflow::config::StorageKind::S3).then(|| crate::services::s3().unwrap());
-    let bucket = match &settings.kafka_topic {
-        topic if settings.storage != fileflow::config::StorageKind::Fs => format!("bucket-{topic}"),
+    let s3 = (settings.store.storage == fileflow::config::StorageKind::S3).then(|| crate::services::s3().unwrap());
+    let bucket = match &settings.kafka.topic {
+        topic if settings.store.storage != fileflow::config::StorageKind::Fs => format!("bucket-{topic}"),
         _ => "file-bucket".to_owned(),
     };
-    let remote: Option<std::sync::Arc<dyn object_store::ObjectStore>> = match settings.storage {
+    let remote: Option<std::sync::Arc<dyn object_store::ObjectStore>> = match settings.store.storage {
         fileflow::config::StorageKind::S3 => Some(std::sync::Arc::new(s3.as_ref().unwrap().bucket(&bucket))),
         fileflow::config::StorageKind::Azure => Some(std::sync::Arc::new(
             object_store::azure::MicrosoftAzureBuilder::new()
-                .with_account(settings.azure_account.clone().unwrap())
-                .with_access_key(settings.azure_access_key.as_ref().unwrap().expose())
-                .with_endpoint(settings.azure_endpoint.as_ref().unwrap().as_str().trim_end_matches('/').to_owned())
+                .with_account(settings.store.azure_account.clone().unwrap())
+                .with_access_key(settings.store.azure_access_key.as_ref().unwrap().expose())
+                .with_endpoint(
+                    settings.store.azure_endpoint.as_ref().unwrap().as_str().trim_end_matches('/').to_owned(),
+                )
                 .with_allow_http(true)
                 .with_container_name(&bucket)
                 .build()
@@ -177,7 +180,7 @@ impl TestApp {
             output: OutputFormat::Json,
         };
         let mut out = Vec::new();
-        fileflow::cli::keys::run(&self.settings, action, &mut out).await.expect("keys create");
+        fileflow::cli::keys::run(&self.settings.data, action, &mut out).await.expect("keys create");
         let created: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(created["role"], role);
         (created["id"].as_str().unwrap().to_owned(), created["key"].as_str().unwrap().to_owned())
@@ -189,11 +192,11 @@ impl TestApp {
         if let Some(s3) = &self.s3 {
             s3.create_bucket(&self.bucket).await;
         }
-        if self.settings.storage == fileflow::config::StorageKind::Azure {
+        if self.settings.store.storage == fileflow::config::StorageKind::Azure {
             let store = fileflow::storage::AzureStore::new(fileflow::storage::AzureSettings {
-                account: self.settings.azure_account.clone(),
-                access_key: self.settings.azure_access_key.clone(),
-                endpoint: self.settings.azure_endpoint.clone(),
+                account: self.settings.store.azure_account.clone(),
+                access_key: self.settings.store.azure_access_key.clone(),
+                endpoint: self.settings.store.azure_endpoint.clone(),
                 ..Default::default()
             });
             store.create_bucket(&fileflow::domain::BucketName::parse(&self.bucket).unwrap()).await.unwrap();
@@ -203,7 +206,7 @@ impl TestApp {
     /// Revoke a key through `fileflow keys revoke`.
     pub async fn revoke_key(&self, id: &str) {
         let mut out = Vec::new();
-        fileflow::cli::keys::run(&self.settings, KeysCommand::Revoke { id: id.to_owned() }, &mut out)
+        fileflow::cli::keys::run(&self.settings.data, KeysCommand::Revoke { id: id.to_owned() }, &mut out)
             .await
             .expect("keys revoke");
     }
@@ -296,7 +299,7 @@ impl TestApp {
                     Err(e) => panic!("cannot read {key}: {e}"),
                 }
             }
-            None => std::fs::read(self.settings.data_dir.join("objects").join(&self.bucket).join(key)).ok(),
+            None => std::fs::read(self.settings.data.data_dir.join("objects").join(&self.bucket).join(key)).ok(),
         }
     }
 
@@ -334,7 +337,7 @@ impl TestApp {
                     }
                 }
                 let mut out = Vec::new();
-                walk(&self.settings.data_dir.join("objects"), &mut out);
+                walk(&self.settings.data.data_dir.join("objects"), &mut out);
                 out.sort();
                 out
             }

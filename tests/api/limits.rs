@@ -23,8 +23,8 @@ fn addr(app: &TestApp) -> String {
 #[tokio::test]
 async fn one_address_cannot_take_every_connection() {
     let app = spawn_app_with(|s| {
-        s.max_connections = 16;
-        s.max_connections_per_ip = Some(3);
+        s.server.max_connections = 16;
+        s.server.max_connections_per_ip = Some(3);
     })
     .await;
     // Three idle connections from 127.0.0.1: its whole share.
@@ -57,8 +57,8 @@ async fn one_address_cannot_take_every_connection() {
 #[tokio::test]
 async fn a_flood_of_bad_keys_is_turned_away_before_lookup_and_good_keys_go_on() {
     let app = spawn_app_with(|s| {
-        s.auth = fileflow::auth::AuthMode::Required;
-        s.unauthenticated_rate_limit = 4;
+        s.auth.mode = fileflow::auth::AuthMode::Required;
+        s.auth.unauthenticated_rate_limit = 4;
     })
     .await;
     let (_, good) = app.create_key("admin", &[], KeyLimits::default()).await;

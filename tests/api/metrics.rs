@@ -71,8 +71,8 @@ async fn metrics_count_what_jobs_and_requests_did() {
 async fn failed_jobs_are_counted_by_what_failed() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.max_file_size = bytesize::ByteSize::b(10_000);
-        s.max_retries = 1;
+        s.store.max_file_size = bytesize::ByteSize::b(10_000);
+        s.retry.max_retries = 1;
     })
     .await;
     let existing = app.submit(&origin.url("/file/100"), &app.bucket, "there.bin").await;

@@ -10,8 +10,8 @@ async fn transfers_per_host_are_limited_and_other_hosts_go_on() {
     let busy = Origin::start().await;
     let other = Origin::start_on("127.0.0.2").await;
     let app = spawn_app_with(|s| {
-        s.worker_concurrency = 8;
-        s.per_host_concurrency = 2;
+        s.worker.worker_concurrency = 8;
+        s.worker.per_host_concurrency = 2;
     })
     .await;
     // Workers up and taking jobs (a Kafka consumer group takes a few seconds to join).
@@ -45,8 +45,8 @@ async fn a_hosts_retry_after_pauses_its_jobs_only() {
     let paused = Origin::start().await;
     let other = Origin::start_on("127.0.0.2").await;
     let app = spawn_app_with(|s| {
-        s.retry_max_delay = Duration::from_secs(10);
-        s.max_retries = 1;
+        s.retry.max_delay = Duration::from_secs(10);
+        s.retry.max_retries = 1;
     })
     .await;
     let warm = app.submit(&other.url("/file/10"), &app.bucket, "warm").await;

@@ -44,9 +44,9 @@ async fn everything_under_the_data_dir_is_private_to_its_user() {
         return; // Objects are not on this disk.
     }
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.data_dir = s.data_dir.join("fresh")).await;
+    let app = spawn_app_with(|s| s.data.data_dir = s.data.data_dir.join("fresh")).await;
     fill(&app, &origin).await;
-    let data_dir = app.settings.data_dir.clone();
+    let data_dir = app.settings.data.data_dir.clone();
     let found = modes(&data_dir);
     for name in ["fileflow.db", "fileflow.db-wal", "signing.key", "encryption.key", "objects"] {
         assert!(found.iter().any(|(p, ..)| p == &data_dir.join(name)), "no {name} in {found:?}");
@@ -66,12 +66,12 @@ async fn file_mode_lets_the_group_read_the_objects_and_nothing_else() {
     }
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.data_dir = s.data_dir.join("shared");
-        s.file_mode = "0640".parse().unwrap();
+        s.data.data_dir = s.data.data_dir.join("shared");
+        s.data.file_mode = "0640".parse().unwrap();
     })
     .await;
     fill(&app, &origin).await;
-    let data_dir = app.settings.data_dir.clone();
+    let data_dir = app.settings.data.data_dir.clone();
     let objects = data_dir.join("objects");
     for (path, is_dir, mode) in modes(&data_dir) {
         let expected = match (path.starts_with(&objects), is_dir) {

@@ -94,8 +94,8 @@ async fn cancelling_or_failing_a_resumable_transfer_leaves_no_parts() {
     }
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.retry_base_delay = Duration::from_secs(1);
-        s.retry_max_delay = Duration::from_secs(1);
+        s.retry.base_delay = Duration::from_secs(1);
+        s.retry.max_delay = Duration::from_secs(1);
     })
     .await;
     // Cancelled mid-way, after parts are in the store. Parts are read ahead of those
@@ -133,8 +133,8 @@ async fn cancelling_or_failing_a_resumable_transfer_leaves_no_parts() {
 async fn changed_between_attempts(name: &str, query: &str) -> (Origin, TestApp, serde_json::Value) {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.retry_base_delay = Duration::from_secs(2);
-        s.retry_max_delay = Duration::from_secs(2);
+        s.retry.base_delay = Duration::from_secs(2);
+        s.retry.max_delay = Duration::from_secs(2);
     })
     .await;
     let url = origin.url(&format!("/resumable/{name}/{SIZE}?seed=7&{query}"));
@@ -215,7 +215,7 @@ async fn a_job_failed_after_stored_parts_leaves_none_behind() {
         return;
     }
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.max_retries = 0).await;
+    let app = spawn_app_with(|s| s.retry.max_retries = 0).await;
     let url = origin.url(&format!("/resumable/spent/{SIZE}?seed=7&cut={CUT}"));
     let id = app.submit(&url, &app.bucket, "spent.bin").await;
     let job = app.finished(&id).await;

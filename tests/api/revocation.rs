@@ -26,7 +26,7 @@ async fn a_revoked_keys_event_streams_end_within_two_seconds() {
     let dir = tempfile::tempdir().unwrap();
     // No workers: the job stays pending and its stream stays open.
     let mut settings = test_settings(dir.path().to_owned());
-    settings.auth = fileflow::auth::AuthMode::Required;
+    settings.auth.mode = fileflow::auth::AuthMode::Required;
     let app = start_api_only(settings).await;
     let (_, admin) = app.create_key("admin", &[], KeyLimits::default()).await;
     let (revoked_id, submitter) = app.create_key("submitter", &[], KeyLimits::default()).await;
@@ -70,7 +70,7 @@ async fn links_fileflow_signs_end_with_the_key_they_were_made_for() {
         return; // A store's presigned links cannot be revoked: see the lifetime cap below.
     }
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.auth = fileflow::auth::AuthMode::Required).await;
+    let app = spawn_app_with(|s| s.auth.mode = fileflow::auth::AuthMode::Required).await;
     app.ensure_bucket().await;
     let (_, admin) = app.create_key("admin", &[], KeyLimits::default()).await;
     let (submitter_id, submitter) = app.create_key("submitter", &[], KeyLimits::default()).await;
@@ -123,7 +123,7 @@ async fn links_fileflow_signs_end_with_the_key_they_were_made_for() {
 #[tokio::test]
 async fn max_link_lifetime_bounds_every_link() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.max_link_lifetime = Duration::from_secs(60)).await;
+    let app = spawn_app_with(|s| s.server.max_link_lifetime = Duration::from_secs(60)).await;
     let id = app.submit(&origin.url("/file/100"), &app.bucket, "short.bin").await;
     assert_eq!(app.finished(&id).await["status"], "completed");
     let (status, _, answer) =

@@ -101,8 +101,8 @@ async fn a_request_for_a_foreign_host_is_misdirected_on_every_route_in_every_mod
 #[tokio::test]
 async fn allowed_hosts_and_the_public_url_host_are_served() {
     let app = spawn_app_with(|s| {
-        s.allowed_hosts = vec!["files.internal".into(), ".corp.example".into()];
-        s.public_url = Some("https://dl.example.com".parse().unwrap());
+        s.server.allowed_hosts = vec!["files.internal".into(), ".corp.example".into()];
+        s.server.public_url = Some("https://dl.example.com".parse().unwrap());
     })
     .await;
     for host in ["files.internal:8000", "dl.example.com", "api.corp.example", "corp.example:443"] {
@@ -119,8 +119,8 @@ async fn allowed_hosts_and_the_public_url_host_are_served() {
 #[tokio::test]
 async fn on_all_addresses_probes_by_ip_are_served_and_names_need_allowing() {
     let app = spawn_app_with(|s| {
-        s.listen = "0.0.0.0:0".parse().unwrap();
-        s.auth = fileflow::auth::AuthMode::Off;
+        s.server.listen = "0.0.0.0:0".parse().unwrap();
+        s.auth.mode = fileflow::auth::AuthMode::Off;
     })
     .await;
     for host in ["10.1.2.3:8000", "[fd00::7]:8000", "127.0.0.1"] {
@@ -186,7 +186,7 @@ async fn a_cross_site_request_is_refused_and_changes_nothing() {
 
 #[tokio::test]
 async fn cors_origins_get_preflight_answers_and_may_submit() {
-    let app = spawn_app_with(|s| s.cors_origins = vec!["https://app.example.com".parse().unwrap()]).await;
+    let app = spawn_app_with(|s| s.server.cors_origins = vec!["https://app.example.com".parse().unwrap()]).await;
     let preflight = |origin: &'static str| {
         app.client
             .request(Method::OPTIONS, app.url("/api/v1/upload"))

@@ -120,7 +120,7 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
 
 #[tokio::test]
 async fn private_destinations_are_refused_at_submit_unless_allowed() {
-    let app = crate::helpers::spawn_app_with(|s| s.fetch_allow_private = false).await;
+    let app = crate::helpers::spawn_app_with(|s| s.fetch.allow_private = false).await;
     for url in [
         "http://127.0.0.1:8000/x",
         "http://2130706433/x",
@@ -220,9 +220,9 @@ async fn health_and_readiness_answer() {
 async fn slow_clients_cannot_hold_the_api() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = crate::helpers::spawn_app_with(|s| {
-        s.header_timeout = std::time::Duration::from_millis(500);
-        s.request_timeout = std::time::Duration::from_millis(700);
-        s.max_connections = 8;
+        s.server.header_timeout = std::time::Duration::from_millis(500);
+        s.server.request_timeout = std::time::Duration::from_millis(700);
+        s.server.max_connections = 8;
     })
     .await;
     let addr = app.base.trim_start_matches("http://").to_owned();

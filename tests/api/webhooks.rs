@@ -67,7 +67,7 @@ impl Receiver {
 }
 
 async fn app() -> TestApp {
-    spawn_app_with(|s| s.webhook_secret = Some(SECRET.parse().unwrap())).await
+    spawn_app_with(|s| s.auth.webhook_secret = Some(SECRET.parse().unwrap())).await
 }
 
 #[tokio::test]
@@ -129,8 +129,8 @@ async fn a_refused_delivery_is_retried_under_the_same_id_and_every_try_is_shown(
 #[tokio::test]
 async fn notify_urls_are_checked_like_origins() {
     let app = spawn_app_with(|s| {
-        s.webhook_secret = Some(SECRET.parse().unwrap());
-        s.fetch_allow_private = false;
+        s.auth.webhook_secret = Some(SECRET.parse().unwrap());
+        s.fetch.allow_private = false;
     })
     .await;
     for bad in ["http://169.254.169.254/hook", "http://127.0.0.1:9/hook", "ftp://example.com/", "not a url"] {
@@ -157,8 +157,8 @@ async fn a_keys_default_webhook_announces_its_jobs() {
     let origin = Origin::start().await;
     let (receiver, hook) = Receiver::start(0).await;
     let app = spawn_app_with(|s| {
-        s.webhook_secret = Some(SECRET.parse().unwrap());
-        s.auth = fileflow::auth::AuthMode::Required;
+        s.auth.webhook_secret = Some(SECRET.parse().unwrap());
+        s.auth.mode = fileflow::auth::AuthMode::Required;
     })
     .await;
     app.ensure_bucket().await;
@@ -173,7 +173,7 @@ async fn a_keys_default_webhook_announces_its_jobs() {
         output: fileflow::config::OutputFormat::Json,
     };
     let mut out = Vec::new();
-    fileflow::cli::keys::run(&app.settings, create, &mut out).await.unwrap();
+    fileflow::cli::keys::run(&app.settings.data, create, &mut out).await.unwrap();
     let created: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(created["notify_url"], hook.as_str());
     let key = created["key"].as_str().unwrap();
@@ -193,7 +193,7 @@ async fn an_ip_literal_destination_is_checked_again_at_every_send() {
     let dir = tempfile::tempdir().unwrap();
     // Accepted by a process that allows private destinations (no workers: it stays pending)...
     let mut settings = crate::helpers::test_settings(dir.path().to_owned());
-    settings.webhook_secret = Some(SECRET.parse().unwrap());
+    settings.auth.webhook_secret = Some(SECRET.parse().unwrap());
     let first = crate::helpers::start_api_only(settings.clone()).await;
     let id = first
         .submit_body(&json!({ "file_url": origin.url("/file/100"), "bucket_name": "file-bucket",
@@ -201,8 +201,8 @@ async fn an_ip_literal_destination_is_checked_again_at_every_send() {
         .await;
     first.stop().await;
     // ...and finished by one that allows only the origin's address: the hook is refused.
-    settings.fetch_allow_private = false;
-    settings.fetch_allow = vec!["127.0.0.1".into()];
+    settings.fetch.allow_private = false;
+    settings.fetch.allow = vec!["127.0.0.1".into()];
     let second = crate::helpers::start(settings, None).await;
     assert_eq!(second.finished(&id).await["status"], "completed");
     let job = second.wait_until(&id, Duration::from_secs(10), |j| j["webhooks"][0]["given_up_at"].is_string()).await;

@@ -81,9 +81,9 @@ async fn a_job_that_keeps_failing_gives_up_after_max_retries() {
 async fn retries_back_off_from_the_base_delay_and_honour_retry_after() {
     let origin = Origin::start().await;
     let app = spawn_app_with(|s| {
-        s.retry_base_delay = Duration::from_millis(400);
-        s.retry_max_delay = Duration::from_secs(10);
-        s.max_retries = 2;
+        s.retry.base_delay = Duration::from_millis(400);
+        s.retry.max_delay = Duration::from_secs(10);
+        s.retry.max_retries = 2;
     })
     .await;
     let started = std::time::Instant::now();
@@ -112,7 +112,7 @@ async fn retries_back_off_from_the_base_delay_and_honour_retry_after() {
 #[tokio::test]
 async fn a_failed_job_can_be_requeued_and_then_completes() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.max_retries = 0).await;
+    let app = spawn_app_with(|s| s.retry.max_retries = 0).await;
     let id = app.submit(&origin.url("/flaky/requeue/1/2048"), &app.bucket, "again.bin").await;
     let job = app.finished(&id).await;
     assert_eq!(job["status"], "failed", "{job}");
@@ -133,7 +133,7 @@ async fn a_failed_job_can_be_requeued_and_then_completes() {
 #[tokio::test]
 async fn many_jobs_run_concurrently_and_all_complete() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.worker_concurrency = 8).await;
+    let app = spawn_app_with(|s| s.worker.worker_concurrency = 8).await;
     let started = std::time::Instant::now();
     let mut ids = Vec::new();
     for i in 0..40u64 {
@@ -154,7 +154,7 @@ async fn many_jobs_run_concurrently_and_all_complete() {
 #[tokio::test]
 async fn a_worker_never_runs_more_transfers_than_its_concurrency() {
     let origin = Origin::start().await;
-    let app = spawn_app_with(|s| s.worker_concurrency = 3).await;
+    let app = spawn_app_with(|s| s.worker.worker_concurrency = 3).await;
     let mut ids = Vec::new();
     for i in 0..15u64 {
         let url = origin.url(&format!("/delay/100/{}?seed={i}", 500 + i));
@@ -174,7 +174,7 @@ async fn shutdown_hands_unfinished_jobs_back_and_a_restart_completes_them() {
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut settings = stack_settings(dir.path().to_owned()).await;
-    settings.shutdown_grace = Duration::from_millis(300);
+    settings.worker.shutdown_grace = Duration::from_millis(300);
     let app = start(settings.clone(), None).await;
     // The origin takes 3 s to answer: longer than the grace period.
     let id = app.submit(&origin.url("/delay/3000/4096"), &app.bucket, "handed-back").await;
@@ -200,8 +200,8 @@ async fn a_stopping_worker_finishes_its_transfers_and_hands_back_jobs_still_wait
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut settings = stack_settings(dir.path().to_owned()).await;
-    settings.worker_concurrency = 1;
-    settings.shutdown_grace = Duration::from_secs(20);
+    settings.worker.worker_concurrency = 1;
+    settings.worker.shutdown_grace = Duration::from_secs(20);
     let app = start(settings.clone(), None).await;
     let processing = |j: &serde_json::Value| j["status"] == "processing";
     let running = app.submit(&origin.url("/delay/1500/4096?seed=1"), &app.bucket, "running").await;
