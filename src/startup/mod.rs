@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -24,6 +23,9 @@ use crate::relay::OutboxRelay;
 use crate::storage::ObjectStore;
 use crate::webhooks::Dispatcher;
 use crate::worker::{Hosts, Worker, run_pool};
+
+mod loops;
+pub use loops::Loops;
 
 /// How long workers get, after the grace period, to hand their jobs back.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -210,10 +212,11 @@ impl Application {
     /// Run until `shutdown` resolves or a part stops; then stop taking work, let jobs in
     /// flight finish within the grace period, and hand back whatever is still running.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let stop = CancellationToken::new();
         let abort = CancellationToken::new();
+        let mut loops = Loops::new(CancellationToken::new());
+        let runs_api = self.listener.is_some();
 
-        let mut api: Option<JoinHandle<std::io::Result<()>>> = self.listener.map(|listener| {
+        if let Some(listener) = self.listener {
             let state = AppState {
                 repo: self.backends.repo.clone(),
                 store: self.backends.store.clone(),
@@ -232,9 +235,11 @@ impl Application {
             let limits = self.settings.server.limits();
             let router = http::router(state, self.settings.server.request_timeout);
             tracing::info!(port = self.port, "API listening");
-            tokio::spawn(http::serve(listener, router, limits, stop.clone().cancelled_owned()))
-        });
-        let metrics_server = self.metrics_listener.map(|listener| {
+            loops.spawn("api", |stop| async move {
+                Ok(http::serve(listener, router, limits, stop.cancelled_owned()).await?)
+            });
+        }
+        if let Some(listener) = self.metrics_listener {
             let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(%addr, "metrics listening");
             let limits = ServerLimits {
@@ -242,102 +247,65 @@ impl Application {
                 max_connections_per_ip: 64,
                 header_timeout: self.settings.server.header_timeout,
             };
-            tokio::spawn(http::serve(
-                listener,
-                http::metrics_router(self.metrics.clone()),
-                limits,
-                stop.clone().cancelled_owned(),
-            ))
-        });
+            let router = http::metrics_router(self.metrics.clone());
+            loops.spawn("metrics server", |stop| async move {
+                Ok(http::serve(listener, router, limits, stop.cancelled_owned()).await?)
+            });
+        }
         // On PostgreSQL an API process hears job changes from the database itself.
-        let listener = match (&self.backends.queue, api.is_some()) {
-            (QueueSource::Kafka { db, .. }, true) => {
-                Some(tokio::spawn(crate::events::listen(db.pool.clone(), self.backends.changes.clone(), stop.clone())))
-            }
-            _ => None,
-        };
-        let sampler = tokio::spawn(crate::metrics::sample(
-            self.metrics.clone(),
-            self.backends.repo.clone(),
-            self.backends.outbox.clone(),
-            self.queue.clone(),
-            stop.clone(),
-        ));
-        let relay = self.relay.map(|relay| {
+        if let (QueueSource::Kafka { db, .. }, true) = (&self.backends.queue, runs_api) {
+            let (pool, changes) = (db.pool.clone(), self.backends.changes.clone());
+            loops.spawn_infallible("change listener", |stop| crate::events::listen(pool, changes, stop));
+        }
+        let (metrics, repo, outbox, queue) =
+            (self.metrics.clone(), self.backends.repo.clone(), self.backends.outbox.clone(), self.queue.clone());
+        loops.spawn_infallible("metrics sampler", |stop| crate::metrics::sample(metrics, repo, outbox, queue, stop));
+        if let Some(relay) = self.relay {
             tracing::info!("outbox relay started");
-            tokio::spawn(relay.run(stop.clone()))
-        });
-        let dispatcher = self.dispatcher.map(|dispatcher| tokio::spawn(dispatcher.run(stop.clone())));
-        let reconciler = api.is_some().then(|| {
+            loops.spawn_infallible("outbox relay", |stop| relay.run(stop));
+        }
+        if let Some(dispatcher) = self.dispatcher {
+            loops.spawn_infallible("webhook dispatcher", |stop| dispatcher.run(stop));
+        }
+        if runs_api {
+            let (repo, backlog, metrics) = (self.backends.repo.clone(), self.backlog.clone(), self.metrics.clone());
             let settings = self.settings.sweep.reconcile();
-            let metrics = self.metrics.clone();
-            tokio::spawn(reconciler::run(
-                self.backends.repo.clone(),
-                self.backlog.clone(),
-                settings,
-                metrics,
-                stop.clone(),
-            ))
-        });
-        let sweeper = self.worker.as_ref().map(|worker| {
+            loops.spawn_infallible("reconciler", |stop| reconciler::run(repo, backlog, settings, metrics, stop));
+        }
+        if let Some(worker) = self.worker {
             // No attempt outlives the transfer timeout: a staging file older than that
             // (and the grace period) was left by a process that died mid-write.
             let older_than = self.settings.fetch.transfer_timeout + self.settings.worker.shutdown_grace;
-            tokio::spawn(sweep_abandoned_writes(worker.store.clone(), older_than, stop.clone()))
-        });
-        let mut workers: Option<JoinHandle<()>> = self.worker.map(|worker| {
+            let store = worker.store.clone();
+            loops.spawn_infallible("staging sweeper", |stop| sweep_abandoned_writes(store, older_than, stop));
             let concurrency = self.settings.worker.worker_concurrency;
             tracing::info!(concurrency, "workers started");
-            tokio::spawn(run_pool(worker, concurrency, stop.clone(), abort.clone()))
-        });
+            let abort = abort.clone();
+            loops.spawn_infallible("workers", |stop| run_pool(worker, concurrency, stop, abort));
+        }
 
-        let mut failure = None;
-        tokio::select! {
-            () = shutdown => tracing::info!("shutdown requested"),
-            result = async { api.as_mut().expect("guarded").await }, if api.is_some() => {
-                api = None;
-                tracing::error!(?result, "API stopped");
-                failure = Some(anyhow::anyhow!("the API stopped: {result:?}"));
+        let failure = tokio::select! {
+            () = shutdown => {
+                tracing::info!("shutdown requested");
+                None
             }
-            result = async { workers.as_mut().expect("guarded").await }, if workers.is_some() => {
-                workers = None;
-                tracing::error!(?result, "workers stopped");
-                failure = Some(anyhow::anyhow!("the workers stopped: {result:?}"));
+            ended = loops.first_ended() => {
+                let why = ended.outcome.err().unwrap_or_else(|| "ended by itself".to_owned());
+                tracing::error!(part = ended.name, error = %why, "a part of the process stopped; stopping the rest");
+                Some(anyhow::anyhow!("the {} stopped: {why}", ended.name))
             }
-        }
-        stop.cancel();
-        // Open event streams end, so the API's connections can drain.
+        };
+        // Open event streams end with the loops, so the API's connections can drain.
         self.backends.changes.stopped.cancel();
-        if let Some(listener) = listener {
-            let _ = listener.await;
-        }
-        if let Some(api) = api {
-            let _ = api.await;
-        }
-        if let Some(relay) = relay {
-            let _ = relay.await;
-        }
-        if let Some(server) = metrics_server {
-            let _ = server.await;
-        }
-        let _ = sampler.await;
-        if let Some(reconciler) = reconciler {
-            let _ = reconciler.await;
-        }
-        if let Some(dispatcher) = dispatcher {
-            let _ = dispatcher.await;
-        }
-        if let Some(sweeper) = sweeper {
-            let _ = sweeper.await;
-        }
-        if let Some(mut workers) = workers {
-            let grace = self.settings.worker.shutdown_grace;
-            if tokio::time::timeout(grace, &mut workers).await.is_err() {
-                tracing::warn!(grace = %humantime::format_duration(grace), "jobs still running after the grace period; handing them back");
-                abort.cancel();
-                if tokio::time::timeout(HAND_BACK_TIMEOUT, workers).await.is_err() {
-                    tracing::error!("workers did not hand their jobs back in time; their leases will lapse");
-                }
+        // Jobs in flight get the grace period; whatever still runs then is handed back.
+        let grace = self.settings.worker.shutdown_grace;
+        let late = loops.stop_and_join(grace).await;
+        if !late.is_empty() {
+            tracing::warn!(grace = %humantime::format_duration(grace), parts = ?late, "still running after the grace period; handing their jobs back");
+            abort.cancel();
+            let stuck = loops.join(HAND_BACK_TIMEOUT).await;
+            if !stuck.is_empty() {
+                tracing::error!(parts = ?stuck, "did not stop in time; jobs they hold will be picked up when their leases lapse");
             }
         }
         if let Some(queue) = self.queue {
