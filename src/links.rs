@@ -168,6 +168,7 @@ mod tests {
             expected_md5: None,
             expected_size: None,
             if_exists: Default::default(),
+            priority: 0,
             notify_url: None,
             request_headers: None,
             grant: crate::lifecycle::Grant::open(),

@@ -27,6 +27,8 @@ pub struct JobView {
     pub md5: Option<String>,
     pub content_type: Option<String>,
     pub if_exists: IfExists,
+    /// Among its caller's waiting jobs, higher goes first.
+    pub priority: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notify_url: Option<String>,
     /// Bytes received by the transfer under way (or the last one), and the declared size.
@@ -76,6 +78,7 @@ pub async fn job_view(job: Job, links: &dyn DownloadLinks, minted_by: Option<&st
         md5: job.md5,
         content_type: job.content_type,
         if_exists: job.if_exists,
+        priority: job.priority,
         notify_url: job.notify_url,
         bytes_done: job.bytes_done,
         bytes_total: job.bytes_total,

@@ -35,6 +35,7 @@ impl Backend {
             expected_md5: None,
             expected_size: None,
             if_exists: Default::default(),
+            priority: 0,
             notify_url: None,
             headers: None,
             grant: Grant::open(),

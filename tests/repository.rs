@@ -24,6 +24,7 @@ fn new_job(key: &str) -> NewJob {
         expected_md5: None,
         expected_size: Some(5),
         if_exists: fileflow::lifecycle::IfExists::Skip,
+        priority: 7,
         notify_url: None,
         // The repository keeps sealed headers as they are given (the API seals them).
         headers: Some(SealedHeaders::from_stored("v1.c2VhbGVk".into())),
@@ -74,7 +75,7 @@ async fn create_get_and_list(repo: Arc<dyn JobRepository>) {
     assert_eq!(got, a);
     assert_eq!(got.request_headers.as_ref().map(SealedHeaders::as_str), Some("v1.c2VhbGVk"));
     assert_eq!(got.grant, Grant::open());
-    assert_eq!((got.expected_size, got.if_exists), (Some(5), fileflow::lifecycle::IfExists::Skip));
+    assert_eq!((got.expected_size, got.if_exists, got.priority), (Some(5), fileflow::lifecycle::IfExists::Skip, 7));
     assert_eq!(got.traceparent.as_deref(), Some(TRACEPARENT), "the creating request's trace is kept");
     assert_eq!(repo.get(fileflow::lifecycle::JobId(a.id.0 + 1000)).await.unwrap(), None);
 

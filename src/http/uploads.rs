@@ -105,6 +105,14 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         .transpose()
         .map_err(|e| ApiError::invalid("if_exists", e))?
         .unwrap_or_default();
+    let priority = match body.0.get("priority") {
+        None | Some(serde_json::Value::Null) => 0,
+        Some(p) => {
+            p.as_u64().and_then(|p| u32::try_from(p).ok()).filter(|&p| p <= MAX_PRIORITY).ok_or_else(|| {
+                ApiError::invalid("priority", format!("must be a whole number from 0 to {MAX_PRIORITY}"))
+            })?
+        }
+    };
     let expected_size = match body.0.get("size") {
         None | Some(serde_json::Value::Null) => None,
         Some(size) => Some(size.as_u64().ok_or_else(|| ApiError::invalid("size", "must be a whole number of bytes"))?),
@@ -149,6 +157,7 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         expected_md5,
         expected_size,
         if_exists,
+        priority,
         notify_url,
         headers: state.sealer.seal(&headers),
         grant,
@@ -156,6 +165,9 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         traceparent: None,
     })
 }
+
+/// The highest `priority` (S3 Batch Operations' bound: a signed 32-bit integer's).
+const MAX_PRIORITY: u32 = i32::MAX as u32;
 
 /// How long a caller at its limit of unfinished jobs is told to wait before asking again.
 const QUOTA_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
@@ -196,6 +208,9 @@ pub(super) struct UploadRequest {
     /// A webhook called when the job ends (Standard Webhooks).
     notify_url: Option<String>,
     if_exists: Option<IfExists>,
+    /// Among this caller's waiting jobs, higher goes first (0 to 2147483647, default 0);
+    /// callers take turns whatever their priorities.
+    priority: Option<u32>,
 }
 
 /// The answer to an accepted upload.

@@ -141,6 +141,8 @@ pub struct NewJob {
     /// The size the content must have, when the caller knows it.
     pub expected_size: Option<u64>,
     pub if_exists: IfExists,
+    /// Among the waiting jobs of the same caller, higher goes first (then older first).
+    pub priority: u32,
     /// Where to send a webhook when the job ends (checked by the destination guard).
     pub notify_url: Option<SourceUrl>,
     /// Extra headers for the origin request, encrypted.
@@ -189,6 +191,8 @@ pub struct Job {
     pub expected_md5: Option<String>,
     pub expected_size: Option<u64>,
     pub if_exists: IfExists,
+    /// Among the waiting jobs of the same caller, higher goes first.
+    pub priority: u32,
     pub notify_url: Option<String>,
     /// Extra headers for the origin request, encrypted (secret: never shown by the API).
     pub request_headers: Option<SealedHeaders>,

@@ -1,4 +1,4 @@
-//! The job lifecycle: states, transitions and the retry decision.
+//! The job lifecycle: states, transitions, the retry decision and whose job goes next.
 //!
 //! Nothing here does I/O. Workers ask this module what a finished attempt means
 //! ([`settle`]) and adapters only persist the answer.
@@ -6,7 +6,9 @@
 mod error;
 mod job;
 mod retry;
+mod turns;
 
 pub use error::{Cause, ErrorKind, JobError};
 pub use job::{Grant, IfExists, Job, JobId, JobStatus, NewJob, Settlement, StoredObject, lease_renew_interval, settle};
 pub use retry::{Decision, RetryPolicy};
+pub use turns::{Candidate, Turns, take_turns};

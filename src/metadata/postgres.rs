@@ -65,7 +65,13 @@ impl PgRepository {
     }
 
     async fn enqueue(tx: &mut Transaction<'_, Postgres>, id: JobId) -> Result<(), RepoError> {
-        sqlx::query("INSERT INTO outbox (job_id, attempt) VALUES ($1, 1)").bind(id.0).execute(&mut **tx).await?;
+        sqlx::query(
+            "INSERT INTO outbox (job_id, attempt, owner, priority) \
+             SELECT id, 1, COALESCE(owner_key, ''), priority FROM files WHERE id = $1",
+        )
+        .bind(id.0)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
@@ -160,16 +166,17 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
         "WITH created AS ( \
              INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
              created_at, updated_at, accept_token, owner_key, max_file_size, may_create_bucket, expected_size, \
-             if_exists, notify_url, traceparent) \
-             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z, e, w, p \
+             if_exists, notify_url, traceparent, priority) \
+             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z, e, w, p, r \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], \
              $8::text[], $9::text[], $10::bigint[], $11::boolean[], $12::bigint[], $13::text[], $14::text[], \
-             $15::text[]) \
-             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, e, w, p, n) \
+             $15::text[], $16::integer[]) \
+             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, e, w, p, r, n) \
              ORDER BY n \
              ON CONFLICT (accept_token) DO NOTHING \
              RETURNING {COLUMNS}), \
-         queued AS (INSERT INTO outbox (job_id, attempt) SELECT id, 1 FROM created ORDER BY id) \
+         queued AS (INSERT INTO outbox (job_id, attempt, owner, priority) \
+             SELECT id, 1, COALESCE(owner_key, ''), priority FROM created ORDER BY id) \
          SELECT * FROM created \
          UNION ALL SELECT {COLUMNS} FROM files WHERE accept_token = ANY($8)"
     ))
@@ -188,6 +195,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
     .bind(batch.iter().map(|(job, ..)| job.if_exists.as_str()).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.notify_url.as_ref().map(SourceUrl::as_str)).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.traceparent.as_deref()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| i32::try_from(job.priority).unwrap_or(i32::MAX)).collect::<Vec<_>>())
     .fetch_all(executor)
     .await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
@@ -198,7 +206,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
     sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at, \
-    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent";
+    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent, priority";
 
 fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -227,6 +235,8 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         bytes_done: row.try_get::<Option<i64>, _>("bytes_done")?.map(from_db),
         bytes_total: row.try_get::<Option<i64>, _>("bytes_total")?.map(from_db),
         traceparent: row.try_get("traceparent")?,
+        priority: u32::try_from(row.try_get::<i32, _>("priority")?)
+            .map_err(|_| corrupt("priority out of range".into()))?,
         if_exists: row
             .try_get::<String, _>("if_exists")?
             .parse()
@@ -460,7 +470,7 @@ impl JobRepository for PgRepository {
         // A job with an outbox row is still on its way and is left alone.
         let row = sqlx::query(
             "WITH stuck AS ( \
-                 SELECT f.id, f.status, f.retry_count FROM files f \
+                 SELECT f.id, f.status, f.retry_count, f.owner_key, f.priority FROM files f \
                  WHERE f.status IN ('pending', 'processing') \
                    AND ((f.status = 'pending' AND $3 \
                          AND greatest(f.updated_at, f.announced_at, f.next_attempt_at) \
@@ -470,7 +480,8 @@ impl JobRepository for PgRepository {
                    AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = f.id) \
                  ORDER BY f.id LIMIT $2 FOR UPDATE OF f SKIP LOCKED), \
              marked AS (UPDATE files SET announced_at = now() FROM stuck WHERE files.id = stuck.id), \
-             queued AS (INSERT INTO outbox (job_id, attempt) SELECT id, retry_count + 1 FROM stuck ORDER BY id) \
+             queued AS (INSERT INTO outbox (job_id, attempt, owner, priority) \
+             SELECT id, retry_count + 1, COALESCE(owner_key, ''), priority FROM stuck ORDER BY id) \
              SELECT count(*) FILTER (WHERE status = 'pending') AS pending, \
                     count(*) FILTER (WHERE status = 'processing') AS expired FROM stuck",
         )

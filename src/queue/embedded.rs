@@ -12,7 +12,7 @@ use futures::FutureExt as _;
 use sqlx::{Connection as _, Row};
 
 use super::{Delivery, Queue, QueueError};
-use crate::lifecycle::JobId;
+use crate::lifecycle::{Candidate, JobId, take_turns};
 use crate::metadata::{SqliteDb, from_millis, to_millis};
 
 /// How long an idle receiver sleeps before looking again when nothing is due and no
@@ -94,42 +94,94 @@ impl EmbeddedQueue {
         to_millis(now) + i64::try_from(self.lock_for.as_millis()).unwrap_or(i64::MAX / 2)
     }
 
-    /// Lock up to `max` due rows in one statement; each delivery gets its own lock token.
+    /// Lock up to `max` due rows, taken in turns across their owners ([`take_turns`]);
+    /// each delivery gets its own lock token. One transaction on the writer: the owners'
+    /// next jobs (an index probe each, `queue_turn_idx`), the choice, the locks and the
+    /// owners' new passes.
     async fn try_receive(&self, now: DateTime<Utc>, max: usize) -> Result<Vec<Delivery>, QueueError> {
         let prefix = format!("{}:{:016x}:", self.consumer, rand::random::<u64>());
-        let (until, now, max) = (self.lock_until(now), to_millis(now), i64::try_from(max.max(1)).unwrap_or(i64::MAX));
-        let rows = self
+        let (until, now, max) = (self.lock_until(now), to_millis(now), max.max(1));
+        let deliveries = self
             .db
             .write(move |c| {
-                sqlx::query(
-                    "UPDATE queue SET locked_by = ?1 || job_id, locked_until = ?2 \
-                     WHERE job_id IN (SELECT job_id FROM queue \
-                                      WHERE due_at <= ?3 AND (locked_until IS NULL OR locked_until <= ?3) \
-                                      ORDER BY due_at, job_id LIMIT ?4) \
-                     RETURNING job_id, attempt, locked_by",
-                )
-                .bind(prefix)
-                .bind(until)
-                .bind(now)
-                .bind(max)
-                .fetch_all(c)
-                .boxed()
-            })
-            .await?;
-        let mut deliveries = rows
-            .iter()
-            .map(|row| {
-                let attempt: i64 = row.try_get("attempt")?;
-                Ok(Delivery {
-                    job_id: JobId(row.try_get("job_id")?),
-                    attempt: u32::try_from(attempt).unwrap_or(1),
-                    token: row.try_get("locked_by")?,
-                    traceparent: None,
+                Box::pin(async move {
+                    let mut tx = c.begin().await?;
+                    let clock: f64 = sqlx::query_scalar("SELECT now FROM queue_clock WHERE id = 1")
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .unwrap_or(0.0);
+                    let rows = sqlx::query(
+                        "SELECT t.owner, t.pass, COALESCE(k.weight, 1) AS weight, q.job_id, q.priority, q.due_at \
+                         FROM queue_turns t LEFT JOIN api_keys k ON k.id = t.owner \
+                         JOIN queue q ON q.job_id IN ( \
+                             SELECT job_id FROM queue WHERE owner = t.owner AND due_at <= ?1 \
+                             AND (locked_until IS NULL OR locked_until <= ?1) \
+                             ORDER BY priority DESC, due_at, job_id LIMIT ?2)",
+                    )
+                    .bind(now)
+                    .bind(i64::try_from(max).unwrap_or(i64::MAX))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let mut candidates = rows
+                        .iter()
+                        .map(|row| {
+                            Ok((
+                                (row.try_get::<String, _>("owner")?, -row.try_get::<i64, _>("priority")?),
+                                (row.try_get::<i64, _>("due_at")?, row.try_get::<i64, _>("job_id")?),
+                                Candidate {
+                                    owner: row.try_get("owner")?,
+                                    weight: u32::try_from(row.try_get::<i64, _>("weight")?).unwrap_or(1),
+                                    pass: row.try_get("pass")?,
+                                    job: row.try_get::<i64, _>("job_id")?,
+                                },
+                            ))
+                        })
+                        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+                    // Each owner's candidates in its own order: priority, then age.
+                    candidates.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+                    let turns = take_turns(clock, candidates.into_iter().map(|(.., c)| c).collect(), max);
+                    if turns.taken.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    let ids = turns.taken.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                    let locked = sqlx::query(&format!(
+                        "UPDATE queue SET locked_by = ?1 || job_id, locked_until = ?2 WHERE job_id IN ({ids}) \
+                         RETURNING job_id, attempt, locked_by"
+                    ))
+                    .bind(&prefix)
+                    .bind(until)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for (owner, pass) in &turns.passes {
+                        sqlx::query("UPDATE queue_turns SET pass = ?2 WHERE owner = ?1")
+                            .bind(owner)
+                            .bind(pass)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    sqlx::query("UPDATE queue_clock SET now = ?1 WHERE id = 1")
+                        .bind(turns.clock)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    // Hand them out in the order of the turns.
+                    let mut deliveries = locked
+                        .iter()
+                        .map(|row| {
+                            let attempt: i64 = row.try_get("attempt")?;
+                            Ok(Delivery {
+                                job_id: JobId(row.try_get("job_id")?),
+                                attempt: u32::try_from(attempt).unwrap_or(1),
+                                token: row.try_get("locked_by")?,
+                                traceparent: None,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+                    deliveries.sort_by_key(|d| turns.taken.iter().position(|&id| id == d.job_id.0));
+                    Ok::<_, sqlx::Error>(deliveries)
                 })
             })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        // RETURNING promises no order; hand them out in the order of the jobs.
-        deliveries.sort_by_key(|d| d.job_id.0);
+            .await?;
         Ok(deliveries)
     }
 

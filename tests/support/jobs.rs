@@ -24,6 +24,7 @@ pub fn completed(bucket: &str, key: &str) -> Job {
         expected_md5: None,
         expected_size: None,
         if_exists: Default::default(),
+        priority: 0,
         notify_url: None,
         request_headers: None,
         grant: Grant::open(),

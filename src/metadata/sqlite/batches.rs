@@ -169,13 +169,13 @@ pub(super) async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> R
     let mut sql = String::from(
         "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, \
          request_headers, owner_key, max_file_size, may_create_bucket, expected_size, if_exists, notify_url, \
-         traceparent, created_at, updated_at, status, retry_count) VALUES ",
+         traceparent, priority, created_at, updated_at, status, retry_count) VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 14 * i;
+        let p = 15 * i;
         let sep = if i == 0 { "" } else { "," };
-        // created_at and updated_at are both the 14th value.
-        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 14), p + 14);
+        // created_at and updated_at are both the 15th value.
+        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 15), p + 15);
     }
     let _ = write!(sql, " RETURNING {COLUMNS}");
     let mut query = sqlx::query(&sql);
@@ -194,6 +194,7 @@ pub(super) async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> R
             .bind(job.if_exists.as_str())
             .bind(job.notify_url.as_ref().map(SourceUrl::as_str))
             .bind(job.traceparent.as_deref())
+            .bind(i64::from(job.priority))
             .bind(to_millis(*now));
     }
     let rows = query.fetch_all(c).await?;
@@ -206,7 +207,7 @@ pub(super) async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> R
 pub(super) const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
     etag, size, sha256, md5, content_type, expected_sha256, expected_md5, request_headers, \
     created_at, updated_at, next_attempt_at, owner_key, max_file_size, may_create_bucket, object_version, \
-    cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent";
+    cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent, priority";
 
 pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -235,6 +236,7 @@ pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         bytes_done: row.try_get::<Option<i64>, _>("bytes_done")?.map(from_db),
         bytes_total: row.try_get::<Option<i64>, _>("bytes_total")?.map(from_db),
         traceparent: row.try_get("traceparent")?,
+        priority: u32::try_from(row.try_get::<i64, _>("priority")?).map_err(|_| corrupt("priority out of range"))?,
         if_exists: row
             .try_get::<String, _>("if_exists")?
             .parse()

@@ -290,8 +290,9 @@ impl JobRepository for SqliteRepository {
             .write(move |c| {
                 let now = to_millis(Utc::now());
                 let sql = format!(
-                    "INSERT INTO queue (job_id, attempt, due_at) \
-                     SELECT id, retry_count + 1, MAX(COALESCE(next_attempt_at, 0), ?1) FROM files \
+                    "INSERT INTO queue (job_id, attempt, due_at, owner, priority) \
+                     SELECT id, retry_count + 1, MAX(COALESCE(next_attempt_at, 0), ?1), COALESCE(owner_key, ''), \
+                     priority FROM files \
                      WHERE {STUCK} ORDER BY id LIMIT ?4 \
                      RETURNING job_id, (SELECT status FROM files f WHERE f.id = job_id) AS status"
                 );
@@ -528,7 +529,8 @@ impl JobRepository for SqliteRepository {
                     let Some(row) = row else { return Ok(None) };
                     let job = job_from_row(&row)?;
                     sqlx::query(
-                        "INSERT INTO queue (job_id, attempt, due_at) VALUES (?1, 1, ?2) \
+                        "INSERT INTO queue (job_id, attempt, due_at, owner, priority) \
+                         SELECT id, 1, ?2, COALESCE(owner_key, ''), priority FROM files WHERE id = ?1 \
                          ON CONFLICT (job_id) DO UPDATE SET attempt = 1, due_at = ?2, locked_by = NULL, \
                          locked_until = NULL",
                     )
