@@ -182,6 +182,10 @@ pub enum KeysCommand {
         /// the server's --max-file-size).
         #[arg(long)]
         file_size_limit: Option<bytesize::ByteSize>,
+        /// This key's share of the workers when several keys have jobs waiting: a key of
+        /// weight 3 gets three turns to a weight-1 key's one (default 1).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        weight: Option<u32>,
         /// Webhook for jobs of this key that name no `notify_url` of their own (used when
         /// the server has a --webhook-secret).
         #[arg(long)]
@@ -460,6 +464,12 @@ pub struct KafkaArgs {
         global = true
     )]
     pub replication_factor: i32,
+
+    /// Most jobs left on the jobs topic that the workers have not consumed; past it, the
+    /// relay holds new jobs in PostgreSQL, where the turns between keys and the priorities
+    /// decide what goes next (a topic is first come, first served). `0`: no bound.
+    #[arg(long, env = "FILEFLOW_KAFKA_MAX_BACKLOG", default_value_t = 500, global = true)]
+    pub max_backlog: u64,
 }
 
 /// How origins are reached, and how long and how slowly they may take.
@@ -696,6 +706,7 @@ impl AuthArgs {
             rate_limit: Some(self.key_rate_limit).filter(|&r| r > 0),
             max_unfinished: Some(self.key_max_unfinished).filter(|&n| n > 0),
             max_file_size: None,
+            weight: None,
         }
     }
 }

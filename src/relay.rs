@@ -8,14 +8,18 @@ use std::time::Duration;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
+use crate::lifecycle::{Candidate, take_turns};
 use crate::metadata::PgDb;
+use crate::queue::Backlog as _;
 use crate::queue::QueueError;
-use crate::queue::kafka::{JobMessage, KafkaPublisher, KafkaSettings, ensure_topics};
+use crate::queue::kafka::{JobMessage, KafkaBacklog, KafkaPublisher, KafkaSettings, ensure_topics};
 
-/// Messages published per transaction.
-const BATCH: i64 = 200;
+/// Most messages published per transaction.
+const BATCH: usize = 200;
 /// How often the relay makes sure the topics exist.
 const TOPIC_CHECK: Duration = Duration::from_secs(5);
+/// How often a relay held back by the workers' backlog looks at it again.
+const BACKLOG_POLL: Duration = Duration::from_millis(250);
 /// How often an idle relay looks for rows written by other processes.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// Longest one batch may take (the database, then every publish, each bounded by the
@@ -26,6 +30,9 @@ pub struct OutboxRelay {
     db: PgDb,
     publisher: KafkaPublisher,
     kafka: KafkaSettings,
+    backlog: Option<KafkaBacklog>,
+    /// Most jobs left unconsumed on the jobs topic; past it, jobs wait in the outbox.
+    max_backlog: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,27 +46,54 @@ pub enum RelayError {
 }
 
 impl OutboxRelay {
-    pub fn new(db: PgDb, kafka: &KafkaSettings) -> Result<Self, QueueError> {
-        Ok(Self { db, publisher: KafkaPublisher::new(kafka)?, kafka: kafka.clone() })
+    /// A relay that keeps at most `max_backlog` jobs unconsumed on the jobs topic (`0`: no
+    /// bound), so the order the relay chooses is the order workers see.
+    pub fn new(db: PgDb, kafka: &KafkaSettings, max_backlog: u64) -> Result<Self, QueueError> {
+        let backlog = (max_backlog > 0).then(|| KafkaBacklog::new(kafka)).transpose()?;
+        Ok(Self { db, publisher: KafkaPublisher::new(kafka)?, kafka: kafka.clone(), backlog, max_backlog })
     }
 
-    /// Publish one batch; returns how many messages went out. Rows are locked with SKIP
-    /// LOCKED, so several API processes relay side by side without repeating each other.
-    pub async fn run_once(&self) -> Result<usize, RelayError> {
+    /// Publish one batch of at most `limit`; returns how many messages went out. The
+    /// waiting jobs are taken in turns across their keys (weighted), then by priority,
+    /// then by age ([`take_turns`]); the clock row is locked for the choice, so relays of
+    /// several API processes take turns with each other too, and rows are locked with SKIP
+    /// LOCKED, so they never repeat each other.
+    pub async fn run_once(&self, limit: usize) -> Result<usize, RelayError> {
+        let limit = limit.clamp(1, BATCH);
         let mut tx = self.db.pool.begin().await?;
+        let clock: f64 = sqlx::query_scalar("SELECT now FROM outbox_clock WHERE id = 1 FOR UPDATE")
+            .fetch_optional(&mut *tx)
+            .await?
+            .unwrap_or(0.0);
         let rows = sqlx::query(
-            "SELECT o.id, o.attempt, f.id AS job_id, f.file_url, f.bucket_name, f.object_name, f.traceparent \
-             FROM outbox o JOIN files f ON f.id = o.job_id ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
+            "SELECT t.owner, t.pass, COALESCE(k.weight, 1) AS weight, o.id, o.attempt, \
+                    f.id AS job_id, f.file_url, f.bucket_name, f.object_name, f.traceparent \
+             FROM outbox_turns t LEFT JOIN api_keys k ON k.id = t.owner \
+             CROSS JOIN LATERAL (SELECT id, attempt, job_id, priority FROM outbox WHERE owner = t.owner \
+                                 ORDER BY priority DESC, id LIMIT $1 FOR UPDATE SKIP LOCKED) o \
+             JOIN files f ON f.id = o.job_id \
+             ORDER BY t.owner, o.priority DESC, o.id",
         )
-        .bind(BATCH)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut messages = Vec::with_capacity(rows.len());
-        for row in &rows {
+        let mut candidates = Vec::with_capacity(rows.len());
+        for (at, row) in rows.iter().enumerate() {
+            candidates.push(Candidate {
+                owner: row.try_get("owner")?,
+                weight: u32::try_from(row.try_get::<i32, _>("weight")?).unwrap_or(1),
+                pass: row.try_get("pass")?,
+                job: at,
+            });
+        }
+        let turns = take_turns(clock, candidates, limit);
+        let mut ids = Vec::with_capacity(turns.taken.len());
+        let mut messages = Vec::with_capacity(turns.taken.len());
+        for &at in &turns.taken {
+            let row = &rows[at];
             ids.push(row.try_get::<i64, _>("id")?);
             let message = JobMessage {
                 id: row.try_get::<i64, _>("job_id")?.to_string(),
@@ -70,6 +104,7 @@ impl OutboxRelay {
             let attempt = u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(1);
             messages.push((message, attempt, row.try_get::<Option<String>, _>("traceparent")?));
         }
+        // Handed to the producer in the order of the turns.
         futures::future::try_join_all(
             messages.iter().map(|(m, attempt, trace)| self.publisher.publish_job(m, *attempt, trace.as_deref())),
         )
@@ -82,9 +117,32 @@ impl OutboxRelay {
         .bind(&ids)
         .execute(&mut *tx)
         .await?;
+        let (owners, passes): (Vec<String>, Vec<f64>) = turns.passes.into_iter().unzip();
+        sqlx::query(
+            "UPDATE outbox_turns t SET pass = v.pass FROM unnest($1::text[], $2::float8[]) AS v (owner, pass) \
+             WHERE t.owner = v.owner",
+        )
+        .bind(&owners)
+        .bind(&passes)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE outbox_clock SET now = $1 WHERE id = 1").bind(turns.clock).execute(&mut *tx).await?;
         tx.commit().await?;
         tracing::debug!(published = ids.len(), "outbox relayed");
         Ok(ids.len())
+    }
+
+    /// How many more jobs the topic may take now: the bound less the group's lag (`BATCH`
+    /// when unbounded, or when the lag cannot be read: a publish failure then tells).
+    async fn room(&self) -> usize {
+        let Some(backlog) = &self.backlog else { return BATCH };
+        match backlog.lag().await {
+            Ok(lag) => usize::try_from(self.max_backlog.saturating_sub(lag)).unwrap_or(BATCH).min(BATCH),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the workers' lag; relaying without the bound");
+                BATCH
+            }
+        }
     }
 
     /// Relay until `stop`; failures are logged and retried, never fatal.
@@ -113,7 +171,16 @@ impl OutboxRelay {
                     tracing::warn!(error = %e, "cannot check the Kafka topics");
                 }
             }
-            let batch = tokio::time::timeout(BATCH_TIMEOUT, self.run_once())
+            // While the workers are far behind, jobs wait here, in the order of the turns,
+            // rather than in the topic ahead of every job that comes after them.
+            let room = self.room().await;
+            if room == 0 {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(BACKLOG_POLL) => continue,
+                }
+            }
+            let batch = tokio::time::timeout(BATCH_TIMEOUT, self.run_once(room))
                 .await
                 .unwrap_or(Err(RelayError::TimedOut(BATCH_TIMEOUT)));
             if let (Ok(published), true) = (&batch, failures > 0) {
@@ -121,7 +188,7 @@ impl OutboxRelay {
                 failures = 0;
             }
             let wait = match batch {
-                Ok(n) if n as i64 == BATCH => continue,
+                Ok(n) if n == room => continue,
                 Ok(_) => IDLE_POLL,
                 Err(e) => {
                     failures += 1;

@@ -43,7 +43,7 @@ impl Backend {
         };
         let id = self.repo.create(&job, Utc::now()).await.unwrap().id;
         if let Some(relay) = &self.relay {
-            assert_eq!(relay.run_once().await.unwrap(), 1);
+            assert_eq!(relay.run_once(200).await.unwrap(), 1);
         }
         id
     }
@@ -89,7 +89,7 @@ async fn kafka_with_settings() -> Option<(Backend, KafkaSettings)> {
     };
     ensure_topics(&settings).await.unwrap();
     let queue: Arc<dyn Queue> = KafkaQueue::start(&settings, 4).unwrap();
-    let relay = Arc::new(OutboxRelay::new(db.clone(), &settings).unwrap());
+    let relay = Arc::new(OutboxRelay::new(db.clone(), &settings, 0).unwrap());
     let reopen = settings.clone();
     let backend = Backend {
         repo: Arc::new(PgRepository::new(db)),

@@ -368,7 +368,12 @@ async fn keys_are_kept_hashed_and_revoked_once(keys: Arc<dyn KeyStore>) {
         name: "uploader".into(),
         role: Role::Submitter,
         scope: Scope::parse(&["photos", "docs/team-a/*"]).unwrap(),
-        limits: KeyLimits { rate_limit: Some(5), max_unfinished: Some(10), max_file_size: Some(1 << 20) },
+        limits: KeyLimits {
+            rate_limit: Some(5),
+            max_unfinished: Some(10),
+            max_file_size: Some(1 << 20),
+            weight: Some(2),
+        },
         notify_url: Some("https://hooks.example.com/fileflow".into()),
     };
     let t = now();

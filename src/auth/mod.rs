@@ -343,6 +343,7 @@ impl Gate {
             rate_limit: key.limits.rate_limit.or(self.defaults.rate_limit),
             max_unfinished: key.limits.max_unfinished.or(self.defaults.max_unfinished),
             max_file_size: key.limits.max_file_size.or(self.defaults.max_file_size),
+            weight: key.limits.weight.or(self.defaults.weight),
         }
     }
 

@@ -23,12 +23,14 @@ pub async fn run(settings: &DataArgs, action: KeysCommand, out: &mut dyn Write) 
             rate_limit,
             max_unfinished,
             file_size_limit,
+            weight,
             notify_url,
             output,
         } => {
             let scope = Scope::parse(&buckets).map_err(|e| anyhow::anyhow!("--buckets: {e}"))?;
             anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
-            let limits = KeyLimits { rate_limit, max_unfinished, max_file_size: file_size_limit.map(|s| s.as_u64()) };
+            let limits =
+                KeyLimits { rate_limit, max_unfinished, max_file_size: file_size_limit.map(|s| s.as_u64()), weight };
             let issued = IssuedKey::generate();
             let notify_url = notify_url
                 .map(|url| crate::domain::SourceUrl::parse(url.as_str()).map(|u| u.as_str().to_owned()))
@@ -97,6 +99,7 @@ fn view(key: &ApiKey) -> serde_json::Value {
         "rate_limit": key.limits.rate_limit,
         "max_unfinished": key.limits.max_unfinished,
         "max_file_size": key.limits.max_file_size,
+        "weight": key.limits.weight.unwrap_or(1),
         "notify_url": key.notify_url,
         "created_at": time(key.created_at),
         "revoked_at": key.revoked_at.map(time),

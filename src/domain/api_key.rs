@@ -123,6 +123,9 @@ pub struct KeyLimits {
     pub max_unfinished: Option<u64>,
     /// Largest file a job of this key may store (under the server's own limit).
     pub max_file_size: Option<u64>,
+    /// This key's share of the workers against other keys with waiting jobs (1 when left
+    /// out: a key of weight 3 gets three turns to another's one).
+    pub weight: Option<u32>,
 }
 
 /// A key to create.

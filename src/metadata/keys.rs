@@ -30,7 +30,7 @@ pub trait KeyStore: Send + Sync + 'static {
 macro_rules! key_columns {
     () => {
         "id, name, role, buckets, secret_sha256, rate_limit, max_unfinished, max_file_size, created_at, revoked_at, \
-         notify_url"
+         notify_url, weight"
     };
 }
 const KEY_COLUMNS: &str = key_columns!();
@@ -60,6 +60,7 @@ where
             rate_limit: row.try_get::<Option<i32>, _>("rate_limit")?.map(|r| u32::try_from(r).unwrap_or(0)),
             max_unfinished: row.try_get::<Option<i64>, _>("max_unfinished")?.map(from_db),
             max_file_size: row.try_get::<Option<i64>, _>("max_file_size")?.map(from_db),
+            weight: row.try_get::<Option<i32>, _>("weight")?.map(|w| u32::try_from(w).unwrap_or(1)),
         },
         notify_url: row.try_get("notify_url")?,
         created_at,
@@ -71,6 +72,11 @@ where
 
 fn rate_value(rate: Option<u32>) -> Option<i32> {
     rate.map(|v| i32::try_from(v).unwrap_or(i32::MAX))
+}
+
+/// The stored weight: the key's, or 1.
+fn weight_value(weight: Option<u32>) -> i32 {
+    weight.map_or(1, |w| i32::try_from(w.max(1)).unwrap_or(i32::MAX))
 }
 
 fn sqlite_key(row: &sqlx::sqlite::SqliteRow) -> Result<(ApiKey, String), RepoError> {
@@ -93,7 +99,7 @@ impl KeyStore for SqliteDb {
             .write(move |c| {
                 sqlx::query(concat!(
                     "INSERT INTO api_keys (id, name, role, buckets, secret_sha256, rate_limit, max_unfinished, \
-                     max_file_size, created_at, notify_url) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) RETURNING ",
+                     max_file_size, created_at, notify_url, weight) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING ",
                     key_columns!()
                 ))
                 .bind(id)
@@ -106,6 +112,7 @@ impl KeyStore for SqliteDb {
                 .bind(limits.max_file_size.map(to_db))
                 .bind(to_millis(now))
                 .bind(notify_url)
+                .bind(weight_value(limits.weight))
                 .fetch_one(c)
                 .boxed()
             })
@@ -152,7 +159,8 @@ impl KeyStore for PgDb {
     async fn create_key(&self, issued: &IssuedKey, key: &NewKey, now: DateTime<Utc>) -> Result<ApiKey, RepoError> {
         let row = sqlx::query(&format!(
             "INSERT INTO api_keys (id, name, role, buckets, secret_sha256, rate_limit, max_unfinished, \
-             max_file_size, created_at, notify_url) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {KEY_COLUMNS}"
+             max_file_size, created_at, notify_url, weight) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             RETURNING {KEY_COLUMNS}"
         ))
         .bind(&issued.id)
         .bind(&key.name)
@@ -164,6 +172,7 @@ impl KeyStore for PgDb {
         .bind(key.limits.max_file_size.map(to_db))
         .bind(now)
         .bind(&key.notify_url)
+        .bind(weight_value(key.limits.weight))
         .fetch_one(&self.pool)
         .await?;
         Ok(pg_key(&row)?.0)

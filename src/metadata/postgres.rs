@@ -176,7 +176,9 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
              ON CONFLICT (accept_token) DO NOTHING \
              RETURNING {COLUMNS}), \
          queued AS (INSERT INTO outbox (job_id, attempt, owner, priority) \
-             SELECT id, 1, COALESCE(owner_key, ''), priority FROM created ORDER BY id) \
+             SELECT id, 1, COALESCE(owner_key, ''), priority FROM created ORDER BY id), \
+         turns AS (INSERT INTO outbox_turns (owner) SELECT DISTINCT COALESCE(owner_key, '') FROM created \
+             ON CONFLICT DO NOTHING) \
          SELECT * FROM created \
          UNION ALL SELECT {COLUMNS} FROM files WHERE accept_token = ANY($8)"
     ))

@@ -136,7 +136,7 @@ impl Application {
             QueueSource::Embedded(_) => None,
             QueueSource::Kafka { settings: kafka, db } => {
                 if runs_api {
-                    relay = Some(OutboxRelay::new(db.clone(), kafka)?);
+                    relay = Some(OutboxRelay::new(db.clone(), kafka, settings.kafka.max_backlog)?);
                     backlog = Some(Arc::new(KafkaBacklog::new(kafka)?));
                 }
                 if runs_workers {

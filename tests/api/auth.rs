@@ -373,6 +373,7 @@ async fn a_public_listener_without_keys_refuses_to_start() {
         rate_limit: None,
         max_unfinished: None,
         file_size_limit: None,
+        weight: None,
         notify_url: None,
         output: fileflow::config::OutputFormat::Json,
     };

@@ -176,6 +176,7 @@ impl TestApp {
             rate_limit: limits.rate_limit,
             max_unfinished: limits.max_unfinished,
             file_size_limit: limits.max_file_size.map(bytesize::ByteSize::b),
+            weight: limits.weight,
             notify_url: None,
             output: OutputFormat::Json,
         };

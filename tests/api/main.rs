@@ -18,6 +18,7 @@ mod destinations;
 mod download_links;
 mod events;
 mod failures;
+mod fair_share;
 mod gcs;
 mod limits;
 mod metrics;

@@ -169,6 +169,7 @@ async fn a_keys_default_webhook_announces_its_jobs() {
         rate_limit: None,
         max_unfinished: None,
         file_size_limit: None,
+        weight: None,
         notify_url: Some(hook.parse().unwrap()),
         output: fileflow::config::OutputFormat::Json,
     };
