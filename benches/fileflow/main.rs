@@ -12,7 +12,7 @@
 //! `FILEFLOW_BENCH_REPORT` names a file, into it (BENCHMARKS.md).
 //!
 //! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, flood, pipeline,
-//! scale, large, resume, growth, costs), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
+//! scale, large, resume, growth, costs, fair), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
 //! (2 GiB), `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400).
 
 #[path = "../../tests/support/origin.rs"]
@@ -21,6 +21,7 @@ mod origin;
 mod baselines;
 mod busy;
 mod costs;
+mod fair;
 mod flood;
 mod growth;
 mod load;
@@ -587,6 +588,7 @@ async fn main() {
         ("resume", "resume"),
         ("growth", "cost as the jobs pile up"),
         ("costs", "per job, on the distributed stack"),
+        ("fair", "fair share"),
     ] {
         if !wanted(part) {
             continue;
@@ -605,6 +607,7 @@ async fn main() {
             "pipeline" => bench.pipeline().await,
             "scale" => bench.scale().await,
             "resume" => bench.resume().await,
+            "fair" => bench.fair().await,
             _ => bench.large().await,
         };
         println!("\n{}", table.markdown());
