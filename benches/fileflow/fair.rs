@@ -67,7 +67,8 @@ async fn tries(base: &str, key: &str, url: &str, from: usize) -> Vec<f64> {
 }
 
 impl Bench {
-    pub async fn fair(&mut self) -> Table {
+    /// The fair-share table and the claim-cost table.
+    pub async fn fair(&mut self) -> (Table, Table) {
         let data = self.scratch.path().join("fair");
         std::fs::create_dir_all(&data).expect("scratch");
         let busy_key = create_key(&data).await;
@@ -112,8 +113,7 @@ impl Bench {
             f1(quantile(&mut beside, 0.99)),
             f2(beside_p50 / idle_p50),
         ]);
-        println!("\n{}", table.markdown());
-        self.claims().await
+        (table, self.claims().await)
     }
 
     /// Claims of 16 jobs from the embedded queue with 10 k and 1 M jobs waiting across ten keys.

@@ -598,8 +598,12 @@ async fn main() {
             "accept" => bench.accept().await,
             "busy" => bench.busy().await,
             "flood" => bench.flood().await,
-            "growth" | "costs" => {
-                let (first, second) = if part == "growth" { bench.growth().await } else { bench.costs().await };
+            "growth" | "costs" | "fair" => {
+                let (first, second) = match part {
+                    "growth" => bench.growth().await,
+                    "costs" => bench.costs().await,
+                    _ => bench.fair().await,
+                };
                 println!("\n{}", first.markdown());
                 tables.push(first);
                 second
@@ -607,7 +611,6 @@ async fn main() {
             "pipeline" => bench.pipeline().await,
             "scale" => bench.scale().await,
             "resume" => bench.resume().await,
-            "fair" => bench.fair().await,
             _ => bench.large().await,
         };
         println!("\n{}", table.markdown());
