@@ -1,6 +1,12 @@
 use std::time::Duration;
 
-use super::{ErrorKind, JobError};
+use super::{Cause, ErrorKind, JobError};
+
+/// Retries an origin's 429 or 503 gets (when retries are on at all, and unless
+/// `max_retries` is higher): the host asked to slow down, the job did not fail, so it is
+/// not given up after the few retries a failing transfer gets. With the default backoff
+/// (1 s doubling, capped at 5 min) that is about 20 minutes of asking.
+pub const THROTTLED_RETRIES: u32 = 10;
 
 /// How many times and how patiently a job is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +41,11 @@ impl RetryPolicy {
     /// fixed in tests); the backoff is drawn from `[delay/2, delay)` ("equal jitter"), so
     /// retries of many jobs that failed together spread out but never come too soon.
     pub fn decide(&self, retries_so_far: u32, error: &JobError, jitter: f64) -> Decision {
-        if error.kind != ErrorKind::Transient || retries_so_far >= self.max_retries {
+        let budget = match error.cause {
+            Cause::Throttled if self.max_retries > 0 => self.max_retries.max(THROTTLED_RETRIES),
+            _ => self.max_retries,
+        };
+        if error.kind != ErrorKind::Transient || retries_so_far >= budget {
             return Decision::GiveUp;
         }
         let exponential = self
@@ -59,6 +69,18 @@ mod tests {
 
     fn policy() -> RetryPolicy {
         RetryPolicy { max_retries: 3, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(60) }
+    }
+
+    #[test]
+    fn a_throttled_job_is_given_more_retries_than_a_failing_one() {
+        let throttled = JobError::transient("HTTP 429").because(Cause::Throttled);
+        let failing = JobError::transient("connection reset");
+        assert_eq!(policy().decide(3, &failing, 0.0), Decision::GiveUp);
+        assert!(matches!(policy().decide(3, &throttled, 0.0), Decision::Retry { retry_count: 4, .. }));
+        assert!(matches!(policy().decide(9, &throttled, 0.0), Decision::Retry { retry_count: 10, .. }));
+        assert_eq!(policy().decide(10, &throttled, 0.0), Decision::GiveUp, "not for ever");
+        let none = RetryPolicy { max_retries: 0, ..policy() };
+        assert_eq!(none.decide(0, &throttled, 0.0), Decision::GiveUp, "no retries means none");
     }
 
     #[test]
