@@ -10,6 +10,12 @@
 //! long backlog are not announced again and again. So, once the queue has caught up, no job
 //! waits longer than its lease + the sweep interval + the grace period, whatever the
 //! broker lost; a job whose worker died is announced again whatever the backlog.
+//!
+//! A backlog that has not moved for a whole grace period is not being worked on, and is
+//! no reason to wait: a broker that lost its state can report messages nobody will ever
+//! be given (Tansu, after a restart, counted 5 messages in partitions whose fetches
+//! answered nothing, for good). Overdue jobs are then announced as if the queue had
+//! caught up; at worst, a job is announced once more than needed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +51,7 @@ pub async fn run(
     // Since when overdue `pending` jobs have been held back (the queue not caught up, or
     // not known to be), and when that was last said.
     let mut held_back: Option<(std::time::Instant, std::time::Instant)> = None;
+    let mut unmoved = Unmoved::default();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -58,9 +65,10 @@ pub async fn run(
                 if let Ok(lag) = &lag {
                     metrics.consumer_lag.set(i64::try_from(*lag).unwrap_or(i64::MAX));
                 }
-                let caught_up = matches!(lag, Ok(0));
-                note_held_back(&mut held_back, caught_up, &lag);
-                caught_up
+                let stalled = unmoved.observe(lag.as_ref().ok().copied(), std::time::Instant::now(), settings.grace);
+                let announce = matches!(lag, Ok(0)) || stalled;
+                note_held_back(&mut held_back, announce, &lag);
+                announce
             }
         };
         let sweep = Sweep { grace: settings.grace, limit: SWEEP_LIMIT, pending };
@@ -91,6 +99,43 @@ pub async fn run(
             }
         }
         metrics.sweep_duration.observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// How long the queue's backlog has stood still: the same number of messages not consumed,
+/// reading after reading.
+#[derive(Debug, Default)]
+struct Unmoved {
+    /// The backlog, and since when it has been the same.
+    since: Option<(u64, std::time::Instant)>,
+    /// Whether this standstill was logged already.
+    said: bool,
+}
+
+impl Unmoved {
+    /// Note the backlog read at `now` (`None`: it could not be read); true when there is
+    /// one and it has not moved for `patience`.
+    fn observe(&mut self, lag: Option<u64>, now: std::time::Instant, patience: Duration) -> bool {
+        let Some(lag) = lag.filter(|lag| *lag > 0) else {
+            *self = Self::default();
+            return false;
+        };
+        let since = match self.since {
+            Some((before, since)) if before == lag => since,
+            _ => {
+                *self = Self { since: Some((lag, now)), said: false };
+                now
+            }
+        };
+        let stalled = now.duration_since(since) >= patience;
+        if stalled && !std::mem::replace(&mut self.said, true) {
+            tracing::warn!(
+                lag,
+                unmoved_ms = now.duration_since(since).as_millis() as u64,
+                "the queue's backlog has not moved for a grace period: announcing overdue pending jobs anyway"
+            );
+        }
+        stalled
     }
 }
 
@@ -126,5 +171,44 @@ fn note_held_back(
         Err(e) => {
             tracing::warn!(error = %e, held_back_ms, "overdue pending jobs held back: cannot tell whether the queue has caught up")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_backlog_that_stands_still_for_a_grace_period_is_not_waited_on() {
+        let t0 = std::time::Instant::now();
+        let mut unmoved = Unmoved::default();
+        assert!(!unmoved.observe(Some(5), t0, 3 * S));
+        assert!(!unmoved.observe(Some(5), t0 + 2 * S, 3 * S));
+        assert!(unmoved.observe(Some(5), t0 + 3 * S, 3 * S));
+        assert!(unmoved.observe(Some(5), t0 + 4 * S, 3 * S));
+    }
+
+    #[test]
+    fn a_backlog_that_moves_is_waited_on() {
+        let t0 = std::time::Instant::now();
+        let mut unmoved = Unmoved::default();
+        for (i, lag) in [9, 8, 8, 7, 9, 6, 5, 4].into_iter().enumerate() {
+            let at = t0 + u32::try_from(i).unwrap() * 2 * S;
+            assert!(!unmoved.observe(Some(lag), at, 3 * S), "lag {lag} read at {i}");
+        }
+    }
+
+    #[test]
+    fn no_backlog_or_no_reading_starts_the_clock_again() {
+        let t0 = std::time::Instant::now();
+        let mut unmoved = Unmoved::default();
+        assert!(!unmoved.observe(Some(5), t0, 3 * S));
+        assert!(!unmoved.observe(None, t0 + 2 * S, 3 * S));
+        assert!(!unmoved.observe(Some(5), t0 + 3 * S, 3 * S));
+        assert!(!unmoved.observe(Some(0), t0 + 5 * S, 3 * S));
+        assert!(!unmoved.observe(Some(5), t0 + 6 * S, 3 * S));
+        assert!(unmoved.observe(Some(5), t0 + 9 * S, 3 * S));
     }
 }

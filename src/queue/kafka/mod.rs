@@ -7,6 +7,7 @@ mod membership;
 mod message;
 mod offsets;
 mod options;
+mod rewind;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -192,9 +193,11 @@ impl KafkaBacklog {
         for partition in partitions {
             let (low, high) = consumer.fetch_watermarks(topic, partition, timeout).map_err(backend)?;
             // Messages below the log's start are gone (retention, a broker that lost its
-            // data): they are no backlog, whatever the group committed.
+            // data): they are no backlog, whatever the group committed. An offset past the
+            // log's end is from a log the broker lost: the whole new log is still to read
+            // (the members read it again from its start, see `rewind`).
             let done = match committed.find_partition(topic, partition).map(|p| p.offset()) {
-                Some(Offset::Offset(offset)) => offset.max(low),
+                Some(Offset::Offset(offset)) if offset <= high => offset.max(low),
                 _ => low,
             };
             lag += (high - done).max(0);
@@ -394,6 +397,8 @@ const ASSIGNMENT_CHECK: Duration = Duration::from_secs(1);
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause between the old member's leaving and the new one's joining.
 const LEAVE_SETTLE: Duration = Duration::from_millis(500);
+/// How often a member looks for partitions it reads past their log's end (see [`rewind`]).
+const LOG_END_CHECK: Duration = Duration::from_secs(5);
 
 /// A consumer in the workers' group, subscribed to the jobs and retry topics.
 fn join_group(settings: &KafkaSettings, state: &Arc<Mutex<State>>) -> Result<Consumer_, QueueError> {
@@ -429,6 +434,7 @@ impl KafkaQueue {
         let inner = Arc::new(Inner { consumer, publisher: KafkaPublisher::new(settings)?, state });
         let stop = CancellationToken::new();
         tokio::spawn(inner.clone().poll_loop(tx, stop.clone(), settings.clone()));
+        tokio::spawn(inner.clone().watch_log_ends(stop.clone()));
         Ok(Arc::new(Self { inner, deliveries: tokio::sync::Mutex::new(rx), stop }))
     }
 
@@ -494,6 +500,61 @@ impl Inner {
                     }
                 }
             }
+        }
+    }
+
+    /// Now and then, read again from the start of its log any assigned partition read past
+    /// the log's end (see [`rewind`]). Off the poll loop: the broker may take its time.
+    async fn watch_log_ends(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(LOG_END_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let consumer = self.consumer();
+            let past = match tokio::task::spawn_blocking(move || rewind::find(&consumer)).await {
+                Ok(Ok(past)) => past,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "cannot compare read offsets with the log ends; will look again");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the look at the log ends failed");
+                    continue;
+                }
+            };
+            for partition in past {
+                tracing::warn!(
+                    topic = %partition.topic,
+                    partition = partition.partition,
+                    offset = partition.at,
+                    log_start = partition.low,
+                    log_end = partition.high,
+                    "reading past the log's end (the broker lost its log): reading the partition again from its start"
+                );
+                self.forget_partition(&partition.topic, partition.partition);
+                let consumer = self.consumer();
+                let rewound = tokio::task::spawn_blocking(move || rewind::rewind(&consumer, &partition))
+                    .await
+                    .map_err(backend)
+                    .and_then(|r| r.map_err(backend));
+                if let Err(e) = rewound {
+                    tracing::warn!(error = %e, "cannot read the partition again from its start; will look again");
+                }
+            }
+        }
+    }
+
+    /// Drop what is tracked and held for one partition, which is about to be read again:
+    /// offsets tracked from before must not hold back (or be stored over) the new ones.
+    fn forget_partition(&self, topic: &str, partition: i32) {
+        let key = (topic.to_owned(), partition);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.offsets.remove(&key);
+        if state.held.remove(&key).is_some() {
+            self.set_paused(&Origin { topic: key.0, partition, offset: 0 }, false);
         }
     }
 
