@@ -113,6 +113,9 @@ pub enum ClientCommand {
         /// A webhook called when the job ends.
         #[arg(long)]
         notify_url: Option<String>,
+        /// Among this key's waiting jobs, higher goes first (0–2147483647, default 0).
+        #[arg(long)]
+        priority: Option<u32>,
         /// Follow the job to its end (a progress bar on a terminal); exit non-zero unless it completes.
         #[arg(long)]
         wait: bool,

@@ -124,7 +124,20 @@ pub async fn run(command: ClientCommand, out: &mut impl Write) -> anyhow::Result
     let client = Client::new(args.server.clone(), args.api_key.clone())?;
     let format = args.output;
     match command {
-        ClientCommand::Submit { url, bucket, key, from, prefix, sha256, md5, if_exists, notify_url, wait, .. } => {
+        ClientCommand::Submit {
+            url,
+            bucket,
+            key,
+            from,
+            prefix,
+            sha256,
+            md5,
+            if_exists,
+            notify_url,
+            priority,
+            wait,
+            ..
+        } => {
             let ids = match (url, from) {
                 (Some(url), None) => {
                     let key = key.context("--key is required with a URL")?;
@@ -135,6 +148,9 @@ pub async fn run(command: ClientCommand, out: &mut impl Write) -> anyhow::Result
                         if let Some(value) = value {
                             body[field] = Value::String(value);
                         }
+                    }
+                    if let Some(priority) = priority {
+                        body["priority"] = json!(priority);
                     }
                     let id = client.submit(body).await?;
                     if !wait {
