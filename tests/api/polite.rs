@@ -54,6 +54,10 @@ async fn a_hosts_retry_after_pauses_its_jobs_only() {
     let first = app.submit(&paused.url("/status/503?retry_after=3"), &app.bucket, "asked").await;
     app.wait_until(&first, Duration::from_secs(5), |j| j["retry_count"] == 1).await;
     let asked_at = Instant::now();
+    // A throttled job keeps asking (it has the throttled budget): cancel it, so the pause
+    // it caused is the only one.
+    let cancelled = app.client.post(app.url(&format!("/api/v1/uploads/{first}/cancel"))).send().await.unwrap();
+    assert!(cancelled.status().is_success(), "{}", cancelled.status());
     let waiting = app.submit(&paused.url("/file/100"), &app.bucket, "same-host").await;
     let elsewhere = app.submit(&other.url("/file/100"), &app.bucket, "other-host").await;
     assert_eq!(app.finished(&elsewhere).await["status"], "completed");

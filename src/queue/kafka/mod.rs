@@ -194,10 +194,12 @@ impl KafkaBacklog {
             let (low, high) = consumer.fetch_watermarks(topic, partition, timeout).map_err(backend)?;
             // Messages below the log's start are gone (retention, a broker that lost its
             // data): they are no backlog, whatever the group committed. An offset past the
-            // log's end is from a log the broker lost: the whole new log is still to read
-            // (the members read it again from its start, see `rewind`).
+            // log's end counts as caught up: Tansu reports such offsets in normal running
+            // too (counting the whole log then held the relay and the reconciler back for
+            // good), and after a broker lost its log the members read it again from its
+            // start (`rewind`) while the reconciler announces what is overdue.
             let done = match committed.find_partition(topic, partition).map(|p| p.offset()) {
-                Some(Offset::Offset(offset)) if offset <= high => offset.max(low),
+                Some(Offset::Offset(offset)) => offset.max(low),
                 _ => low,
             };
             lag += (high - done).max(0);
