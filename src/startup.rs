@@ -214,6 +214,8 @@ impl Application {
                             bytes_per_second: settings.min_transfer_rate.as_u64(),
                             window: settings.min_rate_window,
                         },
+                        segments: usize::from(settings.segments),
+                        segment_threshold: settings.segment_threshold.as_u64(),
                     },
                 })
             }

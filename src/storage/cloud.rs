@@ -21,8 +21,8 @@ use object_store::{
 use url::Url;
 
 use super::{
-    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PartialWrite, PutOutcome, ReadError, StoredBody, WriteOptions,
-    WriteProgress, read_head,
+    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PartialWrite, PieceWrite, PutOutcome, ReadError, StoredBody,
+    WriteOptions, WriteProgress, read_head,
 };
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobError, JobId};
@@ -371,6 +371,76 @@ impl<C: Cloud> CloudStore<C> {
     }
 }
 
+/// A multipart upload whose parts are put by index, in any order.
+struct CloudPieces<'a, C: Cloud> {
+    cloud: &'a CloudStore<C>,
+    store: Arc<C::Client>,
+    location: StorePath,
+    bucket: &'a BucketName,
+    from: PartialWrite,
+}
+
+#[async_trait]
+impl<C: Cloud> PieceWrite for CloudPieces<'_, C> {
+    fn partial(&self) -> PartialWrite {
+        self.from.clone()
+    }
+
+    async fn put(&self, offset: u64, chunks: Vec<Bytes>) -> Result<Vec<String>, JobError> {
+        let part_size = self.from.part_size;
+        let first = usize::try_from(offset / part_size).expect("a part index fits");
+        // A piece is a whole number of parts (the file's last may be shorter): cut it there.
+        let mut parts = Vec::new();
+        let (mut part, mut len) = (Vec::new(), 0u64);
+        for chunk in chunks {
+            let mut chunk = chunk;
+            while !chunk.is_empty() {
+                let take = (part_size - len).min(chunk.len() as u64) as usize;
+                part.push(chunk.split_to(take));
+                len += take as u64;
+                if len == part_size {
+                    parts.push(std::mem::take(&mut part));
+                    len = 0;
+                }
+            }
+        }
+        if len > 0 {
+            parts.push(part);
+        }
+        let mut ids = Vec::with_capacity(parts.len());
+        for (i, part) in parts.into_iter().enumerate() {
+            let put = self.store.put_part(&self.location, &self.from.id, first + i, PutPayload::from_iter(part)).await;
+            let id = put.map_err(|e| {
+                let e = self.cloud.classify_mid_upload(&e, "part upload");
+                JobError { message: format!("{} (bucket {})", e.message, self.bucket), ..e }
+            })?;
+            ids.push(id.content_id);
+        }
+        Ok(ids)
+    }
+
+    async fn sync(&self) -> Result<(), JobError> {
+        Ok(())
+    }
+
+    async fn complete(&self, parts: Vec<String>, fence: &dyn Fence) -> Result<PutOutcome, JobError> {
+        fence.check().await?;
+        let parts = parts.into_iter().map(|content_id| PartId { content_id }).collect();
+        let done = self.store.complete_multipart(&self.location, &self.from.id, parts).await.map_err(|e| {
+            let e = self.cloud.classify_mid_upload(&e, "multipart completion");
+            JobError { message: format!("{} (bucket {})", e.message, self.bucket), ..e }
+        })?;
+        Ok(PutOutcome::tagged(done.e_tag))
+    }
+
+    async fn abort(&self) {
+        match self.store.abort_multipart(&self.location, &self.from.id).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => tracing::warn!(bucket = %self.bucket, error = %e, "could not abort a multipart upload"),
+        }
+    }
+}
+
 /// Aborts a multipart upload whose attempt was dropped midway (lease lost, shutdown).
 struct AbortOnDrop(Option<WriteMultipart>);
 
@@ -439,6 +509,42 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
         self.upload_resumable(&store, &location(key), options.content_type, body, fence, from, progress)
             .await
             .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
+    }
+
+    /// One part per piece: each range fetched goes up as one part, by its index.
+    fn piece_size(&self) -> Option<u64> {
+        self.resumable_part_size()
+    }
+
+    async fn start_pieces<'a>(
+        &'a self,
+        bucket: &'a BucketName,
+        key: &'a ObjectKey,
+        options: WriteOptions<'a>,
+        _job: JobId,
+        from: Option<PartialWrite>,
+    ) -> Result<Box<dyn PieceWrite + 'a>, JobError> {
+        if !self.cloud.resumable() {
+            return Err(JobError::permanent(format!("{} uploads cannot take a file in pieces", self.cloud.name())));
+        }
+        let store = self.bucket(bucket.as_str())?;
+        let location = location(key);
+        let from = match from {
+            Some(from) => from,
+            None => {
+                if self.limits.create_buckets && options.may_create_bucket {
+                    self.ensure_bucket(&store, bucket).await?;
+                }
+                let options =
+                    PutMultipartOptions { attributes: content_type_attr(options.content_type), ..Default::default() };
+                let id = store
+                    .create_multipart_opts(&location, options)
+                    .await
+                    .map_err(|e| self.classify(&e, &format!("multipart (bucket {bucket})")))?;
+                PartialWrite { id, part_size: self.part_size() as u64, stored: 0, parts: Vec::new() }
+            }
+        };
+        Ok(Box::new(CloudPieces { cloud: self, store, location, bucket, from }))
     }
 
     async fn discard(&self, bucket: &BucketName, key: &ObjectKey, write: &PartialWrite) -> Result<(), JobError> {
