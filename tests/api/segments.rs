@@ -1,0 +1,160 @@
+//! Segmented transfers: a large file from an origin that serves ranges of a version it
+//! names is fetched as several ranges at once, each range checked before a byte of it is
+//! stored; anything else gets one whole request, and a range that does not prove itself
+//! never ends in a `completed` job with other bytes than the origin's file.
+
+use crate::helpers::{Origin, TestApp, md5_hex, sha256_hex, spawn_app_with};
+use crate::origin::content;
+
+const MIB: u64 = 1024 * 1024;
+/// Over the tests' threshold (16 MiB): 6 pieces on disk (8 MiB), 10 on S3 (5 MiB).
+const SIZE: u64 = 48 * MIB;
+const SEGMENTS: u16 = 4;
+
+async fn segmenting_app() -> TestApp {
+    spawn_app_with(|s| {
+        s.segments = SEGMENTS;
+        s.segment_threshold = bytesize::ByteSize::mib(16);
+    })
+    .await
+}
+
+async fn fetch(app: &TestApp, origin: &Origin, name: &str, size: u64, query: &str) -> serde_json::Value {
+    let url = origin.url(&format!("/resumable/{name}/{size}?seed=5{query}"));
+    let id = app.submit(&url, &app.bucket, &format!("{name}.bin")).await;
+    app.finished(&id).await
+}
+
+/// The bounded ranges asked (`bytes=a-b` as (a, b)), sorted, and the whole-file requests.
+fn ranges(origin: &Origin, name: &str) -> (Vec<(u64, u64)>, usize) {
+    let asked = origin.ranges_asked(name);
+    let whole = asked.iter().filter(|r| r.is_empty()).count();
+    let mut bounded: Vec<(u64, u64)> = asked
+        .iter()
+        .filter_map(|r| r.strip_prefix("bytes=")?.split_once('-'))
+        .filter_map(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .collect();
+    bounded.sort_unstable();
+    (bounded, whole)
+}
+
+#[tokio::test]
+async fn a_large_file_is_fetched_in_ranges_at_once_and_stored_byte_exact() {
+    let origin = Origin::start().await;
+    let app = segmenting_app().await;
+    // 1 MiB every 10 ms per answer: slow enough that the ranges overlap.
+    let job = fetch(&app, &origin, "big", SIZE, "&every_ms=10").await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let expected = content(5, SIZE);
+    assert_eq!(job["size"], SIZE, "{job}");
+    assert_eq!(job["sha256"], sha256_hex(&expected), "{job}");
+    assert!(app.read_object("big.bin").await == expected, "stored bytes differ");
+
+    let (bounded, whole) = ranges(&origin, "big");
+    assert_eq!(whole, 1, "one whole-file request, whose start is the first piece");
+    // The ranges tile the rest of the file exactly, each asked once.
+    let first = bounded.first().expect("ranges were asked").0;
+    assert!(first > 0 && first < SIZE, "{bounded:?}");
+    let mut next = first;
+    for &(a, b) in &bounded {
+        assert_eq!(a, next, "ranges tile the file: {bounded:?}");
+        next = b + 1;
+    }
+    assert_eq!(next, SIZE, "{bounded:?}");
+    // Every fetcher but the first piece's asks its range at once; the first piece's asks
+    // the next range when its piece is in (before or after the others' end).
+    let at_once = origin.most_ranges_at_once("big");
+    assert!((u32::from(SEGMENTS) - 1..=u32::from(SEGMENTS)).contains(&at_once), "{at_once} ranges at once");
+    // The whole-file answer was dropped after its first piece, not read to its end.
+    assert!(origin.bytes_sent("big") < SIZE + 2 * first, "sent {}", origin.bytes_sent("big"));
+    let stored = app.stored_objects().await;
+    assert!(stored.len() == 1 && stored[0].ends_with("big.bin"), "no staging file left: {stored:?}");
+    assert_eq!(app.unfinished_uploads().await, 0);
+    println!("{} ranges after the first piece of {} MiB, {at_once} at once", bounded.len(), first / MIB);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_origin_that_cannot_serve_ranges_or_a_small_file_gets_one_whole_request() {
+    let origin = Origin::start().await;
+    let app = segmenting_app().await;
+    let cases = [
+        ("rangeless", SIZE, "&ranges=no"),
+        ("weak", SIZE, "&validator=weak"),
+        ("unnamed", SIZE, "&validator=none"),
+        ("small", 12 * MIB, ""),
+    ];
+    for (name, size, query) in cases {
+        let job = fetch(&app, &origin, name, size, query).await;
+        assert_eq!(job["status"], "completed", "{name}: {job}");
+        assert_eq!(job["sha256"], sha256_hex(&content(5, size)), "{name}: {job}");
+        assert_eq!(origin.ranges_asked(name), [""], "{name}: one whole request");
+        assert_eq!(origin.most_ranges_at_once(name), 0, "{name}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn range_answers_that_do_not_prove_themselves_are_never_stored() {
+    let origin = Origin::start().await;
+    let app = segmenting_app().await;
+    let cases = [
+        ("as200", "&lie=range_as_200"),
+        ("wrongstart", "&lie=wrong_start"),
+        ("nottoend", "&lie=not_to_end"),
+        ("shorttotal", "&lie=short_total"),
+        ("unknowntotal", "&lie=unknown_total"),
+        ("novalidator", "&lie=no_validator"),
+        // The file changes once the transfer has begun: If-Range gets the new file whole
+        // (200), or, from an origin that ignores If-Range, a range of it with its new ETag.
+        ("changed", "&bump=1"),
+        ("changedignored", "&bump=1&lie=ignore_if_range"),
+        ("changeddate", "&bump=1&lie=ignore_if_range&validator=date"),
+    ];
+    for (name, query) in cases {
+        let job = fetch(&app, &origin, name, SIZE, query).await;
+        let (bounded, whole) = ranges(&origin, name);
+        assert!(!bounded.is_empty(), "{name}: ranges were asked");
+        match job["status"].as_str() {
+            Some("completed") => {
+                // Whole again, in one stream: the bytes of one version of the file, never a mix.
+                assert_eq!(whole, 2, "{name}: one whole request, then the whole file again: {job}");
+                let stored = app.read_object(&format!("{name}.bin")).await;
+                let versions = [content(5, SIZE), content(Origin::versioned_seed(5, 1), SIZE)];
+                assert!(versions.iter().any(|v| *v == stored), "{name}: stored bytes are no version of the file");
+                assert_eq!(job["sha256"], sha256_hex(&stored), "{name}: {job}");
+                assert_eq!(job["size"], SIZE, "{name}: {job}");
+            }
+            _ => {
+                assert_eq!(job["status"], "failed", "{name}: {job}");
+                assert!(app.try_read_object(&format!("{name}.bin")).await.is_none(), "{name}: nothing stored");
+            }
+        }
+        println!("{name}: {} after {} ranges", job["status"], bounded.len());
+    }
+    let stored = app.stored_objects().await;
+    assert_eq!(stored.len(), cases.len(), "no staging files left: {stored:?}");
+    assert_eq!(app.unfinished_uploads().await, 0, "no multipart upload left open");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_range_cut_midway_is_fetched_again_alone() {
+    let origin = Origin::start().await;
+    let app = segmenting_app().await;
+    let cut = SIZE * 3 / 4 + 100 * 1024;
+    let job = fetch(&app, &origin, "cut", SIZE, &format!("&cut_once={cut}")).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["retry_count"], 0, "no new attempt: {job}");
+    let expected = content(5, SIZE);
+    assert_eq!(job["md5"], md5_hex(&expected), "{job}");
+    assert!(app.read_object("cut.bin").await == expected, "stored bytes differ");
+    let (bounded, whole) = ranges(&origin, "cut");
+    assert_eq!(whole, 1);
+    let cut_range = *bounded.iter().find(|(a, b)| (*a..=*b).contains(&cut)).unwrap();
+    for range in &bounded {
+        let times = bounded.iter().filter(|r| *r == range).count();
+        assert_eq!(times, if *range == cut_range { 2 } else { 1 }, "only the cut range again: {bounded:?}");
+    }
+    app.stop().await;
+}
