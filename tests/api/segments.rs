@@ -158,3 +158,32 @@ async fn a_range_cut_midway_is_fetched_again_alone() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_segmented_transfer_cut_for_good_goes_on_after_its_stored_pieces() {
+    let origin = Origin::start().await;
+    let app = segmenting_app().await;
+    // The range holding this byte breaks every time this attempt asks for it (once, and
+    // again after each of its retries); the next attempt finds it whole.
+    let cut = SIZE * 3 / 4 + 100 * 1024;
+    let job = fetch(&app, &origin, "resumed", SIZE, &format!("&cut_once={cut}&cut_times=4")).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["retry_count"], 1, "one attempt cut, one more: {job}");
+    let expected = content(5, SIZE);
+    assert_eq!(job["sha256"], sha256_hex(&expected), "{job}");
+    assert!(app.read_object("resumed.bin").await == expected, "stored bytes differ");
+    // The second attempt asked for the rest from a stored piece's end, not the whole file.
+    let asked = origin.ranges_asked("resumed");
+    assert_eq!(asked.iter().filter(|r| r.is_empty()).count(), 1, "{asked:?}");
+    let from: u64 = asked
+        .iter()
+        .find_map(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .expect("the next attempt asks for the rest");
+    assert!(from > 0 && from < cut, "resumed from {from}");
+    let sent = origin.bytes_sent("resumed");
+    println!("resumed from {} MiB; origin sent {:.2}x the file", from / MIB, sent as f64 / SIZE as f64);
+    let stored = app.stored_objects().await;
+    assert!(stored.len() == 1, "no staging file left: {stored:?}");
+    assert_eq!(app.unfinished_uploads().await, 0);
+    app.stop().await;
+}

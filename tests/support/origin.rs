@@ -378,7 +378,7 @@ async fn resumable(
     if let Some(at) = arg("cut_once").and_then(|n| n.parse::<u64>().ok())
         && request_no > 1
         && (start..=last).contains(&at)
-        && c.hit(&format!("cut_once:{name}")) == 1
+        && c.hit(&format!("cut_once:{name}")) <= arg("cut_times").and_then(|n| n.parse().ok()).unwrap_or(1)
     {
         cut = Some(at);
     }
