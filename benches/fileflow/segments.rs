@@ -2,7 +2,7 @@
 //! (`limit_rate 16m`), fetched by fileflow (default settings: ranges at once), by fileflow
 //! with `--segments 1` (one stream), by `aria2c -x8 -s8` and by `rclone copyurl`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -197,7 +197,7 @@ impl Bench {
 }
 
 /// Check the baselines' copies are whole, then remove them.
-fn check_and_clear(out: &PathBuf, size: u64, notes: &mut Vec<String>) {
+fn check_and_clear(out: &Path, size: u64, notes: &mut Vec<String>) {
     for name in ["aria2.bin", "rclone.bin"] {
         let path = out.join(name);
         if let Ok(meta) = std::fs::metadata(&path) {

@@ -129,12 +129,22 @@ impl Worker {
     /// Fetch and store the file in pieces (see the module's documentation).
     /// `first` is the first answer's body (counted, paced and cancellable), from where the
     /// pieces start.
-    pub(super) async fn segmented(&self, run: Segmenting<'_>, first: ByteStream) -> Result<StoredObject, SegmentFailure> {
+    pub(super) async fn segmented(
+        &self,
+        run: Segmenting<'_>,
+        first: ByteStream,
+    ) -> Result<StoredObject, SegmentFailure> {
         let job = run.job;
         let resumed = run.resumed.is_some();
         let writer = match self
             .store
-            .start_pieces(&job.bucket_name, &job.object_name, run.options, job.id, run.resumed.as_ref().map(|c| c.write.clone()))
+            .start_pieces(
+                &job.bucket_name,
+                &job.object_name,
+                run.options,
+                job.id,
+                run.resumed.as_ref().map(|c| c.write.clone()),
+            )
             .await
         {
             Ok(writer) => writer,
@@ -231,10 +241,9 @@ impl Worker {
             }
             Ok::<_, JobError>(())
         };
-        let ((), ()) = tokio::try_join!(
-            async { fetchers.await.map(drop) },
-            async { hashing.await.map_err(SegmentFailure::Failed) }
-        )?;
+        let ((), ()) = tokio::try_join!(async { fetchers.await.map(drop) }, async {
+            hashing.await.map_err(SegmentFailure::Failed)
+        })?;
         let digests = verifier.digests().ok_or_else(|| JobError::transient("the hashing ended before the file"))?;
         let parts = parts.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let put = writer.complete(parts, run.fence).await.map_err(|e| e.or_because(Cause::Store))?;
@@ -290,10 +299,9 @@ impl Worker {
                         () = run.cancel.cancelled() => return Err(JobError::cancelled().into()),
                     };
                     match answer {
-                        Ok(RangeAnswer::Proven(fetched)) => run.progress.count(until_cancelled(
-                            at_least(fetched.body, self.settings.min_rate),
-                            run.cancel.clone(),
-                        )),
+                        Ok(RangeAnswer::Proven(fetched)) => run
+                            .progress
+                            .count(until_cancelled(at_least(fetched.body, self.settings.min_rate), run.cancel.clone())),
                         Ok(RangeAnswer::Unproven(why)) => return Err(SegmentFailure::Unproven(why)),
                         Err(e) => {
                             retries = self.again(run, index, retries, e).await?;
@@ -302,7 +310,7 @@ impl Worker {
                     }
                 }
             };
-            match read_piece(body, len, whole).await {
+            match read_piece(body, len, whole, run.progress).await {
                 Ok(chunks) => return Ok(chunks),
                 Err(ReadFailure::TooLong) => {
                     return Err(SegmentFailure::Unproven(format!(
@@ -319,7 +327,13 @@ impl Worker {
 
     /// After piece `index` failed with `e`: the retries so far plus this one, after a pause,
     /// when it may be fetched again; else the attempt's error.
-    async fn again(&self, run: &Segmenting<'_>, index: usize, retries: u32, e: JobError) -> Result<u32, SegmentFailure> {
+    async fn again(
+        &self,
+        run: &Segmenting<'_>,
+        index: usize,
+        retries: u32,
+        e: JobError,
+    ) -> Result<u32, SegmentFailure> {
         // A host asking to slow down, a cancel, a permanent error: the whole attempt's business.
         if !e.is_transient() || e.cause == Cause::Throttled || retries >= PIECE_RETRIES {
             return Err(e.into());
@@ -341,7 +355,12 @@ enum ReadFailure {
 
 /// Read a piece of `len` bytes from `body`; `whole`: the body goes on after the piece
 /// (the first answer, for the whole file or its rest), which is then dropped.
-async fn read_piece(mut body: ByteStream, len: u64, whole: bool) -> Result<Vec<Bytes>, ReadFailure> {
+async fn read_piece(
+    mut body: ByteStream,
+    len: u64,
+    whole: bool,
+    progress: &Progress,
+) -> Result<Vec<Bytes>, ReadFailure> {
     let mut chunks = Vec::new();
     let mut got = 0u64;
     while got < len {
@@ -352,6 +371,8 @@ async fn read_piece(mut body: ByteStream, len: u64, whole: bool) -> Result<Vec<B
                     if !whole {
                         return Err(ReadFailure::TooLong);
                     }
+                    // Counted as it came; the rest of it is another piece's.
+                    progress.take_back(chunk.len() as u64 - wanted);
                     chunk.truncate(wanted as usize);
                 }
                 got += chunk.len() as u64;
@@ -359,13 +380,15 @@ async fn read_piece(mut body: ByteStream, len: u64, whole: bool) -> Result<Vec<B
             }
             Some(Err(e)) => return Err(ReadFailure::Cut(e, got)),
             None => {
-                let e = JobError::transient(format!("origin body interrupted: received {got} of the range's {len} bytes"))
-                    .because(Cause::Network);
+                let e =
+                    JobError::transient(format!("origin body interrupted: received {got} of the range's {len} bytes"))
+                        .because(Cause::Network);
                 return Err(ReadFailure::Cut(e, got));
             }
         }
     }
-    if !whole && let Some(Ok(extra)) = body.next().await
+    if !whole
+        && let Some(Ok(extra)) = body.next().await
         && !extra.is_empty()
     {
         return Err(ReadFailure::TooLong);
@@ -384,13 +407,7 @@ fn in_order(arrived: mpsc::UnboundedReceiver<Done>, plan: Plan, parts: Arc<Mutex
         current: std::vec::IntoIter<Bytes>,
         _room: Option<OwnedSemaphorePermit>,
     }
-    let state = State {
-        arrived,
-        waiting: BTreeMap::new(),
-        next: 0,
-        current: Vec::new().into_iter(),
-        _room: None,
-    };
+    let state = State { arrived, waiting: BTreeMap::new(), next: 0, current: Vec::new().into_iter(), _room: None };
     futures::stream::unfold(state, move |mut st| {
         let parts = parts.clone();
         async move {
@@ -448,10 +465,7 @@ mod tests {
             send.send(Done { index, chunks, parts: vec![format!("p{index}")], room: permit }).unwrap();
         }
         let parts = Arc::new(Mutex::new(Vec::new()));
-        let bytes: Vec<u8> = in_order(arrived, plan, parts.clone())
-            .map(|c| c.unwrap().to_vec())
-            .concat()
-            .await;
+        let bytes: Vec<u8> = in_order(arrived, plan, parts.clone()).map(|c| c.unwrap().to_vec()).concat().await;
         assert_eq!(bytes, [[0u8; 10], [1; 10], [2; 10]].concat());
         assert_eq!(*parts.lock().unwrap(), ["p0", "p1", "p2"]);
         assert_eq!(room.available_permits(), 3);
