@@ -117,7 +117,7 @@ impl Bench {
              with --segments 1 (one stream). aria2c: `-x8 -s8`. rclone: `rclone copyurl`. The runners take \
              turns; medians and the range of MiB/s. Ratios: fileflow's default speed over this row's. nginx \
              lets each answer send a second's worth (16 MiB) before the cap bites, so many short answers \
-             (fileflow's 8 MiB pieces) gain more from that than a few long ones (aria2's eight ranges).",
+             (fileflow's 8 MiB pieces) gain more from that than a few long ones (aria2's eight ranges); the              last rows take the file from the benchmark's own origin instead, which paces every answer from its              first byte (1 MiB every 62 ms, 16.1 MiB/s) and generates the bytes as it sends them.",
             &["runner", "seconds", "MiB/s", "MiB/s (range)", "fileflow ÷ this", "peak RSS MiB"],
         );
         let missing: Vec<&str> = ["nginx", "aria2c", "rclone"].into_iter().filter(|p| !installed(p)).collect();
@@ -133,29 +133,39 @@ impl Bench {
             return table;
         };
         let url = nginx.url("big.bin");
-        let runners = ["fileflow (defaults)", "fileflow --segments 1", "aria2c -x8 -s8", "rclone copyurl"];
+        let runners = [
+            "fileflow (defaults)",
+            "fileflow --segments 1",
+            "aria2c -x8 -s8",
+            "rclone copyurl",
+            "paced origin, no burst: fileflow (defaults)",
+            "paced origin, no burst: aria2c -x8 -s8",
+        ];
+        // The benchmark's own origin, sending 1 MiB every 62 ms from each answer's first
+        // byte (16.1 MiB/s, no burst), with a strong ETag and ranges.
+        let paced = |name: String| self.origin.url(&format!("/resumable/{name}/{size}?seed=3&every_ms=62"));
         let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); runners.len()];
         let out = self.dir("segments-out");
         for _ in 0..rounds {
             for (r, runner) in runners.iter().enumerate() {
                 let outcome = match r {
-                    0 | 1 => {
+                    0 | 1 | 4 => {
                         let env: Vec<(String, String)> =
                             if r == 1 { vec![("FILEFLOW_SEGMENTS".into(), "1".into())] } else { Vec::new() };
-                        let file_url = url.clone();
+                        let file_url = if r == 4 { paced(services::unique("paced")) } else { url.clone() };
                         let bucket = services::unique("bench-segments");
                         let (secs, completed, _, rss, _) =
                             self.fileflow_run_urls(&env, None, 1, &bucket, move |_| file_url.clone()).await;
                         if completed == 1 { Ok((secs, rss)) } else { Err("the job did not complete".to_owned()) }
                     }
-                    2 if !missing.contains(&"aria2c") => {
+                    2 | 5 if !missing.contains(&"aria2c") => {
                         let mut command = Command::new("aria2c");
                         command
                             .args(["-x8", "-s8", "-q", "--allow-overwrite=true", "--auto-file-renaming=false"])
                             .arg("-d")
                             .arg(&out)
                             .args(["-o", "aria2.bin"])
-                            .arg(&url);
+                            .arg(if r == 5 { paced(services::unique("paced")) } else { url.clone() });
                         timed(command).await.map(|secs| (secs, 0.0))
                     }
                     3 if !missing.contains(&"rclone") => {

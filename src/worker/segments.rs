@@ -234,9 +234,10 @@ impl Worker {
                 recorder.part_taken(offset);
                 let parts = parts.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let write = crate::storage::PartialWrite { stored: offset, parts, ..base.clone() };
+                recorder.stored(&write).await?;
+                // From now on a checkpoint names the write: a failure keeps it.
                 run.checkpointed.store(true, Ordering::Relaxed);
                 checkpointed.store(true, Ordering::Relaxed);
-                recorder.stored(&write).await?;
                 saved = offset;
             }
             Ok::<_, JobError>(())
