@@ -197,7 +197,7 @@ impl Bench {
                 f1(mib / secs),
                 format!("{:.0}–{:.0}", mib / hi, mib / lo),
                 f2(secs / first),
-                if runner.starts_with("fileflow") { f1(rss) } else { "-".into() },
+                if runner.contains("fileflow") { f1(rss) } else { "-".into() },
             ]);
         }
         drop(nginx);
