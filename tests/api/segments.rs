@@ -187,3 +187,39 @@ async fn a_segmented_transfer_cut_for_good_goes_on_after_its_stored_pieces() {
     assert_eq!(app.unfinished_uploads().await, 0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_file_fetched_in_ranges_is_checked_against_what_the_job_declares() {
+    let origin = Origin::start().await;
+    let app = segmenting_app().await;
+    let expected = content(5, SIZE);
+    let submit = |name: &str, extra: serde_json::Value| {
+        let mut body = serde_json::json!({
+            "file_url": origin.url(&format!("/resumable/{name}/{SIZE}?seed=5")),
+            "bucket_name": app.bucket,
+            "object_name": format!("{name}.bin"),
+        });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let id = app
+        .submit_body(&submit(
+            "declared",
+            serde_json::json!({ "sha256": sha256_hex(&expected), "md5": md5_hex(&expected), "size": SIZE }),
+        ))
+        .await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert!(!ranges(&origin, "declared").0.is_empty(), "fetched in ranges");
+
+    let id = app.submit_body(&submit("mismatch", serde_json::json!({ "sha256": "0".repeat(64) }))).await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["last_error"].as_str().unwrap().contains("checksum mismatch"), "{job}");
+    assert!(!ranges(&origin, "mismatch").0.is_empty(), "fetched in ranges");
+    assert!(app.try_read_object("mismatch.bin").await.is_none(), "a mismatching file is not stored");
+    let stored = app.stored_objects().await;
+    assert_eq!(stored.len(), 1, "no staging file left: {stored:?}");
+    assert_eq!(app.unfinished_uploads().await, 0, "no multipart upload left open");
+    app.stop().await;
+}
