@@ -373,7 +373,9 @@ impl Fetcher for HttpFetcher {
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 unproven(format!("the origin cannot send `Range: {}` (416): the file changed", range.header()))
             }
-            _ if status.is_success() => {
+            // Another success, or a refusal of the range alone (the whole file was served a
+            // moment ago): the whole file's answer has the last word.
+            _ if status.is_success() || (status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS) => {
                 unproven(format!("the origin answered `Range: {}` with HTTP {status}", range.header()))
             }
             _ => Err(status_error(status, response.headers())),
