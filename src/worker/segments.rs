@@ -189,6 +189,8 @@ impl Worker {
     ) -> Result<StoredObject, SegmentFailure> {
         let job = run.job;
         let base = writer.partial();
+        // Stores that cannot go on with a write later (Azure) save no checkpoints.
+        let resumable = self.store.resumable_part_size().is_some();
         let (done, arrived) = mpsc::unbounded_channel();
         let shared = Shared {
             run,
@@ -227,7 +229,8 @@ impl Worker {
                     continue;
                 }
                 index += 1;
-                if offset == plan.total || offset / base.part_size == saved / base.part_size {
+                let boundary = offset / base.part_size != saved / base.part_size;
+                if !resumable || offset == plan.total || !boundary {
                     continue;
                 }
                 writer.sync().await?;

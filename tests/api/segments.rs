@@ -172,6 +172,12 @@ async fn a_segmented_transfer_cut_for_good_goes_on_after_its_stored_pieces() {
     let expected = content(5, SIZE);
     assert_eq!(job["sha256"], sha256_hex(&expected), "{job}");
     assert!(app.read_object("resumed.bin").await == expected, "stored bytes differ");
+    if crate::helpers::store() == "azure" {
+        // Azure uploads start over (README): the next attempt fetches the whole file again.
+        assert_eq!(ranges(&origin, "resumed").1, 2, "{:?}", origin.ranges_asked("resumed"));
+        app.stop().await;
+        return;
+    }
     // The second attempt asked for the rest from a stored piece's end, not the whole file.
     let asked = origin.ranges_asked("resumed");
     assert_eq!(asked.iter().filter(|r| r.is_empty()).count(), 1, "{asked:?}");
