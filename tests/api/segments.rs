@@ -229,3 +229,23 @@ async fn a_file_fetched_in_ranges_is_checked_against_what_the_job_declares() {
     assert_eq!(app.unfinished_uploads().await, 0, "no multipart upload left open");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_cancelled_transfer_in_ranges_leaves_nothing() {
+    let origin = Origin::start().await;
+    let app = segmenting_app().await;
+    // 1 MiB every 400 ms per answer: about 6 s for the whole file with four ranges at once.
+    let url = origin.url(&format!("/resumable/cancelled/{SIZE}?seed=5&every_ms=400"));
+    let id = app.submit(&url, &app.bucket, "cancelled.bin").await;
+    let limit = std::time::Duration::from_secs(30);
+    app.wait_until(&id, limit, |j| j["bytes_done"].as_u64().unwrap_or(0) >= 4 * MIB).await;
+    let (status, _, job) = app.call(reqwest::Method::POST, &format!("/api/v1/uploads/{id}/cancel"), None, None).await;
+    assert_eq!(status, 202, "{job}");
+    let job = app.wait_until(&id, limit, |j| j["status"] == "cancelled").await;
+    assert!(!ranges(&origin, "cancelled").0.is_empty(), "it was fetched in ranges: {job}");
+    assert!(app.try_read_object("cancelled.bin").await.is_none(), "nothing stored");
+    let stored = app.stored_objects().await;
+    assert!(stored.is_empty(), "left behind: {stored:?}");
+    assert_eq!(app.unfinished_uploads().await, 0, "parts left behind");
+    app.stop().await;
+}
