@@ -252,6 +252,50 @@ async fn a_discarded_write_is_gone(under: Under) {
     assert!(under.store.head(&under.bucket, &other).await.unwrap().is_none());
 }
 
+/// A write in pieces takes them in any order and makes the object of them, in file order;
+/// a second attempt goes on after the pieces stored without a gap (those past it are
+/// written again); a fence that refuses leaves nothing visible; an aborted write is gone.
+async fn pieces_in_any_order_make_the_object(under: Under) {
+    let piece = under.store.piece_size().expect("a store that takes pieces") as usize;
+    let data = bytes(6, 3 * piece + 1000);
+    let at = |i: usize| (i * piece, data[i * piece..((i + 1) * piece).min(data.len())].to_vec());
+    let chunks = |bytes: Vec<u8>| bytes.chunks(64 * 1024).map(Bytes::copy_from_slice).collect::<Vec<_>>();
+    let name = key("pieces.bin");
+    let write = under.store.start_pieces(&under.bucket, &name, OPTIONS, JobId(3), None).await.unwrap();
+    let mut parts = vec![Vec::new(); 4];
+    for i in [2, 0, 3, 1] {
+        let (offset, bytes) = at(i);
+        parts[i] = write.put(offset as u64, chunks(bytes)).await.unwrap();
+    }
+    write.complete(parts.concat(), &Unfenced).await.unwrap();
+    assert!(read(&under, "pieces.bin").await == data, "the object is not the pieces in order");
+
+    // Pieces 0 and 2 stored, then the attempt ends: the next goes on after piece 0.
+    let name = key("gone-on.bin");
+    let write = under.store.start_pieces(&under.bucket, &name, OPTIONS, JobId(4), None).await.unwrap();
+    let first = write.put(0, chunks(at(0).1)).await.unwrap();
+    write.put(2 * piece as u64, chunks(at(2).1)).await.unwrap();
+    write.sync().await.unwrap();
+    let saved = PartialWrite { stored: piece as u64, parts: first.clone(), ..write.partial() };
+    drop(write);
+    let write = under.store.start_pieces(&under.bucket, &name, OPTIONS, JobId(4), Some(saved)).await.unwrap();
+    let mut parts = first;
+    for i in 1..4 {
+        let (offset, bytes) = at(i);
+        parts.extend(write.put(offset as u64, chunks(bytes)).await.unwrap());
+    }
+    write.complete(parts, &Unfenced).await.unwrap();
+    assert!(read(&under, "gone-on.bin").await == data, "the object gone on with is not the whole file");
+
+    // Refused by the fence, then aborted: nothing at the key.
+    let name = key("refused.bin");
+    let write = under.store.start_pieces(&under.bucket, &name, OPTIONS, JobId(5), None).await.unwrap();
+    let parts = write.put(0, chunks(data.clone())).await.unwrap();
+    assert!(write.complete(parts, &Refuses).await.is_err());
+    write.abort().await;
+    assert!(under.store.head(&under.bucket, &name).await.unwrap().is_none(), "a refused write left an object");
+}
+
 /// A bucket that does not exist fails the write for good (no retry can help), and nothing
 /// is created.
 async fn a_missing_bucket_fails_for_good(under: Under) {
@@ -286,13 +330,15 @@ macro_rules! conformance {
 }
 
 // The disk makes a bucket's folder on first write and its links are fileflow's own (served
-// by the API, tested end to end); Azure uploads start over instead of resuming (README).
+// by the API, tested end to end); Azure uploads start over instead of resuming, and are not
+// taken in pieces (README).
 conformance!(
     disk_store: disk,
     put_head_get,
     all_or_nothing,
     resumable_write_goes_on_after_a_cut,
     a_discarded_write_is_gone,
+    pieces_in_any_order_make_the_object,
 );
 conformance!(
     s3_store: s3,
@@ -300,6 +346,7 @@ conformance!(
     all_or_nothing,
     resumable_write_goes_on_after_a_cut,
     a_discarded_write_is_gone,
+    pieces_in_any_order_make_the_object,
     a_missing_bucket_fails_for_good,
     links_serve_the_stored_bytes,
 );

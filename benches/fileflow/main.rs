@@ -4,7 +4,9 @@
 //! 2. pipeline — many small files from a local origin into the disk store and into S3;
 //! 3. scale-out — one, two and four workers in one Kafka consumer group, against a slow origin;
 //! 4. large file — one big file into the disk store and into S3, with fileflow's peak memory;
-//! 5. resume — one big file cut at 90 % by the origin, with and without resumable transfers.
+//! 5. resume — one big file cut at 90 % by the origin, with and without resumable transfers;
+//! 6. segments — one 512 MiB file from nginx capping each connection at 16 MiB/s: fileflow
+//!    (ranges at once, and one stream) beside `aria2c -x8 -s8` and `rclone copyurl`.
 //!
 //! Each fileflow figure is measured on a release `fileflow` process beside the ceiling (a
 //! bare GET→PUT loop through the same HTTP and storage clients) and `rclone copyurl`.
@@ -12,8 +14,9 @@
 //! `FILEFLOW_BENCH_REPORT` names a file, into it (BENCHMARKS.md).
 //!
 //! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, flood, pipeline,
-//! scale, large, resume, growth, costs, fair), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES`
-//! (2 GiB), `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400).
+//! scale, large, resume, segments, growth, costs, fair), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000),
+//! `FILEFLOW_BENCH_LARGE_BYTES` (2 GiB), `FILEFLOW_BENCH_SEGMENTED_BYTES` (512 MiB),
+//! `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400).
 
 #[path = "../../tests/support/origin.rs"]
 mod origin;
@@ -28,6 +31,7 @@ mod load;
 mod process;
 mod progress;
 mod report;
+mod segments;
 mod services;
 
 use std::path::Path;
@@ -176,6 +180,18 @@ impl Bench {
         bucket: &str,
         path: String,
     ) -> (f64, i64, i64, f64, f64) {
+        self.fileflow_run_urls(role_env, database, jobs, bucket, self.url(path)).await
+    }
+
+    /// [`Bench::fileflow_run`] with the jobs' URLs from `file_url` (any origin).
+    async fn fileflow_run_urls(
+        &self,
+        role_env: &[(String, String)],
+        database: Option<&str>,
+        jobs: usize,
+        bucket: &str,
+        file_url: impl Fn(usize) -> String + Send + Sync + 'static,
+    ) -> (f64, i64, i64, f64, f64) {
         let data = self.dir(&services::unique("run"));
         let serve = Fileflow::start("serve", &data, role_env).await;
         let db = match database {
@@ -187,7 +203,7 @@ impl Bench {
             None => JobsDb::sqlite(&data).await,
         };
         let started = now_ms();
-        load::submit_all(&serve.base, SUBMITTERS, jobs, bucket, self.url(path)).await;
+        load::submit_all(&serve.base, SUBMITTERS, jobs, bucket, file_url).await;
         let progress = db.wait_for(jobs, Duration::from_secs(1800)).await;
         let secs = (progress.last_update_ms - started) as f64 / 1000.0;
         let (rss, cpu) = (serve.peak_rss_mib(), serve.cpu_seconds());
@@ -586,6 +602,7 @@ async fn main() {
         ("scale", "scale-out"),
         ("large", "large file"),
         ("resume", "resume"),
+        ("segments", "segmented download"),
         ("growth", "cost as the jobs pile up"),
         ("costs", "per job, on the distributed stack"),
         ("fair", "fair share"),
@@ -611,6 +628,7 @@ async fn main() {
             "pipeline" => bench.pipeline().await,
             "scale" => bench.scale().await,
             "resume" => bench.resume().await,
+            "segments" => bench.segments().await,
             _ => bench.large().await,
         };
         println!("\n{}", table.markdown());

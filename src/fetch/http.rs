@@ -8,11 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::header::{CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE, RETRY_AFTER};
+use reqwest::header::{ACCEPT_RANGES, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE, RETRY_AFTER};
 use reqwest::{StatusCode, redirect};
 use url::Url;
 
-use super::{DestinationGuard, Fetched, Fetcher, PartialAnswer, RangeFrom, Refused};
+use super::{DestinationGuard, Fetched, Fetcher, PartialAnswer, RangeAnswer, RangeFrom, Refused};
 use crate::lifecycle::{Cause, JobError};
 
 /// Limits on talking to origins.
@@ -225,24 +225,25 @@ fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> Job
     if error.is_transient() { error.with_retry_after(retry_after(headers)) } else { error }
 }
 
-#[async_trait]
-impl Fetcher for HttpFetcher {
-    async fn fetch(
+impl HttpFetcher {
+    /// Send a GET for `url` (with `range`'s `Range` and `If-Range` when given), following
+    /// redirects hop by hop, each one checked; the caller's headers go only to `url`'s origin.
+    async fn send(
         &self,
         url: &Url,
         headers: &[(String, String)],
-        from: Option<&RangeFrom>,
-    ) -> Result<Fetched, JobError> {
+        range: Option<&RangeFrom>,
+    ) -> Result<reqwest::Response, JobError> {
         let mut hop = url.clone();
         let mut redirects = 0;
-        let response = loop {
+        loop {
             self.check_destination(&hop).await.map_err(|e| match redirects {
                 0 => e,
                 _ => JobError { message: format!("redirect {}", e.message), ..e },
             })?;
             let mut request = self.client.get(hop.clone());
-            if let Some(from) = from {
-                request = request.header(RANGE, format!("bytes={}-", from.offset)).header(IF_RANGE, &from.validator);
+            if let Some(range) = range {
+                request = request.header(RANGE, range.header()).header(IF_RANGE, &range.validator);
             }
             if same_origin(url, &hop) {
                 for (name, value) in headers {
@@ -252,7 +253,7 @@ impl Fetcher for HttpFetcher {
             let response = request.send().await.map_err(classify)?;
             let status = response.status();
             if !status.is_redirection() {
-                break response;
+                return Ok(response);
             }
             let target = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
             let Some(next) = target.and_then(|t| hop.join(t).ok()) else {
@@ -267,7 +268,51 @@ impl Fetcher for HttpFetcher {
                     .because(Cause::Destination));
             }
             hop = next;
-        };
+        }
+    }
+}
+
+/// What a partial answer says it holds.
+fn partial_answer(response: &reqwest::Response) -> PartialAnswer {
+    PartialAnswer {
+        range: content_range(response.headers()),
+        validator: validator(response.headers()),
+        length: response.content_length(),
+    }
+}
+
+/// Whether the origin says it serves byte ranges (`Accept-Ranges: bytes`, RFC 9110 §14.3).
+fn accepts_ranges(headers: &reqwest::header::HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT_RANGES)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|unit| unit.trim().eq_ignore_ascii_case("bytes"))
+}
+
+/// `response` as a [`Fetched`] whose body starts at `start` of a file of `content_length`.
+fn fetched(response: reqwest::Response, start: u64, content_length: Option<u64>) -> Fetched {
+    let head = response.headers();
+    Fetched {
+        content_length,
+        content_type: head.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned),
+        validator: validator(head),
+        start,
+        accepts_ranges: accepts_ranges(head),
+        body: response.bytes_stream().map_err(classify).boxed(),
+    }
+}
+
+#[async_trait]
+impl Fetcher for HttpFetcher {
+    async fn fetch(
+        &self,
+        url: &Url,
+        headers: &[(String, String)],
+        from: Option<&RangeFrom>,
+    ) -> Result<Fetched, JobError> {
+        let response = self.send(url, headers, from).await?;
         let status = response.status();
         if status == StatusCode::RANGE_NOT_SATISFIABLE && from.is_some() {
             // The file is not what the checkpoint says (it shrank, or changed): start over.
@@ -278,14 +323,7 @@ impl Fetcher for HttpFetcher {
         if !status.is_success() {
             return Err(status_error(status, response.headers()));
         }
-        let head = response.headers();
-        let content_type = head.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let validator = validator(head);
-        let partial = PartialAnswer {
-            range: content_range(head),
-            validator: validator.clone(),
-            length: response.content_length(),
-        };
+        let partial = partial_answer(&response);
         let (start, content_length) = match (status, from) {
             (StatusCode::PARTIAL_CONTENT, Some(from)) => match from.continues(&partial) {
                 Ok(()) => (from.offset, Some(from.total)),
@@ -310,13 +348,38 @@ impl Fetcher for HttpFetcher {
             },
             _ => (0, response.content_length()),
         };
-        Ok(Fetched {
-            content_length,
-            content_type,
-            validator,
-            start,
-            body: response.bytes_stream().map_err(classify).boxed(),
-        })
+        Ok(fetched(response, start, content_length))
+    }
+
+    async fn fetch_range(
+        &self,
+        url: &Url,
+        headers: &[(String, String)],
+        range: &RangeFrom,
+    ) -> Result<RangeAnswer, JobError> {
+        let response = self.send(url, headers, Some(range)).await?;
+        let status = response.status();
+        let unproven = |why: String| Ok(RangeAnswer::Unproven(why));
+        match status {
+            StatusCode::PARTIAL_CONTENT => match range.continues(&partial_answer(&response)) {
+                Ok(()) => Ok(RangeAnswer::Proven(fetched(response, range.offset, Some(range.total)))),
+                Err(why) => unproven(format!("the answer to `Range: {}` is not that range: {why}", range.header())),
+            },
+            // If-Range did its work (the file changed), or the origin ignored Range.
+            StatusCode::OK => unproven(format!(
+                "the origin answered `Range: {}` with the whole file (200): it changed or ignores ranges",
+                range.header()
+            )),
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                unproven(format!("the origin cannot send `Range: {}` (416): the file changed", range.header()))
+            }
+            // Another success, or a refusal of the range alone (the whole file was served a
+            // moment ago): the whole file's answer has the last word.
+            _ if status.is_success() || (status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS) => {
+                unproven(format!("the origin answered `Range: {}` with HTTP {status}", range.header()))
+            }
+            _ => Err(status_error(status, response.headers())),
+        }
     }
 }
 

@@ -25,7 +25,19 @@ pub struct Fetched {
     /// Where `body` starts in the file: the offset asked for when the origin sent the rest
     /// of the same file (206), else 0 (the whole file, from its start).
     pub start: u64,
+    /// The origin said it serves byte ranges of this file (`Accept-Ranges: bytes`).
+    pub accepts_ranges: bool,
     pub body: ByteStream,
+}
+
+/// An origin's answer to a request for one range of a file ([`Fetcher::fetch_range`]).
+pub enum RangeAnswer {
+    /// The answer proves it is exactly the range asked of the same file (see
+    /// [`RangeFrom::continues`]); its body holds that range.
+    Proven(Fetched),
+    /// The origin answered, but not with that range of that file (a 200 for the whole
+    /// file, a 416, another range, total or validator): nothing of it may be stored.
+    Unproven(String),
 }
 
 /// Ask only for the file from `offset` on, and only if it is still the version `validator`
@@ -34,6 +46,8 @@ pub struct Fetched {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RangeFrom {
     pub offset: u64,
+    /// The last byte asked for; `None`: up to the file's end.
+    pub end: Option<u64>,
     pub validator: String,
     pub total: u64,
 }
@@ -51,9 +65,23 @@ pub struct PartialAnswer {
 }
 
 impl RangeFrom {
-    /// Whether `answer` is the rest of the very file this range was asked of: it starts at
-    /// the offset, ends at the file's last byte, the file's total is known and the same,
-    /// and so is its validator. `Err` says why not.
+    /// The `Range` header asking for this range.
+    pub fn header(&self) -> String {
+        match self.end {
+            Some(end) => format!("bytes={}-{end}", self.offset),
+            None => format!("bytes={}-", self.offset),
+        }
+    }
+
+    /// The last byte this range asks for.
+    fn last(&self) -> u64 {
+        self.end.unwrap_or(self.total.saturating_sub(1))
+    }
+
+    /// Whether `answer` is the very range of the very file this range was asked of: it
+    /// starts at the offset, ends at the last byte asked (the file's last byte unless
+    /// [`RangeFrom::end`] says otherwise), the file's total is known and the same, its
+    /// `Content-Length` (if any) is the range's, and so is its validator. `Err` says why not.
     pub fn continues(&self, answer: &PartialAnswer) -> Result<(), String> {
         let Some((first, last, total)) = answer.range else {
             return Err("no readable Content-Range".into());
@@ -65,13 +93,16 @@ impl RangeFrom {
         if first != self.offset {
             return Err(format!("the range starts at {first}, {} was asked", self.offset));
         }
-        if last.checked_add(1) != Some(total) {
-            return Err(format!("the range ends at {last}, not at the file's last byte {}", total.saturating_sub(1)));
+        if last != self.last() {
+            return Err(match self.end {
+                Some(end) => format!("the range ends at {last}, {end} was asked"),
+                None => format!("the range ends at {last}, not at the file's last byte {}", total.saturating_sub(1)),
+            });
         }
         if let Some(length) = answer.length
-            && length != total - first
+            && length != last + 1 - first
         {
-            return Err(format!("Content-Length {length} is not the range's {} bytes", total - first));
+            return Err(format!("Content-Length {length} is not the range's {} bytes", last + 1 - first));
         }
         match &answer.validator {
             Some(v) if *v == self.validator => Ok(()),
@@ -92,6 +123,16 @@ pub trait Fetcher: Send + Sync + 'static {
         headers: &[(String, String)],
         from: Option<&RangeFrom>,
     ) -> Result<Fetched, JobError>;
+
+    /// Fetch exactly `range` of `url` (`Range` with `If-Range`), never anything else: an
+    /// answer that does not prove it is that range of that version comes back
+    /// [`RangeAnswer::Unproven`], unread.
+    async fn fetch_range(
+        &self,
+        url: &Url,
+        headers: &[(String, String)],
+        range: &RangeFrom,
+    ) -> Result<RangeAnswer, JobError>;
 }
 
 #[cfg(test)]
@@ -99,7 +140,7 @@ mod tests {
     use super::*;
 
     fn from() -> RangeFrom {
-        RangeFrom { offset: 100, validator: "\"v1\"".into(), total: 1000 }
+        RangeFrom { offset: 100, end: None, validator: "\"v1\"".into(), total: 1000 }
     }
 
     fn answer(range: Option<(u64, u64, Option<u64>)>, validator: Option<&str>) -> PartialAnswer {
@@ -125,5 +166,26 @@ mod tests {
         }
         let wrong_length = PartialAnswer { length: Some(10), ..answer(Some((100, 999, Some(1000))), Some("\"v1\"")) };
         assert!(from().continues(&wrong_length).is_err());
+    }
+
+    #[test]
+    fn a_bounded_range_is_proven_only_by_exactly_that_range() {
+        let range = RangeFrom { end: Some(199), ..from() };
+        assert_eq!(range.header(), "bytes=100-199");
+        let exact = PartialAnswer { length: Some(100), ..answer(Some((100, 199, Some(1000))), Some("\"v1\"")) };
+        assert_eq!(range.continues(&exact), Ok(()));
+        let refused = [
+            ("to the end", answer(Some((100, 999, Some(1000))), Some("\"v1\""))),
+            ("short", answer(Some((100, 198, Some(1000))), Some("\"v1\""))),
+            ("other start", answer(Some((0, 199, Some(1000))), Some("\"v1\""))),
+            ("other total", answer(Some((100, 199, Some(2000))), Some("\"v1\""))),
+            ("unknown total", answer(Some((100, 199, None)), Some("\"v1\""))),
+            ("changed", answer(Some((100, 199, Some(1000))), Some("\"v2\""))),
+        ];
+        for (what, answer) in refused {
+            assert!(range.continues(&answer).is_err(), "{what} must not prove the range");
+        }
+        let wrong_length = PartialAnswer { length: Some(900), ..exact };
+        assert!(range.continues(&wrong_length).is_err());
     }
 }

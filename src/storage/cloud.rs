@@ -4,7 +4,7 @@
 //! multipart (block) uploads that are aborted on failure; resumable uploads part by part;
 //! download links signed by each service's own scheme.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -21,8 +21,8 @@ use object_store::{
 use url::Url;
 
 use super::{
-    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PartialWrite, PutOutcome, ReadError, StoredBody, WriteOptions,
-    WriteProgress, read_head,
+    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PartialWrite, PieceWrite, PutOutcome, ReadError, StoredBody,
+    WriteOptions, WriteProgress, read_head,
 };
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobError, JobId};
@@ -371,6 +371,158 @@ impl<C: Cloud> CloudStore<C> {
     }
 }
 
+/// A multipart upload whose parts are put by index, in any order.
+struct CloudPieces<'a, C: Cloud> {
+    cloud: &'a CloudStore<C>,
+    store: Arc<C::Client>,
+    location: StorePath,
+    bucket: &'a BucketName,
+    from: PartialWrite,
+}
+
+#[async_trait]
+impl<C: Cloud> PieceWrite for CloudPieces<'_, C> {
+    fn partial(&self) -> PartialWrite {
+        self.from.clone()
+    }
+
+    async fn put(&self, offset: u64, chunks: Vec<Bytes>) -> Result<Vec<String>, JobError> {
+        let part_size = self.from.part_size;
+        let first = usize::try_from(offset / part_size).expect("a part index fits");
+        // A piece is a whole number of parts (the file's last may be shorter): cut it there.
+        let mut parts = Vec::new();
+        let (mut part, mut len) = (Vec::new(), 0u64);
+        for chunk in chunks {
+            let mut chunk = chunk;
+            while !chunk.is_empty() {
+                let take = (part_size - len).min(chunk.len() as u64) as usize;
+                part.push(chunk.split_to(take));
+                len += take as u64;
+                if len == part_size {
+                    parts.push(std::mem::take(&mut part));
+                    len = 0;
+                }
+            }
+        }
+        if len > 0 {
+            parts.push(part);
+        }
+        let mut ids = Vec::with_capacity(parts.len());
+        for (i, part) in parts.into_iter().enumerate() {
+            let put = self.store.put_part(&self.location, &self.from.id, first + i, PutPayload::from_iter(part)).await;
+            let id = put.map_err(|e| {
+                let e = self.cloud.classify_mid_upload(&e, "part upload");
+                JobError { message: format!("{} (bucket {})", e.message, self.bucket), ..e }
+            })?;
+            ids.push(id.content_id);
+        }
+        Ok(ids)
+    }
+
+    async fn sync(&self) -> Result<(), JobError> {
+        Ok(())
+    }
+
+    async fn complete(&self, parts: Vec<String>, fence: &dyn Fence) -> Result<PutOutcome, JobError> {
+        fence.check().await?;
+        let parts = parts.into_iter().map(|content_id| PartId { content_id }).collect();
+        let done = self.store.complete_multipart(&self.location, &self.from.id, parts).await.map_err(|e| {
+            let e = self.cloud.classify_mid_upload(&e, "multipart completion");
+            JobError { message: format!("{} (bucket {})", e.message, self.bucket), ..e }
+        })?;
+        Ok(PutOutcome::tagged(done.e_tag))
+    }
+
+    async fn abort(&self) {
+        match self.store.abort_multipart(&self.location, &self.from.id).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => tracing::warn!(bucket = %self.bucket, error = %e, "could not abort a multipart upload"),
+        }
+    }
+}
+
+/// Pieces put in any order, uploaded in file order through an upload that numbers its
+/// blocks as they come (Azure): a piece waits here until those before it have come.
+struct OrderedPieces<'a, C: Cloud> {
+    cloud: &'a CloudStore<C>,
+    bucket: &'a BucketName,
+    write: PartialWrite,
+    state: tokio::sync::Mutex<InOrder>,
+}
+
+struct InOrder {
+    /// Where the next piece to upload starts.
+    next: u64,
+    waiting: BTreeMap<u64, Vec<Bytes>>,
+    upload: Box<dyn object_store::MultipartUpload>,
+    in_flight: VecDeque<tokio::task::JoinHandle<object_store::Result<()>>>,
+}
+
+impl<C: Cloud> OrderedPieces<'_, C> {
+    fn failed(&self, e: &object_store::Error, what: &str) -> JobError {
+        let e = self.cloud.classify_mid_upload(e, what);
+        JobError { message: format!("{} (bucket {})", e.message, self.bucket), ..e }
+    }
+
+    /// Wait for the oldest upload in flight.
+    async fn settle_one(&self, state: &mut InOrder) -> Result<(), JobError> {
+        let Some(upload) = state.in_flight.pop_front() else { return Ok(()) };
+        let done =
+            upload.await.map_err(|e| JobError::transient(format!("{} part upload: {e}", self.cloud.cloud.name())))?;
+        done.map_err(|e| self.failed(&e, "part upload"))
+    }
+}
+
+#[async_trait]
+impl<C: Cloud> PieceWrite for OrderedPieces<'_, C> {
+    fn partial(&self) -> PartialWrite {
+        self.write.clone()
+    }
+
+    async fn put(&self, offset: u64, chunks: Vec<Bytes>) -> Result<Vec<String>, JobError> {
+        let mut state = self.state.lock().await;
+        state.waiting.insert(offset, chunks);
+        loop {
+            let next = state.next;
+            let Some(chunks) = state.waiting.remove(&next) else { break };
+            state.next += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+            let upload = state.upload.put_part(PutPayload::from_iter(chunks));
+            state.in_flight.push_back(tokio::spawn(upload));
+            while state.in_flight.len() >= PARTS_IN_FLIGHT {
+                self.settle_one(&mut state).await?;
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    async fn sync(&self) -> Result<(), JobError> {
+        Ok(())
+    }
+
+    async fn complete(&self, _parts: Vec<String>, fence: &dyn Fence) -> Result<PutOutcome, JobError> {
+        let mut state = self.state.lock().await;
+        if !state.waiting.is_empty() {
+            return Err(JobError::transient("a piece of the file never came"));
+        }
+        while !state.in_flight.is_empty() {
+            self.settle_one(&mut state).await?;
+        }
+        fence.check().await?;
+        let done = state.upload.complete().await.map_err(|e| self.failed(&e, "multipart completion"))?;
+        Ok(PutOutcome::tagged(done.e_tag))
+    }
+
+    async fn abort(&self) {
+        let mut state = self.state.lock().await;
+        for upload in state.in_flight.drain(..) {
+            upload.abort();
+        }
+        if let Err(e) = state.upload.abort().await {
+            tracing::warn!(bucket = %self.bucket, error = %e, "could not abort a multipart upload");
+        }
+    }
+}
+
 /// Aborts a multipart upload whose attempt was dropped midway (lease lost, shutdown).
 struct AbortOnDrop(Option<WriteMultipart>);
 
@@ -439,6 +591,57 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
         self.upload_resumable(&store, &location(key), options.content_type, body, fence, from, progress)
             .await
             .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
+    }
+
+    /// One part per piece: each range fetched goes up as one part, by its index (on
+    /// Azure, as one block, in file order).
+    fn piece_size(&self) -> Option<u64> {
+        Some(self.part_size() as u64)
+    }
+
+    async fn start_pieces<'a>(
+        &'a self,
+        bucket: &'a BucketName,
+        key: &'a ObjectKey,
+        options: WriteOptions<'a>,
+        _job: JobId,
+        from: Option<PartialWrite>,
+    ) -> Result<Box<dyn PieceWrite + 'a>, JobError> {
+        let store = self.bucket(bucket.as_str())?;
+        let location = location(key);
+        if !self.cloud.resumable() {
+            // The service's own multipart calls would drop the content type: blocks go up
+            // through an upload that keeps it, in file order, and nothing is resumed.
+            if self.limits.create_buckets && options.may_create_bucket {
+                self.ensure_bucket(&store, bucket).await?;
+            }
+            let options =
+                PutMultipartOptions { attributes: content_type_attr(options.content_type), ..Default::default() };
+            let upload = store
+                .put_multipart_opts(&location, options)
+                .await
+                .map_err(|e| self.classify(&e, &format!("multipart (bucket {bucket})")))?;
+            let part_size = self.part_size() as u64;
+            let write = PartialWrite { id: String::new(), part_size, stored: 0, parts: Vec::new() };
+            let state = InOrder { next: 0, waiting: BTreeMap::new(), upload, in_flight: VecDeque::new() };
+            return Ok(Box::new(OrderedPieces { cloud: self, bucket, write, state: tokio::sync::Mutex::new(state) }));
+        }
+        let from = match from {
+            Some(from) => from,
+            None => {
+                if self.limits.create_buckets && options.may_create_bucket {
+                    self.ensure_bucket(&store, bucket).await?;
+                }
+                let options =
+                    PutMultipartOptions { attributes: content_type_attr(options.content_type), ..Default::default() };
+                let id = store
+                    .create_multipart_opts(&location, options)
+                    .await
+                    .map_err(|e| self.classify(&e, &format!("multipart (bucket {bucket})")))?;
+                PartialWrite { id, part_size: self.part_size() as u64, stored: 0, parts: Vec::new() }
+            }
+        };
+        Ok(Box::new(CloudPieces { cloud: self, store, location, bucket, from }))
     }
 
     async fn discard(&self, bucket: &BucketName, key: &ObjectKey, write: &PartialWrite) -> Result<(), JobError> {

@@ -2,6 +2,7 @@
 //! file that is renamed into place, so a reader never sees half an object.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -11,8 +12,8 @@ use object_store::path::{Path as StorePath, PathPart};
 use object_store::{ObjectStoreExt as _, PutPayload, WriteMultipart};
 
 use super::{
-    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PartialWrite, PutOutcome, ReadError, StoredBody, WriteOptions,
-    WriteProgress, read_head,
+    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PartialWrite, PieceWrite, PutOutcome, ReadError, StoredBody,
+    WriteOptions, WriteProgress, read_head,
 };
 use crate::domain::{BucketName, ObjectKey};
 use crate::files::FileMode;
@@ -30,6 +31,10 @@ const MAX_PATH: usize = 4095 - 20;
 /// How much a resumable write stages between the points it can be resumed from (each one
 /// an fsync of the staging file and a checkpoint in the database).
 const RESUMABLE_PART: u64 = 16 * 1024 * 1024;
+/// The pieces of a file fetched as several ranges at once: each is one range request and
+/// is held in memory until the hashing has read it, so this times the ranges in flight
+/// (plus a few) bounds such a transfer's memory.
+const PIECE: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug)]
 pub struct LocalStore {
@@ -274,6 +279,38 @@ impl ObjectStore for LocalStore {
         Ok(PutOutcome { etag: None, version: meta.e_tag })
     }
 
+    fn piece_size(&self) -> Option<u64> {
+        Some(PIECE)
+    }
+
+    async fn start_pieces<'a>(
+        &'a self,
+        bucket: &'a BucketName,
+        key: &'a ObjectKey,
+        _options: WriteOptions<'a>,
+        job: JobId,
+        from: Option<PartialWrite>,
+    ) -> Result<Box<dyn PieceWrite + 'a>, JobError> {
+        let location = Self::location(bucket, key);
+        let failed = |what: &str, e: &(dyn std::error::Error + 'static)| self.write_error(what, bucket, key, e);
+        let target = self.fs.path_to_filesystem(&location).map_err(|e| failed("locate", &e))?;
+        let staging = staging_path(&target, job);
+        let from = from.unwrap_or_else(|| PartialWrite {
+            id: job.to_string(),
+            part_size: RESUMABLE_PART,
+            stored: 0,
+            parts: Vec::new(),
+        });
+        let file = match open_staging(&staging, from.stored, self.mode).await {
+            Ok(Some(file)) => file,
+            Ok(None) => {
+                return Err(JobError::transient("local store: the staged part of the file is gone; starting over"));
+            }
+            Err(e) => return Err(failed("stage", &e)),
+        };
+        Ok(Box::new(LocalPieces { store: self, bucket, key, location, target, staging, file: Arc::new(file), from }))
+    }
+
     async fn discard(&self, bucket: &BucketName, key: &ObjectKey, write: &PartialWrite) -> Result<(), JobError> {
         let target = self
             .fs
@@ -310,6 +347,72 @@ impl ObjectStore for LocalStore {
             ReadError::Store(text) => ReadError::Store(self.scrub(&text)),
             other => other,
         })
+    }
+}
+
+/// A piece write into the staging file: each piece written at its place (`pwrite`), the
+/// file renamed into place when complete.
+struct LocalPieces<'a> {
+    store: &'a LocalStore,
+    bucket: &'a BucketName,
+    key: &'a ObjectKey,
+    location: StorePath,
+    target: std::path::PathBuf,
+    staging: std::path::PathBuf,
+    file: Arc<std::fs::File>,
+    from: PartialWrite,
+}
+
+impl LocalPieces<'_> {
+    fn failed(&self, what: &str, e: &(dyn std::error::Error + 'static)) -> JobError {
+        self.store.write_error(what, self.bucket, self.key, e)
+    }
+}
+
+#[async_trait]
+impl PieceWrite for LocalPieces<'_> {
+    fn partial(&self) -> PartialWrite {
+        self.from.clone()
+    }
+
+    async fn put(&self, offset: u64, chunks: Vec<Bytes>) -> Result<Vec<String>, JobError> {
+        use std::os::unix::fs::FileExt as _;
+        let file = self.file.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut at = offset;
+            for chunk in &chunks {
+                file.write_all_at(chunk, at)?;
+                at += chunk.len() as u64;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(std::io::Error::other);
+        written.and_then(|w| w).map_err(|e| self.failed("write", &e))?;
+        Ok(Vec::new())
+    }
+
+    async fn sync(&self) -> Result<(), JobError> {
+        let file = self.file.clone();
+        let synced = tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(std::io::Error::other);
+        synced.and_then(|s| s).map_err(|e| self.failed("sync", &e))
+    }
+
+    async fn complete(&self, _parts: Vec<String>, fence: &dyn Fence) -> Result<PutOutcome, JobError> {
+        self.sync().await?;
+        fence.check().await?;
+        publish(&self.staging, &self.target).await.map_err(|e| self.failed("move into place", &e))?;
+        self.store.settle(&self.location)?;
+        let meta = self.store.fs.head(&self.location).await.map_err(|e| self.failed("read back", &e))?;
+        Ok(PutOutcome { etag: None, version: meta.e_tag })
+    }
+
+    async fn abort(&self) {
+        if let Err(e) = tokio::fs::remove_file(&self.staging).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(bucket = %self.bucket, key = %self.key, error = %e, "could not remove a staging file");
+        }
     }
 }
 

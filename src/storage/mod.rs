@@ -144,6 +144,27 @@ pub fn split_at_parts(body: ByteStream, start: u64, part_size: u64) -> ByteStrea
     .boxed()
 }
 
+/// A write whose pieces (ranges of the file, each a whole number of the store's parts but
+/// the last) arrive in any order, for a file fetched as several ranges at once
+/// ([`ObjectStore::start_pieces`]). Its state between attempts is a [`PartialWrite`] whose
+/// `stored` bytes are the ones before the first piece still missing.
+#[async_trait]
+pub trait PieceWrite: Send + Sync {
+    /// The write as an attempt that goes on with it needs it: id and part size, and what
+    /// it was started from (the bytes and parts stored before this attempt).
+    fn partial(&self) -> PartialWrite;
+    /// Store `chunks`, the file's bytes from `offset` (a piece's start); returns the ids of
+    /// the parts they became, in order (none on stores without parts).
+    async fn put(&self, offset: u64, chunks: Vec<Bytes>) -> Result<Vec<String>, JobError>;
+    /// Make every piece put so far durable, before a checkpoint names them.
+    async fn sync(&self) -> Result<(), JobError>;
+    /// Make the object visible, made of `parts` (every part of the file, in order), once
+    /// `fence` agrees.
+    async fn complete(&self, parts: Vec<String>, fence: &dyn Fence) -> Result<PutOutcome, JobError>;
+    /// Remove what the write made: no attempt will go on with it.
+    async fn abort(&self);
+}
+
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
     /// Store `body` at `bucket/key`, all or nothing: if the stream yields an error, or the
@@ -197,6 +218,27 @@ pub trait ObjectStore: Send + Sync + 'static {
         _progress: &dyn WriteProgress,
     ) -> Result<PutOutcome, JobError> {
         Err(JobError::permanent("this object store cannot resume writes"))
+    }
+
+    /// The piece size of [`ObjectStore::start_pieces`] (a whole number of
+    /// [`ObjectStore::resumable_part_size`]); `None` if the store cannot take pieces out of order.
+    fn piece_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Start a write whose pieces come in any order (see [`PieceWrite`]), or go on with the
+    /// resumable write `from` (made by [`ObjectStore::put_resumable`] or an earlier piece
+    /// write: its stored bytes are kept, anything after them is written again). `job` names
+    /// the write, as in [`ObjectStore::put_resumable`].
+    async fn start_pieces<'a>(
+        &'a self,
+        _bucket: &'a BucketName,
+        _key: &'a ObjectKey,
+        _options: WriteOptions<'a>,
+        _job: crate::lifecycle::JobId,
+        _from: Option<PartialWrite>,
+    ) -> Result<Box<dyn PieceWrite + 'a>, JobError> {
+        Err(JobError::permanent("this object store cannot take a file in pieces"))
     }
 
     /// Remove the parts a resumable write kept.

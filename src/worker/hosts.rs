@@ -136,6 +136,22 @@ impl Hosts {
         }
     }
 
+    /// Up to `wanted` more places among `host`'s transfers for a transfer that already
+    /// holds one (its extra ranges), only those free now: never a wait, never past the
+    /// host's window, none while the host asked to be left alone.
+    pub fn more(&self, host: &str, wanted: usize) -> Vec<HostPermit> {
+        let mut state = self.lock();
+        let entry = self.entry(&mut state, host);
+        if entry.blocked_until.is_some_and(|until| until > Instant::now()) {
+            return Vec::new();
+        }
+        let window = entry.running.clone();
+        std::iter::from_fn(|| window.places.clone().try_acquire_owned().ok())
+            .take(wanted)
+            .map(|permit| HostPermit { permit: Some(permit), window: window.clone() })
+            .collect()
+    }
+
     /// `host` answered 429 or 503: halve its window.
     pub fn throttled(&self, host: &str) {
         let mut state = self.lock();
@@ -245,6 +261,19 @@ mod tests {
         hosts.throttled("a:80");
         hosts.throttled("a:80");
         assert_eq!(hosts.window("a:80"), 1, "never below one");
+    }
+
+    #[tokio::test]
+    async fn a_transfer_takes_more_places_only_when_free() {
+        let hosts = Hosts::new(4);
+        let _one = hosts.enter("a:80").await.unwrap();
+        let more = hosts.more("a:80", 7);
+        assert_eq!(more.len(), 3, "never past the host's limit");
+        assert!(hosts.more("a:80", 1).is_empty());
+        drop(more);
+        assert_eq!(hosts.more("a:80", 2).len(), 2);
+        hosts.block("a:80", Instant::now() + Duration::from_secs(60));
+        assert!(hosts.more("a:80", 2).is_empty(), "none while the host asked for a pause");
     }
 
     #[tokio::test]

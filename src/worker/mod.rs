@@ -8,6 +8,7 @@ mod attempt;
 mod hosts;
 mod pool;
 mod resume;
+mod segments;
 mod sniff;
 mod transfer;
 mod verify;
@@ -41,6 +42,10 @@ pub struct WorkerSettings {
     pub transfer_timeout: Duration,
     /// The slowest an origin may send, averaged over a window, before the attempt is cut.
     pub min_rate: MinRate,
+    /// Ranges of one large file fetched at once (1: one stream per file).
+    pub segments: usize,
+    /// Files (or rests of files) larger than this are fetched in ranges, when the origin allows.
+    pub segment_threshold: u64,
 }
 
 /// What one step did.

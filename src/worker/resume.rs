@@ -36,7 +36,7 @@ impl Checkpoint {
     pub fn range(&self, part_size: Option<u64>) -> Option<RangeFrom> {
         let total = self.total?;
         let fits = part_size == Some(self.write.part_size) && self.write.stored < total;
-        fits.then(|| RangeFrom { offset: self.write.stored, validator: self.validator.clone(), total })
+        fits.then(|| RangeFrom { offset: self.write.stored, end: None, validator: self.validator.clone(), total })
     }
 }
 

@@ -8,7 +8,9 @@ use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::Worker;
+use super::hosts::host_of;
 use super::resume::{Checkpoint, Recorder};
+use super::segments::{SegmentFailure, Segmenting};
 use super::sniff;
 use super::verify::{Expectations, verified};
 use crate::domain::{BucketName, ObjectKey, RequestHeaders};
@@ -59,6 +61,11 @@ impl Progress {
     pub(super) fn start(&self, done: u64, total: Option<u64>) {
         self.0.0.store(done, Ordering::Relaxed);
         self.0.1.store(total.unwrap_or(Self::UNKNOWN), Ordering::Relaxed);
+    }
+
+    /// Bytes counted that will come again (a range fetched anew).
+    pub(super) fn take_back(&self, bytes: u64) {
+        let _ = self.0.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |done| Some(done.saturating_sub(bytes)));
     }
 
     pub(super) fn read(&self) -> (u64, Option<u64>) {
@@ -179,7 +186,7 @@ impl Worker {
         progress: &Progress,
     ) -> Result<StoredObject, JobError> {
         let checkpointed = AtomicBool::new(job.bytes_done.is_some_and(|done| done > 0));
-        let outcome = self.transfer_once(job, owner, fence, cancel, progress, &checkpointed).await;
+        let outcome = self.transfer_once(job, owner, fence, cancel, progress, &checkpointed, true).await;
         let ended = !matches!(&outcome, Err(e) if e.is_transient());
         if ended && checkpointed.load(Ordering::Relaxed) {
             self.forget_checkpoint(job, outcome.is_err()).await;
@@ -188,6 +195,9 @@ impl Worker {
     }
 
     /// One attempt: origin → verify → store. Sets `checkpointed` when it may save checkpoints.
+    /// With `in_ranges`, a large file may be fetched as several ranges at once; when the
+    /// origin's range answers do not prove themselves, it is fetched again in one stream.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn transfer_once(
         &self,
         job: &Job,
@@ -196,6 +206,7 @@ impl Worker {
         cancel: &CancellationToken,
         progress: &Progress,
         checkpointed: &AtomicBool,
+        in_ranges: bool,
     ) -> Result<StoredObject, JobError> {
         let (url, bucket, key) = (job.file_url.as_url(), &job.bucket_name, &job.object_name);
 
@@ -272,6 +283,43 @@ impl Worker {
             size: job.expected_size,
         };
         let options = WriteOptions { content_type: &content_type, may_create_bucket: job.grant.may_create_bucket };
+        // A large file from an origin that serves ranges of a version it names: several
+        // ranges at once, as many as the host's free places allow.
+        let segments = match (&fetched.validator, fetched.content_length) {
+            (Some(_), Some(total)) if in_ranges => {
+                self.segments_for(fetched.accepts_ranges, total.saturating_sub(fetched.start))
+            }
+            _ => None,
+        };
+        let more = segments.map(|wanted| self.hosts.more(&host_of(url), wanted - 1)).unwrap_or_default();
+        if let (false, Some(validator), Some(total)) = (more.is_empty(), &fetched.validator, fetched.content_length) {
+            let run = Segmenting {
+                job,
+                owner,
+                headers: headers.pairs(),
+                fence,
+                cancel,
+                progress,
+                checkpointed,
+                segments: 1 + more.len(),
+                validator: validator.clone(),
+                total,
+                content_type: content_type.clone(),
+                expect,
+                options,
+                resumed,
+            };
+            let outcome = self.segmented(run, body).await;
+            drop(more);
+            return match outcome {
+                Ok(stored) => Ok(stored),
+                Err(SegmentFailure::Failed(e)) => Err(e),
+                // What was stored is gone: the whole file, in one stream.
+                Err(SegmentFailure::Unproven(_)) => {
+                    Box::pin(self.transfer_once(job, owner, fence, cancel, progress, checkpointed, false)).await
+                }
+            };
+        }
         // Large files from an origin that names its version are stored part by part, with
         // a checkpoint after each, so a cut transfer goes on where it stopped.
         let resumable = match (part_size, &fetched.validator, fetched.content_length) {

@@ -28,6 +28,7 @@ mod polite;
 mod private_files;
 mod resume;
 mod revocation;
+mod segments;
 mod sites;
 mod submit;
 mod webhooks;

@@ -33,7 +33,8 @@
 //!   `short_total` (the 206 says the file is 1 MiB shorter and ends there), `no_validator`
 //!   (the 206 carries no ETag or Last-Modified), `not_to_end` (the 206 stops 1 MiB short of
 //!   the end and says so), `whole_as_206` (a request for the whole file answered 206 with
-//!   the whole file's range), `refuse_range` (416 to every ranged request).
+//!   the whole file's range), `refuse_range` (416 to every ranged request), `range_as_200`
+//!   (says `Accept-Ranges: bytes`, answers every ranged request 200 with the whole file).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -191,6 +192,12 @@ impl Origin {
         self.counters.2.lock().unwrap().get(name).cloned().unwrap_or_default()
     }
 
+    /// The most bounded ranges (`bytes=N-M`) `/resumable/{name}/…` was sending at one time
+    /// (counted, not timed: from each answer's head to its end or break).
+    pub fn most_ranges_at_once(&self, name: &str) -> u32 {
+        self.counters.0.lock().unwrap().get(&format!("most sending:{name}")).copied().unwrap_or(0)
+    }
+
     /// How many requests reached `path` (without its query).
     pub fn hits(&self, path: &str) -> u32 {
         self.counters.0.lock().unwrap().get(&format!("path:{path}")).copied().unwrap_or(0)
@@ -315,10 +322,11 @@ async fn resumable(
     Query(q): Query<HashMap<String, String>>,
     request: HeaderMap,
 ) -> Response {
-    let version = c.0.lock().unwrap().get(&format!("version:{name}")).copied().unwrap_or(0);
     let request_no = c.hit(&format!("resumable:{name}"));
-    let seed = Origin::versioned_seed(seed_of(&q), version);
     let arg = |k: &str| q.get(k).map(String::as_str);
+    let bumped = u32::from(request_no > 1 && arg("bump") == Some("1"));
+    let version = c.0.lock().unwrap().get(&format!("version:{name}")).copied().unwrap_or(0) + bumped;
+    let seed = Origin::versioned_seed(seed_of(&q), version);
     let etag = format!("\"{name}-v{version}\"");
     // A date that moves with the version.
     let modified =
@@ -326,6 +334,7 @@ async fn resumable(
     let validator = match arg("validator").unwrap_or("etag") {
         "etag" => Some((header::ETAG, etag)),
         "date" => Some((header::LAST_MODIFIED, modified)),
+        "weak" => Some((header::ETAG, format!("W/{etag}"))),
         _ => None,
     };
     let range = request.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
@@ -337,11 +346,13 @@ async fn resumable(
         (Some(_), None) => false,
         (None, _) => true,
     };
-    let asked = range
-        .strip_prefix("bytes=")
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|n| n.parse::<u64>().ok())
-        .filter(|&n| n < size && same_version && arg("ranges") != Some("no"));
+    // `bytes=N-` or `bytes=N-M`: the first byte, and the last one asked if any.
+    let spec = range.strip_prefix("bytes=").and_then(|r| r.split_once('-'));
+    let asked_end = spec.and_then(|(_, m)| m.parse::<u64>().ok());
+    let weak = matches!(&validator, Some((_, v)) if v.starts_with("W/"));
+    let asked = spec
+        .and_then(|(n, _)| n.parse::<u64>().ok())
+        .filter(|&n| n < size && same_version && !weak && arg("ranges") != Some("no") && lie != "range_as_200");
     const LIE: u64 = 1024 * 1024;
     let from = match (asked, lie) {
         (Some(n), "wrong_start") => Some(n.saturating_sub(LIE)),
@@ -349,11 +360,12 @@ async fn resumable(
         (from, _) => from,
     };
     // The last byte this answer sends, and the total it declares ("*" when unknown).
+    let end = asked.and(asked_end).map_or(size - 1, |m| m.min(size - 1));
     let (last, total) = match (asked, lie) {
-        (Some(_), "short_total") => (size - LIE - 1, (size - LIE).to_string()),
-        (Some(_), "not_to_end") => (size - LIE - 1, size.to_string()),
-        (Some(_), "unknown_total") => (size - 1, "*".to_owned()),
-        _ => (size - 1, size.to_string()),
+        (Some(_), "short_total") => (end.min(size - LIE - 1), (size - LIE).to_string()),
+        (Some(_), "not_to_end") => (end.saturating_sub(LIE), size.to_string()),
+        (Some(_), "unknown_total") => (end, "*".to_owned()),
+        _ => (end, size.to_string()),
     };
     let validator = validator.filter(|_| !(asked.is_some() && lie == "no_validator"));
     if asked.is_some() && lie == "refuse_range" {
@@ -362,7 +374,14 @@ async fn resumable(
     }
     let start = from.unwrap_or(0);
     let size = last + 1;
-    let cut = arg("cut").and_then(|n| n.parse::<u64>().ok()).filter(|_| request_no == 1);
+    let mut cut = arg("cut").and_then(|n| n.parse::<u64>().ok()).filter(|_| request_no == 1);
+    if let Some(at) = arg("cut_once").and_then(|n| n.parse::<u64>().ok())
+        && request_no > 1
+        && (start..=last).contains(&at)
+        && c.hit(&format!("cut_once:{name}")) <= arg("cut_times").and_then(|n| n.parse().ok()).unwrap_or(1)
+    {
+        cut = Some(at);
+    }
     let every = Duration::from_millis(arg("every_ms").and_then(|n| n.parse().ok()).unwrap_or(0));
     let piece = 1024 * 1024u64;
     let end = cut.map_or(size, |cut| cut.clamp(start, size));
@@ -380,6 +399,11 @@ async fn resumable(
     let broken = futures::stream::iter(
         cut.map(|_| Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "origin breaks the connection"))),
     );
+    let sending = asked.and(asked_end).map(|_| Sending::start(&c, &name));
+    let pieces = pieces.map(move |piece| {
+        let _counted = &sending;
+        piece
+    });
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_LENGTH, (size - start).into());
     headers.insert(header::CONTENT_TYPE, "application/octet-stream".parse().unwrap());
@@ -397,6 +421,28 @@ async fn resumable(
         None => StatusCode::OK,
     };
     (status, headers, Body::from_stream(pieces.chain(broken))).into_response()
+}
+
+/// Counts one body among those being sent for a name, until dropped.
+struct Sending {
+    counters: Counters,
+    name: String,
+}
+
+impl Sending {
+    fn start(c: &Counters, name: &str) -> Self {
+        let now = c.hit(&format!("sending:{name}"));
+        let mut map = c.0.lock().unwrap();
+        let most = map.entry(format!("most sending:{name}")).or_default();
+        *most = (*most).max(now);
+        Self { counters: c.clone(), name: name.to_owned() }
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        *self.counters.0.lock().unwrap().get_mut(&format!("sending:{}", self.name)).unwrap() -= 1;
+    }
 }
 
 async fn redirect(Path((hops, size)): Path<(u32, u64)>, Query(q): Query<HashMap<String, String>>) -> Response {
