@@ -163,6 +163,7 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         grant,
         // Set by the handler, from its request's trace context.
         traceparent: None,
+        batch: None,
     })
 }
 
