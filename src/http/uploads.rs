@@ -390,6 +390,7 @@ pub(super) async fn get_upload(
         ("status" = Option<JobStatus>, Query, description = "only uploads in this status"),
         ("limit" = Option<u32>, Query, description = "1–1000, default 50"),
         ("before" = Option<String>, Query, description = "only uploads older than this id (the next page)"),
+        ("batch" = Option<String>, Query, description = "only the uploads of this batch"),
     ),
     responses((status = 200, description = "a page", body = UploadList),
         (status = 422, description = "an invalid parameter", body = ErrorBody),
@@ -416,9 +417,14 @@ pub(super) async fn list_uploads(
         .map(|raw| raw.parse::<JobId>())
         .transpose()
         .map_err(|_| ApiError::invalid("before", "must be an upload id"))?;
+    let batch = query
+        .get("batch")
+        .map(|raw| raw.parse::<i64>())
+        .transpose()
+        .map_err(|_| ApiError::invalid("batch", "must be a batch id"))?;
     // A submitter lists its own jobs; admins (and the open API) every job.
     let owner = if caller.is_admin() { None } else { caller.key_id().map(str::to_owned) };
-    let jobs = state.repo.list(&ListFilter { status, owner, before, limit }).await?;
+    let jobs = state.repo.list(&ListFilter { status, owner, batch, before, limit }).await?;
     let next = if jobs.len() == limit as usize { jobs.last().map(|j| j.id.to_string()) } else { None };
     let mut uploads = Vec::with_capacity(jobs.len());
     for job in jobs {

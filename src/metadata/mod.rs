@@ -3,6 +3,7 @@
 //! Creating a job and making it deliverable happen in one transaction, so an accepted
 //! job can never be lost between the database and the queue.
 
+mod bulk;
 mod group_commit;
 mod keys;
 mod outbox;
@@ -16,6 +17,9 @@ use chrono::{DateTime, Utc};
 
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
+pub use bulk::{
+    Batch, BatchCounts, BatchCreated, BatchState, BatchStore, InvalidRow, NewBatch, ReportRow, Steer, Steered,
+};
 pub use keys::KeyStore;
 pub use outbox::{Attempted, DueDelivery, WebhookOutbox, message_id};
 pub use postgres::{PgDb, PgRepository};

@@ -1,6 +1,8 @@
 //! PostgreSQL metadata repository: the distributed mode. New jobs are announced through
 //! the `outbox` table, which the relay publishes to the queue.
 
+mod bulk;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -149,9 +149,9 @@ pub(super) async fn claim_state(db: &SqliteDb, id: JobId) -> Result<Option<Claim
         "SELECT status, lease_expires_at, next_attempt_at, \
          EXISTS (SELECT 1 FROM batches b WHERE b.id = files.batch_id AND b.paused) AS paused FROM files WHERE id = ?1",
     )
-        .bind(id.0)
-        .fetch_optional(&db.reads)
-        .await?;
+    .bind(id.0)
+    .fetch_optional(&db.reads)
+    .await?;
     let Some(row) = row else { return Ok(None) };
     let status: String = row.try_get("status")?;
     Ok(Some(ClaimState {
