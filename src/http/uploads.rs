@@ -66,7 +66,7 @@ fn parse_id(raw_id: &str) -> Result<JobId, ApiError> {
 
 /// A URL fileflow will connect to, from field `field`: refused names and IP-literal hosts
 /// are known now (names are checked again when resolved).
-fn destination(state: &AppState, field: &'static str, raw: &str) -> Result<SourceUrl, ApiError> {
+pub(super) fn destination(state: &AppState, field: &'static str, raw: &str) -> Result<SourceUrl, ApiError> {
     let url = SourceUrl::parse(raw).map_err(|e| ApiError::invalid(field, e))?;
     state.guard.check_url(url.as_url()).map_err(|e| ApiError::invalid(field, e))?;
     Ok(url)
@@ -327,7 +327,7 @@ fn idempotency_key(
 
 /// SHA-256 of a JSON value written with its object keys sorted, so the same request sent
 /// with its fields in another order is the same request.
-fn request_digest(value: &serde_json::Value) -> String {
+pub(super) fn request_digest(value: &serde_json::Value) -> String {
     fn canonical(value: &serde_json::Value, out: &mut String) {
         match value {
             serde_json::Value::Object(map) => {
