@@ -15,6 +15,7 @@
 //! - `/redirect/{hops}/{size}` — `hops` redirects, then the file;
 //! - `/delay/{ms}/{size}` — waits, then serves the file;
 //! - `/to?url=U` — a redirect to any URL;
+//! - `/manifest/{name}` — a body the test set with [`Origin::serve_manifest`];
 //! - `/gzip/{size}` — the file labelled `Content-Encoding: gzip` (to check it is stored as served);
 //! - `/png` — a PNG signature and header chunk labelled `application/octet-stream`;
 //! - `/echo-header/{name}` — 200 only if the request carried header `name`, whose value is the body;
@@ -95,6 +96,8 @@ struct Counters(
     Arc<Mutex<HashMap<String, u32>>>,
     Arc<Mutex<HashMap<String, u64>>>,
     Arc<Mutex<HashMap<String, Vec<String>>>>,
+    /// Manifests served at `/manifest/{name}`: content type and body.
+    Arc<Mutex<HashMap<String, (String, Bytes)>>>,
 );
 
 impl Counters {
@@ -139,6 +142,7 @@ impl Origin {
             .route("/gzip/{size}", get(gzip))
             .route("/versioned/{name}/{size}", get(versioned))
             .route("/resumable/{name}/{size}", get(resumable))
+            .route("/manifest/{name}", get(manifest))
             .layer(axum::middleware::from_fn_with_state(counters.clone(), count))
             .with_state(counters.clone());
         let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
@@ -191,6 +195,12 @@ impl Origin {
         self.counters.2.lock().unwrap().get(name).cloned().unwrap_or_default()
     }
 
+    /// Serve `body` at `/manifest/{name}` with `content_type`; returns its URL.
+    pub fn serve_manifest(&self, name: &str, content_type: &str, body: impl Into<Bytes>) -> String {
+        self.counters.3.lock().unwrap().insert(name.to_owned(), (content_type.to_owned(), body.into()));
+        self.url(&format!("/manifest/{name}"))
+    }
+
     /// How many requests reached `path` (without its query).
     pub fn hits(&self, path: &str) -> u32 {
         self.counters.0.lock().unwrap().get(&format!("path:{path}")).copied().unwrap_or(0)
@@ -219,6 +229,13 @@ fn streamed(seed: u64, size: u64, content_type: &str) -> Response {
     headers.insert(header::CONTENT_LENGTH, size.into());
     headers.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
     (headers, Body::from_stream(content_stream(seed, size))).into_response()
+}
+
+async fn manifest(State(c): State<Counters>, Path(name): Path<String>) -> Response {
+    match c.3.lock().unwrap().get(&name).cloned() {
+        Some((content_type, body)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn file(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
