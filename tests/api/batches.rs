@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use fileflow::auth::KeyLimits;
+use fileflow::auth::{AuthMode, KeyLimits};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -151,7 +151,8 @@ async fn a_url_list_manifest_is_read_as_the_batch_endpoint_reads_it() {
     let id = submit(&app, None, &json!({ "manifest_url": url, "bucket_name": app.bucket, "prefix": "tsv/" })).await;
     let done = ended(&app, &id).await;
     assert_eq!(done["counts"]["completed"], 2, "{done}");
-    let host = origin.addr.to_string();
+    // Named `<prefix><host>/<path>`, as the transfer service names them.
+    let host = origin.addr.ip().to_string();
     assert!(app.read_object(&format!("tsv/{host}/file/700")).await == content(7, 700));
     app.stop().await;
 }
@@ -229,7 +230,7 @@ async fn pause_holds_the_waiting_jobs_and_resume_releases_them() {
 #[tokio::test]
 async fn a_batch_belongs_to_the_key_that_created_it() {
     let origin = Origin::start().await;
-    let app = spawn_app().await;
+    let app = spawn_app_with(|s| s.auth.mode = AuthMode::Required).await;
     app.ensure_bucket().await;
     let (_, alice) = app.create_key("submitter", &[&app.bucket], KeyLimits::default()).await;
     let (_, bob) = app.create_key("submitter", &[&app.bucket], KeyLimits::default()).await;
