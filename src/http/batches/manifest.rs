@@ -8,8 +8,8 @@ use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use serde_json::{Map, Value, json};
 
-use super::super::batch::{TSV_HEADER, tsv_item};
-use super::super::error::ApiError;
+use crate::http::batch::{TSV_HEADER, tsv_item};
+use crate::http::error::ApiError;
 
 /// The longest line a manifest may have.
 pub const MAX_LINE: usize = 64 * 1024;

@@ -5,6 +5,7 @@
 
 mod manifest;
 mod report;
+mod request;
 mod runner;
 
 use std::collections::HashMap;
@@ -15,9 +16,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use self::manifest::{Defaults, Format};
+use self::request::{BatchRequest, Location, ManifestSource};
 use super::error::{ApiError, ErrorBody};
 use super::extract::JsonObject;
 use super::state::AppState;
@@ -38,39 +40,6 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/batches/{id}/cancel", post(cancel_batch))
         .route("/api/v1/batches/{id}/pause", post(pause_batch))
         .route("/api/v1/batches/{id}/resume", post(resume_batch))
-}
-
-/// A bucket and an object name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Location {
-    pub bucket_name: String,
-    pub object_name: String,
-}
-
-/// Where a manifest is read from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ManifestSource {
-    /// Fetched as any source is (the destination guard, the HTTP fetcher).
-    Url(String),
-    /// An object in the store.
-    Stored { bucket_name: String, object_name: String },
-}
-
-/// A batch's request as kept with it: what the reader needs after a restart.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchRequest {
-    pub source: ManifestSource,
-    pub format: Option<Format>,
-    pub defaults: Defaults,
-    pub report: Option<Location>,
-    pub traceparent: Option<String>,
-}
-
-impl BatchRequest {
-    pub fn from_stored(text: &str) -> Result<Self, String> {
-        serde_json::from_str(text).map_err(|e| format!("the batch's stored request is unreadable: {e}"))
-    }
 }
 
 /// What `POST /api/v1/batches` takes.

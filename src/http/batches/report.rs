@@ -6,12 +6,12 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use futures::StreamExt as _;
 
-use super::Location;
+use super::request::Location;
 use crate::lifecycle::JobError;
 use crate::metadata::{Batch, ReportRow};
 use crate::storage::{Unfenced, WriteOptions};
 
-use super::super::state::AppState;
+use crate::http::state::AppState;
 
 /// The report's header row.
 pub const HEADER: &str = "row,file_url,bucket_name,object_name,status,size,sha256,etag,last_error\n";

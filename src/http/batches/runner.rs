@@ -13,14 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::manifest::{Format, Line, Lines, csv_header, reason, row_item};
 use super::report::write_report;
-use super::{BatchRequest, ManifestSource};
+use super::request::{BatchRequest, ManifestSource};
 use crate::auth::Caller;
 use crate::lifecycle::{BatchRow, NewJob};
 use crate::metadata::{Batch, InvalidRow};
 
-use super::super::extract::JsonObject;
-use super::super::state::AppState;
-use super::super::uploads::parse_new_job;
+use crate::http::extract::JsonObject;
+use crate::http::state::AppState;
+use crate::http::uploads::parse_new_job;
 
 /// How often the runner looks for batches to read or close.
 const POLL: Duration = Duration::from_millis(200);
@@ -144,7 +144,7 @@ async fn read_rows(state: &AppState, reader: &str, batch: &Batch) -> Result<Opti
                     header = csv_header(&first_line)?;
                     continue;
                 }
-                Format::Tsv if first_line.trim() == super::super::batch::TSV_HEADER => continue,
+                Format::Tsv if first_line.trim() == crate::http::batch::TSV_HEADER => continue,
                 Format::Tsv => return Err("a URL list starts with a TsvHttpData-1.0 line".into()),
                 Format::Jsonl => {}
             }
