@@ -179,6 +179,10 @@ pub trait BatchStore: Send + Sync + 'static {
     async fn take_reading(&self, reader: &str, lease: Duration, now: DateTime<Utc>)
     -> Result<Option<Batch>, RepoError>;
 
+    /// Let go of every batch `reader` holds (it is stopping): another reader, or this
+    /// process once restarted, takes them up at once from the rows recorded.
+    async fn release_reading(&self, reader: &str) -> Result<u64, RepoError>;
+
     /// Record rows read, in one transaction: the jobs (queued as any job is), the invalid
     /// rows, the counters, and how far the manifest has been read (`rows_read`), renewing
     /// `reader`'s lease. `None` when `reader` no longer holds the batch (nothing written).

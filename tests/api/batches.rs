@@ -277,3 +277,36 @@ async fn a_batch_request_is_checked_before_anything_is_written() {
     assert_eq!(a["id"], b["id"]);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_batch_read_when_the_process_stops_is_read_on_from_its_last_chunk_after_a_restart() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    let rows: Vec<String> = (1..=3000u64)
+        .map(|i| match i % 100 {
+            0 => format!("{},r/{i}", origin.url(&format!("/file/10?seed={i}"))),
+            _ => format!("ftp://example.com/{i},r/{i}"),
+        })
+        .collect();
+    let body = format!("file_url,object_name\n{}\n", rows.join("\n"));
+    // About 40 pieces, one every 50 ms: two seconds of reading.
+    let url = origin.serve_manifest("long.csv", "text/csv", body) + "?every_ms=50&piece=3000";
+    let report = json!({ "bucket_name": app.bucket, "object_name": "reports/restart.csv" });
+    let id = submit(&app, None, &json!({ "manifest_url": url, "bucket_name": app.bucket, "report": report })).await;
+    let part = batch_until(&app, &id, Duration::from_secs(30), |b| b["total"].as_u64() > Some(0)).await;
+    assert_eq!(part["status"], "reading", "stopped half-way: {part}");
+    let settings = app.settings.clone();
+    let dir = app.stop().await;
+
+    let app = crate::helpers::start(settings, dir).await;
+    let done = ended(&app, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!((done["total"].as_u64(), done["counts"]["invalid"].as_u64()), (Some(3000), Some(2970)), "{done}");
+    assert_eq!(done["counts"]["completed"], 30, "{done}");
+    assert_eq!(batch_jobs(&app, &id).await.len(), 30, "no row became two jobs");
+    let report = String::from_utf8(app.read_object("reports/restart.csv").await).unwrap();
+    let rows: Vec<u64> = report.lines().skip(1).map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
+    assert_eq!(rows, (1..=3000).collect::<Vec<_>>(), "every row once, in order");
+    assert!(app.read_object("r/3000").await == content(3000, 10));
+    app.stop().await;
+}

@@ -15,7 +15,8 @@
 //! - `/redirect/{hops}/{size}` — `hops` redirects, then the file;
 //! - `/delay/{ms}/{size}` — waits, then serves the file;
 //! - `/to?url=U` — a redirect to any URL;
-//! - `/manifest/{name}` — a body the test set with [`Origin::serve_manifest`];
+//! - `/manifest/{name}?every_ms=M&piece=P` — a body the test set with [`Origin::serve_manifest`]
+//!   (with `every_ms`, in pieces of `P` bytes, one every `M` ms);
 //! - `/gzip/{size}` — the file labelled `Content-Encoding: gzip` (to check it is stored as served);
 //! - `/png` — a PNG signature and header chunk labelled `application/octet-stream`;
 //! - `/echo-header/{name}` — 200 only if the request carried header `name`, whose value is the body;
@@ -231,11 +232,26 @@ fn streamed(seed: u64, size: u64, content_type: &str) -> Response {
     (headers, Body::from_stream(content_stream(seed, size))).into_response()
 }
 
-async fn manifest(State(c): State<Counters>, Path(name): Path<String>) -> Response {
-    match c.3.lock().unwrap().get(&name).cloned() {
-        Some((content_type, body)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
-        None => StatusCode::NOT_FOUND.into_response(),
+async fn manifest(
+    State(c): State<Counters>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some((content_type, body)) = c.3.lock().unwrap().get(&name).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let every_ms: u64 = q.get("every_ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if every_ms == 0 {
+        return ([(header::CONTENT_TYPE, content_type)], body).into_response();
     }
+    // In pieces of `piece` bytes, one every `every_ms`.
+    let piece: usize = q.get("piece").and_then(|v| v.parse().ok()).unwrap_or(4096);
+    let pieces: Vec<Bytes> = body.chunks(piece.max(1)).map(Bytes::copy_from_slice).collect();
+    let stream = futures::stream::iter(pieces).then(move |p| async move {
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+        Ok::<_, std::io::Error>(p)
+    });
+    ([(header::CONTENT_TYPE, content_type)], Body::from_stream(stream)).into_response()
 }
 
 async fn file(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {

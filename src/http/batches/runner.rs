@@ -24,8 +24,9 @@ use crate::http::uploads::parse_new_job;
 
 /// How often the runner looks for batches to read or close.
 const POLL: Duration = Duration::from_millis(200);
-/// How long a reader holds a batch without a word (each chunk it records renews it).
-const READ_LEASE: Duration = Duration::from_secs(60);
+/// How long a reader holds a batch without a word (each chunk it records renews it): a
+/// batch whose process died is taken up again this long after its last chunk.
+const READ_LEASE: Duration = Duration::from_secs(30);
 /// Rows recorded per transaction, at most.
 const CHUNK_ROWS: usize = 2000;
 /// How long rows wait to be recorded, at most.
@@ -72,7 +73,14 @@ pub async fn run(state: AppState, stop: CancellationToken) {
             }
         }
     }
+    // Each reader stopped between two recorded chunks: what it read after the last one is
+    // read again by whoever takes the batch up.
     readers.shutdown().await;
+    match state.bulk.release_reading(&reader).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(batches = n, "batch reading handed back for the next start"),
+        Err(e) => tracing::warn!(error = %e, "cannot hand batch reading back; it is taken up when its lease lapses"),
+    }
 }
 
 /// Write an ended batch's report (if it asked for one) and close it.

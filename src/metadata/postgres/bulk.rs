@@ -140,6 +140,14 @@ impl BatchStore for PgRepository {
         row.as_ref().map(batch_from_row).transpose()
     }
 
+    async fn release_reading(&self, reader: &str) -> Result<u64, RepoError> {
+        let done = sqlx::query("UPDATE batches SET reader = NULL, reader_until = NULL WHERE reader = $1")
+            .bind(reader)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn append_rows(
         &self,
         id: i64,

@@ -157,6 +157,20 @@ impl BatchStore for SqliteRepository {
         row.as_ref().map(batch_from_row).transpose()
     }
 
+    async fn release_reading(&self, reader: &str) -> Result<u64, RepoError> {
+        let reader = reader.to_owned();
+        let done = self
+            .db
+            .write(move |c| {
+                sqlx::query("UPDATE batches SET reader = NULL, reader_until = NULL WHERE reader = ?1")
+                    .bind(reader)
+                    .execute(c)
+                    .boxed()
+            })
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn append_rows(
         &self,
         id: i64,
