@@ -15,7 +15,7 @@ use crate::config::{DataArgs, Settings, StorageKind};
 use crate::events::{Announcing, ChangeFeed};
 use crate::links::{CappedLinks, DownloadLinks, LinkSigner};
 use crate::metadata::WebhookOutbox;
-use crate::metadata::{JobRepository, PgDb, PgRepository, RepoError, SqliteDb, SqliteRepository};
+use crate::metadata::{BatchStore, JobRepository, PgDb, PgRepository, RepoError, SqliteDb, SqliteRepository};
 use crate::queue::kafka::KafkaSettings;
 use crate::secrets::HeaderSealer;
 use crate::storage::{AzureStore, GcsStore, LocalStore, ObjectStore, S3Store};
@@ -37,6 +37,8 @@ pub enum QueueSource {
 /// The adapters a process runs with.
 pub struct Backends {
     pub repo: Arc<dyn JobRepository>,
+    /// Batches, in the same database as their jobs.
+    pub bulk: Arc<dyn BatchStore>,
     /// The API keys, in the same database.
     pub keys: Arc<dyn KeyStore>,
     /// The webhook outbox, in the same database.
@@ -144,13 +146,15 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
     let outbox = database.outbox();
     let changes = Arc::new(ChangeFeed::default());
     let kafka = settings.kafka.settings(settings.fetch.transfer_timeout)?;
-    let (repo, queue): (Arc<dyn JobRepository>, QueueSource) = match (database, kafka) {
+    let (repo, bulk, queue): (Arc<dyn JobRepository>, Arc<dyn BatchStore>, QueueSource) = match (database, kafka) {
         (Database::Sqlite(db), None) => {
             let repo = Arc::new(SqliteRepository::new(db.clone()));
-            (Arc::new(Announcing::new(repo, changes.clone())), QueueSource::Embedded(db))
+            let bulk = repo.clone();
+            (Arc::new(Announcing::new(repo, changes.clone())), bulk, QueueSource::Embedded(db))
         }
         (Database::Postgres(db), Some(kafka)) => {
-            (Arc::new(PgRepository::new(db.clone())), QueueSource::Kafka { settings: kafka, db })
+            let repo = Arc::new(PgRepository::new(db.clone()));
+            (repo.clone(), repo, QueueSource::Kafka { settings: kafka, db })
         }
         (Database::Sqlite(_), Some(_)) => {
             bail!("the Kafka queue needs PostgreSQL metadata (--database-url postgres://…): its outbox lives there")
@@ -185,5 +189,5 @@ pub async fn build(settings: &Settings, public_url: Url) -> anyhow::Result<Backe
     };
     let sealer = Arc::new(HeaderSealer::load(settings.auth.encryption_key.as_ref(), &data.data_dir)?);
     let links = Arc::new(CappedLinks { inner: links, max: settings.server.max_link_lifetime });
-    Ok(Backends { repo, keys, outbox, sealer, store, links, signer, queue, changes })
+    Ok(Backends { repo, bulk, keys, outbox, sealer, store, links, signer, queue, changes })
 }

@@ -40,6 +40,7 @@ impl Backend {
             headers: None,
             grant: Grant::open(),
             traceparent: None,
+            batch: None,
         };
         let id = self.repo.create(&job, Utc::now()).await.unwrap().id;
         if let Some(relay) = &self.relay {

@@ -30,6 +30,7 @@ fn new_job(key: &str) -> NewJob {
         headers: Some(SealedHeaders::from_stored("v1.c2VhbGVk".into())),
         grant: Grant::open(),
         traceparent: Some(TRACEPARENT.into()),
+        batch: None,
     }
 }
 

@@ -310,6 +310,7 @@ impl Bench {
         let page = |before: Option<i64>| ListFilter {
             status: Some(JobStatus::Failed),
             owner: None,
+            batch: None,
             before: before.map(JobId),
             limit: 50,
         };

@@ -274,6 +274,13 @@ impl Gate {
         Ok(Caller::Key(Arc::new(key)))
     }
 
+    /// The caller a key's background work acts as (a batch read after its request
+    /// ended): the key as it is now; `None` once it is revoked or gone.
+    pub async fn caller_for_key(&self, id: &str) -> Result<Option<Caller>, RepoError> {
+        let found = self.keys.find_key(id).await?;
+        Ok(found.filter(|(key, _)| key.revoked_at.is_none()).map(|(key, _)| Caller::Key(Arc::new(key))))
+    }
+
     /// Whether the key `id` exists and is not revoked (looked up at most once per
     /// [`VALIDITY_TTL`] per key).
     pub async fn key_valid(&self, id: &str) -> Result<bool, RepoError> {

@@ -28,7 +28,7 @@ use crate::telemetry::TraceParent;
 pub const MAX_ITEMS: usize = 1000;
 /// Largest batch body: a thousand upload bodies with room for headers and long URLs.
 const MAX_BATCH_BODY: usize = 4 * 1024 * 1024;
-const TSV_HEADER: &str = "TsvHttpData-1.0";
+pub(super) const TSV_HEADER: &str = "TsvHttpData-1.0";
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/uploads/batch", post(create_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY)))
@@ -148,7 +148,7 @@ fn tsv_items(body: &[u8], query: &HashMap<String, String>) -> Result<Vec<Item>, 
     Ok(lines.into_iter().map(|line| tsv_item(line, bucket, prefix)).collect())
 }
 
-fn tsv_item(line: &str, bucket: &str, prefix: &str) -> Item {
+pub(super) fn tsv_item(line: &str, bucket: &str, prefix: &str) -> Item {
     let mut fields = line.split('\t');
     let url = fields.next().unwrap_or("").trim();
     let size = fields.next().map(str::trim).filter(|s| !s.is_empty());

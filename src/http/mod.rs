@@ -3,6 +3,7 @@
 
 mod auth;
 mod batch;
+mod batches;
 mod dashboard;
 mod downloads;
 mod error;
@@ -31,6 +32,7 @@ use tracing::Instrument as _;
 use crate::metrics::Metrics;
 use crate::telemetry::TraceParent;
 
+pub use batches::run_batches;
 pub use error::ApiError;
 pub use metrics::{metrics_router, metrics_text};
 pub use openapi::document as openapi_document;
@@ -50,6 +52,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     // which carry their own authority.
     let keyed = uploads::router()
         .merge(batch::router())
+        .merge(batches::router())
         .merge(events::router())
         .merge(metrics::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));

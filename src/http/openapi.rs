@@ -10,7 +10,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::state::AppState;
-use super::{batch, downloads, events, health, uploads};
+use super::{batch, batches, downloads, events, health, uploads};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,6 +23,12 @@ use super::{batch, downloads, events, health, uploads};
         uploads::retry_upload,
         uploads::cancel_upload,
         batch::create_batch,
+        batches::create_batch,
+        batches::list_batches,
+        batches::get_batch,
+        batches::cancel_batch,
+        batches::pause_batch,
+        batches::resume_batch,
         events::job_events,
         events::all_events,
         downloads::download,

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use super::sites::SitePolicy;
 use crate::auth::Gate;
 use crate::events::ChangeFeed;
-use crate::fetch::DestinationGuard;
+use crate::fetch::{DestinationGuard, Fetcher};
 use crate::links::{DownloadLinks, LinkSigner};
-use crate::metadata::{JobRepository, WebhookOutbox};
+use crate::metadata::{BatchStore, JobRepository, WebhookOutbox};
 use crate::metrics::Metrics;
 use crate::secrets::HeaderSealer;
 use crate::storage::ObjectStore;
@@ -15,6 +15,10 @@ use crate::storage::ObjectStore;
 #[derive(Clone)]
 pub struct AppState {
     pub repo: Arc<dyn JobRepository>,
+    /// Batches: manifests read into jobs.
+    pub bulk: Arc<dyn BatchStore>,
+    /// Fetches manifests (through the destination guard, as workers fetch sources).
+    pub fetcher: Arc<dyn Fetcher>,
     pub store: Arc<dyn ObjectStore>,
     pub links: Arc<dyn DownloadLinks>,
     /// Set when fileflow signs and serves download links itself.

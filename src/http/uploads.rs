@@ -66,7 +66,7 @@ fn parse_id(raw_id: &str) -> Result<JobId, ApiError> {
 
 /// A URL fileflow will connect to, from field `field`: refused names and IP-literal hosts
 /// are known now (names are checked again when resolved).
-fn destination(state: &AppState, field: &'static str, raw: &str) -> Result<SourceUrl, ApiError> {
+pub(super) fn destination(state: &AppState, field: &'static str, raw: &str) -> Result<SourceUrl, ApiError> {
     let url = SourceUrl::parse(raw).map_err(|e| ApiError::invalid(field, e))?;
     state.guard.check_url(url.as_url()).map_err(|e| ApiError::invalid(field, e))?;
     Ok(url)
@@ -163,6 +163,7 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         grant,
         // Set by the handler, from its request's trace context.
         traceparent: None,
+        batch: None,
     })
 }
 
@@ -326,7 +327,7 @@ fn idempotency_key(
 
 /// SHA-256 of a JSON value written with its object keys sorted, so the same request sent
 /// with its fields in another order is the same request.
-fn request_digest(value: &serde_json::Value) -> String {
+pub(super) fn request_digest(value: &serde_json::Value) -> String {
     fn canonical(value: &serde_json::Value, out: &mut String) {
         match value {
             serde_json::Value::Object(map) => {
@@ -389,6 +390,7 @@ pub(super) async fn get_upload(
         ("status" = Option<JobStatus>, Query, description = "only uploads in this status"),
         ("limit" = Option<u32>, Query, description = "1–1000, default 50"),
         ("before" = Option<String>, Query, description = "only uploads older than this id (the next page)"),
+        ("batch" = Option<String>, Query, description = "only the uploads of this batch"),
     ),
     responses((status = 200, description = "a page", body = UploadList),
         (status = 422, description = "an invalid parameter", body = ErrorBody),
@@ -415,9 +417,14 @@ pub(super) async fn list_uploads(
         .map(|raw| raw.parse::<JobId>())
         .transpose()
         .map_err(|_| ApiError::invalid("before", "must be an upload id"))?;
+    let batch = query
+        .get("batch")
+        .map(|raw| raw.parse::<i64>())
+        .transpose()
+        .map_err(|_| ApiError::invalid("batch", "must be a batch id"))?;
     // A submitter lists its own jobs; admins (and the open API) every job.
     let owner = if caller.is_admin() { None } else { caller.key_id().map(str::to_owned) };
-    let jobs = state.repo.list(&ListFilter { status, owner, before, limit }).await?;
+    let jobs = state.repo.list(&ListFilter { status, owner, batch, before, limit }).await?;
     let next = if jobs.len() == limit as usize { jobs.last().map(|j| j.id.to_string()) } else { None };
     let mut uploads = Vec::with_capacity(jobs.len());
     for job in jobs {

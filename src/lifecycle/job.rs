@@ -151,6 +151,15 @@ pub struct NewJob {
     pub grant: Grant,
     /// The W3C `traceparent` of the request that created the job.
     pub traceparent: Option<String>,
+    /// The batch the job was read from, and its row in the manifest.
+    pub batch: Option<BatchRow>,
+}
+
+/// Where a job of a batch came from: the batch's id and the manifest row (from 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchRow {
+    pub batch: i64,
+    pub row: u64,
 }
 
 /// What the caller who created a job allowed it: recorded with the job, so workers apply

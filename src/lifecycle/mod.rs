@@ -9,6 +9,8 @@ mod retry;
 mod turns;
 
 pub use error::{Cause, ErrorKind, JobError};
-pub use job::{Grant, IfExists, Job, JobId, JobStatus, NewJob, Settlement, StoredObject, lease_renew_interval, settle};
+pub use job::{
+    BatchRow, Grant, IfExists, Job, JobId, JobStatus, NewJob, Settlement, StoredObject, lease_renew_interval, settle,
+};
 pub use retry::{Decision, RetryPolicy, THROTTLED_RETRIES};
 pub use turns::{Candidate, Turns, take_turns};

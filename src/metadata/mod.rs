@@ -3,6 +3,7 @@
 //! Creating a job and making it deliverable happen in one transaction, so an accepted
 //! job can never be lost between the database and the queue.
 
+mod bulk;
 mod group_commit;
 mod keys;
 mod outbox;
@@ -16,6 +17,9 @@ use chrono::{DateTime, Utc};
 
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
+pub use bulk::{
+    Batch, BatchCounts, BatchCreated, BatchState, BatchStore, InvalidRow, NewBatch, ReportRow, Steer, Steered,
+};
 pub use keys::KeyStore;
 pub use outbox::{Attempted, DueDelivery, WebhookOutbox, message_id};
 pub use postgres::{PgDb, PgRepository};
@@ -68,6 +72,8 @@ pub struct ListFilter {
     pub status: Option<JobStatus>,
     /// Only jobs created by this API key.
     pub owner: Option<String>,
+    /// Only jobs of this batch.
+    pub batch: Option<i64>,
     /// Only jobs with an id below this one (the previous page's last id).
     pub before: Option<JobId>,
     pub limit: u32,
@@ -92,6 +98,9 @@ impl ListFilter {
         if self.status.is_some() {
             conditions.push(format!("status = {}", value()));
         }
+        if self.batch.is_some() {
+            conditions.push(format!("batch_id = {}", value()));
+        }
         if self.before.is_some() {
             conditions.push(format!("id < {}", value()));
         }
@@ -114,6 +123,9 @@ impl ListFilter {
         }
         if let Some(status) = self.status {
             query = query.bind(status.as_str().to_owned());
+        }
+        if let Some(batch) = self.batch {
+            query = query.bind(batch);
         }
         if let Some(before) = self.before {
             query = query.bind(before.0);
@@ -290,6 +302,10 @@ pub enum Claim {
     NotFound,
 }
 
+/// How long a delivered job of a paused batch waits before it is asked for again (most of a
+/// paused batch's jobs are held back before delivery; see [`BatchStore::steer`]).
+pub const PAUSED_RECHECK: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+
 /// How long a due job whose object another job is writing waits before it is asked for again.
 pub const KEY_BUSY_PAUSE: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
@@ -300,6 +316,7 @@ impl Claim {
         let Some(current) = current else { return Self::NotFound };
         match current.status {
             status @ (JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled) => Self::Finished(status),
+            JobStatus::Pending if current.paused => Self::Waiting { at: now + PAUSED_RECHECK },
             JobStatus::Pending => match current.next_attempt_at {
                 Some(at) if at > now => Self::NotDue { at },
                 _ => Self::Waiting { at: now + KEY_BUSY_PAUSE },
@@ -315,6 +332,8 @@ pub struct ClaimState {
     pub status: JobStatus,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The job's batch is paused: it is not claimed until the batch is resumed.
+    pub paused: bool,
 }
 
 /// What a cancel's conditional update means: the job it changed (cancelled or asked to

@@ -1,6 +1,8 @@
 //! PostgreSQL metadata repository: the distributed mode. New jobs are announced through
 //! the `outbox` table, which the relay publishes to the queue.
 
+mod bulk;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,6 +104,7 @@ impl PgRepository {
                    AND NOT EXISTS (SELECT 1 FROM files o \
                        WHERE o.bucket_name = f.bucket_name AND o.object_name = f.object_name \
                          AND o.status = 'processing' AND o.id <> f.id) \
+                   AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = f.batch_id AND b.paused) \
                    AND NOT EXISTS (SELECT 1 FROM batch o \
                        WHERE o.id < f.id AND o.bucket_name = f.bucket_name AND o.object_name = f.object_name \
                          AND o.status = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())) \
@@ -122,7 +125,9 @@ impl PgRepository {
 
     async fn refusals(&self, ids: &[i64]) -> Result<HashMap<i64, Claim>, RepoError> {
         let rows = sqlx::query(
-            "SELECT id, status, lease_expires_at, next_attempt_at, now() AS db_now FROM files WHERE id = ANY($1)",
+            "SELECT id, status, lease_expires_at, next_attempt_at, now() AS db_now, \
+             EXISTS (SELECT 1 FROM batches b WHERE b.id = files.batch_id AND b.paused) AS paused \
+             FROM files WHERE id = ANY($1)",
         )
         .bind(ids)
         .fetch_all(&self.db.pool)
@@ -135,6 +140,7 @@ impl PgRepository {
                 status: status.parse().map_err(|reason| RepoError::Corrupt { id, reason })?,
                 lease_expires_at: row.try_get("lease_expires_at")?,
                 next_attempt_at: row.try_get("next_attempt_at")?,
+                paused: row.try_get("paused")?,
             };
             refusals.insert(id, Claim::refused(Some(state), row.try_get("db_now")?));
         }
@@ -166,12 +172,12 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
         "WITH created AS ( \
              INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, request_headers, \
              created_at, updated_at, accept_token, owner_key, max_file_size, may_create_bucket, expected_size, \
-             if_exists, notify_url, traceparent, priority) \
-             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z, e, w, p, r \
+             if_exists, notify_url, traceparent, priority, batch_id, batch_row) \
+             SELECT u, b, k, s, m, h, t, t, a, o, x, c, z, e, w, p, r, bi, br \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], \
              $8::text[], $9::text[], $10::bigint[], $11::boolean[], $12::bigint[], $13::text[], $14::text[], \
-             $15::text[], $16::integer[]) \
-             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, e, w, p, r, n) \
+             $15::text[], $16::integer[], $17::bigint[], $18::bigint[]) \
+             WITH ORDINALITY AS v (u, b, k, s, m, h, t, a, o, x, c, z, e, w, p, r, bi, br, n) \
              ORDER BY n \
              ON CONFLICT (accept_token) DO NOTHING \
              RETURNING {COLUMNS}), \
@@ -198,6 +204,8 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
     .bind(batch.iter().map(|(job, ..)| job.notify_url.as_ref().map(SourceUrl::as_str)).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| job.traceparent.as_deref()).collect::<Vec<_>>())
     .bind(batch.iter().map(|(job, ..)| i32::try_from(job.priority).unwrap_or(i32::MAX)).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.batch.map(|b| b.batch)).collect::<Vec<_>>())
+    .bind(batch.iter().map(|(job, ..)| job.batch.map(|b| to_db(b.row))).collect::<Vec<_>>())
     .fetch_all(executor)
     .await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;

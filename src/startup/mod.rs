@@ -12,7 +12,7 @@ use url::Url;
 use crate::auth::Gate;
 use crate::backends::{self, Backends, QueueSource};
 use crate::config::{Command, Settings};
-use crate::fetch::{DestinationGuard, HttpFetcher, Lookup, SystemLookup, guarded_client};
+use crate::fetch::{DestinationGuard, Fetcher, HttpFetcher, Lookup, SystemLookup, guarded_client};
 use crate::http::{self, AppState, ServerLimits, SitePolicy};
 use crate::lifecycle::RetryPolicy;
 use crate::metrics::Metrics;
@@ -63,6 +63,8 @@ pub struct Application {
     settings: Settings,
     metrics: Arc<Metrics>,
     metrics_listener: Option<TcpListener>,
+    /// Fetches sources (workers) and manifests (the API's batch runner).
+    fetcher: Arc<dyn Fetcher>,
 }
 
 impl Application {
@@ -168,21 +170,21 @@ impl Application {
             Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?),
             None => None,
         };
+        let fetcher: Arc<dyn Fetcher> = Arc::new(
+            HttpFetcher::with_lookup(guard.clone(), &settings.fetch.client(), lookup)
+                .context("cannot build the HTTP client")?,
+        );
         let worker = match queue.clone() {
-            Some(queue) => {
-                let fetcher = HttpFetcher::with_lookup(guard.clone(), &settings.fetch.client(), lookup)
-                    .context("cannot build the HTTP client")?;
-                Some(Worker {
-                    repo: backends.repo.clone(),
-                    queue,
-                    store: backends.store.clone(),
-                    fetcher: Arc::new(fetcher),
-                    sealer: backends.sealer.clone(),
-                    hosts: Arc::new(Hosts::new(settings.worker.per_host_concurrency)),
-                    metrics: metrics.clone(),
-                    settings: settings.worker_settings(),
-                })
-            }
+            Some(queue) => Some(Worker {
+                repo: backends.repo.clone(),
+                queue,
+                store: backends.store.clone(),
+                fetcher: fetcher.clone(),
+                sealer: backends.sealer.clone(),
+                hosts: Arc::new(Hosts::new(settings.worker.per_host_concurrency)),
+                metrics: metrics.clone(),
+                settings: settings.worker_settings(),
+            }),
             None => None,
         };
         Ok(Self {
@@ -201,6 +203,7 @@ impl Application {
             settings,
             metrics,
             metrics_listener,
+            fetcher,
         })
     }
 
@@ -219,6 +222,8 @@ impl Application {
         if let Some(listener) = self.listener {
             let state = AppState {
                 repo: self.backends.repo.clone(),
+                bulk: self.backends.bulk.clone(),
+                fetcher: self.fetcher.clone(),
                 store: self.backends.store.clone(),
                 links: self.backends.links.clone(),
                 signer: self.backends.signer.clone(),
@@ -233,6 +238,8 @@ impl Application {
                 sites: self.sites.clone(),
             };
             let limits = self.settings.server.limits();
+            let batches = state.clone();
+            loops.spawn_infallible("batch runner", |stop| http::run_batches(batches, stop));
             let router = http::router(state, self.settings.server.request_timeout);
             tracing::info!(port = self.port, "API listening");
             loops.spawn("api", |stop| async move {

@@ -13,6 +13,7 @@ mod helpers;
 
 mod auth;
 mod batch;
+mod batches;
 mod cancel;
 mod destinations;
 mod download_links;

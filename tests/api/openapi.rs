@@ -109,11 +109,17 @@ async fn every_route_is_described_and_answers_fit_the_description() {
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),
+        ("post", "/api/v1/batches"),
+        ("get", "/api/v1/batches"),
+        ("get", "/api/v1/batches/{id}"),
+        ("post", "/api/v1/batches/{id}/cancel"),
+        ("post", "/api/v1/batches/{id}/pause"),
+        ("post", "/api/v1/batches/{id}/resume"),
     ] {
         assert!(doc["paths"][path][method].is_object(), "{method} {path} is not described");
     }
     let described: usize = doc["paths"].as_object().unwrap().values().map(|item| item.as_object().unwrap().len()).sum();
-    assert_eq!(described, 13, "the description lists exactly the API's routes");
+    assert_eq!(described, 19, "the description lists exactly the API's routes");
 
     // The answers of a job's life, and of refusals, fit their schemas.
     let upload = json!({ "file_url": origin.url("/file/3000"), "bucket_name": app.bucket, "object_name": "doc.bin" });
@@ -137,6 +143,25 @@ async fn every_route_is_described_and_answers_fit_the_description() {
     let batch = json!({ "items": [upload, bad] });
     let (status, results) = call(&app, reqwest::Method::POST, "/api/v1/uploads/batch", Some(&batch)).await;
     validate(&doc, "post", "/api/v1/uploads/batch", status, &results);
+    let manifest =
+        origin.serve_manifest("doc.csv", "text/csv", format!("file_url\n{}\nftp://x\n", origin.url("/file/10")));
+    let report = json!({ "bucket_name": app.bucket, "object_name": "doc-report.csv" });
+    let submitted = json!({ "manifest_url": manifest, "bucket_name": app.bucket, "report": report });
+    let (status, created) = call(&app, reqwest::Method::POST, "/api/v1/batches", Some(&submitted)).await;
+    validate(&doc, "post", "/api/v1/batches", status, &created);
+    let batch_path = format!("/api/v1/batches/{}", created["id"].as_str().unwrap());
+    let ended = loop {
+        let (status, view) = call(&app, reqwest::Method::GET, &batch_path, None).await;
+        if !view["ended_at"].is_null() {
+            break (status, view);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    validate(&doc, "get", "/api/v1/batches/{id}", ended.0, &ended.1);
+    let (status, batches) = call(&app, reqwest::Method::GET, "/api/v1/batches", None).await;
+    validate(&doc, "get", "/api/v1/batches", status, &batches);
+    let (status, refused) = call(&app, reqwest::Method::POST, &format!("{batch_path}/pause"), None).await;
+    validate(&doc, "post", "/api/v1/batches/{id}/pause", status, &refused);
 
     // The check can fail: a job with a number for an id and no status does not fit.
     let schema =

@@ -15,6 +15,8 @@
 //! - `/redirect/{hops}/{size}` — `hops` redirects, then the file;
 //! - `/delay/{ms}/{size}` — waits, then serves the file;
 //! - `/to?url=U` — a redirect to any URL;
+//! - `/manifest/{name}?every_ms=M&piece=P` — a body the test set with [`Origin::serve_manifest`]
+//!   (with `every_ms`, in pieces of `P` bytes, one every `M` ms);
 //! - `/gzip/{size}` — the file labelled `Content-Encoding: gzip` (to check it is stored as served);
 //! - `/png` — a PNG signature and header chunk labelled `application/octet-stream`;
 //! - `/echo-header/{name}` — 200 only if the request carried header `name`, whose value is the body;
@@ -96,6 +98,8 @@ struct Counters(
     Arc<Mutex<HashMap<String, u32>>>,
     Arc<Mutex<HashMap<String, u64>>>,
     Arc<Mutex<HashMap<String, Vec<String>>>>,
+    /// Manifests served at `/manifest/{name}`: content type and body.
+    Arc<Mutex<HashMap<String, (String, Bytes)>>>,
 );
 
 impl Counters {
@@ -140,6 +144,7 @@ impl Origin {
             .route("/gzip/{size}", get(gzip))
             .route("/versioned/{name}/{size}", get(versioned))
             .route("/resumable/{name}/{size}", get(resumable))
+            .route("/manifest/{name}", get(manifest))
             .layer(axum::middleware::from_fn_with_state(counters.clone(), count))
             .with_state(counters.clone());
         let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
@@ -198,6 +203,12 @@ impl Origin {
         self.counters.0.lock().unwrap().get(&format!("most sending:{name}")).copied().unwrap_or(0)
     }
 
+    /// Serve `body` at `/manifest/{name}` with `content_type`; returns its URL.
+    pub fn serve_manifest(&self, name: &str, content_type: &str, body: impl Into<Bytes>) -> String {
+        self.counters.3.lock().unwrap().insert(name.to_owned(), (content_type.to_owned(), body.into()));
+        self.url(&format!("/manifest/{name}"))
+    }
+
     /// How many requests reached `path` (without its query).
     pub fn hits(&self, path: &str) -> u32 {
         self.counters.0.lock().unwrap().get(&format!("path:{path}")).copied().unwrap_or(0)
@@ -226,6 +237,28 @@ fn streamed(seed: u64, size: u64, content_type: &str) -> Response {
     headers.insert(header::CONTENT_LENGTH, size.into());
     headers.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
     (headers, Body::from_stream(content_stream(seed, size))).into_response()
+}
+
+async fn manifest(
+    State(c): State<Counters>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some((content_type, body)) = c.3.lock().unwrap().get(&name).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let every_ms: u64 = q.get("every_ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if every_ms == 0 {
+        return ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    }
+    // In pieces of `piece` bytes, one every `every_ms`.
+    let piece: usize = q.get("piece").and_then(|v| v.parse().ok()).unwrap_or(4096);
+    let pieces: Vec<Bytes> = body.chunks(piece.max(1)).map(Bytes::copy_from_slice).collect();
+    let stream = futures::stream::iter(pieces).then(move |p| async move {
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+        Ok::<_, std::io::Error>(p)
+    });
+    ([(header::CONTENT_TYPE, content_type)], Body::from_stream(stream)).into_response()
 }
 
 async fn file(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {

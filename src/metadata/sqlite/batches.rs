@@ -104,6 +104,7 @@ pub(super) async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)]) -> Resul
          AND NOT EXISTS (SELECT 1 FROM files o \
              WHERE o.bucket_name = files.bucket_name AND o.object_name = files.object_name \
                AND o.status = 'processing' AND o.id <> files.id) \
+         AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = files.batch_id AND b.paused) \
          AND NOT EXISTS (SELECT 1 FROM files o \
              WHERE o.id IN ({}) AND o.id < files.id AND o.status = 'pending' \
                AND o.bucket_name = files.bucket_name AND o.object_name = files.object_name \
@@ -144,16 +145,20 @@ pub(super) async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)]) -> Resul
 
 /// What explains a refused claim of the job, as it is now (`None`: no such job).
 pub(super) async fn claim_state(db: &SqliteDb, id: JobId) -> Result<Option<ClaimState>, RepoError> {
-    let row = sqlx::query("SELECT status, lease_expires_at, next_attempt_at FROM files WHERE id = ?1")
-        .bind(id.0)
-        .fetch_optional(&db.reads)
-        .await?;
+    let row = sqlx::query(
+        "SELECT status, lease_expires_at, next_attempt_at, \
+         EXISTS (SELECT 1 FROM batches b WHERE b.id = files.batch_id AND b.paused) AS paused FROM files WHERE id = ?1",
+    )
+    .bind(id.0)
+    .fetch_optional(&db.reads)
+    .await?;
     let Some(row) = row else { return Ok(None) };
     let status: String = row.try_get("status")?;
     Ok(Some(ClaimState {
         status: status.parse::<JobStatus>().map_err(|reason| RepoError::Corrupt { id: id.0, reason })?,
         lease_expires_at: row.try_get::<Option<i64>, _>("lease_expires_at")?.map(from_millis),
         next_attempt_at: row.try_get::<Option<i64>, _>("next_attempt_at")?.map(from_millis),
+        paused: row.try_get("paused")?,
     }))
 }
 
@@ -169,13 +174,13 @@ pub(super) async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> R
     let mut sql = String::from(
         "INSERT INTO files (file_url, bucket_name, object_name, expected_sha256, expected_md5, \
          request_headers, owner_key, max_file_size, may_create_bucket, expected_size, if_exists, notify_url, \
-         traceparent, priority, created_at, updated_at, status, retry_count) VALUES ",
+         traceparent, priority, batch_id, batch_row, created_at, updated_at, status, retry_count) VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 15 * i;
+        let p = 17 * i;
         let sep = if i == 0 { "" } else { "," };
-        // created_at and updated_at are both the 15th value.
-        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 15), p + 15);
+        // created_at and updated_at are both the 17th value.
+        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 17), p + 17);
     }
     let _ = write!(sql, " RETURNING {COLUMNS}");
     let mut query = sqlx::query(&sql);
@@ -195,6 +200,8 @@ pub(super) async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> R
             .bind(job.notify_url.as_ref().map(SourceUrl::as_str))
             .bind(job.traceparent.as_deref())
             .bind(i64::from(job.priority))
+            .bind(job.batch.map(|b| b.batch))
+            .bind(job.batch.map(|b| to_db(b.row)))
             .bind(to_millis(*now));
     }
     let rows = query.fetch_all(c).await?;

@@ -18,6 +18,7 @@ use super::writer::Writer;
 use super::{RepoError, millis};
 
 mod batches;
+mod bulk;
 mod repository;
 
 pub use repository::SqliteRepository;

@@ -32,7 +32,7 @@ const DELETE_CHUNK: u64 = 100;
 /// The SQLite implementation of [`JobRepository`].
 #[derive(Clone, Debug)]
 pub struct SqliteRepository {
-    db: SqliteDb,
+    pub(super) db: SqliteDb,
     /// New jobs on their way to the task that writes them.
     creates: mpsc::Sender<Pending<NewJobAt, Result<Job, RepoError>>>,
     /// Completed jobs on their way to the task that records them.

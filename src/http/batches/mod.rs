@@ -1,0 +1,392 @@
+//! `/api/v1/batches`: a manifest in (by URL or a stored object; CSV, JSON Lines or a
+//! `TsvHttpData-1.0` URL list), read into jobs in the background; its progress, its course
+//! (cancel, pause, resume) and, when it ends, a report. See `runner.rs` for the reading
+//! and `report.rs` for the report.
+
+mod manifest;
+mod report;
+mod request;
+mod runner;
+
+use std::collections::HashMap;
+
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use serde::Serialize;
+
+use self::manifest::{Defaults, Format};
+use self::request::{BatchRequest, Location, ManifestSource};
+use super::error::{ApiError, ErrorBody};
+use super::extract::JsonObject;
+use super::state::AppState;
+use super::uploads::{destination, request_digest};
+use crate::auth::Caller;
+use crate::domain::{BucketName, ObjectKey};
+use crate::lifecycle::IfExists;
+use crate::metadata::{Batch, BatchCounts, BatchCreated, NewBatch, Steer};
+use crate::telemetry::TraceParent;
+use crate::wire::timestamp;
+
+pub use runner::run as run_batches;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/batches", post(create_batch).get(list_batches))
+        .route("/api/v1/batches/{id}", get(get_batch))
+        .route("/api/v1/batches/{id}/cancel", post(cancel_batch))
+        .route("/api/v1/batches/{id}/pause", post(pause_batch))
+        .route("/api/v1/batches/{id}/resume", post(resume_batch))
+}
+
+/// What `POST /api/v1/batches` takes.
+#[allow(dead_code)]
+#[derive(utoipa::ToSchema)]
+pub(super) struct BatchSubmission {
+    /// The manifest's URL (http/https, checked as a source URL is). One of `manifest_url`, `manifest`.
+    manifest_url: Option<String>,
+    /// The manifest as an object in the store.
+    manifest: Option<Location>,
+    /// `csv`, `jsonl` or `tsv`; by default from the manifest's content type, its name's
+    /// extension, or its first line.
+    format: Option<Format>,
+    /// The bucket of rows that name none (required for a URL list).
+    bucket_name: Option<String>,
+    /// Put in front of every object name; a row without `object_name` is named
+    /// `<prefix><host>/<path>` of its URL.
+    prefix: Option<String>,
+    /// The default for rows that do not say.
+    if_exists: Option<IfExists>,
+    /// The default for rows that do not say.
+    priority: Option<u32>,
+    /// The default for rows that do not say.
+    notify_url: Option<String>,
+    /// Where to write the report, a CSV with one row per manifest row, when the batch ends.
+    report: Option<Location>,
+}
+
+/// A batch as the API shows it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct BatchView {
+    id: String,
+    /// `reading` (the manifest is being read; its jobs already run), `running`, `paused`,
+    /// `completed` or `cancelled`.
+    status: &'static str,
+    /// Manifest rows read so far: jobs plus invalid rows.
+    total: u64,
+    counts: BatchCounts,
+    /// Bytes of the completed jobs.
+    bytes_done: u64,
+    /// Why reading the manifest stopped early, if it did (the rows read before stay).
+    read_error: Option<String>,
+    manifest_url: Option<String>,
+    manifest: Option<Location>,
+    format: Option<Format>,
+    report: Option<ReportView>,
+    created_at: String,
+    updated_at: String,
+    /// When every job had ended and the report was written.
+    ended_at: Option<String>,
+}
+
+/// Where a batch's report goes, and whether it is there.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct ReportView {
+    bucket_name: String,
+    object_name: String,
+    /// Whether the report has been written.
+    written: bool,
+    /// Why it could not be written, if it could not.
+    error: Option<String>,
+}
+
+/// A page of batches, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct BatchList {
+    batches: Vec<BatchView>,
+    /// Pass as `before` for the next page; null on the last.
+    next_before: Option<String>,
+}
+
+fn view(batch: Batch) -> BatchView {
+    let request = BatchRequest::from_stored(&batch.request).ok();
+    let status = match batch.state {
+        state if state.is_open() && batch.paused => "paused",
+        state => state.as_str(),
+    };
+    let (manifest_url, manifest) = match request.as_ref().map(|r| &r.source) {
+        Some(ManifestSource::Url(url)) => (Some(url.clone()), None),
+        Some(ManifestSource::Stored { bucket_name, object_name }) => {
+            (None, Some(Location { bucket_name: bucket_name.clone(), object_name: object_name.clone() }))
+        }
+        None => (None, None),
+    };
+    BatchView {
+        id: batch.id.to_string(),
+        status,
+        total: batch.total,
+        counts: batch.counts,
+        bytes_done: batch.bytes_done,
+        read_error: batch.read_error,
+        manifest_url,
+        manifest,
+        format: request.as_ref().and_then(|r| r.format),
+        report: request.and_then(|r| r.report).map(|l| ReportView {
+            bucket_name: l.bucket_name,
+            object_name: l.object_name,
+            written: batch.report_written,
+            error: batch.report_error,
+        }),
+        created_at: timestamp(batch.created_at),
+        updated_at: timestamp(batch.updated_at),
+        ended_at: batch.ended_at.map(timestamp),
+    }
+}
+
+/// A location field (`manifest`, `report`) the caller may use: a valid bucket and name,
+/// within the key's buckets.
+fn location(body: &JsonObject, field: &'static str, caller: &Caller) -> Result<Option<Location>, ApiError> {
+    let Some(value) = body.0.get(field).filter(|v| !v.is_null()) else { return Ok(None) };
+    let location: Location = serde_json::from_value(value.clone())
+        .map_err(|_| ApiError::invalid(field, "must be {\"bucket_name\", \"object_name\"}"))?;
+    let bucket = BucketName::parse(&location.bucket_name).map_err(|e| ApiError::invalid(field, e))?;
+    let key = ObjectKey::parse(&location.object_name).map_err(|e| ApiError::invalid(field, e))?;
+    if let Caller::Key(api_key) = caller
+        && !api_key.scope.allows(&bucket, &key)
+    {
+        return Err(ApiError::Forbidden(format!(
+            "this API key may not use {:?} in bucket {:?}",
+            key.as_str(),
+            bucket.as_str()
+        )));
+    }
+    Ok(Some(location))
+}
+
+/// The batch's request from the body, each field checked (rows are checked as they are read).
+fn parse_request(body: &JsonObject, state: &AppState, caller: &Caller) -> Result<BatchRequest, ApiError> {
+    let source = match (body.optional_str("manifest_url")?, location(body, "manifest", caller)?) {
+        (Some(url), None) => ManifestSource::Url(destination(state, "manifest_url", url)?.as_str().to_owned()),
+        (None, Some(l)) => ManifestSource::Stored { bucket_name: l.bucket_name, object_name: l.object_name },
+        (Some(_), Some(_)) => return Err(ApiError::invalid("manifest", "give manifest_url or manifest, not both")),
+        (None, None) => return Err(ApiError::invalid("manifest_url", "is required (or manifest)")),
+    };
+    let format = match body.optional_str("format")? {
+        None => None,
+        Some("csv") => Some(Format::Csv),
+        Some("jsonl") => Some(Format::Jsonl),
+        Some("tsv") => Some(Format::Tsv),
+        Some(other) => return Err(ApiError::invalid("format", format!("{other:?} is not one of csv, jsonl, tsv"))),
+    };
+    let bucket_name = body.optional_str("bucket_name")?.map(str::to_owned);
+    if let Some(bucket) = &bucket_name {
+        BucketName::parse(bucket).map_err(|e| ApiError::invalid("bucket_name", e))?;
+    }
+    if format == Some(Format::Tsv) && bucket_name.is_none() {
+        return Err(ApiError::invalid("bucket_name", "a URL list needs the batch's bucket_name"));
+    }
+    let if_exists = body.optional_str("if_exists")?.map(str::to_owned);
+    if let Some(v) = &if_exists {
+        v.parse::<IfExists>().map_err(|e| ApiError::invalid("if_exists", e))?;
+    }
+    let priority = match body.0.get("priority") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(p) => Some(
+            p.as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+                .filter(|&p| p <= i32::MAX as u32)
+                .ok_or_else(|| ApiError::invalid("priority", "must be a whole number from 0 to 2147483647"))?,
+        ),
+    };
+    let notify_url = body.optional_str("notify_url")?.map(str::to_owned);
+    if let Some(url) = &notify_url {
+        if !state.webhooks_signed {
+            return Err(ApiError::invalid(
+                "notify_url",
+                "webhooks need a signing secret: start fileflow with --webhook-secret",
+            ));
+        }
+        destination(state, "notify_url", url)?;
+    }
+    Ok(BatchRequest {
+        source,
+        format,
+        defaults: Defaults {
+            bucket_name,
+            prefix: body.optional_str("prefix")?.unwrap_or("").to_owned(),
+            if_exists,
+            priority,
+            notify_url,
+        },
+        report: location(body, "report", caller)?,
+        traceparent: None,
+    })
+}
+
+/// Submit a manifest: its rows become jobs, read in the background.
+#[utoipa::path(post, path = "/api/v1/batches", tag = "batches", request_body = BatchSubmission,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key and body answer the original batch")),
+    responses(
+        (status = 202, description = "accepted; the manifest is read in the background", body = BatchView,
+            headers(("location" = String, description = "/api/v1/batches/{id}"))),
+        (status = 403, description = "the key may not use that bucket", body = ErrorBody),
+        (status = 422, description = "an invalid field; nothing written", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+    ))]
+pub(super) async fn create_batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(trace): Extension<TraceParent>,
+    headers: HeaderMap,
+    body: JsonObject,
+) -> Result<Response, ApiError> {
+    let mut request = parse_request(&body, &state, &caller)?;
+    let idempotency = match headers.get("Idempotency-Key") {
+        None => None,
+        Some(value) => {
+            let key = value
+                .to_str()
+                .ok()
+                .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+                .ok_or_else(|| ApiError::invalid("Idempotency-Key", "must be 1 to 255 visible ASCII characters"))?;
+            Some((key.to_owned(), request_digest(&serde_json::Value::Object(body.0.clone()))))
+        }
+    };
+    request.traceparent = Some(trace.header());
+    let stored = serde_json::to_string(&request).map_err(|e| ApiError::Internal(e.into()))?;
+    let new = NewBatch { owner: caller.key_id().map(str::to_owned), request: stored, idempotency };
+    let (batch, replayed) = match state.bulk.create_batch(&new, Utc::now()).await? {
+        BatchCreated::New(batch) => (*batch, false),
+        BatchCreated::Replayed(batch) => (*batch, true),
+        BatchCreated::KeyReused => {
+            return Err(ApiError::invalid("Idempotency-Key", "this key was used with a different request"));
+        }
+    };
+    if !replayed {
+        tracing::info!(batch_id = batch.id, "batch accepted");
+    }
+    let location = format!("/api/v1/batches/{}", batch.id);
+    let mut response = (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(view(batch))).into_response();
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// The batch `raw_id`, if the caller may see it (another key's batch is not found).
+async fn find(state: &AppState, raw_id: &str, caller: &Caller) -> Result<Batch, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no batch with id {raw_id:?}"));
+    let id: i64 = raw_id.parse().map_err(|_| not_found())?;
+    let batch = state.bulk.batch(id).await?.ok_or_else(not_found)?;
+    if !caller.may_see(batch.owner.as_deref()) {
+        return Err(not_found());
+    }
+    Ok(batch)
+}
+
+/// A batch: its status, counts by job status (and invalid rows), bytes done, its report.
+#[utoipa::path(get, path = "/api/v1/batches/{id}", tag = "batches",
+    params(("id" = String, Path, description = "the batch's id")),
+    responses((status = 200, description = "the batch", body = BatchView),
+        (status = 404, description = "no such batch (or another key's)", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+    ))]
+pub(super) async fn get_batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<BatchView>, ApiError> {
+    Ok(Json(view(find(&state, &id, &caller).await?)))
+}
+
+/// Batches the key may see, newest first.
+#[utoipa::path(get, path = "/api/v1/batches", tag = "batches",
+    params(("limit" = Option<u32>, Query, description = "1–1000, default 50"),
+        ("before" = Option<String>, Query, description = "only batches older than this id (the next page)")),
+    responses((status = 200, description = "a page", body = BatchList),
+        (status = 422, description = "an invalid parameter", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+    ))]
+pub(super) async fn list_batches(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<BatchList>, ApiError> {
+    let limit = match query.get("limit") {
+        None => 50,
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::invalid("limit", "must be a whole number from 1 to 1000"))?,
+    };
+    let before = query
+        .get("before")
+        .map(|raw| raw.parse::<i64>())
+        .transpose()
+        .map_err(|_| ApiError::invalid("before", "must be a batch id"))?;
+    let owner = if caller.is_admin() { None } else { caller.key_id() };
+    let batches = state.bulk.batches(owner, before, limit).await?;
+    let next_before = if batches.len() == limit as usize { batches.last().map(|b| b.id.to_string()) } else { None };
+    Ok(Json(BatchList { batches: batches.into_iter().map(view).collect(), next_before }))
+}
+
+async fn steer(state: &AppState, caller: &Caller, raw_id: &str, steer: Steer) -> Result<Response, ApiError> {
+    let batch = find(state, raw_id, caller).await?;
+    let steered = state.bulk.steer(batch.id, steer, Utc::now()).await?;
+    let Some(steered) = steered else { return Err(ApiError::NotFound(format!("no batch with id {raw_id:?}"))) };
+    if !steered.changed {
+        let shown = view(steered.batch).status;
+        return Err(ApiError::Conflict(format!("the batch is {shown}")));
+    }
+    tracing::info!(batch_id = batch.id, action = ?steer, "batch steered");
+    Ok((StatusCode::ACCEPTED, Json(view(steered.batch))).into_response())
+}
+
+/// Cancel a batch: its waiting jobs are cancelled, running ones asked to stop, no more rows read.
+#[utoipa::path(post, path = "/api/v1/batches/{id}/cancel", tag = "batches",
+    params(("id" = String, Path, description = "the batch's id")),
+    responses((status = 202, description = "cancelled", body = BatchView),
+        (status = 409, description = "the batch has already ended", body = ErrorBody),
+        (status = 404, description = "no such batch (or another key's)", body = ErrorBody),
+    ))]
+pub(super) async fn cancel_batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    steer(&state, &caller, &id, Steer::Cancel).await
+}
+
+/// Pause a batch: none of its waiting jobs is started (running ones finish), reading stops.
+#[utoipa::path(post, path = "/api/v1/batches/{id}/pause", tag = "batches",
+    params(("id" = String, Path, description = "the batch's id")),
+    responses((status = 202, description = "paused", body = BatchView),
+        (status = 409, description = "the batch is paused already, or has ended", body = ErrorBody),
+        (status = 404, description = "no such batch (or another key's)", body = ErrorBody),
+    ))]
+pub(super) async fn pause_batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    steer(&state, &caller, &id, Steer::Pause).await
+}
+
+/// Resume a paused batch.
+#[utoipa::path(post, path = "/api/v1/batches/{id}/resume", tag = "batches",
+    params(("id" = String, Path, description = "the batch's id")),
+    responses((status = 202, description = "resumed", body = BatchView),
+        (status = 409, description = "the batch is not paused", body = ErrorBody),
+        (status = 404, description = "no such batch (or another key's)", body = ErrorBody),
+    ))]
+pub(super) async fn resume_batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    steer(&state, &caller, &id, Steer::Resume).await
+}
