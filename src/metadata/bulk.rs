@@ -159,6 +159,36 @@ pub struct ReportRow {
     pub last_error: Option<String>,
 }
 
+/// The columns of one report row, as both databases store them (one query text per
+/// database, one reading of its rows, as `keys::key_from_row` does for keys).
+pub(super) const REPORT_COLUMNS: &str =
+    "id, batch_row, file_url, bucket_name, object_name, status, size, sha256, etag, last_error";
+
+/// A report row from a row of [`REPORT_COLUMNS`], with the job's id (the next page's cursor).
+pub(super) fn report_row<R: sqlx::Row>(row: &R) -> Result<(i64, ReportRow), RepoError>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    Ok((
+        row.try_get("id")?,
+        ReportRow {
+            row: super::from_db(row.try_get::<Option<i64>, _>("batch_row")?.unwrap_or(0)),
+            file_url: row.try_get("file_url")?,
+            bucket_name: row.try_get("bucket_name")?,
+            object_name: row.try_get("object_name")?,
+            status: row.try_get("status")?,
+            size: row.try_get::<Option<i64>, _>("size")?.map(super::from_db),
+            sha256: row.try_get("sha256")?,
+            etag: row.try_get("etag")?,
+            last_error: row.try_get("last_error")?,
+        },
+    ))
+}
+
 /// The owner a paused batch's held deliveries are filed under (no turn is ever given to it).
 pub(crate) fn held_owner(batch: i64) -> String {
     format!("\u{1}paused:{batch}")

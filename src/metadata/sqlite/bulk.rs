@@ -13,7 +13,7 @@ use super::batches::insert_on;
 use super::repository::SqliteRepository;
 use super::{from_millis, to_millis};
 use crate::lifecycle::NewJob;
-use crate::metadata::bulk::held_owner;
+use crate::metadata::bulk::{REPORT_COLUMNS, held_owner, report_row};
 use crate::metadata::group_commit::MAX_BATCH;
 use crate::metadata::{
     Batch, BatchCounts, BatchCreated, BatchStore, InvalidRow, NewBatch, RepoError, ReportRow, Steer, Steered, from_db,
@@ -395,33 +395,15 @@ impl BatchStore for SqliteRepository {
     }
 
     async fn report_jobs(&self, id: i64, after_id: i64, limit: u32) -> Result<Vec<(i64, ReportRow)>, RepoError> {
-        let rows = sqlx::query(
-            "SELECT id, batch_row, file_url, bucket_name, object_name, status, size, sha256, etag, last_error \
-             FROM files WHERE batch_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {REPORT_COLUMNS} FROM files WHERE batch_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+        ))
         .bind(id)
         .bind(after_id)
         .bind(i64::from(limit))
         .fetch_all(&self.db.reads)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("id")?,
-                    ReportRow {
-                        row: from_db(row.try_get::<Option<i64>, _>("batch_row")?.unwrap_or(0)),
-                        file_url: row.try_get("file_url")?,
-                        bucket_name: row.try_get("bucket_name")?,
-                        object_name: row.try_get("object_name")?,
-                        status: row.try_get("status")?,
-                        size: row.try_get::<Option<i64>, _>("size")?.map(from_db),
-                        sha256: row.try_get("sha256")?,
-                        etag: row.try_get("etag")?,
-                        last_error: row.try_get("last_error")?,
-                    },
-                ))
-            })
-            .collect()
+        rows.iter().map(report_row).collect()
     }
 
     async fn invalid_rows(&self, id: i64, after_row: u64, limit: u32) -> Result<Vec<InvalidRow>, RepoError> {
