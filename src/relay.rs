@@ -136,6 +136,13 @@ impl OutboxRelay {
     /// when unbounded, or when the lag cannot be read: a publish failure then tells).
     async fn room(&self) -> usize {
         let Some(backlog) = &self.backlog else { return BATCH };
+        // An idle relay looks every 200 ms: ask the database (one index probe) before
+        // asking the broker (a round trip per partition) about a bound that cannot matter.
+        let waiting =
+            sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM outbox)").fetch_one(&self.db.pool).await;
+        if matches!(waiting, Ok(false)) {
+            return BATCH;
+        }
         match backlog.lag().await {
             Ok(lag) => usize::try_from(self.max_backlog.saturating_sub(lag)).unwrap_or(BATCH).min(BATCH),
             Err(e) => {
