@@ -10,9 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::{Candidate, take_turns};
 use crate::metadata::PgDb;
-use crate::queue::Backlog as _;
 use crate::queue::QueueError;
-use crate::queue::kafka::{JobMessage, KafkaBacklog, KafkaPublisher, KafkaSettings, ensure_topics};
+use crate::queue::kafka::{JobMessage, KafkaPublisher, KafkaSettings, ensure_topics};
 
 /// Most messages published per transaction.
 const BATCH: usize = 200;
@@ -30,7 +29,6 @@ pub struct OutboxRelay {
     db: PgDb,
     publisher: KafkaPublisher,
     kafka: KafkaSettings,
-    backlog: Option<KafkaBacklog>,
     /// Most jobs left unconsumed on the jobs topic; past it, jobs wait in the outbox.
     max_backlog: u64,
 }
@@ -49,8 +47,7 @@ impl OutboxRelay {
     /// A relay that keeps at most `max_backlog` jobs unconsumed on the jobs topic (`0`: no
     /// bound), so the order the relay chooses is the order workers see.
     pub fn new(db: PgDb, kafka: &KafkaSettings, max_backlog: u64) -> Result<Self, QueueError> {
-        let backlog = (max_backlog > 0).then(|| KafkaBacklog::new(kafka)).transpose()?;
-        Ok(Self { db, publisher: KafkaPublisher::new(kafka)?, kafka: kafka.clone(), backlog, max_backlog })
+        Ok(Self { db, publisher: KafkaPublisher::new(kafka)?, kafka: kafka.clone(), max_backlog })
     }
 
     /// Publish one batch of at most `limit`; returns how many messages went out. The
@@ -132,21 +129,33 @@ impl OutboxRelay {
         Ok(ids.len())
     }
 
-    /// How many more jobs the topic may take now: the bound less the group's lag (`BATCH`
-    /// when unbounded, or when the lag cannot be read: a publish failure then tells).
+    /// How many more jobs the topic may take now: the bound less the jobs on it, counted
+    /// in the database (`BATCH` when unbounded).
+    ///
+    /// "On the topic" is a job handed to the broker that no worker has started: announced,
+    /// still pending, due, and not back in the outbox. The database knows this exactly;
+    /// the broker's consumer lag does not (Tansu can report committed offsets past a log's
+    /// end, which reads as no lag, and lags of messages its fetches never return).
     async fn room(&self) -> usize {
-        let Some(backlog) = &self.backlog else { return BATCH };
-        // An idle relay looks every 200 ms: ask the database (one index probe) before
-        // asking the broker (a round trip per partition) about a bound that cannot matter.
-        let waiting =
-            sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM outbox)").fetch_one(&self.db.pool).await;
-        if matches!(waiting, Ok(false)) {
+        if self.max_backlog == 0 {
             return BATCH;
         }
-        match backlog.lag().await {
-            Ok(lag) => usize::try_from(self.max_backlog.saturating_sub(lag)).unwrap_or(BATCH).min(BATCH),
+        let bound = i64::try_from(self.max_backlog).unwrap_or(i64::MAX);
+        // Counting stops at the bound, so a relay held back reads at most `bound` rows.
+        let on_topic = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM (SELECT 1 FROM files f \
+               WHERE f.status = 'pending' AND f.announced_at IS NOT NULL \
+                 AND (f.next_attempt_at IS NULL OR f.next_attempt_at <= now()) \
+                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = f.id) \
+               LIMIT $1) AS t",
+        )
+        .bind(bound)
+        .fetch_one(&self.db.pool)
+        .await;
+        match on_topic {
+            Ok(n) => usize::try_from(bound.saturating_sub(n)).unwrap_or(BATCH).min(BATCH),
             Err(e) => {
-                tracing::debug!(error = %e, "cannot read the workers' lag; relaying without the bound");
+                tracing::debug!(error = %e, "cannot count the jobs on the topic; relaying without the bound");
                 BATCH
             }
         }
