@@ -544,8 +544,10 @@ pub struct RetryArgs {
 pub struct WorkerArgs {
     /// Transfers (origin → store) one process runs at once; as many jobs again are kept
     /// claimed ahead of them, and finished ones have their outcome recorded while the next
-    /// transfers run.
-    #[arg(long, env = "FILEFLOW_WORKER_CONCURRENCY", default_value_t = 8, global = true)]
+    /// transfers run. A transfer mostly waits on the network, so slots are many and cheap:
+    /// what they may hold in memory is bounded by --max-memory, what one origin host may
+    /// take of them by --per-host-concurrency.
+    #[arg(long, env = "FILEFLOW_WORKER_CONCURRENCY", default_value_t = 64, global = true)]
     pub worker_concurrency: usize,
 
     /// Transfers one process runs at once from the same origin host (host and port);
@@ -553,6 +555,13 @@ pub struct WorkerArgs {
     /// jobs go on.
     #[arg(long, env = "FILEFLOW_PER_HOST_CONCURRENCY", default_value_t = 8, global = true)]
     pub per_host_concurrency: usize,
+
+    /// Memory one process's transfers may hold in buffers at once: each reserves what its
+    /// write can buffer (the store's parts in flight, or the file's length when smaller)
+    /// before reading its body, and waits while the budget is spent; ranges of a large file
+    /// are fetched at once only as far as the budget has room.
+    #[arg(long, env = "FILEFLOW_MAX_MEMORY", default_value = "1GiB", global = true)]
+    pub max_memory: bytesize::ByteSize,
 
     /// Ranges of one large file fetched at once, when its origin serves ranges of a version
     /// it names (a strong ETag or Last-Modified, `Accept-Ranges: bytes`); never more than

@@ -22,7 +22,7 @@ use crate::reconciler;
 use crate::relay::OutboxRelay;
 use crate::storage::ObjectStore;
 use crate::webhooks::Dispatcher;
-use crate::worker::{Hosts, Worker, run_pool};
+use crate::worker::{Hosts, Memory, Worker, run_pool};
 
 mod loops;
 pub use loops::Loops;
@@ -182,6 +182,7 @@ impl Application {
                 fetcher: fetcher.clone(),
                 sealer: backends.sealer.clone(),
                 hosts: Arc::new(Hosts::new(settings.worker.per_host_concurrency)),
+                memory: Arc::new(Memory::new(settings.worker.max_memory.as_u64())),
                 metrics: metrics.clone(),
                 settings: settings.worker_settings(),
             }),

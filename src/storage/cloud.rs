@@ -599,6 +599,11 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
         Some(self.part_size() as u64)
     }
 
+    /// The parts in flight and the one being filled.
+    fn write_buffer(&self) -> u64 {
+        (self.part_size() * (PARTS_IN_FLIGHT + 1)) as u64
+    }
+
     async fn start_pieces<'a>(
         &'a self,
         bucket: &'a BucketName,

@@ -283,6 +283,11 @@ impl ObjectStore for LocalStore {
         Some(PIECE)
     }
 
+    /// The chunks being written and the one being filled.
+    fn write_buffer(&self) -> u64 {
+        (CHUNK * (WRITES_IN_FLIGHT + 1)) as u64
+    }
+
     async fn start_pieces<'a>(
         &'a self,
         bucket: &'a BucketName,

@@ -226,6 +226,10 @@ pub trait ObjectStore: Send + Sync + 'static {
         None
     }
 
+    /// Most bytes of a body one write ([`ObjectStore::put`], [`ObjectStore::put_resumable`])
+    /// holds in memory at once: the worker's memory budget reserves this per transfer.
+    fn write_buffer(&self) -> u64;
+
     /// Start a write whose pieces come in any order (see [`PieceWrite`]), or go on with the
     /// resumable write `from` (made by [`ObjectStore::put_resumable`] or an earlier piece
     /// write: its stored bytes are kept, anything after them is written again). `job` names

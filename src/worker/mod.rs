@@ -6,6 +6,7 @@
 
 mod attempt;
 mod hosts;
+mod memory;
 mod pool;
 mod resume;
 mod segments;
@@ -27,6 +28,7 @@ use crate::queue::{Delivery, Queue, QueueError};
 use crate::secrets::HeaderSealer;
 use crate::storage::ObjectStore;
 pub use hosts::Hosts;
+pub use memory::Memory;
 pub use pool::run_pool;
 
 pub use verify::{Digests, Expectations, HashState, Verifier, verified};
@@ -92,6 +94,8 @@ pub struct Worker {
     pub sealer: Arc<HeaderSealer>,
     /// Transfers in flight per origin host, and hosts that asked for a pause.
     pub hosts: Arc<Hosts>,
+    /// What the process's transfers may hold in memory at once (`--max-memory`).
+    pub memory: Arc<Memory>,
     pub settings: WorkerSettings,
     pub metrics: Arc<Metrics>,
 }

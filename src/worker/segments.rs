@@ -24,6 +24,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::Worker;
+use super::hosts::HostPermit;
+use super::memory::Reserved;
 use super::resume::{Checkpoint, Recorder};
 use super::transfer::{Progress, until_cancelled};
 use super::verify::{Expectations, verified};
@@ -124,6 +126,22 @@ impl Worker {
         let useful = usize::try_from(remaining.div_ceil(piece)).unwrap_or(usize::MAX);
         let wanted = self.settings.segments.min(useful);
         (accepts_ranges && remaining > self.settings.segment_threshold && wanted > 1).then_some(wanted)
+    }
+
+    /// Places among `host`'s transfers and memory for up to `wanted - 1` ranges besides
+    /// the first, as many as both have free now (none when the store takes no pieces).
+    /// `reserved` is what the transfer holds already.
+    pub(super) fn more_ranges(&self, host: &str, wanted: usize, reserved: u64) -> (Vec<HostPermit>, Option<Reserved>) {
+        let Some(piece) = self.store.piece_size() else { return (Vec::new(), None) };
+        let mut places = self.hosts.more(host, wanted.saturating_sub(1));
+        while !places.is_empty() {
+            let pieces = (1 + places.len() + SPARE_PIECES) as u64;
+            if let Some(held) = self.memory.try_reserve((pieces * piece).saturating_sub(reserved)) {
+                return (places, Some(held));
+            }
+            places.pop();
+        }
+        (places, None)
     }
 
     /// Fetch and store the file in pieces (see the module's documentation).

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Worker;
 use super::hosts::host_of;
+use super::memory;
 use super::resume::{Checkpoint, Recorder};
 use super::segments::{SegmentFailure, Segmenting};
 use super::sniff;
@@ -267,6 +268,14 @@ impl Worker {
             ))
             .because(Cause::TooLarge));
         }
+        // What this transfer's buffers can hold, from the process's budget; a transfer
+        // waits here while the budget is spent.
+        let remaining = fetched.content_length.map(|length| length.saturating_sub(fetched.start));
+        let reserved = memory::for_transfer(remaining, self.store.write_buffer());
+        let held = tokio::select! {
+            held = self.memory.reserve(reserved) => held,
+            () = cancel.cancelled() => return Err(JobError::cancelled()),
+        };
         // A cancel ends the body with an error, so the store aborts what it has written.
         progress.start(fetched.start, fetched.content_length);
         let body = progress.count(until_cancelled(at_least(fetched.body, self.settings.min_rate), cancel.clone()));
@@ -284,14 +293,17 @@ impl Worker {
         };
         let options = WriteOptions { content_type: &content_type, may_create_bucket: job.grant.may_create_bucket };
         // A large file from an origin that serves ranges of a version it names: several
-        // ranges at once, as many as the host's free places allow.
+        // ranges at once, as many as the host's free places and the memory budget allow.
         let segments = match (&fetched.validator, fetched.content_length) {
             (Some(_), Some(total)) if in_ranges => {
                 self.segments_for(fetched.accepts_ranges, total.saturating_sub(fetched.start))
             }
             _ => None,
         };
-        let more = segments.map(|wanted| self.hosts.more(&host_of(url), wanted - 1)).unwrap_or_default();
+        let (more, more_held) = match segments {
+            Some(wanted) => self.more_ranges(&host_of(url), wanted, reserved),
+            None => (Vec::new(), None),
+        };
         if let (false, Some(validator), Some(total)) = (more.is_empty(), &fetched.validator, fetched.content_length) {
             let run = Segmenting {
                 job,
@@ -310,7 +322,8 @@ impl Worker {
                 resumed,
             };
             let outcome = self.segmented(run, body).await;
-            drop(more);
+            // Given back before a fetch in one stream takes its own.
+            drop((more, more_held, held));
             return match outcome {
                 Ok(stored) => Ok(stored),
                 Err(SegmentFailure::Failed(e)) => Err(e),

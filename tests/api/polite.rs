@@ -70,3 +70,44 @@ async fn a_hosts_retry_after_pauses_its_jobs_only() {
     assert!(asked_at.elapsed() >= Duration::from_millis(2500), "served after {:?}", asked_at.elapsed());
     app.stop().await;
 }
+
+/// The case, on the default settings: 12 jobs from an origin that sends 2 KiB/s
+/// (above the minimum rate, so never cut) hold only their host's share of the slots, and
+/// a small job from another host is done while they all still run.
+#[tokio::test]
+async fn a_slow_origin_holds_only_its_hosts_share_of_the_default_slots() {
+    let slow = Origin::start().await;
+    let other = Origin::start_on("127.0.0.2").await;
+    let app = spawn_app_with(|_| {}).await;
+    let warm = app.submit(&other.url("/file/10"), &app.bucket, "warm").await;
+    assert_eq!(app.finished(&warm).await["status"], "completed");
+    // 2 KiB every second: 30 s per job, far longer than the rest of the test.
+    let url = slow.url("/slow/61440?chunk=2048&every_ms=1000");
+    let mut crawling = Vec::new();
+    for i in 0..12 {
+        crawling.push(app.submit(&url, &app.bucket, &format!("slow/{i}")).await);
+    }
+    // The slow host has every place it may take.
+    for _ in 0..200 {
+        if slow.streaming() >= 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(slow.streaming(), 8, "the slow host gets its --per-host-concurrency (8)");
+    let quick = app.submit(&other.url("/file/1000"), &app.bucket, "quick").await;
+    let job = app.finished(&quick).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    // Done while every slow job still runs or waits.
+    for id in &crawling {
+        let (_, _, job) = app.call(reqwest::Method::GET, &format!("/api/v1/uploads/{id}"), None, None).await;
+        assert!(["pending", "processing"].contains(&job["status"].as_str().unwrap()), "{job}");
+    }
+    assert_eq!(slow.most_streaming(), 8, "never more than 8 at once from the slow host");
+    for id in &crawling {
+        let (status, _, answer) =
+            app.call(reqwest::Method::POST, &format!("/api/v1/uploads/{id}/cancel"), None, None).await;
+        assert!(status == 200 || status == 202, "{status} {answer}");
+    }
+    app.stop().await;
+}

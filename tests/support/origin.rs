@@ -109,6 +109,30 @@ impl Counters {
         *n += 1;
         *n
     }
+
+    /// One more body being sent until the guard is dropped (the body ended or was dropped).
+    fn streaming(&self) -> Streaming {
+        let mut map = self.0.lock().unwrap();
+        let now = {
+            let n = map.entry("streaming".to_owned()).or_default();
+            *n += 1;
+            *n
+        };
+        let most = map.entry("most streaming".to_owned()).or_default();
+        *most = (*most).max(now);
+        Streaming(self.clone())
+    }
+}
+
+/// A body on its way (see [`Counters::streaming`]).
+struct Streaming(Counters);
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.0.lock().unwrap().get_mut("streaming") {
+            *n -= 1;
+        }
+    }
 }
 
 pub struct Origin {
@@ -175,6 +199,16 @@ impl Origin {
     /// The most requests that were being answered at one time (until their headers went).
     pub fn most_at_once(&self) -> u32 {
         self.counters.0.lock().unwrap().get("most in flight").copied().unwrap_or(0)
+    }
+
+    /// Most `/slow` bodies sent at once, from the answer's headers to the body's end.
+    pub fn most_streaming(&self) -> u32 {
+        self.counters.0.lock().unwrap().get("most streaming").copied().unwrap_or(0)
+    }
+
+    /// `/slow` bodies being sent now.
+    pub fn streaming(&self) -> u32 {
+        self.counters.0.lock().unwrap().get("streaming").copied().unwrap_or(0)
     }
 
     /// Replace the file served at `/versioned/{name}/…`: requests from now on get `version`.
@@ -316,13 +350,18 @@ async fn trickle(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>
 }
 
 /// `size` bytes in chunks of `chunk` (default 64 KiB), one every `every_ms` (default 10).
-async fn slow(Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn slow(State(c): State<Counters>, Path(size): Path<u64>, Query(q): Query<HashMap<String, String>>) -> Response {
     let every = Duration::from_millis(q.get("every_ms").and_then(|s| s.parse().ok()).unwrap_or(10));
     let chunk = q.get("chunk").and_then(|s| s.parse().ok()).unwrap_or(64 * 1024u64);
     let seed = seed_of(&q);
+    let sending = c.streaming();
     let stream = futures::stream::iter((0..size).step_by(chunk as usize)).then(move |start| async move {
         tokio::time::sleep(every).await;
         Ok::<_, std::io::Error>(Bytes::from(content_range(seed, start, chunk.min(size - start) as usize)))
+    });
+    let stream = stream.map(move |chunk| {
+        let _sending = &sending;
+        chunk
     });
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_LENGTH, size.into());
