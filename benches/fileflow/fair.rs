@@ -9,7 +9,7 @@ use fileflow::queue::{EmbeddedQueue, Queue as _};
 use serde_json::{Value, json};
 
 use crate::load::client;
-use crate::process::{Fileflow, create_key};
+use crate::process::Fileflow;
 use crate::report::Table;
 use crate::{Bench, f1, f2, median};
 
@@ -24,12 +24,10 @@ fn quantile(xs: &mut [f64], q: f64) -> f64 {
     xs[((xs.len() as f64 - 1.0) * q).round() as usize]
 }
 
-/// Submit one job as `key` and wait for it to complete; its time from submit to completed.
-async fn one_job(base: &str, key: &str, url: &str, n: usize) -> Duration {
-    let http = client();
-    let started = Instant::now();
-    let body = json!({ "file_url": url, "bucket_name": "bench-fair", "object_name": format!("small/{n}") });
-    let accepted: Value = http
+/// Submit one job as `key`; its id.
+async fn submit(base: &str, key: &str, url: &str, bucket: &str, name: &str) -> String {
+    let body = json!({ "file_url": url, "bucket_name": bucket, "object_name": name });
+    let accepted: Value = client()
         .post(format!("{base}/api/v1/upload"))
         .bearer_auth(key)
         .json(&body)
@@ -39,7 +37,14 @@ async fn one_job(base: &str, key: &str, url: &str, n: usize) -> Duration {
         .json()
         .await
         .expect("an id");
-    let id = accepted["id"].as_str().unwrap_or_else(|| panic!("refused: {accepted}")).to_owned();
+    accepted["id"].as_str().unwrap_or_else(|| panic!("refused: {accepted}")).to_owned()
+}
+
+/// Submit one job as `key` and wait for it to complete; its time from submit to completed.
+async fn one_job(base: &str, key: &str, url: &str, bucket: &str, n: usize) -> Duration {
+    let http = client();
+    let started = Instant::now();
+    let id = submit(base, key, url, bucket, &format!("small/{n}")).await;
     loop {
         let job: Value = http
             .get(format!("{base}/api/v1/uploads/{id}"))
@@ -58,31 +63,87 @@ async fn one_job(base: &str, key: &str, url: &str, n: usize) -> Duration {
     }
 }
 
-async fn tries(base: &str, key: &str, url: &str, from: usize) -> Vec<f64> {
+async fn tries(base: &str, key: &str, url: &str, bucket: &str, from: usize) -> Vec<f64> {
     let mut times = Vec::with_capacity(TRIES);
     for n in from..from + TRIES {
-        times.push(one_job(base, key, url, n).await.as_secs_f64() * 1000.0);
+        times.push(one_job(base, key, url, bucket, n).await.as_secs_f64() * 1000.0);
     }
     times
 }
 
 impl Bench {
-    /// The fair-share table and the claim-cost table.
+    /// The fair-share table (on the embedded stack, and on PostgreSQL + Kafka + S3 when
+    /// its servers are there) and the claim-cost table.
     pub async fn fair(&mut self) -> (Table, Table) {
-        let data = self.scratch.path().join("fair");
-        std::fs::create_dir_all(&data).expect("scratch");
-        let busy_key = create_key(&data).await;
-        let other_key = create_key(&data).await;
-        let serve = Fileflow::start("serve", &data, &[]).await;
-        let small = self.origin.url("/file/1024");
-        let mut idle = tries(&serve.base, &other_key, &small, 0).await;
+        let mut table = Table::new(
+            "fair share",
+            "Another key's 1 KiB job, submitted and followed to `completed` one at a time (20 \
+             tries), on `fileflow serve` (release, defaults: 64 slots, 8 per origin host): idle; \
+             while 12 jobs from an origin that sends 2 KiB/s hold its host's places (the small \
+             job from another host); and while one key's 10,000 jobs of 50 ms from the same \
+             origin wait (62 s of work for the host's 8 places). First come, first served, each \
+             try would wait behind what is left of the backlog. Target: within 2× idle + 1 s.",
+            &["stack", "case", "p50 ms", "p99 ms", "p50 ratio to idle", "target ms"],
+        );
+        let mut stacks = vec![("embedded (SQLite, disk)", Vec::new())];
+        match &self.distributed {
+            Some(d) => stacks.push(("PostgreSQL + Kafka + S3", d.fresh_stack(8, true).await.0)),
+            None => self.notes.push("fair share, distributed stack: not run (no PostgreSQL/Kafka)".into()),
+        }
+        for (stack, env) in stacks {
+            self.fair_on(&mut table, stack, &env).await;
+        }
+        (table, self.claims().await)
+    }
 
-        // 10,000 jobs of 50 ms each from the busy key: 62 s of work for 8 slots.
+    async fn fair_on(&mut self, table: &mut Table, stack: &str, env: &[(String, String)]) {
+        let data = self.scratch.path().join(crate::services::unique("fair"));
+        std::fs::create_dir_all(&data).expect("scratch");
+        let busy_key = crate::process::create_key_in(&data, env).await;
+        let other_key = crate::process::create_key_in(&data, env).await;
+        let bucket = crate::services::unique("bench-fair");
+        let serve = Fileflow::start("serve", &data, env).await;
+        let small = self.origin.url("/file/1024");
+        // Workers up (a Kafka consumer group takes a few seconds to join).
+        one_job(&serve.base, &other_key, &small, &bucket, 1_000_000).await;
+        let mut idle = tries(&serve.base, &other_key, &small, &bucket, 0).await;
+        let idle_p50 = median(&mut idle.clone());
+        let mut row = |case: &str, times: &mut Vec<f64>| {
+            let p50 = median(&mut times.clone());
+            table.row(vec![
+                stack.into(),
+                case.into(),
+                f1(p50),
+                f1(quantile(times, 0.99)),
+                f2(p50 / idle_p50),
+                f1(2.0 * idle_p50 + 1000.0),
+            ]);
+        };
+        row("idle", &mut idle);
+
+        // 12 jobs of 30 s each from an origin that sends 2 KiB every second.
+        let slow_origin = crate::origin::Origin::start_on("127.0.0.2").await;
+        let crawl = slow_origin.url("/slow/61440?chunk=2048&every_ms=1000");
+        let mut crawling = Vec::new();
+        for i in 0..12 {
+            crawling.push(submit(&serve.base, &busy_key, &crawl, &bucket, &format!("crawl/{i}")).await);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while slow_origin.streaming() < 8 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut beside_slow = tries(&serve.base, &other_key, &small, &bucket, TRIES).await;
+        row("12 jobs from a 2 KiB/s origin under way", &mut beside_slow);
         let http = client();
+        for id in &crawling {
+            let _ = http.post(format!("{}/api/v1/uploads/{id}/cancel", serve.base)).bearer_auth(&busy_key).send().await;
+        }
+
+        // 10,000 jobs of 50 ms each from the busy key, from the small job's origin.
         let slow = self.origin.url("/delay/50/1024");
         for chunk in 0..BACKLOG / 1000 {
             let items: Vec<Value> = (0..1000)
-                .map(|i| json!({ "file_url": slow, "bucket_name": "bench-fair", "object_name": format!("busy/{chunk}/{i}") }))
+                .map(|i| json!({ "file_url": slow, "bucket_name": bucket, "object_name": format!("busy/{chunk}/{i}") }))
                 .collect();
             let answer = http
                 .post(format!("{}/api/v1/uploads/batch", serve.base))
@@ -93,27 +154,9 @@ impl Bench {
                 .expect("fileflow answers");
             assert!(answer.status().is_success(), "the backlog was refused: {}", answer.status());
         }
-        let mut beside = tries(&serve.base, &other_key, &small, TRIES).await;
+        let mut beside = tries(&serve.base, &other_key, &small, &bucket, 2 * TRIES).await;
+        row(&format!("another key's {BACKLOG}-job backlog, same origin"), &mut beside);
         serve.stop().await;
-
-        let mut table = Table::new(
-            "fair share",
-            "Another key's 1 KiB job, submitted and followed to `completed` one at a time (20 \
-             tries), on an idle `fileflow serve` (release, defaults: 8 slots) and while one key's \
-             10,000 jobs of 50 ms wait (62 s of work for the 8 slots). First come, first served, \
-             each try would wait behind what is left of the backlog.",
-            &["server", "p50 ms", "p99 ms", "p50 ratio to idle"],
-        );
-        let idle_p50 = median(&mut idle.clone());
-        table.row(vec!["idle".into(), f1(idle_p50), f1(quantile(&mut idle, 0.99)), "1.00".into()]);
-        let beside_p50 = median(&mut beside.clone());
-        table.row(vec![
-            format!("beside a {BACKLOG}-job backlog of another key"),
-            f1(beside_p50),
-            f1(quantile(&mut beside, 0.99)),
-            f2(beside_p50 / idle_p50),
-        ]);
-        (table, self.claims().await)
     }
 
     /// Claims of 16 jobs from the embedded queue with 10 k and 1 M jobs waiting across ten keys.

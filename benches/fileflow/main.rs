@@ -49,8 +49,8 @@ use services::{Distributed, S3};
 const MIB: f64 = 1024.0 * 1024.0;
 /// Small-file size for the pipeline and scale-out runs.
 const SMALL: u64 = 16 * 1024;
-/// Jobs each fileflow worker process runs at once (its default), and the ceiling's and
-/// rclone's concurrency.
+/// The ceiling's and rclone's concurrency, and what one origin host gets of a fileflow
+/// process's slots by default (`--per-host-concurrency`).
 const CONCURRENCY: usize = 8;
 /// Kafka partitions of the distributed pipeline's job topic.
 const PIPELINE_PARTITIONS: u64 = 8;
@@ -221,7 +221,8 @@ impl Bench {
             &format!("Pipeline: {jobs} jobs of 16 KiB"),
             &format!(
                 "Every job is a distinct 16 KiB file from a local origin. fileflow: one `fileflow serve` process \
-                 (worker concurrency {CONCURRENCY}), jobs submitted by {SUBMITTERS} clients; time from the first \
+                 (defaults: 64 slots, {CONCURRENCY} per origin host; one row with the previous default of \
+                 {CONCURRENCY} slots), jobs submitted by {SUBMITTERS} clients; time from the first \
                  accept to the last completion (for the distributed stack, once its worker holds its partitions). \
                  fileflow and the ceiling take {rounds} turns each; the median and range of the turns are shown. Ceiling: the same jobs as a bare GET→PUT loop through fileflow's own \
                  HTTP client and store, {CONCURRENCY} at a time. rclone: `rclone copyurl`, one process per file, \
@@ -242,6 +243,11 @@ impl Bench {
         let mut disk = self.disk_target("pipeline");
         disk.name = "disk (durability power-loss: synchronous=FULL, the default)";
         let mut targets = vec![disk];
+        // The previous default, side by side: many slots must not cost small files throughput.
+        let mut eight = self.disk_target("pipeline-eight");
+        eight.name = "disk, --worker-concurrency 8 (the previous default)";
+        eight.env.push(("FILEFLOW_WORKER_CONCURRENCY".into(), CONCURRENCY.to_string()));
+        targets.push(eight);
         // The same with the embedded database synced only at checkpoints: what durability
         // against power loss (the default) costs.
         let mut relaxed = self.disk_target("pipeline-relaxed");

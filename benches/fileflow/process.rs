@@ -115,9 +115,15 @@ impl Fileflow {
 /// CPU time process `pid` has used so far (user and system), in seconds.
 /// Create an admin key in the database of `data_dir` (`fileflow keys create`); its secret.
 pub async fn create_key(data_dir: &Path) -> String {
+    create_key_in(data_dir, &[]).await
+}
+
+/// An admin key made with `fileflow keys create` in the stack `env` names (its database).
+pub async fn create_key_in(data_dir: &Path, env: &[(String, String)]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_fileflow"))
         .args(["keys", "create", "--name", "bench", "--role", "admin", "--output", "json"])
         .env("FILEFLOW_DATA_DIR", data_dir)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .output()
         .await
         .expect("fileflow keys create runs");
