@@ -556,6 +556,13 @@ pub struct WorkerArgs {
     #[arg(long, env = "FILEFLOW_PER_HOST_CONCURRENCY", default_value_t = 8, global = true)]
     pub per_host_concurrency: usize,
 
+    /// Bytes a second one process takes at most from a host, for origins that ask for it:
+    /// `HOST=RATE`, repeated or comma-separated (`files.example.com=10MiB`); the host's name
+    /// as in its URLs, any port. Every transfer and range from the host shares the rate;
+    /// it must be above --min-transfer-rate, which would cut paced transfers.
+    #[arg(long = "host-rate", env = "FILEFLOW_HOST_RATE", value_delimiter = ',', global = true)]
+    pub host_rates: Vec<crate::worker::HostRate>,
+
     /// Memory one process's transfers may hold in buffers at once: each reserves what its
     /// write can buffer (the store's parts in flight, or the file's length when smaller)
     /// before reading its body, and waits while the budget is spent; ranges of a large file

@@ -14,7 +14,7 @@
 //! `FILEFLOW_BENCH_REPORT` names a file, into it (BENCHMARKS.md).
 //!
 //! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, flood, pipeline,
-//! scale, large, resume, segments, growth, costs, fair), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000),
+//! scale, large, resume, segments, growth, costs, fair, memory), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000),
 //! `FILEFLOW_BENCH_LARGE_BYTES` (2 GiB), `FILEFLOW_BENCH_SEGMENTED_BYTES` (512 MiB),
 //! `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400).
 
@@ -28,6 +28,7 @@ mod fair;
 mod flood;
 mod growth;
 mod load;
+mod memory;
 mod process;
 mod progress;
 mod report;
@@ -612,6 +613,7 @@ async fn main() {
         ("growth", "cost as the jobs pile up"),
         ("costs", "per job, on the distributed stack"),
         ("fair", "fair share"),
+        ("memory", "memory at full load"),
     ] {
         if !wanted(part) {
             continue;
@@ -635,6 +637,7 @@ async fn main() {
             "scale" => bench.scale().await,
             "resume" => bench.resume().await,
             "segments" => bench.segments().await,
+            "memory" => bench.memory().await,
             _ => bench.large().await,
         };
         println!("\n{}", table.markdown());

@@ -150,6 +150,15 @@ impl Application {
             }
         };
         let lookup = hooks.lookup.unwrap_or_else(|| Arc::new(SystemLookup));
+        let floor = settings.fetch.min_rate().bytes_per_second;
+        if let Some(rate) = settings.worker.host_rates.iter().find(|r| r.bytes_per_second <= floor) {
+            anyhow::bail!(
+                "--host-rate {}={}: at or below --min-transfer-rate ({}), which would cut every transfer from it",
+                rate.host,
+                bytesize::ByteSize(rate.bytes_per_second),
+                bytesize::ByteSize(floor)
+            );
+        }
         let dispatcher = match (&settings.auth.webhook_secret, runs_api) {
             (Some(secret), true) => Some(Dispatcher {
                 outbox: backends.outbox.clone(),
@@ -181,7 +190,9 @@ impl Application {
                 store: backends.store.clone(),
                 fetcher: fetcher.clone(),
                 sealer: backends.sealer.clone(),
-                hosts: Arc::new(Hosts::new(settings.worker.per_host_concurrency)),
+                hosts: Arc::new(
+                    Hosts::new(settings.worker.per_host_concurrency).with_rates(&settings.worker.host_rates),
+                ),
                 memory: Arc::new(Memory::new(settings.worker.max_memory.as_u64())),
                 metrics: metrics.clone(),
                 settings: settings.worker_settings(),

@@ -2,14 +2,20 @@
 //! by a worker process's slots), and a host that answered 429 or 503 with `Retry-After` is
 //! left alone until then, while jobs for other hosts keep flowing. A host's window adapts
 //! (AIMD, as TCP's and aria2's): it halves each time the host answers 429 or 503, and grows
-//! back by one with each transfer from it that ends well, up to the limit.
+//! back by one with each transfer from it that ends well, up to the limit. A host the
+//! operator names with a rate (`--host-rate files.example.com=10MiB`) gets at most that
+//! many bytes a second across all of the process's transfers from it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::storage::ByteStream;
 
 /// How long a job for a host whose places (running and waiting) are all taken is put back
 /// before it is tried again.
@@ -21,6 +27,64 @@ const MAX_HOSTS: usize = 10_000;
 pub struct Hosts {
     limit: usize,
     state: Mutex<HashMap<String, HostState>>,
+    /// Hosts with a bytes-per-second cap, by host name (any port).
+    rates: HashMap<String, Arc<Pacer>>,
+}
+
+/// A cap on the bytes a second taken from one host (`HOST=RATE`, e.g.
+/// `files.example.com=10MiB`): the host's name as in its URLs, any port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRate {
+    pub host: String,
+    pub bytes_per_second: u64,
+}
+
+impl std::str::FromStr for HostRate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (host, rate) =
+            s.split_once('=').ok_or_else(|| format!("{s:?}: give HOST=RATE, e.g. files.example.com=10MiB"))?;
+        let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        if host.is_empty() || (host.contains(['/', ':', ' ']) && !host.starts_with('[')) {
+            return Err(format!("{s:?}: {host:?} is not a host name (give the name alone, without a scheme or port)"));
+        }
+        let rate: bytesize::ByteSize = rate.trim().parse().map_err(|e| format!("{s:?}: the rate: {e}"))?;
+        if rate.as_u64() == 0 {
+            return Err(format!("{s:?}: the rate must be more than 0 bytes a second"));
+        }
+        Ok(Self { host, bytes_per_second: rate.as_u64() })
+    }
+}
+
+/// One host's bytes-per-second budget, shared by its transfers.
+struct Pacer {
+    limiter: DefaultDirectRateLimiter,
+    /// Most bytes taken in one go (the limiter's burst).
+    burst: u32,
+}
+
+impl Pacer {
+    fn new(bytes_per_second: u64) -> Self {
+        let rate = u32::try_from(bytes_per_second).unwrap_or(u32::MAX).max(1);
+        // A tenth of a second's bytes at most in one go (at least one byte), so a paced
+        // transfer does not come in bursts of whole seconds.
+        let burst = (rate / 10).clamp(1, 1 << 20);
+        let quota = Quota::per_second(std::num::NonZeroU32::new(rate).expect("at least 1"))
+            .allow_burst(std::num::NonZeroU32::new(burst).expect("at least 1"));
+        Self { limiter: RateLimiter::direct(quota), burst }
+    }
+
+    /// Wait until `bytes` more may be taken.
+    async fn take(&self, mut bytes: usize) {
+        while bytes > 0 {
+            let n = u32::try_from(bytes).unwrap_or(u32::MAX).min(self.burst);
+            let cells = std::num::NonZeroU32::new(n).expect("n > 0");
+            // Never more than the burst, so never refused.
+            let _ = self.limiter.until_n_ready(cells).await;
+            bytes -= n as usize;
+        }
+    }
 }
 
 struct HostState {
@@ -97,7 +161,30 @@ pub struct NotNow(pub Instant);
 impl Hosts {
     /// At most `limit` transfers at once per host (at least one).
     pub fn new(limit: usize) -> Self {
-        Self { limit: limit.max(1), state: Mutex::new(HashMap::new()) }
+        Self { limit: limit.max(1), state: Mutex::new(HashMap::new()), rates: HashMap::new() }
+    }
+
+    /// The same, with bytes-per-second caps on the hosts `rates` names.
+    pub fn with_rates(mut self, rates: &[HostRate]) -> Self {
+        self.rates = rates.iter().map(|r| (r.host.clone(), Arc::new(Pacer::new(r.bytes_per_second)))).collect();
+        self
+    }
+
+    /// `body`, from `url`'s host, taken no faster than the host's cap (unchanged when it
+    /// has none). Every transfer and range from the host shares the cap.
+    pub fn paced(&self, url: &url::Url, body: ByteStream) -> ByteStream {
+        let host = url.host_str().unwrap_or("").trim_end_matches('.').to_ascii_lowercase();
+        let Some(pacer) = self.rates.get(&host).cloned() else { return body };
+        body.then(move |chunk| {
+            let pacer = pacer.clone();
+            async move {
+                if let Ok(bytes) = &chunk {
+                    pacer.take(bytes.len()).await;
+                }
+                chunk
+            }
+        })
+        .boxed()
     }
 
     /// Take a place among `host`'s transfers: at once if one is free; after a wait if
@@ -274,6 +361,48 @@ mod tests {
         assert_eq!(hosts.more("a:80", 2).len(), 2);
         hosts.block("a:80", Instant::now() + Duration::from_secs(60));
         assert!(hosts.more("a:80", 2).is_empty(), "none while the host asked for a pause");
+    }
+
+    #[test]
+    fn host_rates_read_as_host_equals_rate() {
+        let rate: HostRate = "Files.Example.com=10MiB".parse().unwrap();
+        assert_eq!(rate, HostRate { host: "files.example.com".into(), bytes_per_second: 10 << 20 });
+        for bad in [
+            "files.example.com",
+            "https://a.example/=1MiB",
+            "a.example:8080=1MiB",
+            "a.example=0",
+            "a.example=fast",
+            "=1MiB",
+        ] {
+            assert!(bad.parse::<HostRate>().is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_capped_hosts_transfers_share_its_rate_and_others_are_not_paced() {
+        let hosts = Hosts::new(8).with_rates(&["slow.example=100KiB".parse().unwrap()]);
+        let body = |n: usize| -> ByteStream {
+            futures::stream::iter((0..n).map(|_| Ok(bytes::Bytes::from(vec![0u8; 10 * 1024])))).boxed()
+        };
+        let slow = url::Url::parse("http://slow.example:8080/a").unwrap();
+        let other = url::Url::parse("http://fast.example/a").unwrap();
+        let started = Instant::now();
+        let fast: Vec<_> = hosts.paced(&other, body(100)).collect().await;
+        assert_eq!(fast.len(), 100);
+        assert!(started.elapsed() < Duration::from_millis(200), "another host is not paced");
+        // Two transfers of 100 KiB from the capped host: 200 KiB at 100 KiB/s together,
+        // less the first burst (10 KiB).
+        let started = Instant::now();
+        let (a, b) = futures::future::join(
+            hosts.paced(&slow, body(10)).collect::<Vec<_>>(),
+            hosts.paced(&slow, body(10)).collect::<Vec<_>>(),
+        )
+        .await;
+        assert_eq!((a.len(), b.len()), (10, 10));
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(1800), "200 KiB at 100 KiB/s took {took:?}");
+        assert!(took < Duration::from_millis(3000), "{took:?}");
     }
 
     #[tokio::test]

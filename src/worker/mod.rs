@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::queue::{Delivery, Queue, QueueError};
 use crate::secrets::HeaderSealer;
 use crate::storage::ObjectStore;
-pub use hosts::Hosts;
+pub use hosts::{HostRate, Hosts};
 pub use memory::Memory;
 pub use pool::run_pool;
 

@@ -321,9 +321,10 @@ impl Worker {
                         () = run.cancel.cancelled() => return Err(JobError::cancelled().into()),
                     };
                     match answer {
-                        Ok(RangeAnswer::Proven(fetched)) => run
-                            .progress
-                            .count(until_cancelled(at_least(fetched.body, self.settings.min_rate), run.cancel.clone())),
+                        Ok(RangeAnswer::Proven(fetched)) => run.progress.count(until_cancelled(
+                            at_least(self.hosts.paced(run.job.file_url.as_url(), fetched.body), self.settings.min_rate),
+                            run.cancel.clone(),
+                        )),
                         Ok(RangeAnswer::Unproven(why)) => return Err(SegmentFailure::Unproven(why)),
                         Err(e) => {
                             retries = self.again(run, index, retries, e).await?;

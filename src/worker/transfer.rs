@@ -278,7 +278,8 @@ impl Worker {
         };
         // A cancel ends the body with an error, so the store aborts what it has written.
         progress.start(fetched.start, fetched.content_length);
-        let body = progress.count(until_cancelled(at_least(fetched.body, self.settings.min_rate), cancel.clone()));
+        let body = self.hosts.paced(url, fetched.body);
+        let body = progress.count(until_cancelled(at_least(body, self.settings.min_rate), cancel.clone()));
         let (content_type, body) = match &resumed {
             // The start of the file, where its type shows, was read by the first attempt.
             Some(c) => (c.content_type.clone(), body),

@@ -111,3 +111,33 @@ async fn a_slow_origin_holds_only_its_hosts_share_of_the_default_slots() {
     }
     app.stop().await;
 }
+
+/// `--host-rate`: the bytes a second from a host the operator names are capped across its
+/// transfers; other hosts are not paced, and what is stored is still the origin's bytes.
+#[tokio::test]
+async fn a_host_rate_caps_that_hosts_bytes_a_second_across_its_transfers() {
+    let capped = Origin::start().await;
+    let other = Origin::start_on("127.0.0.2").await;
+    let app = spawn_app_with(|s| s.worker.host_rates = vec!["127.0.0.1=256KiB".parse().unwrap()]).await;
+    let warm = app.submit(&other.url("/file/10"), &app.bucket, "warm").await;
+    assert_eq!(app.finished(&warm).await["status"], "completed");
+    let started = Instant::now();
+    let mut paced = Vec::new();
+    for i in 0..2 {
+        paced
+            .push(app.submit(&capped.url(&format!("/file/524288?seed={i}")), &app.bucket, &format!("paced/{i}")).await);
+    }
+    let free = app.submit(&other.url("/file/524288"), &app.bucket, "free").await;
+    assert_eq!(app.finished(&free).await["status"], "completed");
+    let free_took = started.elapsed();
+    for id in &paced {
+        let job = app.finished(id).await;
+        assert_eq!((job["status"].as_str(), job["size"].as_u64()), (Some("completed"), Some(524_288)), "{job}");
+    }
+    let paced_took = started.elapsed();
+    // 1 MiB at 256 KiB/s: 4 s, less the first tenth of a second's burst.
+    assert!(paced_took >= Duration::from_millis(3700), "the capped host's 1 MiB took {paced_took:?}");
+    assert!(free_took < Duration::from_secs(2), "the other host was paced too: {free_took:?}");
+    println!("capped host: 1 MiB in {paced_took:?}; other host: 512 KiB in {free_took:?}");
+    app.stop().await;
+}
