@@ -61,6 +61,14 @@ impl ClientCommand {
             | Self::Retry { args, .. }
             | Self::Cancel { args, .. }
             | Self::Url { args, .. } => args,
+            Self::Batch { action } => match action {
+                BatchCommand::Submit { args, .. }
+                | BatchCommand::Show { args, .. }
+                | BatchCommand::List { args, .. }
+                | BatchCommand::Cancel { args, .. }
+                | BatchCommand::Pause { args, .. }
+                | BatchCommand::Resume { args, .. } => args,
+            },
         }
     }
 }
@@ -159,6 +167,90 @@ pub enum ClientCommand {
         /// How long the link works, e.g. `10m` (the server's default when left out).
         #[arg(long)]
         expires_in: Option<humantime::Duration>,
+    },
+    /// Batches: a manifest of many files submitted, followed and reported on as one.
+    Batch {
+        #[command(subcommand)]
+        action: BatchCommand,
+    },
+}
+
+/// `fileflow batch …`.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum BatchCommand {
+    /// Submit a manifest (CSV with a header row, JSON Lines, or a `TsvHttpData-1.0` URL
+    /// list) and print the batch's id. A local file is sent with the request and kept in
+    /// --bucket (the server reads it from there); an http(s) URL is fetched by the server.
+    Submit {
+        #[command(flatten)]
+        args: ClientArgs,
+        /// A local file, or the http(s) URL of one.
+        manifest: String,
+        /// The bucket of rows that name none; with a local file, also where it is kept
+        /// and where the report goes.
+        #[arg(long)]
+        bucket: Option<String>,
+        /// Put in front of every object name.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// `csv`, `jsonl` or `tsv` (by default from the file's extension, or its first line).
+        #[arg(long)]
+        format: Option<String>,
+        /// Where in --bucket a local manifest is kept (default `manifests/<its file name>`).
+        #[arg(long)]
+        manifest_key: Option<String>,
+        /// Where in --bucket to write the report (a CSV, one row per manifest row) when the batch ends.
+        #[arg(long)]
+        report: Option<String>,
+        /// `overwrite` (default), `skip` or `fail`, for rows that do not say.
+        #[arg(long)]
+        if_exists: Option<String>,
+        /// For rows that do not say: higher goes first among this key's waiting jobs.
+        #[arg(long)]
+        priority: Option<u32>,
+        /// A webhook called as each job ends, for rows that do not say.
+        #[arg(long)]
+        notify_url: Option<String>,
+        /// Follow the batch to its end with one progress bar; exit non-zero unless every row completed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a batch: its status, counts by job status, bytes done and report.
+    Show {
+        #[command(flatten)]
+        args: ClientArgs,
+        id: String,
+        /// Follow it to its end with one progress bar; exit non-zero unless every row completed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List batches, newest first.
+    List {
+        #[command(flatten)]
+        args: ClientArgs,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only batches older than this id (the next page).
+        #[arg(long)]
+        before: Option<String>,
+    },
+    /// Cancel a batch: its waiting jobs are cancelled, running ones asked to stop.
+    Cancel {
+        #[command(flatten)]
+        args: ClientArgs,
+        id: String,
+    },
+    /// Pause a batch: none of its waiting jobs starts until it is resumed.
+    Pause {
+        #[command(flatten)]
+        args: ClientArgs,
+        id: String,
+    },
+    /// Resume a paused batch.
+    Resume {
+        #[command(flatten)]
+        args: ClientArgs,
+        id: String,
     },
 }
 

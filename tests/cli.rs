@@ -170,3 +170,76 @@ async fn with_umask_000_the_data_dir_and_database_are_still_private() {
         assert_eq!(mode(&name), expected, "{name}");
     }
 }
+
+#[tokio::test]
+async fn batch_submit_sends_a_local_manifest_follows_the_batch_and_the_report_lands_in_the_store() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let rows = 300;
+    let manifest = dir.path().join("files.csv");
+    let mut text_rows = vec!["file_url,object_name,size".to_owned()];
+    for i in 0..rows {
+        text_rows.push(format!("{},in/{i}.bin,{}", origin.url(&format!("/file/{}?seed={i}", 100 + i)), 100 + i));
+    }
+    std::fs::write(&manifest, text_rows.join("\n") + "\n").unwrap();
+    let out = cli(
+        &server.base,
+        &[
+            "batch",
+            "submit",
+            manifest.to_str().unwrap(),
+            "--bucket",
+            "bulk",
+            "--report",
+            "reports/files.csv",
+            "--wait",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let batch = json_of(&out);
+    assert_eq!((batch["status"].as_str(), batch["total"].as_u64()), (Some("completed"), Some(rows)), "{batch}");
+    assert_eq!(batch["counts"]["completed"], rows, "{batch}");
+    assert_eq!(batch["report"]["written"], true, "{batch}");
+    // Piped, progress comes as plain lines: the batch's rows done out of its total.
+    let id = batch["id"].as_str().unwrap();
+    let progress = text(&out.stderr);
+    assert!(
+        progress.lines().last().unwrap().starts_with(&format!("batch {id}: completed {rows}/{rows} rows done")),
+        "{progress}"
+    );
+    // The manifest was kept in the bucket, the objects are the origin's, the report has a row each.
+    let objects = dir.path().join("objects").join("bulk");
+    assert_eq!(std::fs::read(objects.join("manifests/files.csv")).unwrap(), std::fs::read(&manifest).unwrap());
+    assert_eq!(std::fs::read(objects.join("in/7.bin")).unwrap(), content(7, 107));
+    let report = std::fs::read_to_string(objects.join("reports/files.csv")).unwrap();
+    assert_eq!(report.lines().count(), 1 + rows as usize, "{report}");
+    assert!(report.lines().skip(1).all(|l| l.contains(",completed,")), "{report}");
+
+    // A manifest with a row that cannot be a job: the batch ends, the exit says not all completed.
+    std::fs::write(
+        &manifest,
+        format!("file_url,object_name\n{},ok.bin\nftp://example.com/x,bad.bin\n", origin.url("/file/10")),
+    )
+    .unwrap();
+    let out = cli(
+        &server.base,
+        &["batch", "submit", manifest.to_str().unwrap(), "--bucket", "bulk", "--manifest-key", "m2.csv", "--wait"],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let shown = text(&out.stdout);
+    assert!(shown.lines().any(|l| l.starts_with("invalid") && l.ends_with(" 1")), "{shown}");
+    assert!(shown.lines().any(|l| l.starts_with("completed") && l.ends_with(" 1")), "{shown}");
+    let out = cli(&server.base, &["batch", "list"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 3, "a header and two batches: {}", text(&out.stdout));
+    // Bad input: no bucket for a local manifest, a manifest that is not there.
+    let out = cli(&server.base, &["batch", "submit", manifest.to_str().unwrap()]).await;
+    assert!(!out.status.success() && text(&out.stderr).contains("--bucket is required"), "{}", text(&out.stderr));
+    let out = cli(&server.base, &["batch", "submit", "/nonexistent/m.csv", "--bucket", "bulk"]).await;
+    assert!(!out.status.success() && text(&out.stderr).contains("cannot read"), "{}", text(&out.stderr));
+}

@@ -37,7 +37,7 @@ impl Client {
     }
 
     /// Send a request; a 2xx answer's JSON, or the API's error message as the error.
-    async fn call(&self, method: Method, path: &str, request: Option<Request>) -> anyhow::Result<Value> {
+    pub(super) async fn call(&self, method: Method, path: &str, request: Option<Request>) -> anyhow::Result<Value> {
         let url = self.server.join(path).with_context(|| format!("bad server URL {}", self.server))?;
         let mut builder = self.http.request(method, url);
         if let Some(key) = &self.api_key {
@@ -48,6 +48,11 @@ impl Client {
             Some(Request::Tsv(text)) => {
                 builder.header(reqwest::header::CONTENT_TYPE, "text/tab-separated-values").body(text)
             }
+            // A body of any size: sent as it is read, with no time limit on the whole request.
+            Some(Request::Stream { content_type, body }) => builder
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .timeout(Duration::from_secs(24 * 3600))
+                .body(body),
             None => builder,
         };
         let response = builder.send().await.with_context(|| format!("cannot reach fileflow at {}", self.server))?;
@@ -107,13 +112,14 @@ impl Client {
     }
 }
 
-enum Request {
+pub(super) enum Request {
     Json(Value),
     Tsv(String),
+    Stream { content_type: &'static str, body: reqwest::Body },
 }
 
 /// Whether a job's status is final.
-fn finished(job: &Value) -> bool {
+pub(super) fn finished(job: &Value) -> bool {
     matches!(job["status"].as_str(), Some("completed" | "failed" | "cancelled"))
 }
 
@@ -221,6 +227,7 @@ pub async fn run(command: ClientCommand, out: &mut impl Write) -> anyhow::Result
             print_job(out, format, &client.cancel(&id).await?)?;
             Ok(ExitCode::SUCCESS)
         }
+        ClientCommand::Batch { action } => super::batch::run(&client, action, format, out).await,
         ClientCommand::Url { id, expires_in, .. } => {
             let link = client.url(&id, expires_in.map(Into::into)).await?;
             print_value(out, format, &link, |o| writeln!(o, "{}", link["url"].as_str().unwrap_or_default()))?;
@@ -296,11 +303,11 @@ async fn follow(client: &Client, id: &str) -> anyhow::Result<Value> {
 }
 
 /// Bytes for people: `1.5 MiB`.
-fn human(bytes: u64) -> String {
+pub(super) fn human(bytes: u64) -> String {
     bytesize::ByteSize::b(bytes).display().iec().to_string()
 }
 
-fn print_value(
+pub(super) fn print_value(
     out: &mut impl Write,
     format: OutputFormat,
     value: &Value,

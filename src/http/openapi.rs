@@ -24,6 +24,7 @@ use super::{batch, batches, downloads, events, health, uploads};
         uploads::cancel_upload,
         batch::create_batch,
         batches::create_batch,
+        batches::upload_batch,
         batches::list_batches,
         batches::get_batch,
         batches::cancel_batch,

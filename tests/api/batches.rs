@@ -312,3 +312,61 @@ async fn a_batch_read_when_the_process_stops_is_read_on_from_its_last_chunk_afte
     assert!(app.read_object("r/3000").await == content(3000, 10));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_manifest_sent_with_the_request_is_kept_in_the_store_and_read_as_a_batch() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.store.max_file_size = bytesize::ByteSize::kib(64)).await;
+    let rows: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                "{{\"file_url\":\"{}\",\"object_name\":\"up/{i}\"}}",
+                origin.url(&format!("/file/{}?seed={i}", 50 + i))
+            )
+        })
+        .collect();
+    let manifest = rows.join("\n") + "\n";
+    let upload = |query: String, body: String| {
+        app.client
+            .post(app.url(&format!("/api/v1/batches/upload?{query}")))
+            .header("Content-Type", "application/x-ndjson")
+            .body(body)
+            .send()
+    };
+    let bucket = &app.bucket;
+    let answer = upload(
+        format!("bucket_name={bucket}&manifest_object_name=in/m.jsonl&report_object_name=out/r.csv"),
+        manifest.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 202);
+    let batch: Value = answer.json().await.unwrap();
+    let batch = ended(&app, batch["id"].as_str().unwrap()).await;
+    assert_eq!((batch["total"].as_u64(), batch["counts"]["completed"].as_u64()), (Some(20), Some(20)), "{batch}");
+    assert_eq!(batch["format"], "jsonl", "{batch}");
+    assert_eq!(app.read_object("in/m.jsonl").await, manifest.as_bytes());
+    assert_eq!(app.read_object("up/3").await, content(3, 53));
+    let report = String::from_utf8(app.read_object("out/r.csv").await).unwrap();
+    assert_eq!(report.lines().count(), 21, "{report}");
+
+    // Bad input: a clear error, no batch, nothing stored.
+    for (query, field) in [
+        (format!("manifest_object_name=x.jsonl"), "bucket_name"),
+        (format!("bucket_name={bucket}"), "manifest_object_name"),
+        (format!("bucket_name={bucket}&manifest_object_name=x.jsonl&priority=high"), "priority"),
+        (format!("bucket_name={bucket}&manifest_object_name=x.jsonl&format=xml"), "format"),
+    ] {
+        let answer = upload(query.clone(), manifest.clone()).await.unwrap();
+        assert_eq!(answer.status(), 422, "{query}");
+        let error: Value = answer.json().await.unwrap();
+        assert_eq!(error["error"]["field"], field, "{query}: {error}");
+    }
+    // Larger than --max-file-size: 413, and no manifest left behind.
+    let answer =
+        upload(format!("bucket_name={bucket}&manifest_object_name=big.jsonl"), manifest.repeat(100)).await.unwrap();
+    assert_eq!(answer.status(), 413);
+    let (_, _, listed) = app.call(Method::GET, "/api/v1/batches", None, None).await;
+    assert_eq!(listed["batches"].as_array().unwrap().len(), 1, "{listed}");
+    app.stop().await;
+}

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
+use futures::StreamExt as _;
 use serde::Serialize;
 
 use self::manifest::{Defaults, Format};
@@ -26,8 +27,9 @@ use super::state::AppState;
 use super::uploads::{destination, request_digest};
 use crate::auth::Caller;
 use crate::domain::{BucketName, ObjectKey};
-use crate::lifecycle::IfExists;
+use crate::lifecycle::{IfExists, JobError};
 use crate::metadata::{Batch, BatchCounts, BatchCreated, NewBatch, Steer};
+use crate::storage::{Unfenced, WriteOptions};
 use crate::telemetry::TraceParent;
 use crate::wire::timestamp;
 
@@ -37,6 +39,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/batches", post(create_batch).get(list_batches))
         .route("/api/v1/batches/{id}", get(get_batch))
+        .route("/api/v1/batches/upload", post(upload_batch))
         .route("/api/v1/batches/{id}/cancel", post(cancel_batch))
         .route("/api/v1/batches/{id}/pause", post(pause_batch))
         .route("/api/v1/batches/{id}/resume", post(resume_batch))
@@ -256,6 +259,16 @@ pub(super) async fn create_batch(
         }
     };
     request.traceparent = Some(trace.header());
+    accept(&state, &caller, request, idempotency).await
+}
+
+/// Record the batch (or find the one an Idempotency-Key names) and answer 202.
+async fn accept(
+    state: &AppState,
+    caller: &Caller,
+    request: BatchRequest,
+    idempotency: Option<(String, String)>,
+) -> Result<Response, ApiError> {
     let stored = serde_json::to_string(&request).map_err(|e| ApiError::Internal(e.into()))?;
     let new = NewBatch { owner: caller.key_id().map(str::to_owned), request: stored, idempotency };
     let (batch, replayed) = match state.bulk.create_batch(&new, Utc::now()).await? {
@@ -274,6 +287,132 @@ pub(super) async fn create_batch(
         response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// Send a manifest with the request and submit it: the body is stored first, at
+/// `manifest_object_name` in `bucket_name` (a batch reads its manifest in the background,
+/// so it must outlive the request), then read as a batch whose manifest is that object.
+#[utoipa::path(post, path = "/api/v1/batches/upload", tag = "batches",
+    params(
+        ("bucket_name" = String, Query, description = "where the manifest is kept, the rows' default bucket, and the report's bucket"),
+        ("manifest_object_name" = String, Query, description = "the manifest's name in bucket_name"),
+        ("format" = Option<String>, Query, description = "csv, jsonl or tsv; by default from the Content-Type (text/csv, application/x-ndjson, text/tab-separated-values) or the first line"),
+        ("prefix" = Option<String>, Query, description = "put in front of every object name"),
+        ("if_exists" = Option<String>, Query, description = "the default for rows that do not say"),
+        ("priority" = Option<u32>, Query, description = "the default for rows that do not say, 0–2147483647"),
+        ("notify_url" = Option<String>, Query, description = "the default for rows that do not say"),
+        ("report_object_name" = Option<String>, Query, description = "where in bucket_name to write the report when the batch ends"),
+    ),
+    request_body(content = String, content_type = "text/csv", description = "the manifest: CSV, JSON Lines or a TsvHttpData-1.0 URL list, at most --max-file-size"),
+    responses(
+        (status = 202, description = "stored and accepted; the manifest is read in the background", body = BatchView,
+            headers(("location" = String, description = "/api/v1/batches/{id}"))),
+        (status = 403, description = "the key may not use that bucket", body = ErrorBody),
+        (status = 413, description = "the manifest is larger than --max-file-size", body = ErrorBody),
+        (status = 422, description = "an invalid parameter; nothing written", body = ErrorBody),
+        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 500, description = "the store could not keep the manifest for now; no batch", body = ErrorBody),
+    ))]
+pub(super) async fn upload_batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(trace): Extension<TraceParent>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    if headers.contains_key("Idempotency-Key") {
+        return Err(ApiError::invalid(
+            "Idempotency-Key",
+            "is not taken with an uploaded manifest: store it, then POST /api/v1/batches with `manifest`",
+        ));
+    }
+    // The query, as the JSON body of POST /api/v1/batches would say it, checked the same way.
+    let required = |name: &'static str| query.get(name).cloned().ok_or_else(|| ApiError::invalid(name, "is required"));
+    let bucket = required("bucket_name")?;
+    let mut fields = serde_json::Map::new();
+    fields.insert("bucket_name".into(), bucket.clone().into());
+    fields.insert(
+        "manifest".into(),
+        serde_json::json!({ "bucket_name": bucket, "object_name": required("manifest_object_name")? }),
+    );
+    if let Some(report) = query.get("report_object_name") {
+        fields.insert("report".into(), serde_json::json!({ "bucket_name": bucket, "object_name": report }));
+    }
+    for name in ["format", "prefix", "if_exists", "notify_url"] {
+        if let Some(value) = query.get(name) {
+            fields.insert(name.into(), value.clone().into());
+        }
+    }
+    if let Some(raw) = query.get("priority") {
+        let priority = raw
+            .parse::<u32>()
+            .ok()
+            .filter(|&p| p <= i32::MAX as u32)
+            .ok_or_else(|| ApiError::invalid("priority", "must be a whole number from 0 to 2147483647"))?;
+        fields.insert("priority".into(), priority.into());
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    if !fields.contains_key("format") {
+        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let format = match essence.as_str() {
+            "text/csv" => Some("csv"),
+            "application/x-ndjson" | "application/jsonl" | "application/jsonlines" => Some("jsonl"),
+            "text/tab-separated-values" => Some("tsv"),
+            _ => None,
+        };
+        if let Some(format) = format {
+            fields.insert("format".into(), format.into());
+        }
+    }
+    let mut request = parse_request(&JsonObject(fields), &state, &caller)?;
+    let ManifestSource::Stored { bucket_name, object_name } = &request.source else {
+        unreachable!("an uploaded manifest is a stored one")
+    };
+    let (bucket, key) = (
+        BucketName::parse(bucket_name).map_err(|e| ApiError::invalid("bucket_name", e))?,
+        ObjectKey::parse(object_name).map_err(|e| ApiError::invalid("manifest_object_name", e))?,
+    );
+    state.store.check_key(&bucket, &key).map_err(|e| ApiError::invalid("manifest_object_name", e))?;
+    // Streamed into the store, never whole in memory, and no larger than a fetched file may be.
+    let limit = state.max_file_size;
+    let too_large = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let over = too_large.clone();
+    let mut seen = 0u64;
+    let stream = body
+        .into_data_stream()
+        .map(move |chunk| {
+            let chunk =
+                chunk.map_err(|e| JobError::permanent(format!("reading the manifest from the request: {e}")))?;
+            seen += chunk.len() as u64;
+            if seen > limit {
+                over.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err(JobError::permanent(format!("the manifest is larger than {limit} bytes")));
+            }
+            Ok(chunk)
+        })
+        .boxed();
+    // The open API and admin keys may create the bucket, as for their jobs.
+    let options =
+        WriteOptions { content_type: &content_type, may_create_bucket: caller.key_id().is_none() || caller.is_admin() };
+    if let Err(e) = state.store.put(&bucket, &key, options, stream, &Unfenced).await {
+        if too_large.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        if !e.is_transient() {
+            return Err(ApiError::invalid(
+                "bucket_name",
+                format!("the manifest cannot be stored there: {}", e.message),
+            ));
+        }
+        return Err(ApiError::Internal(anyhow::anyhow!("an uploaded manifest could not be stored: {e}")));
+    }
+    request.traceparent = Some(trace.header());
+    accept(&state, &caller, request, None).await
 }
 
 /// The batch `raw_id`, if the caller may see it (another key's batch is not found).
