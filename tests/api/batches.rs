@@ -352,7 +352,7 @@ async fn a_manifest_sent_with_the_request_is_kept_in_the_store_and_read_as_a_bat
 
     // Bad input: a clear error, no batch, nothing stored.
     for (query, field) in [
-        (format!("manifest_object_name=x.jsonl"), "bucket_name"),
+        ("manifest_object_name=x.jsonl".to_owned(), "bucket_name"),
         (format!("bucket_name={bucket}"), "manifest_object_name"),
         (format!("bucket_name={bucket}&manifest_object_name=x.jsonl&priority=high"), "priority"),
         (format!("bucket_name={bucket}&manifest_object_name=x.jsonl&format=xml"), "format"),
