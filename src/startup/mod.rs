@@ -191,7 +191,9 @@ impl Application {
                 fetcher: fetcher.clone(),
                 sealer: backends.sealer.clone(),
                 hosts: Arc::new(
-                    Hosts::new(settings.worker.per_host_concurrency).with_rates(&settings.worker.host_rates),
+                    Hosts::new(settings.worker.per_host_concurrency)
+                        .with_waiting(settings.worker.worker_concurrency)
+                        .with_rates(&settings.worker.host_rates),
                 ),
                 memory: Arc::new(Memory::new(settings.worker.max_memory.as_u64())),
                 metrics: metrics.clone(),

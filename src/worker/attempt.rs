@@ -24,7 +24,9 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 pub(super) enum Ran {
     Done(Result<StoredObject, JobError>, Option<Transferring>, Instant),
     Stopped,
-    NotNow(Instant),
+    /// The host is busy or asked for a pause: come back then. The job's place in the
+    /// pool comes along, to be held a moment (see [`Slot::hold`]).
+    NotNow(Instant, Option<Slot>),
 }
 
 /// What a claim left to do.
@@ -171,7 +173,7 @@ impl Worker {
             }
             let _host = match self.hosts.enter(&host).await {
                 Ok(permit) => permit,
-                Err(NotNow(until)) => return Ran::NotNow(until),
+                Err(NotNow(until)) => return Ran::NotNow(until, slot),
             };
             let transferring = match slot {
                 Some(slot) => match slot.start().await {
@@ -232,13 +234,16 @@ impl Worker {
                 tracing::info!(job_id = %id, attempt, "job handed back at shutdown");
                 return Ok(WorkOutcome::HandedBack(id));
             }
-            Ran::NotNow(until) => {
+            Ran::NotNow(until, admission) => {
                 // Not an attempt: the job goes back to the queue, due when its host may be asked again.
                 let due = Utc::now()
                     + chrono::Duration::from_std(until.saturating_duration_since(Instant::now())).unwrap_or_default();
                 self.repo.release(id, &lease.owner, Utc::now()).await?;
                 self.queue.retry(delivery, delivery.attempt, due).await?;
-                tracing::info!(job_id = %id, %host, due_at = %due.to_rfc3339(), "origin host busy or pausing; job deferred");
+                tracing::debug!(job_id = %id, %host, due_at = %due.to_rfc3339(), "origin host busy or pausing; job deferred");
+                if let Some(admission) = admission {
+                    admission.hold(until).await;
+                }
                 return Ok(WorkOutcome::Deferred(id));
             }
         };

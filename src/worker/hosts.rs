@@ -26,6 +26,8 @@ const MAX_HOSTS: usize = 10_000;
 /// Transfers in flight per host, and hosts that asked to be left alone.
 pub struct Hosts {
     limit: usize,
+    /// Jobs that may wait for one host's place at once (beyond them: not now).
+    max_waiting: usize,
     state: Mutex<HashMap<String, HostState>>,
     /// Hosts with a bytes-per-second cap, by host name (any port).
     rates: HashMap<String, Arc<Pacer>>,
@@ -161,7 +163,15 @@ pub struct NotNow(pub Instant);
 impl Hosts {
     /// At most `limit` transfers at once per host (at least one).
     pub fn new(limit: usize) -> Self {
-        Self { limit: limit.max(1), state: Mutex::new(HashMap::new()), rates: HashMap::new() }
+        Self { limit: limit.max(1), max_waiting: limit.max(1), state: Mutex::new(HashMap::new()), rates: HashMap::new() }
+    }
+
+    /// The same, letting up to `waiting` jobs (at least the host's limit) wait for one
+    /// host's place at once: a worker process passes its slots, so one host's jobs may
+    /// hold at most half of the jobs it keeps claimed, and its other jobs still flow.
+    pub fn with_waiting(mut self, waiting: usize) -> Self {
+        self.max_waiting = waiting.max(self.limit);
+        self
     }
 
     /// The same, with bytes-per-second caps on the hosts `rates` names.
@@ -188,7 +198,7 @@ impl Hosts {
     }
 
     /// Take a place among `host`'s transfers: at once if one is free; after a wait if
-    /// fewer than `limit` jobs already wait for one; otherwise, or while the host asked to
+    /// fewer than the most that may wait already do; otherwise, or while the host asked to
     /// be left alone, not now.
     pub async fn enter(&self, host: &str) -> Result<HostPermit, NotNow> {
         let running = {
@@ -206,7 +216,7 @@ impl Hosts {
             if let Ok(permit) = entry.running.places.clone().try_acquire_owned() {
                 return Ok(HostPermit { permit: Some(permit), window: entry.running.clone() });
             }
-            if entry.waiting >= entry.running.size.load(Ordering::Relaxed) {
+            if entry.waiting >= self.max_waiting {
                 return Err(NotNow(now + BUSY_DEFERRAL));
             }
             entry.waiting += 1;

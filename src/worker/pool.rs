@@ -29,7 +29,22 @@ impl Slot {
         };
         Some(Transferring { admitted: self.admitted, transfer, recording: self.recording })
     }
+
+    /// Keep this place until `until` (at most [`HOLD`]), or until the pool stops, for a job
+    /// sent back because its host is busy: freed at once, the pool would claim the next job
+    /// at once, and while one host's jobs fill the queue that is likely another of them,
+    /// sent back in turn (a loop of claims and deferrals).
+    pub(super) async fn hold(self, until: std::time::Instant) {
+        let wait = until.saturating_duration_since(std::time::Instant::now()).min(HOLD);
+        tokio::select! {
+            () = self.stop.cancelled() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
 }
+
+/// Longest a place is held for a job sent back (see [`Slot::hold`]).
+const HOLD: Duration = Duration::from_secs(1);
 
 /// A job whose transfer runs in one of the pool's slots.
 pub(super) struct Transferring {
