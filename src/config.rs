@@ -196,7 +196,7 @@ pub enum BatchCommand {
         /// `csv`, `jsonl` or `tsv` (by default from the file's extension, or its first line).
         #[arg(long)]
         format: Option<String>,
-        /// Where in --bucket a local manifest is kept (default `manifests/<its file name>`).
+        /// Where in --bucket a local manifest is kept (default `manifests/<UTC time>-<its file name>`).
         #[arg(long)]
         manifest_key: Option<String>,
         /// Where in --bucket to write the report (a CSV, one row per manifest row) when the batch ends.
@@ -651,7 +651,7 @@ pub struct WorkerArgs {
     /// Bytes a second one process takes at most from a host, for origins that ask for it:
     /// `HOST=RATE`, repeated or comma-separated (`files.example.com=10MiB`); the host's name
     /// as in its URLs, any port. Every transfer and range from the host shares the rate;
-    /// it must be above --min-transfer-rate, which would cut paced transfers.
+    /// it must be above --per-host-concurrency × --min-transfer-rate, which would cut them.
     #[arg(long = "host-rate", env = "FILEFLOW_HOST_RATE", value_delimiter = ',', global = true)]
     pub host_rates: Vec<crate::worker::HostRate>,
 

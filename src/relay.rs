@@ -133,7 +133,9 @@ impl OutboxRelay {
     /// in the database (`BATCH` when unbounded).
     ///
     /// "On the topic" is a job handed to the broker that no worker has started: announced,
-    /// still pending, due, and not back in the outbox. The database knows this exactly;
+    /// still pending, due, not back in the outbox, and not held by a paused batch. A job
+    /// sent back because its host is busy is due again only later (`next_attempt_at`), so
+    /// a busy host's jobs going round the retry topic do not fill the bound. The database knows this exactly;
     /// the broker's consumer lag does not (Tansu can report committed offsets past a log's
     /// end, which reads as no lag, and lags of messages its fetches never return).
     async fn room(&self) -> usize {
@@ -147,6 +149,7 @@ impl OutboxRelay {
                WHERE f.status = 'pending' AND f.announced_at IS NOT NULL \
                  AND (f.next_attempt_at IS NULL OR f.next_attempt_at <= now()) \
                  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = f.id) \
+                 AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = f.batch_id AND b.paused) \
                LIMIT $1) AS t",
         )
         .bind(bound)

@@ -213,7 +213,9 @@ async fn batch_submit_sends_a_local_manifest_follows_the_batch_and_the_report_la
     );
     // The manifest was kept in the bucket, the objects are the origin's, the report has a row each.
     let objects = dir.path().join("objects").join("bulk");
-    assert_eq!(std::fs::read(objects.join("manifests/files.csv")).unwrap(), std::fs::read(&manifest).unwrap());
+    let kept = batch["manifest"]["object_name"].as_str().unwrap();
+    assert!(kept.starts_with("manifests/") && kept.ends_with("-files.csv"), "{batch}");
+    assert_eq!(std::fs::read(objects.join(kept)).unwrap(), std::fs::read(&manifest).unwrap());
     assert_eq!(std::fs::read(objects.join("in/7.bin")).unwrap(), content(7, 107));
     let report = std::fs::read_to_string(objects.join("reports/files.csv")).unwrap();
     assert_eq!(report.lines().count(), 1 + rows as usize, "{report}");

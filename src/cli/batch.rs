@@ -138,7 +138,9 @@ async fn submit_file(
         d.bucket.as_deref().context("--bucket is required with a local manifest: the server keeps it there")?;
     let file = tokio::fs::File::open(path).await.with_context(|| format!("cannot read {}", path.display()))?;
     let name = path.file_name().and_then(|n| n.to_str()).context("the manifest's path names no file")?;
-    let key = manifest_key.unwrap_or_else(|| format!("manifests/{name}"));
+    // A name of its own, so a batch never reads another submission's manifest.
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let key = manifest_key.unwrap_or_else(|| format!("manifests/{stamp}-{name}"));
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let content_type = match (d.format.as_deref(), extension.as_str()) {
         (Some("csv"), _) | (None, "csv") => "text/csv",
@@ -183,8 +185,13 @@ fn rows_done(batch: &Value) -> u64 {
     ["completed", "failed", "cancelled", "invalid"].iter().map(|f| count(batch, f)).sum()
 }
 
+/// Whether the batch did all it was asked: the whole manifest read, every row's job
+/// completed, and its report written if it asked for one.
 fn every_row_completed(batch: &Value) -> bool {
-    batch["status"] == "completed" && count(batch, "completed") == batch["total"].as_u64().unwrap_or(u64::MAX)
+    batch["status"] == "completed"
+        && batch["read_error"].is_null()
+        && batch["report"]["error"].is_null()
+        && count(batch, "completed") == batch["total"].as_u64().unwrap_or(u64::MAX)
 }
 
 /// Whether the batch has ended: every job ended and its report (if it asked for one) written.

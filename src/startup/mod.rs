@@ -28,6 +28,8 @@ mod loops;
 pub use loops::Loops;
 
 /// How long workers get, after the grace period, to hand their jobs back.
+/// The smallest --max-memory: one transfer's buffers into any store (S3's 5 parts of 5 MiB).
+const MIN_MEMORY: u64 = 32 * 1024 * 1024;
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tries of a webhook after the first, with the retry backoff (capped by --retry-max-delay).
 const WEBHOOK_RETRIES: u32 = 9;
@@ -150,13 +152,24 @@ impl Application {
             }
         };
         let lookup = hooks.lookup.unwrap_or_else(|| Arc::new(SystemLookup));
-        let floor = settings.fetch.min_rate().bytes_per_second;
+        // A host's rate is shared by up to --per-host-concurrency streams, each of which
+        // --min-transfer-rate would cut below its floor.
+        let floor = settings.fetch.min_rate().bytes_per_second
+            * u64::try_from(settings.worker.per_host_concurrency.max(1)).unwrap_or(u64::MAX);
         if let Some(rate) = settings.worker.host_rates.iter().find(|r| r.bytes_per_second <= floor) {
             anyhow::bail!(
-                "--host-rate {}={}: at or below --min-transfer-rate ({}), which would cut every transfer from it",
+                "--host-rate {}={}: at or below --per-host-concurrency × --min-transfer-rate ({}), so the \
+                 host's transfers sharing it would be cut for going too slowly",
                 rate.host,
                 bytesize::ByteSize(rate.bytes_per_second),
                 bytesize::ByteSize(floor)
+            );
+        }
+        if settings.worker.max_memory.as_u64() < MIN_MEMORY {
+            anyhow::bail!(
+                "--max-memory {}: at least {} (one transfer's buffers into any store)",
+                settings.worker.max_memory,
+                bytesize::ByteSize(MIN_MEMORY)
             );
         }
         let dispatcher = match (&settings.auth.webhook_secret, runs_api) {

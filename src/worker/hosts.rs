@@ -26,8 +26,11 @@ const MAX_HOSTS: usize = 10_000;
 /// Transfers in flight per host, and hosts that asked to be left alone.
 pub struct Hosts {
     limit: usize,
-    /// Jobs that may wait for one host's place at once (beyond them: not now).
+    /// Jobs that may wait for a host's place at once, across hosts (beyond them: not now,
+    /// unless the job's key has none waiting for that host).
     max_waiting: usize,
+    /// Jobs waiting for a host's place now, across hosts.
+    waiting: AtomicUsize,
     state: Mutex<HashMap<String, HostState>>,
     /// Hosts with a bytes-per-second cap, by host name (any port).
     rates: HashMap<String, Arc<Pacer>>,
@@ -91,7 +94,8 @@ impl Pacer {
 
 struct HostState {
     running: Arc<Window>,
-    waiting: usize,
+    /// Jobs waiting for a place, by their API key (`""`: none).
+    waiting: HashMap<String, usize>,
     blocked_until: Option<Instant>,
 }
 
@@ -163,12 +167,19 @@ pub struct NotNow(pub Instant);
 impl Hosts {
     /// At most `limit` transfers at once per host (at least one).
     pub fn new(limit: usize) -> Self {
-        Self { limit: limit.max(1), max_waiting: limit.max(1), state: Mutex::new(HashMap::new()), rates: HashMap::new() }
+        Self {
+            limit: limit.max(1),
+            max_waiting: limit.max(1),
+            waiting: AtomicUsize::new(0),
+            state: Mutex::new(HashMap::new()),
+            rates: HashMap::new(),
+        }
     }
 
-    /// The same, letting up to `waiting` jobs (at least the host's limit) wait for one
-    /// host's place at once: a worker process passes its slots, so one host's jobs may
-    /// hold at most half of the jobs it keeps claimed, and its other jobs still flow.
+    /// The same, letting up to `waiting` jobs (at least the host's limit) wait for a host's
+    /// place at once, across hosts: a worker process passes its slots, so jobs waiting for
+    /// busy hosts hold at most half of the jobs it keeps claimed, and jobs that can start
+    /// now still flow.
     pub fn with_waiting(mut self, waiting: usize) -> Self {
         self.max_waiting = waiting.max(self.limit);
         self
@@ -197,14 +208,16 @@ impl Hosts {
         .boxed()
     }
 
-    /// Take a place among `host`'s transfers: at once if one is free; after a wait if
-    /// fewer than the most that may wait already do; otherwise, or while the host asked to
-    /// be left alone, not now.
-    pub async fn enter(&self, host: &str) -> Result<HostPermit, NotNow> {
+    /// Take a place among `host`'s transfers for a job of API key `owner`: at once if one
+    /// is free; after a wait if fewer jobs wait than may, or if none of `owner`'s waits for
+    /// this host (so one key's queue never keeps another key's job out: it waits, rather
+    /// than being sent back again and again while the first key's jobs take every freed
+    /// place); otherwise, or while the host asked to be left alone, not now.
+    pub async fn enter(&self, host: &str, owner: &str) -> Result<HostPermit, NotNow> {
         let running = {
             let mut state = self.lock();
             if state.len() > MAX_HOSTS {
-                state.retain(|_, h| h.waiting > 0 || !h.running.idle() || h.blocked_until.is_some());
+                state.retain(|_, h| !h.waiting.is_empty() || !h.running.idle() || h.blocked_until.is_some());
             }
             let entry = self.entry(&mut state, host);
             let now = Instant::now();
@@ -216,13 +229,15 @@ impl Hosts {
             if let Ok(permit) = entry.running.places.clone().try_acquire_owned() {
                 return Ok(HostPermit { permit: Some(permit), window: entry.running.clone() });
             }
-            if entry.waiting >= self.max_waiting {
+            let mine = entry.waiting.get(owner).copied().unwrap_or(0);
+            if mine > 0 && self.waiting.load(Ordering::Relaxed) >= self.max_waiting {
                 return Err(NotNow(now + BUSY_DEFERRAL));
             }
-            entry.waiting += 1;
+            *entry.waiting.entry(owner.to_owned()).or_default() += 1;
+            self.waiting.fetch_add(1, Ordering::Relaxed);
             entry.running.clone()
         };
-        let waited = Waiting { hosts: self, host };
+        let waited = Waiting { hosts: self, host, owner };
         let permit = running.places.clone().acquire_owned().await.expect("the semaphore is never closed");
         drop(waited);
         let permit = HostPermit { permit: Some(permit), window: running };
@@ -273,7 +288,7 @@ impl Hosts {
         let limit = self.limit;
         state.entry(host.to_owned()).or_insert_with(|| HostState {
             running: Window::new(limit),
-            waiting: 0,
+            waiting: HashMap::new(),
             blocked_until: None,
         })
     }
@@ -294,13 +309,20 @@ impl Hosts {
 struct Waiting<'a> {
     hosts: &'a Hosts,
     host: &'a str,
+    owner: &'a str,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if let Some(entry) = self.hosts.lock().get_mut(self.host) {
-            entry.waiting -= 1;
+        if let Some(entry) = self.hosts.lock().get_mut(self.host)
+            && let Some(count) = entry.waiting.get_mut(self.owner)
+        {
+            *count -= 1;
+            if *count == 0 {
+                entry.waiting.remove(self.owner);
+            }
         }
+        self.hosts.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -316,42 +338,66 @@ mod tests {
     #[tokio::test]
     async fn a_host_takes_its_limit_then_waiters_then_says_not_now() {
         let hosts = Arc::new(Hosts::new(2));
-        let a = hosts.enter("a:80").await.unwrap();
-        let _b = hosts.enter("a:80").await.unwrap();
+        let a = hosts.enter("a:80", "").await.unwrap();
+        let _b = hosts.enter("a:80", "").await.unwrap();
         // Two may wait for a place; a third is told to come back.
         let waiters: Vec<_> = (0..2)
             .map(|_| {
                 let hosts = hosts.clone();
-                tokio::spawn(async move { hosts.enter("a:80").await.is_ok() })
+                tokio::spawn(async move { hosts.enter("a:80", "").await.is_ok() })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(matches!(hosts.enter("a:80").await, Err(NotNow(_))));
+        assert!(matches!(hosts.enter("a:80", "").await, Err(NotNow(_))));
         // Another host is not held up.
-        assert!(hosts.enter("b:80").await.is_ok());
+        assert!(hosts.enter("b:80", "").await.is_ok());
         drop(a);
         assert!(waiters.into_iter().next().unwrap().await.unwrap(), "a waiter got the freed place");
     }
 
     #[tokio::test]
+    async fn a_full_wait_sends_back_a_keys_next_job_but_lets_another_keys_job_wait() {
+        let hosts = Arc::new(Hosts::new(1).with_waiting(2));
+        let _running = hosts.enter("a:80", "busy").await.unwrap();
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let hosts = hosts.clone();
+                tokio::spawn(async move { hosts.enter("a:80", "busy").await.is_ok() })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(hosts.enter("a:80", "busy").await, Err(NotNow(_))), "the process's waiting is full");
+        // Another key's job is not sent back: it waits for a place.
+        let other = tokio::time::timeout(Duration::from_millis(50), hosts.enter("a:80", "other")).await;
+        assert!(other.is_err(), "it waited instead of being told not now");
+        // Nor is the busy key's first job for another busy host.
+        let _b = hosts.enter("b:80", "busy").await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(50), hosts.enter("b:80", "busy")).await.is_err());
+        drop(waiters);
+    }
+
+    #[tokio::test]
     async fn a_throttling_host_gets_half_the_places_then_one_more_per_success() {
         let hosts = Hosts::new(8);
-        let held: Vec<_> = futures::future::join_all((0..8).map(|_| hosts.enter("a:80"))).await;
+        let held: Vec<_> = futures::future::join_all((0..8).map(|_| hosts.enter("a:80", ""))).await;
         hosts.throttled("a:80");
         assert_eq!(hosts.window("a:80"), 4);
         hosts.throttled("a:80");
         assert_eq!(hosts.window("a:80"), 2);
         // The eight under way finish; only two places remain.
         drop(held);
-        let two: Vec<_> = futures::future::join_all((0..2).map(|_| hosts.enter("a:80"))).await;
+        let two: Vec<_> = futures::future::join_all((0..2).map(|_| hosts.enter("a:80", ""))).await;
         assert!(two.iter().all(Result::is_ok));
-        assert!(tokio::time::timeout(Duration::from_millis(50), hosts.enter("a:80")).await.is_err(), "a third waits");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), hosts.enter("a:80", "")).await.is_err(),
+            "a third waits"
+        );
         drop(two);
         for _ in 0..10 {
             hosts.succeeded("a:80");
         }
         assert_eq!(hosts.window("a:80"), 8, "back to the limit, not past it");
-        let eight: Vec<_> = futures::future::join_all((0..8).map(|_| hosts.enter("a:80"))).await;
+        let eight: Vec<_> = futures::future::join_all((0..8).map(|_| hosts.enter("a:80", ""))).await;
         assert!(eight.iter().all(Result::is_ok));
         hosts.throttled("a:80");
         hosts.throttled("a:80");
@@ -363,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn a_transfer_takes_more_places_only_when_free() {
         let hosts = Hosts::new(4);
-        let _one = hosts.enter("a:80").await.unwrap();
+        let _one = hosts.enter("a:80", "").await.unwrap();
         let more = hosts.more("a:80", 7);
         assert_eq!(more.len(), 3, "never past the host's limit");
         assert!(hosts.more("a:80", 1).is_empty());
@@ -420,10 +466,10 @@ mod tests {
         let hosts = Hosts::new(4);
         let until = Instant::now() + Duration::from_millis(100);
         hosts.block("a:443", until);
-        assert_eq!(hosts.enter("a:443").await.err(), Some(NotNow(until)));
-        assert!(hosts.enter("b:443").await.is_ok());
+        assert_eq!(hosts.enter("a:443", "").await.err(), Some(NotNow(until)));
+        assert!(hosts.enter("b:443", "").await.is_ok());
         tokio::time::sleep(Duration::from_millis(120)).await;
-        assert!(hosts.enter("a:443").await.is_ok());
+        assert!(hosts.enter("a:443", "").await.is_ok());
         assert_eq!(host_of(&url::Url::parse("https://Example.com/x").unwrap()), "example.com:443");
     }
 }

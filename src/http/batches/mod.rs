@@ -378,8 +378,14 @@ pub(super) async fn upload_batch(
         ObjectKey::parse(object_name).map_err(|e| ApiError::invalid("manifest_object_name", e))?,
     );
     state.store.check_key(&bucket, &key).map_err(|e| ApiError::invalid("manifest_object_name", e))?;
-    // Streamed into the store, never whole in memory, and no larger than a fetched file may be.
-    let limit = state.max_file_size;
+    // Streamed into the store, never whole in memory, and no larger than a file the key
+    // may fetch.
+    let limit = match &caller {
+        Caller::Key(api_key) => {
+            state.gate.limits_of(api_key).max_file_size.map_or(state.max_file_size, |m| m.min(state.max_file_size))
+        }
+        _ => state.max_file_size,
+    };
     let too_large = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let over = too_large.clone();
     let mut seen = 0u64;
@@ -412,6 +418,8 @@ pub(super) async fn upload_batch(
         return Err(ApiError::Internal(anyhow::anyhow!("an uploaded manifest could not be stored: {e}")));
     }
     request.traceparent = Some(trace.header());
+    // Checked before the manifest was stored, the request fails from here only when the
+    // database does; the manifest then stays where the caller asked it to be kept.
     accept(&state, &caller, request, None).await
 }
 
