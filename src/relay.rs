@@ -18,7 +18,7 @@ const BATCH: usize = 200;
 /// How often the relay makes sure the topics exist.
 const TOPIC_CHECK: Duration = Duration::from_secs(5);
 /// How often a relay held back by the workers' backlog looks at it again.
-const BACKLOG_POLL: Duration = Duration::from_millis(250);
+const BACKLOG_POLL: Duration = Duration::from_millis(100);
 /// How often an idle relay looks for rows written by other processes.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// Longest one batch may take (the database, then every publish, each bounded by the

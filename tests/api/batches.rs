@@ -366,7 +366,36 @@ async fn a_manifest_sent_with_the_request_is_kept_in_the_store_and_read_as_a_bat
     let answer =
         upload(format!("bucket_name={bucket}&manifest_object_name=big.jsonl"), manifest.repeat(100)).await.unwrap();
     assert_eq!(answer.status(), 413);
+    assert_eq!(app.try_read_object("big.jsonl").await, None, "nothing kept of a refused manifest");
     let (_, _, listed) = app.call(Method::GET, "/api/v1/batches", None, None).await;
     assert_eq!(listed["batches"].as_array().unwrap().len(), 1, "{listed}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_can_upload_a_manifest_only_into_its_own_buckets() {
+    let app = spawn_app_with(|s| s.auth.mode = AuthMode::Required).await;
+    let (_, key) = app.create_key("submitter", &[&format!("{}/mine/*", app.bucket)], KeyLimits::default()).await;
+    let upload = |query: String| {
+        app.client
+            .post(app.url(&format!("/api/v1/batches/upload?{query}")))
+            .bearer_auth(&key)
+            .header("Content-Type", "text/csv")
+            .body("file_url,object_name\nhttps://example.com/a,mine/a\n")
+            .send()
+    };
+    let bucket = &app.bucket;
+    for query in [
+        format!("bucket_name={bucket}&manifest_object_name=theirs/m.csv"),
+        format!("bucket_name=elsewhere&manifest_object_name=mine/m.csv"),
+        format!("bucket_name={bucket}&manifest_object_name=mine/m.csv&report_object_name=theirs/r.csv"),
+    ] {
+        let answer = upload(query.clone()).await.unwrap();
+        assert_eq!(answer.status(), 403, "{query}");
+    }
+    assert_eq!(app.try_read_object("theirs/m.csv").await, None);
+    assert_eq!(app.try_read_object("mine/m.csv").await, None, "nothing stored for a refused request");
+    let answer = upload(format!("bucket_name={bucket}&manifest_object_name=mine/m.csv")).await.unwrap();
+    assert_eq!(answer.status(), 202);
     app.stop().await;
 }
