@@ -563,7 +563,7 @@ pub struct KafkaArgs {
     /// Most jobs on the jobs topic that no worker has started (counted in PostgreSQL); past it, the
     /// relay holds new jobs in PostgreSQL, where the turns between keys and the priorities
     /// decide what goes next (a topic is first come, first served). `0`: no bound.
-    #[arg(long, env = "FILEFLOW_KAFKA_MAX_BACKLOG", default_value_t = 200, global = true)]
+    #[arg(long, env = "FILEFLOW_KAFKA_MAX_BACKLOG", default_value_t = 128, global = true)]
     pub max_backlog: u64,
 }
 

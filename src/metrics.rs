@@ -40,6 +40,13 @@ pub struct Request {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostState {
+    /// `busy` (every place taken and jobs waiting), `throttled` (fewer places than the
+    /// limit after 429/503 answers) or `paused` (asked to be left alone: `Retry-After`).
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Route {
     pub route: String,
 }
@@ -59,6 +66,10 @@ pub struct Metrics {
     pub cancelled: Counter,
     /// Answers 429 or 503 from origins (each halves its host's window of transfers).
     pub origin_throttled: Counter,
+    /// Origin hosts in each state, in this process.
+    pub origin_hosts: Family<HostState, Gauge>,
+    /// Bytes of --max-memory the transfers hold now.
+    pub memory_reserved: Gauge,
     pub bytes_stored: Counter,
     pub transfer_duration: Histogram,
     pub transfer_size: Histogram,
@@ -89,6 +100,8 @@ impl Metrics {
             retried: Counter::default(),
             cancelled: Counter::default(),
             origin_throttled: Counter::default(),
+            origin_hosts: Family::default(),
+            memory_reserved: Gauge::default(),
             bytes_stored: Counter::default(),
             // 10 ms to about 3 h.
             transfer_duration: Histogram::new(exponential_buckets(0.01, 3.0, 14)),
@@ -110,6 +123,16 @@ impl Metrics {
             "fileflow_origin_throttled",
             "Origin answers 429 or 503, each of which halved its host's window of transfers at once",
             m.origin_throttled.clone(),
+        );
+        registry.register(
+            "fileflow_origin_hosts",
+            "Origin hosts by state in this process: busy (places taken, jobs waiting), throttled (window cut by 429/503), paused (Retry-After)",
+            m.origin_hosts.clone(),
+        );
+        registry.register(
+            "fileflow_memory_reserved_bytes",
+            "Bytes of --max-memory the transfers of this process hold now",
+            m.memory_reserved.clone(),
         );
         registry.register(
             "fileflow_jobs_accepted",

@@ -315,6 +315,8 @@ impl Application {
             let concurrency = self.settings.worker.worker_concurrency;
             tracing::info!(concurrency, "workers started");
             let abort = abort.clone();
+            let (hosts, memory, metrics) = (worker.hosts.clone(), worker.memory.clone(), worker.metrics.clone());
+            loops.spawn_infallible("worker sampler", |stop| crate::worker::sample(hosts, memory, metrics, stop));
             loops.spawn_infallible("workers", |stop| run_pool(worker, concurrency, stop, abort));
         }
 

@@ -279,6 +279,17 @@ impl Hosts {
         }
     }
 
+    /// Hosts now busy (every place taken, jobs waiting), throttled (a window below the
+    /// limit) and paused (asked to be left alone), in that order.
+    pub fn census(&self) -> (usize, usize, usize) {
+        let now = Instant::now();
+        let state = self.lock();
+        let busy = state.values().filter(|h| !h.waiting.is_empty()).count();
+        let throttled = state.values().filter(|h| h.running.size.load(Ordering::Relaxed) < self.limit).count();
+        let paused = state.values().filter(|h| h.blocked_until.is_some_and(|until| until > now)).count();
+        (busy, throttled, paused)
+    }
+
     /// How many transfers `host` may have at once now.
     pub fn window(&self, host: &str) -> usize {
         self.lock().get(host).map_or(self.limit, |h| h.running.size.load(Ordering::Relaxed))
@@ -382,6 +393,7 @@ mod tests {
         let held: Vec<_> = futures::future::join_all((0..8).map(|_| hosts.enter("a:80", ""))).await;
         hosts.throttled("a:80");
         assert_eq!(hosts.window("a:80"), 4);
+        assert_eq!(hosts.census(), (0, 1, 0), "one host throttled");
         hosts.throttled("a:80");
         assert_eq!(hosts.window("a:80"), 2);
         // The eight under way finish; only two places remain.
@@ -466,6 +478,7 @@ mod tests {
         let hosts = Hosts::new(4);
         let until = Instant::now() + Duration::from_millis(100);
         hosts.block("a:443", until);
+        assert_eq!(hosts.census(), (0, 0, 1), "one host paused");
         assert_eq!(hosts.enter("a:443", "").await.err(), Some(NotNow(until)));
         assert!(hosts.enter("b:443", "").await.is_ok());
         tokio::time::sleep(Duration::from_millis(120)).await;

@@ -33,6 +33,27 @@ pub use pool::run_pool;
 
 pub use verify::{Digests, Expectations, HashState, Verifier, verified};
 
+/// How often [`sample`] reads the hosts' states and the memory held.
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Set the gauges of a worker process's shared state (origin hosts by state, memory
+/// reserved) now and then until `stop`.
+pub async fn sample(hosts: Arc<Hosts>, memory: Arc<Memory>, metrics: Arc<Metrics>, stop: CancellationToken) {
+    use crate::metrics::HostState;
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (busy, throttled, paused) = hosts.census();
+        for (state, count) in [("busy", busy), ("throttled", throttled), ("paused", paused)] {
+            metrics.origin_hosts.get_or_create(&HostState { state }).set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        metrics.memory_reserved.set(i64::try_from(memory.in_use()).unwrap_or(i64::MAX));
+    }
+}
+
 /// How workers behave.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {

@@ -110,6 +110,7 @@ async fn every_route_is_described_and_answers_fit_the_description() {
         ("get", "/readyz"),
         ("get", "/metrics"),
         ("post", "/api/v1/batches"),
+        ("post", "/api/v1/batches/upload"),
         ("get", "/api/v1/batches"),
         ("get", "/api/v1/batches/{id}"),
         ("post", "/api/v1/batches/{id}/cancel"),
@@ -119,7 +120,7 @@ async fn every_route_is_described_and_answers_fit_the_description() {
         assert!(doc["paths"][path][method].is_object(), "{method} {path} is not described");
     }
     let described: usize = doc["paths"].as_object().unwrap().values().map(|item| item.as_object().unwrap().len()).sum();
-    assert_eq!(described, 19, "the description lists exactly the API's routes");
+    assert_eq!(described, 20, "the description lists exactly the API's routes");
 
     // The answers of a job's life, and of refusals, fit their schemas.
     let upload = json!({ "file_url": origin.url("/file/3000"), "bucket_name": app.bucket, "object_name": "doc.bin" });
