@@ -40,11 +40,8 @@ async fn submit(base: &str, key: &str, url: &str, bucket: &str, name: &str) -> S
     accepted["id"].as_str().unwrap_or_else(|| panic!("refused: {accepted}")).to_owned()
 }
 
-/// Submit one job as `key` and wait for it to complete; its time from submit to completed.
-async fn one_job(base: &str, key: &str, url: &str, bucket: &str, n: usize) -> Duration {
-    let http = client();
-    let started = Instant::now();
-    let id = submit(base, key, url, bucket, &format!("small/{n}")).await;
+/// Follow job `id` (looking every `every`) until it completes; panics if it ends otherwise.
+pub async fn completed(http: &reqwest::Client, base: &str, key: &str, id: &str, every: Duration) {
     loop {
         let job: Value = http
             .get(format!("{base}/api/v1/uploads/{id}"))
@@ -56,11 +53,19 @@ async fn one_job(base: &str, key: &str, url: &str, bucket: &str, n: usize) -> Du
             .await
             .expect("a job");
         match job["status"].as_str() {
-            Some("completed") => return started.elapsed(),
-            Some("failed" | "cancelled") => panic!("the small job did not complete: {job}"),
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            Some("completed") => return,
+            Some("failed" | "cancelled") => panic!("a job did not complete: {job}"),
+            _ => tokio::time::sleep(every).await,
         }
     }
+}
+
+/// Submit one job as `key` and wait for it to complete; its time from submit to completed.
+async fn one_job(base: &str, key: &str, url: &str, bucket: &str, n: usize) -> Duration {
+    let started = Instant::now();
+    let id = submit(base, key, url, bucket, &format!("small/{n}")).await;
+    completed(&client(), base, key, &id, Duration::from_millis(10)).await;
+    started.elapsed()
 }
 
 async fn tries(base: &str, key: &str, url: &str, bucket: &str, from: usize) -> Vec<f64> {

@@ -85,22 +85,7 @@ impl Bench {
             .map(|r| r["id"].as_str().unwrap_or_else(|| panic!("refused: {r}")).to_owned())
             .collect();
         for id in &ids {
-            loop {
-                let job: Value = http
-                    .get(format!("{}/api/v1/uploads/{id}", serve.base))
-                    .bearer_auth(&key)
-                    .send()
-                    .await
-                    .expect("fileflow answers")
-                    .json()
-                    .await
-                    .expect("a job");
-                match job["status"].as_str() {
-                    Some("completed") => break,
-                    Some("failed" | "cancelled") => panic!("a large job did not complete: {job}"),
-                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
+            crate::fair::completed(&http, &serve.base, &key, id, Duration::from_millis(100)).await;
         }
         let secs = started.elapsed().as_secs_f64();
         let rss = serve.peak_rss_mib();
