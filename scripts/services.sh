@@ -224,6 +224,19 @@ start_azurite() { # dir
     log "Azurite (Azure Blob) on 127.0.0.1:$port"
 }
 
+# A GCS service account file (the key at KEY_PEM) that points object_store's GCS client at
+# BASE_URL without OAuth.
+service_account() { # key_pem base_url
+    python3 - "$1" "$2" <<'PY'
+import json, sys
+print(json.dumps({
+    "type": "service_account", "project_id": "fileflow-test", "private_key_id": "test",
+    "private_key": open(sys.argv[1]).read(), "client_email": "fileflow@fileflow-test.iam.gserviceaccount.com",
+    "disable_oauth": True, "gcs_base_url": sys.argv[2],
+}))
+PY
+}
+
 # fake-gcs-server, and a service account file for it: no OAuth (the emulator takes any
 # caller), its base URL, and an RSA key of its own so download links are signed.
 start_fake_gcs() { # dir
@@ -236,14 +249,7 @@ start_fake_gcs() { # dir
     echo $! >"$dir/fake-gcs.pid"
     wait_port 127.0.0.1 "$port" 30 fake-gcs-server
     openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$dir/gcs/key.pem" 2>/dev/null
-    python3 - "$dir/gcs/key.pem" "http://127.0.0.1:$port" >"$dir/gcs/service-account.json" <<'PY'
-import json, sys
-print(json.dumps({
-    "type": "service_account", "project_id": "fileflow-test", "private_key_id": "test",
-    "private_key": open(sys.argv[1]).read(), "client_email": "fileflow@fileflow-test.iam.gserviceaccount.com",
-    "disable_oauth": True, "gcs_base_url": sys.argv[2],
-}))
-PY
+    service_account "$dir/gcs/key.pem" "http://127.0.0.1:$port" >"$dir/gcs/service-account.json"
     {
         echo "FILEFLOW_TEST_GCS_ENDPOINT=http://127.0.0.1:$port"
         echo "FILEFLOW_TEST_GCS_SERVICE_ACCOUNT=$dir/gcs/service-account.json"
@@ -265,14 +271,7 @@ run_simple("127.0.0.1", int(sys.argv[1]), moto.server.create_backend_app("s3"), 
 ' "$port" >"$dir/moto.log" 2>&1 &
     echo $! >"$dir/moto.pid"
     wait_port 127.0.0.1 "$port" 60 moto
-    python3 - "$dir/gcs/key.pem" "http://127.0.0.1:$port" >"$dir/moto/service-account.json" <<'PY'
-import json, sys
-print(json.dumps({
-    "type": "service_account", "project_id": "fileflow-test", "private_key_id": "test",
-    "private_key": open(sys.argv[1]).read(), "client_email": "fileflow@fileflow-test.iam.gserviceaccount.com",
-    "disable_oauth": True, "gcs_base_url": sys.argv[2],
-}))
-PY
+    service_account "$dir/gcs/key.pem" "http://127.0.0.1:$port" >"$dir/moto/service-account.json"
     {
         echo "FILEFLOW_TEST_GCS_WRITES_ENDPOINT=http://127.0.0.1:$port"
         echo "FILEFLOW_TEST_GCS_WRITES_SERVICE_ACCOUNT=$dir/moto/service-account.json"

@@ -307,7 +307,7 @@ const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 
 /// The request's `Idempotency-Key` (1 to 255 visible ASCII characters), scoped to the
 /// caller's API key, with the digest of the body it came with.
-fn idempotency_key(
+pub(super) fn idempotency_key(
     headers: &HeaderMap,
     caller: &Caller,
     body: &JsonObject,

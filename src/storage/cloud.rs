@@ -614,19 +614,19 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
     ) -> Result<Box<dyn PieceWrite + 'a>, JobError> {
         let store = self.bucket(bucket.as_str())?;
         let location = location(key);
+        // A new write (stores that cannot resume always start one) may create the bucket.
+        let new_write = from.is_none() || !self.cloud.resumable();
+        if new_write && self.limits.create_buckets && options.may_create_bucket {
+            self.ensure_bucket(&store, bucket).await?;
+        }
+        let multipart =
+            PutMultipartOptions { attributes: content_type_attr(options.content_type), ..Default::default() };
+        let failed = |e: object_store::Error| self.classify(&e, &format!("multipart (bucket {bucket})"));
+        let part_size = self.part_size() as u64;
         if !self.cloud.resumable() {
             // The service's own multipart calls would drop the content type: blocks go up
             // through an upload that keeps it, in file order, and nothing is resumed.
-            if self.limits.create_buckets && options.may_create_bucket {
-                self.ensure_bucket(&store, bucket).await?;
-            }
-            let options =
-                PutMultipartOptions { attributes: content_type_attr(options.content_type), ..Default::default() };
-            let upload = store
-                .put_multipart_opts(&location, options)
-                .await
-                .map_err(|e| self.classify(&e, &format!("multipart (bucket {bucket})")))?;
-            let part_size = self.part_size() as u64;
+            let upload = store.put_multipart_opts(&location, multipart).await.map_err(failed)?;
             let write = PartialWrite { id: String::new(), part_size, stored: 0, parts: Vec::new() };
             let state = InOrder { next: 0, waiting: BTreeMap::new(), upload, in_flight: VecDeque::new() };
             return Ok(Box::new(OrderedPieces { cloud: self, bucket, write, state: tokio::sync::Mutex::new(state) }));
@@ -634,16 +634,8 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
         let from = match from {
             Some(from) => from,
             None => {
-                if self.limits.create_buckets && options.may_create_bucket {
-                    self.ensure_bucket(&store, bucket).await?;
-                }
-                let options =
-                    PutMultipartOptions { attributes: content_type_attr(options.content_type), ..Default::default() };
-                let id = store
-                    .create_multipart_opts(&location, options)
-                    .await
-                    .map_err(|e| self.classify(&e, &format!("multipart (bucket {bucket})")))?;
-                PartialWrite { id, part_size: self.part_size() as u64, stored: 0, parts: Vec::new() }
+                let id = store.create_multipart_opts(&location, multipart).await.map_err(failed)?;
+                PartialWrite { id, part_size, stored: 0, parts: Vec::new() }
             }
         };
         Ok(Box::new(CloudPieces { cloud: self, store, location, bucket, from }))

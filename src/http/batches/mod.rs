@@ -24,7 +24,7 @@ use self::request::{BatchRequest, Location, ManifestSource};
 use super::error::{ApiError, ErrorBody};
 use super::extract::JsonObject;
 use super::state::AppState;
-use super::uploads::{destination, request_digest};
+use super::uploads::{destination, idempotency_key};
 use crate::auth::Caller;
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{IfExists, JobError};
@@ -247,17 +247,7 @@ pub(super) async fn create_batch(
     body: JsonObject,
 ) -> Result<Response, ApiError> {
     let mut request = parse_request(&body, &state, &caller)?;
-    let idempotency = match headers.get("Idempotency-Key") {
-        None => None,
-        Some(value) => {
-            let key = value
-                .to_str()
-                .ok()
-                .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
-                .ok_or_else(|| ApiError::invalid("Idempotency-Key", "must be 1 to 255 visible ASCII characters"))?;
-            Some((key.to_owned(), request_digest(&serde_json::Value::Object(body.0.clone()))))
-        }
-    };
+    let idempotency = idempotency_key(&headers, &caller, &body)?.map(|k| (k.key, k.request_sha256));
     request.traceparent = Some(trace.header());
     accept(&state, &caller, request, idempotency).await
 }
