@@ -247,14 +247,8 @@ impl JobRepository for Announcing {
         Ok(settled)
     }
 
-    async fn release(
-        &self,
-        id: JobId,
-        owner: &str,
-        now: DateTime<Utc>,
-        due: Option<DateTime<Utc>>,
-    ) -> Result<bool, RepoError> {
-        let released = self.inner.release(id, owner, now, due).await;
+    async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {
+        let released = self.inner.release(id, owner, now).await;
         if !matches!(released, Ok(true)) {
             self.owners().remove(&(id.0, owner.to_owned()));
         }

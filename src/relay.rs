@@ -133,9 +133,8 @@ impl OutboxRelay {
     /// in the database (`BATCH` when unbounded).
     ///
     /// "On the topic" is a job handed to the broker that no worker has started: announced,
-    /// still pending, due, not back in the outbox, and not held by a paused batch. A job
-    /// sent back because its host is busy is due again only later (`next_attempt_at`), so
-    /// a busy host's jobs going round the retry topic do not fill the bound. The database knows this exactly;
+    /// still pending, due, not back in the outbox, and not held by a paused batch. Jobs sent
+    /// back because their host is busy count too: their message is on the retry topic. The database knows this exactly;
     /// the broker's consumer lag does not (Tansu can report committed offsets past a log's
     /// end, which reads as no lag, and lags of messages its fetches never return).
     async fn room(&self) -> usize {

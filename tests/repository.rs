@@ -306,7 +306,7 @@ async fn retries_releases_and_requeues(repo: Arc<dyn JobRepository>) {
     tokio::time::sleep((due - Utc::now()).to_std().unwrap_or_default()).await;
 
     repo.claim(job.id, &lease("w")).await.unwrap();
-    assert!(repo.release(job.id, "w", t, None).await.unwrap());
+    assert!(repo.release(job.id, "w", t).await.unwrap());
     let released = repo.get(job.id).await.unwrap().unwrap();
     assert_eq!((released.status, released.retry_count), (JobStatus::Pending, 1), "a hand-back is not an attempt");
 
@@ -548,7 +548,7 @@ async fn finished_jobs_past_the_retention_age_are_deleted(repo: Arc<dyn JobRepos
     assert!(repo.settle(older, "w", &Settlement::Completed(stored()), old - chrono::Duration::hours(1)).await.unwrap());
     assert!(repo.settle(done, "w", &Settlement::Completed(stored()), old).await.unwrap());
     assert!(repo.settle(broke, "w", &failed, old).await.unwrap());
-    assert!(repo.release(waiting, "w", old, None).await.unwrap());
+    assert!(repo.release(waiting, "w", old).await.unwrap());
     assert!(repo.settle(recent, "w", &Settlement::Completed(stored()), t).await.unwrap());
     assert!(repo.settle(notified, "w", &Settlement::Completed(stored()), old).await.unwrap());
     repo.save_checkpoint(done, "w", 1, Some(5), "state").await.ok();
@@ -822,7 +822,7 @@ async fn announcing_forgets_jobs_whose_lease_was_lost() {
     assert!(claims.iter().all(|c| matches!(c, Claim::Claimed(_))), "{claims:?}");
     assert_eq!(repo.remembered(), 4);
     assert!(repo.settle(ids[0], "w", &Settlement::Completed(stored()), t).await.unwrap());
-    assert!(repo.release(ids[1], "w", t, None).await.unwrap());
+    assert!(repo.release(ids[1], "w", t).await.unwrap());
     assert_eq!(repo.remembered(), 2);
     // The other two lose their leases to a second worker; the first finds out by renewing
     // one and by reporting progress on the other.

@@ -426,15 +426,8 @@ pub trait JobRepository: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<bool, RepoError>;
 
-    /// Hand a `processing` job back as `pending` without counting an attempt (shutdown, or
-    /// its host busy), to be started again from `due` on (`None`: at once).
-    async fn release(
-        &self,
-        id: JobId,
-        owner: &str,
-        now: DateTime<Utc>,
-        due: Option<DateTime<Utc>>,
-    ) -> Result<bool, RepoError>;
+    /// Hand a `processing` job back as `pending` without counting an attempt (shutdown).
+    async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError>;
 
     /// Cancel a job: a `pending` one at once (its queued delivery is dropped or ignored), a
     /// `processing` one by asking its worker to stop.

@@ -643,22 +643,14 @@ impl JobRepository for PgRepository {
         Ok(())
     }
 
-    async fn release(
-        &self,
-        id: JobId,
-        owner: &str,
-        now: DateTime<Utc>,
-        due: Option<DateTime<Utc>>,
-    ) -> Result<bool, RepoError> {
+    async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {
         let done = sqlx::query(
-            "UPDATE files SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = $3, \
-                 next_attempt_at = $4 \
+            "UPDATE files SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = $3 \
              WHERE id = $1 AND status = 'processing' AND lease_owner = $2",
         )
         .bind(id.0)
         .bind(owner)
         .bind(now)
-        .bind(due)
         .execute(&self.db.pool)
         .await?;
         Ok(done.rows_affected() == 1)

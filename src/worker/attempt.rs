@@ -229,7 +229,7 @@ impl Worker {
         let (outcome, transferring, started) = match ran {
             Ran::Done(outcome, transferring, started) => (outcome, transferring, started),
             Ran::Stopped => {
-                self.repo.release(id, &lease.owner, Utc::now(), None).await?;
+                self.repo.release(id, &lease.owner, Utc::now()).await?;
                 self.queue.release(delivery).await?;
                 tracing::info!(job_id = %id, attempt, "job handed back at shutdown");
                 return Ok(WorkOutcome::HandedBack(id));
@@ -238,7 +238,7 @@ impl Worker {
                 // Not an attempt: the job goes back to the queue, due when its host may be asked again.
                 let due = Utc::now()
                     + chrono::Duration::from_std(until.saturating_duration_since(Instant::now())).unwrap_or_default();
-                self.repo.release(id, &lease.owner, Utc::now(), Some(due)).await?;
+                self.repo.release(id, &lease.owner, Utc::now()).await?;
                 self.queue.retry(delivery, delivery.attempt, due).await?;
                 tracing::debug!(job_id = %id, %host, due_at = %due.to_rfc3339(), "origin host busy or pausing; job deferred");
                 if let Some(admission) = admission {

@@ -491,26 +491,18 @@ impl JobRepository for SqliteRepository {
         Ok(())
     }
 
-    async fn release(
-        &self,
-        id: JobId,
-        owner: &str,
-        now: DateTime<Utc>,
-        due: Option<DateTime<Utc>>,
-    ) -> Result<bool, RepoError> {
+    async fn release(&self, id: JobId, owner: &str, now: DateTime<Utc>) -> Result<bool, RepoError> {
         let owner = owner.to_owned();
         let done = self
             .db
             .write(move |c| {
                 sqlx::query(
-                    "UPDATE files SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?3, \
-                         next_attempt_at = ?4 \
+                    "UPDATE files SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?3 \
                      WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
                 )
                 .bind(id.0)
                 .bind(owner)
                 .bind(to_millis(now))
-                .bind(due.map(to_millis))
                 .execute(c)
                 .boxed()
             })
