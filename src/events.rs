@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 use crate::metadata::{
     Cancel, Claim, Created, IdempotencyKey, JobRepository, Lease, ListFilter, Reconciled, RepoError, Requeue, Sweep,
@@ -185,6 +186,10 @@ impl JobRepository for Announcing {
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError> {
         self.inner.get(id).await
+    }
+
+    async fn last_stored(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<Job>, RepoError> {
+        self.inner.last_stored(bucket, key).await
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError> {

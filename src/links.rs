@@ -180,6 +180,8 @@ mod tests {
             created_at: now,
             updated_at: now,
             next_attempt_at: None,
+            origin: Default::default(),
+            not_modified: false,
         }
     }
 

@@ -312,7 +312,16 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         metrics.accepted.inc();
         let stored =
-            StoredObject { etag: "e".into(), size: 2048, sha256: None, md5: None, content_type: None, version: None };
+            StoredObject {
+                etag: "e".into(),
+                size: 2048,
+                sha256: None,
+                md5: None,
+                content_type: None,
+                version: None,
+                origin: Default::default(),
+                not_modified: false,
+            };
         metrics.outcome(&Settlement::Completed(stored), Duration::from_millis(30));
         metrics
             .outcome(&Settlement::Failed { last_error: "HTTP 404".into(), cause: Cause::OriginStatus }, Duration::ZERO);

@@ -40,6 +40,16 @@ pub struct JobView {
     pub next_attempt_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub download_url: Option<String>,
+    /// The origin's `ETag` and `Last-Modified` for the file this job stored, as sent
+    /// (what a later `if_exists: if_changed` job asks the origin about).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin_etag: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin_last_modified: Option<String>,
+    /// `if_exists: if_changed`: the origin answered `304 Not Modified`, so the job
+    /// completed with the object already at the key, without a transfer.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub not_modified: bool,
     /// The job's webhook deliveries and their tries (a single job's view only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhooks: Option<Vec<DeliveryView>>,
@@ -86,6 +96,9 @@ pub async fn job_view(job: Job, links: &dyn DownloadLinks, minted_by: Option<&st
         updated_at: timestamp(job.updated_at),
         next_attempt_at: job.next_attempt_at.map(timestamp),
         download_url,
+        origin_etag: job.origin.etag,
+        origin_last_modified: job.origin.last_modified,
+        not_modified: job.not_modified,
         webhooks: None,
     })
 }

@@ -57,6 +57,8 @@ fn stored() -> StoredObject {
         md5: Some("m".into()),
         content_type: Some("text/plain".into()),
         version: Some("ino-mtime-size".into()),
+        origin: Default::default(),
+        not_modified: false,
     }
 }
 

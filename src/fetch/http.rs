@@ -8,12 +8,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::header::{ACCEPT_RANGES, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE, RETRY_AFTER};
+use reqwest::header::{
+    ACCEPT_RANGES, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, RANGE,
+    RETRY_AFTER,
+};
 use reqwest::{StatusCode, redirect};
 use url::Url;
 
 use super::{DestinationGuard, Fetched, Fetcher, PartialAnswer, RangeAnswer, RangeFrom, Refused};
-use crate::lifecycle::{Cause, JobError};
+use crate::lifecycle::{Cause, JobError, OriginVersion};
 
 /// Limits on talking to origins.
 #[derive(Debug, Clone)]
@@ -195,6 +198,12 @@ fn validator(headers: &reqwest::header::HeaderMap) -> Option<String> {
     text(ETAG).filter(|tag| tag.starts_with('"')).or_else(|| text(LAST_MODIFIED)).map(str::to_owned)
 }
 
+/// The `ETag` and `Last-Modified` headers as the origin wrote them.
+fn origin_version(headers: &reqwest::header::HeaderMap) -> OriginVersion {
+    let text = |name| headers.get(name).and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok()).map(str::to_owned);
+    OriginVersion { etag: text(ETAG), last_modified: text(LAST_MODIFIED) }
+}
+
 /// `Content-Range: bytes first-last/total` as (first, last, total); total `None` when it says `*`.
 fn content_range(headers: &reqwest::header::HeaderMap) -> Option<(u64, u64, Option<u64>)> {
     let value = headers.get(CONTENT_RANGE)?.to_str().ok()?;
@@ -226,13 +235,15 @@ fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> Job
 }
 
 impl HttpFetcher {
-    /// Send a GET for `url` (with `range`'s `Range` and `If-Range` when given), following
-    /// redirects hop by hop, each one checked; the caller's headers go only to `url`'s origin.
+    /// Send a GET for `url` (with `range`'s `Range` and `If-Range` when given, and asking
+    /// whether the file changed since `since` when given), following redirects hop by hop,
+    /// each one checked; the caller's headers go only to `url`'s origin.
     async fn send(
         &self,
         url: &Url,
         headers: &[(String, String)],
         range: Option<&RangeFrom>,
+        since: Option<&OriginVersion>,
     ) -> Result<reqwest::Response, JobError> {
         let mut hop = url.clone();
         let mut redirects = 0;
@@ -245,6 +256,14 @@ impl HttpFetcher {
             if let Some(range) = range {
                 request = request.header(RANGE, range.header()).header(IF_RANGE, &range.validator);
             }
+            if let Some(since) = since {
+                if let Some(etag) = &since.etag {
+                    request = request.header(IF_NONE_MATCH, etag);
+                }
+                if let Some(date) = &since.last_modified {
+                    request = request.header(IF_MODIFIED_SINCE, date);
+                }
+            }
             if same_origin(url, &hop) {
                 for (name, value) in headers {
                     request = request.header(name, value);
@@ -252,7 +271,7 @@ impl HttpFetcher {
             }
             let response = request.send().await.map_err(classify)?;
             let status = response.status();
-            if !status.is_redirection() {
+            if !status.is_redirection() || status == StatusCode::NOT_MODIFIED {
                 return Ok(response);
             }
             let target = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
@@ -298,21 +317,22 @@ fn fetched(response: reqwest::Response, start: u64, content_length: Option<u64>)
         content_length,
         content_type: head.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned),
         validator: validator(head),
+        origin: origin_version(head),
         start,
         accepts_ranges: accepts_ranges(head),
         body: response.bytes_stream().map_err(classify).boxed(),
     }
 }
 
-#[async_trait]
-impl Fetcher for HttpFetcher {
-    async fn fetch(
+impl HttpFetcher {
+    /// The origin's answer to a request for the whole file, or for its rest from `from`.
+    async fn whole_file(
         &self,
         url: &Url,
         headers: &[(String, String)],
         from: Option<&RangeFrom>,
+        response: reqwest::Response,
     ) -> Result<Fetched, JobError> {
-        let response = self.send(url, headers, from).await?;
         let status = response.status();
         if status == StatusCode::RANGE_NOT_SATISFIABLE && from.is_some() {
             // The file is not what the checkpoint says (it shrank, or changed): start over.
@@ -350,6 +370,32 @@ impl Fetcher for HttpFetcher {
         };
         Ok(fetched(response, start, content_length))
     }
+}
+
+#[async_trait]
+impl Fetcher for HttpFetcher {
+    async fn fetch(
+        &self,
+        url: &Url,
+        headers: &[(String, String)],
+        from: Option<&RangeFrom>,
+    ) -> Result<Fetched, JobError> {
+        let response = self.send(url, headers, from, None).await?;
+        self.whole_file(url, headers, from, response).await
+    }
+
+    async fn fetch_if_changed(
+        &self,
+        url: &Url,
+        headers: &[(String, String)],
+        since: &OriginVersion,
+    ) -> Result<Option<Fetched>, JobError> {
+        let response = self.send(url, headers, None, Some(since)).await?;
+        if response.status() == StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        self.whole_file(url, headers, None, response).await.map(Some)
+    }
 
     async fn fetch_range(
         &self,
@@ -357,7 +403,7 @@ impl Fetcher for HttpFetcher {
         headers: &[(String, String)],
         range: &RangeFrom,
     ) -> Result<RangeAnswer, JobError> {
-        let response = self.send(url, headers, Some(range)).await?;
+        let response = self.send(url, headers, Some(range), None).await?;
         let status = response.status();
         let unproven = |why: String| Ok(RangeAnswer::Unproven(why));
         match status {

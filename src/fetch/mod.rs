@@ -7,7 +7,7 @@ mod pace;
 use async_trait::async_trait;
 use url::Url;
 
-use crate::lifecycle::JobError;
+use crate::lifecycle::{JobError, OriginVersion};
 use crate::storage::ByteStream;
 
 pub use guard::{DestinationGuard, HostList, Refused};
@@ -22,6 +22,8 @@ pub struct Fetched {
     /// What identifies this version of the file for a later `If-Range`: a strong entity tag,
     /// else the `Last-Modified` date; `None` when the origin gave neither.
     pub validator: Option<String>,
+    /// The origin's `ETag` and `Last-Modified`, as sent (recorded for a later `if_changed`).
+    pub origin: OriginVersion,
     /// Where `body` starts in the file: the offset asked for when the origin sent the rest
     /// of the same file (206), else 0 (the whole file, from its start).
     pub start: u64,
@@ -123,6 +125,16 @@ pub trait Fetcher: Send + Sync + 'static {
         headers: &[(String, String)],
         from: Option<&RangeFrom>,
     ) -> Result<Fetched, JobError>;
+
+    /// Fetch `url` as [`Fetcher::fetch`] does (from its start) unless the origin says it
+    /// has not changed since `since` (`If-None-Match`, `If-Modified-Since`): `None` on its
+    /// `304 Not Modified`.
+    async fn fetch_if_changed(
+        &self,
+        url: &Url,
+        headers: &[(String, String)],
+        since: &OriginVersion,
+    ) -> Result<Option<Fetched>, JobError>;
 
     /// Fetch exactly `range` of `url` (`Range` with `If-Range`), never anything else: an
     /// answer that does not prove it is that range of that version comes back

@@ -108,6 +108,12 @@ pub enum IfExists {
     Skip,
     /// Fail the job, leaving the object as it is.
     Fail,
+    /// Sync: when fileflow stored the object at the key from this URL and it is still
+    /// that object, ask the origin whether the file changed since (`If-None-Match` /
+    /// `If-Modified-Since`); a `304 Not Modified` completes the job without a transfer,
+    /// anything else stores the file as `overwrite` would.
+    #[serde(rename = "if_changed")]
+    IfChanged,
 }
 
 impl IfExists {
@@ -116,6 +122,7 @@ impl IfExists {
             Self::Overwrite => "overwrite",
             Self::Skip => "skip",
             Self::Fail => "fail",
+            Self::IfChanged => "if_changed",
         }
     }
 }
@@ -123,10 +130,10 @@ impl IfExists {
 impl FromStr for IfExists {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        [Self::Overwrite, Self::Skip, Self::Fail]
+        [Self::Overwrite, Self::Skip, Self::Fail, Self::IfChanged]
             .into_iter()
             .find(|v| v.as_str() == s)
-            .ok_or_else(|| format!("{s:?} is not one of overwrite, skip, fail"))
+            .ok_or_else(|| format!("{s:?} is not one of overwrite, skip, fail, if_changed"))
     }
 }
 
@@ -220,6 +227,25 @@ pub struct Job {
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// The W3C `traceparent` of the request that created the job.
     pub traceparent: Option<String>,
+    /// The origin's version of the file this job stored (for a later `if_changed`).
+    pub origin: OriginVersion,
+    /// The job completed on the origin's `304 Not Modified`, without a transfer.
+    pub not_modified: bool,
+}
+
+/// How an origin named the version of a file it sent: its `ETag` (strong or weak) and
+/// `Last-Modified` headers, as it wrote them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OriginVersion {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+impl OriginVersion {
+    /// Whether the origin named the version at all (else it cannot be asked about it).
+    pub fn is_known(&self) -> bool {
+        self.etag.is_some() || self.last_modified.is_some()
+    }
 }
 
 /// What a successful attempt stored.
@@ -234,6 +260,10 @@ pub struct StoredObject {
     pub content_type: Option<String>,
     /// The store's version of the object, when it names one.
     pub version: Option<String>,
+    /// The origin's version of the file (unknown when the object was already there).
+    pub origin: OriginVersion,
+    /// The origin answered `304 Not Modified`: the object at the key is kept as it is.
+    pub not_modified: bool,
 }
 
 /// The new state of a job after an attempt, ready to be persisted.
@@ -314,6 +344,8 @@ mod tests {
             md5: Some("1c08478abf509b7b0dcb32d625151d2b".into()),
             content_type: Some("image/jpeg".into()),
             version: None,
+            origin: OriginVersion::default(),
+            not_modified: false,
         }
     }
 

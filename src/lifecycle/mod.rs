@@ -10,7 +10,8 @@ mod turns;
 
 pub use error::{Cause, ErrorKind, JobError};
 pub use job::{
-    BatchRow, Grant, IfExists, Job, JobId, JobStatus, NewJob, Settlement, StoredObject, lease_renew_interval, settle,
+    BatchRow, Grant, IfExists, Job, JobId, JobStatus, NewJob, OriginVersion, Settlement, StoredObject,
+    lease_renew_interval, settle,
 };
 pub use retry::{Decision, RetryPolicy, THROTTLED_RETRIES};
 pub use turns::{Candidate, Turns, take_turns};

@@ -15,6 +15,7 @@ mod writer;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
 pub use bulk::{
@@ -386,6 +387,10 @@ pub trait JobRepository: Send + Sync + 'static {
     async fn forget_finished(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, RepoError>;
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, RepoError>;
+
+    /// The job that last stored `bucket`/`key` from an origin that named the file's
+    /// version (what `if_exists: if_changed` asks the origin about), if one is recorded.
+    async fn last_stored(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<Job>, RepoError>;
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, RepoError>;
 

@@ -19,7 +19,7 @@ use super::{
     Reconciled, RepoError, Requeue, Sweep, cancel_answer, from_db, to_db,
 };
 use crate::domain::{BucketName, ObjectKey, SealedHeaders, SourceUrl};
-use crate::lifecycle::{Grant, Job, JobId, NewJob, Settlement};
+use crate::lifecycle::{Grant, Job, JobId, NewJob, OriginVersion, Settlement};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -216,7 +216,8 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
     sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at, \
-    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent, priority";
+    owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent, priority, \
+    origin_etag, origin_last_modified, not_modified";
 
 fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -262,6 +263,11 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
+        origin: OriginVersion {
+            etag: row.try_get("origin_etag")?,
+            last_modified: row.try_get("origin_last_modified")?,
+        },
+        not_modified: row.try_get("not_modified")?,
     })
 }
 
@@ -373,6 +379,15 @@ impl JobRepository for PgRepository {
             .bind(id.0)
             .fetch_optional(&self.db.pool)
             .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn last_stored(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<Job>, RepoError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM files WHERE bucket_name = $1 AND object_name = $2 AND status = 'completed' \
+             AND (origin_etag IS NOT NULL OR origin_last_modified IS NOT NULL) ORDER BY updated_at DESC, id DESC LIMIT 1"
+        );
+        let row = sqlx::query(&sql).bind(bucket.as_str()).bind(key.as_str()).fetch_optional(&self.db.pool).await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
@@ -520,6 +535,7 @@ impl JobRepository for PgRepository {
             Settlement::Completed(stored) => sqlx::query(
                 "UPDATE files SET status = 'completed', etag = $3, size = $4, sha256 = $5, md5 = $6, content_type = $7, \
                  object_version = $9, last_error = NULL, lease_owner = NULL, lease_expires_at = NULL, \
+                 origin_etag = $10, origin_last_modified = $11, not_modified = $12, \
                  bytes_done = $4, bytes_total = $4, \
                  next_attempt_at = NULL, updated_at = $8 \
                  WHERE id = $1 AND status = 'processing' AND lease_owner = $2",
@@ -532,7 +548,10 @@ impl JobRepository for PgRepository {
             .bind(&stored.md5)
             .bind(&stored.content_type)
             .bind(now)
-            .bind(&stored.version),
+            .bind(&stored.version)
+            .bind(&stored.origin.etag)
+            .bind(&stored.origin.last_modified)
+            .bind(stored.not_modified),
             Settlement::RetryScheduled { retry_count, last_error, due_at } => sqlx::query(
                 "UPDATE files SET status = 'pending', retry_count = $3, last_error = $4, next_attempt_at = $5, \
                  lease_owner = NULL, lease_expires_at = NULL, updated_at = $6 \

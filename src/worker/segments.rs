@@ -30,7 +30,7 @@ use super::resume::{Checkpoint, Recorder};
 use super::transfer::{Progress, until_cancelled};
 use super::verify::{Expectations, verified};
 use crate::fetch::{RangeAnswer, RangeFrom, at_least};
-use crate::lifecycle::{Cause, Job, JobError, StoredObject};
+use crate::lifecycle::{Cause, Job, JobError, OriginVersion, StoredObject};
 use crate::storage::{ByteStream, Fence, PieceWrite, WriteOptions, WriteProgress as _};
 
 /// Times a piece is fetched again after a passing failure (a cut connection, a stall)
@@ -277,6 +277,9 @@ impl Worker {
             md5: Some(digests.md5),
             content_type: Some(run.content_type.clone()),
             version: put.version,
+            // The caller knows the origin's answer.
+            origin: OriginVersion::default(),
+            not_modified: false,
         })
     }
 

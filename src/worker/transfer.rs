@@ -16,7 +16,7 @@ use super::sniff;
 use super::verify::{Expectations, verified};
 use crate::domain::{BucketName, ObjectKey, RequestHeaders};
 use crate::fetch::at_least;
-use crate::lifecycle::{Cause, IfExists, Job, JobError, JobId, StoredObject};
+use crate::lifecycle::{Cause, IfExists, Job, JobError, JobId, OriginVersion, StoredObject};
 use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions, split_at_parts};
 
 /// A fence that also refuses when an object appeared at the key meanwhile (`if_exists: fail`).
@@ -95,6 +95,21 @@ pub(super) fn until_cancelled(body: ByteStream, cancel: CancellationToken) -> By
     body.take_until(cancel.cancelled_owned()).chain(cancelled).boxed()
 }
 
+/// The outcome of a job whose origin answered `304 Not Modified`: the object `last` stored,
+/// kept as it is.
+fn not_modified(last: Job) -> StoredObject {
+    StoredObject {
+        etag: last.etag.unwrap_or_default(),
+        size: last.size.unwrap_or_default(),
+        sha256: last.sha256,
+        md5: last.md5,
+        content_type: last.content_type,
+        version: last.object_version,
+        origin: last.origin,
+        not_modified: true,
+    }
+}
+
 impl Worker {
     /// For `if_exists: skip` and `fail`: what an object already at the key means. Skip
     /// completes with it as it is; fail fails the job; otherwise the transfer goes on.
@@ -104,7 +119,7 @@ impl Worker {
         bucket: &BucketName,
         key: &ObjectKey,
     ) -> Result<Option<StoredObject>, JobError> {
-        if job.if_exists == IfExists::Overwrite {
+        if matches!(job.if_exists, IfExists::Overwrite | IfExists::IfChanged) {
             return Ok(None);
         }
         let existing = self.store.head(bucket, key).await.map_err(|e| {
@@ -172,7 +187,34 @@ impl Worker {
             md5: digests.map(|d| d.md5),
             content_type: None,
             version: existing.version,
+            origin: OriginVersion::default(),
+            not_modified: false,
         })
+    }
+
+    /// For `if_exists: if_changed`: the job that stored the object now at the key, if it
+    /// fetched it from this job's URL and the origin named the file's version then. The
+    /// object must still be the one that job stored (same size, and same store version or
+    /// ETag), so a key written since by anyone else is fetched again.
+    async fn stored_version(&self, job: &Job, bucket: &BucketName, key: &ObjectKey) -> Result<Option<Job>, JobError> {
+        let last = self.repo.last_stored(bucket, key).await.map_err(|e| {
+            JobError::transient(format!("cannot read what was stored at {bucket}/{key}: {e}")).because(Cause::Store)
+        })?;
+        let Some(last) = last.filter(|last| last.file_url == job.file_url && last.origin.is_known()) else {
+            return Ok(None);
+        };
+        let existing = self.store.head(bucket, key).await.map_err(|e| {
+            JobError::transient(format!("cannot tell whether {bucket}/{key} exists: {e}")).because(Cause::Store)
+        })?;
+        let unquoted = |tag: &str| tag.trim_matches('"').to_owned();
+        let same = existing.is_some_and(|now| {
+            Some(now.size) == last.size
+                && match (&now.version, &last.object_version) {
+                    (Some(now), Some(then)) => now == then,
+                    _ => now.etag.as_deref().map(unquoted) == last.etag.as_deref().map(unquoted),
+                }
+        });
+        Ok(same.then_some(last))
     }
 
     /// One attempt under `owner`'s lease, and what its end means for a checkpoint saved on
@@ -221,7 +263,7 @@ impl Worker {
                 absent = AbsentFence { inner: fence, store: &*self.store, bucket, key };
                 &absent
             }
-            IfExists::Overwrite | IfExists::Skip => fence,
+            IfExists::Overwrite | IfExists::Skip | IfExists::IfChanged => fence,
         };
         let headers = match &job.request_headers {
             Some(sealed) => self.sealer.open(sealed).map_err(|e| JobError::permanent(e.to_string()))?,
@@ -234,10 +276,27 @@ impl Worker {
         };
         let part_size = self.store.resumable_part_size();
         let from = saved.as_ref().and_then(|c| c.range(part_size));
+        // Sync: ask the origin whether the file changed since it was stored (not when
+        // going on from a checkpoint: an earlier attempt found that it had).
+        let since = match (&saved, job.if_exists) {
+            (None, IfExists::IfChanged) => self.stored_version(job, bucket, key).await?,
+            _ => None,
+        };
         let fetched = tokio::select! {
-            fetched = self.fetcher.fetch(url, headers.pairs(), from.as_ref()) => fetched?,
+            fetched = async {
+                match &since {
+                    Some(last) => self.fetcher.fetch_if_changed(url, headers.pairs(), &last.origin).await,
+                    None => self.fetcher.fetch(url, headers.pairs(), from.as_ref()).await.map(Some),
+                }
+            } => fetched?,
             () = cancel.cancelled() => return Err(JobError::cancelled()),
         };
+        let Some(fetched) = fetched else {
+            let last = since.expect("only a conditional request is answered `Not Modified`");
+            tracing::info!(job_id = %job.id, stored_by = %last.id, "the origin's file has not changed; keeping the object");
+            return Ok(not_modified(last));
+        };
+        let origin = fetched.origin.clone();
         let resumed = match saved {
             // The fetcher hands back a body past byte 0 only as the proven rest of the file
             // this checkpoint was saved from (see `RangeFrom::continues`).
@@ -326,7 +385,7 @@ impl Worker {
             // Given back before a fetch in one stream takes its own.
             drop((more, more_held, held));
             return match outcome {
-                Ok(stored) => Ok(stored),
+                Ok(stored) => Ok(StoredObject { origin, ..stored }),
                 Err(SegmentFailure::Failed(e)) => Err(e),
                 // What was stored is gone: the whole file, in one stream.
                 Err(SegmentFailure::Unproven(_)) => {
@@ -386,6 +445,8 @@ impl Worker {
             md5: Some(digests.md5),
             content_type: Some(content_type),
             version: put.version,
+            origin,
+            not_modified: false,
         })
     }
 

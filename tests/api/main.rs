@@ -32,5 +32,6 @@ mod revocation;
 mod segments;
 mod sites;
 mod submit;
+mod sync;
 mod webhooks;
 mod workflow;

@@ -36,5 +36,7 @@ pub fn completed(bucket: &str, key: &str) -> Job {
         created_at: now,
         updated_at: now,
         next_attempt_at: None,
+        origin: Default::default(),
+        not_modified: false,
     }
 }

@@ -37,6 +37,9 @@
 //!   the end and says so), `whole_as_206` (a request for the whole file answered 206 with
 //!   the whole file's range), `refuse_range` (416 to every ranged request), `range_as_200`
 //!   (says `Accept-Ranges: bytes`, answers every ranged request 200 with the whole file).
+//!   A request with `If-None-Match` (or `If-Modified-Since`) naming the current version is
+//!   answered `304 Not Modified` (unless `conditional=ignore`), counted by
+//!   [`Origin::not_modified`].
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -243,6 +246,11 @@ impl Origin {
         self.url(&format!("/manifest/{name}"))
     }
 
+    /// How many requests to `/resumable/{name}/…` were answered `304 Not Modified`.
+    pub fn not_modified(&self, name: &str) -> u32 {
+        self.counters.0.lock().unwrap().get(&format!("not_modified:{name}")).copied().unwrap_or(0)
+    }
+
     /// How many requests reached `path` (without its query).
     pub fn hits(&self, path: &str) -> u32 {
         self.counters.0.lock().unwrap().get(&format!("path:{path}")).copied().unwrap_or(0)
@@ -409,6 +417,22 @@ async fn resumable(
         "weak" => Some((header::ETAG, format!("W/{etag}"))),
         _ => None,
     };
+    // A conditional request (RFC 9110 §13.1.2, §13.1.3) about the current version: 304, no
+    // body (weak comparison for `If-None-Match`; `If-Modified-Since` only without it).
+    let asked = |name| request.get(name).and_then(|v: &axum::http::HeaderValue| v.to_str().ok());
+    let weakly = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    let unchanged = match (asked(header::IF_NONE_MATCH), asked(header::IF_MODIFIED_SINCE), &validator) {
+        (Some(tags), _, Some((h, current))) if *h == header::ETAG => {
+            tags.split(',').any(|tag| weakly(tag) == weakly(current))
+        }
+        (None, Some(since), Some((h, current))) if *h == header::LAST_MODIFIED => since == current,
+        _ => false,
+    };
+    if unchanged && arg("conditional") != Some("ignore") {
+        c.hit(&format!("not_modified:{name}"));
+        let (h, current) = validator.expect("only a named version is unchanged");
+        return (StatusCode::NOT_MODIFIED, [(h, current)]).into_response();
+    }
     let range = request.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     c.2.lock().unwrap().entry(name.clone()).or_default().push(range.clone());
     let lie = arg("lie").unwrap_or("");

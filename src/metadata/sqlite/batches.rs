@@ -9,7 +9,7 @@ use sqlx::{Row, SqliteConnection};
 
 use super::{SqliteDb, from_millis, to_millis};
 use crate::domain::{BucketName, ObjectKey, SealedHeaders, SourceUrl};
-use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, StoredObject};
+use crate::lifecycle::{Grant, Job, JobId, JobStatus, NewJob, OriginVersion, StoredObject};
 use crate::metadata::group_commit::all_or_each;
 use crate::metadata::{Claim, ClaimState, Lease, RepoError, from_db, to_db};
 
@@ -41,13 +41,14 @@ pub(super) async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result
     let mut sql = String::from(
         "UPDATE files SET status = 'completed', etag = v.column3, size = v.column4, sha256 = v.column5, \
          md5 = v.column6, content_type = v.column7, object_version = v.column9, last_error = NULL, \
+         origin_etag = v.column10, origin_last_modified = v.column11, not_modified = v.column12, \
          bytes_done = v.column4, bytes_total = v.column4, \
          lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column8 FROM (VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 9 * i;
+        let p = 12 * i;
         let sep = if i == 0 { "" } else { "," };
-        let _ = write!(sql, "{sep}({})", placeholders(p + 1, 9));
+        let _ = write!(sql, "{sep}({})", placeholders(p + 1, 12));
     }
     sql.push_str(
         ") AS v WHERE files.id = v.column1 AND files.status = 'processing' AND files.lease_owner = v.column2 \
@@ -68,7 +69,10 @@ pub(super) async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result
                         .bind(&stored.md5)
                         .bind(&stored.content_type)
                         .bind(to_millis(*now))
-                        .bind(&stored.version);
+                        .bind(&stored.version)
+                        .bind(&stored.origin.etag)
+                        .bind(&stored.origin.last_modified)
+                        .bind(stored.not_modified);
                 }
                 query.fetch_all(c).await
             })
@@ -214,7 +218,8 @@ pub(super) async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> R
 pub(super) const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, \
     etag, size, sha256, md5, content_type, expected_sha256, expected_md5, request_headers, \
     created_at, updated_at, next_attempt_at, owner_key, max_file_size, may_create_bucket, object_version, \
-    cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent, priority";
+    cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent, priority, \
+    origin_etag, origin_last_modified, not_modified";
 
 pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -259,5 +264,10 @@ pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         created_at: from_millis(row.try_get("created_at")?),
         updated_at: from_millis(row.try_get("updated_at")?),
         next_attempt_at: row.try_get::<Option<i64>, _>("next_attempt_at")?.map(from_millis),
+        origin: OriginVersion {
+            etag: row.try_get("origin_etag")?,
+            last_modified: row.try_get("origin_last_modified")?,
+        },
+        not_modified: row.try_get("not_modified")?,
     })
 }

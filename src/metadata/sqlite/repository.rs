@@ -12,6 +12,7 @@ use super::batches::{
     COLUMNS, Completion, NewJobAt, claim_jobs, insert_on, job_from_row, record_completions, write_new_jobs,
 };
 use super::{SqliteDb, to_millis};
+use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobId, NewJob, Settlement};
 use crate::metadata::cancel_answer;
 use crate::metadata::group_commit::{MAX_BATCH, Pending, group_commit, through};
@@ -207,6 +208,15 @@ impl JobRepository for SqliteRepository {
             .bind(id.0)
             .fetch_optional(&self.db.reads)
             .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn last_stored(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<Job>, RepoError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM files WHERE bucket_name = ?1 AND object_name = ?2 AND status = 'completed' \
+             AND (origin_etag IS NOT NULL OR origin_last_modified IS NOT NULL) ORDER BY updated_at DESC, id DESC LIMIT 1"
+        );
+        let row = sqlx::query(&sql).bind(bucket.as_str()).bind(key.as_str()).fetch_optional(&self.db.reads).await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
