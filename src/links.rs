@@ -163,6 +163,7 @@ mod tests {
             size: None,
             sha256: None,
             md5: None,
+            crc64nvme: None,
             content_type: None,
             expected_sha256: None,
             expected_md5: None,

@@ -317,6 +317,7 @@ mod tests {
                 size: 2048,
                 sha256: None,
                 md5: None,
+                crc64nvme: None,
                 content_type: None,
                 version: None,
                 origin: Default::default(),

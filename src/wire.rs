@@ -25,6 +25,9 @@ pub struct JobView {
     pub size: Option<u64>,
     pub sha256: Option<String>,
     pub md5: Option<String>,
+    /// CRC64/NVME of the stored bytes as S3 writes it (`x-amz-checksum-crc64nvme`:
+    /// big-endian, base64); null where fileflow did not read them (`if_exists: skip`).
+    pub crc64nvme: Option<String>,
     pub content_type: Option<String>,
     pub if_exists: IfExists,
     /// Among its caller's waiting jobs, higher goes first.
@@ -86,6 +89,7 @@ pub async fn job_view(job: Job, links: &dyn DownloadLinks, minted_by: Option<&st
         size: job.size,
         sha256: job.sha256,
         md5: job.md5,
+        crc64nvme: job.crc64nvme,
         content_type: job.content_type,
         if_exists: job.if_exists,
         priority: job.priority,

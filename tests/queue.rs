@@ -276,6 +276,7 @@ async fn embedded_final_outcomes_remove_their_messages() {
         md5: Some("m".into()),
         content_type: Some("text/plain".into()),
         version: None,
+        crc64nvme: None,
         origin: Default::default(),
         not_modified: false,
     };

@@ -57,6 +57,7 @@ fn stored() -> StoredObject {
         md5: Some("m".into()),
         content_type: Some("text/plain".into()),
         version: Some("ino-mtime-size".into()),
+        crc64nvme: None,
         origin: Default::default(),
         not_modified: false,
     }

@@ -1,3 +1,4 @@
+-- The CRC64/NVME of every stored object (as S3 writes it, base64).
 -- Sync (`if_exists: if_changed`): how the origin named the version of the file a job
 -- stored, so a later job for the same key and URL can ask whether it changed; and whether
 -- a job completed on the origin's `304 Not Modified`, without a transfer. The index finds
@@ -13,6 +14,7 @@ UPDATE sqlite_schema
 SET sql = replace(sql, '''overwrite'', ''skip'', ''fail'')', '''overwrite'', ''skip'', ''fail'', ''if_changed'')')
 WHERE type = 'table' AND name = 'files';
 PRAGMA writable_schema = RESET;
+ALTER TABLE files ADD COLUMN crc64nvme TEXT;
 ALTER TABLE files ADD COLUMN origin_etag TEXT;
 ALTER TABLE files ADD COLUMN origin_last_modified TEXT;
 ALTER TABLE files ADD COLUMN not_modified INTEGER NOT NULL DEFAULT 0;

@@ -202,6 +202,8 @@ pub struct Job {
     pub size: Option<u64>,
     pub sha256: Option<String>,
     pub md5: Option<String>,
+    /// CRC64/NVME of the stored bytes, as S3 writes it (big-endian, base64).
+    pub crc64nvme: Option<String>,
     pub content_type: Option<String>,
     pub expected_sha256: Option<String>,
     pub expected_md5: Option<String>,
@@ -257,6 +259,7 @@ pub struct StoredObject {
     /// was already there, `if_exists: skip`).
     pub sha256: Option<String>,
     pub md5: Option<String>,
+    pub crc64nvme: Option<String>,
     pub content_type: Option<String>,
     /// The store's version of the object, when it names one.
     pub version: Option<String>,
@@ -342,6 +345,7 @@ mod tests {
             size: 43410,
             sha256: Some("00".repeat(32)),
             md5: Some("1c08478abf509b7b0dcb32d625151d2b".into()),
+            crc64nvme: None,
             content_type: Some("image/jpeg".into()),
             version: None,
             origin: OriginVersion::default(),

@@ -217,7 +217,7 @@ async fn insert_on<'e>(executor: impl sqlx::PgExecutor<'e>, batch: &[NewJobAt]) 
 const COLUMNS: &str = "id, file_url, bucket_name, object_name, status, retry_count, last_error, etag, size, \
     sha256, md5, content_type, expected_sha256, expected_md5, request_headers, created_at, updated_at, next_attempt_at, \
     owner_key, max_file_size, may_create_bucket, object_version, cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent, priority, \
-    origin_etag, origin_last_modified, not_modified";
+    origin_etag, origin_last_modified, not_modified, crc64nvme";
 
 fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -238,6 +238,7 @@ fn job_from_row(row: &PgRow) -> Result<Job, RepoError> {
         size: size.map(u64::try_from).transpose().map_err(|_| corrupt("negative size".into()))?,
         sha256: row.try_get("sha256")?,
         md5: row.try_get("md5")?,
+        crc64nvme: row.try_get("crc64nvme")?,
         content_type: row.try_get("content_type")?,
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
@@ -535,7 +536,7 @@ impl JobRepository for PgRepository {
             Settlement::Completed(stored) => sqlx::query(
                 "UPDATE files SET status = 'completed', etag = $3, size = $4, sha256 = $5, md5 = $6, content_type = $7, \
                  object_version = $9, last_error = NULL, lease_owner = NULL, lease_expires_at = NULL, \
-                 origin_etag = $10, origin_last_modified = $11, not_modified = $12, \
+                 origin_etag = $10, origin_last_modified = $11, not_modified = $12, crc64nvme = $13, \
                  bytes_done = $4, bytes_total = $4, \
                  next_attempt_at = NULL, updated_at = $8 \
                  WHERE id = $1 AND status = 'processing' AND lease_owner = $2",
@@ -551,7 +552,8 @@ impl JobRepository for PgRepository {
             .bind(&stored.version)
             .bind(&stored.origin.etag)
             .bind(&stored.origin.last_modified)
-            .bind(stored.not_modified),
+            .bind(stored.not_modified)
+            .bind(&stored.crc64nvme),
             Settlement::RetryScheduled { retry_count, last_error, due_at } => sqlx::query(
                 "UPDATE files SET status = 'pending', retry_count = $3, last_error = $4, next_attempt_at = $5, \
                  lease_owner = NULL, lease_expires_at = NULL, updated_at = $6 \

@@ -275,6 +275,7 @@ impl Worker {
             size: digests.size,
             sha256: Some(digests.sha256),
             md5: Some(digests.md5),
+            crc64nvme: digests.crc64nvme,
             content_type: Some(run.content_type.clone()),
             version: put.version,
             // The caller knows the origin's answer.

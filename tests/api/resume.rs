@@ -40,6 +40,7 @@ async fn a_cut_transfer_goes_on_from_the_last_stored_part() {
         let job = cut_transfer(&app, &origin, name, query).await;
         let expected = content(7, SIZE);
         assert_eq!(job["sha256"], sha256_hex(&expected), "{job}");
+        assert_eq!(job["crc64nvme"], crate::helpers::crc64nvme(&expected), "resumed: {job}");
         assert_eq!(job["size"], SIZE, "{job}");
         assert!(app.read_object(&format!("{name}.bin")).await == expected, "{name}: stored bytes differ");
 

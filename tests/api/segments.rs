@@ -48,6 +48,7 @@ async fn a_large_file_is_fetched_in_ranges_at_once_and_stored_byte_exact() {
     let expected = content(5, SIZE);
     assert_eq!(job["size"], SIZE, "{job}");
     assert_eq!(job["sha256"], sha256_hex(&expected), "{job}");
+    assert_eq!(job["crc64nvme"], crate::helpers::crc64nvme(&expected), "{job}");
     assert!(app.read_object("big.bin").await == expected, "stored bytes differ");
 
     let (bounded, whole) = ranges(&origin, "big");

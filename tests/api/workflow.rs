@@ -21,6 +21,7 @@ async fn a_completed_job_has_the_origins_bytes_and_their_checksums() {
     assert_eq!(job["last_error"], serde_json::Value::Null);
     assert_eq!(job["size"], 300_000);
     assert_eq!(job["sha256"], sha256_hex(&expected));
+    assert_eq!(job["crc64nvme"], crate::helpers::crc64nvme(&expected));
     assert_eq!(job["md5"], md5_hex(&expected));
     if crate::helpers::store() == "azure" {
         // Azure names its own versions (`0x…`); the MD5 is in `md5`.
@@ -44,6 +45,7 @@ async fn an_empty_file_is_stored_too() {
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["size"], 0);
     assert_eq!(job["sha256"], sha256_hex(b""));
+    assert_eq!(job["crc64nvme"], crate::helpers::crc64nvme(b""));
     assert_eq!(app.read_object("empty").await, b"");
     app.stop().await;
 }

@@ -19,6 +19,7 @@ pub fn completed(bucket: &str, key: &str) -> Job {
         size: Some(1),
         sha256: None,
         md5: None,
+        crc64nvme: None,
         content_type: None,
         expected_sha256: None,
         expected_md5: None,

@@ -42,13 +42,14 @@ pub(super) async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result
         "UPDATE files SET status = 'completed', etag = v.column3, size = v.column4, sha256 = v.column5, \
          md5 = v.column6, content_type = v.column7, object_version = v.column9, last_error = NULL, \
          origin_etag = v.column10, origin_last_modified = v.column11, not_modified = v.column12, \
+         crc64nvme = v.column13, \
          bytes_done = v.column4, bytes_total = v.column4, \
          lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column8 FROM (VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 12 * i;
+        let p = 13 * i;
         let sep = if i == 0 { "" } else { "," };
-        let _ = write!(sql, "{sep}({})", placeholders(p + 1, 12));
+        let _ = write!(sql, "{sep}({})", placeholders(p + 1, 13));
     }
     sql.push_str(
         ") AS v WHERE files.id = v.column1 AND files.status = 'processing' AND files.lease_owner = v.column2 \
@@ -72,7 +73,8 @@ pub(super) async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result
                         .bind(&stored.version)
                         .bind(&stored.origin.etag)
                         .bind(&stored.origin.last_modified)
-                        .bind(stored.not_modified);
+                        .bind(stored.not_modified)
+                        .bind(&stored.crc64nvme);
                 }
                 query.fetch_all(c).await
             })
@@ -219,7 +221,7 @@ pub(super) const COLUMNS: &str = "id, file_url, bucket_name, object_name, status
     etag, size, sha256, md5, content_type, expected_sha256, expected_md5, request_headers, \
     created_at, updated_at, next_attempt_at, owner_key, max_file_size, may_create_bucket, object_version, \
     cancel_requested_at, expected_size, if_exists, notify_url, bytes_done, bytes_total, traceparent, priority, \
-    origin_etag, origin_last_modified, not_modified";
+    origin_etag, origin_last_modified, not_modified, crc64nvme";
 
 pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
     let id: i64 = row.try_get("id")?;
@@ -240,6 +242,7 @@ pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, RepoError> {
         size: size.map(u64::try_from).transpose().map_err(|_| corrupt("negative size"))?,
         sha256: row.try_get("sha256")?,
         md5: row.try_get("md5")?,
+        crc64nvme: row.try_get("crc64nvme")?,
         content_type: row.try_get("content_type")?,
         expected_sha256: row.try_get("expected_sha256")?,
         expected_md5: row.try_get("expected_md5")?,
