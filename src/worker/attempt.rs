@@ -21,6 +21,8 @@ use crate::telemetry::TraceParent;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How an attempt's run ended.
+// One per attempt, moved once: the outcome's size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Ran {
     Done(Result<StoredObject, JobError>, Option<Transferring>, Instant),
     Stopped,
