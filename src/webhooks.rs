@@ -1,9 +1,11 @@
 //! Webhooks: a job with a `notify_url` is announced there when it ends
-//! (`upload.completed`, `upload.failed`, `upload.cancelled`), signed as the Standard Webhooks
-//! specification says, at least once.
+//! (`upload.completed`, `upload.failed`, `upload.cancelled`), and so is a batch with one
+//! (`batch.completed`, `batch.cancelled`), signed as the Standard Webhooks specification
+//! says, at least once.
 //!
 //! The database writes a delivery into its outbox in the same statement that records the
-//! job's final outcome (a trigger), so no outcome goes unannounced. A dispatcher in every
+//! job's final outcome (a trigger), or in the transaction that closes the batch (see
+//! [`crate::metadata::BatchStore::close`]), so no end goes unannounced. A dispatcher in every
 //! API process takes due deliveries (each under a short claim, so replicas do not send
 //! the same one at once), posts them through the destination guard, keeps every try for the
 //! job's view, and retries failures with the retry policy's backoff.
@@ -18,7 +20,7 @@ use crate::fetch::{DestinationGuard, describe};
 use crate::lifecycle::{JobError, RetryPolicy};
 use crate::links::DownloadLinks;
 use crate::metadata::JobRepository;
-use crate::metadata::{Attempted, DueDelivery, WebhookOutbox, message_id};
+use crate::metadata::{Attempted, DueDelivery, Subject, WebhookOutbox, message_id};
 use crate::secrets::WebhookSecret;
 
 /// Longest a receiver may take to answer.
@@ -106,24 +108,40 @@ impl Dispatcher {
                 }
             }
         };
+        let (job_id, batch_id) = match &due.subject {
+            Subject::Job(job) => (Some(job.0), None),
+            Subject::Batch { id, .. } => (None, Some(*id)),
+        };
         match outcome {
-            Attempted::Delivered => tracing::info!(job_id = %due.job_id, event = %due.event, "webhook delivered"),
+            Attempted::Delivered => tracing::info!(job_id, batch_id, event = %due.event, "webhook delivered"),
             _ => {
-                tracing::warn!(job_id = %due.job_id, event = %due.event, error = error.as_deref().unwrap_or(""), ?outcome, "webhook not delivered")
+                tracing::warn!(job_id, batch_id, event = %due.event, error = error.as_deref().unwrap_or(""), ?outcome, "webhook not delivered")
             }
         }
         if let Err(e) = self.outbox.record_attempt(due.id, now, status, error.as_deref(), outcome).await {
             // Sent but not recorded: the claim lapses and it is sent again (at least once).
-            tracing::warn!(job_id = %due.job_id, error = %e, "cannot record a webhook try");
+            tracing::warn!(job_id, batch_id, error = %e, "cannot record a webhook try");
+        }
+    }
+
+    /// The body's `data`: the job as it is now, or the batch as it was when it closed.
+    async fn data(&self, subject: &Subject) -> Result<serde_json::Value, String> {
+        match subject {
+            Subject::Job(id) => {
+                let job = self.repo.get(*id).await.map_err(|e| e.to_string())?.ok_or("the job is gone")?;
+                crate::wire::job_json(job.clone(), &*self.links, job.grant.owner.as_deref())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Subject::Batch { data, .. } => {
+                serde_json::from_str(data).map_err(|e| format!("the batch's stored view is unreadable: {e}"))
+            }
         }
     }
 
     /// Post the delivery; the receiver's status, or why there was none.
     async fn send(&self, due: &DueDelivery) -> Result<u16, String> {
-        let job = self.repo.get(due.job_id).await.map_err(|e| e.to_string())?.ok_or("the job is gone")?;
-        let data = crate::wire::job_json(job.clone(), &*self.links, job.grant.owner.as_deref())
-            .await
-            .map_err(|e| e.to_string())?;
+        let data = self.data(&due.subject).await?;
         let timestamp = Utc::now();
         let body =
             serde_json::json!({ "type": due.event, "timestamp": timestamp.to_rfc3339(), "data": data }).to_string();

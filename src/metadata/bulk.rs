@@ -189,6 +189,25 @@ where
     ))
 }
 
+/// A batch's end, to announce to its `notify_url` through the webhook outbox.
+pub struct EndNotice {
+    pub url: String,
+    /// The body's `data`, made from the batch as closed (inside the closing transaction).
+    pub render: Box<dyn FnOnce(&Batch) -> String + Send>,
+}
+
+impl fmt::Debug for EndNotice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndNotice").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+/// The event a batch's end is announced as: `batch.completed` or `batch.cancelled`, as a
+/// job's is `upload.<status>`.
+pub(super) fn end_event(batch: &Batch) -> String {
+    format!("batch.{}", batch.state)
+}
+
 /// The owner a paused batch's held deliveries are filed under (no turn is ever given to it).
 pub(crate) fn held_owner(batch: i64) -> String {
     format!("\u{1}paused:{batch}")
@@ -247,8 +266,17 @@ pub trait BatchStore: Send + Sync + 'static {
     /// counts once no job of it runs.
     async fn ending(&self, now: DateTime<Utc>) -> Result<Vec<Batch>, RepoError>;
 
-    /// Close an ended batch: its report is written (or failed with `report_error`).
-    async fn close(&self, id: i64, report_error: Option<&str>, now: DateTime<Utc>) -> Result<(), RepoError>;
+    /// Close an ended batch: its report is written (or failed with `report_error`). With a
+    /// `notice`, the same transaction enqueues its webhook delivery (at most one per batch):
+    /// only the call that closes the batch does, so two processes closing it at once, or a
+    /// crash before the close, still make one. Answers whether this call closed it.
+    async fn close(
+        &self,
+        id: i64,
+        report_error: Option<&str>,
+        notice: Option<EndNotice>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, RepoError>;
 
     /// The batch's jobs for its report, by id from after `after_id`, with their ids.
     async fn report_jobs(&self, id: i64, after_id: i64, limit: u32) -> Result<Vec<(i64, ReportRow)>, RepoError>;

@@ -19,10 +19,11 @@ use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobId, JobStatus, NewJob, Settlement};
 
 pub use bulk::{
-    Batch, BatchCounts, BatchCreated, BatchState, BatchStore, InvalidRow, NewBatch, ReportRow, Steer, Steered,
+    Batch, BatchCounts, BatchCreated, BatchState, BatchStore, EndNotice, InvalidRow, NewBatch, ReportRow, Steer,
+    Steered,
 };
 pub use keys::KeyStore;
-pub use outbox::{Attempted, DueDelivery, WebhookOutbox, message_id};
+pub use outbox::{Attempted, DueDelivery, Subject, WebhookOutbox, message_id};
 pub use postgres::{PgDb, PgRepository};
 pub use sqlite::{Durability, SqliteDb, SqliteRepository};
 pub(crate) use sqlite::{from_millis, to_millis};

@@ -15,11 +15,21 @@ pub fn message_id(id: i64) -> String {
     format!("msg_{id}")
 }
 
+/// What a delivery announces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A job's end: the body shows the job as it is when sent.
+    Job(JobId),
+    /// A batch's end, with the body's `data` as written when the batch closed (the
+    /// batch's view then: a closed batch does not change).
+    Batch { id: i64, data: String },
+}
+
 /// A delivery due to be sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueDelivery {
     pub id: i64,
-    pub job_id: JobId,
+    pub subject: Subject,
     pub event: String,
     pub url: String,
     /// Tries made before this one.

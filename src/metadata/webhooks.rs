@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::outbox::{Attempted, DueDelivery, PER_RECEIVER, WebhookOutbox, message_id};
+use super::outbox::{Attempted, DueDelivery, PER_RECEIVER, Subject, WebhookOutbox, message_id};
 use super::{PgDb, RepoError, SqliteDb, from_db, from_millis, millis, to_millis};
 use crate::lifecycle::JobId;
 use crate::wire::{AttemptView, DeliveryView};
@@ -14,13 +14,27 @@ use crate::wire::{AttemptView, DeliveryView};
 fn due_from_row<R: Row>(row: &R) -> Result<DueDelivery, RepoError>
 where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> &'r str: sqlx::ColumnIndex<R>,
 {
+    let id: i64 = row.try_get("id")?;
+    let job: Option<i64> = row.try_get("job_id")?;
+    let batch: Option<i64> = row.try_get("batch_id")?;
+    let subject = match (job, batch) {
+        (Some(job), _) => Subject::Job(JobId(job)),
+        (None, Some(batch)) => {
+            Subject::Batch { id: batch, data: row.try_get::<Option<String>, _>("payload")?.unwrap_or_default() }
+        }
+        (None, None) => {
+            return Err(RepoError::Corrupt { id, reason: "a webhook delivery for neither a job nor a batch".into() });
+        }
+    };
     Ok(DueDelivery {
-        id: row.try_get("id")?,
-        job_id: JobId(row.try_get("job_id")?),
+        id,
+        subject,
         event: row.try_get("event")?,
         url: row.try_get("url")?,
         attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
@@ -128,7 +142,7 @@ impl WebhookOutbox for SqliteDb {
                             WHERE delivered_at IS NULL AND given_up_at IS NULL AND claimed_until >= ?1 GROUP BY 1) \
                           SELECT due.id FROM due LEFT JOIN sending ON sending.receiver = due.receiver \
                           WHERE due.nth + COALESCE(sending.n, 0) <= ?4 ORDER BY due.next_attempt_at LIMIT ?3) \
-                         RETURNING id, job_id, event, url, attempts",
+                         RETURNING id, job_id, batch_id, payload, event, url, attempts",
                     )
                     .bind(now)
                     .bind(hold)
@@ -215,7 +229,7 @@ impl WebhookOutbox for PgDb {
               SELECT due.id FROM due LEFT JOIN sending ON sending.receiver = due.receiver \
               WHERE due.nth + COALESCE(sending.n, 0) <= $3 ORDER BY due.next_attempt_at LIMIT $2) \
              AND delivered_at IS NULL AND given_up_at IS NULL AND (claimed_until IS NULL OR claimed_until < now()) \
-             RETURNING id, job_id, event, url, attempts",
+             RETURNING id, job_id, batch_id, payload, event, url, attempts",
         )
         .bind(millis(hold) as f64)
         .bind(i64::from(limit))

@@ -253,3 +253,179 @@ async fn a_hanging_receiver_delays_only_its_own_deliveries() {
     assert!(held.lock().unwrap().len() <= 4, "at most 4 deliveries at once to one receiver");
     app.stop().await;
 }
+
+/// The batch deliveries (`batch.*`) the receiver got, verified, once one has come and a
+/// second more has passed (for any duplicate to show).
+async fn batch_deliveries(receiver: &Receiver) -> Vec<(String, Value)> {
+    let is_batch = |body: &str| body.contains(r#""type":"batch."#);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !receiver.seen.lock().unwrap().iter().any(|(_, body)| is_batch(body)) {
+        assert!(std::time::Instant::now() < deadline, "no batch webhook came");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = receiver.seen.lock().unwrap().len();
+    receiver
+        .verified(n)
+        .await
+        .into_iter()
+        .filter(|(_, body)| body["type"].as_str().unwrap().starts_with("batch."))
+        .collect()
+}
+
+/// Wait until the batch has ended (its report written or failed); its view.
+async fn ended_batch(app: &TestApp, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, batch) = app.get(&format!("/api/v1/batches/{id}")).await;
+        assert_eq!(status, 200, "{batch}");
+        if !batch["ended_at"].is_null() {
+            return batch;
+        }
+        assert!(std::time::Instant::now() < deadline, "batch {id} did not end: {batch}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A batch with a `notify_url` is announced there once when it ends, signed, with its view
+/// (counts, bytes, report) as `GET /api/v1/batches/{id}` shows it; its rows take the
+/// `notify_url` too. Two API processes watch the batch end, and it is still announced once.
+#[tokio::test]
+async fn an_ended_batch_is_announced_once_with_its_view() {
+    let origin = Origin::start().await;
+    let (receiver, hook) = Receiver::start(0).await;
+    let app = app().await;
+    let other = crate::helpers::start_api_only(app.settings.clone()).await;
+    let lines: Vec<String> = (1..=3u64)
+        .map(|i| {
+            json!({ "file_url": origin.url(&format!("/file/{}?seed={i}", 100 * i)), "object_name": format!("b/{i}") })
+                .to_string()
+        })
+        .chain(["not json".to_owned()])
+        .collect();
+    let manifest = origin.serve_manifest("hooked.jsonl", "application/x-ndjson", lines.join("\n") + "\n");
+    let report = json!({ "bucket_name": app.bucket, "object_name": "reports/hooked.csv" });
+    let body = json!({ "manifest_url": manifest, "bucket_name": app.bucket, "notify_url": hook, "report": report });
+    let (status, _, created) = app.call(reqwest::Method::POST, "/api/v1/batches", None, Some(&body)).await;
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let done = ended_batch(&app, id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+
+    let announced = batch_deliveries(&receiver).await;
+    assert_eq!(announced.len(), 1, "one batch webhook: {announced:?}");
+    let (_, body) = &announced[0];
+    assert_eq!(body["type"], "batch.completed");
+    let data = &body["data"];
+    assert_eq!(data, &done, "the body shows the batch as GET shows it once ended");
+    assert_eq!((data["id"].as_str(), data["total"].as_u64()), (Some(id), Some(4)));
+    let counts = &data["counts"];
+    assert_eq!((counts["completed"].as_u64(), counts["invalid"].as_u64()), (Some(3), Some(1)), "{data}");
+    assert_eq!(data["bytes_done"], 600);
+    assert_eq!(
+        (data["report"]["object_name"].as_str(), data["report"]["written"].as_bool()),
+        (Some("reports/hooked.csv"), Some(true))
+    );
+    // The rows' own webhooks, one per job, beside it.
+    let uploads =
+        receiver.seen.lock().unwrap().iter().filter(|(_, b)| b.contains(r#""type":"upload.completed""#)).count();
+    assert_eq!(uploads, 3);
+    other.stop().await;
+    app.stop().await;
+}
+
+/// A cancelled batch is announced as `batch.cancelled` once its running jobs have stopped.
+#[tokio::test]
+async fn a_cancelled_batch_is_announced_as_cancelled() {
+    let origin = Origin::start().await;
+    let (receiver, hook) = Receiver::start(0).await;
+    let app = spawn_app_with(|s| {
+        s.auth.webhook_secret = Some(SECRET.parse().unwrap());
+        s.worker.worker_concurrency = 1;
+    })
+    .await;
+    let rows: Vec<String> =
+        (0..20).map(|i| format!("{},slow/{i}", origin.url(&format!("/delay/400/100?seed={i}")))).collect();
+    let manifest =
+        origin.serve_manifest("slow.csv", "text/csv", format!("file_url,object_name\n{}\n", rows.join("\n")));
+    let body = json!({ "manifest_url": manifest, "bucket_name": app.bucket, "notify_url": hook });
+    let (status, _, created) = app.call(reqwest::Method::POST, "/api/v1/batches", None, Some(&body)).await;
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while app.get(&format!("/api/v1/batches/{id}")).await.1["total"] != 20 {
+        assert!(std::time::Instant::now() < deadline, "the manifest was not read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, cancelled) =
+        app.call(reqwest::Method::POST, &format!("/api/v1/batches/{id}/cancel"), None, None).await;
+    assert_eq!(status, 202, "{cancelled}");
+    let done = ended_batch(&app, id).await;
+    let announced = batch_deliveries(&receiver).await;
+    assert_eq!(announced.len(), 1, "one batch webhook: {announced:?}");
+    assert_eq!(announced[0].1["type"], "batch.cancelled");
+    assert_eq!(announced[0].1["data"], done);
+    assert!(done["counts"]["cancelled"].as_u64() > Some(0), "{done}");
+    assert!(done["report"].is_null(), "no report was asked for: {done}");
+    app.stop().await;
+}
+
+/// Two processes closing one ended batch at once (each with its own connections to the
+/// database): one closes it and enqueues its delivery, in one transaction; the other finds
+/// it closed and enqueues nothing.
+#[tokio::test]
+async fn a_batch_closed_by_two_processes_at_once_is_announced_once() {
+    use fileflow::metadata::{BatchCreated, BatchStore, EndNotice, NewBatch, PgDb, PgRepository, SqliteDb};
+    use fileflow::metadata::{SqliteRepository, Subject, WebhookOutbox};
+    let dir = tempfile::tempdir().unwrap();
+    let url = match crate::helpers::distributed() {
+        true => crate::services::fresh_postgres().await.expect("distributed needs PostgreSQL"),
+        false => SqliteDb::default_url(dir.path()),
+    };
+    let open = || async {
+        if url.starts_with("postgres") {
+            let db = PgDb::connect(&url).await.unwrap();
+            db.migrate().await.unwrap();
+            let outbox: Arc<dyn WebhookOutbox> = Arc::new(db.clone());
+            (Arc::new(PgRepository::new(db)) as Arc<dyn BatchStore>, outbox)
+        } else {
+            let db = SqliteDb::connect(&url).await.unwrap();
+            db.migrate().await.unwrap();
+            let outbox: Arc<dyn WebhookOutbox> = Arc::new(db.clone());
+            (Arc::new(SqliteRepository::new(db)) as Arc<dyn BatchStore>, outbox)
+        }
+    };
+    let (first, outbox) = open().await;
+    let (second, _) = open().await;
+    let now = chrono::Utc::now();
+    let created = first.create_batch(&NewBatch { owner: None, request: "{}".into(), idempotency: None }, now).await;
+    let BatchCreated::New(batch) = created.unwrap() else { panic!("a new batch") };
+    first.take_reading("reader", Duration::from_secs(30), now).await.unwrap().expect("the batch to read");
+    assert!(first.finish_reading(batch.id, "reader", None, now).await.unwrap());
+    let ended = first.ending(now).await.unwrap();
+    assert_eq!(ended.iter().map(|b| b.id).collect::<Vec<_>>(), [batch.id], "an empty batch ends at once");
+    let notice = |by: &'static str| EndNotice {
+        url: "http://127.0.0.1:9/hook".into(),
+        render: Box::new(move |closed| json!({ "by": by, "status": closed.state.as_str() }).to_string()),
+    };
+    let (a, b) = tokio::join!(
+        first.close(batch.id, None, Some(notice("first")), now),
+        second.close(batch.id, None, Some(notice("second")), now)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a != b, "exactly one of the two closed the batch ({a}, {b})");
+    // And a closer that comes back later (say, after a restart) adds nothing either.
+    assert!(!first.close(batch.id, None, Some(notice("late")), now).await.unwrap());
+    assert!(first.ending(now).await.unwrap().is_empty(), "a closed batch is not ending again");
+
+    let due = outbox.claim_due(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].event, "batch.completed");
+    let Subject::Batch { id, data } = &due[0].subject else { panic!("a batch delivery: {due:?}") };
+    assert_eq!(*id, batch.id);
+    let data: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(
+        (data["by"].as_str(), data["status"].as_str()),
+        (Some(if a { "first" } else { "second" }), Some("completed"))
+    );
+}

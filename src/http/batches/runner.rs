@@ -16,7 +16,7 @@ use super::report::write_report;
 use super::request::{BatchRequest, ManifestSource};
 use crate::auth::Caller;
 use crate::lifecycle::{BatchRow, NewJob};
-use crate::metadata::{Batch, InvalidRow};
+use crate::metadata::{Batch, EndNotice, InvalidRow};
 
 use crate::http::extract::JsonObject;
 use crate::http::state::AppState;
@@ -83,20 +83,31 @@ pub async fn run(state: AppState, stop: CancellationToken) {
     }
 }
 
-/// Write an ended batch's report (if it asked for one) and close it.
+/// Write an ended batch's report (if it asked for one) and close it, enqueueing its
+/// `batch.completed` or `batch.cancelled` webhook (if it has a `notify_url`) in the same
+/// transaction.
 async fn close(state: &AppState, batch: &Batch) {
-    let error = match BatchRequest::from_stored(&batch.request) {
+    let request = BatchRequest::from_stored(&batch.request);
+    let error = match &request {
         Ok(request) => match &request.report {
             Some(location) => write_report(state, batch, location).await.err(),
             None => None,
         },
-        Err(e) => Some(e),
+        Err(e) => Some(e.clone()),
     };
     if let Some(error) = &error {
         tracing::warn!(batch_id = batch.id, error, "batch report not written");
     }
-    match state.bulk.close(batch.id, error.as_deref(), Utc::now()).await {
-        Ok(()) => tracing::info!(batch_id = batch.id, state = %batch.state, total = batch.total, "batch ended"),
+    let notice = request.ok().and_then(|r| r.defaults.notify_url).map(|url| EndNotice {
+        url,
+        // The body shows the batch as `GET /api/v1/batches/{id}` does once it has ended.
+        render: Box::new(|closed: &Batch| {
+            serde_json::to_string(&super::view(closed.clone())).expect("a batch's view serializes")
+        }),
+    });
+    match state.bulk.close(batch.id, error.as_deref(), notice, Utc::now()).await {
+        Ok(true) => tracing::info!(batch_id = batch.id, state = %batch.state, total = batch.total, "batch ended"),
+        Ok(false) => tracing::debug!(batch_id = batch.id, "batch closed by another process"),
         Err(e) => tracing::warn!(batch_id = batch.id, error = %e, "cannot close the batch; will try again"),
     }
 }

@@ -10,7 +10,7 @@ use sqlx::postgres::PgRow;
 
 use super::{NewJobAt, PgRepository, insert_on};
 use crate::lifecycle::NewJob;
-use crate::metadata::bulk::{REPORT_COLUMNS, held_owner, report_row};
+use crate::metadata::bulk::{EndNotice, REPORT_COLUMNS, end_event, held_owner, report_row};
 use crate::metadata::group_commit::MAX_BATCH;
 use crate::metadata::{
     Batch, BatchCounts, BatchCreated, BatchStore, InvalidRow, NewBatch, RepoError, ReportRow, Steer, Steered, from_db,
@@ -305,18 +305,42 @@ impl BatchStore for PgRepository {
         rows.iter().map(batch_from_row).collect()
     }
 
-    async fn close(&self, id: i64, report_error: Option<&str>, now: DateTime<Utc>) -> Result<(), RepoError> {
-        sqlx::query(
+    async fn close(
+        &self,
+        id: i64,
+        report_error: Option<&str>,
+        notice: Option<EndNotice>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, RepoError> {
+        let mut tx = self.db.pool.begin().await?;
+        // Of two processes closing the batch at once, the second waits here for the first
+        // to commit, then finds it ended and closes nothing.
+        let row = sqlx::query(&format!(
             "UPDATE batches SET ended_at = $3, report_error = $2, \
              report_written_at = CASE WHEN $2::text IS NULL THEN $3 END, updated_at = $3 \
-             WHERE id = $1 AND ended_at IS NULL",
-        )
+             WHERE id = $1 AND ended_at IS NULL RETURNING {BATCH_COLUMNS}"
+        ))
         .bind(id)
         .bind(report_error)
         .bind(now)
-        .execute(&self.db.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(())
+        let Some(row) = row else { return Ok(false) };
+        if let Some(notice) = notice {
+            let closed = batch_from_row(&row)?;
+            sqlx::query(
+                "INSERT INTO webhook_deliveries (batch_id, event, url, payload, next_attempt_at) \
+                 VALUES ($1, $2, $3, $4, now()) ON CONFLICT DO NOTHING",
+            )
+            .bind(id)
+            .bind(end_event(&closed))
+            .bind(notice.url)
+            .bind((notice.render)(&closed))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn report_jobs(&self, id: i64, after_id: i64, limit: u32) -> Result<Vec<(i64, ReportRow)>, RepoError> {

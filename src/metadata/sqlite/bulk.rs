@@ -13,7 +13,7 @@ use super::batches::insert_on;
 use super::repository::SqliteRepository;
 use super::{from_millis, to_millis};
 use crate::lifecycle::NewJob;
-use crate::metadata::bulk::{REPORT_COLUMNS, held_owner, report_row};
+use crate::metadata::bulk::{EndNotice, REPORT_COLUMNS, end_event, held_owner, report_row};
 use crate::metadata::group_commit::MAX_BATCH;
 use crate::metadata::{
     Batch, BatchCounts, BatchCreated, BatchStore, InvalidRow, NewBatch, RepoError, ReportRow, Steer, Steered, from_db,
@@ -375,23 +375,49 @@ impl BatchStore for SqliteRepository {
         rows.iter().map(batch_from_row).collect()
     }
 
-    async fn close(&self, id: i64, report_error: Option<&str>, now: DateTime<Utc>) -> Result<(), RepoError> {
+    async fn close(
+        &self,
+        id: i64,
+        report_error: Option<&str>,
+        notice: Option<EndNotice>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, RepoError> {
         let (error, now) = (report_error.map(str::to_owned), to_millis(now));
         self.db
             .write(move |c| {
-                sqlx::query(
-                    "UPDATE batches SET ended_at = ?3, report_error = ?2, \
-                     report_written_at = CASE WHEN ?2 IS NULL THEN ?3 END, updated_at = ?3 \
-                     WHERE id = ?1 AND ended_at IS NULL",
-                )
-                .bind(id)
-                .bind(error)
-                .bind(now)
-                .execute(c)
-                .boxed()
+                Box::pin(async move {
+                    let mut tx = c.begin().await?;
+                    let row = sqlx::query(&format!(
+                        "UPDATE batches SET ended_at = ?3, report_error = ?2, \
+                         report_written_at = CASE WHEN ?2 IS NULL THEN ?3 END, updated_at = ?3 \
+                         WHERE id = ?1 AND ended_at IS NULL RETURNING {BATCH_COLUMNS}"
+                    ))
+                    .bind(id)
+                    .bind(error)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    // Closed by another call already: so was its delivery enqueued.
+                    let Some(row) = row else { return Ok(false) };
+                    if let Some(notice) = notice {
+                        let closed = batch_from_row(&row)?;
+                        sqlx::query(
+                            "INSERT INTO webhook_deliveries (batch_id, event, url, payload, next_attempt_at, created_at) \
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT DO NOTHING",
+                        )
+                        .bind(id)
+                        .bind(end_event(&closed))
+                        .bind(notice.url)
+                        .bind((notice.render)(&closed))
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    tx.commit().await?;
+                    Ok::<_, RepoError>(true)
+                })
             })
-            .await?;
-        Ok(())
+            .await
     }
 
     async fn report_jobs(&self, id: i64, after_id: i64, limit: u32) -> Result<Vec<(i64, ReportRow)>, RepoError> {
