@@ -674,6 +674,13 @@ pub struct WorkerArgs {
     #[arg(long, env = "FILEFLOW_SEGMENT_THRESHOLD", default_value = "64MiB", global = true)]
     pub segment_threshold: bytesize::ByteSize,
 
+    /// The digests every transfer computes and records: `sha256`, `md5`, `crc64nvme`
+    /// (comma-separated). A digest a job declares is computed (and checked) anyway, and MD5
+    /// is always computed for the disk store, where it is the object's ETag. Fewer digests,
+    /// less CPU per byte.
+    #[arg(long, env = "FILEFLOW_DIGESTS", value_enum, value_delimiter = ',', default_value = "sha256,md5,crc64nvme", global = true)]
+    pub digests: Vec<crate::worker::DigestName>,
+
     /// How long a worker's claim on a job lasts without renewal; a crashed worker's jobs are
     /// picked up again after this.
     #[arg(long, env = "FILEFLOW_JOB_LEASE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
@@ -758,6 +765,7 @@ impl Settings {
             min_rate: self.fetch.min_rate(),
             segments: usize::from(self.worker.segments),
             segment_threshold: self.worker.segment_threshold.as_u64(),
+            digests: crate::worker::DigestSet::of(&self.worker.digests),
         }
     }
 }

@@ -129,6 +129,10 @@ impl LocalStore {
 
 #[async_trait]
 impl ObjectStore for LocalStore {
+    fn etag_is_md5(&self) -> bool {
+        true
+    }
+
     async fn put(
         &self,
         bucket: &BucketName,

@@ -226,6 +226,12 @@ pub trait ObjectStore: Send + Sync + 'static {
         None
     }
 
+    /// Whether the store names no ETag of its own, so an object's ETag is the MD5 of its
+    /// bytes, which every transfer into it must then compute (the disk store).
+    fn etag_is_md5(&self) -> bool {
+        false
+    }
+
     /// Most bytes of a body one write ([`ObjectStore::put`], [`ObjectStore::put_resumable`])
     /// holds in memory at once: the worker's memory budget reserves this per transfer.
     fn write_buffer(&self) -> u64;

@@ -31,7 +31,7 @@ pub use hosts::{HostRate, Hosts};
 pub use memory::Memory;
 pub use pool::run_pool;
 
-pub use verify::{Digests, Expectations, HashState, Verifier, verified};
+pub use verify::{DigestName, DigestSet, Digests, Expectations, HashState, Verifier, verified};
 
 /// How often [`sample`] reads the hosts' states and the memory held.
 const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
@@ -69,6 +69,8 @@ pub struct WorkerSettings {
     pub segments: usize,
     /// Files (or rests of files) larger than this are fetched in ranges, when the origin allows.
     pub segment_threshold: u64,
+    /// The digests every transfer computes for its record (`--digests`).
+    pub digests: verify::DigestSet,
 }
 
 /// What one step did.

@@ -271,10 +271,10 @@ impl Worker {
         let put = writer.complete(parts, run.fence).await.map_err(|e| e.or_because(Cause::Store))?;
         tracing::info!(job_id = %job.id, segments = run.segments, pieces = plan.count(), "file fetched in ranges");
         Ok(StoredObject {
-            etag: put.etag.unwrap_or_else(|| digests.md5.clone()),
+            etag: put.etag.or_else(|| digests.md5.clone()).unwrap_or_default(),
             size: digests.size,
-            sha256: Some(digests.sha256),
-            md5: Some(digests.md5),
+            sha256: digests.sha256,
+            md5: digests.md5,
             crc64nvme: digests.crc64nvme,
             content_type: Some(run.content_type.clone()),
             version: put.version,

@@ -13,7 +13,7 @@ use super::memory;
 use super::resume::{Checkpoint, Recorder};
 use super::segments::{SegmentFailure, Segmenting};
 use super::sniff;
-use super::verify::{Expectations, verified};
+use super::verify::{DigestSet, Expectations, verified};
 use crate::domain::{BucketName, ObjectKey, RequestHeaders};
 use crate::fetch::at_least;
 use crate::lifecycle::{Cause, IfExists, Job, JobError, JobId, OriginVersion, StoredObject};
@@ -164,8 +164,8 @@ impl Worker {
             let body = stored.body.map(move |chunk| {
                 chunk.map_err(|e| JobError::transient(format!("cannot read {object}: {e}")).because(Cause::Store))
             });
-            let (mut body, verifier) =
-                verified(body.boxed(), Expectations { max_size: u64::MAX, ..Default::default() }, None);
+            let read_back = Expectations { max_size: u64::MAX, compute: self.digests(), ..Default::default() };
+            let (mut body, verifier) = verified(body.boxed(), read_back, None);
             while let Some(chunk) = body.next().await {
                 chunk?;
             }
@@ -173,6 +173,8 @@ impl Worker {
             for (name, declared, actual) in
                 [("sha256", &job.expected_sha256, &read.sha256), ("md5", &job.expected_md5, &read.md5)]
             {
+                // A declared digest is always computed.
+                let actual = actual.as_deref().unwrap_or_default();
                 if let Some(declared) = declared
                     && !declared.eq_ignore_ascii_case(actual)
                 {
@@ -184,14 +186,21 @@ impl Worker {
         Ok(StoredObject {
             etag: existing.etag.or_else(|| existing.version.clone()).unwrap_or_default(),
             size: existing.size,
-            sha256: digests.as_ref().map(|d| d.sha256.clone()),
-            md5: digests.as_ref().map(|d| d.md5.clone()),
+            sha256: digests.as_ref().and_then(|d| d.sha256.clone()),
+            md5: digests.as_ref().and_then(|d| d.md5.clone()),
             crc64nvme: digests.and_then(|d| d.crc64nvme),
             content_type: None,
             version: existing.version,
             origin: OriginVersion::default(),
             not_modified: false,
         })
+    }
+
+    /// The digests a transfer computes: those `--digests` names, and MD5 where the store
+    /// takes it for the ETag.
+    pub(super) fn digests(&self) -> DigestSet {
+        let wanted = self.settings.digests;
+        DigestSet { md5: wanted.md5 || self.store.etag_is_md5(), ..wanted }
     }
 
     /// For `if_exists: if_changed`: the job that stored the object now at the key, if it
@@ -352,6 +361,7 @@ impl Worker {
             sha256: job.expected_sha256.clone(),
             md5: job.expected_md5.clone(),
             size: job.expected_size,
+            compute: self.digests(),
         };
         let options = WriteOptions { content_type: &content_type, may_create_bucket: job.grant.may_create_bucket };
         // A large file from an origin that serves ranges of a version it names: several
@@ -441,10 +451,10 @@ impl Worker {
         };
         let digests = verifier.digests().ok_or_else(|| JobError::transient("store finished before the body ended"))?;
         Ok(StoredObject {
-            etag: put.etag.unwrap_or_else(|| digests.md5.clone()),
+            etag: put.etag.or_else(|| digests.md5.clone()).unwrap_or_default(),
             size: digests.size,
-            sha256: Some(digests.sha256),
-            md5: Some(digests.md5),
+            sha256: digests.sha256,
+            md5: digests.md5,
             crc64nvme: digests.crc64nvme,
             content_type: Some(content_type),
             version: put.version,

@@ -17,6 +17,42 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::lifecycle::{Cause, JobError};
 use crate::storage::ByteStream;
 
+/// A digest fileflow can compute for the record (`--digests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DigestName {
+    Sha256,
+    Md5,
+    Crc64nvme,
+}
+
+/// Which digests a transfer computes for its record. A digest the job declares is
+/// computed whatever this says (it must be checked), and so is MD5 where it becomes the
+/// object's ETag (the disk store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestSet {
+    pub sha256: bool,
+    pub md5: bool,
+    pub crc64nvme: bool,
+}
+
+impl Default for DigestSet {
+    /// All of them.
+    fn default() -> Self {
+        Self { sha256: true, md5: true, crc64nvme: true }
+    }
+}
+
+impl DigestSet {
+    /// The digests `names` names.
+    pub fn of(names: &[DigestName]) -> Self {
+        Self {
+            sha256: names.contains(&DigestName::Sha256),
+            md5: names.contains(&DigestName::Md5),
+            crc64nvme: names.contains(&DigestName::Crc64nvme),
+        }
+    }
+}
+
 /// What the stream promises to deliver.
 #[derive(Debug, Clone, Default)]
 pub struct Expectations {
@@ -28,14 +64,28 @@ pub struct Expectations {
     pub md5: Option<String>,
     /// The size the caller said the content has.
     pub size: Option<u64>,
+    /// The digests to compute besides the declared ones.
+    pub compute: DigestSet,
+}
+
+impl Expectations {
+    /// The digests this stream computes: those asked for, and those it must check.
+    fn computed(&self) -> DigestSet {
+        DigestSet {
+            sha256: self.compute.sha256 || self.sha256.is_some(),
+            md5: self.compute.md5 || self.md5.is_some(),
+            crc64nvme: self.compute.crc64nvme,
+        }
+    }
 }
 
 /// Size and checksums of a body that was read to its end and matched its expectations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digests {
     pub size: u64,
-    pub sha256: String,
-    pub md5: String,
+    /// Hex; `None` when not computed (see [`DigestSet`]).
+    pub sha256: Option<String>,
+    pub md5: Option<String>,
     /// CRC64/NVME of the whole file, as S3 writes it (`x-amz-checksum-crc64nvme`: the
     /// big-endian value, base64); `None` only when going on from a checkpoint saved
     /// before fileflow kept it.
@@ -52,9 +102,11 @@ pub fn crc64nvme_text(crc: u64) -> String {
 pub struct HashState {
     /// Bytes hashed so far.
     pub size: u64,
-    /// The SHA-256 and MD5 states as their crates serialize them, base64.
-    sha256: String,
-    md5: String,
+    /// The SHA-256 and MD5 states as their crates serialize them, base64 (those computed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    md5: Option<String>,
     /// The CRC64/NVME register so far (not finalized); absent in older checkpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     crc64nvme: Option<u64>,
@@ -139,11 +191,12 @@ fn lane_gone() -> JobError {
     JobError::transient("a hashing thread stopped")
 }
 
+/// The hashes computed (see [`DigestSet`]); CRC64/NVME is kept beside them.
 enum Hashers {
     /// In the stream.
-    Here { sha256: Sha256, md5: Md5 },
+    Here { sha256: Option<Sha256>, md5: Option<Md5> },
     /// Each on its own lane.
-    Beside { sha256: Lane, md5: Lane },
+    Beside { sha256: Option<Lane>, md5: Option<Lane> },
 }
 
 struct Hashing {
@@ -161,8 +214,8 @@ pub struct Verifier(Arc<Mutex<Hashing>>);
 /// The hashes at one point of a body, once the hashing has got there.
 pub struct PendingState {
     pub size: u64,
-    sha256: Snapshot,
-    md5: Snapshot,
+    sha256: Option<Snapshot>,
+    md5: Option<Snapshot>,
     crc64nvme: Option<u64>,
 }
 
@@ -182,11 +235,18 @@ impl Snapshot {
 
 impl PendingState {
     pub async fn ready(self) -> Result<HashState, JobError> {
-        let (sha256, md5) = (self.sha256.bytes().await?, self.md5.bytes().await?);
+        let sha256 = match self.sha256 {
+            Some(snapshot) => Some(BASE64.encode(snapshot.bytes().await?)),
+            None => None,
+        };
+        let md5 = match self.md5 {
+            Some(snapshot) => Some(BASE64.encode(snapshot.bytes().await?)),
+            None => None,
+        };
         Ok(HashState {
             size: self.size,
-            sha256: BASE64.encode(sha256),
-            md5: BASE64.encode(md5),
+            sha256,
+            md5,
             crc64nvme: self.crc64nvme,
         })
     }
@@ -206,12 +266,14 @@ impl Verifier {
     pub fn state(&self) -> PendingState {
         let h = self.lock();
         let (sha256, md5) = match &h.hashers {
-            Hashers::Here { sha256, md5 } => {
-                (Snapshot::Ready(sha256.serialize().to_vec()), Snapshot::Ready(md5.serialize().to_vec()))
-            }
-            Hashers::Beside { sha256, md5 } => {
-                (Snapshot::Later(sha256.ask(LaneWork::State)), Snapshot::Later(md5.ask(LaneWork::State)))
-            }
+            Hashers::Here { sha256, md5 } => (
+                sha256.as_ref().map(|h| Snapshot::Ready(h.serialize().to_vec())),
+                md5.as_ref().map(|h| Snapshot::Ready(h.serialize().to_vec())),
+            ),
+            Hashers::Beside { sha256, md5 } => (
+                sha256.as_ref().map(|lane| Snapshot::Later(lane.ask(LaneWork::State))),
+                md5.as_ref().map(|lane| Snapshot::Later(lane.ask(LaneWork::State))),
+            ),
         };
         PendingState { size: h.size, sha256, md5, crc64nvme: h.crc64.as_ref().map(Crc::get_state) }
     }
@@ -231,33 +293,50 @@ impl Verifier {
             let long = h.size > HASH_BESIDE_AFTER;
             match &mut h.hashers {
                 Hashers::Here { sha256, md5 } if !long => {
-                    sha256.update(chunk);
-                    md5.update(chunk);
+                    if let Some(sha256) = sha256 {
+                        sha256.update(chunk);
+                    }
+                    if let Some(md5) = md5 {
+                        md5.update(chunk);
+                    }
                     return Ok(());
                 }
                 Hashers::Here { sha256, md5 } => {
-                    let (sha256, md5) = (Lane::start(sha256.clone()), Lane::start(md5.clone()));
+                    let (sha256, md5) = (sha256.clone().map(Lane::start), md5.clone().map(Lane::start));
                     h.hashers = Hashers::Beside { sha256: sha256.clone(), md5: md5.clone() };
                     (sha256, md5)
                 }
                 Hashers::Beside { sha256, md5 } => (sha256.clone(), md5.clone()),
             }
         };
-        lanes.0.feed(chunk.clone()).await?;
-        lanes.1.feed(chunk.clone()).await
+        for lane in [lanes.0, lanes.1].into_iter().flatten() {
+            lane.feed(chunk.clone()).await?;
+        }
+        Ok(())
     }
 
-    /// The digests of everything taken, hex.
-    async fn finish_hashes(&self) -> Result<(String, String), JobError> {
+    /// The digests of everything taken, hex (those computed).
+    async fn finish_hashes(&self) -> Result<(Option<String>, Option<String>), JobError> {
         let lanes = match &mut self.lock().hashers {
             Hashers::Here { sha256, md5 } => {
-                return Ok((hex::encode(sha256.finalize_reset()), hex::encode(md5.finalize_reset())));
+                return Ok((
+                    sha256.as_mut().map(|h| hex::encode(h.finalize_reset())),
+                    md5.as_mut().map(|h| hex::encode(h.finalize_reset())),
+                ));
             }
-            Hashers::Beside { sha256, md5 } => (sha256.ask(LaneWork::Finish), md5.ask(LaneWork::Finish)),
+            Hashers::Beside { sha256, md5 } => {
+                (sha256.as_ref().map(|l| l.ask(LaneWork::Finish)), md5.as_ref().map(|l| l.ask(LaneWork::Finish)))
+            }
         };
-        let sha256 = lanes.0.await.map_err(|_| lane_gone())?;
-        let md5 = lanes.1.await.map_err(|_| lane_gone())?;
-        Ok((hex::encode(sha256), hex::encode(md5)))
+        let sha256 = match lanes.0 {
+            Some(answer) => Some(hex::encode(answer.await.map_err(|_| lane_gone())?)),
+            None => None,
+        };
+        let md5 = match lanes.1 {
+            Some(answer) => Some(hex::encode(answer.await.map_err(|_| lane_gone())?)),
+            None => None,
+        };
+        Ok((sha256, md5))
     }
 }
 
@@ -288,9 +367,9 @@ impl State {
         let (sha256, md5) = self.hashing.finish_hashes().await?;
         let crc64nvme = self.hashing.lock().crc64.as_ref().map(|crc| crc64nvme_text(crc.finalize()));
         for (name, expected, actual) in [("sha256", &self.expect.sha256, &sha256), ("md5", &self.expect.md5, &md5)] {
-            if let Some(expected) = expected
-                && expected != actual
-            {
+            let Some(expected) = expected else { continue };
+            let actual = actual.as_deref().unwrap_or("nothing (not computed)");
+            if expected != actual {
                 return Err(JobError::permanent(format!(
                     "checksum mismatch: expected {name} {expected}, content has {actual}"
                 ))
@@ -306,9 +385,15 @@ impl State {
 /// given the hashes of the bytes before it (`from`), the rest of it. The verifier holds
 /// the digests once the stream ended without error.
 pub fn verified(body: ByteStream, expect: Expectations, from: Option<&HashState>) -> (ByteStream, Verifier) {
-    let (sha256, md5, crc64, size) = match from.map(restore).transpose() {
+    let wanted = expect.computed();
+    let (sha256, md5, crc64, size) = match from.map(|state| restore(state, wanted)).transpose() {
         Ok(Some(restored)) => restored,
-        Ok(None) => (Sha256::new(), Md5::new(), Some(Crc::new(CrcAlgorithm::Crc64Nvme)), 0),
+        Ok(None) => (
+            wanted.sha256.then(Sha256::new),
+            wanted.md5.then(Md5::new),
+            wanted.crc64nvme.then(|| Crc::new(CrcAlgorithm::Crc64Nvme)),
+            0,
+        ),
         Err(e) => return (futures::stream::once(async move { Err(e) }).boxed(), Verifier::empty()),
     };
     let hashers = Hashers::Here { sha256, md5 };
@@ -337,20 +422,38 @@ pub fn verified(body: ByteStream, expect: Expectations, from: Option<&HashState>
 
 impl Verifier {
     fn empty() -> Self {
-        let hashers = Hashers::Here { sha256: Sha256::new(), md5: Md5::new() };
+        let hashers = Hashers::Here { sha256: None, md5: None };
         Self(Arc::new(Mutex::new(Hashing { hashers, crc64: None, size: 0, digests: None })))
     }
 }
 
-/// The hashers a [`HashState`] saved.
-fn restore(state: &HashState) -> Result<(Sha256, Md5, Option<Crc>, u64), JobError> {
+/// The `wanted` hashers a [`HashState`] saved (a saved state without one of them cannot
+/// go on: the transfer starts over).
+#[allow(clippy::type_complexity)]
+fn restore(state: &HashState, wanted: DigestSet) -> Result<(Option<Sha256>, Option<Md5>, Option<Crc>, u64), JobError> {
     let broken = |what: &str| JobError::transient(format!("saved {what} hash state is unreadable; starting over"));
-    let sha256 = BASE64.decode(&state.sha256).map_err(|_| broken("SHA-256"))?;
-    let md5 = BASE64.decode(&state.md5).map_err(|_| broken("MD5"))?;
-    let sha256 =
-        sha256.as_slice().try_into().ok().and_then(|s| Sha256::deserialize(s).ok()).ok_or_else(|| broken("SHA-256"))?;
-    let md5 = md5.as_slice().try_into().ok().and_then(|s| Md5::deserialize(s).ok()).ok_or_else(|| broken("MD5"))?;
-    let crc64 = state.crc64nvme.map(|register| Crc::new_with_init_state(CrcAlgorithm::Crc64Nvme, register));
+    let sha256 = match (&state.sha256, wanted.sha256) {
+        (_, false) => None,
+        (None, true) => return Err(broken("SHA-256")),
+        (Some(saved), true) => {
+            let bytes = BASE64.decode(saved).map_err(|_| broken("SHA-256"))?;
+            let hasher = bytes.as_slice().try_into().ok().and_then(|s| Sha256::deserialize(s).ok());
+            Some(hasher.ok_or_else(|| broken("SHA-256"))?)
+        }
+    };
+    let md5 = match (&state.md5, wanted.md5) {
+        (_, false) => None,
+        (None, true) => return Err(broken("MD5")),
+        (Some(saved), true) => {
+            let bytes = BASE64.decode(saved).map_err(|_| broken("MD5"))?;
+            let hasher = bytes.as_slice().try_into().ok().and_then(|s| Md5::deserialize(s).ok());
+            Some(hasher.ok_or_else(|| broken("MD5"))?)
+        }
+    };
+    let crc64 = match wanted.crc64nvme {
+        true => state.crc64nvme.map(|register| Crc::new_with_init_state(CrcAlgorithm::Crc64Nvme, register)),
+        false => None,
+    };
     Ok((sha256, md5, crc64, state.size))
 }
 
@@ -376,8 +479,8 @@ mod tests {
     fn hello() -> Digests {
         Digests {
             size: 11,
-            sha256: HELLO_SHA256.into(),
-            md5: HELLO_MD5.into(),
+            sha256: Some(HELLO_SHA256.into()),
+            md5: Some(HELLO_MD5.into()),
             crc64nvme: Some(crc64nvme_text(crc_fast::checksum(CrcAlgorithm::Crc64Nvme, b"hello world"))),
         }
     }
@@ -420,6 +523,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_the_digests_asked_for_or_declared_are_computed() {
+        let crc_only = DigestSet { sha256: false, md5: false, crc64nvme: true };
+        let (stream, verifier) = verified(body(&[b"hello world"]), Expectations { compute: crc_only, ..expect() }, None);
+        stream.try_collect::<Vec<_>>().await.unwrap();
+        assert_eq!(verifier.digests().unwrap(), Digests { sha256: None, md5: None, ..hello() });
+
+        // A declared digest is checked (so computed) whatever the set says.
+        let none = DigestSet { sha256: false, md5: false, crc64nvme: false };
+        let declared = Expectations { compute: none, md5: Some(HELLO_MD5.into()), ..expect() };
+        let (stream, verifier) = verified(body(&[b"hello world"]), declared, None);
+        stream.try_collect::<Vec<_>>().await.unwrap();
+        let expected = Digests { size: 11, sha256: None, md5: Some(HELLO_MD5.into()), crc64nvme: None };
+        assert_eq!(verifier.digests().unwrap(), expected);
+        let wrong = Expectations { compute: none, sha256: Some("0".repeat(64)), ..expect() };
+        let err = verified(body(&[b"hello world"]), wrong, None).0.try_collect::<Vec<_>>().await.unwrap_err();
+        assert!(err.message.contains("checksum mismatch"), "{err}");
+
+        // A long body hashed beside the stream, and a checkpoint taken there, with MD5 only.
+        let md5_only = Expectations { compute: DigestSet { md5: true, ..none }, ..expect_large() };
+        let data = vec![7u8; 3 << 20];
+        let chunks = |from: usize| {
+            let parts: Vec<Result<Bytes, JobError>> =
+                data[from..].chunks(64 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+            futures::stream::iter(parts).boxed()
+        };
+        let (mut stream, verifier) = verified(chunks(0), md5_only.clone(), None);
+        let mut pending = None;
+        let mut seen = 0;
+        while let Some(chunk) = stream.next().await {
+            seen += chunk.unwrap().len();
+            if seen == 2 << 20 {
+                pending = Some(verifier.state());
+            }
+        }
+        let whole = Digests { size: 3 << 20, sha256: None, md5: Some(hex::encode(Md5::digest(&data))), crc64nvme: None };
+        assert_eq!(verifier.digests().unwrap(), whole);
+        let saved = pending.unwrap().ready().await.unwrap();
+        let (rest, resumed) = verified(chunks(saved.size as usize), md5_only, Some(&saved));
+        rest.try_collect::<Vec<_>>().await.unwrap();
+        assert_eq!(resumed.digests().unwrap(), whole);
+        // A state saved without SHA-256 cannot go on where SHA-256 is now wanted.
+        let err = verified(chunks(saved.size as usize), expect_large(), Some(&saved))
+            .0
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap_err();
+        assert!(err.is_transient() && err.message.contains("starting over"), "{err}");
+    }
+
+    #[tokio::test]
     async fn stops_as_soon_as_the_size_limit_is_passed() {
         let small = Expectations { max_size: 8, ..expect() };
         let (stream, _) = verified(body(&[b"hello", b" world", b"never read"]), small, None);
@@ -458,7 +611,7 @@ mod tests {
         rest.try_collect::<Vec<_>>().await.unwrap();
         assert_eq!(verifier.digests().unwrap(), Digests { crc64nvme: None, ..hello() });
 
-        let garbled = HashState { sha256: "AAAA".into(), ..saved };
+        let garbled = HashState { sha256: Some("AAAA".into()), ..saved };
         let err = verified(body(&[b"world"]), expect(), Some(&garbled)).0.try_collect::<Vec<_>>().await.unwrap_err();
         assert!(err.is_transient() && err.message.contains("unreadable"), "{err}");
     }
@@ -473,8 +626,8 @@ mod tests {
         };
         let whole = Digests {
             size: data.len() as u64,
-            sha256: hex::encode(Sha256::digest(&data)),
-            md5: hex::encode(Md5::digest(&data)),
+            sha256: Some(hex::encode(Sha256::digest(&data))),
+            md5: Some(hex::encode(Md5::digest(&data))),
             crc64nvme: Some(crc64nvme_text(crc_fast::checksum(CrcAlgorithm::Crc64Nvme, &data))),
         };
         let (mut stream, verifier) = verified(chunks(0), expect_large(), None);

@@ -8,6 +8,47 @@ use crate::helpers::{
     Origin, content, md5_hex, sha256_hex, spawn_app, spawn_app_with, stack_settings, start, start_api_only,
 };
 
+/// `--digests` names the digests computed for the record: with CRC64/NVME alone, a job
+/// records no SHA-256 (MD5 only where it is the disk store's ETag), yet a declared
+/// SHA-256 is still computed and checked.
+#[tokio::test]
+async fn only_the_digests_asked_for_are_recorded_and_declared_ones_are_still_checked() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.worker.digests = vec![fileflow::worker::DigestName::Crc64nvme]).await;
+    let expected = content(3, 300_000);
+    let id = app.submit(&origin.url("/file/300000?seed=3"), &app.bucket, "crc-only.bin").await;
+    let job = app.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["crc64nvme"], crate::helpers::crc64nvme(&expected), "{job}");
+    assert!(job["sha256"].is_null(), "not asked for: {job}");
+    let disk = !crate::helpers::distributed() && crate::helpers::store().is_empty();
+    if disk {
+        assert_eq!(job["md5"], md5_hex(&expected), "the disk store's ETag is the MD5: {job}");
+        assert_eq!(job["etag"], md5_hex(&expected), "{job}");
+    } else {
+        assert!(job["md5"].is_null(), "the store names its own ETag: {job}");
+    }
+    assert!(app.read_object("crc-only.bin").await == expected);
+
+    let declared = |sha256: String, key: &'static str| {
+        let body = json!({ "file_url": origin.url("/file/300000?seed=3"), "bucket_name": app.bucket,
+            "object_name": key, "sha256": sha256 });
+        let app = &app;
+        async move {
+            let id = app.submit_body(&body).await;
+            app.finished(&id).await
+        }
+    };
+    let checked = declared(sha256_hex(&expected), "declared.bin").await;
+    assert_eq!(checked["status"], "completed", "{checked}");
+    assert_eq!(checked["sha256"], sha256_hex(&expected), "a declared digest is computed: {checked}");
+    let refused = declared("0".repeat(64), "refused.bin").await;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert!(refused["last_error"].as_str().unwrap().contains("checksum mismatch"), "{refused}");
+    assert!(app.try_read_object("refused.bin").await.is_none(), "nothing stored");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_completed_job_has_the_origins_bytes_and_their_checksums() {
     let origin = Origin::start().await;
