@@ -14,9 +14,10 @@
 //! `FILEFLOW_BENCH_REPORT` names a file, into it (BENCHMARKS.md).
 //!
 //! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, flood, pipeline,
-//! scale, large, resume, segments, growth, costs, fair, memory), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000),
+//! scale, large, resume, segments, growth, costs, fair, memory, manifest), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000),
 //! `FILEFLOW_BENCH_LARGE_BYTES` (2 GiB), `FILEFLOW_BENCH_SEGMENTED_BYTES` (512 MiB),
-//! `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400).
+//! `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400), `FILEFLOW_BENCH_MANIFEST_ROWS`
+//! (comma-separated manifest sizes, 100000,1000000).
 
 #[path = "../../tests/support/origin.rs"]
 mod origin;
@@ -28,6 +29,7 @@ mod fair;
 mod flood;
 mod growth;
 mod load;
+mod manifest;
 mod memory;
 mod process;
 mod progress;
@@ -614,6 +616,7 @@ async fn main() {
         ("costs", "per job, on the distributed stack"),
         ("fair", "fair share"),
         ("memory", "memory at full load"),
+        ("manifest", "a large manifest read into jobs"),
     ] {
         if !wanted(part) {
             continue;
@@ -638,6 +641,7 @@ async fn main() {
             "resume" => bench.resume().await,
             "segments" => bench.segments().await,
             "memory" => bench.memory().await,
+            "manifest" => bench.manifest().await,
             _ => bench.large().await,
         };
         println!("\n{}", table.markdown());
