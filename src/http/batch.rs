@@ -21,6 +21,7 @@ use super::extract::JsonObject;
 use super::state::AppState;
 use super::uploads::{check_unfinished_quota, parse_new_job};
 use crate::auth::Caller;
+use crate::domain::BucketName;
 use crate::lifecycle::NewJob;
 use crate::telemetry::TraceParent;
 
@@ -32,6 +33,16 @@ pub(super) const TSV_HEADER: &str = "TsvHttpData-1.0";
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/uploads/batch", post(create_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY)))
+}
+
+/// What `POST /api/v1/uploads/batch` takes as JSON.
+#[allow(dead_code)]
+#[derive(utoipa::ToSchema)]
+pub(super) struct BatchItems {
+    /// Upload bodies, as `POST /api/v1/upload` takes them: each is checked on its own, and
+    /// one that is not valid is refused in its place in the answer.
+    #[schema(min_items = 1, max_items = 1000)]
+    items: Vec<super::uploads::UploadRequest>,
 }
 
 /// One item's outcome: the job it became, or why it was refused.
@@ -50,17 +61,17 @@ pub(super) struct BatchResults {
 
 /// Submit up to 1,000 jobs: a JSON list of upload bodies, or a Storage Transfer Service URL
 /// list (`TsvHttpData-1.0`) with `bucket_name` and `prefix`.
-#[utoipa::path(post, path = "/api/v1/uploads/batch", tag = "uploads",
-    request_body(description = "`{\"items\": [upload bodies]}`, or a TsvHttpData-1.0 URL list", content(
-        (serde_json::Value = "application/json"),
-        (String = "text/tab-separated-values"),
+#[utoipa::path(post, path = "/api/v1/uploads/batch", tag = "uploads", operation_id = "create_upload_batch",
+    request_body(description = "`{\"items\": [upload bodies]}`, or a TsvHttpData-1.0 URL list (at most 1,000 lines \
+        after its header, blank lines aside; needs `bucket_name`); at most 4 MiB", content(
+        (BatchItems = "application/json"),
+        (super::fields::UrlList = "text/tab-separated-values"),
     )),
-    params(("bucket_name" = Option<String>, Query, description = "the bucket of a URL list's files"),
+    params(("bucket_name" = Option<super::fields::BucketName>, Query, description = "the bucket of a URL list's files (required with one)"),
         ("prefix" = Option<String>, Query, description = "the keys' prefix for a URL list")),
-    responses((status = 207, description = "one result per item, in order", body = BatchResults),
+    responses((status = 207, description = "one result per item, in order: each valid item's job, each invalid one's error", body = BatchResults),
         (status = 415, description = "neither JSON nor a URL list", body = ErrorBody),
-        (status = 422, description = "an empty or too long list; nothing written", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 422, description = "an empty or too long list, a URL list without its header line or bucket_name, an invalid bucket_name; nothing written", body = ErrorBody),
         (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
     ))]
 pub(super) async fn create_batch(
@@ -77,6 +88,9 @@ pub(super) async fn create_batch(
     })?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if let Some(bucket) = query.get("bucket_name") {
+        BucketName::parse(bucket).map_err(|e| ApiError::invalid("bucket_name", e))?;
+    }
     let items = match essence.as_str() {
         "application/json" => json_items(&body)?,
         "text/tab-separated-values" => tsv_items(&body, &query)?,

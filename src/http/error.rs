@@ -55,6 +55,21 @@ impl ApiError {
         }
     }
 
+    /// Every [`ApiError::code`], as the API's description lists them.
+    pub const CODES: [&'static str; 11] = [
+        "malformed_json",
+        "unsupported_media_type",
+        "payload_too_large",
+        "invalid_field",
+        "not_found",
+        "wrong_state",
+        "forbidden",
+        "misdirected_request",
+        "unauthorized",
+        "rate_limited",
+        "internal",
+    ];
+
     fn code(&self) -> &'static str {
         match self {
             Self::MalformedJson(_) => "malformed_json",
@@ -81,8 +96,10 @@ impl From<crate::metadata::RepoError> for ApiError {
 /// What went wrong, as every error answer says it.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
-    /// `invalid_json`, `unsupported_media_type`, `invalid_field`, `not_found`, `wrong_state`,
-    /// `forbidden`, `misdirected_request`, `unauthorized`, `rate_limited`, `payload_too_large`, `internal`, …
+    /// What kind of error: `malformed_json` (400), `unsupported_media_type` (415),
+    /// `payload_too_large` (413), `invalid_field` (422), `not_found` (404), `wrong_state` (409),
+    /// `forbidden` (403), `misdirected_request` (421), `unauthorized` (401), `rate_limited`
+    /// (429), `internal` (500).
     pub code: &'static str,
     pub message: String,
     /// The field at fault (422 only).
@@ -135,5 +152,29 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_description_lists_every_code() {
+        let every = [
+            ApiError::MalformedJson(String::new()),
+            ApiError::UnsupportedMediaType,
+            ApiError::PayloadTooLarge,
+            ApiError::invalid("f", ""),
+            ApiError::NotFound(String::new()),
+            ApiError::Conflict(String::new()),
+            ApiError::Forbidden(String::new()),
+            ApiError::Misdirected(String::new()),
+            ApiError::Unauthorized { message: "", invalid: false },
+            ApiError::RateLimited { message: String::new(), retry_after: std::time::Duration::ZERO },
+            ApiError::Internal(anyhow::anyhow!("")),
+        ];
+        let codes: Vec<&str> = every.iter().map(ApiError::code).collect();
+        assert_eq!(codes, ApiError::CODES);
     }
 }

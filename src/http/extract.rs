@@ -38,3 +38,40 @@ impl JsonObject {
         self.optional_str(field)?.ok_or_else(|| ApiError::invalid(field, "is required"))
     }
 }
+
+/// A whole number from 0 to `max`, however JSON writes it (`3`, `3.0`, `3e0`: JSON Schema's
+/// `integer` takes them all).
+pub fn whole_number(value: &Value, max: u64) -> Option<u64> {
+    let n = match value.as_u64() {
+        Some(n) => n,
+        None => value.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= max as f64).map(|f| f as u64)?,
+    };
+    (n <= max).then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn whole_numbers_may_be_written_as_floats_but_not_be_fractions_or_out_of_range() {
+        for (value, expected) in [
+            (json!(3), Some(3)),
+            (json!(3.0), Some(3)),
+            (json!(0), Some(0)),
+            (json!(10), Some(10)),
+            (json!(11), None),
+            (json!(3.5), None),
+            (json!(-1), None),
+            (json!(-0.0), Some(0)),
+            (json!("3"), None),
+            (json!(1e300), None),
+        ] {
+            assert_eq!(whole_number(&value, 10), expected, "{value}");
+        }
+        assert_eq!(whole_number(&json!(u64::MAX), i64::MAX as u64), None);
+        assert_eq!(whole_number(&json!(9.3e18), i64::MAX as u64), None);
+    }
+}

@@ -9,6 +9,7 @@ mod downloads;
 mod error;
 mod events;
 mod extract;
+mod fields;
 mod health;
 mod metrics;
 mod openapi;

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::error::ErrorBody;
-use super::extract::JsonObject;
+use super::extract::{JsonObject, whole_number};
 use super::state::AppState;
 use crate::auth::Caller;
 use crate::domain::{BucketName, Md5Hex, ObjectKey, RequestHeaders, Sha256Hex, SourceUrl};
@@ -107,15 +107,16 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
         .unwrap_or_default();
     let priority = match body.0.get("priority") {
         None | Some(serde_json::Value::Null) => 0,
-        Some(p) => {
-            p.as_u64().and_then(|p| u32::try_from(p).ok()).filter(|&p| p <= MAX_PRIORITY).ok_or_else(|| {
-                ApiError::invalid("priority", format!("must be a whole number from 0 to {MAX_PRIORITY}"))
-            })?
-        }
+        Some(p) => whole_number(p, MAX_PRIORITY.into())
+            .map(|p| p as u32)
+            .ok_or_else(|| ApiError::invalid("priority", format!("must be a whole number from 0 to {MAX_PRIORITY}")))?,
     };
+    // Sizes are kept as signed 64-bit integers.
     let expected_size = match body.0.get("size") {
         None | Some(serde_json::Value::Null) => None,
-        Some(size) => Some(size.as_u64().ok_or_else(|| ApiError::invalid("size", "must be a whole number of bytes"))?),
+        Some(size) => Some(whole_number(size, MAX_SIZE).ok_or_else(|| {
+            ApiError::invalid("size", format!("must be a whole number of bytes, at most {MAX_SIZE}"))
+        })?),
     };
     let headers = match body.0.get("headers") {
         None | Some(serde_json::Value::Null) => RequestHeaders::default(),
@@ -168,7 +169,9 @@ pub(super) fn parse_new_job(body: &JsonObject, state: &AppState, caller: &Caller
 }
 
 /// The highest `priority` (S3 Batch Operations' bound: a signed 32-bit integer's).
-const MAX_PRIORITY: u32 = i32::MAX as u32;
+const MAX_PRIORITY: u32 = super::fields::MAX_PRIORITY as u32;
+/// The largest declared `size` (the database keeps sizes as signed 64-bit integers).
+const MAX_SIZE: u64 = i64::MAX as u64;
 
 /// How long a caller at its limit of unfinished jobs is told to wait before asking again.
 const QUOTA_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
@@ -188,29 +191,36 @@ pub(super) async fn check_unfinished_quota(state: &AppState, caller: &Caller, ad
 }
 
 /// What `POST /api/v1/upload` takes (its fields are read one by one, so each mistake
-/// names its field; this type describes them).
+/// names its field; this type describes them). A field given as null is absent.
 #[allow(dead_code)]
 #[derive(utoipa::ToSchema)]
 pub(super) struct UploadRequest {
-    /// Absolute http/https URL without credentials, at most 2048 bytes.
+    /// The file to fetch.
+    #[schema(value_type = super::fields::HttpUrl)]
     file_url: String,
-    /// An S3 bucket name.
+    #[schema(value_type = super::fields::BucketName)]
     bucket_name: String,
-    /// The object's key: 1–1024 bytes of UTF-8.
+    #[schema(value_type = super::fields::ObjectName)]
     object_name: String,
-    /// The content's SHA-256, hex, checked before the object is stored.
+    /// The content's SHA-256, checked before the object is stored.
+    #[schema(value_type = Option<super::fields::Sha256Hex>)]
     sha256: Option<String>,
-    /// The content's MD5, hex, checked before the object is stored.
+    /// The content's MD5, checked before the object is stored.
+    #[schema(value_type = Option<super::fields::Md5Hex>)]
     md5: Option<String>,
     /// The content's size in bytes, checked before the object is stored.
+    #[schema(maximum = 9223372036854775807_u64)]
     size: Option<u64>,
-    /// Request headers sent to the origin (and only to it), e.g. `Authorization`.
-    headers: Option<std::collections::HashMap<String, String>>,
-    /// A webhook called when the job ends (Standard Webhooks).
+    #[schema(value_type = Option<super::fields::OriginHeaders>)]
+    headers: Option<HashMap<String, String>>,
+    /// A webhook called when the job ends (Standard Webhooks); needs the server's
+    /// --webhook-secret.
+    #[schema(value_type = Option<super::fields::HttpUrl>)]
     notify_url: Option<String>,
     if_exists: Option<IfExists>,
-    /// Among this caller's waiting jobs, higher goes first (0 to 2147483647, default 0);
-    /// callers take turns whatever their priorities.
+    /// Among this caller's waiting jobs, higher goes first; callers take turns whatever
+    /// their priorities.
+    #[schema(value_type = Option<super::fields::Priority>)]
     priority: Option<u32>,
 }
 
@@ -238,12 +248,14 @@ pub(super) struct DownloadLink {
 
 /// Submit a job: fetch `file_url` into `bucket_name` as `object_name`.
 #[utoipa::path(post, path = "/api/v1/upload", tag = "uploads", request_body = UploadRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "the same key and body answer the original job")),
+    params(("Idempotency-Key" = Option<super::fields::IdempotencyKey>, Header,
+        description = "the same key and body (fields in any order) answer the original job for 24 hours; another body under the key is 422")),
     responses(
-        (status = 202, description = "accepted", body = Accepted, headers(("location" = String, description = "/api/v1/uploads/{id}"))),
+        (status = 202, description = "accepted", body = Accepted, headers(
+            ("location" = String, description = "/api/v1/uploads/{id}"),
+            ("idempotent-replayed" = Option<String>, description = "`true` when this answers an earlier request with the same Idempotency-Key"))),
         (status = 403, description = "the key may not write there", body = ErrorBody),
-        (status = 422, description = "an invalid field; nothing written", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 422, description = "an invalid field (named in `field`), a destination the server refuses, or an Idempotency-Key used with another body; nothing written", body = ErrorBody),
         (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
     ))]
 pub(super) async fn create_upload(
@@ -366,8 +378,6 @@ pub(super) fn request_digest(value: &serde_json::Value) -> String {
 #[utoipa::path(get, path = "/api/v1/uploads/{id}", tag = "uploads", params(("id" = String, Path, description = "the upload's id")),
     responses((status = 200, description = "the upload", body = JobView),
         (status = 404, description = "no such upload (or another key's)", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
-        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
     ))]
 pub(super) async fn get_upload(
     State(state): State<AppState>,
@@ -388,14 +398,12 @@ pub(super) async fn get_upload(
 #[utoipa::path(get, path = "/api/v1/uploads", tag = "uploads",
     params(
         ("status" = Option<JobStatus>, Query, description = "only uploads in this status"),
-        ("limit" = Option<u32>, Query, description = "1–1000, default 50"),
-        ("before" = Option<String>, Query, description = "only uploads older than this id (the next page)"),
-        ("batch" = Option<String>, Query, description = "only the uploads of this batch"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1–1000, default 50"),
+        ("before" = Option<i64>, Query, description = "only uploads older than this id (the next page)"),
+        ("batch" = Option<i64>, Query, description = "only the uploads of this batch"),
     ),
     responses((status = 200, description = "a page", body = UploadList),
         (status = 422, description = "an invalid parameter", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
-        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
     ))]
 pub(super) async fn list_uploads(
     State(state): State<AppState>,
@@ -436,12 +444,12 @@ pub(super) async fn list_uploads(
 /// A time-limited download link for a completed upload.
 #[utoipa::path(get, path = "/api/v1/uploads/{id}/url", tag = "uploads",
     params(("id" = String, Path, description = "the upload's id"),
-        ("expires_in" = Option<u64>, Query, description = "seconds, default 3600, at most 604800")),
+        ("expires_in" = Option<i64>, Query, minimum = 1, maximum = 604800,
+            description = "seconds, default 3600, at most 604800 (or the server's --max-link-lifetime, if shorter)")),
     responses((status = 200, description = "the link", body = DownloadLink),
         (status = 409, description = "the upload has not completed", body = ErrorBody),
         (status = 404, description = "no such upload (or another key's)", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
-        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
+        (status = 422, description = "expires_in out of range", body = ErrorBody),
     ))]
 pub(super) async fn download_url(
     State(state): State<AppState>,
@@ -449,7 +457,7 @@ pub(super) async fn download_url(
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<DownloadLink>, ApiError> {
-    let max = state.links.max_lifetime().map_or(MAX_LINK_SECS, |m| (m.as_secs() as i64).clamp(1, MAX_LINK_SECS));
+    let max = max_link_secs(&state);
     let expires_in =
         match query.get("expires_in") {
             None => DEFAULT_LINK_SECS.min(max),
@@ -466,12 +474,17 @@ pub(super) async fn download_url(
     Ok(Json(DownloadLink { url: url.to_string(), expires_at: timestamp(expires_at) }))
 }
 
+/// The longest lifetime of a link this server makes, in seconds (its store's limit or
+/// --max-link-lifetime, if shorter than S3's).
+pub(super) fn max_link_secs(state: &AppState) -> i64 {
+    state.links.max_lifetime().map_or(MAX_LINK_SECS, |m| (m.as_secs() as i64).clamp(1, MAX_LINK_SECS))
+}
+
 /// Run a failed upload again, with a fresh retry budget.
 #[utoipa::path(post, path = "/api/v1/uploads/{id}/retry", tag = "uploads", params(("id" = String, Path, description = "the upload's id")),
     responses((status = 202, description = "re-queued", body = JobView),
         (status = 409, description = "the upload has not failed", body = ErrorBody),
         (status = 404, description = "no such upload (or another key's)", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
         (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
     ))]
 pub(super) async fn retry_upload(
@@ -503,8 +516,6 @@ pub(super) async fn retry_upload(
     responses((status = 202, description = "cancelled, or asked to stop", body = JobView),
         (status = 409, description = "the upload has finished", body = ErrorBody),
         (status = 404, description = "no such upload (or another key's)", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
-        (status = 429, description = "the key's request rate or unfinished-jobs limit", body = ErrorBody),
     ))]
 pub(super) async fn cancel_upload(
     State(state): State<AppState>,

@@ -22,7 +22,7 @@ use serde::Serialize;
 use self::manifest::{Defaults, Format};
 use self::request::{BatchRequest, Location, ManifestSource};
 use super::error::{ApiError, ErrorBody};
-use super::extract::JsonObject;
+use super::extract::{JsonObject, whole_number};
 use super::state::AppState;
 use super::uploads::{destination, idempotency_key};
 use crate::auth::Caller;
@@ -45,11 +45,13 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/batches/{id}/resume", post(resume_batch))
 }
 
-/// What `POST /api/v1/batches` takes.
+/// What `POST /api/v1/batches` takes: `manifest_url` or `manifest` (not both); a field
+/// given as null is absent.
 #[allow(dead_code)]
 #[derive(utoipa::ToSchema)]
 pub(super) struct BatchSubmission {
-    /// The manifest's URL (http/https, checked as a source URL is). One of `manifest_url`, `manifest`.
+    /// The manifest's URL, checked as a source URL is.
+    #[schema(value_type = Option<super::fields::HttpUrl>)]
     manifest_url: Option<String>,
     /// The manifest as an object in the store.
     manifest: Option<Location>,
@@ -57,6 +59,7 @@ pub(super) struct BatchSubmission {
     /// extension, or its first line.
     format: Option<Format>,
     /// The bucket of rows that name none (required for a URL list).
+    #[schema(value_type = Option<super::fields::BucketName>)]
     bucket_name: Option<String>,
     /// Put in front of every object name; a row without `object_name` is named
     /// `<prefix><host>/<path>` of its URL.
@@ -64,8 +67,10 @@ pub(super) struct BatchSubmission {
     /// The default for rows that do not say.
     if_exists: Option<IfExists>,
     /// The default for rows that do not say.
+    #[schema(value_type = Option<super::fields::Priority>)]
     priority: Option<u32>,
-    /// The default for rows that do not say.
+    /// The default for rows that do not say; needs the server's --webhook-secret.
+    #[schema(value_type = Option<super::fields::HttpUrl>)]
     notify_url: Option<String>,
     /// Where to write the report, a CSV with one row per manifest row, when the batch ends.
     report: Option<Location>,
@@ -198,9 +203,8 @@ fn parse_request(body: &JsonObject, state: &AppState, caller: &Caller) -> Result
     let priority = match body.0.get("priority") {
         None | Some(serde_json::Value::Null) => None,
         Some(p) => Some(
-            p.as_u64()
-                .and_then(|p| u32::try_from(p).ok())
-                .filter(|&p| p <= i32::MAX as u32)
+            whole_number(p, i32::MAX as u64)
+                .map(|p| p as u32)
                 .ok_or_else(|| ApiError::invalid("priority", "must be a whole number from 0 to 2147483647"))?,
         ),
     };
@@ -231,13 +235,13 @@ fn parse_request(body: &JsonObject, state: &AppState, caller: &Caller) -> Result
 
 /// Submit a manifest: its rows become jobs, read in the background.
 #[utoipa::path(post, path = "/api/v1/batches", tag = "batches", request_body = BatchSubmission,
-    params(("Idempotency-Key" = Option<String>, Header, description = "the same key and body answer the original batch")),
+    params(("Idempotency-Key" = Option<super::fields::IdempotencyKey>, Header, description = "the same key and body answer the original batch")),
     responses(
         (status = 202, description = "accepted; the manifest is read in the background", body = BatchView,
-            headers(("location" = String, description = "/api/v1/batches/{id}"))),
+            headers(("location" = String, description = "/api/v1/batches/{id}"),
+                ("idempotent-replayed" = Option<String>, description = "`true` when this answers an earlier request with the same Idempotency-Key"))),
         (status = 403, description = "the key may not use that bucket", body = ErrorBody),
-        (status = 422, description = "an invalid field; nothing written", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
+        (status = 422, description = "an invalid field (named in `field`), or an Idempotency-Key used with another body; nothing written", body = ErrorBody),
     ))]
 pub(super) async fn create_batch(
     State(state): State<AppState>,
@@ -284,23 +288,27 @@ async fn accept(
 /// so it must outlive the request), then read as a batch whose manifest is that object.
 #[utoipa::path(post, path = "/api/v1/batches/upload", tag = "batches",
     params(
-        ("bucket_name" = String, Query, description = "where the manifest is kept, the rows' default bucket, and the report's bucket"),
-        ("manifest_object_name" = String, Query, description = "the manifest's name in bucket_name"),
-        ("format" = Option<String>, Query, description = "csv, jsonl or tsv; by default from the Content-Type (text/csv, application/x-ndjson, text/tab-separated-values) or the first line"),
+        ("bucket_name" = super::fields::BucketName, Query, description = "where the manifest is kept, the rows' default bucket, and the report's bucket"),
+        ("manifest_object_name" = super::fields::ObjectName, Query, description = "the manifest's name in bucket_name"),
+        ("format" = Option<Format>, Query, description = "by default from the Content-Type (text/csv, application/x-ndjson, text/tab-separated-values) or the first line"),
         ("prefix" = Option<String>, Query, description = "put in front of every object name"),
-        ("if_exists" = Option<String>, Query, description = "the default for rows that do not say"),
-        ("priority" = Option<u32>, Query, description = "the default for rows that do not say, 0–2147483647"),
-        ("notify_url" = Option<String>, Query, description = "the default for rows that do not say"),
-        ("report_object_name" = Option<String>, Query, description = "where in bucket_name to write the report when the batch ends"),
+        ("if_exists" = Option<IfExists>, Query, description = "the default for rows that do not say"),
+        ("priority" = Option<super::fields::Priority>, Query, description = "the default for rows that do not say"),
+        ("notify_url" = Option<super::fields::HttpUrl>, Query, description = "the default for rows that do not say; needs the server's --webhook-secret"),
+        ("report_object_name" = Option<super::fields::ObjectName>, Query, description = "where in bucket_name to write the report when the batch ends"),
     ),
-    request_body(content = String, content_type = "text/csv", description = "the manifest: CSV, JSON Lines or a TsvHttpData-1.0 URL list, at most --max-file-size"),
+    request_body(description = "the manifest: CSV, JSON Lines or a TsvHttpData-1.0 URL list, at most --max-file-size; any content type", content(
+        (String = "text/csv"),
+        (String = "application/x-ndjson"),
+        (String = "text/tab-separated-values"),
+        (String = "application/octet-stream"),
+    )),
     responses(
         (status = 202, description = "stored and accepted; the manifest is read in the background", body = BatchView,
             headers(("location" = String, description = "/api/v1/batches/{id}"))),
         (status = 403, description = "the key may not use that bucket", body = ErrorBody),
         (status = 413, description = "the manifest is larger than --max-file-size", body = ErrorBody),
         (status = 422, description = "an invalid parameter; nothing written", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
         (status = 500, description = "the store could not keep the manifest for now; no batch", body = ErrorBody),
     ))]
 pub(super) async fn upload_batch(
@@ -429,7 +437,6 @@ async fn find(state: &AppState, raw_id: &str, caller: &Caller) -> Result<Batch, 
     params(("id" = String, Path, description = "the batch's id")),
     responses((status = 200, description = "the batch", body = BatchView),
         (status = 404, description = "no such batch (or another key's)", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
     ))]
 pub(super) async fn get_batch(
     State(state): State<AppState>,
@@ -441,11 +448,10 @@ pub(super) async fn get_batch(
 
 /// Batches the key may see, newest first.
 #[utoipa::path(get, path = "/api/v1/batches", tag = "batches",
-    params(("limit" = Option<u32>, Query, description = "1–1000, default 50"),
-        ("before" = Option<String>, Query, description = "only batches older than this id (the next page)")),
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1–1000, default 50"),
+        ("before" = Option<i64>, Query, description = "only batches older than this id (the next page)")),
     responses((status = 200, description = "a page", body = BatchList),
         (status = 422, description = "an invalid parameter", body = ErrorBody),
-        (status = 401, description = "a key is needed, or the key is not valid", body = ErrorBody),
     ))]
 pub(super) async fn list_batches(
     State(state): State<AppState>,

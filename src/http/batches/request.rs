@@ -7,7 +7,9 @@ use super::manifest::{Defaults, Format};
 /// A bucket and an object name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Location {
+    #[schema(value_type = crate::http::fields::BucketName)]
     pub bucket_name: String,
+    #[schema(value_type = crate::http::fields::ObjectName)]
     pub object_name: String,
 }
 
