@@ -281,10 +281,23 @@ impl Worker {
             None => RequestHeaders::default(),
         };
         // Progress from an earlier attempt: it may have saved a checkpoint to go on from.
-        let saved = match job.bytes_done {
+        let mut saved = match job.bytes_done {
             Some(done) if done > 0 => self.saved_checkpoint(job.id).await,
             _ => None,
         };
+        // Its hashes must go on with every digest this attempt computes (`--digests` may
+        // have changed since); else the part stored is of no use.
+        let wanted = Expectations {
+            sha256: job.expected_sha256.clone(),
+            md5: job.expected_md5.clone(),
+            compute: self.digests(),
+            ..Default::default()
+        };
+        if saved.as_ref().is_some_and(|c| !c.hashes.goes_on_with(&wanted)) {
+            tracing::info!(job_id = %job.id, "the checkpoint's hashes cannot go on; starting over");
+            self.forget_checkpoint(job, true).await;
+            saved = None;
+        }
         let part_size = self.store.resumable_part_size();
         let from = saved.as_ref().and_then(|c| c.range(part_size));
         // Sync: ask the origin whether the file changed since it was stored (not when

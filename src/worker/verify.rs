@@ -112,6 +112,14 @@ pub struct HashState {
     crc64nvme: Option<u64>,
 }
 
+impl HashState {
+    /// Whether a stream with `expect` can go on from this state: it holds every hash the
+    /// stream computes, readable.
+    pub fn goes_on_with(&self, expect: &Expectations) -> bool {
+        restore(self, expect.computed()).is_ok()
+    }
+}
+
 /// Bodies longer than this are hashed beside the transfer (see [`Lane`]); shorter ones,
 /// most of them, in the stream itself, where a hand-over to a thread would cost more than
 /// the hashing.
@@ -560,6 +568,7 @@ mod tests {
         let whole = Digests { size: 3 << 20, sha256: None, md5: Some(hex::encode(Md5::digest(&data))), crc64nvme: None };
         assert_eq!(verifier.digests().unwrap(), whole);
         let saved = pending.unwrap().ready().await.unwrap();
+        assert!(saved.goes_on_with(&md5_only) && !saved.goes_on_with(&expect_large()));
         let (rest, resumed) = verified(chunks(saved.size as usize), md5_only, Some(&saved));
         rest.try_collect::<Vec<_>>().await.unwrap();
         assert_eq!(resumed.digests().unwrap(), whole);
