@@ -180,3 +180,101 @@ async fn every_route_is_described_and_answers_fit_the_description() {
     assert!(page.contains("/api/v1/openapi.json") && !page.contains("https://"), "no page from elsewhere");
     app.stop().await;
 }
+
+/// The schema of the parameter `name` of `method path`.
+fn parameter<'a>(doc: &'a Value, method: &str, path: &str, name: &str) -> &'a Value {
+    let parameters = doc["paths"][path][method]["parameters"].as_array().unwrap();
+    &parameters.iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{method} {path}: no {name}"))["schema"]
+}
+
+#[tokio::test]
+async fn the_description_states_the_rules_the_server_enforces_at_their_bounds() {
+    let origin = Origin::start().await;
+    let app = spawn_app().await;
+    let (_, doc) = call(&app, reqwest::Method::GET, "/api/v1/openapi.json", None).await;
+    let schemas = &doc["components"]["schemas"];
+
+    // The rules are in the description.
+    for (method, path) in [("get", "/api/v1/uploads"), ("get", "/api/v1/batches")] {
+        let limit = parameter(&doc, method, path, "limit");
+        assert_eq!((&limit["minimum"], &limit["maximum"]), (&json!(1), &json!(1000)), "{path}");
+    }
+    let expires_in = parameter(&doc, "get", "/api/v1/uploads/{id}/url", "expires_in");
+    assert_eq!((&expires_in["minimum"], &expires_in["maximum"]), (&json!(1), &json!(604800)));
+    assert_eq!(schemas["Sha256Hex"]["pattern"], "^[0-9a-fA-F]{64}$");
+    assert_eq!(schemas["Md5Hex"]["pattern"], "^[0-9a-fA-F]{32}$");
+    assert_eq!((&schemas["BucketName"]["minLength"], &schemas["BucketName"]["maxLength"]), (&json!(3), &json!(63)));
+    assert_eq!((&schemas["ObjectName"]["minLength"], &schemas["ObjectName"]["maxLength"]), (&json!(1), &json!(1024)));
+    assert_eq!((&schemas["HttpUrl"]["format"], &schemas["HttpUrl"]["maxLength"]), (&json!("uri"), &json!(2048)));
+    assert_eq!((&schemas["Priority"]["minimum"], &schemas["Priority"]["maximum"]), (&json!(0), &json!(2147483647)));
+    let upload = &schemas["UploadRequest"];
+    for field in ["file_url", "bucket_name", "object_name"] {
+        assert!(upload["required"].as_array().unwrap().contains(&json!(field)), "{field} is required");
+        assert!(upload["properties"][field]["$ref"].is_string(), "{field} is a non-null string of its own schema");
+    }
+    assert_eq!(schemas["BatchItems"]["properties"]["items"]["maxItems"], 1000);
+    assert_eq!(schemas["JobStatus"]["enum"], json!(["pending", "processing", "completed", "failed", "cancelled"]));
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let answers = operation["responses"].as_object().unwrap();
+            let keyed = operation["security"] != json!([{}]);
+            for status in ["401", "429"].into_iter().filter(|_| keyed).chain(["421"]) {
+                assert!(answers.contains_key(status), "{method} {path} does not list {status}");
+            }
+        }
+    }
+    assert!(doc["paths"]["/api/v1/uploads/{id}/url"]["get"]["responses"]["422"].is_object());
+
+    // Just outside a bound is refused with a status the description lists; just inside is taken.
+    let upload = |changes: Value| {
+        let mut body =
+            json!({ "file_url": origin.url("/file/100"), "bucket_name": app.bucket, "object_name": "bounds.bin" });
+        body.as_object_mut().unwrap().extend(changes.as_object().unwrap().clone());
+        body
+    };
+    let sha256 = "AB".repeat(32);
+    for (changes, expected) in [
+        (json!({ "priority": 2147483647 }), 202),
+        (json!({ "priority": 2147483648_u64 }), 422),
+        (json!({ "priority": 7.0 }), 202),
+        (json!({ "sha256": sha256 }), 202),
+        (json!({ "sha256": &sha256[1..] }), 422),
+        (json!({ "md5": "g".repeat(32) }), 422),
+        (json!({ "bucket_name": "ab" }), 422),
+        (json!({ "object_name": "k".repeat(1025) }), 422),
+        (json!({ "object_name": "a/../b" }), 422),
+        (json!({ "size": 9223372036854775807_u64 }), 202),
+        (json!({ "size": 9223372036854775808_u64 }), 422),
+        (json!({ "file_url": null }), 422),
+        (json!({ "file_url": "ftp://example.com/x" }), 422),
+        (json!({ "headers": { "Content-Length": "1" } }), 422),
+        (json!({ "headers": { "X-Token": "1" } }), 202),
+    ] {
+        let (status, answer) =
+            call(&app, reqwest::Method::POST, "/api/v1/upload", Some(&upload(changes.clone()))).await;
+        assert_eq!(status, expected, "{changes}: {answer}");
+        validate(&doc, "post", "/api/v1/upload", status, &answer);
+    }
+    for (query, expected) in [("limit=0", 422), ("limit=1", 200), ("limit=1000", 200), ("limit=1001", 422)] {
+        for path in ["/api/v1/uploads", "/api/v1/batches"] {
+            let (status, answer) = call(&app, reqwest::Method::GET, &format!("{path}?{query}"), None).await;
+            assert_eq!(status, expected, "{path}?{query}: {answer}");
+            validate(&doc, "get", path, status, &answer);
+        }
+    }
+    let body = upload(json!({}));
+    let (_, accepted) = call(&app, reqwest::Method::POST, "/api/v1/upload", Some(&body)).await;
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    assert_eq!(app.finished(&id).await["status"], "completed");
+    for (expires_in, expected) in [(0, 422), (1, 200), (604800, 200), (604801, 422)] {
+        let path = format!("/api/v1/uploads/{id}/url?expires_in={expires_in}");
+        let (status, answer) = call(&app, reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, expected, "expires_in={expires_in}: {answer}");
+        validate(&doc, "get", "/api/v1/uploads/{id}/url", status, &answer);
+    }
+    let empty = json!({ "items": [] });
+    let (status, answer) = call(&app, reqwest::Method::POST, "/api/v1/uploads/batch", Some(&empty)).await;
+    assert_eq!(status, 422, "{answer}");
+    validate(&doc, "post", "/api/v1/uploads/batch", status, &answer);
+    app.stop().await;
+}
