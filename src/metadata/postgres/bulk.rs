@@ -50,6 +50,60 @@ fn batch_from_row(row: &PgRow) -> Result<Batch, RepoError> {
     })
 }
 
+/// Jobs of a cancelled batch cancelled in one transaction, at most.
+const CANCEL_CHUNK: i64 = 5_000;
+
+impl PgRepository {
+    /// Cancel a cancelled batch's waiting jobs and ask its running ones to stop, a chunk
+    /// per transaction, passing over rows another transaction holds (a claim or a
+    /// completion, which also updates the batch's counts) and coming back for them. One
+    /// transaction over every row deadlocked with those: it held the batch's row and waited
+    /// for a job's, while the claim held the job's and waited for the batch's.
+    async fn cancel_jobs(&self, id: i64, now: DateTime<Utc>) -> Result<(), RepoError> {
+        let mut idle_rounds = 0;
+        loop {
+            let done = sqlx::query(
+                "UPDATE files SET \
+                 status = CASE status WHEN 'pending' THEN 'cancelled' ELSE status END, \
+                 cancel_requested_at = CASE status WHEN 'processing' THEN $2 ELSE cancel_requested_at END, \
+                 next_attempt_at = CASE status WHEN 'pending' THEN NULL ELSE next_attempt_at END, \
+                 updated_at = $2 \
+                 WHERE id IN (SELECT id FROM files WHERE batch_id = $1 \
+                   AND (status = 'pending' OR (status = 'processing' AND cancel_requested_at IS NULL)) \
+                   LIMIT $3 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(CANCEL_CHUNK)
+            .execute(&self.db.pool)
+            .await?
+            .rows_affected();
+            if done > 0 {
+                idle_rounds = 0;
+                continue;
+            }
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM files WHERE batch_id = $1 \
+                 AND (status = 'pending' OR (status = 'processing' AND cancel_requested_at IS NULL))",
+            )
+            .bind(id)
+            .fetch_one(&self.db.pool)
+            .await?;
+            if left == 0 {
+                return Ok(());
+            }
+            // Held for a moment by a claim or a completion.
+            idle_rounds += 1;
+            if idle_rounds > 1_500 {
+                return Err(RepoError::Contended(format!(
+                    "{left} jobs of batch {id} stayed locked for 30 s; cancel it again"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 async fn read_batch<'c>(c: impl sqlx::PgExecutor<'c>, id: i64) -> Result<Option<Batch>, RepoError> {
     let row =
         sqlx::query(&format!("SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1")).bind(id).fetch_optional(c).await?;
@@ -243,18 +297,7 @@ impl BatchStore for PgRepository {
         if changed {
             match steer {
                 Steer::Cancel => {
-                    sqlx::query(
-                        "UPDATE files SET \
-                         status = CASE status WHEN 'pending' THEN 'cancelled' ELSE status END, \
-                         cancel_requested_at = CASE status WHEN 'processing' THEN $2 ELSE cancel_requested_at END, \
-                         next_attempt_at = CASE status WHEN 'pending' THEN NULL ELSE next_attempt_at END, \
-                         updated_at = $2 \
-                         WHERE batch_id = $1 AND status IN ('pending', 'processing')",
-                    )
-                    .bind(id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+                    // The jobs themselves: in chunks of their own, after this commits.
                     // Announcements of cancelled jobs have nothing left to say.
                     sqlx::query("DELETE FROM outbox WHERE owner = $1").bind(&held).execute(&mut *tx).await?;
                 }
@@ -280,10 +323,14 @@ impl BatchStore for PgRepository {
                 }
             }
         }
-        let batch = read_batch(&mut *tx, id).await?;
+        let mut batch = read_batch(&mut *tx, id).await?;
         tx.commit().await?;
         if changed && steer == Steer::Resume {
             self.db.outboxed.notify_waiters();
+        }
+        if changed && steer == Steer::Cancel {
+            self.cancel_jobs(id, now).await?;
+            batch = read_batch(&self.db.pool, id).await?;
         }
         Ok(batch.map(|batch| Steered { changed, batch }))
     }
