@@ -37,9 +37,6 @@ pub enum RepoError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt job row {id}: {reason}")]
     Corrupt { id: i64, reason: String },
-    /// Rows stayed held by other transactions past a wait; trying again later may pass.
-    #[error("{0}")]
-    Contended(String),
 }
 
 /// A column of job `id`'s row, parsed as its type: rows hold only values that parsed when
@@ -60,7 +57,6 @@ impl RepoError {
         let sql = match self {
             Self::Database(e) => e,
             Self::Migration(sqlx::migrate::MigrateError::Execute(e)) => e,
-            Self::Contended(_) => return true,
             _ => return false,
         };
         match sql {

@@ -104,7 +104,8 @@ impl PgRepository {
                    AND NOT EXISTS (SELECT 1 FROM files o \
                        WHERE o.bucket_name = f.bucket_name AND o.object_name = f.object_name \
                          AND o.status = 'processing' AND o.id <> f.id) \
-                   AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = f.batch_id AND b.paused) \
+                   AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = f.batch_id \
+                       AND (b.paused OR (b.state = 'cancelled' AND f.status = 'pending'))) \
                    AND NOT EXISTS (SELECT 1 FROM batch o \
                        WHERE o.id < f.id AND o.bucket_name = f.bucket_name AND o.object_name = f.object_name \
                          AND o.status = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())) \
@@ -126,7 +127,8 @@ impl PgRepository {
     async fn refusals(&self, ids: &[i64]) -> Result<HashMap<i64, Claim>, RepoError> {
         let rows = sqlx::query(
             "SELECT id, status, lease_expires_at, next_attempt_at, now() AS db_now, \
-             EXISTS (SELECT 1 FROM batches b WHERE b.id = files.batch_id AND b.paused) AS paused \
+             EXISTS (SELECT 1 FROM batches b WHERE b.id = files.batch_id \
+                 AND (b.paused OR (b.state = 'cancelled' AND files.status = 'pending'))) AS paused \
              FROM files WHERE id = ANY($1)",
         )
         .bind(ids)
