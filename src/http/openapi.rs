@@ -67,12 +67,25 @@ pub fn document() -> Value {
     doc
 }
 
-/// The description as this server serves it: download links live at most `max_link_secs`.
-fn document_for(max_link_secs: i64) -> Value {
+/// The description as this server serves it: its download links live at most as long as
+/// it makes them, and without a webhook secret it takes no `notify_url`.
+fn document_for(state: &AppState) -> Value {
     let mut doc = document();
     let parameters = doc["paths"]["/api/v1/uploads/{id}/url"]["get"]["parameters"].as_array_mut();
     for parameter in parameters.into_iter().flatten().filter(|p| p["name"] == "expires_in") {
-        parameter["schema"]["maximum"] = max_link_secs.into();
+        parameter["schema"]["maximum"] = uploads::max_link_secs(state).into();
+    }
+    if !state.webhooks_signed {
+        let refused = "webhooks need a signing secret, and this server has none (--webhook-secret)";
+        for body in ["UploadRequest", "BatchSubmission"] {
+            doc["components"]["schemas"][body]["properties"]["notify_url"] =
+                json!({ "type": "null", "description": refused });
+        }
+        let parameters = doc["paths"]["/api/v1/batches/upload"]["post"]["parameters"].as_array_mut();
+        for parameter in parameters.into_iter().flatten().filter(|p| p["name"] == "notify_url") {
+            parameter["schema"] = json!({ "not": {} });
+            parameter["description"] = refused.into();
+        }
     }
     doc
 }
@@ -195,8 +208,7 @@ fn add_the_answers_of_every_route(doc: &mut Value) {
 const DOCS: &str = include_str!("../../assets/docs.html");
 
 pub fn router() -> Router<AppState> {
-    let served =
-        |State(state): State<AppState>| async move { axum::Json(document_for(uploads::max_link_secs(&state))) };
+    let served = |State(state): State<AppState>| async move { axum::Json(document_for(&state)) };
     Router::new().route("/api/v1/openapi.json", get(served)).route(
         "/docs",
         get(|| async {
