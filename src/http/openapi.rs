@@ -64,6 +64,7 @@ pub fn document() -> Value {
     doc["info"]["version"] = env!("CARGO_PKG_VERSION").into();
     state_what_annotations_cannot(&mut doc);
     add_the_answers_of_every_route(&mut doc);
+    link_the_ids_answers_give(&mut doc);
     doc
 }
 
@@ -136,6 +137,33 @@ fn state_what_annotations_cannot(doc: &mut Value) {
                     "event": { "type": "string" },
                 },
             });
+        }
+    }
+}
+
+/// OpenAPI links: where the id an answer gives can be used next (a client, or a fuzzer's
+/// stateful tests, follows them).
+fn link_the_ids_answers_give(doc: &mut Value) {
+    let job = ["get_upload", "download_url", "retry_upload", "cancel_upload", "job_events"];
+    let batch = ["get_batch", "cancel_batch", "pause_batch", "resume_batch"];
+    let from: [(&str, &str, &str, &str, &[&str]); 6] = [
+        ("/api/v1/upload", "post", "202", "/id", &job),
+        ("/api/v1/uploads/batch", "post", "207", "/results/0/id", &job),
+        ("/api/v1/uploads/{id}/retry", "post", "202", "/id", &job),
+        ("/api/v1/uploads/{id}/cancel", "post", "202", "/id", &job),
+        ("/api/v1/batches", "post", "202", "/id", &batch),
+        ("/api/v1/batches/upload", "post", "202", "/id", &batch),
+    ];
+    for (path, method, status, pointer, targets) in from {
+        let answer =
+            doc["paths"].get_mut(path).and_then(|item| item.get_mut(method)?.get_mut("responses")?.get_mut(status));
+        let answer = answer.unwrap_or_else(|| panic!("{method} {path} answers {status}"));
+        let id = format!("$response.body#{pointer}");
+        for target in targets {
+            answer["links"][*target] = json!({ "operationId": target, "parameters": { "id": id } });
+        }
+        if targets == batch {
+            answer["links"]["list_uploads"] = json!({ "operationId": "list_uploads", "parameters": { "batch": id } });
         }
     }
 }
