@@ -194,6 +194,28 @@ impl BatchStore for PgRepository {
         now: DateTime<Utc>,
     ) -> Result<Option<Batch>, RepoError> {
         let mut tx = self.db.pool.begin().await?;
+        let batch: Vec<NewJobAt> =
+            jobs.iter().map(|job| (job.clone(), now, format!("{:032x}", rand::random::<u128>()))).collect();
+        for chunk in batch.chunks(MAX_BATCH * 16) {
+            insert_on(&mut *tx, chunk).await?;
+        }
+        if !invalid.is_empty() {
+            sqlx::query(
+                "INSERT INTO batch_invalid_rows (batch_id, row, file_url, reason) \
+                 SELECT $1, r, u, e FROM unnest($2::bigint[], $3::text[], $4::text[]) AS v (r, u, e) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(id)
+            .bind(invalid.iter().map(|r| to_db(r.row)).collect::<Vec<_>>())
+            .bind(invalid.iter().map(|r| r.file_url.clone()).collect::<Vec<_>>())
+            .bind(invalid.iter().map(|r| r.reason.clone()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        // The batch's row last, so it is held only until the commit: every change of one
+        // of its jobs' status updates its counts (a trigger) and waits for it. Taken first,
+        // it held the workers back for the whole insert (about 230 jobs/s while reading,
+        // where they do 550 otherwise). A reader that lost the batch meanwhile rolls back.
         let held = sqlx::query(
             "UPDATE batches SET rows_read = $3, reader_until = $4, updated_at = $5, \
              total = total + $6 + $7, pending = pending + $6, invalid = invalid + $7 \
@@ -212,24 +234,6 @@ impl BatchStore for PgRepository {
             == 1;
         if !held {
             return Ok(None);
-        }
-        let batch: Vec<NewJobAt> =
-            jobs.iter().map(|job| (job.clone(), now, format!("{:032x}", rand::random::<u128>()))).collect();
-        for chunk in batch.chunks(MAX_BATCH * 16) {
-            insert_on(&mut *tx, chunk).await?;
-        }
-        if !invalid.is_empty() {
-            sqlx::query(
-                "INSERT INTO batch_invalid_rows (batch_id, row, file_url, reason) \
-                 SELECT $1, r, u, e FROM unnest($2::bigint[], $3::text[], $4::text[]) AS v (r, u, e) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(id)
-            .bind(invalid.iter().map(|r| to_db(r.row)).collect::<Vec<_>>())
-            .bind(invalid.iter().map(|r| r.file_url.clone()).collect::<Vec<_>>())
-            .bind(invalid.iter().map(|r| r.reason.clone()).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
         }
         let batch = read_batch(&mut *tx, id).await?;
         tx.commit().await?;
