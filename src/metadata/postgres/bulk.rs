@@ -61,25 +61,30 @@ impl PgRepository {
     /// cancel answered 500 in 3 runs of 3): it held the batch's row and waited for a job's,
     /// while the claim held the job's and waited for the batch's.
     async fn cancel_jobs(&self, id: i64, now: DateTime<Utc>) -> Result<(), RepoError> {
+        // In id order from where the last chunk ended, so no chunk reads the rows done before.
+        let mut after = 0i64;
         loop {
-            let done = sqlx::query(
-                "UPDATE files SET \
-                 status = CASE status WHEN 'pending' THEN 'cancelled' ELSE status END, \
-                 cancel_requested_at = CASE status WHEN 'processing' THEN $2 ELSE cancel_requested_at END, \
-                 next_attempt_at = CASE status WHEN 'pending' THEN NULL ELSE next_attempt_at END, \
-                 updated_at = $2 \
-                 WHERE id IN (SELECT id FROM files WHERE batch_id = $1 \
+            let (done, last): (i64, Option<i64>) = sqlx::query_as(
+                "WITH picked AS (SELECT id FROM files WHERE batch_id = $1 AND id > $4 \
                    AND (status = 'pending' OR (status = 'processing' AND cancel_requested_at IS NULL)) \
-                   LIMIT $3 FOR UPDATE SKIP LOCKED)",
+                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED), \
+                 done AS (UPDATE files SET \
+                   status = CASE status WHEN 'pending' THEN 'cancelled' ELSE status END, \
+                   cancel_requested_at = CASE status WHEN 'processing' THEN $2 ELSE cancel_requested_at END, \
+                   next_attempt_at = CASE status WHEN 'pending' THEN NULL ELSE next_attempt_at END, \
+                   updated_at = $2 \
+                   FROM picked WHERE files.id = picked.id RETURNING files.id) \
+                 SELECT count(*), max(id) FROM done",
             )
             .bind(id)
             .bind(now)
             .bind(CANCEL_CHUNK)
-            .execute(&self.db.pool)
-            .await?
-            .rows_affected();
-            if done == 0 {
-                return Ok(());
+            .bind(after)
+            .fetch_one(&self.db.pool)
+            .await?;
+            match last {
+                Some(last) if done == CANCEL_CHUNK => after = last,
+                _ => return Ok(()),
             }
         }
     }

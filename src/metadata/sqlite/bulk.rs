@@ -20,6 +20,9 @@ use crate::metadata::{
     millis, to_db,
 };
 
+/// Jobs of a cancelled batch cancelled in one write, at most.
+const CANCEL_CHUNK: i64 = 5_000;
+
 const BATCH_COLUMNS: &str = "id, owner_key, state, paused, request, rows_read, read_error, total, pending, \
     processing, completed, failed, cancelled, invalid, bytes_done, report_written_at, report_error, ended_at, \
     created_at, updated_at";
@@ -58,6 +61,45 @@ fn batch_from_row(row: &SqliteRow) -> Result<Batch, RepoError> {
 }
 
 impl SqliteRepository {
+    /// Cancel a cancelled batch's waiting jobs and ask its running ones to stop, as a
+    /// single cancel does (a waiting job's queue row goes with it), a chunk of
+    /// [`CANCEL_CHUNK`] per write in id order.
+    async fn cancel_jobs(&self, id: i64, now: i64) -> Result<(), RepoError> {
+        let mut after = 0i64;
+        loop {
+            let done: Vec<i64> = self
+                .db
+                .write(move |c| {
+                    Box::pin(async move {
+                        sqlx::query_scalar(
+                            "UPDATE files SET \
+                             status = CASE status WHEN 'pending' THEN 'cancelled' ELSE status END, \
+                             cancel_requested_at = CASE status WHEN 'processing' THEN ?2 ELSE cancel_requested_at END, \
+                             next_attempt_at = CASE status WHEN 'pending' THEN NULL ELSE next_attempt_at END, \
+                             updated_at = ?2 \
+                             WHERE id IN (SELECT id FROM files WHERE batch_id = ?1 AND id > ?3 \
+                               AND (status = 'pending' OR (status = 'processing' AND cancel_requested_at IS NULL)) \
+                               ORDER BY id LIMIT ?4) \
+                             RETURNING id",
+                        )
+                        .bind(id)
+                        .bind(now)
+                        .bind(after)
+                        .bind(CANCEL_CHUNK)
+                        .fetch_all(c)
+                        .await
+                    })
+                })
+                .await?;
+            let last = done.iter().max().copied();
+            let done = done.len() as i64;
+            match last {
+                Some(last) if done == CANCEL_CHUNK => after = last,
+                _ => return Ok(()),
+            }
+        }
+    }
+
     async fn read_batch<'c>(c: impl sqlx::SqliteExecutor<'c>, id: i64) -> Result<Option<Batch>, RepoError> {
         let row = sqlx::query(&format!("SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?1"))
             .bind(id)
@@ -291,21 +333,9 @@ impl BatchStore for SqliteRepository {
                     if changed {
                         match steer {
                             Steer::Cancel => {
-                                // As a single cancel does: a waiting job at once (its queue
-                                // row goes with it), a running one asked to stop.
-                                sqlx::query(
-                                    "UPDATE files SET \
-                                     status = CASE status WHEN 'pending' THEN 'cancelled' ELSE status END, \
-                                     cancel_requested_at = CASE status WHEN 'processing' THEN ?2 \
-                                         ELSE cancel_requested_at END, \
-                                     next_attempt_at = CASE status WHEN 'pending' THEN NULL ELSE next_attempt_at END, \
-                                     updated_at = ?2 \
-                                     WHERE batch_id = ?1 AND status IN ('pending', 'processing')",
-                                )
-                                .bind(id)
-                                .bind(now)
-                                .execute(&mut *tx)
-                                .await?;
+                                // Its jobs are cancelled by the batch runner (`ending`), a
+                                // chunk per write, so a large batch does not hold the one
+                                // writer for seconds; from now on no claim takes a waiting one.
                             }
                             Steer::Pause => {
                                 // Filed under an owner that never gets a turn, and not due:
@@ -349,6 +379,14 @@ impl BatchStore for SqliteRepository {
 
     async fn ending(&self, now: DateTime<Utc>) -> Result<Vec<Batch>, RepoError> {
         let now = to_millis(now);
+        let cancelling: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM batches WHERE state = 'cancelled' AND ended_at IS NULL AND pending > 0 ORDER BY id",
+        )
+        .fetch_all(&self.db.reads)
+        .await?;
+        for id in cancelling {
+            self.cancel_jobs(id, now).await?;
+        }
         let rows = self
             .db
             .write(move |c| {
@@ -363,7 +401,8 @@ impl BatchStore for SqliteRepository {
                     .await?;
                     let rows = sqlx::query(&format!(
                         "SELECT {BATCH_COLUMNS} FROM batches WHERE ended_at IS NULL \
-                         AND (state = 'completed' OR (state = 'cancelled' AND processing = 0)) ORDER BY id"
+                         AND (state = 'completed' OR (state = 'cancelled' AND processing = 0 AND pending = 0)) \
+                         ORDER BY id"
                     ))
                     .fetch_all(&mut *tx)
                     .await?;
