@@ -91,8 +91,9 @@ fn document_for(state: &AppState) -> Value {
     doc
 }
 
-/// Rules the handlers enforce that utoipa's attributes cannot say: which of a batch's
-/// fields go together, and the values of fields the API writes as plain strings.
+/// What utoipa's attributes cannot say: which of a batch's fields go together, the values
+/// of fields the API writes as plain strings, an uploaded manifest's body, and an event
+/// stream's events.
 fn state_what_annotations_cannot(doc: &mut Value) {
     let schemas = &mut doc["components"]["schemas"];
     // `manifest_url` or `manifest`, exactly one of them not null; a URL list needs the
