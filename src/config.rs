@@ -115,7 +115,8 @@ pub enum ClientCommand {
         /// The content's MD5 (hex), checked before the object is stored.
         #[arg(long)]
         md5: Option<String>,
-        /// `overwrite` (default), `skip` or `fail` when the object already exists.
+        /// `overwrite` (default), `skip`, `fail` or `if_changed` (fetch only if the origin's
+        /// file changed since fileflow stored it from this URL) when the object already exists.
         #[arg(long)]
         if_exists: Option<String>,
         /// A webhook called when the job ends.
@@ -202,7 +203,8 @@ pub enum BatchCommand {
         /// Where in --bucket to write the report (a CSV, one row per manifest row) when the batch ends.
         #[arg(long)]
         report: Option<String>,
-        /// `overwrite` (default), `skip` or `fail`, for rows that do not say.
+        /// `overwrite` (default), `skip`, `fail` or `if_changed` (sync: fetch only what
+        /// changed since the last run), for rows that do not say.
         #[arg(long)]
         if_exists: Option<String>,
         /// For rows that do not say: higher goes first among this key's waiting jobs.
