@@ -46,7 +46,13 @@ pub async fn run(state: AppState, stop: CancellationToken) {
             () = tokio::time::sleep(POLL) => {}
         }
         while readers.try_join_next().is_some() {}
-        match state.bulk.ending(Utc::now()).await {
+        // Cancelling a large batch's jobs takes a while; a stop does not wait for it (each
+        // chunk is its own transaction, and the next runner goes on with the rest).
+        let ending = tokio::select! {
+            () = stop.cancelled() => break,
+            ending = state.bulk.ending(Utc::now()) => ending,
+        };
+        match ending {
             Ok(ended) => {
                 for batch in ended {
                     close(&state, &batch).await;
