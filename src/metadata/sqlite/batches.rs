@@ -36,6 +36,14 @@ pub(super) fn placeholders(first: usize, count: usize) -> String {
     (first..first + count).map(|n| format!("?{n}")).collect::<Vec<_>>().join(",")
 }
 
+/// `count` anonymous parameters, `?,?,?`: numbered in the order they appear. For long
+/// statements of many rows: SQLite looks a numbered parameter's name up in a list of
+/// them all, and sqlx asks for every name when it binds, so binding N numbered
+/// parameters costs N² steps (3 % of the busy server's CPU, with 13 per completion).
+fn anonymous(count: usize) -> String {
+    vec!["?"; count].join(",")
+}
+
 /// Mark jobs completed where their lease is still held; answers whether each was.
 pub(super) async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result<Vec<bool>, RepoError> {
     let mut sql = String::from(
@@ -47,9 +55,8 @@ pub(super) async fn complete_jobs(db: &SqliteDb, batch: &[Completion]) -> Result
          lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column8 FROM (VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 13 * i;
         let sep = if i == 0 { "" } else { "," };
-        let _ = write!(sql, "{sep}({})", placeholders(p + 1, 13));
+        let _ = write!(sql, "{sep}({})", anonymous(13));
     }
     sql.push_str(
         ") AS v WHERE files.id = v.column1 AND files.status = 'processing' AND files.lease_owner = v.column2 \
@@ -186,10 +193,8 @@ pub(super) async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> R
          traceparent, priority, batch_id, batch_row, created_at, updated_at, status, retry_count) VALUES ",
     );
     for i in 0..batch.len() {
-        let p = 17 * i;
         let sep = if i == 0 { "" } else { "," };
-        // created_at and updated_at are both the 17th value.
-        let _ = write!(sql, "{sep}({},?{},'pending',0)", placeholders(p + 1, 17), p + 17);
+        let _ = write!(sql, "{sep}({},'pending',0)", anonymous(18));
     }
     let _ = write!(sql, " RETURNING {COLUMNS}");
     let mut query = sqlx::query(&sql);
@@ -211,6 +216,7 @@ pub(super) async fn insert_on(c: &mut SqliteConnection, batch: &[NewJobAt]) -> R
             .bind(i64::from(job.priority))
             .bind(job.batch.map(|b| b.batch))
             .bind(job.batch.map(|b| to_db(b.row)))
+            .bind(to_millis(*now))
             .bind(to_millis(*now));
     }
     let rows = query.fetch_all(c).await?;
