@@ -680,7 +680,14 @@ pub struct WorkerArgs {
     /// (comma-separated). A digest a job declares is computed (and checked) anyway, and MD5
     /// is always computed for the disk store, where it is the object's ETag. Fewer digests,
     /// less CPU per byte.
-    #[arg(long, env = "FILEFLOW_DIGESTS", value_enum, value_delimiter = ',', default_value = "sha256,md5,crc64nvme", global = true)]
+    #[arg(
+        long,
+        env = "FILEFLOW_DIGESTS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sha256,md5,crc64nvme",
+        global = true
+    )]
     pub digests: Vec<crate::worker::DigestName>,
 
     /// How long a worker's claim on a job lasts without renewal; a crashed worker's jobs are

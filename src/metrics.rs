@@ -311,18 +311,17 @@ mod tests {
     fn outcomes_and_requests_are_rendered_under_their_names() {
         let metrics = Arc::new(Metrics::new());
         metrics.accepted.inc();
-        let stored =
-            StoredObject {
-                etag: "e".into(),
-                size: 2048,
-                sha256: None,
-                md5: None,
-                crc64nvme: None,
-                content_type: None,
-                version: None,
-                origin: Default::default(),
-                not_modified: false,
-            };
+        let stored = StoredObject {
+            etag: "e".into(),
+            size: 2048,
+            sha256: None,
+            md5: None,
+            crc64nvme: None,
+            content_type: None,
+            version: None,
+            origin: Default::default(),
+            not_modified: false,
+        };
         metrics.outcome(&Settlement::Completed(stored), Duration::from_millis(30));
         metrics
             .outcome(&Settlement::Failed { last_error: "HTTP 404".into(), cause: Cause::OriginStatus }, Duration::ZERO);

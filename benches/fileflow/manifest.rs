@@ -19,6 +19,9 @@ use crate::report::Table;
 use crate::services::unique;
 use crate::{Bench, MIB, f1, f2, median};
 
+/// A stack to run on: its name, the server's environment, its database's URL (distributed).
+type Stack = (&'static str, Vec<(String, String)>, Option<String>);
+
 /// How often the batch is looked at while it reads.
 const POLL: Duration = Duration::from_millis(200);
 /// `GET /api/v1/batches/{id}` calls timed once every row is a job.
@@ -167,8 +170,7 @@ impl Bench {
             let bytes = write_manifest(&manifests.join(&name), rows, &file_url);
             println!("  manifest of {rows} rows: {:.1} MiB", bytes as f64 / MIB);
             let url = format!("{}/{name}", server.base);
-            let mut stacks: Vec<(&str, Vec<(String, String)>, Option<String>)> =
-                vec![("embedded (SQLite, disk)", Vec::new(), None)];
+            let mut stacks: Vec<Stack> = vec![("embedded (SQLite, disk)", Vec::new(), None)];
             match &self.distributed {
                 Some(d) => {
                     let (env, database) = d.fresh_stack(8, true).await;

@@ -251,12 +251,7 @@ impl PendingState {
             Some(snapshot) => Some(BASE64.encode(snapshot.bytes().await?)),
             None => None,
         };
-        Ok(HashState {
-            size: self.size,
-            sha256,
-            md5,
-            crc64nvme: self.crc64nvme,
-        })
+        Ok(HashState { size: self.size, sha256, md5, crc64nvme: self.crc64nvme })
     }
 }
 
@@ -533,7 +528,8 @@ mod tests {
     #[tokio::test]
     async fn only_the_digests_asked_for_or_declared_are_computed() {
         let crc_only = DigestSet { sha256: false, md5: false, crc64nvme: true };
-        let (stream, verifier) = verified(body(&[b"hello world"]), Expectations { compute: crc_only, ..expect() }, None);
+        let (stream, verifier) =
+            verified(body(&[b"hello world"]), Expectations { compute: crc_only, ..expect() }, None);
         stream.try_collect::<Vec<_>>().await.unwrap();
         assert_eq!(verifier.digests().unwrap(), Digests { sha256: None, md5: None, ..hello() });
 
@@ -565,7 +561,8 @@ mod tests {
                 pending = Some(verifier.state());
             }
         }
-        let whole = Digests { size: 3 << 20, sha256: None, md5: Some(hex::encode(Md5::digest(&data))), crc64nvme: None };
+        let whole =
+            Digests { size: 3 << 20, sha256: None, md5: Some(hex::encode(Md5::digest(&data))), crc64nvme: None };
         assert_eq!(verifier.digests().unwrap(), whole);
         let saved = pending.unwrap().ready().await.unwrap();
         assert!(saved.goes_on_with(&md5_only) && !saved.goes_on_with(&expect_large()));
