@@ -189,6 +189,61 @@ async function showDetail(id) {
   }
 }
 
+// Batches: the newest 20, looked at every 2 s (one row each; their counts are kept by the
+// server as their jobs change).
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  if (seconds < 60) return `${seconds}s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)}m${String(seconds % 60).padStart(2, "0")}s`;
+  return `${Math.floor(seconds / 3600)}h${String(Math.floor(seconds / 60) % 60).padStart(2, "0")}m`;
+}
+
+function batchRow(batch) {
+  const tr = document.createElement("tr");
+  tr.dataset.batch = batch.id;
+  const c = batch.counts;
+  const ended = c.completed + c.failed + c.cancelled;
+  const status = document.createElement("td");
+  const badge = document.createElement("span");
+  badge.className = `status ${batch.status}`;
+  badge.textContent = batch.status;
+  status.append(badge);
+  const progress = document.createElement("td");
+  const bar = document.createElement("progress");
+  bar.max = Math.max(batch.total, 1);
+  bar.value = ended;
+  bar.title = `${ended} of ${batch.total} rows ended`;
+  progress.append(bar);
+  tr.append(cell(batch.id), status, progress, cell(String(c.completed)), cell(String(c.failed)),
+    cell(String(c.invalid)), cell(bytes(batch.bytes_done)), cell(`${batch.rate}/s`), cell(duration(batch.eta_seconds)));
+  const actions = document.createElement("td");
+  const open = batch.status === "reading" || batch.status === "running" || batch.status === "paused";
+  if (batch.status === "paused") actions.append(button("Resume", () => steer(batch.id, "resume")));
+  else if (open) actions.append(button("Pause", () => steer(batch.id, "pause")));
+  if (open) actions.append(button("Cancel", () => steer(batch.id, "cancel")));
+  tr.append(actions);
+  return tr;
+}
+
+async function loadBatches() {
+  try {
+    const page = await api("GET", "/api/v1/batches?limit=20");
+    $("batches").replaceChildren(...page.batches.map(batchRow));
+    $("batch-error").textContent = "";
+  } catch (error) {
+    $("batch-error").textContent = error.message;
+  }
+}
+
+async function steer(id, action) {
+  try {
+    await api("POST", `/api/v1/batches/${id}/${action}`);
+  } catch (error) {
+    $("batch-error").textContent = `${action} batch ${id}: ${error.message}`;
+  }
+  loadBatches();
+}
+
 $("submit").addEventListener("submit", async (event) => {
   event.preventDefault();
   const body = { file_url: $("file-url").value, bucket_name: $("bucket").value, object_name: $("key").value };
@@ -208,6 +263,7 @@ $("api-key").addEventListener("change", () => {
   localStorage.setItem("fileflow.apiKey", $("api-key").value.trim());
   load();
   follow();
+  loadBatches();
 });
 $("status-filter").addEventListener("change", () => { state.before = null; load(); });
 $("search").addEventListener("input", render);
@@ -218,3 +274,5 @@ $("copy-link").addEventListener("click", () => navigator.clipboard.writeText($("
 
 load();
 follow();
+loadBatches();
+setInterval(loadBatches, 2000);

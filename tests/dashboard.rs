@@ -143,6 +143,34 @@ async fn submit_watch_progress_and_download_in_a_browser() {
     let stored = reqwest::get(link.as_str().unwrap()).await.unwrap().bytes().await.unwrap();
     assert!(stored == content(8, size), "the link serves the object");
 
+    // A batch shows in the Batches panel, its bar and counts moving to its end.
+    let rows: Vec<String> =
+        (0..6).map(|i| format!("{},batch/{i}", origin.url(&format!("/delay/200/100?seed={i}")))).collect();
+    let manifest =
+        origin.serve_manifest("dash.csv", "text/csv", format!("file_url,object_name\n{}\n", rows.join("\n")));
+    let created: Value = reqwest::Client::new()
+        .post(format!("{}/api/v1/batches", server.base))
+        .json(&json!({ "manifest_url": manifest, "bucket_name": "browser" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let batch = created["id"].as_str().unwrap();
+    let shown = wait_for(
+        &client,
+        &format!(
+            "const r = document.querySelector('tr[data-batch=\"{batch}\"]'); if (!r) return null; \
+             const p = r.querySelector('progress'); \
+             return [r.querySelector('.status').textContent, p.value, p.max, r.children[3].textContent];"
+        ),
+        Duration::from_secs(30),
+        |v| v[0] == "completed",
+    )
+    .await;
+    assert_eq!((shown[1].as_f64(), shown[2].as_f64(), shown[3].as_str()), (Some(6.0), Some(6.0), Some("6")), "{shown}");
+
     let path = format!("{}/dashboard.png", env!("CARGO_TARGET_TMPDIR"));
     std::fs::write(&path, &screenshot).unwrap();
     println!("screenshot (while the job moved): {path}");

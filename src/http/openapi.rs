@@ -30,6 +30,7 @@ use super::{batch, batches, downloads, events, health, uploads};
         batches::upload_batch,
         batches::list_batches,
         batches::get_batch,
+        batches::batch_events,
         batches::cancel_batch,
         batches::pause_batch,
         batches::resume_batch,

@@ -189,6 +189,39 @@ async fn cancel_stops_the_waiting_jobs_of_a_batch() {
     app.stop().await;
 }
 
+/// A batch's event stream shows it now, then as it changes (counts, rate, ETA), and ends
+/// once the batch has ended; the view's rate and ETA are what a progress bar needs.
+#[tokio::test]
+async fn a_batch_event_stream_follows_it_to_its_end() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.worker.worker_concurrency = 2).await;
+    let rows: Vec<String> =
+        (0..12).map(|i| format!("{},followed/{i}", origin.url(&format!("/delay/300/100?seed={i}")))).collect();
+    let url = origin.serve_manifest("followed.csv", "text/csv", format!("file_url,object_name\n{}\n", rows.join("\n")));
+    let id = submit(&app, None, &json!({ "manifest_url": url, "bucket_name": app.bucket })).await;
+    let path = format!("/api/v1/batches/{id}/events");
+    let (events, ended) = crate::events::read_events(&app, &path, None, Duration::from_secs(60), |_| false).await;
+    assert!(ended, "the stream ends with the batch");
+    assert!(events.len() >= 3, "the batch now, changes, its end: {events:?}");
+    let completed: Vec<u64> = events.iter().map(|e| e["counts"]["completed"].as_u64().unwrap()).collect();
+    assert!(completed.windows(2).all(|w| w[0] <= w[1]), "progress never goes back: {completed:?}");
+    assert!(events.iter().any(|e| e["eta_seconds"].as_u64().is_some()), "an ETA while it runs: {events:?}");
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last["status"].as_str(), last["counts"]["completed"].as_u64()),
+        (Some("completed"), Some(12)),
+        "{last}"
+    );
+    assert!(last["ended_at"].is_string() && last["eta_seconds"].is_null(), "{last}");
+    assert!(last["rate"].as_f64().is_some_and(|r| r > 0.0), "{last}");
+    assert_eq!(last["id"], batch(&app, &id).await["id"]);
+
+    // No stream for a batch that is not there (or is another key's).
+    let (status, _, _) = app.call(Method::GET, "/api/v1/batches/999999/events", None, None).await;
+    assert_eq!(status, 404);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn pause_holds_the_waiting_jobs_and_resume_releases_them() {
     let origin = Origin::start().await;

@@ -7,11 +7,13 @@ mod manifest;
 mod report;
 mod request;
 mod runner;
+mod view;
 
 use std::collections::HashMap;
 
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -21,6 +23,7 @@ use serde::Serialize;
 
 use self::manifest::{Defaults, Format};
 use self::request::{BatchRequest, Location, ManifestSource};
+use self::view::{BatchView, view};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonObject, whole_number};
 use super::state::AppState;
@@ -28,10 +31,9 @@ use super::uploads::{destination, idempotency_key};
 use crate::auth::Caller;
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{IfExists, JobError};
-use crate::metadata::{Batch, BatchCounts, BatchCreated, NewBatch, Steer};
+use crate::metadata::{Batch, BatchCreated, NewBatch, Steer};
 use crate::storage::{Unfenced, WriteOptions};
 use crate::telemetry::TraceParent;
-use crate::wire::timestamp;
 
 pub use runner::run as run_batches;
 
@@ -39,6 +41,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/batches", post(create_batch).get(list_batches))
         .route("/api/v1/batches/{id}", get(get_batch))
+        .route("/api/v1/batches/{id}/events", get(batch_events))
         .route("/api/v1/batches/upload", post(upload_batch))
         .route("/api/v1/batches/{id}/cancel", post(cancel_batch))
         .route("/api/v1/batches/{id}/pause", post(pause_batch))
@@ -76,82 +79,12 @@ pub(super) struct BatchSubmission {
     report: Option<Location>,
 }
 
-/// A batch as the API shows it.
-#[derive(Serialize, utoipa::ToSchema)]
-pub(super) struct BatchView {
-    id: String,
-    /// `reading` (the manifest is being read; its jobs already run), `running`, `paused`,
-    /// `completed` or `cancelled`.
-    status: &'static str,
-    /// Manifest rows read so far: jobs plus invalid rows.
-    total: u64,
-    counts: BatchCounts,
-    /// Bytes of the completed jobs.
-    bytes_done: u64,
-    /// Why reading the manifest stopped early, if it did (the rows read before stay).
-    read_error: Option<String>,
-    manifest_url: Option<String>,
-    manifest: Option<Location>,
-    format: Option<Format>,
-    report: Option<ReportView>,
-    created_at: String,
-    updated_at: String,
-    /// When every job had ended and the report was written.
-    ended_at: Option<String>,
-}
-
-/// Where a batch's report goes, and whether it is there.
-#[derive(Serialize, utoipa::ToSchema)]
-pub(super) struct ReportView {
-    bucket_name: String,
-    object_name: String,
-    /// Whether the report has been written.
-    written: bool,
-    /// Why it could not be written, if it could not.
-    error: Option<String>,
-}
-
 /// A page of batches, newest first.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct BatchList {
     batches: Vec<BatchView>,
     /// Pass as `before` for the next page; null on the last.
     next_before: Option<String>,
-}
-
-fn view(batch: Batch) -> BatchView {
-    let request = BatchRequest::from_stored(&batch.request).ok();
-    let status = match batch.state {
-        state if state.is_open() && batch.paused => "paused",
-        state => state.as_str(),
-    };
-    let (manifest_url, manifest) = match request.as_ref().map(|r| &r.source) {
-        Some(ManifestSource::Url(url)) => (Some(url.clone()), None),
-        Some(ManifestSource::Stored { bucket_name, object_name }) => {
-            (None, Some(Location { bucket_name: bucket_name.clone(), object_name: object_name.clone() }))
-        }
-        None => (None, None),
-    };
-    BatchView {
-        id: batch.id.to_string(),
-        status,
-        total: batch.total,
-        counts: batch.counts,
-        bytes_done: batch.bytes_done,
-        read_error: batch.read_error,
-        manifest_url,
-        manifest,
-        format: request.as_ref().and_then(|r| r.format),
-        report: request.and_then(|r| r.report).map(|l| ReportView {
-            bucket_name: l.bucket_name,
-            object_name: l.object_name,
-            written: batch.report_written,
-            error: batch.report_error,
-        }),
-        created_at: timestamp(batch.created_at),
-        updated_at: timestamp(batch.updated_at),
-        ended_at: batch.ended_at.map(timestamp),
-    }
 }
 
 /// A location field (`manifest`, `report`) the caller may use: a valid bucket and name,
@@ -444,6 +377,57 @@ pub(super) async fn get_batch(
     Path(id): Path<String>,
 ) -> Result<Json<BatchView>, ApiError> {
     Ok(Json(view(find(&state, &id, &caller).await?)))
+}
+
+/// How often a batch's event stream looks at the batch (one row, its counts kept by the
+/// statements that change its jobs).
+const EVENTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A batch's progress as Server-Sent Events: the batch now, then again each second in which
+/// it changed (each `data:` is the batch as `GET /api/v1/batches/{id}` shows it); ends
+/// after it has ended, when the process stops, or once the caller's key is revoked.
+#[utoipa::path(get, path = "/api/v1/batches/{id}/events", tag = "batches",
+    params(("id" = String, Path, description = "the batch's id")),
+    responses((status = 200, description = "an event stream of BatchView", content_type = "text/event-stream", body = BatchView),
+        (status = 404, description = "no such batch (or another key's)", body = ErrorBody),
+    ))]
+pub(super) async fn batch_events(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<axum::response::sse::Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
+    let first = find(&state, &id, &caller).await?;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + EVENTS_EVERY, EVENTS_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let last = (first.id, first.updated_at, first.ended_at.is_some());
+    let rest = futures::stream::unfold((state, caller, ticks, last), |(state, caller, mut ticks, last)| async move {
+        let (id, mut seen, mut ended) = last;
+        loop {
+            if ended {
+                return None;
+            }
+            tokio::select! {
+                () = state.changes.stopped.cancelled() => return None,
+                _ = ticks.tick() => {}
+            }
+            if !state.gate.still_admits(&caller).await {
+                return None;
+            }
+            let batch = state.bulk.batch(id).await.ok()??;
+            ended = batch.ended_at.is_some();
+            if batch.updated_at != seen || ended {
+                seen = batch.updated_at;
+                let event = batch_event(batch);
+                return Some((Ok(event), (state, caller, ticks, (id, seen, ended))));
+            }
+        }
+    });
+    let stream = futures::stream::once(async move { Ok(batch_event(first)) }).chain(rest);
+    Ok(axum::response::sse::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default()))
+}
+
+fn batch_event(batch: Batch) -> Event {
+    Event::default().json_data(view(batch)).expect("a batch's view serializes")
 }
 
 /// Batches the key may see, newest first.

@@ -108,7 +108,7 @@ async fn close(state: &AppState, batch: &Batch) {
         url,
         // The body shows the batch as `GET /api/v1/batches/{id}` does once it has ended.
         render: Box::new(|closed: &Batch| {
-            serde_json::to_string(&super::view(closed.clone())).expect("a batch's view serializes")
+            serde_json::to_string(&super::view::view(closed.clone())).expect("a batch's view serializes")
         }),
     });
     match state.bulk.close(batch.id, error.as_deref(), notice, Utc::now()).await {
