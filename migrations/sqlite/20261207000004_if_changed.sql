@@ -14,6 +14,13 @@ UPDATE sqlite_schema
 SET sql = replace(sql, '''overwrite'', ''skip'', ''fail'')', '''overwrite'', ''skip'', ''fail'', ''if_changed'')')
 WHERE type = 'table' AND name = 'files';
 PRAGMA writable_schema = RESET;
+-- The edit must have found the constraint: otherwise stop here (the CHECK below fails and
+-- the migration with it) rather than accept `if_changed` and refuse every such job.
+CREATE TEMP TABLE if_changed_allowed (widened INTEGER CHECK (widened));
+INSERT INTO if_changed_allowed
+SELECT sql LIKE '%''overwrite'', ''skip'', ''fail'', ''if_changed''%' FROM sqlite_schema
+WHERE type = 'table' AND name = 'files';
+DROP TABLE if_changed_allowed;
 ALTER TABLE files ADD COLUMN crc64nvme TEXT;
 ALTER TABLE files ADD COLUMN origin_etag TEXT;
 ALTER TABLE files ADD COLUMN origin_last_modified TEXT;
