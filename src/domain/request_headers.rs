@@ -13,7 +13,7 @@ impl RequestHeaders {
     pub const MAX_BYTES: usize = 8 * 1024;
 
     /// Headers that belong to the connection or the framing, which fileflow controls.
-    const RESERVED: &'static [&'static str] = &[
+    pub const RESERVED: &'static [&'static str] = &[
         "host",
         "content-length",
         "transfer-encoding",

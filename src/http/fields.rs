@@ -31,18 +31,7 @@ pub const MD5_HEX: &str = "^[0-9a-fA-F]{32}$";
 pub const IDEMPOTENCY_KEY: &str = "^[!-~]{1,255}$";
 
 /// Header names fileflow sets itself, which `RequestHeaders::parse` refuses (any case).
-pub const RESERVED_HEADERS: [&str; 10] = [
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "upgrade",
-    "te",
-    "trailer",
-    "proxy-authorization",
-    "proxy-connection",
-];
+pub const RESERVED_HEADERS: &[&str] = crate::domain::RequestHeaders::RESERVED;
 
 /// The highest `priority` (a signed 32-bit integer's).
 pub const MAX_PRIORITY: i64 = i32::MAX as i64;
@@ -195,7 +184,7 @@ mod tests {
 
     #[test]
     fn the_reserved_header_names_are_those_the_parser_refuses() {
-        for name in RESERVED_HEADERS {
+        for &name in RESERVED_HEADERS {
             assert!(RequestHeaders::parse([(name, "v")]).is_err(), "{name} is accepted");
             assert!(RequestHeaders::parse([(name.to_uppercase().as_str(), "v")]).is_err(), "{name} is accepted");
         }

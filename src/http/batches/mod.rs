@@ -31,7 +31,7 @@ use super::uploads::{destination, idempotency_key};
 use crate::auth::Caller;
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{IfExists, JobError};
-use crate::metadata::{Batch, BatchCreated, NewBatch, Steer};
+use crate::metadata::{Batch, BatchCounts, BatchCreated, NewBatch, Steer};
 use crate::storage::{Unfenced, WriteOptions};
 use crate::telemetry::TraceParent;
 
@@ -399,7 +399,7 @@ pub(super) async fn batch_events(
     let first = find(&state, &id, &caller).await?;
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + EVENTS_EVERY, EVENTS_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let last = (first.id, first.updated_at, first.ended_at.is_some());
+    let last = (first.id, moved(&first), first.ended_at.is_some());
     let rest = futures::stream::unfold((state, caller, ticks, last), |(state, caller, mut ticks, last)| async move {
         let (id, mut seen, mut ended) = last;
         loop {
@@ -415,8 +415,9 @@ pub(super) async fn batch_events(
             }
             let batch = state.bulk.batch(id).await.ok()??;
             ended = batch.ended_at.is_some();
-            if batch.updated_at != seen || ended {
-                seen = batch.updated_at;
+            // Its counts are kept by triggers that leave `updated_at` as it is.
+            if moved(&batch) != seen || ended {
+                seen = moved(&batch);
                 let event = batch_event(batch);
                 return Some((Ok(event), (state, caller, ticks, (id, seen, ended))));
             }
@@ -424,6 +425,11 @@ pub(super) async fn batch_events(
     });
     let stream = futures::stream::once(async move { Ok(batch_event(first)) }).chain(rest);
     Ok(axum::response::sse::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default()))
+}
+
+/// What of a batch shows that it moved: its counts, bytes, rows, state and last steer.
+fn moved(batch: &Batch) -> (BatchCounts, u64, u64, bool, chrono::DateTime<Utc>) {
+    (batch.counts, batch.bytes_done, batch.total, batch.paused, batch.updated_at)
 }
 
 fn batch_event(batch: Batch) -> Event {
