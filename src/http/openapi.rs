@@ -31,6 +31,7 @@ use super::{batch, batches, downloads, events, health, uploads};
         batches::list_batches,
         batches::get_batch,
         batches::batch_events,
+        batches::batch_report,
         batches::cancel_batch,
         batches::pause_batch,
         batches::resume_batch,

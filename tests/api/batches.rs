@@ -91,6 +91,13 @@ async fn a_csv_manifest_by_url_runs_its_valid_rows_and_lists_the_invalid_ones() 
     assert_eq!(batch_jobs(&app, &id).await.len(), 4, "the valid rows, and only they, are the batch's jobs");
 
     let report = String::from_utf8(app.read_object("reports/csv.csv").await).unwrap();
+    // The batch links its report, served to the key that may see the batch.
+    let link = done["report"]["url"].as_str().expect("a written report's link");
+    assert_eq!(link, format!("/api/v1/batches/{id}/report"));
+    let served = app.client.get(app.url(link)).send().await.unwrap();
+    assert_eq!(served.status(), 200);
+    assert!(served.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    assert_eq!(served.text().await.unwrap(), report, "the link serves the stored report");
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(lines[0], "row,file_url,bucket_name,object_name,status,size,sha256,etag,last_error");
     assert_eq!(lines.len(), 1 + 7, "one report row per manifest row:\n{report}");
@@ -269,9 +276,28 @@ async fn a_batch_belongs_to_the_key_that_created_it() {
     let (_, bob) = app.create_key("submitter", &[&app.bucket], KeyLimits::default()).await;
     let url =
         origin.serve_manifest("a.csv", "text/csv", format!("file_url,object_name\n{},mine\n", origin.url("/file/10")));
-    let id = submit(&app, Some(&alice), &json!({ "manifest_url": url, "bucket_name": app.bucket })).await;
+    let report = json!({ "bucket_name": app.bucket, "object_name": "reports/alice.csv" });
+    let id =
+        submit(&app, Some(&alice), &json!({ "manifest_url": url, "bucket_name": app.bucket, "report": report })).await;
     let (status, _, _) = app.call(Method::GET, &format!("/api/v1/batches/{id}"), Some(&bob), None).await;
     assert_eq!(status, 404);
+    // Its report is alice's to read, not bob's.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, _, batch) = app.call(Method::GET, &format!("/api/v1/batches/{id}"), Some(&alice), None).await;
+        if !batch["ended_at"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the batch did not end: {batch}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report_path = format!("/api/v1/batches/{id}/report");
+    let read = |key: String| {
+        let request = app.client.get(app.url(&report_path)).bearer_auth(key);
+        async move { request.send().await.unwrap().status() }
+    };
+    assert_eq!(read(bob.clone()).await, 404);
+    assert_eq!(read(alice.clone()).await, 200);
     let (status, _, _) = app.call(Method::POST, &format!("/api/v1/batches/{id}/cancel"), Some(&bob), None).await;
     assert_eq!(status, 404);
     let (_, _, listed) = app.call(Method::GET, "/api/v1/batches", Some(&bob), None).await;

@@ -114,6 +114,7 @@ async fn every_route_is_described_and_answers_fit_the_description() {
         ("get", "/api/v1/batches"),
         ("get", "/api/v1/batches/{id}"),
         ("get", "/api/v1/batches/{id}/events"),
+        ("get", "/api/v1/batches/{id}/report"),
         ("post", "/api/v1/batches/{id}/cancel"),
         ("post", "/api/v1/batches/{id}/pause"),
         ("post", "/api/v1/batches/{id}/resume"),
@@ -121,7 +122,7 @@ async fn every_route_is_described_and_answers_fit_the_description() {
         assert!(doc["paths"][path][method].is_object(), "{method} {path} is not described");
     }
     let described: usize = doc["paths"].as_object().unwrap().values().map(|item| item.as_object().unwrap().len()).sum();
-    assert_eq!(described, 21, "the description lists exactly the API's routes");
+    assert_eq!(described, 22, "the description lists exactly the API's routes");
 
     // The answers of a job's life, and of refusals, fit their schemas.
     let upload = json!({ "file_url": origin.url("/file/3000"), "bucket_name": app.bucket, "object_name": "doc.bin" });

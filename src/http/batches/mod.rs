@@ -42,6 +42,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/batches", post(create_batch).get(list_batches))
         .route("/api/v1/batches/{id}", get(get_batch))
         .route("/api/v1/batches/{id}/events", get(batch_events))
+        .route("/api/v1/batches/{id}/report", get(batch_report))
         .route("/api/v1/batches/upload", post(upload_batch))
         .route("/api/v1/batches/{id}/cancel", post(cancel_batch))
         .route("/api/v1/batches/{id}/pause", post(pause_batch))
@@ -377,6 +378,44 @@ pub(super) async fn get_batch(
     Path(id): Path<String>,
 ) -> Result<Json<BatchView>, ApiError> {
     Ok(Json(view(find(&state, &id, &caller).await?)))
+}
+
+/// A batch's report, read from the store, for the key that may see the batch (the link the
+/// batch's view gives once the report is written).
+#[utoipa::path(get, path = "/api/v1/batches/{id}/report", tag = "batches",
+    params(("id" = String, Path, description = "the batch's id")),
+    responses((status = 200, description = "the report: a CSV, one row per manifest row", content_type = "text/csv"),
+        (status = 404, description = "no such batch (or another key's), or its report is not written (or is gone)", body = ErrorBody),
+    ))]
+pub(super) async fn batch_report(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let batch = find(&state, &id, &caller).await?;
+    let location = BatchRequest::from_stored(&batch.request).ok().and_then(|r| r.report);
+    let (Some(location), true) = (location, batch.report_written) else {
+        return Err(ApiError::NotFound(format!("batch {} has no written report", batch.id)));
+    };
+    let bucket = BucketName::parse(&location.bucket_name).map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
+    let key = ObjectKey::parse(&location.object_name).map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
+    let report = match state.store.get(&bucket, &key).await {
+        Ok(report) => report,
+        Err(crate::storage::ReadError::NotFound) => return Err(ApiError::NotFound("the report is gone".into())),
+        Err(e) => return Err(ApiError::Internal(e.into())),
+    };
+    let name = key.as_str().rsplit('/').next().unwrap_or("report.csv").replace(['"', '\\'], "_");
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (header::CONTENT_LENGTH, report.size.to_string()),
+            (header::CACHE_CONTROL, "private, no-store".to_owned()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}\"")),
+        ],
+        axum::body::Body::from_stream(report.body),
+    )
+        .into_response())
 }
 
 /// How often a batch's event stream looks at the batch (one row, its counts kept by the

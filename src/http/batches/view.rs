@@ -47,6 +47,9 @@ pub(crate) struct ReportView {
     written: bool,
     /// Why it could not be written, if it could not.
     error: Option<String>,
+    /// Where the key that may see the batch reads it, once written:
+    /// `/api/v1/batches/{id}/report`.
+    url: Option<String>,
 }
 
 pub(crate) fn view(batch: Batch) -> BatchView {
@@ -79,6 +82,7 @@ pub(crate) fn view(batch: Batch) -> BatchView {
             bucket_name: l.bucket_name,
             object_name: l.object_name,
             written: batch.report_written,
+            url: batch.report_written.then(|| format!("/api/v1/batches/{}/report", batch.id)),
             error: batch.report_error,
         }),
         created_at: timestamp(batch.created_at),
