@@ -24,6 +24,13 @@ impl RequestHeaders {
         "trailer",
         "proxy-authorization",
         "proxy-connection",
+        // fileflow decides what to ask for: the whole file, its ranges, and whether it changed.
+        "range",
+        "if-range",
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
     ];
 
     pub fn parse<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, InvalidValue> {

@@ -257,7 +257,7 @@ impl HttpFetcher {
                 request = request.header(RANGE, range.header()).header(IF_RANGE, &range.validator);
             }
             if let Some(since) = since {
-                if let Some(etag) = &since.etag {
+                if let Some(etag) = since.strong_etag() {
                     request = request.header(IF_NONE_MATCH, etag);
                 }
                 if let Some(date) = &since.last_modified {

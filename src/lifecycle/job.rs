@@ -244,9 +244,21 @@ pub struct OriginVersion {
 }
 
 impl OriginVersion {
-    /// Whether the origin named the version at all (else it cannot be asked about it).
+    /// Whether the origin named the version at all.
     pub fn is_known(&self) -> bool {
         self.etag.is_some() || self.last_modified.is_some()
+    }
+
+    /// The entity tag, if strong: a weak one (`W/…`) names a version only up to
+    /// "equivalent" content, not the same bytes, so it is never asked about.
+    pub fn strong_etag(&self) -> Option<&str> {
+        self.etag.as_deref().filter(|tag| tag.starts_with('"'))
+    }
+
+    /// Whether the origin can be asked whether this version changed: a strong entity tag,
+    /// or a `Last-Modified` date.
+    pub fn askable(&self) -> bool {
+        self.strong_etag().is_some() || self.last_modified.is_some()
     }
 }
 

@@ -105,7 +105,7 @@ impl PgRepository {
                        WHERE o.bucket_name = f.bucket_name AND o.object_name = f.object_name \
                          AND o.status = 'processing' AND o.id <> f.id) \
                    AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = f.batch_id \
-                       AND (b.paused OR (b.state = 'cancelled' AND f.status = 'pending'))) \
+                       AND (b.paused OR (b.state = 'cancelled' AND b.ended_at IS NULL AND f.status = 'pending'))) \
                    AND NOT EXISTS (SELECT 1 FROM batch o \
                        WHERE o.id < f.id AND o.bucket_name = f.bucket_name AND o.object_name = f.object_name \
                          AND o.status = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())) \
@@ -128,7 +128,7 @@ impl PgRepository {
         let rows = sqlx::query(
             "SELECT id, status, lease_expires_at, next_attempt_at, now() AS db_now, \
              EXISTS (SELECT 1 FROM batches b WHERE b.id = files.batch_id \
-                 AND (b.paused OR (b.state = 'cancelled' AND files.status = 'pending'))) AS paused \
+                 AND (b.paused OR (b.state = 'cancelled' AND b.ended_at IS NULL AND files.status = 'pending'))) AS paused \
              FROM files WHERE id = ANY($1)",
         )
         .bind(ids)
@@ -388,7 +388,7 @@ impl JobRepository for PgRepository {
     async fn last_stored(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<Job>, RepoError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM files WHERE bucket_name = $1 AND object_name = $2 AND status = 'completed' \
-             AND (origin_etag IS NOT NULL OR origin_last_modified IS NOT NULL) ORDER BY updated_at DESC, id DESC LIMIT 1"
+             AND (origin_etag IS NOT NULL OR origin_last_modified IS NOT NULL) ORDER BY id DESC LIMIT 1"
         );
         let row = sqlx::query(&sql).bind(bucket.as_str()).bind(key.as_str()).fetch_optional(&self.db.pool).await?;
         row.as_ref().map(job_from_row).transpose()

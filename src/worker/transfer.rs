@@ -211,7 +211,23 @@ impl Worker {
         let last = self.repo.last_stored(bucket, key).await.map_err(|e| {
             JobError::transient(format!("cannot read what was stored at {bucket}/{key}: {e}")).because(Cause::Store)
         })?;
-        let Some(last) = last.filter(|last| last.file_url == job.file_url && last.origin.is_known()) else {
+        // What the job declares must hold of the stored object as recorded (a digest it
+        // declares must have been recorded), and the file must be within its limit: else
+        // the file is fetched, and checked, in full.
+        let same_digest = |declared: &Option<String>, recorded: &Option<String>| match declared {
+            None => true,
+            Some(d) => recorded.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(d)),
+        };
+        let max_size =
+            job.grant.max_file_size.map_or(self.settings.max_file_size, |m| m.min(self.settings.max_file_size));
+        let Some(last) = last.filter(|last| {
+            last.file_url == job.file_url
+                && last.origin.askable()
+                && job.expected_size.is_none_or(|size| last.size == Some(size))
+                && last.size.is_some_and(|size| size <= max_size)
+                && same_digest(&job.expected_sha256, &last.sha256)
+                && same_digest(&job.expected_md5, &last.md5)
+        }) else {
             return Ok(None);
         };
         let existing = self.store.head(bucket, key).await.map_err(|e| {

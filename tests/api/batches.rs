@@ -229,6 +229,25 @@ async fn a_batch_event_stream_follows_it_to_its_end() {
     app.stop().await;
 }
 
+/// Cancelling a batch whose jobs all run (none waits) stops them too.
+#[tokio::test]
+async fn cancel_stops_the_running_jobs_of_a_batch_with_none_waiting() {
+    let origin = Origin::start().await;
+    let app = spawn_app_with(|s| s.worker.worker_concurrency = 4).await;
+    let rows: Vec<String> = (0..2)
+        .map(|i| format!("{},running/{i}", origin.url(&format!("/trickle/100000?every_ms=50&seed={i}"))))
+        .collect();
+    let url = origin.serve_manifest("running.csv", "text/csv", format!("file_url,object_name\n{}\n", rows.join("\n")));
+    let id = submit(&app, None, &json!({ "manifest_url": url, "bucket_name": app.bucket })).await;
+    batch_until(&app, &id, Duration::from_secs(30), |b| b["total"] == 2 && b["counts"]["processing"] == 2).await;
+    let (status, _, _) = app.call(Method::POST, &format!("/api/v1/batches/{id}/cancel"), None, None).await;
+    assert_eq!(status, 202);
+    let done = batch_until(&app, &id, Duration::from_secs(30), |b| !b["ended_at"].is_null()).await;
+    assert_eq!((done["status"].as_str(), done["counts"]["cancelled"].as_u64()), (Some("cancelled"), Some(2)), "{done}");
+    assert!(app.try_read_object("running/0").await.is_none() && app.try_read_object("running/1").await.is_none());
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn pause_holds_the_waiting_jobs_and_resume_releases_them() {
     let origin = Origin::start().await;

@@ -72,6 +72,21 @@ async fn if_changed_fetches_only_what_changed() {
         assert_eq!(origin.not_modified(&name), 1, "only the unchanged file was answered 304");
     }
 
+    // What a job declares must hold of the stored object: a declared size it does not have
+    // is fetched in full, and checked (so the job fails, as any transfer would).
+    let url = origin.url("/resumable/sync-etag/3000?seed=7&validator=etag");
+    let body = json!({ "file_url": url, "bucket_name": app.bucket, "object_name": "synced-etag",
+        "if_exists": "if_changed", "size": 2999 });
+    let id = app.submit_body(&body).await;
+    let refused = app.finished(&id).await;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert!(refused["last_error"].as_str().unwrap().contains("size mismatch"), "{refused}");
+    assert_eq!(origin.not_modified("sync-etag"), 1, "not asked conditionally");
+    // A caller's own conditional headers would make fileflow believe a 304 it did not ask for.
+    let body = json!({ "file_url": url, "bucket_name": app.bucket, "object_name": "synced-etag",
+        "headers": { "If-None-Match": "*" } });
+    assert_eq!(app.post_upload(&body).await.status(), 422);
+
     // Another URL for the same key is not asked conditionally: it is fetched.
     let first = origin.url("/resumable/sync-a/2000?seed=3");
     let second = origin.url("/resumable/sync-b/2000?seed=4");

@@ -324,13 +324,27 @@ impl BatchStore for PgRepository {
 
     async fn ending(&self, now: DateTime<Utc>) -> Result<Vec<Batch>, RepoError> {
         // Cancelled batches' waiting jobs (also those a process that died left behind).
-        let cancelling: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM batches WHERE state = 'cancelled' AND ended_at IS NULL AND pending > 0 ORDER BY id",
+        let cancelling: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT id, pending FROM batches WHERE state = 'cancelled' AND ended_at IS NULL \
+             AND (pending > 0 OR processing > 0) ORDER BY id",
         )
         .fetch_all(&self.db.pool)
         .await?;
-        for id in cancelling {
-            self.cancel_jobs(id, now).await?;
+        for (id, pending) in cancelling {
+            if pending > 0 {
+                self.cancel_jobs(id, now).await?;
+            }
+            // Running ones asked to stop, also where none waits (a few rows: the workers'
+            // places at most, found through the processing jobs).
+            sqlx::query(
+                "UPDATE files SET cancel_requested_at = $2 WHERE id IN (SELECT id FROM files \
+                 WHERE status = 'processing' AND batch_id = $1 AND cancel_requested_at IS NULL \
+                 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&self.db.pool)
+            .await?;
         }
         sqlx::query(
             "UPDATE batches SET state = 'completed', paused = FALSE, updated_at = $1 \

@@ -118,7 +118,7 @@ pub(super) async fn claim_jobs(db: &SqliteDb, batch: &[(JobId, Lease)]) -> Resul
              WHERE o.bucket_name = files.bucket_name AND o.object_name = files.object_name \
                AND o.status = 'processing' AND o.id <> files.id) \
          AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = files.batch_id \
-             AND (b.paused OR (b.state = 'cancelled' AND files.status = 'pending'))) \
+             AND (b.paused OR (b.state = 'cancelled' AND b.ended_at IS NULL AND files.status = 'pending'))) \
          AND NOT EXISTS (SELECT 1 FROM files o \
              WHERE o.id IN ({}) AND o.id < files.id AND o.status = 'pending' \
                AND o.bucket_name = files.bucket_name AND o.object_name = files.object_name \
@@ -162,7 +162,7 @@ pub(super) async fn claim_state(db: &SqliteDb, id: JobId) -> Result<Option<Claim
     let row = sqlx::query(
         "SELECT status, lease_expires_at, next_attempt_at, \
          EXISTS (SELECT 1 FROM batches b WHERE b.id = files.batch_id \
-             AND (b.paused OR (b.state = 'cancelled' AND files.status = 'pending'))) AS paused \
+             AND (b.paused OR (b.state = 'cancelled' AND b.ended_at IS NULL AND files.status = 'pending'))) AS paused \
          FROM files WHERE id = ?1",
     )
     .bind(id.0)

@@ -379,13 +379,31 @@ impl BatchStore for SqliteRepository {
 
     async fn ending(&self, now: DateTime<Utc>) -> Result<Vec<Batch>, RepoError> {
         let now = to_millis(now);
-        let cancelling: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM batches WHERE state = 'cancelled' AND ended_at IS NULL AND pending > 0 ORDER BY id",
+        let cancelling: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT id, pending FROM batches WHERE state = 'cancelled' AND ended_at IS NULL \
+             AND (pending > 0 OR processing > 0) ORDER BY id",
         )
         .fetch_all(&self.db.reads)
         .await?;
-        for id in cancelling {
-            self.cancel_jobs(id, now).await?;
+        for (id, pending) in cancelling {
+            if pending > 0 {
+                self.cancel_jobs(id, now).await?;
+            }
+            // Running ones asked to stop, also where none waits.
+            self.db
+                .write(move |c| {
+                    Box::pin(async move {
+                        sqlx::query(
+                            "UPDATE files SET cancel_requested_at = ?2 WHERE status = 'processing' \
+                             AND batch_id = ?1 AND cancel_requested_at IS NULL",
+                        )
+                        .bind(id)
+                        .bind(now)
+                        .execute(c)
+                        .await
+                    })
+                })
+                .await?;
         }
         let rows = self
             .db

@@ -214,7 +214,7 @@ impl JobRepository for SqliteRepository {
     async fn last_stored(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<Job>, RepoError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM files WHERE bucket_name = ?1 AND object_name = ?2 AND status = 'completed' \
-             AND (origin_etag IS NOT NULL OR origin_last_modified IS NOT NULL) ORDER BY updated_at DESC, id DESC LIMIT 1"
+             AND (origin_etag IS NOT NULL OR origin_last_modified IS NOT NULL) ORDER BY id DESC LIMIT 1"
         );
         let row = sqlx::query(&sql).bind(bucket.as_str()).bind(key.as_str()).fetch_optional(&self.db.reads).await?;
         row.as_ref().map(job_from_row).transpose()
