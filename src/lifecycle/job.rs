@@ -244,11 +244,6 @@ pub struct OriginVersion {
 }
 
 impl OriginVersion {
-    /// Whether the origin named the version at all.
-    pub fn is_known(&self) -> bool {
-        self.etag.is_some() || self.last_modified.is_some()
-    }
-
     /// The entity tag, if strong: a weak one (`W/…`) names a version only up to
     /// "equivalent" content, not the same bytes, so it is never asked about.
     pub fn strong_etag(&self) -> Option<&str> {

@@ -270,18 +270,8 @@ impl Worker {
         let parts = parts.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let put = writer.complete(parts, run.fence).await.map_err(|e| e.or_because(Cause::Store))?;
         tracing::info!(job_id = %job.id, segments = run.segments, pieces = plan.count(), "file fetched in ranges");
-        Ok(StoredObject {
-            etag: put.etag.or_else(|| digests.md5.clone()).unwrap_or_default(),
-            size: digests.size,
-            sha256: digests.sha256,
-            md5: digests.md5,
-            crc64nvme: digests.crc64nvme,
-            content_type: Some(run.content_type.clone()),
-            version: put.version,
-            // The caller knows the origin's answer.
-            origin: OriginVersion::default(),
-            not_modified: false,
-        })
+        // The caller knows the origin's answer, and sets its version.
+        Ok(digests.stored(put, run.content_type.clone(), OriginVersion::default()))
     }
 
     /// One fetcher: take the next piece while there are some, fetch it, store it, pass it on.

@@ -196,6 +196,23 @@ impl Worker {
         })
     }
 
+    /// The largest file `job` may store: the server's limit, or its caller's when lower.
+    fn max_size(&self, job: &Job) -> u64 {
+        job.grant.max_file_size.map_or(self.settings.max_file_size, |m| m.min(self.settings.max_file_size))
+    }
+
+    /// What a transfer of `job` must deliver (the origin's declared length aside).
+    fn expectations(&self, job: &Job) -> Expectations {
+        Expectations {
+            max_size: self.max_size(job),
+            declared_length: None,
+            sha256: job.expected_sha256.clone(),
+            md5: job.expected_md5.clone(),
+            size: job.expected_size,
+            compute: self.digests(),
+        }
+    }
+
     /// The digests a transfer computes: those `--digests` names, and MD5 where the store
     /// takes it for the ETag.
     pub(super) fn digests(&self) -> DigestSet {
@@ -218,8 +235,7 @@ impl Worker {
             None => true,
             Some(d) => recorded.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(d)),
         };
-        let max_size =
-            job.grant.max_file_size.map_or(self.settings.max_file_size, |m| m.min(self.settings.max_file_size));
+        let max_size = self.max_size(job);
         let Some(last) = last.filter(|last| {
             last.file_url == job.file_url
                 && last.origin.askable()
@@ -303,12 +319,7 @@ impl Worker {
         };
         // Its hashes must go on with every digest this attempt computes (`--digests` may
         // have changed since); else the part stored is of no use.
-        let wanted = Expectations {
-            sha256: job.expected_sha256.clone(),
-            md5: job.expected_md5.clone(),
-            compute: self.digests(),
-            ..Default::default()
-        };
+        let wanted = self.expectations(job);
         if saved.as_ref().is_some_and(|c| !c.hashes.goes_on_with(&wanted)) {
             tracing::info!(job_id = %job.id, "the checkpoint's hashes cannot go on; starting over");
             self.forget_checkpoint(job, true).await;
@@ -357,8 +368,7 @@ impl Worker {
             return Err(JobError::transient("origin sent part of the file where the whole was asked for")
                 .because(Cause::OriginStatus));
         }
-        let max_size =
-            job.grant.max_file_size.map_or(self.settings.max_file_size, |m| m.min(self.settings.max_file_size));
+        let max_size = wanted.max_size;
         if let Some(length) = fetched.content_length
             && length > max_size
         {
@@ -384,14 +394,7 @@ impl Worker {
             Some(c) => (c.content_type.clone(), body),
             None => sniff::content_type(fetched.content_type, body).await,
         };
-        let expect = Expectations {
-            max_size,
-            declared_length: fetched.content_length,
-            sha256: job.expected_sha256.clone(),
-            md5: job.expected_md5.clone(),
-            size: job.expected_size,
-            compute: self.digests(),
-        };
+        let expect = Expectations { declared_length: fetched.content_length, ..wanted };
         let options = WriteOptions { content_type: &content_type, may_create_bucket: job.grant.may_create_bucket };
         // A large file from an origin that serves ranges of a version it names: several
         // ranges at once, as many as the host's free places and the memory budget allow.
@@ -479,17 +482,7 @@ impl Worker {
             }
         };
         let digests = verifier.digests().ok_or_else(|| JobError::transient("store finished before the body ended"))?;
-        Ok(StoredObject {
-            etag: put.etag.or_else(|| digests.md5.clone()).unwrap_or_default(),
-            size: digests.size,
-            sha256: digests.sha256,
-            md5: digests.md5,
-            crc64nvme: digests.crc64nvme,
-            content_type: Some(content_type),
-            version: put.version,
-            origin,
-            not_modified: false,
-        })
+        Ok(digests.stored(put, content_type, origin))
     }
 
     /// The job's saved checkpoint, if it has one that reads.

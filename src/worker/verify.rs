@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::lifecycle::{Cause, JobError};
-use crate::storage::ByteStream;
+use crate::lifecycle::{Cause, JobError, OriginVersion, StoredObject};
+use crate::storage::{ByteStream, PutOutcome};
 
 /// A digest fileflow can compute for the record (`--digests`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -90,6 +90,24 @@ pub struct Digests {
     /// big-endian value, base64); `None` only when going on from a checkpoint saved
     /// before fileflow kept it.
     pub crc64nvme: Option<String>,
+}
+
+impl Digests {
+    /// What a transfer stored: the store's write of these bytes, their type, and how the
+    /// origin named their version. Without an ETag of the store's, the MD5 is it.
+    pub fn stored(self, put: PutOutcome, content_type: String, origin: OriginVersion) -> StoredObject {
+        StoredObject {
+            etag: put.etag.or_else(|| self.md5.clone()).unwrap_or_default(),
+            size: self.size,
+            sha256: self.sha256,
+            md5: self.md5,
+            crc64nvme: self.crc64nvme,
+            content_type: Some(content_type),
+            version: put.version,
+            origin,
+            not_modified: false,
+        }
+    }
 }
 
 /// A CRC64/NVME value as S3 shows it: its 8 bytes big-endian, base64.
@@ -195,6 +213,14 @@ fn permits(bytes: &Bytes) -> u32 {
     u32::try_from(bytes.len()).unwrap_or(u32::MAX).min(LANE_BACKLOG)
 }
 
+/// The digest a lane asked to finish answers, hex; `None` without a lane.
+async fn answered(answer: Option<oneshot::Receiver<Vec<u8>>>) -> Result<Option<String>, JobError> {
+    match answer {
+        Some(answer) => Ok(Some(hex::encode(answer.await.map_err(|_| lane_gone())?))),
+        None => Ok(None),
+    }
+}
+
 fn lane_gone() -> JobError {
     JobError::transient("a hashing thread stopped")
 }
@@ -243,14 +269,13 @@ impl Snapshot {
 
 impl PendingState {
     pub async fn ready(self) -> Result<HashState, JobError> {
-        let sha256 = match self.sha256 {
-            Some(snapshot) => Some(BASE64.encode(snapshot.bytes().await?)),
-            None => None,
+        let encoded = |snapshot: Option<Snapshot>| async move {
+            match snapshot {
+                Some(snapshot) => snapshot.bytes().await.map(|bytes| Some(BASE64.encode(bytes))),
+                None => Ok(None),
+            }
         };
-        let md5 = match self.md5 {
-            Some(snapshot) => Some(BASE64.encode(snapshot.bytes().await?)),
-            None => None,
-        };
+        let (sha256, md5) = (encoded(self.sha256).await?, encoded(self.md5).await?);
         Ok(HashState { size: self.size, sha256, md5, crc64nvme: self.crc64nvme })
     }
 }
@@ -331,15 +356,7 @@ impl Verifier {
                 (sha256.as_ref().map(|l| l.ask(LaneWork::Finish)), md5.as_ref().map(|l| l.ask(LaneWork::Finish)))
             }
         };
-        let sha256 = match lanes.0 {
-            Some(answer) => Some(hex::encode(answer.await.map_err(|_| lane_gone())?)),
-            None => None,
-        };
-        let md5 = match lanes.1 {
-            Some(answer) => Some(hex::encode(answer.await.map_err(|_| lane_gone())?)),
-            None => None,
-        };
-        Ok((sha256, md5))
+        Ok((answered(lanes.0).await?, answered(lanes.1).await?))
     }
 }
 
@@ -435,24 +452,20 @@ impl Verifier {
 #[allow(clippy::type_complexity)]
 fn restore(state: &HashState, wanted: DigestSet) -> Result<(Option<Sha256>, Option<Md5>, Option<Crc>, u64), JobError> {
     let broken = |what: &str| JobError::transient(format!("saved {what} hash state is unreadable; starting over"));
-    let sha256 = match (&state.sha256, wanted.sha256) {
-        (_, false) => None,
-        (None, true) => return Err(broken("SHA-256")),
-        (Some(saved), true) => {
-            let bytes = BASE64.decode(saved).map_err(|_| broken("SHA-256"))?;
-            let hasher = bytes.as_slice().try_into().ok().and_then(|s| Sha256::deserialize(s).ok());
-            Some(hasher.ok_or_else(|| broken("SHA-256"))?)
+    // One hasher, if wanted: from its saved state, which must be there and read.
+    fn one<H: SerializableState>(saved: &Option<String>, wanted: bool) -> Result<Option<H>, ()> {
+        match (saved, wanted) {
+            (_, false) => Ok(None),
+            (None, true) => Err(()),
+            (Some(saved), true) => {
+                let bytes = BASE64.decode(saved).map_err(drop)?;
+                let state = bytes.as_slice().try_into().map_err(drop)?;
+                H::deserialize(state).map(Some).map_err(drop)
+            }
         }
-    };
-    let md5 = match (&state.md5, wanted.md5) {
-        (_, false) => None,
-        (None, true) => return Err(broken("MD5")),
-        (Some(saved), true) => {
-            let bytes = BASE64.decode(saved).map_err(|_| broken("MD5"))?;
-            let hasher = bytes.as_slice().try_into().ok().and_then(|s| Md5::deserialize(s).ok());
-            Some(hasher.ok_or_else(|| broken("MD5"))?)
-        }
-    };
+    }
+    let sha256 = one::<Sha256>(&state.sha256, wanted.sha256).map_err(|()| broken("SHA-256"))?;
+    let md5 = one::<Md5>(&state.md5, wanted.md5).map_err(|()| broken("MD5"))?;
     let crc64 = match wanted.crc64nvme {
         true => state.crc64nvme.map(|register| Crc::new_with_init_state(CrcAlgorithm::Crc64Nvme, register)),
         false => None,
