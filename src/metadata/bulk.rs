@@ -263,7 +263,8 @@ pub trait BatchStore: Send + Sync + 'static {
 
     /// Batches whose every job has ended and that have not been closed yet: a `running`
     /// one with no waiting or running job becomes `completed` here; a `cancelled` one
-    /// counts once no job of it runs.
+    /// has its waiting jobs cancelled and its running ones asked to stop here, and counts
+    /// once none of its jobs waits or runs.
     async fn ending(&self, now: DateTime<Utc>) -> Result<Vec<Batch>, RepoError>;
 
     /// Close an ended batch: its report is written (or failed with `report_error`). With a

@@ -54,25 +54,20 @@ fn batch_from_row(row: &PgRow) -> Result<Batch, RepoError> {
 const CANCEL_CHUNK: i64 = 5_000;
 
 impl PgRepository {
-    /// Cancel a cancelled batch's waiting jobs and ask its running ones to stop, a chunk
-    /// per transaction, passing over rows another transaction holds (a claim or a
+    /// Cancel a cancelled batch's waiting jobs (`ending` asks its running ones to stop), a
+    /// chunk per transaction, passing over rows another transaction holds (a claim or a
     /// completion, which also updates the batch's counts): the next call comes back for
     /// them. One transaction over every row deadlocked with those (the bench's 1M-row
     /// cancel answered 500 in 3 runs of 3): it held the batch's row and waited for a job's,
     /// while the claim held the job's and waited for the batch's.
-    async fn cancel_jobs(&self, id: i64, now: DateTime<Utc>) -> Result<(), RepoError> {
+    async fn cancel_waiting(&self, id: i64, now: DateTime<Utc>) -> Result<(), RepoError> {
         // In id order from where the last chunk ended, so no chunk reads the rows done before.
         let mut after = 0i64;
         loop {
             let (done, last): (i64, Option<i64>) = sqlx::query_as(
-                "WITH picked AS (SELECT id FROM files WHERE batch_id = $1 AND id > $4 \
-                   AND (status = 'pending' OR (status = 'processing' AND cancel_requested_at IS NULL)) \
+                "WITH picked AS (SELECT id FROM files WHERE batch_id = $1 AND id > $4 AND status = 'pending' \
                    ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED), \
-                 done AS (UPDATE files SET \
-                   status = CASE status WHEN 'pending' THEN 'cancelled' ELSE status END, \
-                   cancel_requested_at = CASE status WHEN 'processing' THEN $2 ELSE cancel_requested_at END, \
-                   next_attempt_at = CASE status WHEN 'pending' THEN NULL ELSE next_attempt_at END, \
-                   updated_at = $2 \
+                 done AS (UPDATE files SET status = 'cancelled', next_attempt_at = NULL, updated_at = $2 \
                    FROM picked WHERE files.id = picked.id RETURNING files.id) \
                  SELECT count(*), max(id) FROM done",
             )
@@ -332,7 +327,7 @@ impl BatchStore for PgRepository {
         .await?;
         for (id, pending) in cancelling {
             if pending > 0 {
-                self.cancel_jobs(id, now).await?;
+                self.cancel_waiting(id, now).await?;
             }
             // Running ones asked to stop, also where none waits (a few rows: the workers'
             // places at most, found through the processing jobs).

@@ -61,10 +61,10 @@ fn batch_from_row(row: &SqliteRow) -> Result<Batch, RepoError> {
 }
 
 impl SqliteRepository {
-    /// Cancel a cancelled batch's waiting jobs and ask its running ones to stop, as a
-    /// single cancel does (a waiting job's queue row goes with it), a chunk of
+    /// Cancel a cancelled batch's waiting jobs (`ending` asks its running ones to stop), as
+    /// a single cancel does (a waiting job's queue row goes with it), a chunk of
     /// [`CANCEL_CHUNK`] per write in id order.
-    async fn cancel_jobs(&self, id: i64, now: i64) -> Result<(), RepoError> {
+    async fn cancel_waiting(&self, id: i64, now: i64) -> Result<(), RepoError> {
         let mut after = 0i64;
         loop {
             let done: Vec<i64> = self
@@ -72,14 +72,9 @@ impl SqliteRepository {
                 .write(move |c| {
                     Box::pin(async move {
                         sqlx::query_scalar(
-                            "UPDATE files SET \
-                             status = CASE status WHEN 'pending' THEN 'cancelled' ELSE status END, \
-                             cancel_requested_at = CASE status WHEN 'processing' THEN ?2 ELSE cancel_requested_at END, \
-                             next_attempt_at = CASE status WHEN 'pending' THEN NULL ELSE next_attempt_at END, \
-                             updated_at = ?2 \
+                            "UPDATE files SET status = 'cancelled', next_attempt_at = NULL, updated_at = ?2 \
                              WHERE id IN (SELECT id FROM files WHERE batch_id = ?1 AND id > ?3 \
-                               AND (status = 'pending' OR (status = 'processing' AND cancel_requested_at IS NULL)) \
-                               ORDER BY id LIMIT ?4) \
+                               AND status = 'pending' ORDER BY id LIMIT ?4) \
                              RETURNING id",
                         )
                         .bind(id)
@@ -387,7 +382,7 @@ impl BatchStore for SqliteRepository {
         .await?;
         for (id, pending) in cancelling {
             if pending > 0 {
-                self.cancel_jobs(id, now).await?;
+                self.cancel_waiting(id, now).await?;
             }
             // Running ones asked to stop, also where none waits.
             self.db
