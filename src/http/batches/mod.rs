@@ -94,8 +94,7 @@ fn location(body: &JsonObject, field: &'static str, caller: &Caller) -> Result<O
     let Some(value) = body.0.get(field).filter(|v| !v.is_null()) else { return Ok(None) };
     let location: Location = serde_json::from_value(value.clone())
         .map_err(|_| ApiError::invalid(field, "must be {\"bucket_name\", \"object_name\"}"))?;
-    let bucket = BucketName::parse(&location.bucket_name).map_err(|e| ApiError::invalid(field, e))?;
-    let key = ObjectKey::parse(&location.object_name).map_err(|e| ApiError::invalid(field, e))?;
+    let (bucket, key) = location.parse().map_err(|e| ApiError::invalid(field, e))?;
     if let Caller::Key(api_key) = caller
         && !api_key.scope.allows(&bucket, &key)
     {
@@ -397,8 +396,8 @@ pub(super) async fn batch_report(
     let (Some(location), true) = (location, batch.report_written) else {
         return Err(ApiError::NotFound(format!("batch {} has no written report", batch.id)));
     };
-    let bucket = BucketName::parse(&location.bucket_name).map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
-    let key = ObjectKey::parse(&location.object_name).map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
+    // Checked when the batch was accepted.
+    let (bucket, key) = location.parse().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
     let report = match state.store.get(&bucket, &key).await {
         Ok(report) => report,
         Err(crate::storage::ReadError::NotFound) => return Err(ApiError::NotFound("the report is gone".into())),

@@ -20,8 +20,7 @@ const PAGE: u32 = 1000;
 
 /// Write `batch`'s report at `location`; `Err` says why it could not be.
 pub async fn write_report(state: &AppState, batch: &Batch, location: &Location) -> Result<(), String> {
-    let bucket = crate::domain::BucketName::parse(&location.bucket_name).map_err(|e| format!("report: {e}"))?;
-    let key = crate::domain::ObjectKey::parse(&location.object_name).map_err(|e| format!("report: {e}"))?;
+    let (bucket, key) = location.parse().map_err(|e| format!("report: {e}"))?;
     let pages = Pages { id: batch.id, ..Pages::default_for(state) };
     let body = futures::stream::once(async { Ok(Bytes::from_static(HEADER.as_bytes())) })
         .chain(futures::stream::unfold(pages, |mut pages| async move {

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::manifest::{Defaults, Format};
+use crate::domain::{BucketName, InvalidValue, ObjectKey};
 
 /// A bucket and an object name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -11,6 +12,13 @@ pub struct Location {
     pub bucket_name: String,
     #[schema(value_type = crate::http::fields::ObjectName)]
     pub object_name: String,
+}
+
+impl Location {
+    /// The bucket and object it names, checked.
+    pub fn parse(&self) -> Result<(BucketName, ObjectKey), InvalidValue> {
+        Ok((BucketName::parse(&self.bucket_name)?, ObjectKey::parse(&self.object_name)?))
+    }
 }
 
 /// Where a manifest is read from.
