@@ -112,7 +112,7 @@ fn key(name: &str) -> ObjectKey {
 }
 
 const OPTIONS: WriteOptions<'static> =
-    WriteOptions { content_type: "application/octet-stream", may_create_bucket: false };
+    WriteOptions { content_type: "application/octet-stream", may_create_bucket: false, length: None };
 
 /// `len` bytes that differ with `seed`.
 fn bytes(seed: u8, len: usize) -> Vec<u8> {
@@ -166,18 +166,26 @@ impl WriteProgress for Saved {
     }
 }
 
-/// Small and large objects read back as written, with their size; a new write at the key
-/// is another version.
+/// Small and large objects read back as written, with their size, whether their length
+/// was declared or not (multipart uploads cut by the length, or growing parts without);
+/// a new write at the key is another version.
 async fn put_head_get(under: Under) {
-    for (name, len) in [("small.bin", 100), ("large/part.bin", 3 * 1024 * 1024 + 17)] {
+    let objects = [
+        ("small.bin", 100, false),
+        ("large/part.bin", 3 * 1024 * 1024 + 17, false),
+        ("parts/unknown.bin", 12 * 1024 * 1024 + 17, false),
+        ("parts/declared.bin", 12 * 1024 * 1024 + 17, true),
+    ];
+    for (name, len, declared) in objects {
+        let options = WriteOptions { length: declared.then_some(len as u64), ..OPTIONS };
         let data = bytes(1, len);
-        let put = under.store.put(&under.bucket, &key(name), OPTIONS, stream(&data, None), &Unfenced).await.unwrap();
+        let put = under.store.put(&under.bucket, &key(name), options, stream(&data, None), &Unfenced).await.unwrap();
         let head = under.store.head(&under.bucket, &key(name)).await.unwrap().expect("the object is there");
         assert_eq!(head.size, len as u64, "{name}");
         assert!(read(&under, name).await == data, "{name}: other bytes read back");
         let again = bytes(2, len);
         let second =
-            under.store.put(&under.bucket, &key(name), OPTIONS, stream(&again, None), &Unfenced).await.unwrap();
+            under.store.put(&under.bucket, &key(name), options, stream(&again, None), &Unfenced).await.unwrap();
         assert!(read(&under, name).await == again, "{name}: the second write is what is read");
         if put.version.is_some() {
             assert_ne!(put.version, second.version, "{name}: a new write is a new version");
@@ -188,7 +196,7 @@ async fn put_head_get(under: Under) {
 
 /// A body that fails, or a fence that refuses, leaves nothing at the key, small or large.
 async fn all_or_nothing(under: Under) {
-    for len in [1000, 3 * 1024 * 1024] {
+    for len in [1000, 3 * 1024 * 1024, 11 * 1024 * 1024] {
         let data = bytes(3, len);
         let name = format!("broken-{len}");
         let cut = stream(&data, Some(JobError::transient("origin body interrupted")));
@@ -206,7 +214,7 @@ async fn all_or_nothing(under: Under) {
 /// A resumable write cut after its first part goes on from there in a second attempt, and
 /// the object is the whole file; a discarded write cannot be gone on with.
 async fn resumable_write_goes_on_after_a_cut(under: Under) {
-    let part = under.store.resumable_part_size().expect("a store that resumes writes") as usize;
+    let part = under.store.resumable_part_size(0).expect("a store that resumes writes") as usize;
     let data = bytes(4, 2 * part + 1000);
     let name = key("resumed.bin");
     let saved = Saved::default();
@@ -231,7 +239,7 @@ async fn resumable_write_goes_on_after_a_cut(under: Under) {
 /// A resumable write cut, then discarded: going on with it finds its parts gone (the
 /// store says so, and the next attempt starts over), and nothing is at the key.
 async fn a_discarded_write_is_gone(under: Under) {
-    let part = under.store.resumable_part_size().expect("a store that resumes writes") as usize;
+    let part = under.store.resumable_part_size(0).expect("a store that resumes writes") as usize;
     let data = bytes(4, 2 * part + 1000);
     let other = key("discarded.bin");
     let saved = Saved::default();
@@ -256,7 +264,7 @@ async fn a_discarded_write_is_gone(under: Under) {
 /// a second attempt goes on after the pieces stored without a gap (those past it are
 /// written again); a fence that refuses leaves nothing visible; an aborted write is gone.
 async fn pieces_in_any_order_make_the_object(under: Under) {
-    let piece = under.store.piece_size().expect("a store that takes pieces") as usize;
+    let piece = under.store.piece_size(0).expect("a store that takes pieces") as usize;
     let data = bytes(6, 3 * piece + 1000);
     let at = |i: usize| (i * piece, data[i * piece..((i + 1) * piece).min(data.len())].to_vec());
     let chunks = |bytes: Vec<u8>| bytes.chunks(64 * 1024).map(Bytes::copy_from_slice).collect::<Vec<_>>();

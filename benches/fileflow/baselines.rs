@@ -35,7 +35,7 @@ pub async fn ceiling(
                 .put(
                     &bucket,
                     &key,
-                    WriteOptions { content_type: "application/octet-stream", may_create_bucket: true },
+                    WriteOptions { content_type: "application/octet-stream", may_create_bucket: true, length: None },
                     body,
                     &Unfenced,
                 )

@@ -150,6 +150,11 @@ impl Cloud for Azure {
     fn resumable(&self) -> bool {
         false
     }
+
+    /// A block blob holds up to 50,000 blocks.
+    fn max_parts(&self) -> u64 {
+        50_000
+    }
 }
 
 /// The SharedKey signature of a body-less PUT with only `x-ms-date` and `x-ms-version`

@@ -15,23 +15,18 @@ use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as StorePath;
 use object_store::signer::Signer;
 use object_store::{
-    Attribute, Attributes, ObjectStore as _, ObjectStoreExt as _, PutMultipartOptions, PutOptions, PutPayload,
-    WriteMultipart,
+    Attribute, Attributes, MultipartUpload, ObjectStore as _, ObjectStoreExt as _, PutMultipartOptions, PutOptions,
+    PutPayload,
 };
 use url::Url;
 
 use super::{
-    ByteStream, Fence, Head, ObjectInfo, ObjectStore, PartialWrite, PieceWrite, PutOutcome, ReadError, StoredBody,
-    WriteOptions, WriteProgress, read_head,
+    ByteStream, Fence, Head, MIN_PART, ObjectInfo, ObjectStore, PartPlan, PartialWrite, PieceWrite, PutOutcome,
+    ReadError, StoredBody, WriteOptions, WriteProgress, read_head,
 };
 use crate::domain::{BucketName, ObjectKey};
 use crate::lifecycle::{Job, JobError, JobId};
 use crate::links::DownloadLinks;
-
-/// The smallest part (S3's; the others take it too); objects up to this size go up in one PUT.
-const MIN_PART: usize = 5 * 1024 * 1024;
-/// The most parts per upload (S3's 10,000; Azure allows 50,000 blocks, GCS 10,000).
-const MAX_PARTS: u64 = 10_000;
 
 /// What differs between the services: how a client for one bucket is made, how a bucket
 /// is created, and what the service calls a missing bucket.
@@ -66,6 +61,16 @@ pub trait Cloud: Send + Sync + 'static {
     fn resumable(&self) -> bool {
         true
     }
+
+    /// The most parts (blocks) one upload may have.
+    fn max_parts(&self) -> u64 {
+        10_000
+    }
+
+    /// Whether every part of an upload but the last must be of one size.
+    fn equal_parts(&self) -> bool {
+        false
+    }
 }
 
 /// Store-wide settings of a [`CloudStore`].
@@ -73,7 +78,7 @@ pub trait Cloud: Send + Sync + 'static {
 pub struct CloudLimits {
     /// Create a missing bucket instead of failing the job.
     pub create_buckets: bool,
-    /// The largest file accepted: parts grow so no upload needs more than 10,000.
+    /// The largest file accepted: parts grow so no upload needs more than the store allows.
     pub max_file_size: u64,
 }
 
@@ -97,9 +102,13 @@ impl<C: Cloud> CloudStore<C> {
         Self { cloud, limits, clients: Mutex::default(), http, existing: Mutex::default() }
     }
 
-    fn part_size(&self) -> usize {
-        let needed = self.limits.max_file_size.div_ceil(MAX_PARTS);
-        MIN_PART.max(usize::try_from(needed).unwrap_or(usize::MAX))
+    /// How this store's uploads are cut into parts (see [`PartPlan`]).
+    fn plan(&self) -> PartPlan {
+        PartPlan {
+            max_parts: self.cloud.max_parts(),
+            equal: self.cloud.equal_parts(),
+            max_file_size: self.limits.max_file_size,
+        }
     }
 
     /// Create `bucket` now, whatever the store's bucket creation setting says (an existing
@@ -158,61 +167,94 @@ impl<C: Cloud> CloudStore<C> {
         Ok(())
     }
 
-    /// Upload `body`: read ahead up to one part; a body that ends by then goes up in one
-    /// PUT, a longer one as a multipart upload.
+    /// Upload `body`, the file of `length` bytes when known: read ahead up to the smallest
+    /// part; a body that ends by then goes up in one PUT, a longer one as a multipart
+    /// upload cut by the store's [`PartPlan`], at most [`PARTS_IN_FLIGHT`] parts' worth of
+    /// the first part's size in flight (when parts grow, fewer of them; always one).
     async fn upload(
         &self,
         store: &C::Client,
         location: &StorePath,
-        content_type: &str,
+        options: &WriteOptions<'_>,
         rest: &mut ByteStream,
         fence: &dyn Fence,
     ) -> Result<PutOutcome, JobError> {
-        let parts = match read_head(rest, MIN_PART).await? {
+        let head = match read_head(rest, MIN_PART as usize).await? {
             Head::Whole(parts) => {
                 fence.check().await?;
-                let options = PutOptions { attributes: content_type_attr(content_type), ..Default::default() };
+                let put = PutOptions { attributes: content_type_attr(options.content_type), ..Default::default() };
                 let put = store
-                    .put_opts(location, PutPayload::from_iter(parts), options)
+                    .put_opts(location, PutPayload::from_iter(parts), put)
                     .await
                     .map_err(|e| self.classify(&e, "PUT"))?;
                 return Ok(PutOutcome::tagged(put.e_tag));
             }
             Head::Start(parts) => parts,
         };
-        let options = PutMultipartOptions { attributes: content_type_attr(content_type), ..Default::default() };
-        let upload = store.put_multipart_opts(location, options).await.map_err(|e| self.classify(&e, "multipart"))?;
-        let mut writer = AbortOnDrop(Some(WriteMultipart::new_with_chunk_size(upload, self.part_size())));
+        let multipart =
+            PutMultipartOptions { attributes: content_type_attr(options.content_type), ..Default::default() };
+        let upload = store.put_multipart_opts(location, multipart).await.map_err(|e| self.classify(&e, "multipart"))?;
+        let mut upload = AbortOnDrop(Some(upload));
+        let plan = self.plan();
+        let size_of = |index: u64| options.length.map_or_else(|| plan.unknown_length(index), |l| plan.for_length(l));
+        let budget = PARTS_IN_FLIGHT as u64 * size_of(0);
         let streamed: Result<(), JobError> = async {
-            let w = writer.0.as_mut().expect("present until finished");
-            for part in parts {
-                w.put(part);
+            let parts = upload.0.as_mut().expect("present until finished");
+            let mut in_flight: VecDeque<(tokio::task::JoinHandle<object_store::Result<()>>, u64)> = VecDeque::new();
+            let (mut part, mut len, mut index) = (Vec::new(), 0u64, 0u64);
+            let mut body = futures::stream::iter(head.into_iter().map(Ok)).chain(rest);
+            loop {
+                let next = body.next().await.transpose()?;
+                let ended = next.is_none();
+                let mut chunk = next.unwrap_or_default();
+                // Cut whole parts off what came; the last part goes when the body ends.
+                while !chunk.is_empty() || (ended && len > 0) {
+                    let size = size_of(index);
+                    let take = (size - len).min(chunk.len() as u64) as usize;
+                    if take > 0 {
+                        part.push(chunk.split_to(take));
+                        len += take as u64;
+                    }
+                    if len < size && !ended {
+                        break;
+                    }
+                    while !in_flight.is_empty() && in_flight.iter().map(|p| p.1).sum::<u64>() + len > budget {
+                        let (done, _) = in_flight.pop_front().expect("parts in flight");
+                        self.part_uploaded(done).await?;
+                    }
+                    let put = parts.put_part(PutPayload::from_iter(std::mem::take(&mut part)));
+                    in_flight.push_back((tokio::spawn(put), std::mem::take(&mut len)));
+                    index += 1;
+                }
+                if ended {
+                    break;
+                }
             }
-            while let Some(chunk) = rest.next().await {
-                let chunk = chunk?;
-                w.wait_for_capacity(PARTS_IN_FLIGHT - 1)
-                    .await
-                    .map_err(|e| self.classify_mid_upload(&e, "part upload"))?;
-                w.put(chunk);
+            while let Some((done, _)) = in_flight.pop_front() {
+                self.part_uploaded(done).await?;
             }
-            // Parts already sent are done; the last one and the completion come after the check.
-            w.wait_for_capacity(0).await.map_err(|e| self.classify_mid_upload(&e, "part upload"))?;
             fence.check().await
         }
         .await;
-        let w = writer.0.take().expect("present until finished");
+        let mut parts = upload.0.take().expect("present until finished");
         match streamed {
             Ok(()) => {
-                let done = w.finish().await.map_err(|e| self.classify_mid_upload(&e, "multipart completion"))?;
+                let done = parts.complete().await.map_err(|e| self.classify_mid_upload(&e, "multipart completion"))?;
                 Ok(PutOutcome::tagged(done.e_tag))
             }
             Err(e) => {
-                if let Err(abort) = w.abort().await {
+                if let Err(abort) = parts.abort().await {
                     tracing::warn!(error = %abort, "could not abort a multipart upload");
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Wait for one part of [`upload`](Self::upload).
+    async fn part_uploaded(&self, upload: tokio::task::JoinHandle<object_store::Result<()>>) -> Result<(), JobError> {
+        let done = upload.await.map_err(|e| JobError::transient(format!("{} part upload: {e}", self.cloud.name())))?;
+        done.map_err(|e| self.classify_mid_upload(&e, "part upload"))
     }
 }
 
@@ -229,13 +271,14 @@ impl<C: Cloud> CloudStore<C> {
         &self,
         store: &Arc<C::Client>,
         location: &StorePath,
-        content_type: &str,
+        options: &WriteOptions<'_>,
         mut body: ByteStream,
         fence: &dyn Fence,
         from: Option<PartialWrite>,
         progress: &dyn WriteProgress,
     ) -> Result<PutOutcome, JobError> {
-        let part_size = self.part_size() as u64;
+        let (content_type, length) = (options.content_type, options.length);
+        let part_size = self.plan().first(length);
         let resumed = from.is_some();
         let mut write = match from {
             Some(write) => write,
@@ -524,7 +567,7 @@ impl<C: Cloud> PieceWrite for OrderedPieces<'_, C> {
 }
 
 /// Aborts a multipart upload whose attempt was dropped midway (lease lost, shutdown).
-struct AbortOnDrop(Option<WriteMultipart>);
+struct AbortOnDrop(Option<Box<dyn MultipartUpload>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -532,6 +575,7 @@ impl Drop for AbortOnDrop {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(async move {
+                let mut writer = writer;
                 if let Err(e) = writer.abort().await {
                     tracing::warn!(error = %e, "could not abort an abandoned multipart upload");
                 }
@@ -564,13 +608,13 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
         if self.limits.create_buckets && options.may_create_bucket {
             self.ensure_bucket(&store, bucket).await?;
         }
-        self.upload(&store, &location(key), options.content_type, &mut body, fence)
+        self.upload(&store, &location(key), &options, &mut body, fence)
             .await
             .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
     }
 
-    fn resumable_part_size(&self) -> Option<u64> {
-        self.cloud.resumable().then(|| self.part_size() as u64)
+    fn resumable_part_size(&self, length: u64) -> Option<u64> {
+        self.cloud.resumable().then(|| self.plan().for_length(length))
     }
 
     async fn put_resumable(
@@ -588,20 +632,21 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
         if from.is_none() && self.limits.create_buckets && options.may_create_bucket {
             self.ensure_bucket(&store, bucket).await?;
         }
-        self.upload_resumable(&store, &location(key), options.content_type, body, fence, from, progress)
+        self.upload_resumable(&store, &location(key), &options, body, fence, from, progress)
             .await
             .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
     }
 
     /// One part per piece: each range fetched goes up as one part, by its index (on
     /// Azure, as one block, in file order).
-    fn piece_size(&self) -> Option<u64> {
-        Some(self.part_size() as u64)
+    fn piece_size(&self, length: u64) -> Option<u64> {
+        Some(self.plan().for_length(length))
     }
 
-    /// The parts in flight and the one being filled.
-    fn write_buffer(&self) -> u64 {
-        (self.part_size() * (PARTS_IN_FLIGHT + 1)) as u64
+    /// The parts in flight and the one being filled (for a file of unknown length, while
+    /// its parts are the first size: see [`PartPlan`]).
+    fn write_buffer(&self, length: Option<u64>) -> u64 {
+        self.plan().first(length) * (PARTS_IN_FLIGHT as u64 + 1)
     }
 
     async fn start_pieces<'a>(
@@ -622,7 +667,7 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
         let multipart =
             PutMultipartOptions { attributes: content_type_attr(options.content_type), ..Default::default() };
         let failed = |e: object_store::Error| self.classify(&e, &format!("multipart (bucket {bucket})"));
-        let part_size = self.part_size() as u64;
+        let part_size = self.plan().first(options.length);
         if !self.cloud.resumable() {
             // The service's own multipart calls would drop the content type: blocks go up
             // through an upload that keeps it, in file order, and nothing is resumed.

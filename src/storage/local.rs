@@ -208,7 +208,7 @@ impl ObjectStore for LocalStore {
         Ok(())
     }
 
-    fn resumable_part_size(&self) -> Option<u64> {
+    fn resumable_part_size(&self, _length: u64) -> Option<u64> {
         Some(RESUMABLE_PART)
     }
 
@@ -283,12 +283,12 @@ impl ObjectStore for LocalStore {
         Ok(PutOutcome { etag: None, version: meta.e_tag })
     }
 
-    fn piece_size(&self) -> Option<u64> {
+    fn piece_size(&self, _length: u64) -> Option<u64> {
         Some(PIECE)
     }
 
     /// The chunks being written and the one being filled.
-    fn write_buffer(&self) -> u64 {
+    fn write_buffer(&self, _length: Option<u64>) -> u64 {
         (CHUNK * (WRITES_IN_FLIGHT + 1)) as u64
     }
 

@@ -4,6 +4,7 @@ mod azure;
 mod cloud;
 mod gcs;
 mod local;
+mod parts;
 mod s3;
 
 use async_trait::async_trait;
@@ -18,6 +19,7 @@ pub use azure::{AzureSettings, AzureStore};
 pub use cloud::{Cloud, CloudLimits, CloudStore};
 pub use gcs::{GcsSettings, GcsStore};
 pub use local::LocalStore;
+pub use parts::{MIN_PART, PartPlan};
 pub use s3::{S3Settings, S3Store};
 
 /// A stream of bytes whose errors are already classified for the job lifecycle.
@@ -47,6 +49,8 @@ pub struct WriteOptions<'a> {
     pub content_type: &'a str,
     /// Whether a missing bucket may be created (when the store is set up to create them).
     pub may_create_bucket: bool,
+    /// The whole file's length, when the origin declared it: stores cut their parts by it.
+    pub length: Option<u64>,
 }
 
 /// An object the store has.
@@ -192,8 +196,9 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// What the store has at `bucket/key` (`None`: nothing, or no such bucket).
     async fn head(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<ObjectInfo>, ReadError>;
 
-    /// The part size of [`ObjectStore::put_resumable`]; `None` if the store cannot resume writes.
-    fn resumable_part_size(&self) -> Option<u64> {
+    /// The part size of [`ObjectStore::put_resumable`] for a file of `length` bytes; `None`
+    /// if the store cannot resume writes.
+    fn resumable_part_size(&self, _length: u64) -> Option<u64> {
         None
     }
 
@@ -220,9 +225,9 @@ pub trait ObjectStore: Send + Sync + 'static {
         Err(JobError::permanent("this object store cannot resume writes"))
     }
 
-    /// The piece size of [`ObjectStore::start_pieces`] (a whole number of
-    /// [`ObjectStore::resumable_part_size`]); `None` if the store cannot take pieces out of order.
-    fn piece_size(&self) -> Option<u64> {
+    /// The piece size of [`ObjectStore::start_pieces`] for a file of `length` bytes;
+    /// `None` if the store cannot take pieces out of order.
+    fn piece_size(&self, _length: u64) -> Option<u64> {
         None
     }
 
@@ -233,8 +238,9 @@ pub trait ObjectStore: Send + Sync + 'static {
     }
 
     /// Most bytes of a body one write ([`ObjectStore::put`], [`ObjectStore::put_resumable`])
-    /// holds in memory at once: the worker's memory budget reserves this per transfer.
-    fn write_buffer(&self) -> u64;
+    /// holds in memory at once for a file of `length` bytes (`None`: unknown): the worker's
+    /// memory budget reserves this per transfer.
+    fn write_buffer(&self, length: Option<u64>) -> u64;
 
     /// Start a write whose pieces come in any order (see [`PieceWrite`]), or go on with the
     /// resumable write `from` (made by [`ObjectStore::put_resumable`] or an earlier piece

@@ -118,11 +118,12 @@ struct Shared<'a> {
 }
 
 impl Worker {
-    /// Whether the file the first answer announces (its version named) is fetched in
-    /// ranges, and by how many fetchers at most: the origin serves ranges, the rest of the
-    /// file is over the threshold, and the store takes pieces.
-    pub(super) fn segments_for(&self, accepts_ranges: bool, remaining: u64) -> Option<usize> {
-        let piece = self.store.piece_size()?;
+    /// Whether the file of `total` bytes the first answer announces (its version named,
+    /// from `start` on) is fetched in ranges, and by how many fetchers at most: the origin
+    /// serves ranges, the rest of the file is over the threshold, and the store takes pieces.
+    pub(super) fn segments_for(&self, accepts_ranges: bool, total: u64, start: u64) -> Option<usize> {
+        let piece = self.store.piece_size(total)?;
+        let remaining = total.saturating_sub(start);
         let useful = usize::try_from(remaining.div_ceil(piece)).unwrap_or(usize::MAX);
         let wanted = self.settings.segments.min(useful);
         (accepts_ranges && remaining > self.settings.segment_threshold && wanted > 1).then_some(wanted)
@@ -130,9 +131,15 @@ impl Worker {
 
     /// Places among `host`'s transfers and memory for up to `wanted - 1` ranges besides
     /// the first, as many as both have free now (none when the store takes no pieces).
-    /// `reserved` is what the transfer holds already.
-    pub(super) fn more_ranges(&self, host: &str, wanted: usize, reserved: u64) -> (Vec<HostPermit>, Option<Reserved>) {
-        let Some(piece) = self.store.piece_size() else { return (Vec::new(), None) };
+    /// `reserved` is what the transfer of a file of `total` bytes holds already.
+    pub(super) fn more_ranges(
+        &self,
+        host: &str,
+        wanted: usize,
+        total: u64,
+        reserved: u64,
+    ) -> (Vec<HostPermit>, Option<Reserved>) {
+        let Some(piece) = self.store.piece_size(total) else { return (Vec::new(), None) };
         let mut places = self.hosts.more(host, wanted.saturating_sub(1));
         while !places.is_empty() {
             let pieces = (1 + places.len() + SPARE_PIECES) as u64;
@@ -174,7 +181,7 @@ impl Worker {
             }
         };
         let base = writer.partial();
-        let piece = self.store.piece_size().expect("a store that takes pieces has a piece size");
+        let piece = self.store.piece_size(run.total).expect("a store that takes pieces has a piece size");
         let plan = Plan { start: base.stored, total: run.total, piece };
         let checkpointed = AtomicBool::new(resumed);
         let outcome = self.pieces(&run, first, &*writer, plan, &checkpointed).await;
@@ -208,7 +215,7 @@ impl Worker {
         let job = run.job;
         let base = writer.partial();
         // Stores that cannot go on with a write later (Azure) save no checkpoints.
-        let resumable = self.store.resumable_part_size().is_some();
+        let resumable = self.store.resumable_part_size(run.total).is_some();
         let (done, arrived) = mpsc::unbounded_channel();
         let shared = Shared {
             run,

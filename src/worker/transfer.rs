@@ -325,8 +325,8 @@ impl Worker {
             self.forget_checkpoint(job, true).await;
             saved = None;
         }
-        let part_size = self.store.resumable_part_size();
-        let from = saved.as_ref().and_then(|c| c.range(part_size));
+        let from =
+            saved.as_ref().and_then(|c| c.range(c.total.and_then(|total| self.store.resumable_part_size(total))));
         // Sync: ask the origin whether the file changed since it was stored (not when
         // going on from a checkpoint: an earlier attempt found that it had).
         let since = match (&saved, job.if_exists) {
@@ -380,7 +380,7 @@ impl Worker {
         // What this transfer's buffers can hold, from the process's budget; a transfer
         // waits here while the budget is spent.
         let remaining = fetched.content_length.map(|length| length.saturating_sub(fetched.start));
-        let reserved = memory::for_transfer(remaining, self.store.write_buffer());
+        let reserved = memory::for_transfer(remaining, self.store.write_buffer(fetched.content_length));
         let held = tokio::select! {
             held = self.memory.reserve(reserved) => held,
             () = cancel.cancelled() => return Err(JobError::cancelled()),
@@ -395,17 +395,19 @@ impl Worker {
             None => sniff::content_type(fetched.content_type, body).await,
         };
         let expect = Expectations { declared_length: fetched.content_length, ..wanted };
-        let options = WriteOptions { content_type: &content_type, may_create_bucket: job.grant.may_create_bucket };
+        let options = WriteOptions {
+            content_type: &content_type,
+            may_create_bucket: job.grant.may_create_bucket,
+            length: fetched.content_length,
+        };
         // A large file from an origin that serves ranges of a version it names: several
         // ranges at once, as many as the host's free places and the memory budget allow.
         let segments = match (&fetched.validator, fetched.content_length) {
-            (Some(_), Some(total)) if in_ranges => {
-                self.segments_for(fetched.accepts_ranges, total.saturating_sub(fetched.start))
-            }
+            (Some(_), Some(total)) if in_ranges => self.segments_for(fetched.accepts_ranges, total, fetched.start),
             _ => None,
         };
         let (more, more_held) = match segments {
-            Some(wanted) => self.more_ranges(&host_of(url), wanted, reserved),
+            Some(wanted) => self.more_ranges(&host_of(url), wanted, fetched.content_length.unwrap_or(0), reserved),
             None => (Vec::new(), None),
         };
         if let (false, Some(validator), Some(total)) = (more.is_empty(), &fetched.validator, fetched.content_length) {
@@ -439,6 +441,7 @@ impl Worker {
         }
         // Large files from an origin that names its version are stored part by part, with
         // a checkpoint after each, so a cut transfer goes on where it stopped.
+        let part_size = fetched.content_length.and_then(|length| self.store.resumable_part_size(length));
         let resumable = match (part_size, &fetched.validator, fetched.content_length) {
             (Some(part), Some(_), Some(length)) => resumed.is_some() || length > part,
             _ => false,

@@ -334,8 +334,11 @@ pub(super) async fn upload_batch(
         })
         .boxed();
     // The open API and admin keys may create the bucket, as for their jobs.
-    let options =
-        WriteOptions { content_type: &content_type, may_create_bucket: caller.key_id().is_none() || caller.is_admin() };
+    let options = WriteOptions {
+        content_type: &content_type,
+        may_create_bucket: caller.key_id().is_none() || caller.is_admin(),
+        length: None,
+    };
     if let Err(e) = state.store.put(&bucket, &key, options, stream, &Unfenced).await {
         if too_large.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(ApiError::PayloadTooLarge);

@@ -33,7 +33,7 @@ pub async fn write_report(state: &AppState, batch: &Batch, location: &Location) 
         .boxed();
     // The open API and admin keys may create the bucket, as for their jobs.
     let may_create_bucket = batch.owner.is_none();
-    let options = WriteOptions { content_type: "text/csv", may_create_bucket };
+    let options = WriteOptions { content_type: "text/csv", may_create_bucket, length: None };
     state.store.put(&bucket, &key, options, body, &Unfenced).await.map_err(|e| format!("writing the report: {e}"))?;
     tracing::info!(batch_id = batch.id, bucket = %bucket.as_str(), key = %key.as_str(), "batch report written");
     Ok(())
