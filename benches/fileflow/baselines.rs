@@ -1,7 +1,8 @@
 //! What fileflow is compared with: the ceiling (a bare GET→PUT loop through the same HTTP
 //! and storage clients, with no bookkeeping) and what a user would run instead
-//! (`rclone copyurl`, one process per file).
+//! (`rclone copyurl`, one process per file; `rclone copy`, one process for many files).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ use fileflow::domain::{BucketName, ObjectKey};
 use fileflow::lifecycle::JobError;
 use fileflow::storage::{ObjectStore, Unfenced, WriteOptions};
 use futures::{StreamExt, TryStreamExt};
+use tokio::process::Command;
 
 use crate::load::each_index;
 
@@ -47,7 +49,7 @@ pub async fn ceiling(
     started.elapsed().as_secs_f64()
 }
 
-/// Where `rclone copyurl` writes.
+/// Where rclone writes.
 #[derive(Clone)]
 pub enum RcloneTarget {
     /// A local directory.
@@ -56,12 +58,75 @@ pub enum RcloneTarget {
     S3 { env: Vec<(String, String)>, bucket: String },
 }
 
+impl RcloneTarget {
+    /// rclone's name for `sub` inside this target.
+    pub fn path(&self, sub: &str) -> String {
+        match self {
+            RcloneTarget::Dir(dir) => dir.join(sub).display().to_string(),
+            RcloneTarget::S3 { bucket, .. } => format!("bench:{bucket}/{sub}"),
+        }
+    }
+
+    /// An `rclone` command that can reach this target: no config file, no proxies, and the
+    /// remote `bench:` for S3.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new("rclone");
+        command.env("RCLONE_CONFIG", "/dev/null");
+        for proxy in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "AWS_CA_BUNDLE"] {
+            command.env_remove(proxy);
+        }
+        if let RcloneTarget::S3 { env, .. } = self {
+            command.envs(env.iter().map(|(k, v)| (k, v)));
+        }
+        command
+    }
+
+    /// The files under `sub` and their bytes (`rclone size`).
+    pub async fn size(&self, sub: &str) -> Result<(u64, u64), String> {
+        let mut command = self.command();
+        command.args(["size", "--json"]).arg(self.path(sub));
+        let size: serde_json::Value = serde_json::from_slice(&output(command).await?).map_err(|e| e.to_string())?;
+        Ok((size["count"].as_u64().unwrap_or(0), size["bytes"].as_u64().unwrap_or(0)))
+    }
+
+    /// The SHA-256 of the file `sub`, read back through rclone.
+    pub async fn sha256(&self, sub: &str) -> Result<String, String> {
+        let mut command = self.command();
+        command.args(["hashsum", "sha256", "--download"]).arg(self.path(sub));
+        let printed = String::from_utf8_lossy(&output(command).await?).into_owned();
+        printed.split_whitespace().next().map(str::to_owned).ok_or_else(|| "rclone hashsum printed nothing".into())
+    }
+
+    /// Remove `sub` and everything under it (for S3, the whole bucket when `sub` is empty).
+    pub async fn purge(&self, sub: &str) {
+        let mut command = self.command();
+        command.arg("purge").arg(self.path(sub));
+        let _ = output(command).await;
+    }
+}
+
 pub fn rclone_installed() -> bool {
     std::process::Command::new("rclone")
         .arg("version")
         .stdout(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Run `command` to its end; its standard output, or why it failed.
+async fn output(mut command: Command) -> Result<Vec<u8>, String> {
+    let output = command.output().await.map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).chars().take(500).collect());
+    }
+    Ok(output.stdout)
+}
+
+/// Run `command` to its end; the seconds it took, or why it failed.
+pub async fn timed(command: Command) -> Result<f64, String> {
+    let started = Instant::now();
+    output(command).await?;
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// Run `rclone copyurl` once per file for `files` files, `concurrency` processes at a
@@ -74,17 +139,8 @@ pub async fn rclone(
 ) -> f64 {
     let started = Instant::now();
     each_index(concurrency, files, move |n| {
-        let mut command = tokio::process::Command::new("rclone");
-        command.arg("copyurl").arg(file_url(n)).env("RCLONE_CONFIG", "/dev/null");
-        for proxy in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "AWS_CA_BUNDLE"] {
-            command.env_remove(proxy);
-        }
-        match &target {
-            RcloneTarget::Dir(dir) => command.arg(dir.join(format!("rclone/{n:06}"))),
-            RcloneTarget::S3 { env, bucket } => {
-                command.envs(env.iter().map(|(k, v)| (k, v))).arg(format!("bench:{bucket}/rclone/{n:06}"))
-            }
-        };
+        let mut command = target.command();
+        command.arg("copyurl").arg(file_url(n)).arg(target.path(&format!("rclone/{n:06}")));
         async move {
             let output = command.output().await.expect("rclone runs");
             assert!(output.status.success(), "rclone copyurl failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -92,4 +148,24 @@ pub async fn rclone(
     })
     .await;
     started.elapsed().as_secs_f64()
+}
+
+/// `rclone copy` of the files `list` names (paths under `base_url`, one a line) from rclone's
+/// HTTP backend into `sub` of `target`, `transfers` at a time, in one process: what a user
+/// copying many files runs. The seconds it took, or why it failed.
+pub async fn rclone_copy(
+    target: &RcloneTarget,
+    base_url: &str,
+    list: &Path,
+    sub: &str,
+    transfers: usize,
+) -> Result<f64, String> {
+    let mut command = target.command();
+    command
+        .args(["copy", "--http-url", base_url, ":http:"])
+        .arg(target.path(sub))
+        .arg("--files-from")
+        .arg(list)
+        .args(["--no-traverse", "--transfers", &transfers.to_string()]);
+    timed(command).await
 }

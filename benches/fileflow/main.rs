@@ -16,7 +16,8 @@
 //! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, flood, pipeline,
 //! scale, large, resume, segments, growth, costs, fair, memory, manifest), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000),
 //! `FILEFLOW_BENCH_LARGE_BYTES` (2 GiB), `FILEFLOW_BENCH_SEGMENTED_BYTES` (512 MiB),
-//! `FILEFLOW_BENCH_RCLONE_FILES` (files copied by rclone per store, 400), `FILEFLOW_BENCH_MANIFEST_ROWS`
+//! `FILEFLOW_BENCH_RCLONE_FILES` (files copied by `rclone copyurl` per store, 400; `rclone copy` takes as
+//! many as the pipeline has jobs), `FILEFLOW_BENCH_MANIFEST_ROWS`
 //! (comma-separated manifest sizes, 100000,1000000).
 
 #[path = "../../tests/support/origin.rs"]
@@ -24,6 +25,7 @@ mod origin;
 
 mod baselines;
 mod busy;
+mod check;
 mod costs;
 mod fair;
 mod flood;
@@ -183,10 +185,12 @@ impl Bench {
         bucket: &str,
         path: String,
     ) -> (f64, i64, i64, f64, f64) {
-        self.fileflow_run_urls(role_env, database, jobs, bucket, self.url(path)).await
+        self.fileflow_run_urls(role_env, database, jobs, bucket, self.url(path), None).await.0
     }
 
-    /// [`Bench::fileflow_run`] with the jobs' URLs from `file_url` (any origin).
+    /// [`Bench::fileflow_run`] with the jobs' URLs from `file_url` (any origin). With
+    /// `sha256`, every completed job's recorded digest and its stored object's bytes are
+    /// checked against it; the second value says what was wrong, if anything.
     async fn fileflow_run_urls(
         &self,
         role_env: &[(String, String)],
@@ -194,7 +198,8 @@ impl Bench {
         jobs: usize,
         bucket: &str,
         file_url: impl Fn(usize) -> String + Send + Sync + 'static,
-    ) -> (f64, i64, i64, f64, f64) {
+        sha256: Option<&str>,
+    ) -> ((f64, i64, i64, f64, f64), Option<String>) {
         let data = self.dir(&services::unique("run"));
         let serve = Fileflow::start("serve", &data, role_env).await;
         let db = match database {
@@ -211,9 +216,45 @@ impl Bench {
         let secs = (progress.last_update_ms - started) as f64 / 1000.0;
         let (rss, cpu) = (serve.peak_rss_mib(), serve.cpu_seconds());
         serve.stop().await;
+        let wrong = match sha256 {
+            Some(sha256) => self.wrong_bytes(&db, role_env, &data, sha256).await,
+            None => None,
+        };
         // What it stored is not needed again (and large files would fill the disk).
         let _ = std::fs::remove_dir_all(&data);
-        (secs, progress.completed, progress.failed, rss, cpu)
+        ((secs, progress.completed, progress.failed, rss, cpu), wrong)
+    }
+
+    /// What differs from `sha256` among a run's completed jobs: the digest each recorded,
+    /// then the bytes of the object it stored, read back from the run's store (its S3
+    /// bucket, or the disk store in `data`).
+    async fn wrong_bytes(
+        &self,
+        db: &JobsDb,
+        role_env: &[(String, String)],
+        data: &Path,
+        sha256: &str,
+    ) -> Option<String> {
+        let on_s3 = role_env.iter().any(|(k, v)| k == "FILEFLOW_STORAGE" && v == "s3");
+        let store: Arc<dyn ObjectStore> = match &self.s3 {
+            Some(s3) if on_s3 => Arc::new(s3.store()),
+            _ => Arc::new(LocalStore::new(&data.join("objects")).expect("the run's disk store opens")),
+        };
+        let digests = db.completed_digests().await;
+        if digests.is_empty() {
+            return Some("no completed job to check".into());
+        }
+        for (bucket, key, recorded) in digests {
+            if recorded.as_deref() != Some(sha256) {
+                return Some(format!("{bucket}/{key}: the job recorded sha256 {recorded:?}"));
+            }
+            match check::stored_sha256(store.as_ref(), &bucket, &key).await {
+                Ok(stored) if stored == sha256 => {}
+                Ok(stored) => return Some(format!("{bucket}/{key}: the stored object's sha256 is {stored}")),
+                Err(why) => return Some(format!("{bucket}/{key}: the stored object cannot be read: {why}")),
+            }
+        }
+        None
     }
 
     async fn pipeline(&mut self) -> Table {
@@ -229,7 +270,11 @@ impl Bench {
                  accept to the last completion (for the distributed stack, once its worker holds its partitions). \
                  fileflow and the ceiling take {rounds} turns each; the median and range of the turns are shown. Ceiling: the same jobs as a bare GET→PUT loop through fileflow's own \
                  HTTP client and store, {CONCURRENCY} at a time. rclone: `rclone copyurl`, one process per file, \
-                 {CONCURRENCY} at a time, over the first {rclone_files} files. Ratios compare files per second."
+                 {CONCURRENCY} at a time, over the first {rclone_files} files; and `rclone copy --http-url ORIGIN \
+                 :http: DEST --files-from LIST --no-traverse --transfers {CONCURRENCY}`, one process for all {jobs} \
+                 files (rclone's HTTP backend asks each file's length with a HEAD, then GETs it; the same 16 KiB \
+                 files at paths without a query string, which that backend cannot send), the files' count and \
+                 bytes checked after with `rclone size`. Ratios compare files per second."
             ),
             &[
                 "store",
@@ -336,7 +381,7 @@ impl Bench {
                 "-".into(),
             ]);
             if rclone_ok {
-                let secs = baselines::rclone(rclone, rclone_files, CONCURRENCY, self.url(path.clone())).await;
+                let secs = baselines::rclone(rclone.clone(), rclone_files, CONCURRENCY, self.url(path.clone())).await;
                 let rclone_rate = rclone_files as f64 / secs;
                 table.row(vec![
                     name.into(),
@@ -349,9 +394,48 @@ impl Bench {
                     "-".into(),
                     "-".into(),
                 ]);
+                if let Some(copy_rate) = self.rclone_copy(name, &rclone, jobs).await {
+                    table.row(vec![
+                        name.into(),
+                        format!("rclone copy --files-from --transfers {CONCURRENCY}"),
+                        jobs.to_string(),
+                        format!("{copy_rate:.0}"),
+                        "-".into(),
+                        mib(copy_rate),
+                        f2(rate / copy_rate),
+                        "-".into(),
+                        "-".into(),
+                    ]);
+                }
             }
         }
         table
+    }
+
+    /// `files` small files copied by one `rclone copy` from the origin (rclone's HTTP
+    /// backend) into `target`, then counted there; files a second, or `None` with a note.
+    async fn rclone_copy(&mut self, store: &str, target: &RcloneTarget, files: usize) -> Option<f64> {
+        // rclone's HTTP backend names files by path alone (a query string would be escaped
+        // into the path), so the files are `/flaky/{name}/0/16384`: the origin's 16 KiB file,
+        // never failing, at a distinct path each.
+        let list = self.dir("pipeline-rclone-lists").join(format!("{files}.txt"));
+        let paths: String = (0..files).map(|n| format!("flaky/c{n:06}/0/{SMALL}\n")).collect();
+        std::fs::write(&list, paths).expect("the scratch directory is writable");
+        let sub = services::unique("copy");
+        let copied = baselines::rclone_copy(target, &self.origin.url("/"), &list, &sub, CONCURRENCY).await;
+        let counted = match copied {
+            Ok(secs) => target.size(&sub).await.map(|counted| (secs, counted)),
+            Err(why) => Err(why),
+        };
+        target.purge(&sub).await;
+        let want = (files as u64, files as u64 * SMALL);
+        let why = match counted {
+            Ok((secs, got)) if got == want => return Some(files as f64 / secs),
+            Ok((_, (count, bytes))) => format!("copied {count} files of {bytes} bytes, not {} of {}", want.0, want.1),
+            Err(why) => why,
+        };
+        self.notes.push(format!("pipeline, {store}, rclone copy: {why}"));
+        None
     }
 
     async fn scale(&mut self) -> Table {

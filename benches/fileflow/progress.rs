@@ -55,6 +55,23 @@ impl JobsDb {
         Progress { completed, failed, last_update_ms }
     }
 
+    /// Every completed job's bucket, object name and recorded SHA-256.
+    pub async fn completed_digests(&self) -> Vec<(String, String, Option<String>)> {
+        const QUERY: &str = "SELECT bucket_name, object_name, sha256 FROM files WHERE status = 'completed'";
+        let row = |r: &dyn Fn(usize) -> Option<String>| (r(0).unwrap_or_default(), r(1).unwrap_or_default(), r(2));
+        match self {
+            JobsDb::Sqlite(pool) => sqlx::query(QUERY)
+                .fetch_all(pool)
+                .await
+                .map(|rows| rows.iter().map(|r| row(&|i| r.get::<Option<String>, _>(i))).collect()),
+            JobsDb::Postgres(pool) => sqlx::query(QUERY)
+                .fetch_all(pool)
+                .await
+                .map(|rows| rows.iter().map(|r| row(&|i| r.get::<Option<String>, _>(i))).collect()),
+        }
+        .expect("the jobs' digests are read")
+    }
+
     /// Wait until `jobs` jobs have ended (completed or failed), or `limit` passes.
     pub async fn wait_for(&self, jobs: usize, limit: Duration) -> Progress {
         let deadline = tokio::time::Instant::now() + limit;
