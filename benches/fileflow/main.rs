@@ -6,7 +6,9 @@
 //! 4. large file — one big file into the disk store and into S3, with fileflow's peak memory;
 //! 5. resume — one big file cut at 90 % by the origin, with and without resumable transfers;
 //! 6. segments — one 512 MiB file from nginx capping each connection at 16 MiB/s: fileflow
-//!    (ranges at once, and one stream) beside `aria2c -x8 -s8` and `rclone copyurl`.
+//!    (ranges at once, and one stream) beside `aria2c -x8 -s8` and `rclone copyurl`, into the
+//!    disk and into S3, every result checked byte for byte;
+//! 7. slots — CPU per job of one `fileflow serve` at 8, 16, 32 and 64 worker slots.
 //!
 //! Each fileflow figure is measured on a release `fileflow` process beside the ceiling (a
 //! bare GET→PUT loop through the same HTTP and storage clients) and `rclone copyurl`.
@@ -14,11 +16,12 @@
 //! `FILEFLOW_BENCH_REPORT` names a file, into it (BENCHMARKS.md).
 //!
 //! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, flood, pipeline,
-//! scale, large, resume, segments, growth, costs, fair, memory, manifest), `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000),
-//! `FILEFLOW_BENCH_LARGE_BYTES` (2 GiB), `FILEFLOW_BENCH_SEGMENTED_BYTES` (512 MiB),
-//! `FILEFLOW_BENCH_RCLONE_FILES` (files copied by `rclone copyurl` per store, 400; `rclone copy` takes as
-//! many as the pipeline has jobs), `FILEFLOW_BENCH_MANIFEST_ROWS`
-//! (comma-separated manifest sizes, 100000,1000000).
+//! scale, large, resume, segments, growth, costs, fair, memory, manifest, slots),
+//! `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES` (2 GiB),
+//! `FILEFLOW_BENCH_SEGMENTED_BYTES` (512 MiB), `FILEFLOW_BENCH_RCLONE_FILES` (files copied by
+//! `rclone copyurl` per store, 400; `rclone copy` takes as many as the pipeline has jobs),
+//! `FILEFLOW_BENCH_ROUNDS` (turns of the pipeline, large, segments and slots runs, 3),
+//! `FILEFLOW_BENCH_MANIFEST_ROWS` (comma-separated manifest sizes, 100000,1000000).
 
 #[path = "../../tests/support/origin.rs"]
 mod origin;
@@ -38,6 +41,7 @@ mod progress;
 mod report;
 mod segments;
 mod services;
+mod slots;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -701,6 +705,7 @@ async fn main() {
         ("fair", "fair share"),
         ("memory", "memory at full load"),
         ("manifest", "a large manifest read into jobs"),
+        ("slots", "CPU per job by worker slots"),
     ] {
         if !wanted(part) {
             continue;
@@ -726,6 +731,7 @@ async fn main() {
             "segments" => bench.segments().await,
             "memory" => bench.memory().await,
             "manifest" => bench.manifest().await,
+            "slots" => bench.slots().await,
             _ => bench.large().await,
         };
         println!("\n{}", table.markdown());
