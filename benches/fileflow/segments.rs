@@ -14,7 +14,7 @@ use crate::report::Table;
 use crate::services::S3;
 use crate::{Bench, MIB, check, env_number, f1, f2, median, origin, services};
 
-/// nginx serving `root` on a loopback port, each answer capped at `rate` (nginx's `limit_rate`).
+/// nginx (one process) serving `root` on a loopback port, each answer capped at `rate` (nginx's `limit_rate`).
 struct Nginx {
     child: Child,
     port: u16,
@@ -24,6 +24,7 @@ impl Nginx {
     async fn start(dir: &Path, root: &Path, rate: &str) -> Option<Nginx> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
         let conf = dir.join("nginx.conf");
+        // One process, no master: killing it (on drop) leaves no worker behind.
         // Started by root, nginx's worker would drop to `nobody`, who cannot read the scratch files.
         let who = std::process::Command::new("id").arg("-un").output().ok()?;
         let user = match String::from_utf8_lossy(&who.stdout).trim() {
@@ -31,7 +32,7 @@ impl Nginx {
             _ => "",
         };
         let text = format!(
-            "{user}worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err} warn;\n\
+            "{user}master_process off;\ndaemon off;\npid {pid};\nerror_log {err} warn;\n\
              events {{ worker_connections 256; }}\n\
              http {{\n  access_log off;\n  sendfile on;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  \
              fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  \
@@ -151,7 +152,7 @@ impl Bench {
         let mib = size as f64 / MIB;
         let mut table = Table::new(
             &format!("Segmented download: {mib:.0} MiB from an origin capping each answer at 16 MiB/s"),
-            "nginx 1 worker, `limit_rate 16m` (per answer, so per connection), serving a file from disk with \
+            "nginx, one process, `limit_rate 16m` (per answer, so per connection), serving a file from disk with \
              its ETag and `Accept-Ranges: bytes`; everything on loopback, into the local disk, and (rows marked \
              → S3) into S3 (Garage). fileflow: one release `fileflow serve` process (embedded stack), time \
              from the accept to the completion; once with its defaults (ranges at once: --segments 8, \
