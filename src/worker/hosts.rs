@@ -7,7 +7,7 @@
 //! many bytes a second across all of the process's transfers from it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::storage::ByteStream;
 
-/// How long a job for a host whose places (running and waiting) are all taken is put back
-/// before it is tried again.
-pub const BUSY_DEFERRAL: Duration = Duration::from_secs(1);
+/// Longest a job for a host whose places (running and waiting) are all taken is put back
+/// before it is tried again; it comes back sooner when the host's transfers are short (see
+/// [`Window::turn_in`]).
+const BUSY_DEFERRAL: Duration = Duration::from_secs(1);
+/// Shortest such deferral: a job put back costs two writes, and each comes back at most
+/// this often.
+const MIN_DEFERRAL: Duration = Duration::from_millis(20);
 /// Hosts remembered before idle ones are forgotten.
 const MAX_HOSTS: usize = 10_000;
 
@@ -105,6 +109,10 @@ struct Window {
     size: AtomicUsize,
     /// Places to take away as transfers end (the window shrank below the places in use).
     owed: AtomicUsize,
+    /// How long a transfer holds a place, a moving mean in microseconds (0: none ended yet).
+    held_us: AtomicU64,
+    /// When the host was first seen.
+    since: Instant,
 }
 
 impl Window {
@@ -113,7 +121,31 @@ impl Window {
             places: Arc::new(Semaphore::new(size)),
             size: AtomicUsize::new(size),
             owed: AtomicUsize::new(0),
+            held_us: AtomicU64::new(0),
+            since: Instant::now(),
         })
+    }
+
+    /// A transfer held a place this long.
+    fn held(&self, took: Duration) {
+        let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self.held_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |mean| {
+            Some(if mean == 0 { took } else { mean - mean / 8 + took / 8 })
+        });
+    }
+
+    /// About how long until a place frees for a job behind `ahead` waiting ones: a place's
+    /// hold time (the mean of the transfers that ended, or before any did, how long the
+    /// host has been in use) for each round of the window ahead of it, between
+    /// [`MIN_DEFERRAL`] and [`BUSY_DEFERRAL`]. Short transfers bring a deferred job back
+    /// in milliseconds; long ones, or a host that has not finished one yet, in up to a second.
+    fn turn_in(&self, ahead: usize) -> Duration {
+        let held = match self.held_us.load(Ordering::Relaxed) {
+            0 => self.since.elapsed(),
+            mean => Duration::from_micros(mean),
+        };
+        let rounds = 1 + ahead / self.size.load(Ordering::Relaxed).max(1);
+        held.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX)).clamp(MIN_DEFERRAL, BUSY_DEFERRAL)
     }
 
     /// Whether no transfer holds a place.
@@ -148,10 +180,21 @@ impl Window {
 pub struct HostPermit {
     permit: Option<OwnedSemaphorePermit>,
     window: Arc<Window>,
+    /// When the place was taken (`None`: given back unused, not counted in the hold time).
+    taken: Option<Instant>,
+}
+
+impl HostPermit {
+    fn new(permit: OwnedSemaphorePermit, window: Arc<Window>) -> Self {
+        Self { permit: Some(permit), window, taken: Some(Instant::now()) }
+    }
 }
 
 impl Drop for HostPermit {
     fn drop(&mut self) {
+        if let Some(taken) = self.taken {
+            self.window.held(taken.elapsed());
+        }
         // A window that shrank below the places in use takes this one away.
         let owed = self.window.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| o.checked_sub(1)).is_ok();
         if let (true, Some(permit)) = (owed, self.permit.take()) {
@@ -230,11 +273,12 @@ impl Hosts {
                 None => {}
             }
             if let Ok(permit) = entry.running.places.clone().try_acquire_owned() {
-                return Ok(HostPermit { permit: Some(permit), window: entry.running.clone() });
+                return Ok(HostPermit::new(permit, entry.running.clone()));
             }
             let mine = entry.waiting.get(owner).copied().unwrap_or(0);
             if mine > 0 && self.waiting.load(Ordering::Relaxed) >= self.max_waiting {
-                return Err(NotNow(now + BUSY_DEFERRAL));
+                let ahead = entry.waiting.values().sum();
+                return Err(NotNow(now + entry.running.turn_in(ahead)));
             }
             *entry.waiting.entry(owner.to_owned()).or_default() += 1;
             self.waiting.fetch_add(1, Ordering::Relaxed);
@@ -243,10 +287,13 @@ impl Hosts {
         let waited = Waiting { hosts: self, host, owner };
         let permit = running.places.clone().acquire_owned().await.expect("the semaphore is never closed");
         drop(waited);
-        let permit = HostPermit { permit: Some(permit), window: running };
+        let mut permit = HostPermit::new(permit, running);
         // The host may have asked to be left alone while this job waited.
         match self.lock().get(host).and_then(|h| h.blocked_until) {
-            Some(until) if until > Instant::now() => Err(NotNow(until)),
+            Some(until) if until > Instant::now() => {
+                permit.taken = None;
+                Err(NotNow(until))
+            }
             _ => Ok(permit),
         }
     }
@@ -263,7 +310,7 @@ impl Hosts {
         let window = entry.running.clone();
         std::iter::from_fn(|| window.places.clone().try_acquire_owned().ok())
             .take(wanted)
-            .map(|permit| HostPermit { permit: Some(permit), window: window.clone() })
+            .map(|permit| HostPermit::new(permit, window.clone()))
             .collect()
     }
 
@@ -348,6 +395,42 @@ pub fn host_of(url: &url::Url) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deferred_job_comes_back_when_a_place_is_likely_free() {
+        let window = Window::new(8);
+        // Before any transfer ended, the host's time in use stands in: just seen, the least.
+        assert_eq!(window.turn_in(64), MIN_DEFERRAL);
+        // Short transfers (2 ms each): nine rounds of the window ahead, 18 ms, so the least.
+        for _ in 0..20 {
+            window.held(Duration::from_millis(2));
+        }
+        assert_eq!(window.turn_in(64), MIN_DEFERRAL);
+        // 10 ms each: 90 ms for a job behind 64, 10 ms (the least, 20) for one behind none.
+        for _ in 0..200 {
+            window.held(Duration::from_millis(10));
+        }
+        let behind_64 = window.turn_in(64);
+        assert!((Duration::from_millis(85)..=Duration::from_millis(95)).contains(&behind_64), "{behind_64:?}");
+        assert_eq!(window.turn_in(0), MIN_DEFERRAL);
+        // Long transfers: a second at most.
+        for _ in 0..200 {
+            window.held(Duration::from_secs(30));
+        }
+        assert_eq!(window.turn_in(1), BUSY_DEFERRAL);
+    }
+
+    #[tokio::test]
+    async fn a_place_given_back_unused_does_not_count_as_a_transfer() {
+        let hosts = Hosts::new(1);
+        let mut permit = hosts.enter("a:80", "").await.unwrap();
+        permit.taken = None;
+        drop(permit);
+        let window = hosts.lock().get("a:80").unwrap().running.clone();
+        assert_eq!(window.held_us.load(Ordering::Relaxed), 0);
+        drop(hosts.enter("a:80", "").await.unwrap());
+        assert!(window.held_us.load(Ordering::Relaxed) > 0);
+    }
 
     #[tokio::test]
     async fn a_host_takes_its_limit_then_waiters_then_says_not_now() {
