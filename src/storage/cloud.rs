@@ -62,6 +62,11 @@ pub trait Cloud: Send + Sync + 'static {
         true
     }
 
+    /// The checksum the service checks each part against, as a resumable write records it.
+    fn part_checksum(&self) -> Option<&'static str> {
+        None
+    }
+
     /// The most parts (blocks) one upload may have.
     fn max_parts(&self) -> u64 {
         10_000
@@ -100,6 +105,12 @@ impl<C: Cloud> CloudStore<C> {
     pub fn with(cloud: C, limits: CloudLimits) -> Self {
         let http = reqwest::Client::builder().no_proxy().build().expect("a plain client builds");
         Self { cloud, limits, clients: Mutex::default(), http, existing: Mutex::default() }
+    }
+
+    /// A write just begun as the upload `id`, in parts of `part_size`.
+    fn new_write(&self, id: String, part_size: u64) -> PartialWrite {
+        let checksum = self.cloud.part_checksum().map(str::to_owned);
+        PartialWrite { id, part_size, stored: 0, parts: Vec::new(), checksum }
     }
 
     /// How this store's uploads are cut into parts (see [`PartPlan`]).
@@ -169,8 +180,10 @@ impl<C: Cloud> CloudStore<C> {
 
     /// Upload `body`, the file of `length` bytes when known: read ahead up to the smallest
     /// part; a body that ends by then goes up in one PUT, a longer one as a multipart
-    /// upload cut by the store's [`PartPlan`], at most [`PARTS_IN_FLIGHT`] parts' worth of
-    /// the first part's size in flight (when parts grow, fewer of them; always one).
+    /// upload cut by the store's [`PartPlan`]. The parts in flight and the one being filled
+    /// stay within [`ObjectStore::write_buffer`] (what the transfer reserved) while parts
+    /// are of the first size; when a file of unknown length outgrows it, one part uploads
+    /// while the next fills.
     async fn upload(
         &self,
         store: &C::Client,
@@ -197,10 +210,10 @@ impl<C: Cloud> CloudStore<C> {
         let mut upload = AbortOnDrop(Some(upload));
         let plan = self.plan();
         let size_of = |index: u64| options.length.map_or_else(|| plan.unknown_length(index), |l| plan.for_length(l));
-        let budget = PARTS_IN_FLIGHT as u64 * size_of(0);
+        let budget = (PARTS_IN_FLIGHT as u64 + 1) * size_of(0);
         let streamed: Result<(), JobError> = async {
             let parts = upload.0.as_mut().expect("present until finished");
-            let mut in_flight: VecDeque<(tokio::task::JoinHandle<object_store::Result<()>>, u64)> = VecDeque::new();
+            let mut in_flight = InFlight::default();
             let (mut part, mut len, mut index) = (Vec::new(), 0u64, 0u64);
             let mut body = futures::stream::iter(head.into_iter().map(Ok)).chain(rest);
             loop {
@@ -218,7 +231,8 @@ impl<C: Cloud> CloudStore<C> {
                     if len < size && !ended {
                         break;
                     }
-                    while !in_flight.is_empty() && in_flight.iter().map(|p| p.1).sum::<u64>() + len > budget {
+                    let next = size_of(index + 1);
+                    while !in_flight.is_empty() && in_flight.iter().map(|p| p.1).sum::<u64>() + len + next > budget {
                         let (done, _) = in_flight.pop_front().expect("parts in flight");
                         self.part_uploaded(done).await?;
                     }
@@ -286,12 +300,12 @@ impl<C: Cloud> CloudStore<C> {
                 let options = PutMultipartOptions { attributes: content_type_attr(content_type), ..Default::default() };
                 let id =
                     store.create_multipart_opts(location, options).await.map_err(|e| self.classify(&e, "multipart"))?;
-                PartialWrite { id, part_size, stored: 0, parts: Vec::new() }
+                self.new_write(id, part_size)
             }
         };
         let mut reported = resumed;
         let result: Result<PutOutcome, JobError> = async {
-            let mut in_flight = VecDeque::new();
+            let mut in_flight = InFlight::default();
             let mut part: Vec<Bytes> = Vec::new();
             let mut part_len = 0u64;
             let mut offset = write.stored;
@@ -566,6 +580,39 @@ impl<C: Cloud> PieceWrite for OrderedPieces<'_, C> {
     }
 }
 
+/// Part uploads under way, oldest first, with their lengths. Those still running when it is
+/// dropped (the write failed or was abandoned) are stopped, so no part lands after the
+/// upload is aborted, nor holds its bytes past the transfer's memory reservation.
+struct InFlight<T>(VecDeque<(tokio::task::JoinHandle<T>, u64)>);
+
+impl<T> Default for InFlight<T> {
+    fn default() -> Self {
+        Self(VecDeque::new())
+    }
+}
+
+impl<T> std::ops::Deref for InFlight<T> {
+    type Target = VecDeque<(tokio::task::JoinHandle<T>, u64)>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for InFlight<T> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<T> Drop for InFlight<T> {
+    fn drop(&mut self) {
+        for (upload, _) in &self.0 {
+            upload.abort();
+        }
+    }
+}
+
 /// Aborts a multipart upload whose attempt was dropped midway (lease lost, shutdown).
 struct AbortOnDrop(Option<Box<dyn MultipartUpload>>);
 
@@ -611,6 +658,12 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
         self.upload(&store, &location(key), &options, &mut body, fence)
             .await
             .map_err(|e| JobError { message: format!("{} (bucket {bucket})", e.message), ..e })
+    }
+
+    /// A write whose parts the service checked another way (an S3 upload begun with
+    /// SHA-256 checksums) would refuse this version's parts: it is started over.
+    fn goes_on_with(&self, write: &PartialWrite) -> bool {
+        write.checksum.as_deref() == self.cloud.part_checksum()
     }
 
     fn resumable_part_size(&self, length: u64) -> Option<u64> {
@@ -672,7 +725,7 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
             // The service's own multipart calls would drop the content type: blocks go up
             // through an upload that keeps it, in file order, and nothing is resumed.
             let upload = store.put_multipart_opts(&location, multipart).await.map_err(failed)?;
-            let write = PartialWrite { id: String::new(), part_size, stored: 0, parts: Vec::new() };
+            let write = self.new_write(String::new(), part_size);
             let state = InOrder { next: 0, waiting: BTreeMap::new(), upload, in_flight: VecDeque::new() };
             return Ok(Box::new(OrderedPieces { cloud: self, bucket, write, state: tokio::sync::Mutex::new(state) }));
         }
@@ -680,7 +733,7 @@ impl<C: Cloud> ObjectStore for CloudStore<C> {
             Some(from) => from,
             None => {
                 let id = store.create_multipart_opts(&location, multipart).await.map_err(failed)?;
-                PartialWrite { id, part_size, stored: 0, parts: Vec::new() }
+                self.new_write(id, part_size)
             }
         };
         Ok(Box::new(CloudPieces { cloud: self, store, location, bucket, from }))

@@ -229,7 +229,13 @@ impl ObjectStore for LocalStore {
         let staging = staging_path(&target, job);
         let mut write = match from {
             Some(write) => write,
-            None => PartialWrite { id: job.to_string(), part_size: RESUMABLE_PART, stored: 0, parts: Vec::new() },
+            None => PartialWrite {
+                id: job.to_string(),
+                part_size: RESUMABLE_PART,
+                stored: 0,
+                parts: Vec::new(),
+                checksum: None,
+            },
         };
         let file = match open_staging(&staging, write.stored, self.mode).await {
             Ok(Some(file)) => file,
@@ -309,6 +315,7 @@ impl ObjectStore for LocalStore {
             part_size: RESUMABLE_PART,
             stored: 0,
             parts: Vec::new(),
+            checksum: None,
         });
         let file = match open_staging(&staging, from.stored, self.mode).await {
             Ok(Some(file)) => file,

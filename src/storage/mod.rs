@@ -109,6 +109,10 @@ pub struct PartialWrite {
     pub stored: u64,
     /// The parts in the store, in order (S3: their part ids).
     pub parts: Vec<String>,
+    /// The checksum the store checks this write's parts against, when the write declared
+    /// one (S3: `crc64nvme`); absent in checkpoints saved before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
 }
 
 /// Told by a resumable write how far it has got.
@@ -195,6 +199,12 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// What the store has at `bucket/key` (`None`: nothing, or no such bucket).
     async fn head(&self, bucket: &BucketName, key: &ObjectKey) -> Result<Option<ObjectInfo>, ReadError>;
+
+    /// Whether this store can go on with `write`, begun by an earlier attempt (perhaps by an
+    /// older fileflow that checked its parts another way).
+    fn goes_on_with(&self, _write: &PartialWrite) -> bool {
+        true
+    }
 
     /// The part size of [`ObjectStore::put_resumable`] for a file of `length` bytes; `None`
     /// if the store cannot resume writes.

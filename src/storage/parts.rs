@@ -6,7 +6,7 @@
 //! allows and at least 5 MiB: up to 48.8 GiB on S3 that is 5 MiB. A file whose length is
 //! unknown until it ends (no `Content-Length`) starts with small parts and doubles their
 //! size every tenth of the store's count, so a small file costs small buffers and the
-//! largest file allowed still fits (ten tiers of 1,000 parts from 5 MiB hold 4.99 TiB on S3).
+//! largest file allowed still fits (ten tiers of 1,000 parts from 5 MiB hold 4.88 TiB on S3).
 //! Where parts must be equal, a file of unknown length gets the part that would hold the
 //! largest file allowed.
 
@@ -88,7 +88,7 @@ mod tests {
             assert!(capacity(&plan) >= max, "{max}: {}", capacity(&plan));
             assert!((1..plan.max_parts).all(|i| plan.unknown_length(i) >= plan.unknown_length(i - 1)));
         }
-        // Up to 4.99 TiB allowed the first thousand parts are the smallest S3 takes.
+        // Up to 4.88 TiB allowed the first thousand parts are the smallest S3 takes.
         let default = plan(4 * TIB);
         assert_eq!(default.unknown_length(0), MIN_PART);
         assert_eq!(default.unknown_length(999), MIN_PART);

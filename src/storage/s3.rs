@@ -98,6 +98,10 @@ impl Cloud for S3 {
         text.contains("NoSuchBucket")
     }
 
+    fn part_checksum(&self) -> Option<&'static str> {
+        Some("crc64nvme")
+    }
+
     /// Cloudflare R2 takes a multipart upload only when its parts but the last are of one size.
     fn equal_parts(&self) -> bool {
         let host = self.settings.endpoint.as_ref().and_then(|e| e.host_str().map(str::to_ascii_lowercase));

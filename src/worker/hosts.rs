@@ -188,6 +188,11 @@ impl HostPermit {
     fn new(permit: OwnedSemaphorePermit, window: Arc<Window>) -> Self {
         Self { permit: Some(permit), window, taken: Some(Instant::now()) }
     }
+
+    /// Give the place back without having used it: no transfer's hold time.
+    pub fn unused(mut self) {
+        self.taken = None;
+    }
 }
 
 impl Drop for HostPermit {

@@ -146,7 +146,9 @@ impl Worker {
             if let Some(held) = self.memory.try_reserve((pieces * piece).saturating_sub(reserved)) {
                 return (places, Some(held));
             }
-            places.pop();
+            if let Some(place) = places.pop() {
+                place.unused();
+            }
         }
         (places, None)
     }

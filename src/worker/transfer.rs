@@ -320,8 +320,10 @@ impl Worker {
         // Its hashes must go on with every digest this attempt computes (`--digests` may
         // have changed since); else the part stored is of no use.
         let wanted = self.expectations(job);
-        if saved.as_ref().is_some_and(|c| !c.hashes.goes_on_with(&wanted)) {
-            tracing::info!(job_id = %job.id, "the checkpoint's hashes cannot go on; starting over");
+        // And the store must take more parts of the write (an older fileflow may have begun
+        // it checking parts another way).
+        if saved.as_ref().is_some_and(|c| !c.hashes.goes_on_with(&wanted) || !self.store.goes_on_with(&c.write)) {
+            tracing::info!(job_id = %job.id, "the checkpoint's hashes or stored parts cannot go on; starting over");
             self.forget_checkpoint(job, true).await;
             saved = None;
         }
