@@ -17,7 +17,8 @@
 //!
 //! Knobs (environment): `FILEFLOW_BENCH_ONLY` (comma-separated: accept, busy, flood, pipeline,
 //! scale, large, resume, segments, growth, costs, fair, memory, manifest, slots),
-//! `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_LARGE_BYTES` (2 GiB),
+//! `FILEFLOW_BENCH_JOBS` (pipeline jobs, 5000), `FILEFLOW_BENCH_PIPELINE_ONLY` (only the
+//! pipeline's stores whose names hold this text), `FILEFLOW_BENCH_LARGE_BYTES` (2 GiB),
 //! `FILEFLOW_BENCH_SEGMENTED_BYTES` (512 MiB), `FILEFLOW_BENCH_RCLONE_FILES` (files copied by
 //! `rclone copyurl` per store, 400; `rclone copy` takes as many as the pipeline has jobs),
 //! `FILEFLOW_BENCH_ROUNDS` (turns of the pipeline, large, segments and slots runs, 3),
@@ -328,6 +329,10 @@ impl Bench {
                 }
             }
             None => self.notes.push("pipeline into S3: not run (no FILEFLOW_TEST_S3_*)".into()),
+        }
+        // For a closer look at one row: only the stores whose names hold this text.
+        if let Ok(only) = std::env::var("FILEFLOW_BENCH_PIPELINE_ONLY") {
+            targets.retain(|t| t.name.contains(only.as_str()));
         }
         let rclone_ok = baselines::rclone_installed();
         if !rclone_ok {
