@@ -12,7 +12,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use url::Url;
 
-use super::client::{Client, Request, human, print_value};
+use super::api::{Client, Request, human, print_value};
 use crate::config::{BatchCommand, OutputFormat};
 
 /// How often `--wait` looks at a batch.

@@ -2,6 +2,7 @@
 //! and the HTTP client (`submit`, `jobs`, `job`, `retry`, `cancel`, `url`, `batch`). With
 //! `startup` and `backends`, the only readers of `config`.
 
+mod api;
 mod batch;
 pub mod client;
 pub mod keys;

@@ -9,7 +9,7 @@ use tracing::Instrument as _;
 
 use super::hosts::{NotNow, host_of};
 use super::pool::{Slot, Transferring};
-use super::transfer::Progress;
+use super::progress::Progress;
 use super::{WorkOutcome, Worker, WorkerError};
 use crate::lifecycle::{Cause, Job, JobError, JobId, Settlement, StoredObject, lease_renew_interval, settle};
 use crate::metadata::{Claim, JobRepository, Lease};

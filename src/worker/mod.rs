@@ -8,6 +8,7 @@ mod attempt;
 mod hosts;
 mod memory;
 mod pool;
+mod progress;
 mod resume;
 mod segments;
 mod sniff;

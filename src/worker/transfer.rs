@@ -1,8 +1,7 @@
 //! The transfer itself: origin → verify → store, going on from a checkpoint when the origin
 //! proves it is the same file, and what an object already at the key means.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -10,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::Worker;
 use super::hosts::host_of;
 use super::memory;
+use super::progress::{Progress, until_cancelled};
 use super::resume::{Checkpoint, Recorder};
 use super::segments::{SegmentFailure, Segmenting};
 use super::sniff;
@@ -17,7 +17,7 @@ use super::verify::{DigestSet, Expectations, verified};
 use crate::domain::{BucketName, ObjectKey, RequestHeaders};
 use crate::fetch::at_least;
 use crate::lifecycle::{Cause, IfExists, Job, JobError, JobId, OriginVersion, StoredObject};
-use crate::storage::{ByteStream, Fence, ObjectStore, WriteOptions, split_at_parts};
+use crate::storage::{Fence, ObjectStore, WriteOptions, split_at_parts};
 
 /// A fence that also refuses when an object appeared at the key meanwhile (`if_exists: fail`).
 pub(super) struct AbsentFence<'a> {
@@ -42,57 +42,6 @@ impl Fence for AbsentFence<'_> {
 
 pub(super) fn object_exists(bucket: &BucketName, key: &ObjectKey) -> JobError {
     JobError::permanent(format!("{bucket}/{key} already exists (if_exists: fail)")).because(Cause::Exists)
-}
-
-/// Bytes a transfer has received, and the size its origin declared.
-#[derive(Debug, Clone)]
-pub(super) struct Progress(Arc<(AtomicU64, AtomicU64)>);
-
-impl Default for Progress {
-    fn default() -> Self {
-        Self(Arc::new((AtomicU64::new(0), AtomicU64::new(Self::UNKNOWN))))
-    }
-}
-
-impl Progress {
-    /// No size declared.
-    const UNKNOWN: u64 = u64::MAX;
-
-    /// The transfer starts at byte `done` of a file of `total` bytes.
-    pub(super) fn start(&self, done: u64, total: Option<u64>) {
-        self.0.0.store(done, Ordering::Relaxed);
-        self.0.1.store(total.unwrap_or(Self::UNKNOWN), Ordering::Relaxed);
-    }
-
-    /// Bytes counted that will come again (a range fetched anew).
-    pub(super) fn take_back(&self, bytes: u64) {
-        let _ = self.0.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |done| Some(done.saturating_sub(bytes)));
-    }
-
-    pub(super) fn read(&self) -> (u64, Option<u64>) {
-        let total = self.0.1.load(Ordering::Relaxed);
-        (self.0.0.load(Ordering::Relaxed), (total != Self::UNKNOWN).then_some(total))
-    }
-
-    /// `body`, counted as it goes by.
-    pub(super) fn count(&self, body: ByteStream) -> ByteStream {
-        let counter = self.clone();
-        body.inspect(move |chunk| {
-            if let Ok(chunk) = chunk {
-                counter.0.0.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            }
-        })
-        .boxed()
-    }
-}
-
-/// `body`, ended with a "cancelled" error as soon as `cancel` fires (also while it waits
-/// for the origin).
-pub(super) fn until_cancelled(body: ByteStream, cancel: CancellationToken) -> ByteStream {
-    let stopped = cancel.clone();
-    let cancelled = futures::stream::once(async move { stopped.is_cancelled() })
-        .filter_map(|stopped| async move { stopped.then(|| Err(JobError::cancelled())) });
-    body.take_until(cancel.cancelled_owned()).chain(cancelled).boxed()
 }
 
 /// The outcome of a job whose origin answered `304 Not Modified`: the object `last` stored,
