@@ -209,7 +209,7 @@ impl<C: Cloud> CloudStore<C> {
         let upload = store.put_multipart_opts(location, multipart).await.map_err(|e| self.classify(&e, "multipart"))?;
         let mut upload = AbortOnDrop(Some(upload));
         let plan = self.plan();
-        let size_of = |index: u64| options.length.map_or_else(|| plan.unknown_length(index), |l| plan.for_length(l));
+        let size_of = |index: u64| plan.part(options.length, index);
         let budget = (PARTS_IN_FLIGHT as u64 + 1) * size_of(0);
         let streamed: Result<(), JobError> = async {
             let parts = upload.0.as_mut().expect("present until finished");

@@ -31,13 +31,17 @@ impl PartPlan {
         MIN_PART.max(length.div_ceil(self.max_parts))
     }
 
-    /// The part size for a file of `length` bytes, or for the first part of a file of
-    /// unknown length.
-    pub fn first(&self, length: Option<u64>) -> u64 {
+    /// The size of part `index` (from 0) of a file of `length` bytes, known or not.
+    pub fn part(&self, length: Option<u64>, index: u64) -> u64 {
         match length {
             Some(length) => self.for_length(length),
-            None => self.unknown_length(0),
+            None => self.unknown_length(index),
         }
+    }
+
+    /// The size of the first part (every part's, when the length is known).
+    pub fn first(&self, length: Option<u64>) -> u64 {
+        self.part(length, 0)
     }
 
     /// The size of part `index` (from 0) of a file whose length is unknown.

@@ -354,11 +354,13 @@ impl Worker {
         // A large file from an origin that serves ranges of a version it names: several
         // ranges at once, as many as the host's free places and the memory budget allow.
         let segments = match (&fetched.validator, fetched.content_length) {
-            (Some(_), Some(total)) if in_ranges => self.segments_for(fetched.accepts_ranges, total, fetched.start),
+            (Some(_), Some(total)) if in_ranges => {
+                self.segments_for(fetched.accepts_ranges, total, fetched.start).map(|wanted| (wanted, total))
+            }
             _ => None,
         };
         let (more, more_held) = match segments {
-            Some(wanted) => self.more_ranges(&host_of(url), wanted, fetched.content_length.unwrap_or(0), reserved),
+            Some((wanted, total)) => self.more_ranges(&host_of(url), wanted, total, reserved),
             None => (Vec::new(), None),
         };
         if let (false, Some(validator), Some(total)) = (more.is_empty(), &fetched.validator, fetched.content_length) {
