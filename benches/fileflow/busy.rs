@@ -61,7 +61,7 @@ impl Bench {
                 "Open-loop load: jobs offered at a fixed rate, each request sent on time whatever became of the \
                  ones before; latency from sending the request to reading the whole 202 answer; {}s warm-up, then \
                  {}s measured. Every job is a distinct 1 KiB file from the local origin into the disk store. \
-                 `serve` is the default process, whose workers (concurrency 8) run what it accepts meanwhile; \
+                 `serve` is the default process, whose workers (the default 64 slots, 8 per origin host) run what it accepts meanwhile; \
                  `api` accepts only. Durability: power-loss is `synchronous=FULL` (the default), process-crash \
                  `synchronous=NORMAL`. Retention rows: a database holding {RETAINED} finished jobs a day old, with \
                  retention off, then `--retention 1h` and a sweep every second (each deletes at most 1,000). CPU: \
